@@ -1,0 +1,159 @@
+"""The transformer: Llama/Qwen2 decoder, batch 1, exact dense attention with a KV cache.
+
+Weights are `QTensor`s in their stored format; every product goes through `hetinfer.kernels`.
+The FFN is a pluggable callable `ffn(layer, h) -> out` so sparse and offloaded engines replace
+only the part activation sparsity applies to; attention and the KV cache stay dense and exact.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from hetinfer import kernels
+from hetinfer.config import ModelConfig
+from hetinfer.errors import HetinferError
+from hetinfer.tensors import QTensor
+
+FFN = Callable[[int, torch.Tensor], torch.Tensor]
+ACT = {"silu": F.silu, "relu": F.relu, "gelu": lambda x: F.gelu(x, approximate="tanh")}
+
+
+@dataclass
+class LayerWeights:
+    attn_norm: torch.Tensor
+    wq: QTensor
+    wk: QTensor
+    wv: QTensor
+    wo: QTensor
+    ffn_norm: torch.Tensor
+    gate: QTensor
+    up: QTensor
+    down: QTensor
+    bq: Optional[torch.Tensor] = None
+    bk: Optional[torch.Tensor] = None
+    bv: Optional[torch.Tensor] = None
+
+
+@dataclass
+class Weights:
+    embed: QTensor  # [vocab, d]
+    output_norm: torch.Tensor
+    output: QTensor  # [vocab, d]; the same object as `embed` when tied
+    layers: list[LayerWeights]
+    rope_freqs: Optional[torch.Tensor] = None  # llama3 per-frequency divisors stored in GGUF
+
+
+class KVCache:
+    """Preallocated keys/values [n_layers, n_ctx, n_kv_heads, head_dim]; pages are touched as used."""
+
+    def __init__(self, cfg: ModelConfig, n_ctx: int):
+        shape = (cfg.n_layers, n_ctx, cfg.n_kv_heads, cfg.head_dim)
+        self.k = torch.empty(shape, dtype=torch.float32)
+        self.v = torch.empty(shape, dtype=torch.float32)
+        self.n_ctx = n_ctx
+        self.tokens: list[int] = []  # what the cache holds, for prefix reuse across chat turns
+
+    @property
+    def pos(self) -> int:
+        return len(self.tokens)
+
+    def truncate(self, n: int) -> None:
+        del self.tokens[n:]
+
+
+def rope_inv_freq(cfg: ModelConfig, rope_freqs: Optional[torch.Tensor]) -> torch.Tensor:
+    """Inverse frequencies with llama3 / linear scaling applied."""
+    hd = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd))
+    if rope_freqs is not None:
+        return inv / rope_freqs
+    s = cfg.rope_scaling
+    if s is None:
+        return inv
+    if s.original_max_position_embeddings == 0:  # linear
+        return inv / s.factor
+    low_wl = s.original_max_position_embeddings / s.low_freq_factor
+    high_wl = s.original_max_position_embeddings / s.high_freq_factor
+    wl = 2 * math.pi / inv
+    smooth = (s.original_max_position_embeddings / wl - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+    mid = (1 - smooth) * inv / s.factor + smooth * inv
+    return torch.where(wl > low_wl, inv / s.factor, torch.where(wl < high_wl, inv, mid))
+
+
+class Transformer:
+    def __init__(self, cfg: ModelConfig, weights: Weights):
+        self.cfg, self.w = cfg, weights
+        self.inv_freq = rope_inv_freq(cfg, weights.rope_freqs)
+        self.interleaved = bool(cfg.extra.get("rope_interleaved", False))
+        self.act = ACT[cfg.activation]
+
+    def new_cache(self, n_ctx: int | None = None) -> KVCache:
+        return KVCache(self.cfg, n_ctx or self.cfg.context_length)
+
+    def dense_ffn(self, layer: int, h: torch.Tensor) -> torch.Tensor:
+        L = self.w.layers[layer]
+        return kernels.linear(L.down, self.act(kernels.linear(L.gate, h)) * kernels.linear(L.up, h))
+
+    def forward(self, tokens: list[int], cache: KVCache, ffn: FFN | None = None, all_logits: bool = False) -> torch.Tensor:
+        """Run `tokens` after what `cache` holds; logits of the last token ([vocab]) or all ([T, vocab])."""
+        cfg, T, pos = self.cfg, len(tokens), cache.pos
+        if pos + T > cache.n_ctx:
+            raise HetinferError(
+                f"prompt and generation need {pos + T} tokens but the context holds {cache.n_ctx}; "
+                "shorten the prompt, lower max tokens, or raise --ctx"
+            )
+        ffn = ffn or self.dense_ffn
+        x = kernels.embedding(self.w.embed, torch.tensor(tokens, dtype=torch.long))
+        cos, sin = self._rope(pos, T)
+        for i, L in enumerate(self.w.layers):
+            h = rms_norm(x, L.attn_norm, cfg.norm_eps)
+            x = x + self._attention(i, L, h, cache, pos, cos, sin)
+            h = rms_norm(x, L.ffn_norm, cfg.norm_eps)
+            x = x + ffn(i, h)
+        cache.tokens.extend(tokens)
+        x = x if all_logits else x[-1:]
+        logits = kernels.linear(self.w.output, rms_norm(x, self.w.output_norm, cfg.norm_eps))
+        return logits if all_logits else logits[0]
+
+    def _attention(self, i: int, L: LayerWeights, h: torch.Tensor, cache: KVCache, pos: int, cos, sin) -> torch.Tensor:
+        cfg, T = self.cfg, h.shape[0]
+        q, k, v = kernels.linear(L.wq, h), kernels.linear(L.wk, h), kernels.linear(L.wv, h)
+        if L.bq is not None:
+            q, k, v = q + L.bq, k + L.bk, v + L.bv
+        q = self._apply_rope(q.view(T, cfg.n_heads, cfg.head_dim), cos, sin)
+        k = self._apply_rope(k.view(T, cfg.n_kv_heads, cfg.head_dim), cos, sin)
+        cache.k[i, pos : pos + T] = k
+        cache.v[i, pos : pos + T] = v.view(T, cfg.n_kv_heads, cfg.head_dim)
+        keys = cache.k[i, : pos + T].transpose(0, 1)  # [kv_heads, S, hd]
+        vals = cache.v[i, : pos + T].transpose(0, 1)
+        mask = None
+        if T > 1:  # causal over the new tokens, full view of the cached prefix
+            mask = torch.ones(T, pos + T, dtype=torch.bool).tril(diagonal=pos)
+        out = F.scaled_dot_product_attention(q.transpose(0, 1), keys, vals, attn_mask=mask, enable_gqa=True)
+        return kernels.linear(L.wo, out.transpose(0, 1).reshape(T, -1))
+
+    def _rope(self, pos: int, T: int):
+        t = torch.arange(pos, pos + T, dtype=torch.float32)
+        freqs = torch.outer(t, self.inv_freq)  # [T, hd/2]
+        return freqs.cos()[:, None, :], freqs.sin()[:, None, :]
+
+    def _apply_rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        if self.interleaved:  # pairs (2j, 2j+1): GGUF llama layout
+            a, b = x[..., 0::2], x[..., 1::2]
+            return torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1).flatten(-2)
+        half = x.shape[-1] // 2  # pairs (j, j + hd/2): HF layout
+        a, b = x[..., :half], x[..., half:]
+        return torch.cat((a * cos - b * sin, a * sin + b * cos), dim=-1)
+
+
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
+
+
+def vec(a: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
