@@ -1,0 +1,172 @@
+"""`hetinfer` command line: generate, chat, info, plus the subcommands of the other subsystems."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+import time
+
+from hetinfer.errors import HetinferError
+
+# Modules that contribute subcommands through add_parser(subparsers) -> registers run(args) -> int.
+SUBCOMMAND_MODULES: tuple[str, ...] = ()
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-m", "--model", help="GGUF file or Hugging Face checkpoint directory (default: SmolLM2-135M-Instruct)")
+    p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: all cores available)")
+    p.add_argument("--ctx", type=int, default=4096, help="context size in tokens (default 4096, capped at the model's)")
+
+
+def add_sampling_args(p: argparse.ArgumentParser, default_temp: float = 0.8) -> None:
+    p.add_argument("-n", "--max-tokens", type=int, default=256, help="tokens to generate at most (default 256)")
+    p.add_argument("--temperature", type=float, default=default_temp, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=40)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--min-p", type=float, default=0.05)
+    p.add_argument("--repeat-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--verbose", action="store_true", help="print prompt and generation rates to stderr")
+    p.add_argument("--stats-json", metavar="PATH", help="write prompt/generation rates and peak RSS as JSON")
+
+
+def sampling_params(args: argparse.Namespace):
+    from hetinfer.sampling import SamplingParams
+
+    return SamplingParams(
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+        repeat_penalty=args.repeat_penalty, seed=args.seed, max_tokens=args.max_tokens, stop=list(args.stop),
+    )
+
+
+def open_session(args: argparse.Namespace):
+    from hetinfer.generate import Session
+    from hetinfer.loader import load_model
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    return Session(load_model(args.model), n_ctx=args.ctx)
+
+
+def report(session, args: argparse.Namespace) -> None:
+    stats = session.stats.to_dict()
+    if args.verbose:
+        print(
+            f"\n[prompt {stats['prompt_tokens']} tok, {stats['prompt_tok_s']:.1f} tok/s | "
+            f"generated {stats['gen_tokens']} tok, {stats['gen_tok_s']:.1f} tok/s | "
+            f"peak RSS {stats['peak_rss_bytes'] / 2**20:.0f} MiB]",
+            file=sys.stderr,
+        )
+    if args.stats_json:
+        write_json_atomic(args.stats_json, stats)
+
+
+def write_json_atomic(path: str, obj) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as fh:
+        json.dump(obj, fh, indent=2)
+    os.replace(tmp, path)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    session = open_session(args)
+    params = sampling_params(args)
+    for piece in session.complete(args.prompt, params):
+        print(piece, end="", flush=True)
+    print()
+    report(session, args)
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    session = open_session(args)
+    params = sampling_params(args)
+    messages: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
+    print("hetinfer chat: /reset clears the conversation, /exit quits.", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            print()
+            return 0
+        if line.strip() == "/exit":
+            return 0
+        if line.strip() == "/reset":
+            messages = messages[:1] if args.system else []
+            session.reset()
+            print("(conversation cleared)", file=sys.stderr)
+            continue
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line})
+        try:
+            reply = ""
+            for piece in session.chat(messages, params):
+                reply += piece
+                print(piece, end="", flush=True)
+            print()
+        except HetinferError as e:
+            messages.pop()
+            print(f"error: {e} (type /reset to start over)", file=sys.stderr)
+            continue
+        except KeyboardInterrupt:
+            print("\n(interrupted)", file=sys.stderr)
+        messages.append({"role": "assistant", "content": reply})
+        report(session, args)
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from hetinfer.info import describe
+
+    print(describe(args.model, as_json=args.json))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="hetinfer", description="Sparse, tiered LLM inference across GPU, RAM and flash.")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("generate", help="continue a prompt, streaming text to stdout")
+    add_model_args(p)
+    p.add_argument("-p", "--prompt", required=True)
+    add_sampling_args(p)
+    p.set_defaults(run=cmd_generate)
+
+    p = sub.add_parser("chat", help="interactive multi-turn chat with the model's template")
+    add_model_args(p)
+    p.add_argument("--system", help="system message")
+    add_sampling_args(p, default_temp=0.7)
+    p.set_defaults(run=cmd_chat)
+
+    p = sub.add_parser("info", help="architecture, tensor types and memory needs of a model")
+    p.add_argument("-m", "--model", help="GGUF file or Hugging Face checkpoint directory (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(run=cmd_info)
+
+    for mod in SUBCOMMAND_MODULES:
+        importlib.import_module(mod).add_parser(sub)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    t0 = time.perf_counter()
+    try:
+        return int(args.run(args) or 0)
+    except HetinferError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"\ninterrupted after {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,147 @@
+"""Streaming generation: prefill, decode loop, stop tokens and strings, chat turns, stats."""
+from __future__ import annotations
+
+import resource
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+
+from hetinfer.errors import HetinferError
+from hetinfer.loader import Model
+from hetinfer.model import FFN
+from hetinfer.sampling import SamplingParams, make_generator, sample
+
+PREFILL_CHUNK = 256
+
+
+@dataclass
+class Stats:
+    prompt_tokens: int = 0
+    prompt_seconds: float = 0.0
+    gen_tokens: int = 0
+    gen_seconds: float = 0.0
+    finish_reason: str = ""
+
+    def to_dict(self) -> dict:
+        rate = lambda n, s: n / s if s > 0 else 0.0  # noqa: E731
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "prompt_tok_s": rate(self.prompt_tokens, self.prompt_seconds),
+            "gen_tokens": self.gen_tokens,
+            "gen_tok_s": rate(self.gen_tokens, self.gen_seconds),
+            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        }
+
+
+class Session:
+    """A model with one KV cache; generates streamed text for one conversation at a time.
+
+    The cache keeps the tokens it holds, so a chat turn that extends the previous prompt only
+    prefills the new tokens.
+    """
+
+    def __init__(self, model: Model, n_ctx: int | None = None, ffn: FFN | None = None):
+        self.model = model
+        self.n_ctx = min(n_ctx or 4096, model.config.context_length)
+        self.cache = model.transformer.new_cache(self.n_ctx)
+        self.ffn = ffn
+        self.stats = Stats()
+
+    def reset(self) -> None:
+        self.cache.truncate(0)
+
+    def complete(self, prompt: str, params: SamplingParams, cancel: Callable[[], bool] | None = None) -> Iterator[str]:
+        return self.stream(self.model.tokenizer.encode(prompt), params, cancel)
+
+    def chat(self, messages: list[dict], params: SamplingParams, cancel: Callable[[], bool] | None = None) -> Iterator[str]:
+        if not messages:
+            raise HetinferError("chat needs at least one message")
+        text = self.model.tokenizer.render_chat(messages, add_generation_prompt=True)
+        return self.stream(self.model.tokenizer.encode(text), params, cancel)
+
+    def check_fits(self, n_prompt: int, max_tokens: int) -> None:
+        if n_prompt == 0:
+            raise HetinferError("the prompt is empty; give some text to continue")
+        if n_prompt + max_tokens > self.n_ctx:
+            raise HetinferError(
+                f"prompt ({n_prompt} tokens) plus max tokens ({max_tokens}) exceeds the context of {self.n_ctx} tokens; "
+                "shorten the prompt, lower max tokens, or raise --ctx"
+                + (f" (the model allows up to {self.model.config.context_length})" if self.n_ctx < self.model.config.context_length else "")
+            )
+
+    def stream(self, prompt_ids: list[int], params: SamplingParams, cancel: Callable[[], bool] | None = None) -> Iterator[str]:
+        """Yield text pieces as they are generated; `self.stats` describes the finished run."""
+        self.check_fits(len(prompt_ids), params.max_tokens)
+        return self._run(list(prompt_ids), params, cancel)
+
+    def _run(self, prompt_ids: list[int], params: SamplingParams, cancel) -> Iterator[str]:
+        tr, tok = self.model.transformer, self.model.tokenizer
+        stats = self.stats = Stats(prompt_tokens=len(prompt_ids))
+        gen = make_generator(params.seed)
+        t0 = time.perf_counter()
+        logits = self._prefill(prompt_ids)
+        stats.prompt_seconds = time.perf_counter() - t0
+        out: list[int] = []
+        emitted = ""
+        t0 = time.perf_counter()
+        stats.finish_reason = "length"
+        while len(out) < params.max_tokens:
+            if cancel is not None and cancel():
+                stats.finish_reason = "cancelled"
+                break
+            nxt = sample(logits, params, prompt_ids + out, gen)
+            if nxt in tok.stop_ids:
+                stats.finish_reason = "stop"
+                break
+            out.append(nxt)
+            stats.gen_tokens = len(out)
+            text = tok.decode(out)
+            cut = _find_stop(text, params.stop)
+            if cut is not None:
+                stats.finish_reason = "stop"
+                if cut > len(emitted):
+                    yield text[len(emitted):cut]
+                emitted = None  # the stop string and what follows are never shown
+                break
+            if not text.endswith("\ufffd"):  # else an incomplete UTF-8 sequence: wait for the next token
+                text = text[: len(text) - _held_back(text, params.stop)]
+                if len(text) > len(emitted):
+                    yield text[len(emitted):]
+                    emitted = text
+            if len(out) < params.max_tokens:
+                logits = tr.forward([nxt], self.cache, self.ffn)
+        if emitted is not None:  # flush text held back as a possible stop-string prefix
+            final = tok.decode(out)
+            if len(final) > len(emitted):
+                yield final[len(emitted):]
+        stats.gen_seconds = time.perf_counter() - t0
+
+    def _prefill(self, ids: list[int]) -> torch.Tensor:
+        """Logits after `ids`, reusing the longest cached prefix (at least one token is recomputed)."""
+        held = self.cache.tokens
+        keep = 0
+        while keep < min(len(held), len(ids) - 1) and held[keep] == ids[keep]:
+            keep += 1
+        self.cache.truncate(keep)
+        logits = None
+        for s in range(keep, len(ids), PREFILL_CHUNK):
+            logits = self.model.transformer.forward(ids[s : s + PREFILL_CHUNK], self.cache, self.ffn)
+        return logits
+
+
+def _find_stop(text: str, stops: list[str]) -> int | None:
+    hits = [text.find(s) for s in stops if s and s in text]
+    return min(hits) if hits else None
+
+
+def _held_back(text: str, stops: list[str]) -> int:
+    """Length of the longest suffix of `text` that could start a stop string."""
+    best = 0
+    for s in stops:
+        for n in range(min(len(s) - 1, len(text)), best, -1):
+            if s.startswith(text[-n:]):
+                best = n
+                break
+    return best
