@@ -88,7 +88,9 @@ class HFCheckpoint:
         act = _ACTS.get(c.get("hidden_act", "silu"))
         if act is None:
             raise HetinferError(f"{self.path}: hidden_act {c['hidden_act']!r} is not supported (silu, relu, gelu)")
-        rs = c.get("rope_scaling")
+        # transformers >= 5 writes `rope_parameters` (theta inside); older configs `rope_theta` + `rope_scaling`
+        rs = c.get("rope_parameters") or c.get("rope_scaling") or {}
+        theta = c.get("rope_theta") or rs.get("rope_theta", 10000.0)
         scaling = None
         if rs:
             kind = rs.get("rope_type", rs.get("type"))
@@ -112,7 +114,7 @@ class HFCheckpoint:
             head_dim=int(c.get("head_dim") or c["hidden_size"] // n_heads),
             vocab_size=int(c["vocab_size"]),
             context_length=int(c.get("max_position_embeddings", 2048)),
-            rope_theta=float(c.get("rope_theta", 10000.0)),
+            rope_theta=float(theta),
             norm_eps=float(c.get("rms_norm_eps", 1e-6)),
             activation=act,
             tied_embeddings=bool(c.get("tie_word_embeddings", False)) or "lm_head.weight" not in self.tensors,

@@ -1,0 +1,52 @@
+"""Shared fixtures: the real default model, the shared data folder, a transformers reference."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
+
+
+def data_path(*parts: str) -> str:
+    path = os.path.join(DATA, *parts)
+    if not os.path.exists(path):
+        pytest.skip(f"shared data not found at {path}: clone the project next to ../shared")
+    return path
+
+
+@pytest.fixture(scope="session")
+def model_path() -> str:
+    from hetinfer.errors import HetinferError
+    from hetinfer.loader import default_model_path
+
+    try:
+        return default_model_path()
+    except HetinferError as e:
+        pytest.skip(str(e))
+
+
+@pytest.fixture(scope="session")
+def model(model_path):
+    from hetinfer.loader import load_model
+
+    return load_model(model_path)
+
+
+@pytest.fixture(scope="session")
+def hf_model(model_path):
+    """transformers loading the same GGUF, dequantized to float32: the independent reference."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    m = transformers.AutoModelForCausalLM.from_pretrained(
+        os.path.dirname(model_path), gguf_file=os.path.basename(model_path), dtype=torch.float32
+    )
+    return m.eval()
+
+
+@pytest.fixture(scope="session")
+def wikitext_eval() -> str:
+    """The held-out last 30% of WikiText-2 validation (never used for calibration)."""
+    with open(data_path("wikitext-2", "valid.txt")) as fh:
+        text = fh.read()
+    return text[int(len(text) * 0.7):]

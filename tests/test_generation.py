@@ -1,0 +1,64 @@
+"""KV-cache decode against full recomputation, sampling, stop handling on the real model."""
+import pytest
+import torch
+
+from hetinfer.errors import HetinferError
+from hetinfer.generate import Session
+from hetinfer.sampling import SamplingParams, make_generator, sample
+
+
+def test_incremental_decode_equals_full_recompute(model):
+    tr = model.transformer
+    ids = model.tokenizer.encode("Activation sparsity lets a runtime skip most of the feed-forward network")
+    cache = tr.new_cache(128)
+    step_logits = [tr.forward(ids[:5], cache)]
+    for t in ids[5:]:
+        step_logits.append(tr.forward([t], cache))
+    full = tr.forward(ids, tr.new_cache(128), all_logits=True)
+    for i, logits in enumerate(step_logits):
+        assert (logits - full[4 + i]).abs().max().item() <= 1e-4
+
+
+def test_prefix_reuse_gives_same_logits(model):
+    s = Session(model, n_ctx=256)
+    ids = model.tokenizer.encode("One two three four five six")
+    a = s._prefill(ids).clone()
+    assert s.cache.tokens == ids
+    b = s._prefill(ids + model.tokenizer.encode(" seven"))  # reuses the cached prefix
+    c = model.transformer.forward(ids + model.tokenizer.encode(" seven"), model.transformer.new_cache(64))
+    assert (b - c).abs().max().item() <= 1e-4
+    assert (a - model.transformer.forward(ids, model.transformer.new_cache(64))).abs().max().item() <= 1e-4
+
+
+def test_seeded_sampling_is_reproducible_and_seeds_differ(model):
+    s = Session(model, n_ctx=256)
+    p = SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=123, max_tokens=12)
+    a = "".join(s.complete("Once upon a time", p))
+    b = "".join(s.complete("Once upon a time", p))
+    c = "".join(s.complete("Once upon a time", SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0,
+                                                               seed=7, max_tokens=12)))
+    assert a == b and a != c and s.stats.gen_tokens == 12
+
+
+def test_sampling_filters():
+    logits = torch.tensor([5.0, 4.0, 1.0, 0.0, -1.0])
+    g = make_generator(0)
+    assert sample(logits, SamplingParams(temperature=0), [], g) == 0
+    picks = {sample(logits, SamplingParams(temperature=5.0, top_k=2, top_p=1, min_p=0), [], g) for _ in range(200)}
+    assert picks == {0, 1}
+    picks = {sample(logits, SamplingParams(temperature=1.0, top_k=0, top_p=0.5, min_p=0), [], g) for _ in range(100)}
+    assert picks == {0}
+    picks = {sample(logits, SamplingParams(temperature=1.0, top_k=0, top_p=1, min_p=0.3), [], g) for _ in range(200)}
+    assert picks == {0, 1}
+    # repetition penalty demotes the seen best token below the runner-up
+    assert sample(logits, SamplingParams(temperature=0, repeat_penalty=2.0), [0], g) == 1
+    with pytest.raises(HetinferError):
+        SamplingParams(top_p=0)
+
+
+def test_stop_strings_and_context_limit(model):
+    s = Session(model, n_ctx=64)
+    text = "".join(s.complete("1, 2, 3, 4,", SamplingParams(temperature=0, max_tokens=20, stop=[" 7"])))
+    assert " 7" not in text and text.strip().startswith("5") and s.stats.finish_reason == "stop"
+    with pytest.raises(HetinferError, match="exceeds the context"):
+        s.complete("word " * 80, SamplingParams(max_tokens=4))
