@@ -6,6 +6,7 @@ import importlib.util
 import os
 from dataclasses import dataclass
 
+from hetinfer import kernels
 from hetinfer.config import ModelConfig
 from hetinfer.errors import HetinferError
 from hetinfer.gguf_file import GGUFModel
@@ -65,7 +66,9 @@ def fingerprint(path: str) -> str:
     return h.hexdigest()[:16]
 
 
-def load_model(path: str | None = None) -> Model:
+def load_model(path: str | None = None, weights: str = "native") -> Model:
+    """`weights`: "native" keeps each matrix in its stored format (GGUF blocks read in place by the
+    kernels); "f16" / "f32" convert every matrix once at load."""
     path = resolve_model_path(path)
     if os.path.isdir(path):
         src = HFCheckpoint(path)
@@ -82,6 +85,7 @@ def load_model(path: str | None = None) -> Model:
         tokenizer = tokenizer_from_gguf(src.fields)
         types = src.tensor_types()
     n = names
+    weight = lambda name: kernels.convert(src.weight(name), weights)  # noqa: E731
     layers = []
     for i in range(cfg.n_layers):
         bias = {}
@@ -89,13 +93,13 @@ def load_model(path: str | None = None) -> Model:
             bias = {b: vec(src.vector(n(i, b))) for b in ("bq", "bk", "bv")}
         layers.append(LayerWeights(
             attn_norm=vec(src.vector(n(i, "attn_norm"))),
-            wq=src.weight(n(i, "wq")), wk=src.weight(n(i, "wk")), wv=src.weight(n(i, "wv")), wo=src.weight(n(i, "wo")),
+            wq=weight(n(i, "wq")), wk=weight(n(i, "wk")), wv=weight(n(i, "wv")), wo=weight(n(i, "wo")),
             ffn_norm=vec(src.vector(n(i, "ffn_norm"))),
-            gate=src.weight(n(i, "gate")), up=src.weight(n(i, "up")), down=src.weight(n(i, "down")),
+            gate=weight(n(i, "gate")), up=weight(n(i, "up")), down=weight(n(i, "down")),
             **bias,
         ))
-    embed = src.weight(n(None, "embed"))
-    output = embed if cfg.tied_embeddings else src.weight(n(None, "output"))
+    embed = weight(n(None, "embed"))
+    output = embed if cfg.tied_embeddings else weight(n(None, "output"))
     rope_freqs = None
     if isinstance(src, GGUFModel) and "rope_freqs.weight" in src.tensors:
         rope_freqs = vec(src.vector("rope_freqs.weight"))

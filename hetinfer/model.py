@@ -97,7 +97,7 @@ class Transformer:
 
     def dense_ffn(self, layer: int, h: torch.Tensor) -> torch.Tensor:
         L = self.w.layers[layer]
-        return kernels.linear(L.down, self.act(kernels.linear(L.gate, h)) * kernels.linear(L.up, h))
+        return kernels.linear(L.down, kernels.gate_up(L.gate, L.up, h, self.cfg.activation))
 
     def forward(self, tokens: list[int], cache: KVCache, ffn: FFN | None = None, all_logits: bool = False) -> torch.Tensor:
         """Run `tokens` after what `cache` holds; logits of the last token ([vocab]) or all ([T, vocab])."""
@@ -122,9 +122,12 @@ class Transformer:
 
     def _attention(self, i: int, L: LayerWeights, h: torch.Tensor, cache: KVCache, pos: int, cos, sin) -> torch.Tensor:
         cfg, T = self.cfg, h.shape[0]
-        q, k, v = kernels.linear(L.wq, h), kernels.linear(L.wk, h), kernels.linear(L.wv, h)
+        q, k, v = kernels.linears((L.wq, L.wk, L.wv), h)
         if L.bq is not None:
             q, k, v = q + L.bq, k + L.bk, v + L.bv
+        if T == 1:  # decode: RoPE, KV-cache write and attention in one kernel call
+            out = kernels.attention_decode(q, k, v, cache.k[i], cache.v[i], pos, cos[0, 0], sin[0, 0], self.interleaved)
+            return kernels.linear(L.wo, out)
         q = self._apply_rope(q.view(T, cfg.n_heads, cfg.head_dim), cos, sin)
         k = self._apply_rope(k.view(T, cfg.n_kv_heads, cfg.head_dim), cos, sin)
         cache.k[i, pos : pos + T] = k
@@ -152,7 +155,7 @@ class Transformer:
 
 
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
+    return kernels.rms_norm(x, w, eps)
 
 
 def vec(a: np.ndarray) -> torch.Tensor:

@@ -1,0 +1,51 @@
+"""Shared benchmark helpers: timing medians, memory bandwidth, machine description, tables."""
+from __future__ import annotations
+
+import os
+import platform
+import time
+
+import numpy as np
+
+
+def timings(fn, reps: int, warm: int = 2) -> np.ndarray:
+    """Wall times of `reps` runs of `fn()` after `warm` untimed runs."""
+    for _ in range(warm):
+        fn()
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return np.array(ts)
+
+
+def median_seconds(fn, reps: int, warm: int = 2) -> float:
+    return float(np.median(timings(fn, reps, warm)))
+
+
+def copy_bandwidth(nbytes: int = 512 << 20, reps: int = 5) -> float:
+    """Memory bandwidth in GB/s from a large numpy copy, counting bytes read plus written."""
+    a = np.ones(nbytes // 8)
+    b = np.empty_like(a)
+    t = median_seconds(lambda: np.copyto(b, a), reps, warm=1)
+    return 2 * nbytes / t / 1e9
+
+
+def machine() -> str:
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            model = next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return f"{model}, {cpus} CPUs available, load average {load:.2f} at start"
+
+
+def table(header: list[str], rows: list[list]) -> str:
+    cells = [[str(c) for c in header]] + [[f"{c:.2f}" if isinstance(c, float) else str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    line = lambda r: "| " + " | ".join(c.rjust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
+    return "\n".join([line(cells[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in cells[1:]])

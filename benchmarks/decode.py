@@ -1,0 +1,177 @@
+"""End-to-end greedy decode: hetinfer's dense engine on the kernels vs llama.cpp, same GGUF, one run.
+
+    python benchmarks/decode.py [--model PATH] [--threads 2] [--tokens 128] [--reps 3] [--weights native]
+
+A 64-token prompt, then `--tokens` greedy tokens; decode tok/s excludes the prompt (reported
+separately) and the kernels' compile time (warmup, reported separately). Runs are interleaved
+(llama.cpp, then each hetinfer mode, repeated) and medians are reported.
+
+hetinfer modes:
+  dense            every FFN neuron (the engine's dense path)
+  oracle 50%       per token and layer, only the half of the FFN neurons with the largest |act(g) * u| of
+                   the dense run (recorded beforehand, so a perfect, free predictor); one fused sparse_ffn call
+                   on gate/up rows plus the neuron-major q8_0 down copy.
+  threshold 50%    computes the gate for all neurons, keeps the half with the largest |act(gate)|, then up
+                   and down only for those (gate GEMV + gather_matvec + scatter_axpy): no predictor needed.
+Sparse modes are teacher-forced on the dense run's tokens, so "top-1 = dense" is the per-step
+agreement of their greedy choice with the dense engine (the quality cost of skipping).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks._util import machine, table  # noqa: E402
+from hetinfer import kernels  # noqa: E402
+from hetinfer.loader import default_model_path, load_model  # noqa: E402
+from hetinfer.kernels.reference import act as np_act  # noqa: E402
+
+PROMPT = ("Memory hierarchies trade capacity for speed: registers, caches, main memory and flash each hold more "
+          "than the level above and answer more slowly. Large language models stress every level at once, "
+          "because each generated token reads all of the weights. ")
+
+
+def llama_decode(llm, prompt: list[int], n: int):
+    """(prefill s, decode s, decode CPU s, tokens): greedy with argmax over llama.cpp's logits (no Python
+    sampler)."""
+    llm.reset()
+    t0 = time.perf_counter()
+    llm.eval(prompt)
+    logits = lambda: np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),))  # noqa: E731
+    tok = int(np.argmax(logits()))
+    t1, c1 = time.perf_counter(), time.process_time()
+    out = [tok]
+    for _ in range(n):
+        llm.eval([tok])
+        tok = int(np.argmax(logits()))
+        out.append(tok)
+    return t1 - t0, time.perf_counter() - t1, time.process_time() - c1, out
+
+
+def het_decode(tr, prompt: list[int], n: int, ffn=None, forced: list[int] | None = None):
+    """(prefill s, decode s, decode CPU s, tokens). With `forced`, feed those tokens instead of our own argmax."""
+    cache = tr.new_cache(len(prompt) + n + 1)
+    t0 = time.perf_counter()
+    tok = int(tr.forward(prompt, cache).argmax())
+    t1, c1 = time.perf_counter(), time.process_time()
+    out = [tok]
+    for i in range(n):
+        feed = forced[i] if forced else tok
+        tok = int(tr.forward([feed], cache, ffn=ffn).argmax())
+        out.append(tok)
+    return t1 - t0, time.perf_counter() - t1, time.process_time() - c1, out
+
+
+class OracleFFN:
+    """Records (dense run) or replays (sparse run) the top `keep` fraction of neurons per token and layer."""
+
+    def __init__(self, tr, keep: float):
+        self.tr, self.keep, self.sets, self.i = tr, keep, [], 0
+        self.down_t = [kernels.transpose_down(L.down) for L in tr.w.layers]
+        self.act = tr.cfg.activation
+
+    def record(self, layer: int, h: torch.Tensor) -> torch.Tensor:
+        L = self.tr.w.layers[layer]
+        a = kernels.gate_up(L.gate, L.up, h, self.act)
+        k = int(round(self.keep * a.shape[1]))
+        self.sets.append(np.sort(np.argpartition(-a[0].abs().numpy(), k)[:k]))
+        return kernels.linear(L.down, a)
+
+    def replay(self, layer: int, h: torch.Tensor) -> torch.Tensor:
+        L = self.tr.w.layers[layer]
+        rows = self.sets[self.i]
+        self.i += 1
+        return kernels.sparse_ffn(L.gate, L.up, self.down_t[layer], rows, h, self.act)
+
+
+class ThresholdFFN:
+    """Full gate, then up and down for the `keep` fraction of neurons with the largest |act(gate)|."""
+
+    def __init__(self, tr, keep: float, down_t):
+        self.tr, self.keep, self.down_t, self.act = tr, keep, down_t, tr.cfg.activation
+
+    def __call__(self, layer: int, h: torch.Tensor) -> torch.Tensor:
+        L = self.tr.w.layers[layer]
+        g = np_act(self.act, kernels.linear(L.gate, h)[0].numpy())
+        k = int(round(self.keep * len(g)))
+        rows = np.argpartition(-np.abs(g), k)[:k]
+        a = torch.from_numpy((g[rows] * kernels.gather_matvec(L.up, rows, h[0]).numpy()).astype(np.float32))
+        return kernels.scatter_axpy(self.down_t[layer], rows, a, torch.zeros(h.shape[1])).view(1, -1)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="GGUF file (default: SmolLM2-135M-Instruct Q4_1)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--tokens", type=int, default=128)
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--weights", default="native", choices=["native", "f16", "f32"])
+    args = p.parse_args()
+    path = args.model or default_model_path()
+
+    kernels.set_threads(args.threads)
+    torch.set_num_threads(args.threads)
+    compile_s = kernels.warmup()
+    model = load_model(path, weights=args.weights)
+    tr = model.transformer
+    prompt = model.tokenizer.encode(PROMPT * 4)[:64]
+    assert len(prompt) == 64
+
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=path, n_threads=args.threads, n_ctx=512, verbose=False)
+
+    oracle = OracleFFN(tr, 0.5)
+    het_decode(tr, prompt, 8)  # first-call effects (page-in, allocator) outside the timed runs
+    dense_tokens = het_decode(tr, prompt, args.tokens, ffn=oracle.record)[-1]  # records the oracle sets
+    thresh = ThresholdFFN(tr, 0.5, oracle.down_t)
+    forced = dense_tokens[:-1]  # sparse modes are teacher-forced on the dense tokens: top-1 agreement per step
+
+    def oracle_run():
+        oracle.i = 0
+        return het_decode(tr, prompt, args.tokens, oracle.replay, forced)
+
+    modes = {
+        "llama.cpp": lambda: llama_decode(llm, prompt, args.tokens),
+        f"hetinfer dense ({args.weights})": lambda: het_decode(tr, prompt, args.tokens),
+        "hetinfer oracle 50%": oracle_run,
+        "hetinfer threshold 50%": lambda: het_decode(tr, prompt, args.tokens, thresh, forced),
+    }
+    times = {m: [] for m in modes}
+    tokens = {}
+    for _ in range(args.reps):
+        for m, run in modes.items():
+            pre, dec, cpu, toks = run()
+            times[m].append((pre, dec, cpu))
+            tokens[m] = toks
+
+    print(f"machine: {machine()}")
+    print(f"model: {os.path.basename(path)}; weights {args.weights}; {args.threads} threads; greedy, 64-token prompt, "
+          f"{args.tokens} tokens; median of {args.reps} interleaved runs; kernel compile/load {compile_s:.2f} s "
+          "(excluded)")
+    med = {m: np.median(np.array(t), axis=0) for m, t in times.items()}  # (prefill, decode, decode CPU) s
+    base = med["llama.cpp"]
+    rows = []
+    for m in modes:
+        pre, dec, cpu = med[m]
+        same = np.mean(np.array(tokens[m][1:]) == np.array(dense_tokens[1:])) if m.startswith("hetinfer") else None
+        rows.append([m, f"{64 / pre:.0f}", f"{args.tokens / dec:.1f}", f"{base[1] / dec:.2f}x",
+                     f"{1e3 * cpu / args.tokens:.2f}", f"{base[2] / cpu:.2f}x", "-" if same is None else f"{same:.0%}"])
+    print(table(["engine", "prefill tok/s", "decode tok/s", "vs llama.cpp", "CPU ms/token", "vs llama.cpp (CPU)",
+                 "top-1 = dense"], rows))
+    print("CPU ms/token: process CPU time (all threads) per decoded token; with 1 thread it is insensitive to "
+          "other load on the machine, with more it also counts spin-waiting threads")
+    print("targets: dense >= 0.80x, 50% of FFN neurons skipped >= 1.20x llama.cpp")
+    print(f"llama.cpp greedy tokens equal hetinfer dense: {np.mean(np.array(tokens['llama.cpp']) == np.array(dense_tokens)):.0%}"
+          f"; load average at end {os.getloadavg()[0]:.2f}")
+
+
+if __name__ == "__main__":
+    main()

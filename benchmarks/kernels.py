@@ -1,0 +1,137 @@
+"""Kernel throughput against this machine's memory bandwidth (measured in the same run).
+
+    python benchmarks/kernels.py [--threads N] [--quick]
+
+Tables (medians of repeated runs, compile time excluded and reported separately):
+  1. dense GEMV per format and shape: GB/s of weight bytes read, % of copy bandwidth,
+     1 thread vs N threads (target: >= 60% for q8_0/q4_0/q4_1 at 576x1536 and 4096x11008);
+  2. sparse ops at 100/50/20% of rows: time vs the ideal density x dense time (target <= 1.2x);
+  3. per-call overhead of the Python interface on a tiny matrix.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks._util import copy_bandwidth, machine, median_seconds, table, timings  # noqa: E402
+from hetinfer import kernels  # noqa: E402
+from hetinfer.tensors import FORMATS, quantize  # noqa: E402
+
+BLOCK = ("q8_0", "q4_0", "q4_1")
+
+
+def reps_for(nbytes: int) -> int:
+    return int(min(400, max(15, 4e8 / max(nbytes, 1))))
+
+
+def dense(shapes, formats, threads: int, bw: float) -> list[list]:
+    rows_out = []
+    rng = np.random.default_rng(0)
+    for rows, cols in shapes:
+        w = rng.standard_normal((rows, cols), dtype=np.float32)
+        x = torch.from_numpy(rng.standard_normal((1, cols), dtype=np.float32))
+        for qtype in formats:
+            W = quantize(w, qtype)
+            res = []
+            for n in sorted({1, threads}):
+                kernels.set_threads(n)
+                ts = timings(lambda: kernels.linear(W, x), reps_for(W.nbytes))
+                res.append((np.median(ts), W.nbytes / np.median(ts) / 1e9, W.nbytes / ts.min() / 1e9))
+            kernels.set_threads(threads)
+            (t1, g1, _), (tn, gn, best) = res[0], res[-1]
+            target = "yes" if gn >= 0.6 * bw else "NO"
+            rows_out.append([f"{rows}x{cols}", qtype, f"{W.nbytes / 2**20:.2f}", f"{t1 * 1e6:.1f}", f"{g1:.1f}",
+                             f"{tn * 1e6:.1f}", f"{gn:.1f}", f"{100 * gn / bw:.0f}%",
+                             target if qtype in BLOCK else "-", f"{best:.1f}"])
+    return rows_out
+
+
+def sparse(shapes, qtype: str, threads: int) -> list[list]:
+    out = []
+    rng = np.random.default_rng(1)
+    kernels.set_threads(threads)
+    for n_ff, d in shapes:
+        Wg = quantize(rng.standard_normal((n_ff, d), dtype=np.float32), qtype)
+        Wu = quantize(rng.standard_normal((n_ff, d), dtype=np.float32), qtype)
+        Wd_t = quantize(rng.standard_normal((n_ff, d), dtype=np.float32), "q8_0")
+        x = torch.from_numpy(rng.standard_normal((1, d), dtype=np.float32))
+        y = torch.zeros(d)
+        ops = {
+            "gather_matvec": lambda r: kernels.gather_matvec(Wg, r, x[0]),
+            "scatter_axpy (q8_0)": lambda r: kernels.scatter_axpy(Wd_t, r, a[: len(r)], y),
+            "sparse_ffn": lambda r: kernels.sparse_ffn(Wg, Wu, Wd_t, r, x, "silu"),
+        }
+        a = torch.ones(n_ff)
+        for name, op in ops.items():
+            base = None
+            for density in (1.0, 0.5, 0.2):
+                r = np.sort(rng.permutation(n_ff)[: int(round(density * n_ff))])
+                ts = timings(lambda: op(r), reps_for(int(density * n_ff) * Wg.row_bytes * 3))
+                t, best = np.median(ts), ts.min()
+                base = base or (t, best)
+                ratio = t / (density * base[0])
+                out.append([f"{n_ff}x{d}", name, f"{density:.0%}", f"{t * 1e6:.1f}", f"{ratio:.2f}",
+                            "-" if density == 1.0 else ("yes" if ratio <= 1.2 else "NO"),
+                            f"{best * 1e6:.1f}", f"{best / (density * base[1]):.2f}"])
+    return out
+
+
+def overhead(threads: int) -> list[list]:
+    kernels.set_threads(threads)
+    W = quantize(np.ones((32, 64), np.float32), "q4_1")
+    x = torch.ones(1, 64)
+    rows = np.arange(8)
+    y = torch.zeros(64)
+    a = torch.ones(8)
+    calls = {
+        "linear": lambda: kernels.linear(W, x),
+        "linears (3 matrices)": lambda: kernels.linears((W, W, W), x),
+        "gate_up": lambda: kernels.gate_up(W, W, x, "silu"),
+        "gather_matvec": lambda: kernels.gather_matvec(W, rows, x[0]),
+        "scatter_axpy": lambda: kernels.scatter_axpy(W, rows, a, y),
+        "sparse_ffn": lambda: kernels.sparse_ffn(W, W, W, rows, x, "silu"),
+        "torch: x * w + x (reference point)": lambda: x * x + x,
+    }
+    return [[name, f"{median_seconds(fn, 3000) * 1e6:.1f}"] for name, fn in calls.items()]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--threads", type=int, default=None, help="threads for the kernels (default: all available)")
+    p.add_argument("--quick", action="store_true", help="SmolLM2 shapes only")
+    args = p.parse_args()
+    threads = kernels.set_threads(args.threads)
+    t = time.perf_counter()
+    compile_s = kernels.warmup()
+    print(f"machine: {machine()}; kernels use {threads} threads")
+    print(f"compile/load of all kernels (warmup): {compile_s:.2f} s (excluded below)")
+    bw = copy_bandwidth()
+    print(f"memory bandwidth (512 MiB numpy copy, read + write): {bw:.1f} GB/s; 60% = {0.6 * bw:.1f} GB/s\n")
+
+    shapes = [(1536, 576), (576, 1536)] + ([] if args.quick else [(11008, 4096), (4096, 11008)])
+    print("Dense GEMV (T = 1), GB/s of weight bytes")
+    print(table(["shape", "format", "MiB", "1 thr us", "1 thr GB/s", f"{threads} thr us", f"{threads} thr GB/s",
+                 "% of bw", ">= 60%", "best GB/s"], dense(shapes, FORMATS, threads, bw)))
+    print("(medians; 'best' is the fastest run, what an otherwise idle machine gives: on a shared machine a "
+          "multi-threaded call waits for its slowest, possibly descheduled, thread)")
+    print()
+    sshapes = [(1536, 576)] + ([] if args.quick else [(11008, 4096)])
+    print(f"Sparse ops vs density (gate/up q4_1, down neuron-major q8_0, {threads} threads); "
+          "ratio = time / (density x time at 100%)")
+    print(table(["n_ff x d", "op", "rows", "us", "ratio", "<= 1.2x", "best us", "best ratio"],
+                sparse(sshapes, "q4_1", threads)))
+    print()
+    print(f"Per-call overhead, tiny 32x64 q4_1 matrix ({threads} threads), us")
+    print(table(["call", "us"], overhead(threads)))
+    print(f"\ntotal {time.perf_counter() - t:.0f} s; load average at end {os.getloadavg()[0]:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,92 @@
+"""Plain numpy versions of every kernel: obviously correct, float64 accumulation, slow.
+
+Tests compare the CPU and CUDA kernels against these. Weights are decoded with
+`QTensor.dequantize`, which matches the `gguf` package byte for byte.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from hetinfer.tensors import QTensor, quantize
+
+
+def act(name: str, g: np.ndarray) -> np.ndarray:
+    """The FFN activations the engine uses; gelu is the tanh approximation (as in `hetinfer.model`)."""
+    if name == "silu":
+        return g / (1.0 + np.exp(-g))
+    if name == "relu":
+        return np.maximum(g, 0.0)
+    if name == "gelu":
+        return 0.5 * g * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (g + 0.044715 * g**3)))
+    raise ValueError(f"unknown activation {name!r}")
+
+
+def _w(W: QTensor, rows=None) -> np.ndarray:
+    return W.dequantize(rows).astype(np.float64)
+
+
+def linear(W: QTensor, x: np.ndarray) -> np.ndarray:
+    """x [T, cols] -> [T, rows]."""
+    return np.asarray(x, np.float64) @ _w(W).T
+
+
+def embedding(W: QTensor, ids: np.ndarray) -> np.ndarray:
+    return W.dequantize(np.asarray(ids, np.int64))
+
+
+def gather_matvec(W: QTensor, rows: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """The selected output rows only: x [..., cols] -> [..., len(rows)]."""
+    return np.asarray(x, np.float64) @ _w(W, rows).T
+
+
+def scatter_axpy(Wd_t: QTensor, rows: np.ndarray, a: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """y + sum_i a[i] * Wd_t[rows[i]] (a new array)."""
+    return np.asarray(y, np.float64) + np.asarray(a, np.float64) @ _w(Wd_t, rows)
+
+
+def gate_up(Wg: QTensor, Wu: QTensor, x: np.ndarray, act_name: str) -> np.ndarray:
+    """act(x Wg^T) * (x Wu^T): the dense FFN before the down projection."""
+    return act(act_name, linear(Wg, x)) * linear(Wu, x)
+
+
+def sparse_ffn(Wg: QTensor, Wu: QTensor, Wd_t: QTensor, rows: np.ndarray, x: np.ndarray, act_name: str):
+    """FFN output of one token [d] using only neurons `rows`, and their activations h [len(rows)]."""
+    x = np.asarray(x, np.float64).reshape(-1)
+    h = act(act_name, _w(Wg, rows) @ x) * (_w(Wu, rows) @ x)
+    return h @ _w(Wd_t, rows), h
+
+
+def transpose_down(W: QTensor, qtype: str) -> QTensor:
+    """W^T stored as `qtype` (dequantize, transpose, quantize)."""
+    return quantize(np.ascontiguousarray(W.dequantize().T), qtype)
+
+
+def rms_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
+    x = np.asarray(x, np.float64)
+    return x / np.sqrt(np.mean(x**2, -1, keepdims=True) + eps) * w
+
+
+def rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, interleaved: bool) -> np.ndarray:
+    """Rotate the last axis of x [..., hd]: pairs (2j, 2j+1) if interleaved, else (j, j + hd/2)."""
+    x = np.asarray(x, np.float64)
+    half = x.shape[-1] // 2
+    a, b = (x[..., 0::2], x[..., 1::2]) if interleaved else (x[..., :half], x[..., half:])
+    ra, rb = a * cos - b * sin, a * sin + b * cos
+    return np.stack((ra, rb), -1).reshape(x.shape) if interleaved else np.concatenate((ra, rb), -1)
+
+
+def attention_decode(q, k, v, k_cache, v_cache, pos, cos, sin, interleaved):
+    """One token's attention (see `kernels.attention_decode`); returns (out [H*hd], k_cache, v_cache) with the
+    caches updated (new arrays)."""
+    n_ctx, KV, hd = k_cache.shape
+    q = rope(np.reshape(q, (-1, hd)), cos, sin, interleaved)
+    kc, vc = np.array(k_cache, np.float64), np.array(v_cache, np.float64)
+    kc[pos] = rope(np.reshape(k, (KV, hd)), cos, sin, interleaved)
+    vc[pos] = np.reshape(v, (KV, hd))
+    group = q.shape[0] // KV
+    out = np.empty_like(q)
+    for h in range(q.shape[0]):
+        s = kc[: pos + 1, h // group] @ q[h] / np.sqrt(hd)
+        p = np.exp(s - s.max())
+        out[h] = (p / p.sum()) @ vc[: pos + 1, h // group]
+    return out.reshape(-1), kc, vc

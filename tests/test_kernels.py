@@ -1,0 +1,385 @@
+"""CPU kernels against the numpy reference, on random and real SmolLM2 weights, in every format.
+
+Tolerance: the kernels decode each weight exactly as `QTensor.dequantize` does (same float32
+operations), so every format has the same bound, float32 summation error only:
+|ours - reference| <= 1e-5 * (|W| @ |x|) elementwise, the reference accumulating in float64.
+Embedding rows are bit-exact. A wrong nibble order, scale or offset breaks these by orders of
+magnitude.
+"""
+import numpy as np
+import pytest
+import torch
+
+from hetinfer import kernels
+from hetinfer.kernels import reference as ref
+from hetinfer.tensors import FORMATS, QTensor, quantize
+
+RTOL = 1e-5
+ACTS = ("silu", "relu", "gelu")
+
+
+def rand_q(rows, cols, qtype, seed=0, read_only=False):
+    w = np.random.default_rng(seed).standard_normal((rows, cols)).astype(np.float32)
+    Q = quantize(w, qtype)
+    if read_only:  # like weights mmapped from a GGUF file
+        Q.data.setflags(write=False)
+    return Q
+
+
+def rand_x(*shape, seed=1):
+    return torch.from_numpy(np.random.default_rng(seed).standard_normal(shape).astype(np.float32))
+
+
+def assert_close(ours, want, bound):
+    ours = ours.numpy() if isinstance(ours, torch.Tensor) else ours
+    assert ours.shape == want.shape
+    err = np.abs(ours - want)
+    assert np.all(err <= RTOL * bound + 1e-30), f"max err {err.max():.3g}, allowed {RTOL * bound.max():.3g}"
+
+
+def bound_linear(W, x, rows=None):
+    return np.abs(np.asarray(x, np.float64)) @ np.abs(W.dequantize(rows).astype(np.float64)).T
+
+
+def cols_for(qtype):
+    return (96, 100) if qtype in ("f32", "f16", "bf16") else (96,)  # float formats: a row tail % 32
+
+
+# ---------------------------------------------------------------------------------------------
+# dense
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("qtype", FORMATS)
+@pytest.mark.parametrize("T", [1, 3, 9])  # 9 > GEMV_MAX_T: the prefill path (dequantized tiles)
+def test_linear(qtype, T):
+    for cols in cols_for(qtype):
+        W, x = rand_q(70, cols, qtype, read_only=T == 3), rand_x(T, cols)
+        assert_close(kernels.linear(W, x), ref.linear(W, x.numpy()), bound_linear(W, x.numpy()))
+
+
+@pytest.mark.parametrize("qtype", FORMATS)
+def test_linears_fused_matches_separate(qtype):
+    Ws = [rand_q(n, 64, qtype, seed=n) for n in (96, 32, 32)]
+    x = rand_x(1, 64)
+    for out, W in zip(kernels.linears(Ws, x), Ws):
+        assert_close(out, ref.linear(W, x.numpy()), bound_linear(W, x.numpy()))
+    mixed = [Ws[0], rand_q(32, 64, "q8_0" if qtype != "q8_0" else "f16")]
+    for out, W in zip(kernels.linears(mixed, x), mixed):
+        assert_close(out, ref.linear(W, x.numpy()), bound_linear(W, x.numpy()))
+
+
+@pytest.mark.parametrize("qtype", FORMATS)
+@pytest.mark.parametrize("act", ACTS)
+def test_gate_up(qtype, act):
+    Wg, Wu, x = rand_q(64, 96, qtype, 2), rand_q(64, 96, qtype, 3), rand_x(2, 96)
+    g, u = ref.linear(Wg, x.numpy()), ref.linear(Wu, x.numpy())
+    want = ref.act(act, g) * u
+    # error of act(g) * u from g and u each within their bound (|act'| <= 1.13 for these activations)
+    bound = 1.2 * (bound_linear(Wg, x.numpy()) * np.abs(u) + np.abs(ref.act(act, g)) * bound_linear(Wu, x.numpy()))
+    assert_close(kernels.gate_up(Wg, Wu, x, act), want, bound + np.abs(want))
+
+
+@pytest.mark.parametrize("qtype", FORMATS)
+def test_embedding_bit_exact(qtype):
+    W = rand_q(50, 64, qtype)
+    ids = torch.tensor([7, 0, 49, 7])
+    assert np.array_equal(kernels.embedding(W, ids).numpy(), W.dequantize(ids.numpy()))
+    with pytest.raises(ValueError, match=r"0\.\.49"):
+        kernels.embedding(W, torch.tensor([50]))
+
+
+# ---------------------------------------------------------------------------------------------
+# sparse
+# ---------------------------------------------------------------------------------------------
+
+ROW_SETS = {
+    "empty": np.array([], np.int64),
+    "all": np.arange(96),
+    "unsorted": np.array([77, 3, 40, 0, 95, 12, 5]),
+    "int32": np.array([9, 1], np.int32),
+}
+
+
+@pytest.mark.parametrize("qtype", FORMATS)
+@pytest.mark.parametrize("rows", ROW_SETS, ids=list(ROW_SETS))
+def test_gather_matvec(qtype, rows):
+    rows = ROW_SETS[rows]
+    W, x = rand_q(96, 64, qtype), rand_x(64)
+    out = kernels.gather_matvec(W, rows, x)
+    assert out.shape == (len(rows),)
+    assert_close(out, ref.gather_matvec(W, rows, x.numpy()), bound_linear(W, x.numpy(), rows))
+    xt = rand_x(2, 64)
+    assert_close(kernels.gather_matvec(W, torch.from_numpy(rows), xt), ref.gather_matvec(W, rows, xt.numpy()),
+                 bound_linear(W, xt.numpy(), rows))
+
+
+@pytest.mark.parametrize("qtype", FORMATS)
+@pytest.mark.parametrize("rows", ROW_SETS, ids=list(ROW_SETS))
+def test_scatter_axpy(qtype, rows):
+    rows = ROW_SETS[rows]
+    Wd_t, y0 = rand_q(96, 64, qtype), rand_x(64)
+    a = rand_x(len(rows), seed=4)
+    y = y0.clone()
+    assert kernels.scatter_axpy(Wd_t, rows, a, y) is y
+    bound = np.abs(y0.numpy()) + np.abs(a.numpy()) @ np.abs(Wd_t.dequantize(rows))
+    assert_close(y, ref.scatter_axpy(Wd_t, rows, a.numpy(), y0.numpy()), bound)
+
+
+@pytest.mark.parametrize("qtype", FORMATS)
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("rows", ROW_SETS, ids=list(ROW_SETS))
+def test_sparse_ffn(qtype, act, rows):
+    rows = ROW_SETS[rows]
+    Wg, Wu, Wd = rand_q(96, 64, qtype, 5), rand_q(96, 64, qtype, 6), rand_q(64, 96, qtype, 7)
+    Wd_t = kernels.transpose_down(Wd)
+    x = rand_x(1, 64)
+    y, h = kernels.sparse_ffn(Wg, Wu, Wd_t, rows, x, act, return_act=True)
+    want_y, want_h = ref.sparse_ffn(Wg, Wu, Wd_t, rows, x.numpy(), act)
+    g, u = ref.gather_matvec(Wg, rows, x.numpy()[0]), ref.gather_matvec(Wu, rows, x.numpy()[0])
+    bound_h = 1.2 * (bound_linear(Wg, x.numpy()[0], rows) * np.abs(u) + np.abs(ref.act(act, g)) * bound_linear(Wu, x.numpy()[0], rows))
+    assert_close(h, want_h, bound_h + np.abs(want_h))
+    assert y.shape == x.shape
+    bound_y = (bound_h + 3 * np.abs(want_h)) @ np.abs(Wd_t.dequantize(rows))  # h's error carried, plus the sum's
+    assert_close(y[0], want_y, bound_y)
+    assert torch.equal(kernels.sparse_ffn(Wg, Wu, Wd_t, rows, x[0], act), y[0])
+
+
+def test_sparse_ffn_all_rows_equals_dense_ffn():
+    Wg, Wu, Wd = rand_q(128, 64, "q4_1", 5), rand_q(128, 64, "q4_1", 6), rand_q(64, 128, "q8_0", 7)
+    x = rand_x(1, 64)
+    dense = kernels.linear(Wd, kernels.gate_up(Wg, Wu, x, "silu"))
+    sparse = kernels.sparse_ffn(Wg, Wu, kernels.transpose_down(Wd, "f32"), np.arange(128), x, "silu")
+    torch.testing.assert_close(sparse, dense, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("op", ["gather", "scatter", "ffn"])
+@pytest.mark.parametrize("bad", [[0, 96], [-1], [3, 1000]])
+def test_out_of_range_rows_rejected(op, bad):
+    W = rand_q(96, 64, "q4_0")
+    x, y = rand_x(64), torch.zeros(64)
+    call = {
+        "gather": lambda r: kernels.gather_matvec(W, r, x),
+        "scatter": lambda r: kernels.scatter_axpy(W, r, torch.ones(len(r)), y),
+        "ffn": lambda r: kernels.sparse_ffn(W, W, W, r, x, "silu"),
+    }[op]
+    with pytest.raises(ValueError, match=r"out of range: valid ids are 0\.\.95"):
+        call(np.array(bad))
+    assert torch.equal(y, torch.zeros(64))  # nothing was written
+
+
+def test_bad_arguments_rejected():
+    W = rand_q(80, 64, "q8_0")
+    with pytest.raises(ValueError, match="integer"):
+        kernels.gather_matvec(W, np.array([1.0, 2.0]), rand_x(64))
+    with pytest.raises(ValueError, match="1-D"):
+        kernels.gather_matvec(W, np.array([[1, 2]]), rand_x(64))
+    with pytest.raises(ValueError, match="features"):
+        kernels.linear(W, rand_x(1, 65))
+    with pytest.raises(ValueError, match="coefficients"):
+        kernels.scatter_axpy(W, [1, 2], torch.ones(3), torch.zeros(64))
+    with pytest.raises(ValueError, match="activation"):
+        kernels.sparse_ffn(W, W, W, [1], rand_x(64), "tanh")
+    with pytest.raises(ValueError, match="transpose_down"):
+        kernels.sparse_ffn(W, W, rand_q(64, 96, "q8_0"), [1], rand_x(64), "silu")
+
+
+# ---------------------------------------------------------------------------------------------
+# transposed down projection, threads, warmup
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("qtype", FORMATS)
+def test_transpose_down(qtype):
+    Wd = rand_q(64, 96, qtype)
+    Wt = kernels.transpose_down(Wd)
+    assert Wt.shape == (96, 64)
+    src = Wd.dequantize().T
+    if qtype in ("f32", "f16", "bf16"):
+        assert Wt.qtype == qtype and np.array_equal(Wt.dequantize(), src)
+    else:
+        assert Wt.qtype == "q8_0"
+        assert_requant_error(src, Wt)
+
+
+def assert_requant_error(src, Wt):
+    """q8_0 round-to-nearest: each weight within half a step d = absmax/127 of its block (plus the
+    f16 rounding of d, <= 127 * 2^-11 * d), i.e. <= 0.57 d."""
+    blocks = src.reshape(src.shape[0], -1, 32)
+    d = np.abs(blocks).max(-1, keepdims=True) / 127
+    err = np.abs(Wt.dequantize().reshape(blocks.shape) - blocks)
+    assert np.all(err <= 0.57 * d + 1e-12)
+
+
+def test_thread_counts_agree():
+    W, x = rand_q(1024, 256, "q4_1"), rand_x(1, 256)
+    rows = np.random.default_rng(0).permutation(1024)[:300]
+    try:
+        outs = []
+        for n in (1, 2):
+            assert kernels.set_threads(n) == min(n, kernels.numba.config.NUMBA_NUM_THREADS)
+            outs.append((kernels.linear(W, x), kernels.sparse_ffn(W, W, W, rows, x, "silu")))
+        assert torch.equal(outs[0][0], outs[1][0])  # a row's dot never depends on the split
+        y1, y2 = outs[0][1], outs[1][1]  # per-thread partial sums: only the summation order differs
+        torch.testing.assert_close(y1, y2, rtol=0, atol=1e-5 * y1.abs().max().item())
+        with pytest.raises(ValueError, match=">= 1"):
+            kernels.set_threads(0)
+    finally:
+        kernels.set_threads()
+
+
+def test_auto_threads_fall_back_while_other_processes_hold_the_cores(monkeypatch):
+    n = kernels.set_threads()
+    if n < 2:
+        pytest.skip("one core: nothing to fall back from")
+    monkeypatch.setattr(kernels, "_busy", False)
+    for load, want in ((n + 3.0, 1), (1.0, n)):  # others busy; then only our own serial thread
+        monkeypatch.setattr(kernels.os, "getloadavg", lambda: (load, load, load))
+        monkeypatch.setattr(kernels, "_busy_checked", -1.0)
+        assert kernels.get_threads() == want
+    monkeypatch.setattr(kernels.os, "getloadavg", lambda: (n + 3.0,) * 3)
+    monkeypatch.setattr(kernels, "_busy_checked", -1.0)
+    try:
+        assert kernels.set_threads(n) == n and kernels.get_threads() == n  # an explicit count is kept
+    finally:
+        kernels.set_threads()
+
+
+def test_warmup_reports_seconds():
+    s = kernels.warmup()
+    assert isinstance(s, float) and s >= 0
+
+
+def test_convert():
+    W = rand_q(32, 64, "q4_1")
+    assert kernels.convert(W, "native") is W
+    for qtype in ("f16", "f32"):
+        C = kernels.convert(W, qtype)
+        assert C.qtype == qtype and np.allclose(C.dequantize(), W.dequantize(), rtol=2**-10, atol=0)
+    with pytest.raises(ValueError, match="native, f16 or f32"):
+        kernels.convert(W, "q2_k")
+
+
+# ---------------------------------------------------------------------------------------------
+# real SmolLM2 weights (read-only views into the mmapped GGUF)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def real(model_path):
+    from hetinfer.gguf_file import GGUFModel
+
+    g = GGUFModel(model_path)
+    names = {"gate": "blk.5.ffn_gate.weight", "up": "blk.5.ffn_up.weight", "down": "blk.5.ffn_down.weight",
+             "q": "blk.5.attn_q.weight", "k": "blk.5.attn_k.weight", "embed": "token_embd.weight"}
+    return {k: g.weight(v) for k, v in names.items()}
+
+
+@pytest.mark.slow
+def test_real_weights_native(real):
+    assert real["gate"].qtype == "q4_1" and real["embed"].qtype == "q8_0" and not real["gate"].data.flags.writeable
+    x, x_ff = rand_x(1, 576), rand_x(1, 1536)
+    for key in ("gate", "q", "k", "embed"):
+        W = real[key]
+        assert_close(kernels.linear(W, x), ref.linear(W, x.numpy()), bound_linear(W, x.numpy()))
+    W = real["down"]
+    assert_close(kernels.linear(W, x_ff), ref.linear(W, x_ff.numpy()), bound_linear(W, x_ff.numpy()))
+    q, k = kernels.linears((real["q"], real["k"]), x)
+    assert_close(k, ref.linear(real["k"], x.numpy()), bound_linear(real["k"], x.numpy()))
+    ids = torch.tensor([0, 1, 49151, 1234])
+    assert np.array_equal(kernels.embedding(real["embed"], ids).numpy(), real["embed"].dequantize(ids.numpy()))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("qtype", FORMATS)
+def test_real_weights_sparse_every_format(real, qtype):
+    """Real SmolLM2 layer-5 FFN converted to each format; a random half of the neurons active."""
+    Wg, Wu = (real[k] if qtype == "q4_1" else quantize(real[k].dequantize(), qtype) for k in ("gate", "up"))
+    Wd_t = kernels.transpose_down(real["down"], qtype if qtype in ("f32", "f16", "bf16", "q8_0") else None)
+    rows = np.random.default_rng(0).permutation(1536)[:768]
+    x = rand_x(1, 576)
+    h_ref = ref.gate_up(Wg, Wu, x.numpy(), "silu")[0]
+    assert_close(kernels.gather_matvec(Wg, rows, x[0]), ref.gather_matvec(Wg, rows, x.numpy()[0]),
+                 bound_linear(Wg, x.numpy()[0], rows))
+    y, h = kernels.sparse_ffn(Wg, Wu, Wd_t, rows, x, "silu", return_act=True)
+    want_y, want_h = ref.sparse_ffn(Wg, Wu, Wd_t, rows, x.numpy(), "silu")
+    np.testing.assert_allclose(h.numpy(), want_h, rtol=1e-4, atol=1e-5 * np.abs(h_ref).max())
+    np.testing.assert_allclose(y[0].numpy(), want_y, rtol=1e-4, atol=1e-5 * np.abs(want_y).max())
+    y2 = torch.zeros(576)
+    kernels.scatter_axpy(Wd_t, rows, torch.from_numpy(want_h.astype(np.float32)), y2)
+    np.testing.assert_allclose(y2.numpy(), want_y, rtol=1e-4, atol=1e-5 * np.abs(want_y).max())
+
+
+@pytest.mark.slow
+def test_real_down_transposed_to_q8_0(real):
+    """The neuron-major copy of the Q4_1 down projection, requantized to q8_0: the bound of
+    `assert_requant_error`, and its relative RMS error (measured 0.0055; f16 would be 0.0002)."""
+    src = real["down"].dequantize().T
+    Wt = kernels.transpose_down(real["down"])
+    assert Wt.qtype == "q8_0" and Wt.shape == (1536, 576)
+    assert_requant_error(src, Wt)
+    rel_rms = np.sqrt(np.mean((Wt.dequantize() - src) ** 2) / np.mean(src**2))
+    assert rel_rms < 0.01
+
+
+# ---------------------------------------------------------------------------------------------
+# decoder glue: RMSNorm, fused decode attention (float32; tolerances relative to the values' scale)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_rms_norm():
+    x, w = rand_x(3, 576), rand_x(576, seed=2)
+    np.testing.assert_allclose(kernels.rms_norm(x, w, 1e-5).numpy(), ref.rms_norm(x.numpy(), w.numpy(), 1e-5),
+                               rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("interleaved", [False, True])
+@pytest.mark.parametrize("pos", [0, 1, 37])
+def test_attention_decode(interleaved, pos):
+    n_ctx, KV, H, hd = 40, 3, 9, 64
+    rng = np.random.default_rng(pos)
+    kc = torch.from_numpy(rng.standard_normal((n_ctx, KV, hd), dtype=np.float32))
+    vc = torch.from_numpy(rng.standard_normal((n_ctx, KV, hd), dtype=np.float32))
+    q, k, v = rand_x(1, H * hd, seed=3), rand_x(1, KV * hd, seed=4), rand_x(1, KV * hd, seed=5)
+    ang = (pos + 0.5) * rng.uniform(0, 1, hd // 2)
+    cos, sin = torch.from_numpy(np.cos(ang).astype(np.float32)), torch.from_numpy(np.sin(ang).astype(np.float32))
+    want, want_k, want_v = ref.attention_decode(q.numpy(), k.numpy(), v.numpy(), kc.numpy(), vc.numpy(), pos,
+                                                cos.numpy(), sin.numpy(), interleaved)
+    kc0 = kc.clone()
+    out = kernels.attention_decode(q, k, v, kc, vc, pos, cos, sin, interleaved)
+    assert out.shape == (1, H * hd)
+    np.testing.assert_allclose(out[0].numpy(), want, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(kc.numpy(), want_k, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(vc.numpy(), want_v, rtol=0, atol=0)
+    assert torch.equal(kc[pos + 1:], kc0[pos + 1:])  # nothing after pos is touched
+    with pytest.raises(ValueError, match="outside the cache"):
+        kernels.attention_decode(q, k, v, kc, vc, n_ctx, cos, sin, interleaved)
+
+
+@pytest.mark.slow
+def test_attention_decode_matches_model_attention(model):
+    """The engine's torch attention path (SDPA) and the fused kernel agree on a real layer."""
+    import hetinfer.model as hm
+
+    tr, L = model.transformer, model.weights.layers[2]
+    ids = model.tokenizer.encode("Memory hierarchies trade capacity for speed.")
+    h = rand_x(1, 576, seed=9)
+    outs = []
+    for fused in (False, True):
+        cache = tr.new_cache(64)
+        tr.forward(ids, cache)
+        pos = cache.pos
+        cos, sin = tr._rope(pos, 1)
+        q, k, v = kernels.linears((L.wq, L.wk, L.wv), h)
+        if fused:
+            outs.append(kernels.attention_decode(q, k, v, cache.k[2], cache.v[2], pos, cos, sin, tr.interleaved))
+        else:
+            cfg = model.config
+            qr = tr._apply_rope(q.view(1, cfg.n_heads, cfg.head_dim), cos, sin)
+            kr = tr._apply_rope(k.view(1, cfg.n_kv_heads, cfg.head_dim), cos, sin)
+            cache.k[2, pos] = kr[0]
+            cache.v[2, pos] = v.view(cfg.n_kv_heads, cfg.head_dim)
+            o = hm.F.scaled_dot_product_attention(qr.transpose(0, 1), cache.k[2, : pos + 1].transpose(0, 1),
+                                                  cache.v[2, : pos + 1].transpose(0, 1), enable_gqa=True)
+            outs.append(o.transpose(0, 1).reshape(1, -1))
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-5)
