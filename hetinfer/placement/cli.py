@@ -1,0 +1,275 @@
+"""`hetinfer place`: decide where every FFN neuron lives and write the plan.
+
+    hetinfer place [-m MODEL | --model-shape CONFIG_JSON] (--profile PROFILE | --power-law EXP)
+                   -o PLAN [--gpu-mem SIZE] [--ram SIZE] [--flash-dir DIR] [--hardware FILE]
+                   [--dry-run] [--json]
+
+Without -m the weights are not on disk: their formats are assumed (--qtype) and the plan is
+labelled a prediction, as it is when the profile is synthesised or a tier's speed assumed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+from hetinfer.config import ModelConfig
+from hetinfer.placement import synth
+from hetinfer.placement.cost import PlacementError, WeightFormats, build_problem, model_sizes, weight_sizes
+from hetinfer.placement.hardware import Hardware, HardwareError, detect, format_size, load_hardware, parse_size
+from hetinfer.placement.ilp import solve
+from hetinfer.placement.plan import build_manifest, save_plan
+from hetinfer.profiler.artifact import load_profile
+from hetinfer.tensors import FORMATS
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "place", help="decide which FFN neurons live on the GPU, in RAM and on flash",
+        description="Place every FFN neuron on GPU memory, CPU RAM or flash so the expected time per token is "
+                    "lowest without exceeding any tier; writes a plan directory (docs/formats/plan.md).")
+    m = p.add_argument_group("model and profile")
+    m.add_argument("-m", "--model", help="GGUF file or Hugging Face checkpoint directory to place")
+    m.add_argument("--model-shape", metavar="CONFIG_JSON",
+                   help="what-if: HF config.json (or hetinfer ModelConfig JSON) of a model that is not on disk")
+    m.add_argument("--qtype", choices=FORMATS, default="q4_0",
+                   help="weight format assumed when the weights are not loaded with -m (default q4_0)")
+    m.add_argument("--ctx", type=int, default=4096,
+                   help="context to reserve the KV cache for (default 4096, capped at the model's)")
+    m.add_argument("--profile", metavar="PROFILE",
+                   help="activation profile; rescaled per layer when its shape differs from the model's")
+    m.add_argument("--power-law", type=float, metavar="EXPONENT",
+                   help="what-if: synthesise the profile as frequency ~ rank^-EXPONENT instead of --profile")
+    m.add_argument("--sparsity", type=float, default=0.5,
+                   help="profiled level (0.1 .. 0.9) whose threshold defines an active neuron; with --power-law, "
+                        "the mean fraction of inactive neurons (default 0.5)")
+    m.add_argument("--predictor-bytes", type=_size, default=0, metavar="SIZE",
+                   help="activation predictor of each layer (dense, always resident), e.g. 4MiB")
+    h = p.add_argument_group("machine")
+    h.add_argument("--hardware", metavar="FILE", help="JSON description of the machine instead of detecting this one")
+    h.add_argument("--gpu-mem", type=_size, metavar="SIZE",
+                   help="GPU memory to use (0 = no GPU; without a CUDA device: a what-if GPU with assumed speeds)")
+    h.add_argument("--ram", type=_size, metavar="SIZE", help="CPU RAM to use (default: what is available now)")
+    h.add_argument("--flash-dir", metavar="DIR", help="directory on the disk that serves flash neurons")
+    h.add_argument("--dry-run", action="store_true", help="print the detected machine and exit")
+    s = p.add_argument_group("solver")
+    s.add_argument("--time-limit", type=float, default=60.0,
+                   help="seconds for the ILP, building the model included (default 60)")
+    s.add_argument("--mip-gap", type=float, default=0.01, help="relative MIP gap to stop at (default 0.01)")
+    s.add_argument("--max-binaries", type=int, default=20000, help="size groups to keep at most this many binaries")
+    s.add_argument("--group-size", type=int, help="neurons per group (overrides --max-binaries)")
+    s.add_argument("--window", type=int, default=5,
+                   help="tokens a flash neuron stays in the RAM window cache (default 5)")
+    p.add_argument("-o", "--output", metavar="PLAN", help="plan directory to write")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+    p.set_defaults(run=run)
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except HardwareError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def run(args: argparse.Namespace) -> int:
+    base = load_hardware(args.hardware) if args.hardware else None
+    hw = detect(gpu_mem=args.gpu_mem, ram=args.ram, flash_dir=args.flash_dir, base=base)
+    if args.dry_run:
+        print(json.dumps(hw.to_dict(), indent=2) if args.json else hardware_table(hw))
+        return 0
+    if not args.output:
+        raise PlacementError("-o PLAN is required: the directory to write the plan to (or use --dry-run)")
+    if (args.profile is None) == (args.power_law is None):
+        raise PlacementError("give exactly one of --profile PROFILE or --power-law EXPONENT")
+    if args.model and args.model_shape:
+        raise PlacementError("give -m MODEL or --model-shape CONFIG_JSON, not both")
+    for flag, ok in (("--ctx", args.ctx > 0), ("--window", args.window >= 0), ("--time-limit", args.time_limit > 0),
+                     ("--mip-gap", args.mip_gap >= 0), ("--max-binaries", args.max_binaries > 0),
+                     ("--group-size", args.group_size is None or args.group_size > 0),
+                     ("--sparsity", 0 <= args.sparsity < 1),
+                     ("--power-law", args.power_law is None or args.power_law >= 0)):
+        if not ok:
+            raise PlacementError(f"{flag} is out of range; see hetinfer place --help")
+    model = None
+    if args.model:
+        from hetinfer.loader import load_model
+
+        model = load_model(args.model)
+    profile = load_profile(args.profile, model) if args.profile else None  # with -m: checks the fingerprint
+
+    config, sizes, formats, inputs, assumptions = _model(args, model, profile)
+    freq, profile_info = _frequencies(args, config, profile, inputs, assumptions)
+    if "file" in hw.sources.values():
+        assumptions.append(f"machine described by {args.hardware}, not measured here")
+    assumed = sorted(k for k, v in hw.sources.items() if v == "assumed")
+    if assumed:
+        assumptions.append(f"assumed, not measured: {', '.join(assumed)}")
+    inputs.update(hw.sources, window_hits="assumed (activations independent across tokens)")
+
+    problem = build_problem(freq, config, sizes, hw, args.window)
+    sol = solve(problem, max_binaries=args.max_binaries, group_size=args.group_size, time_limit=args.time_limit,
+                mip_gap=args.mip_gap)
+    manifest = build_manifest(problem, sol, config, formats, inputs, assumptions, profile_info)
+    save_plan(args.output, manifest, sol.tiers)
+    print(json.dumps(summary(manifest, args.output)) if args.json else report(manifest, args.output))
+    return 0
+
+
+def _model(args: argparse.Namespace, model, profile):
+    """Config, byte sizes and formats from the loaded model, or else from a shape with assumed formats;
+    plus the `inputs` and `assumptions` entries this choice makes."""
+    if model is not None:
+        config = model.config
+        sizes = weight_sizes(config, model.weights, min(args.ctx, config.context_length), args.predictor_bytes)
+        L0, w = model.weights.layers[0], model.weights
+        formats = {"ffn_gate": L0.gate.qtype, "ffn_up": L0.up.qtype, "ffn_down": L0.down.qtype,
+                   "attn": L0.wq.qtype, "embed": w.embed.qtype, "head": w.output.qtype}
+        return config, sizes, formats, {"model": "loaded", "weight_formats": "loaded"}, []
+    if args.model_shape:
+        config, source = read_shape(args.model_shape), "shape"
+        assumptions = [f"model not on disk: shape from {args.model_shape}"]
+    elif profile is not None:
+        config, source = ModelConfig.from_dict(profile.config), "profile"
+        assumptions = ["model not loaded: shape from the profile"]
+    else:
+        raise PlacementError("--power-law needs the model: -m MODEL or --model-shape CONFIG_JSON")
+    wf = WeightFormats.uniform(args.qtype)
+    sizes = model_sizes(config, wf, min(args.ctx, config.context_length), args.predictor_bytes)
+    assumptions.append(f"weight formats assumed: {args.qtype} (pass -m MODEL to read them)")
+    return config, sizes, dict(vars(wf)), {"model": source, "weight_formats": "assumed"}, assumptions
+
+
+def _frequencies(args: argparse.Namespace, config: ModelConfig, profile, inputs: dict,
+                 assumptions: list[str]) -> tuple[np.ndarray, dict]:
+    """Activation probability [n_layers, n_ff] from the profile (rescaled if its shape differs) or
+    a power law, and the manifest's description of where it came from."""
+    if profile is None:
+        inputs["profile"] = "synthetic"
+        assumptions.append(f"profile synthesised: power law, exponent {args.power_law}, sparsity {args.sparsity}")
+        freq = synth.power_law(config.n_layers, config.n_ff, args.power_law, args.sparsity)
+        return freq, {"source": None, "model": None, "tokens": 0, "sparsity": args.sparsity,
+                      "synthesis": {"kind": "power_law", "exponent": args.power_law}}
+    try:
+        freq = np.asarray(profile.activation_frequency(args.sparsity), dtype=np.float64)
+    except ValueError as e:
+        raise PlacementError(f"--sparsity {args.sparsity}: {e}") from None
+    src = ModelConfig.from_dict(profile.config)
+    info = {"source": str(args.profile), "model": src.name, "tokens": int(profile.tokens),
+            "sparsity": args.sparsity, "synthesis": None}
+    inputs["profile"] = "measured"
+    if freq.shape != (config.n_layers, config.n_ff):
+        inputs["profile"] = "synthetic"
+        info["synthesis"] = {"kind": "rescaled", "from_shape": list(freq.shape)}
+        assumptions.append(f"profile rescaled per layer from a {freq.shape[0]} x {freq.shape[1]} model ({src.name})")
+        freq = synth.rescale(freq, config.n_layers, config.n_ff)
+    return freq, info
+
+
+_HF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
+_HF_ACT = {"silu": "silu", "swish": "silu", "relu": "relu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu"}
+
+
+def read_shape(path: str) -> ModelConfig:
+    """A ModelConfig from an HF config.json, or from a hetinfer ModelConfig JSON (has "n_ff")."""
+    try:
+        d = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise PlacementError(f"cannot read model shape {path}: {e}") from None
+    try:
+        if "n_ff" in d:
+            return ModelConfig.from_dict(d)
+        arch = _HF_ARCH.get(d.get("model_type"))
+        act = _HF_ACT.get(d.get("hidden_act", "silu"))
+        if arch is None or act is None:
+            raise PlacementError(f"{path}: model_type {d.get('model_type')!r} / hidden_act {d.get('hidden_act')!r} "
+                                 "not supported (llama, mistral, qwen2; silu, relu, gelu)")
+        heads = int(d["num_attention_heads"])
+        return ModelConfig(
+            arch=arch, n_layers=int(d["num_hidden_layers"]), d_model=int(d["hidden_size"]),
+            n_ff=int(d["intermediate_size"]), n_heads=heads, n_kv_heads=int(d.get("num_key_value_heads") or heads),
+            head_dim=int(d.get("head_dim") or d["hidden_size"] // heads), vocab_size=int(d["vocab_size"]),
+            context_length=int(d.get("max_position_embeddings", 2048)), activation=act,
+            tied_embeddings=bool(d.get("tie_word_embeddings", False)),
+            attn_bias=arch == "qwen2" or bool(d.get("attention_bias", False)),
+            name=d.get("_name_or_path") or Path(path).parent.name)
+    except (KeyError, TypeError, ValueError) as e:
+        raise PlacementError(f"{path}: not a usable model config ({type(e).__name__}: {e})") from None
+
+
+def summary(manifest: dict, path: str) -> dict:
+    s = manifest["solver"]
+    return {
+        "plan": str(path), "prediction": manifest["prediction"], "assumptions": manifest["assumptions"],
+        "solve_seconds": s["solve_seconds"], "mip_gap": s["mip_gap"], "status": s["status"], "chosen": s["chosen"],
+        "objective": s["objective"], "greedy_objective": s["greedy_objective"], "ilp_objective": s["ilp_objective"],
+        "predicted_tok_s": manifest["predicted"]["tok_s"],
+        "tiers": {k: {f: v[f] for f in ("capacity_bytes", "used_bytes", "neuron_share", "activation_share")}
+                  for k, v in manifest["tiers"].items()},
+    }
+
+
+def report(manifest: dict, path: str) -> str:
+    """Tier table, time breakdown, solver line and per-layer table of a plan manifest."""
+    c, t, s = manifest["model"]["config"], manifest["tiers"], manifest["solver"]
+    lines = [f"plan for {c['name'] or c['arch']} ({c['n_layers']} layers x {c['n_ff']} neurons) written to {path}"]
+    if manifest["prediction"]:
+        lines.append("PREDICTION, not a measurement of this model on this machine:")
+        lines += [f"  - {a}" for a in manifest["assumptions"]]
+    lines.append(f"{'tier':<6} {'capacity':>11} {'used':>11} {'dense':>11} {'neurons':>11} {'of neurons':>11} "
+                 f"{'of activations':>15}")
+    for name, v in t.items():
+        lines.append(f"{name:<6} {format_size(v['capacity_bytes']):>11} {format_size(v['used_bytes']):>11} "
+                     f"{format_size(v['dense_bytes']):>11} {v['neurons']:>11,} {v['neuron_share']:>11.1%} "
+                     f"{v['activation_share']:>15.1%}")
+    if "flash" in t:
+        lines.append(f"flash window cache {format_size(t['ram']['window_cache_bytes'])} of RAM; "
+                     f"{t['flash']['reads_per_token']:.1f} flash reads "
+                     f"({format_size(t['flash']['read_bytes_per_token'])}) per token expected")
+    ms = 1e3 * manifest["predicted"]["seconds_per_token"]
+    parts = [f"dense {1e3 * manifest['dense']['seconds_per_token']:.2f}"]
+    parts += [f"{name} {1e3 * v['seconds_per_token']:.2f}" for name, v in t.items()]
+    sync = manifest["sync"]
+    parts.append(f"sync {1e3 * sync['seconds_per_token']:.2f} ({sync['split_layers']} split layers)")
+    lines.append(f"predicted {manifest['predicted']['tok_s']:.2f} tok/s = {ms:.2f} ms/token: {', '.join(parts)}")
+    gap = "n/a" if s["mip_gap"] is None else f"{s['mip_gap']:.2%}"
+    greedy = "none fits" if s["greedy_objective"] is None else f"{1e3 * s['greedy_objective']:.3f} ms/token"
+    lines.append(f"solver: chose {s['chosen']}; ILP {s['status']}, gap {gap}, {s['solve_seconds']:.1f} s, "
+                 f"{s['groups_per_layer']} groups/layer of {s['group_size']} neurons ({s['binaries']} binaries); "
+                 f"greedy {greedy}")
+    names = list(t)
+    lines.append(f"{'layer':>5} {'attn':>5} " + " ".join(f"{n:>7}" for n in names)
+                 + " " + " ".join(f"{n + ' MiB':>10}" for n in names)
+                 + " " + " ".join(f"{'act ' + n:>9}" for n in names) + "  split")
+    for i, row in enumerate(manifest["layers"]):
+        lines.append(f"{i:>5} {row['attention']:>5} " + " ".join(f"{row[n]:>7}" for n in names) + " "
+                     + " ".join(f"{row[n + '_bytes'] / 2**20:>10.1f}" for n in names) + " "
+                     + " ".join(f"{row[n + '_activation_share']:>9.1%}" for n in names)
+                     + ("  yes" if row["split"] else ""))
+    return "\n".join(lines)
+
+
+def hardware_table(hw: Hardware) -> str:
+    src = hw.sources
+    lines = [f"{'tier':<6} {'capacity':>11}  speed"]
+    if hw.gpu is None:
+        lines.append("gpu    (none: no CUDA device; --gpu-mem SIZE adds a what-if GPU)")
+    else:
+        g = hw.gpu
+        lines.append(f"gpu    {format_size(g.capacity_bytes):>11}  {g.bytes_per_s / 1e9:.1f} GB/s kernels "
+                     f"[{src.get('gpu.bytes_per_s', '?')}], host->device {g.h2d_bytes_per_s / 1e9:.1f} GB/s, "
+                     f"round trip {g.sync_latency_s * 1e6:.0f} us [{src.get('gpu.sync_latency_s', '?')}]"
+                     f"  capacity [{src.get('gpu.capacity_bytes', '?')}]")
+    lines.append(f"ram    {format_size(hw.ram.capacity_bytes):>11}  {hw.ram.bytes_per_s / 1e9:.1f} GB/s kernels "
+                 f"[{src.get('ram.bytes_per_s', '?')}]  capacity [{src.get('ram.capacity_bytes', '?')}]")
+    if hw.flash is None:
+        lines.append("flash  (none: --flash-dir DIR adds one)")
+    else:
+        f = hw.flash
+        curve = ", ".join(f"{format_size(sz)}: {max(row) / 1e9:.2f}"
+                          for sz, row in zip(f.read_sizes, f.bytes_per_s, strict=True))
+        lines.append(f"flash  {format_size(f.capacity_bytes):>11}  {f.dir}, {f.method}, GB/s by read size at best "
+                     f"of {f.concurrency} in flight: {curve} [{src.get('flash.bytes_per_s', '?')}]")
+    return "\n".join(lines)

@@ -1,0 +1,272 @@
+"""Bytes and expected time per token of a placement.
+
+A neuron is one FFN row of the gate and up matrices plus the matching column of down, in the
+formats the engine holds them (down is kept neuron-major, requantized to q8_0 when stored in
+a block format, as `kernels.transpose_down` does). Its expected cost per token on a tier is
+linear in its activation probability p (the profile's activation frequency):
+
+    gpu    p * bytes / gpu.bytes_per_s
+    ram    p * bytes / ram.bytes_per_s
+    flash  p * (1-p)^k * read_seconds(bundle) + p * bytes / ram.bytes_per_s
+
+where k is the window (LLM in a Flash): a flash neuron active in any of the last k tokens is
+still in the RAM window cache, so a token reads it from flash only if it was idle for k tokens
+(activations assumed independent across tokens). The window cache costs RAM: a flash neuron
+holds (1 - (1-p)^k) * bytes of it in expectation. A layer whose work runs on both GPU and CPU
+(its attention on one, any of its FFN neurons on the other) pays one synchronisation. Dense
+parts (attention, norms, embeddings, output head, predictors, KV cache, scratch) are placed
+first: every byte of them is read every token, so no neuron byte is worth more fast memory.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from hetinfer.config import ModelConfig
+from hetinfer.errors import HetinferError
+from hetinfer.placement.hardware import FLASH_BLOCK, Hardware, format_size
+from hetinfer.tensors import BLOCK_FORMATS, FLOAT_FORMATS
+
+TIERS = ("gpu", "ram", "flash")  # fastest first; a neuron's tier code is its index here
+GPU, RAM, FLASH = 0, 1, 2
+
+
+class PlacementError(HetinferError):
+    """The model cannot be placed on this hardware; the message says what is missing."""
+
+
+def row_bytes(n: int, qtype: str) -> int:
+    """Stored bytes of n consecutive weights in `qtype`."""
+    if qtype in BLOCK_FORMATS:
+        block, nbytes = BLOCK_FORMATS[qtype]
+        if n % block:
+            raise PlacementError(f"{qtype} rows need a multiple of {block} weights, got {n}")
+        return n // block * nbytes
+    if qtype in FLOAT_FORMATS:
+        return n * np.dtype(FLOAT_FORMATS[qtype]).itemsize
+    raise PlacementError(f"unknown weight format {qtype!r}; known: {', '.join((*FLOAT_FORMATS, *BLOCK_FORMATS))}")
+
+
+def neuron_down_format(stored: str) -> str:
+    """Format of the engine's neuron-major down copy: float formats as stored, block formats q8_0
+    (the default of hetinfer.kernels.transpose_down)."""
+    return stored if stored in FLOAT_FORMATS else "q8_0"
+
+
+@dataclass
+class WeightFormats:
+    """Stored format of each weight kind (norms and biases are always f32)."""
+
+    ffn_gate: str
+    ffn_up: str
+    ffn_down: str
+    attn: str
+    embed: str
+    head: str
+
+    @classmethod
+    def uniform(cls, qtype: str) -> "WeightFormats":
+        return cls(qtype, qtype, qtype, qtype, qtype, qtype)
+
+
+@dataclass
+class ModelSizes:
+    """Bytes of everything placement puts somewhere."""
+
+    neuron_bytes: np.ndarray  # int64 [n_layers]: gate row + up row + down column of one neuron
+    layer_bytes: np.ndarray  # int64 [n_layers]: attention, norms, biases, predictor; read every token
+    kv_bytes: int  # KV cache of one layer for the planned context
+    embed_bytes: int
+    embed_row_bytes: int  # one token's embedding lookup
+    head_bytes: int  # output head + final norm (on the GPU a copy of the embeddings when tied)
+    scratch_bytes: int  # activations, logits and attention scores on each device that runs layers
+    tied: bool
+    n_ctx: int
+
+
+def model_sizes(config: ModelConfig, formats: WeightFormats, n_ctx: int,
+                predictor_bytes: int | list[int] = 0) -> ModelSizes:
+    """Byte sizes of `config` stored in `formats`, with a KV cache for `n_ctx` tokens.
+
+    predictor_bytes: the activation predictor of each layer (dense, always resident), one
+    number for all layers or one per layer."""
+    c, f = config, formats
+    d, q_dim, kv_dim = c.d_model, c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
+    neuron = row_bytes(d, f.ffn_gate) + row_bytes(d, f.ffn_up) + row_bytes(d, neuron_down_format(f.ffn_down))
+    attn = (q_dim + 2 * kv_dim) * row_bytes(d, f.attn) + d * row_bytes(q_dim, f.attn)
+    norms_biases = 2 * d * 4 + ((q_dim + 2 * kv_dim) * 4 if c.attn_bias else 0)
+    head_format = f.embed if c.tied_embeddings else f.head
+    return _sizes(c, n_ctx, predictor_bytes, np.full(c.n_layers, neuron), np.full(c.n_layers, attn + norms_biases),
+                  c.vocab_size * row_bytes(d, f.embed), row_bytes(d, f.embed),
+                  c.vocab_size * row_bytes(d, head_format) + d * 4)
+
+
+def weight_sizes(config: ModelConfig, weights, n_ctx: int, predictor_bytes: int | list[int] = 0) -> ModelSizes:
+    """Byte sizes of a loaded model (`hetinfer.model.Weights`), tensor by tensor as stored."""
+    d = config.d_model
+    neuron = [L.gate.row_bytes + L.up.row_bytes + row_bytes(d, neuron_down_format(L.down.qtype))
+              for L in weights.layers]
+    layer = [L.wq.nbytes + L.wk.nbytes + L.wv.nbytes + L.wo.nbytes + 4 * (L.attn_norm.numel() + L.ffn_norm.numel())
+             + sum(4 * b.numel() for b in (L.bq, L.bk, L.bv) if b is not None) for L in weights.layers]
+    return _sizes(config, n_ctx, predictor_bytes, np.array(neuron), np.array(layer), weights.embed.nbytes,
+                  weights.embed.row_bytes, weights.output.nbytes + 4 * weights.output_norm.numel())
+
+
+def _sizes(c: ModelConfig, n_ctx: int, predictor_bytes, neuron, layer, embed: int, embed_row: int,
+           head: int) -> ModelSizes:
+    pred = np.broadcast_to(np.asarray(predictor_bytes, dtype=np.int64), (c.n_layers,))
+    return ModelSizes(
+        neuron_bytes=np.asarray(neuron, dtype=np.int64),
+        layer_bytes=np.asarray(layer, dtype=np.int64) + pred,
+        kv_bytes=c.kv_cache_bytes(n_ctx) // c.n_layers,
+        embed_bytes=int(embed),
+        embed_row_bytes=int(embed_row),
+        head_bytes=int(head),
+        scratch_bytes=4 * (c.vocab_size + 3 * c.n_ff + 8 * c.d_model + c.n_heads * n_ctx),
+        tied=c.tied_embeddings,
+        n_ctx=n_ctx,
+    )
+
+
+@dataclass
+class DensePlacement:
+    head_on_gpu: bool
+    attn_on_gpu: np.ndarray  # bool [n_layers]: attention, norms, predictor and KV cache of the layer
+    gpu_bytes: int  # dense bytes on the GPU, scratch included
+    ram_bytes: int
+    seconds: float  # expected time per token spent on dense parts
+
+
+def place_dense(sizes: ModelSizes, hw: Hardware) -> DensePlacement:
+    """Output head, then layers in order, onto the GPU while they fit; everything else in RAM.
+
+    Raises PlacementError naming the minimum RAM when the dense parts do not fit."""
+    n = len(sizes.layer_bytes)
+    per_layer = sizes.layer_bytes + sizes.kv_bytes
+    attn_on_gpu = np.zeros(n, dtype=bool)
+    head_on_gpu, gpu_bytes = False, 0
+    if hw.gpu is not None and hw.gpu.capacity_bytes > sizes.scratch_bytes:
+        free = hw.gpu.capacity_bytes - sizes.scratch_bytes
+        if sizes.head_bytes <= free:
+            head_on_gpu, free = True, free - sizes.head_bytes
+        attn_on_gpu = np.cumsum(per_layer) <= free  # a prefix of the layers
+        gpu_bytes = hw.gpu.capacity_bytes - free + int(per_layer[attn_on_gpu].sum())
+    head_in_ram = not head_on_gpu and not sizes.tied  # a tied head on the CPU reads the embeddings
+    ram_bytes = (sizes.embed_bytes + sizes.scratch_bytes + (sizes.head_bytes if head_in_ram else 0)
+                 + int(per_layer[~attn_on_gpu].sum()))
+    if ram_bytes > hw.ram.capacity_bytes:
+        on_gpu = f" besides the {format_size(gpu_bytes)} the GPU holds" if gpu_bytes else ""
+        raise PlacementError(
+            f"the RAM budget {format_size(hw.ram.capacity_bytes)} is too small for the dense parts (attention, norms, "
+            f"embeddings, output head, predictors, KV cache for {sizes.n_ctx} tokens, scratch): they need at least "
+            f"{format_size(ram_bytes)} of RAM{on_gpu}; raise --ram to {format_size(ram_bytes)} or more"
+            + (", give the GPU more memory" if hw.gpu is not None else "") + " or plan a shorter --ctx")
+    gpu_bw = hw.gpu.bytes_per_s if hw.gpu is not None else 1.0
+    ram_bw = hw.ram.bytes_per_s
+    seconds = (sizes.head_bytes / (gpu_bw if head_on_gpu else ram_bw) + sizes.embed_row_bytes / ram_bw
+               + sizes.layer_bytes[attn_on_gpu].sum() / gpu_bw + sizes.layer_bytes[~attn_on_gpu].sum() / ram_bw)
+    return DensePlacement(head_on_gpu, attn_on_gpu, gpu_bytes, ram_bytes, float(seconds))
+
+
+@dataclass
+class Problem:
+    """One placement problem: per-neuron costs on every tier and the bytes left for neurons."""
+
+    freq: np.ndarray  # float64 [n_layers, n_ff]: activation probability per token
+    sizes: ModelSizes
+    hw: Hardware
+    dense: DensePlacement
+    window_tokens: int
+    tiers: tuple[int, ...]  # tier codes present, fastest first
+    seconds: np.ndarray  # float64 [3, n_layers, n_ff]: expected seconds per token per tier (inf: absent)
+    window: np.ndarray  # float64 [n_layers, n_ff]: expected RAM window-cache bytes if on flash
+    bundle_bytes: np.ndarray  # int64 [n_layers]: flash bytes of one neuron, padded to FLASH_BLOCK
+    free: np.ndarray  # int64 [3]: bytes each tier has for neurons after the dense parts
+    sync_s: float  # one GPU/CPU synchronisation
+    min_gpu: np.ndarray  # int64 [n_layers]: GPU neurons a CPU-attention layer needs to use the GPU at all (0: any)
+
+
+def build_problem(freq: np.ndarray, config: ModelConfig, sizes: ModelSizes, hw: Hardware,
+                  window_tokens: int = 5) -> Problem:
+    """Place the dense parts, then price every neuron on every tier present (`freq`: activation
+    probability [n_layers, n_ff]; `window_tokens`: k of the flash window cache)."""
+    freq = np.asarray(freq, dtype=np.float64)
+    if freq.shape != (config.n_layers, config.n_ff):
+        raise PlacementError(f"profile has shape {freq.shape}, the model needs ({config.n_layers}, {config.n_ff})")
+    if not np.isfinite(freq).all() or freq.min() < 0 or freq.max() > 1:
+        raise PlacementError("activation frequencies must lie in [0, 1]; the profile is corrupt, re-run the profiler")
+    dense = place_dense(sizes, hw)
+    b = sizes.neuron_bytes[:, None].astype(np.float64)
+    bundle = -(-sizes.neuron_bytes // FLASH_BLOCK) * FLASH_BLOCK
+    seconds = np.full((3,) + freq.shape, np.inf)
+    seconds[RAM] = freq * b / hw.ram.bytes_per_s
+    miss = (1.0 - freq) ** window_tokens
+    window = (1.0 - miss) * b
+    free = np.zeros(3, dtype=np.int64)
+    free[RAM] = hw.ram.capacity_bytes - dense.ram_bytes
+    tiers = [RAM]
+    if hw.gpu is not None and dense.gpu_bytes:  # 0: not even the scratch buffers fit, the GPU is unused
+        seconds[GPU] = freq * b / hw.gpu.bytes_per_s
+        free[GPU] = hw.gpu.capacity_bytes - dense.gpu_bytes
+        tiers.insert(0, GPU)
+    if hw.flash is not None:
+        reads = np.array([hw.flash.read_seconds(int(n)) for n in bundle])[:, None]
+        seconds[FLASH] = freq * miss * reads + seconds[RAM]
+        free[FLASH] = hw.flash.capacity_bytes
+        tiers.append(FLASH)
+    sync_s = hw.sync_seconds(config.d_model) if GPU in tiers else 0.0
+    # A CPU-attention layer using the GPU pays a sync; with fewer GPU neurons than min_gpu the GPU
+    # saves less than that, so moving them to RAM is better -- provided RAM has room for them, which
+    # is certain only when RAM could hold the whole FFN. Only then is the minimum imposed.
+    min_gpu = np.zeros(config.n_layers, dtype=np.int64)
+    if GPU in tiers and free[RAM] >= (sizes.neuron_bytes * config.n_ff).sum():
+        gain = np.sort(seconds[RAM] - seconds[GPU], axis=1)[:, ::-1].cumsum(axis=1)
+        for layer in np.flatnonzero(~dense.attn_on_gpu):
+            min_gpu[layer] = np.searchsorted(gain[layer], sync_s) + 1  # n_ff + 1: never worth it
+    return Problem(freq, sizes, hw, dense, window_tokens, tuple(tiers), seconds, window, bundle, free, sync_s, min_gpu)
+
+
+@dataclass
+class Usage:
+    seconds: float  # expected time per token
+    used: np.ndarray  # int64 [3]: bytes per tier, dense parts and window cache included
+    neuron_bytes: np.ndarray  # int64 [3]: bytes of neurons per tier
+    window_bytes: int  # RAM reserved for the flash window cache
+    split: np.ndarray  # bool [n_layers]: layer runs on both GPU and CPU
+
+
+def evaluate(p: Problem, tiers: np.ndarray) -> Usage:
+    """Expected time per token and bytes per tier of `tiers` (uint8 [n_layers, n_ff], codes as TIERS)."""
+    on = [tiers == t for t in range(3)]
+    count = np.stack([o.sum(axis=1) for o in on])  # [3, n_layers]
+    neuron_bytes = (count * p.sizes.neuron_bytes).sum(axis=1)
+    neuron_bytes[FLASH] = int((count[FLASH] * p.bundle_bytes).sum())
+    window = int(np.ceil(p.window[on[FLASH]].sum()))
+    used = neuron_bytes.copy()
+    used[GPU] += p.dense.gpu_bytes
+    used[RAM] += p.dense.ram_bytes + window
+    has_gpu, has_cpu = count[GPU] > 0, (count[RAM] + count[FLASH]) > 0
+    split = np.where(p.dense.attn_on_gpu, has_cpu, has_gpu) if GPU in p.tiers else np.zeros_like(has_gpu)
+    seconds = p.dense.seconds + sum(float(p.seconds[t][on[t]].sum()) for t in range(3) if on[t].any())
+    return Usage(seconds + p.sync_s * int(split.sum()), used, neuron_bytes, window, split)
+
+
+def violations(p: Problem, tiers: np.ndarray) -> list[str]:
+    """Every way `tiers` breaks the rules: a tier over capacity, a hotter neuron on a slower tier
+    than a colder one of its layer, a CPU-attention layer using too few GPU neurons."""
+    out = []
+    usage = evaluate(p, tiers)
+    for t, name in enumerate(TIERS):
+        if usage.used[t] and t not in p.tiers:
+            out.append(f"neurons on absent tier {name}")
+        elif usage.used[t] > p.hw.capacity(name):
+            out.append(f"{name} over capacity: {usage.used[t]} > {p.hw.capacity(name)} bytes")
+    for layer in range(tiers.shape[0]):
+        order = np.lexsort((tiers[layer], -p.freq[layer]))
+        if np.any(np.diff(tiers[layer][order].astype(np.int64)) < 0):
+            out.append(f"layer {layer}: a hotter neuron sits on a slower tier than a colder one")
+        n_gpu = int((tiers[layer] == GPU).sum())
+        if 0 < n_gpu < p.min_gpu[layer]:
+            out.append(f"layer {layer}: {n_gpu} GPU neurons, fewer than the {p.min_gpu[layer]} that pay for the sync")
+    return out

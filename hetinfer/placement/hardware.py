@@ -1,0 +1,413 @@
+"""Where placement can put neurons, and how fast each place is.
+
+A `Hardware` is CPU RAM plus an optional GPU and an optional flash directory, each with a
+capacity in bytes and a speed: the rate the FFN kernels stream weights on the GPU and CPU, the
+host-to-device link, and flash read throughput per read size and number of reads in flight.
+`detect` measures this machine (the flash probe is cached per device under
+~/.cache/hetinfer/); `load_hardware` reads the JSON description of a machine that is not here
+(format in docs/formats/plan.md, "Hardware"). Every number records where it came from
+(`sources`: measured, flag, file or assumed) so a plan can say what it rests on.
+"""
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import re
+import shutil
+import statistics
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import psutil
+import torch
+
+from hetinfer.errors import HetinferError
+
+HARDWARE_FORMAT = "hetinfer.hardware"
+HARDWARE_VERSION = 1
+PROBE_VERSION = 1
+FLASH_BLOCK = 4096  # O_DIRECT alignment; flash bundles are padded to it so one bundle = one read
+
+# Used only for tiers that are not on this machine (what-if planning); always labelled "assumed".
+ASSUMED_GPU = {"bytes_per_s": 600e9, "h2d_bytes_per_s": 25e9, "sync_latency_s": 20e-6}  # PCIe 4 x16 card
+ASSUMED_FLASH = {  # PCIe 4 NVMe SSD, random reads
+    "read_sizes": [4096, 16384, 65536, 262144, 1048576],
+    "concurrency": [1, 8, 32],
+    "bytes_per_s": [
+        [0.06e9, 0.45e9, 1.2e9],
+        [0.20e9, 1.40e9, 3.0e9],
+        [0.60e9, 3.00e9, 5.0e9],
+        [1.50e9, 5.00e9, 6.0e9],
+        [2.50e9, 6.00e9, 6.5e9],
+    ],
+}
+
+
+class HardwareError(HetinferError):
+    """A size, flag or hardware description that cannot be used; the message says how to fix it."""
+
+
+@dataclass
+class GpuTier:
+    capacity_bytes: int
+    bytes_per_s: float  # weight bytes per second the FFN kernels stream
+    h2d_bytes_per_s: float  # host <-> device copy bandwidth
+    sync_latency_s: float  # one host/device round trip (launch + copy + synchronise)
+
+
+@dataclass
+class RamTier:
+    capacity_bytes: int
+    bytes_per_s: float  # weight bytes per second the CPU FFN kernels stream
+
+
+@dataclass
+class FlashTier:
+    capacity_bytes: int
+    dir: str
+    read_sizes: list[int]  # bytes per read, ascending
+    concurrency: list[int]  # reads in flight
+    bytes_per_s: list[list[float]]  # aggregate throughput [read size][concurrency]
+    method: str  # "o_direct", "fadvise" (O_DIRECT refused) or "assumed"
+
+    def read_seconds(self, nbytes: int) -> float:
+        """Seconds one read of `nbytes` costs when reads are issued at the best measured concurrency.
+
+        Throughput is interpolated log-log between measured sizes; below the smallest size a read
+        costs as much as the smallest, above the largest it streams at the largest size's rate.
+        """
+        best = np.array([max(row) for row in self.bytes_per_s])
+        sizes = np.array(self.read_sizes, dtype=np.float64)
+        n = max(float(nbytes), sizes[0])
+        thr = np.exp(np.interp(np.log(n), np.log(sizes), np.log(best)))
+        return n / thr
+
+
+@dataclass
+class Hardware:
+    ram: RamTier
+    gpu: GpuTier | None = None
+    flash: FlashTier | None = None
+    sources: dict[str, str] = field(default_factory=dict)  # "gpu.bytes_per_s" -> measured|flag|file|assumed
+
+    @property
+    def tiers(self) -> tuple[str, ...]:
+        """Tier names present, fastest first."""
+        return tuple(n for n, t in (("gpu", self.gpu), ("ram", self.ram), ("flash", self.flash)) if t is not None)
+
+    def capacity(self, tier: str) -> int:
+        t = getattr(self, tier)
+        return 0 if t is None else int(t.capacity_bytes)
+
+    def sync_seconds(self, d_model: int) -> float:
+        """Cost of one layer running on both GPU and CPU: a round trip plus the hidden state both ways."""
+        if self.gpu is None:
+            return 0.0
+        return self.gpu.sync_latency_s + 2 * d_model * 4 / self.gpu.h2d_bytes_per_s
+
+    def to_dict(self) -> dict:
+        return {"format": HARDWARE_FORMAT, "version": HARDWARE_VERSION, **asdict(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "hardware description") -> "Hardware":
+        """Validate and build; every problem is reported as one line naming the field and the fix."""
+        if not isinstance(d, dict) or d.get("format") != HARDWARE_FORMAT:
+            raise HardwareError(f"{where}: not a hetinfer hardware description (want format {HARDWARE_FORMAT!r})")
+        if d.get("version") != HARDWARE_VERSION:
+            raise HardwareError(
+                f"{where}: version {d.get('version')!r} is not supported (this hetinfer reads {HARDWARE_VERSION})")
+        if not isinstance(d.get("ram"), dict):
+            raise HardwareError(f"{where}: \"ram\" is required ({{\"capacity_bytes\": ..., \"bytes_per_s\": ...}})")
+        try:
+            ram = RamTier(**d["ram"])
+            gpu = GpuTier(**d["gpu"]) if d.get("gpu") else None
+            flash = FlashTier(**d["flash"]) if d.get("flash") else None
+        except TypeError as e:
+            raise HardwareError(f"{where}: {e}; see docs/formats/plan.md (Hardware)") from None
+        hw = cls(ram=ram, gpu=gpu, flash=flash, sources=dict(d.get("sources") or {}))
+        _validate(hw, where)
+        return hw
+
+
+def _validate(hw: Hardware, where: str) -> None:
+    def positive(name: str, v, allow_zero: bool = False) -> None:
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and (v >= 0 if allow_zero else v > 0)
+        if not ok or v != v or v == float("inf"):
+            kind = "non-negative" if allow_zero else "positive"
+            raise HardwareError(f"{where}: {name} must be a {kind} number, got {v!r}")
+
+    positive("ram.capacity_bytes", hw.ram.capacity_bytes, allow_zero=True)
+    positive("ram.bytes_per_s", hw.ram.bytes_per_s)
+    if hw.gpu is not None:
+        positive("gpu.capacity_bytes", hw.gpu.capacity_bytes, allow_zero=True)
+        for k in ("bytes_per_s", "h2d_bytes_per_s", "sync_latency_s"):
+            positive(f"gpu.{k}", getattr(hw.gpu, k))
+    if hw.flash is not None:
+        f = hw.flash
+        positive("flash.capacity_bytes", f.capacity_bytes, allow_zero=True)
+        if not f.read_sizes or list(f.read_sizes) != sorted(set(f.read_sizes)) or min(f.read_sizes) <= 0:
+            raise HardwareError(f"{where}: flash.read_sizes must be distinct positive sizes in ascending order")
+        if not f.concurrency or min(f.concurrency) <= 0:
+            raise HardwareError(f"{where}: flash.concurrency must list positive numbers of reads in flight")
+        if len(f.bytes_per_s) != len(f.read_sizes) or any(len(r) != len(f.concurrency) for r in f.bytes_per_s):
+            raise HardwareError(f"{where}: flash.bytes_per_s must be [len(read_sizes)][len(concurrency)]")
+        for row in f.bytes_per_s:
+            for v in row:
+                positive("flash.bytes_per_s entries", v)
+
+
+def load_hardware(path: str | Path) -> Hardware:
+    try:
+        d = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise HardwareError(f"cannot read hardware description {path}: {e}") from None
+    hw = Hardware.from_dict(d, where=str(path))
+    for k in _source_keys(hw):
+        hw.sources.setdefault(k, "file")
+    return hw
+
+
+def save_hardware(hw: Hardware, path: str | Path) -> None:
+    atomic_write_text(Path(path), json.dumps(hw.to_dict(), indent=2) + "\n")
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write via a temp file in the same directory and os.replace, so no reader sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, 0o644)  # mkstemp's 0600 would make the artefact private
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _source_keys(hw: Hardware) -> list[str]:
+    keys = ["ram.capacity_bytes", "ram.bytes_per_s"]
+    if hw.gpu is not None:
+        keys += ["gpu.capacity_bytes", "gpu.bytes_per_s", "gpu.h2d_bytes_per_s", "gpu.sync_latency_s"]
+    if hw.flash is not None:
+        keys += ["flash.capacity_bytes", "flash.bytes_per_s"]
+    return keys
+
+
+# ---------------------------------------------------------------------------------------- sizes
+
+_BINARY = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+_DECIMAL = {"kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
+
+
+def parse_size(text: str) -> int:
+    """Bytes from "2GiB", "512MB", "1.5G" or "1024". K/M/G/T and KiB/MiB/GiB/TiB are powers of
+    1024, KB/MB/GB/TB powers of 1000 (the coreutils convention)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([A-Za-z]*)\s*", str(text))
+    unit = m.group(2).lower() if m else ""
+    if unit.endswith("ib") and len(unit) == 3:
+        unit = unit[0]
+    scale = _BINARY.get(unit) or _DECIMAL.get(unit)
+    if m is None or scale is None:
+        raise HardwareError(
+            f"cannot read size {text!r}: use a number with an optional unit, e.g. 2GiB, 512MB, 1.5G, 1024")
+    return int(round(float(m.group(1)) * scale))
+
+
+def format_size(n: float) -> str:
+    for unit, scale in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+# ------------------------------------------------------------------------------------ detection
+
+
+def detect(gpu_mem: int | None = None, ram: int | None = None, flash_dir: str | None = None,
+           base: Hardware | None = None) -> Hardware:
+    """This machine (or `base`, a loaded description) with the budget flags applied.
+
+    gpu_mem: bytes of GPU memory to use (0 disables the GPU; given without a CUDA device it adds
+    a GPU with assumed speeds, for what-if planning). ram: bytes of RAM to use. flash_dir: a
+    directory on the disk to serve flash neurons from; its free space is the capacity and its
+    read speed is probed once per device and cached.
+    """
+    if base is None:
+        hw = Hardware(ram=RamTier(psutil.virtual_memory().available, measure_cpu_bytes_per_s()))
+        hw.sources.update({"ram.capacity_bytes": "measured", "ram.bytes_per_s": "measured"})
+        if torch.cuda.is_available():
+            hw.gpu = measure_gpu()
+            hw.sources.update({k: "measured" for k in _source_keys(hw) if k.startswith("gpu.")})
+    else:
+        hw = Hardware(ram=base.ram, gpu=base.gpu, flash=base.flash, sources=dict(base.sources))
+    if ram is not None:
+        hw.ram = RamTier(ram, hw.ram.bytes_per_s)
+        hw.sources["ram.capacity_bytes"] = "flag"
+    if gpu_mem is not None:
+        if gpu_mem == 0:
+            hw.gpu = None
+            hw.sources = {k: v for k, v in hw.sources.items() if not k.startswith("gpu.")}
+        elif hw.gpu is None:
+            hw.gpu = GpuTier(gpu_mem, **ASSUMED_GPU)
+            hw.sources.update({k: "assumed" for k in _source_keys(hw) if k.startswith("gpu.")})
+            hw.sources["gpu.capacity_bytes"] = "flag"
+        else:
+            hw.gpu = GpuTier(gpu_mem, hw.gpu.bytes_per_s, hw.gpu.h2d_bytes_per_s, hw.gpu.sync_latency_s)
+            hw.sources["gpu.capacity_bytes"] = "flag"
+    if flash_dir is not None:
+        hw.flash = flash_tier(flash_dir)
+        hw.sources.update({"flash.capacity_bytes": "measured", "flash.bytes_per_s": "measured"})
+    return hw
+
+
+def measure_cpu_bytes_per_s(seconds: float = 0.3) -> float:
+    """Weight bytes per second a CPU matrix-vector product streams (64 MiB f32, past the caches).
+
+    Stands in for the FFN kernels until hetinfer.kernels has its own; labelled "measured"."""
+    w = torch.randn(4096, 4096)
+    x = torch.randn(4096)
+    return _bytes_per_s(lambda: torch.mv(w, x), w.numel() * 4, seconds)
+
+
+def measure_gpu(seconds: float = 0.3) -> GpuTier:
+    """Free GPU memory, matrix-vector streaming rate, pinned host-to-device bandwidth, round trip."""
+    free, _ = torch.cuda.mem_get_info()
+    w = torch.randn(8192, 8192, device="cuda", dtype=torch.float16)
+    x = torch.randn(8192, device="cuda", dtype=torch.float16)
+    gemv = _bytes_per_s(lambda: (torch.mv(w, x), torch.cuda.synchronize()), w.numel() * 2, seconds)
+    host = torch.empty(64 << 20, dtype=torch.uint8, pin_memory=True)
+    dev = torch.empty_like(host, device="cuda")
+    h2d = _bytes_per_s(lambda: (dev.copy_(host, non_blocking=True), torch.cuda.synchronize()), host.numel(), seconds)
+    small = torch.zeros(4096, pin_memory=True)
+    trips = []
+    for _ in range(50):
+        t = time.perf_counter()
+        small.to("cuda", non_blocking=True).cpu()
+        trips.append(time.perf_counter() - t)
+    return GpuTier(int(free), gemv, h2d, statistics.median(trips))
+
+
+def _bytes_per_s(fn, nbytes: int, seconds: float) -> float:
+    fn()  # warm up
+    times = []
+    deadline = time.perf_counter() + seconds
+    while len(times) < 3 or time.perf_counter() < deadline:
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return nbytes / statistics.median(times)
+
+
+# ----------------------------------------------------------------------------------- flash probe
+
+
+def flash_tier(flash_dir: str, cache_dir: Path | None = None) -> FlashTier:
+    """Capacity (free space) of `flash_dir` and its read curve, probed once per device and cached."""
+    d = Path(flash_dir)
+    if not d.is_dir():
+        raise HardwareError(
+            f"--flash-dir {flash_dir}: not a directory; create it on the disk that should hold flash neurons")
+    cache = (cache_dir or _cache_dir()) / f"flash-probe-{os.stat(d).st_dev:x}.json"
+    curve = _read_probe_cache(cache)
+    if curve is None:
+        curve = probe_flash(d)
+        atomic_write_text(cache, json.dumps({"version": PROBE_VERSION, **curve}) + "\n")
+    return FlashTier(capacity_bytes=shutil.disk_usage(d).free, dir=str(d.resolve()), **curve)
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "hetinfer"
+
+
+def _read_probe_cache(path: Path) -> dict | None:
+    """The cached curve, or None when absent or from another probe version (then it is re-probed)."""
+    try:
+        d = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if not isinstance(d, dict) or d.pop("version", None) != PROBE_VERSION:
+        return None
+    return d
+
+
+def probe_flash(directory: Path, file_bytes: int = 128 << 20, cell_seconds: float = 0.15,
+                read_sizes: tuple[int, ...] = (4096, 16384, 65536, 262144, 1048576),
+                concurrency: tuple[int, ...] = (1, 4, 16)) -> dict:
+    """Random-read throughput of a temp file in `directory` per read size and reads in flight.
+
+    Reads bypass the page cache with O_DIRECT into page-aligned (mmap) buffers; where O_DIRECT is
+    refused (tmpfs, some network filesystems) the cached pages are dropped with
+    posix_fadvise(DONTNEED) before every read instead. ~15 cells x `cell_seconds`.
+    """
+    fd, path = tempfile.mkstemp(dir=directory, prefix=".hetinfer-probe-")
+    try:
+        chunk = 1 << 20
+        file_bytes = max(file_bytes // chunk, 2) * chunk
+        with os.fdopen(fd, "wb") as f:
+            for _ in range(file_bytes // chunk):
+                f.write(os.urandom(chunk))
+            f.flush()
+            os.fsync(f.fileno())
+        method, rfd = _open_uncached(path)
+        try:
+            table = [[_read_rate(rfd, method, file_bytes, size, c, cell_seconds) for c in concurrency]
+                     for size in read_sizes]
+        finally:
+            os.close(rfd)
+    finally:
+        Path(path).unlink(missing_ok=True)
+    return {"read_sizes": list(read_sizes), "concurrency": list(concurrency), "bytes_per_s": table, "method": method}
+
+
+def _open_uncached(path: str) -> tuple[str, int]:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    except OSError:
+        fd = None
+    if fd is not None:
+        buf = mmap.mmap(-1, FLASH_BLOCK)
+        try:
+            os.preadv(fd, [buf], 0)
+            return "o_direct", fd
+        except OSError:
+            os.close(fd)
+        finally:
+            buf.close()
+    fd = os.open(path, os.O_RDONLY)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    return "fadvise", fd
+
+
+def _read_rate(fd: int, method: str, file_bytes: int, size: int, threads: int, seconds: float) -> float:
+    """Aggregate bytes/s of `threads` readers each issuing random aligned reads of `size` bytes."""
+    total = [0] * threads
+    deadline = time.perf_counter() + seconds
+
+    def reader(k: int) -> None:
+        buf = mmap.mmap(-1, size)  # page aligned, as O_DIRECT needs
+        rng = np.random.default_rng(k)
+        slots = (file_bytes - size) // FLASH_BLOCK + 1
+        try:
+            while time.perf_counter() < deadline:
+                off = int(rng.integers(slots)) * FLASH_BLOCK
+                if method == "fadvise":
+                    os.posix_fadvise(fd, off, size, os.POSIX_FADV_DONTNEED)
+                total[k] += os.preadv(fd, [buf], off)
+        finally:
+            buf.close()
+
+    start = time.perf_counter()
+    workers = [threading.Thread(target=reader, args=(k,)) for k in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    return sum(total) / (time.perf_counter() - start)

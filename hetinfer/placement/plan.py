@@ -1,0 +1,201 @@
+"""The plan artefact: which tier every FFN neuron lives on, and why (docs/formats/plan.md).
+
+A plan is a directory holding `plan.json` (the versioned manifest) and `tiers.<sha>.npy`
+(uint8 [n_layers, n_ff], codes 0 gpu / 1 ram / 2 flash). The array is written first under a
+name carrying its hash, then the manifest replaces the old one atomically, so a reader sees
+the old plan or the new one, never a mix; `load_plan` checks the hash, shape and counts.
+"""
+from __future__ import annotations
+
+import datetime
+import hashlib
+import io
+import json
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from hetinfer.config import ModelConfig
+from hetinfer.errors import ArtifactError
+from hetinfer.placement.cost import FLASH, GPU, RAM, TIERS, Problem, evaluate
+from hetinfer.placement.hardware import atomic_write_text
+from hetinfer.placement.ilp import Solution
+
+PLAN_FORMAT = "hetinfer.plan"
+PLAN_VERSION = 1
+MANIFEST = "plan.json"
+_ARRAY = re.compile(r"tiers\.[0-9a-f]{16}\.npy")
+
+
+class PlanError(ArtifactError):
+    """A plan that cannot be used; the message names the problem and the fix."""
+
+
+@dataclass
+class Plan:
+    manifest: dict
+    tiers: np.ndarray  # uint8 [n_layers, n_ff]: TIERS index of every neuron
+
+    @property
+    def config(self) -> ModelConfig:
+        return ModelConfig.from_dict(self.manifest["model"]["config"])
+
+    def neurons(self, layer: int, tier: str) -> np.ndarray:
+        """int64 ids, ascending, of the FFN neurons of `layer` that live on `tier` (gpu, ram, flash)."""
+        return np.flatnonzero(self.tiers[layer] == TIERS.index(tier))
+
+    def attention_on_gpu(self, layer: int) -> bool:
+        """Whether the layer's dense parts (attention, norms, predictor, KV cache) are on the GPU."""
+        return self.manifest["layers"][layer]["attention"] == "gpu"
+
+    @property
+    def head_on_gpu(self) -> bool:
+        return self.manifest["dense"]["head"] == "gpu"
+
+    @property
+    def window_cache_bytes(self) -> int:
+        """RAM reserved for flash neurons read in the last `window_tokens` tokens; the engine caps its cache here."""
+        return self.manifest["tiers"]["ram"]["window_cache_bytes"]
+
+
+def build_manifest(p: Problem, sol: Solution, config: ModelConfig, formats: dict, inputs: dict[str, str],
+                   assumptions: list[str], profile: dict) -> dict:
+    """Everything a reader needs to trust or question the plan; `assumptions` non-empty marks a prediction."""
+    usage = evaluate(p, sol.tiers)
+    on = [sol.tiers == t for t in range(3)]
+    freq = p.freq
+    total_act = max(float(freq.sum()), 1e-30)
+    miss = (1.0 - freq) ** p.window_tokens
+    sec = [float(p.seconds[t][on[t]].sum()) if on[t].any() else 0.0 for t in range(3)]
+    dense_bytes = [p.dense.gpu_bytes, p.dense.ram_bytes, 0]
+    tiers = {}
+    for t in p.tiers:
+        name = TIERS[t]
+        tiers[name] = {
+            "capacity_bytes": p.hw.capacity(name),
+            "used_bytes": int(usage.used[t]),
+            "dense_bytes": dense_bytes[t],
+            "neuron_bytes": int(usage.neuron_bytes[t]),
+            "neurons": int(on[t].sum()),
+            "neuron_share": float(on[t].mean()),
+            "activation_share": float(freq[on[t]].sum() / total_act),
+            "seconds_per_token": sec[t],
+        }
+    tiers["ram"]["window_cache_bytes"] = usage.window_bytes
+    if FLASH in p.tiers:
+        reads = freq[on[FLASH]] * miss[on[FLASH]]
+        tiers["flash"]["reads_per_token"] = float(reads.sum())
+        bundle = np.broadcast_to(p.bundle_bytes[:, None], freq.shape)[on[FLASH]]
+        tiers["flash"]["read_bytes_per_token"] = float((reads * bundle).sum())
+    layers = []
+    for layer in range(freq.shape[0]):
+        row = {"attention": "gpu" if p.dense.attn_on_gpu[layer] else "ram", "split": bool(usage.split[layer])}
+        for t in p.tiers:
+            m = on[t][layer]
+            per_neuron = p.bundle_bytes[layer] if t == FLASH else p.sizes.neuron_bytes[layer]
+            row[TIERS[t]] = int(m.sum())
+            row[f"{TIERS[t]}_bytes"] = int(m.sum() * per_neuron)
+            row[f"{TIERS[t]}_activation_share"] = float(freq[layer][m].sum() / max(freq[layer].sum(), 1e-30))
+        layers.append(row)
+    return {
+        "format": PLAN_FORMAT,
+        "version": PLAN_VERSION,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "prediction": bool(assumptions),
+        "assumptions": assumptions,
+        "inputs": inputs,
+        "model": {"config": config.to_dict(), "formats": formats, "n_ctx": p.sizes.n_ctx,
+                  "neuron_bytes": p.sizes.neuron_bytes.tolist(), "flash_bundle_bytes": p.bundle_bytes.tolist(),
+                  "layer_dense_bytes": p.sizes.layer_bytes.tolist(), "kv_bytes_per_layer": p.sizes.kv_bytes},
+        "profile": profile,
+        "hardware": p.hw.to_dict(),
+        "window_tokens": p.window_tokens,
+        "dense": {"head": "gpu" if p.dense.head_on_gpu else "ram", "embeddings": "ram",
+                  "seconds_per_token": p.dense.seconds},
+        "tiers": tiers,
+        "layers": layers,
+        "sync": {"seconds": p.sync_s, "split_layers": int(usage.split.sum()),
+                 "seconds_per_token": p.sync_s * int(usage.split.sum())},
+        "solver": {"chosen": sol.chosen, "status": sol.status, "objective": sol.seconds,
+                   "ilp_objective": sol.ilp_seconds, "greedy_objective": sol.greedy_seconds,
+                   "mip_gap": sol.mip_gap, "solve_seconds": sol.solve_seconds, "group_size": sol.group_size,
+                   "groups_per_layer": sol.groups, "binaries": sol.binaries},
+        "predicted": {"seconds_per_token": usage.seconds, "tok_s": 1.0 / usage.seconds},
+    }
+
+
+def save_plan(path: str | Path, manifest: dict, tiers: np.ndarray) -> None:
+    """Write the array under its hash, then swap in the manifest; stale arrays are removed after."""
+    d = Path(path)
+    if d.exists() and not d.is_dir():
+        raise PlanError(f"{d} exists and is not a directory; a plan is a directory, pick another -o")
+    d.mkdir(parents=True, exist_ok=True)
+    tiers = np.ascontiguousarray(tiers, dtype=np.uint8)
+    buf = io.BytesIO()
+    np.save(buf, tiers, allow_pickle=False)
+    data = buf.getvalue()
+    sha = hashlib.sha256(data).hexdigest()
+    name = f"tiers.{sha[:16]}.npy"
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=f".{name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, 0o644)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, d / name)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    spec = {"file": name, "sha256": sha, "dtype": "uint8", "shape": list(tiers.shape)}
+    manifest = {**manifest, "arrays": {"tiers": spec}}
+    atomic_write_text(d / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+    for old in d.iterdir():
+        if _ARRAY.fullmatch(old.name) and old.name != name:
+            old.unlink()
+
+
+def load_plan(path: str | Path) -> Plan:
+    """Read and validate a plan directory; PlanError (one line, with the fix) when it is not usable."""
+    d = Path(path)
+    redo = "re-run `hetinfer place`"
+    try:
+        manifest = json.loads((d / MANIFEST).read_text())
+    except FileNotFoundError:
+        raise PlanError(f"{d}: no {MANIFEST}; not a plan directory ({redo} -o {d})") from None
+    except (OSError, json.JSONDecodeError) as e:
+        raise PlanError(f"{d / MANIFEST}: unreadable ({e}); {redo}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != PLAN_FORMAT:
+        raise PlanError(f"{d / MANIFEST}: not a hetinfer plan (format is not {PLAN_FORMAT!r})")
+    if manifest.get("version") != PLAN_VERSION:
+        raise PlanError(
+            f"{d / MANIFEST}: plan version {manifest.get('version')!r}, this hetinfer reads {PLAN_VERSION}; {redo}")
+    try:
+        spec = manifest["arrays"]["tiers"]
+        config = ModelConfig.from_dict(manifest["model"]["config"])
+        layers = manifest["layers"]
+        data = (d / spec["file"]).read_bytes()
+    except (KeyError, TypeError, ValueError) as e:
+        raise PlanError(f"{d / MANIFEST}: missing or bad field ({e}); {redo}") from None
+    except OSError as e:
+        raise PlanError(f"{d}: tier array unreadable ({e}); {redo}") from None
+    if hashlib.sha256(data).hexdigest() != spec.get("sha256"):
+        raise PlanError(
+            f"{d / spec['file']}: contents do not match the manifest's sha256 (modified or corrupt); {redo}")
+    tiers = np.load(io.BytesIO(data), allow_pickle=False)
+    want = (config.n_layers, config.n_ff)
+    if tiers.dtype != np.uint8 or tiers.shape != want or list(tiers.shape) != spec.get("shape"):
+        raise PlanError(f"{d}: tier array is {tiers.dtype} {tiers.shape}, the model needs uint8 {want}; {redo}")
+    if tiers.size and tiers.max() > FLASH:
+        raise PlanError(f"{d}: tier codes must be 0 (gpu), 1 (ram) or 2 (flash); {redo}")
+    if len(layers) != config.n_layers:
+        raise PlanError(f"{d / MANIFEST}: {len(layers)} layer entries for {config.n_layers} layers; {redo}")
+    for i, row in enumerate(layers):
+        for t in (GPU, RAM, FLASH):
+            if row.get(TIERS[t], 0) != int((tiers[i] == t).sum()):
+                raise PlanError(f"{d / MANIFEST}: layer {i} {TIERS[t]} count disagrees with the tier array; {redo}")
+    return Plan(manifest, tiers)

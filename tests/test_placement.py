@@ -1,0 +1,294 @@
+"""Placement core: byte sizes, the cost model, the ILP against brute force, and capacity
+properties over random profiles and budgets (hypothesis)."""
+import itertools
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from hetinfer.config import ModelConfig
+from hetinfer.placement import ilp, synth
+from hetinfer.placement.cost import (FLASH, GPU, RAM, PlacementError, WeightFormats, build_problem, evaluate,
+                                     model_sizes, place_dense, row_bytes, violations, weight_sizes)
+from hetinfer.placement.hardware import ASSUMED_FLASH, FlashTier, GpuTier, Hardware, RamTier
+
+LLAMA2_70B = ModelConfig(arch="llama", n_layers=80, d_model=8192, n_ff=28672, n_heads=64, n_kv_heads=8, head_dim=128,
+                         vocab_size=32000, context_length=4096, name="llama-2-70b")
+
+
+def tiny_config(n_layers: int, n_ff: int) -> ModelConfig:
+    return ModelConfig(arch="llama", n_layers=n_layers, d_model=64, n_ff=n_ff, n_heads=2, n_kv_heads=1, head_dim=32,
+                       vocab_size=64, context_length=16)
+
+
+def flash(capacity: int) -> FlashTier:
+    return FlashTier(capacity, "/nvme", method="assumed", **ASSUMED_FLASH)
+
+
+def tiny_problem(freq, gpu_neurons=None, ram_neurons=0.0, flash_neurons=None, sync=2e-6, ram_bw=1e9, gpu_bw=2e10):
+    """A problem whose tiers hold the dense parts plus the given number of neurons' bytes each
+    (GPU: None = no GPU; negative = less than the dense parts, so attention spills to RAM)."""
+    freq = np.asarray(freq, dtype=np.float64)
+    cfg = tiny_config(*freq.shape)
+    sizes = model_sizes(cfg, WeightFormats.uniform("q8_0"), 16)
+    b = int(sizes.neuron_bytes[0])
+    gpu = None
+    if gpu_neurons is not None:
+        dense_gpu = sizes.scratch_bytes + sizes.head_bytes + cfg.n_layers * (int(sizes.layer_bytes[0]) + sizes.kv_bytes)
+        gpu = GpuTier(int(dense_gpu + gpu_neurons * b), gpu_bw, 1e10, sync)
+    probe = Hardware(ram=RamTier(1 << 40, ram_bw), gpu=gpu)
+    ram = place_dense(sizes, probe).ram_bytes + int(ram_neurons * b)
+    hw = Hardware(ram=RamTier(ram, ram_bw), gpu=gpu,
+                  flash=None if flash_neurons is None else flash(int(flash_neurons * 4096)))
+    return build_problem(freq, cfg, sizes, hw, window_tokens=2)
+
+
+# ------------------------------------------------------------------------------------------ sizes
+
+
+def test_row_bytes_follow_the_stored_formats():
+    assert row_bytes(8192, "q4_0") == 256 * 18
+    assert row_bytes(8192, "q4_1") == 256 * 20
+    assert row_bytes(8192, "q8_0") == 256 * 34
+    assert row_bytes(8192, "f16") == 16384 and row_bytes(8192, "bf16") == 16384 and row_bytes(8192, "f32") == 32768
+    with pytest.raises(PlacementError, match="multiple of 32"):
+        row_bytes(100, "q4_0")
+
+
+def test_llama2_70b_byte_sizes():
+    s = model_sizes(LLAMA2_70B, WeightFormats.uniform("q4_0"), 4096)
+    # gate and up rows in q4_0; the neuron-major down copy is requantized to q8_0 (kernels.transpose_down)
+    assert s.neuron_bytes[0] == 2 * 256 * 18 + 256 * 34
+    q, kv = 8192, 1024
+    assert s.layer_bytes[0] == (q + 2 * kv) * 256 * 18 + 8192 * (q // 32) * 18 + 2 * 8192 * 4
+    assert s.kv_bytes == 2 * 4096 * 8 * 128 * 4
+    assert s.embed_bytes == 32000 * 256 * 18 and s.head_bytes == 32000 * 256 * 18 + 8192 * 4
+    f16 = model_sizes(LLAMA2_70B, WeightFormats.uniform("f16"), 4096)
+    assert f16.neuron_bytes[0] == 3 * 8192 * 2
+
+
+def test_weight_sizes_of_a_loaded_model_match_its_tensors(model):
+    c = model.config
+    s = weight_sizes(c, model.weights, 256)
+    L = model.weights.layers[3]
+    assert s.neuron_bytes[3] == L.gate.row_bytes + L.up.row_bytes + row_bytes(c.d_model, "q8_0")
+    assert s.layer_bytes[3] == L.wq.nbytes + L.wk.nbytes + L.wv.nbytes + L.wo.nbytes + 2 * 4 * c.d_model
+    assert s.embed_bytes == model.weights.embed.nbytes and s.tied == c.tied_embeddings
+
+
+# ----------------------------------------------------------------------------------------- dense
+
+
+def test_dense_parts_fill_the_gpu_head_first_then_layers_in_order():
+    cfg = tiny_config(4, 32)
+    s = model_sizes(cfg, WeightFormats.uniform("q8_0"), 16)
+    per_layer = int(s.layer_bytes[0]) + s.kv_bytes
+    gpu = GpuTier(s.scratch_bytes + s.head_bytes + 2 * per_layer + per_layer // 2, 1e11, 1e10, 1e-5)
+    d = place_dense(s, Hardware(ram=RamTier(1 << 30, 1e10), gpu=gpu))
+    assert d.head_on_gpu and d.attn_on_gpu.tolist() == [True, True, False, False]
+    assert d.gpu_bytes == s.scratch_bytes + s.head_bytes + 2 * per_layer
+    assert d.ram_bytes == s.embed_bytes + s.scratch_bytes + 2 * per_layer  # tied-less head is on the GPU
+
+
+def test_too_small_ram_names_the_minimum():
+    s = model_sizes(LLAMA2_70B, WeightFormats.uniform("q4_0"), 4096)
+    need = place_dense(s, Hardware(ram=RamTier(1 << 50, 1e10))).ram_bytes
+    place_dense(s, Hardware(ram=RamTier(need, 1e10)))  # exactly enough is enough
+    with pytest.raises(PlacementError, match=r"need at least .* of RAM.*raise --ram") as e:
+        place_dense(s, Hardware(ram=RamTier(need - 1, 1e10)))
+    from hetinfer.placement.hardware import format_size
+    assert format_size(need) in str(e.value) and "\n" not in str(e.value)
+
+
+# ------------------------------------------------------------------------------------------ cost
+
+
+def test_neuron_costs_follow_the_model():
+    freq = np.array([[0.9, 0.5, 0.1, 0.0]])
+    p = tiny_problem(freq, gpu_neurons=1, ram_neurons=4, flash_neurons=10)
+    b = float(p.sizes.neuron_bytes[0])
+    np.testing.assert_allclose(p.seconds[GPU][0], freq[0] * b / p.hw.gpu.bytes_per_s)
+    np.testing.assert_allclose(p.seconds[RAM][0], freq[0] * b / p.hw.ram.bytes_per_s)
+    read = p.hw.flash.read_seconds(4096)  # 2 * 72 + 68 bytes, padded to one 4 KiB read
+    np.testing.assert_allclose(p.seconds[FLASH][0], freq[0] * (1 - freq[0]) ** 2 * read + p.seconds[RAM][0])
+    np.testing.assert_allclose(p.window[0], (1 - (1 - freq[0]) ** 2) * b)
+    assert p.bundle_bytes[0] == 4096
+
+
+def test_evaluate_charges_sync_only_to_layers_on_both_devices():
+    freq = np.full((3, 8), 0.5)
+    p = tiny_problem(freq, gpu_neurons=100, ram_neurons=100)
+    tiers = np.array([[GPU] * 8, [GPU] * 4 + [RAM] * 4, [RAM] * 8], dtype=np.uint8)
+    u = evaluate(p, tiers)
+    assert u.split.tolist() == [False, True, True]  # attention is on the GPU: an all-RAM FFN is split too
+    want = p.dense.seconds + p.seconds[GPU][0, :4].sum() * 3 + p.seconds[RAM][0, :4].sum() * 3 + 2 * p.sync_s
+    assert u.seconds == pytest.approx(want)
+
+
+# ------------------------------------------------------------------------------------------- ILP
+
+
+def test_group_size_keeps_the_70b_model_under_20k_binaries():
+    g = ilp.group_size_for(80, 28672, 3, 20000)
+    assert 80 * -(-28672 // g) * 3 <= 20000 < 80 * -(-28672 // (g - 1)) * 3
+
+
+def _brute_force(p, prefix: bool):
+    """Best time per token over every neuron -> tier assignment that fits (and keeps hot-before-cold if `prefix`)."""
+    best = np.inf
+    L, F = p.freq.shape
+    caps = np.array([p.hw.capacity(n) for n in ("gpu", "ram", "flash")])
+    for combo in itertools.product(p.tiers, repeat=L * F):
+        tiers = np.array(combo, dtype=np.uint8).reshape(L, F)
+        if prefix:
+            ok = not violations(p, tiers)
+        else:
+            ok = (evaluate(p, tiers).used <= caps).all()
+        if ok:
+            best = min(best, evaluate(p, tiers).seconds)
+    return best
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_ilp_equals_exact_optimum_on_enumerable_instances(seed):
+    rng = np.random.default_rng(seed)
+    freq = np.round(rng.uniform(0, 1, (2, 4)) ** 2, 3)
+    p = tiny_problem(freq, gpu_neurons=rng.integers(0, 4) - (seed % 3 == 0) * 20, ram_neurons=rng.uniform(0, 5),
+                     flash_neurons=8, sync=10 ** rng.uniform(-7, -5))
+    best = _brute_force(p, prefix=True)
+    if best == np.inf:
+        with pytest.raises(PlacementError, match="do not fit"):
+            ilp.solve(p, group_size=1, mip_gap=0.0, time_limit=30)
+        return
+    sol = ilp.solve(p, group_size=1, mip_gap=0.0, time_limit=30)
+    assert sol.status == "optimal"
+    assert sol.ilp_seconds == pytest.approx(best, rel=1e-9)
+    assert sol.greedy_seconds is None or sol.seconds <= sol.greedy_seconds
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_hot_before_cold_loses_nothing_with_gpu_and_ram(seed):
+    rng = np.random.default_rng(100 + seed)
+    freq = np.round(rng.uniform(0, 1, (2, 4)), 3)
+    p = tiny_problem(freq, gpu_neurons=rng.integers(1, 7), ram_neurons=8, sync=10 ** rng.uniform(-7, -5))
+    sol = ilp.solve(p, group_size=1, mip_gap=0.0, time_limit=30)
+    assert sol.seconds == pytest.approx(_brute_force(p, prefix=False), rel=1e-9)
+
+
+def test_ilp_avoids_sync_costs_that_greedy_pays():
+    # flat profile: greedy spreads the GPU over every layer (all split), the ILP fills whole layers
+    p = tiny_problem(np.full((4, 64), 0.3), gpu_neurons=128, ram_neurons=256, sync=2e-4)
+    sol = ilp.solve(p, time_limit=30)
+    g = evaluate(p, ilp.greedy(p))
+    assert sol.chosen == "ilp" and sol.seconds < sol.greedy_seconds == pytest.approx(g.seconds)
+    assert evaluate(p, sol.tiers).split.sum() < g.split.sum()
+
+
+def test_layers_with_cpu_attention_use_the_gpu_only_when_it_pays():
+    freq = np.tile(synth.power_law(1, 64, 1.0, 0.7), (3, 1))
+    p = tiny_problem(freq, gpu_neurons=-1, ram_neurons=400, sync=5e-6, ram_bw=2e8)
+    assert not p.dense.attn_on_gpu.all() and (p.min_gpu[~p.dense.attn_on_gpu] > 1).all()
+    sol = ilp.solve(p, group_size=1, mip_gap=0.0, time_limit=30)
+    assert not violations(p, sol.tiers)
+    for layer in np.flatnonzero(~p.dense.attn_on_gpu):
+        n = (sol.tiers[layer] == GPU).sum()
+        assert n == 0 or n >= p.min_gpu[layer]
+
+
+def test_greedy_promotes_by_activation_across_layers_not_by_rank():
+    # always-active neurons cost no extra RAM to promote (the window holds them anyway); they must
+    # not make every layer look alike: the hot layer gets the RAM, the cold one stays on flash
+    freq = np.array([[1.0, 0.6, 0.5, 0.4, 0.3, 0.2], [1.0, 0.05, 0.04, 0.03, 0.02, 0.01]])
+    p = tiny_problem(freq, ram_neurons=6, flash_neurons=20)  # the window takes 5.4 neurons' worth of RAM
+    tiers = ilp.greedy(p)
+    assert tiers[0].tolist() == [RAM, RAM, RAM, FLASH, FLASH, FLASH]
+    assert tiers[1].tolist() == [RAM] + [FLASH] * 5
+
+
+def test_no_room_for_the_neurons_is_an_error():
+    p = tiny_problem(np.full((2, 16), 0.5), gpu_neurons=2, ram_neurons=3)
+    with pytest.raises(PlacementError, match="do not fit.*--flash-dir"):
+        ilp.solve(p, time_limit=10)
+
+
+# ------------------------------------------------------------------------------------ properties
+
+profiles = st.sampled_from(["flat", "power", "uniform", "binary"])
+
+
+@st.composite
+def instances(draw):
+    L, F = draw(st.integers(1, 3)), draw(st.sampled_from([8, 32, 96]))
+    rng = np.random.default_rng(draw(st.integers(0, 2**31)))
+    kind = draw(profiles)
+    if kind == "flat":
+        freq = np.full((L, F), draw(st.floats(0, 1)))
+    elif kind == "power":
+        freq = synth.power_law(L, F, draw(st.floats(0, 2)), draw(st.floats(0.3, 0.99)))
+        freq = np.stack([rng.permutation(r) for r in freq])
+    elif kind == "uniform":
+        freq = rng.uniform(0, 1, (L, F)) ** draw(st.floats(1, 4))
+    else:  # always or never active
+        freq = (rng.uniform(0, 1, (L, F)) < draw(st.floats(0, 0.5))).astype(float)
+    n = L * F  # budgets in neurons beyond the dense parts
+    gpu = draw(st.one_of(st.none(), st.floats(-3, 1.2 * n)))
+    ram = draw(st.floats(0, 1.2 * n))
+    flash_n = draw(st.one_of(st.none(), st.floats(0, 1.5 * n)))
+    roomy = draw(st.booleans())
+    if roomy:  # roomy enough that some placement surely fits: RAM holds all, or the window
+        window = (1 - (1 - freq) ** 2).sum()
+        ram, flash_n = (max(ram, n), None) if flash_n is None else (max(ram, window + 1), max(flash_n, n))
+    p = tiny_problem(freq, gpu_neurons=gpu, ram_neurons=ram, flash_neurons=flash_n,
+                     sync=10 ** draw(st.floats(-7, -3)), ram_bw=10 ** draw(st.floats(8, 11)),
+                     gpu_bw=10 ** draw(st.floats(10, 12)))
+    return p, roomy
+
+
+def _used_bytes(p, tiers):
+    """Bytes per tier counted from scratch (not through cost.evaluate)."""
+    b, bundle = p.sizes.neuron_bytes[:, None], p.bundle_bytes[:, None]
+    window = int(np.ceil(sum(p.window[layer, i] for layer, i in np.argwhere(tiers == FLASH))))
+    return {"gpu": p.dense.gpu_bytes + int((b * (tiers == GPU)).sum()),
+            "ram": p.dense.ram_bytes + int((b * (tiers == RAM)).sum()) + window,
+            "flash": int((bundle * (tiers == FLASH)).sum())}
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(instances())
+def test_no_plan_exceeds_a_capacity_and_none_is_worse_than_greedy(instance):
+    p, roomy = instance
+    greedy = ilp.greedy(p)
+    try:
+        sol = ilp.solve(p, max_binaries=300, time_limit=5)
+    except PlacementError:
+        assert greedy is None  # the ILP found nothing either, or greedy would have been returned
+        assert not roomy
+        return
+    assert sol.tiers.shape == p.freq.shape and set(np.unique(sol.tiers)) <= set(p.tiers)
+    used = _used_bytes(p, sol.tiers)
+    for name, u in used.items():
+        assert u <= p.hw.capacity(name) or (name == "gpu" and u == 0)
+    assert not violations(p, sol.tiers)
+    assert sol.seconds == pytest.approx(evaluate(p, sol.tiers).seconds)
+    if greedy is not None:
+        assert not violations(p, greedy)
+        assert sol.seconds <= evaluate(p, greedy).seconds * (1 + 1e-12)
+
+
+# ------------------------------------------------------------------------------------- synthesis
+
+
+def test_power_law_hits_the_target_density_and_decreases():
+    f = synth.power_law(2, 4096, 1.2, 0.9)
+    assert f.shape == (2, 4096) and f.mean() == pytest.approx(0.1, rel=1e-3)
+    assert (np.diff(f[0]) <= 0).all() and f.max() <= 1
+    assert synth.power_law(1, 100, 0.0, 0.75)[0] == pytest.approx(np.full(100, 0.25))
+
+
+def test_rescale_keeps_each_layers_curve():
+    src = np.stack([np.linspace(1, 0, 100), np.full(100, 0.2)])
+    out = synth.rescale(src, 4, 1000)
+    assert out.shape == (4, 1000)
+    assert out[0].max() == 1.0 and out[0].min() == 0.0 and out[0].mean() == pytest.approx(0.5, abs=1e-3)
+    assert out[3] == pytest.approx(np.full(1000, 0.2))

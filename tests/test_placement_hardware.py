@@ -1,0 +1,122 @@
+"""Hardware model: sizes, the JSON description, detection flags, the flash probe and its cache."""
+import json
+
+import pytest
+import torch
+
+from hetinfer.placement import hardware
+from hetinfer.placement.hardware import (ASSUMED_FLASH, FlashTier, GpuTier, Hardware, HardwareError, RamTier, detect,
+                                         flash_tier, format_size, load_hardware, parse_size, probe_flash,
+                                         save_hardware)
+
+
+@pytest.mark.parametrize("text,want", [
+    ("2GiB", 2 << 30), ("2gib", 2 << 30), ("1.5G", 3 << 29), ("512MB", 512 * 10**6), ("512M", 512 << 20),
+    ("1024", 1024), ("1024B", 1024), (" 4 KiB ", 4096), ("1T", 1 << 40), ("0", 0), (".5k", 512),
+])
+def test_parse_size(text, want):
+    assert parse_size(text) == want
+
+
+@pytest.mark.parametrize("text", ["", "GiB", "-1G", "2 GiBs", "1e9", "two", "2XB", "1.2.3G"])
+def test_parse_size_rejects_bad_sizes(text):
+    with pytest.raises(HardwareError, match="cannot read size"):
+        parse_size(text)
+
+
+def test_format_size():
+    assert format_size(3 << 29) == "1.50 GiB" and format_size(100) == "100 B" and format_size(2048) == "2.00 KiB"
+
+
+def test_flash_read_time_interpolates_the_measured_curve():
+    f = FlashTier(1 << 40, "/nvme", [4096, 65536], [1, 8], [[1e8, 4e8], [1e9, 2e9]], "assumed")
+    assert f.read_seconds(4096) == pytest.approx(4096 / 4e8)  # best concurrency
+    assert f.read_seconds(65536) == pytest.approx(65536 / 2e9)
+    assert f.read_seconds(512) == pytest.approx(4096 / 4e8)  # a small read costs a whole smallest read
+    assert f.read_seconds(1 << 20) == pytest.approx((1 << 20) / 2e9)
+    mid = f.read_seconds(16384)  # log-log midway: throughput sqrt(4e8 * 2e9)
+    assert mid == pytest.approx(16384 / (4e8 * 2e9) ** 0.5)
+
+
+def test_hardware_json_roundtrip_and_sources(tmp_path):
+    hw = Hardware(ram=RamTier(64 << 30, 4e10), gpu=GpuTier(24 << 30, 6e11, 2.5e10, 2e-5),
+                  flash=FlashTier(1 << 40, "/nvme", method="assumed", **ASSUMED_FLASH))
+    path = tmp_path / "hw.json"
+    save_hardware(hw, path)
+    back = load_hardware(path)
+    assert back.ram == hw.ram and back.gpu == hw.gpu and back.flash == hw.flash
+    assert back.tiers == ("gpu", "ram", "flash")
+    assert set(back.sources.values()) == {"file"} and "flash.bytes_per_s" in back.sources
+    assert back.sync_seconds(8192) == pytest.approx(2e-5 + 2 * 8192 * 4 / 2.5e10)
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda d: d.update(format="other"), "not a hetinfer hardware description"),
+    (lambda d: d.update(version=2), "version 2 is not supported"),
+    (lambda d: d.pop("ram"), '"ram" is required'),
+    (lambda d: d["ram"].update(bytes_per_s=0), "ram.bytes_per_s must be a positive number"),
+    (lambda d: d["ram"].update(capacity_bytes="64GiB"), "ram.capacity_bytes must be a non-negative number"),
+    (lambda d: d["gpu"].pop("sync_latency_s"), "sync_latency_s"),
+    (lambda d: d["flash"].update(read_sizes=[65536, 4096]), "ascending"),
+    (lambda d: d["flash"].update(bytes_per_s=[[1e9]]), r"\[len\(read_sizes\)\]\[len\(concurrency\)\]"),
+])
+def test_bad_hardware_descriptions_fail_with_one_line(tmp_path, edit, message):
+    d = Hardware(ram=RamTier(1 << 30, 1e10), gpu=GpuTier(1 << 30, 1e11, 1e10, 1e-5),
+                 flash=FlashTier(1 << 40, "/x", method="assumed", **ASSUMED_FLASH)).to_dict()
+    edit(d)
+    path = tmp_path / "hw.json"
+    path.write_text(json.dumps(d))
+    with pytest.raises(HardwareError, match=message) as e:
+        load_hardware(path)
+    assert "\n" not in str(e.value) and str(path) in str(e.value)
+
+
+def test_detect_measures_this_machine_and_applies_flags(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    hw = detect(ram=3 << 30)
+    assert hw.ram.capacity_bytes == 3 << 30 and hw.sources["ram.capacity_bytes"] == "flag"
+    assert hw.ram.bytes_per_s > 1e8 and hw.sources["ram.bytes_per_s"] == "measured"
+    assert (hw.gpu is not None) == torch.cuda.is_available()
+    assert detect(gpu_mem=0, base=hw).gpu is None
+    what_if = detect(gpu_mem=24 << 30, base=Hardware(ram=hw.ram))
+    assert what_if.gpu.capacity_bytes == 24 << 30 and what_if.sources["gpu.bytes_per_s"] == "assumed"
+
+
+def test_flash_probe_reads_a_temp_file_and_removes_it(tmp_path):
+    curve = probe_flash(tmp_path, file_bytes=4 << 20, cell_seconds=0.02, read_sizes=(4096, 65536), concurrency=(1, 2))
+    assert curve["method"] in ("o_direct", "fadvise")
+    assert len(curve["bytes_per_s"]) == 2 and all(len(r) == 2 and min(r) > 0 for r in curve["bytes_per_s"])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_flash_probe_is_cached_per_device(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_probe(directory):
+        calls.append(directory)
+        return {"read_sizes": [4096], "concurrency": [1], "bytes_per_s": [[1e9]], "method": "o_direct"}
+
+    monkeypatch.setattr(hardware, "probe_flash", fake_probe)
+    cache = tmp_path / "cache"
+    a = flash_tier(str(tmp_path), cache_dir=cache)
+    b = flash_tier(str(tmp_path), cache_dir=cache)
+    assert len(calls) == 1 and a == b and a.capacity_bytes > 0
+    (entry,) = cache.iterdir()
+    entry.write_text(json.dumps({**json.loads(entry.read_text()), "version": 0}))  # an older probe: re-probe
+    flash_tier(str(tmp_path), cache_dir=cache)
+    assert len(calls) == 2
+
+
+def test_flash_dir_must_exist(tmp_path):
+    with pytest.raises(HardwareError, match="not a directory"):
+        flash_tier(str(tmp_path / "missing"))
+
+
+def test_the_documented_example_is_a_valid_description():
+    import pathlib
+    import re
+
+    doc = (pathlib.Path(__file__).parent.parent / "docs" / "formats" / "plan.md").read_text()
+    example = re.search(r"```json\n(.*?)```", doc, re.S).group(1)
+    hw = Hardware.from_dict(json.loads(example))
+    assert hw.tiers == ("gpu", "ram", "flash") and hw.gpu.capacity_bytes == 24 << 30

@@ -1,0 +1,256 @@
+"""The plan artefact (write, read, validate) and `hetinfer place` end to end."""
+import argparse
+import json
+
+import numpy as np
+import pytest
+
+from hetinfer.config import ModelConfig
+from hetinfer.placement import cli, ilp, synth
+from hetinfer.placement.cost import GPU, PlacementError, WeightFormats, build_problem, model_sizes
+from hetinfer.placement.hardware import ASSUMED_FLASH, FlashTier, GpuTier, Hardware, RamTier, save_hardware
+from hetinfer.placement.plan import PlanError, build_manifest, load_plan, save_plan
+
+SMALL = ModelConfig(arch="llama", n_layers=4, d_model=256, n_ff=512, n_heads=4, n_kv_heads=2, head_dim=64,
+                    vocab_size=1024, context_length=512, name="small")
+LLAMA2_70B_HF = {"model_type": "llama", "hidden_act": "silu", "hidden_size": 8192, "intermediate_size": 28672,
+                 "max_position_embeddings": 4096, "num_attention_heads": 64, "num_hidden_layers": 80,
+                 "num_key_value_heads": 8, "tie_word_embeddings": False, "vocab_size": 32000,
+                 "_name_or_path": "meta-llama/Llama-2-70b-hf"}
+
+
+def machine(gpu=3 << 20, ram=1600 << 10, flash=1 << 30) -> Hardware:
+    """By default the GPU holds 3 of the 4 layers' dense parts, and GPU, RAM and flash all get neurons."""
+    return Hardware(ram=RamTier(ram, 2e10), gpu=GpuTier(gpu, 5e11, 2e10, 2e-5) if gpu else None,
+                    flash=FlashTier(flash, "/nvme", method="assumed", **ASSUMED_FLASH) if flash else None)
+
+
+def small_plan(tmp_path, hw=None):
+    freq = np.random.default_rng(0).permutation(synth.power_law(4, 512, 1.0, 0.9).ravel()).reshape(4, 512)
+    p = build_problem(freq, SMALL, model_sizes(SMALL, WeightFormats.uniform("q8_0"), 512), hw or machine())
+    sol = ilp.solve(p, max_binaries=600, time_limit=10)
+    manifest = build_manifest(p, sol, SMALL, vars(WeightFormats.uniform("q8_0")), {}, [], {"source": None})
+    save_plan(tmp_path / "plan", manifest, sol.tiers)
+    return p, sol
+
+
+def test_plan_roundtrip_gives_the_engine_every_neurons_tier(tmp_path):
+    p, sol = small_plan(tmp_path)
+    plan = load_plan(tmp_path / "plan")
+    np.testing.assert_array_equal(plan.tiers, sol.tiers)
+    assert plan.config == SMALL
+    for layer in range(4):
+        parts = [plan.neurons(layer, t) for t in ("gpu", "ram", "flash")]
+        assert sorted(np.concatenate(parts).tolist()) == list(range(512))
+        assert (plan.neurons(layer, "gpu") == np.flatnonzero(sol.tiers[layer] == GPU)).all()
+        assert plan.attention_on_gpu(layer) == bool(p.dense.attn_on_gpu[layer])
+    m = plan.manifest
+    assert m["format"] == "hetinfer.plan" and m["version"] == 1
+    assert {"gpu", "ram", "flash"} <= set(m["tiers"])
+    assert plan.window_cache_bytes == m["tiers"]["ram"]["window_cache_bytes"]
+    for t in m["tiers"].values():
+        assert t["used_bytes"] <= t["capacity_bytes"]
+    assert sum(t["activation_share"] for t in m["tiers"].values()) == pytest.approx(1.0)
+    assert sum(t["neurons"] for t in m["tiers"].values()) == 4 * 512
+    for name in ("gpu", "ram"):
+        assert sum(row[f"{name}_bytes"] for row in m["layers"]) == m["tiers"][name]["neuron_bytes"]
+    assert sum(row["flash_bytes"] for row in m["layers"]) == m["tiers"]["flash"]["used_bytes"]
+    assert m["predicted"]["tok_s"] == pytest.approx(1 / sol.seconds)
+
+
+def test_rewriting_a_plan_replaces_its_array(tmp_path):
+    small_plan(tmp_path)
+    small_plan(tmp_path, hw=machine(gpu=None, ram=8 << 20))
+    files = sorted(f.name for f in (tmp_path / "plan").iterdir())
+    assert len(files) == 2 and files[0] == "plan.json" and files[1].startswith("tiers.")
+    assert (load_plan(tmp_path / "plan").tiers != GPU).all()
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda d: (d / "plan.json").unlink(), "no plan.json"),
+    (lambda d: (d / "plan.json").write_text("{"), "unreadable"),
+    (lambda d: _edit(d, lambda m: m.update(version=9)), "plan version 9"),
+    (lambda d: _edit(d, lambda m: m.update(format="x")), "not a hetinfer plan"),
+    (lambda d: _edit(d, lambda m: m["layers"][0].update(ram=-1)), "layer 0 ram count disagrees"),
+    (lambda d: _edit(d, lambda m: m["model"]["config"].update(n_ff=256)), "the model needs uint8"),
+    (lambda d: next(d.glob("tiers.*.npy")).write_bytes(b"x"), "do not match the manifest's sha256"),
+    (lambda d: next(d.glob("tiers.*.npy")).unlink(), "tier array unreadable"),
+])
+def test_damaged_plans_are_refused_with_the_fix(tmp_path, damage, message):
+    small_plan(tmp_path)
+    damage(tmp_path / "plan")
+    with pytest.raises(PlanError, match=message) as e:
+        load_plan(tmp_path / "plan")
+    assert "\n" not in str(e.value) and ("hetinfer place" in str(e.value) or "sha256" in str(e.value)
+                                         or "not a hetinfer plan" in str(e.value))
+
+
+def _edit(d, fn):
+    m = json.loads((d / "plan.json").read_text())
+    fn(m)
+    (d / "plan.json").write_text(json.dumps(m))
+
+
+# -------------------------------------------------------------------------------------------- CLI
+
+
+class StubProfile:
+    """Stands in for hetinfer.profiler.artifact's Profile (config dict, tokens, activation_frequency)."""
+
+    def __init__(self, config: ModelConfig, freq: np.ndarray):
+        self.config, self.tokens, self.freq = config.to_dict(), 1000, freq.astype(np.float32)
+
+    def activation_frequency(self, sparsity: float = 0.5) -> np.ndarray:
+        return self.freq
+
+
+@pytest.fixture
+def profiles(monkeypatch):
+    """Path -> StubProfile, served in place of hetinfer.profiler.artifact.load_profile."""
+    table = {}
+    monkeypatch.setattr(cli, "load_profile", lambda path, model=None: table[str(path)])
+    return table
+
+
+def place(*argv) -> int:
+    ap = argparse.ArgumentParser(prog="hetinfer")
+    cli.add_parser(ap.add_subparsers(dest="command", required=True))
+    args = ap.parse_args(["place", *map(str, argv)])
+    return args.run(args)
+
+
+def test_place_json_reports_the_solve_and_every_tier(tmp_path, profiles, capsys):
+    freq = synth.power_law(4, 512, 1.0, 0.9)
+    profiles["prof"] = StubProfile(SMALL, np.random.default_rng(1).permuted(freq, axis=1))
+    save_hardware(machine(), tmp_path / "hw.json")
+    assert place("--profile", "prof", "--hardware", tmp_path / "hw.json", "--qtype", "q8_0",
+                 "-o", tmp_path / "plan", "--json", "--time-limit", "10", "--max-binaries", "600") == 0
+    out = json.loads(capsys.readouterr().out)
+    for key in ("solve_seconds", "mip_gap", "objective", "greedy_objective", "predicted_tok_s", "tiers"):
+        assert key in out
+    assert out["objective"] <= out["greedy_objective"]
+    assert out["predicted_tok_s"] == pytest.approx(1 / out["objective"])
+    assert set(out["tiers"]) == {"gpu", "ram", "flash"}
+    for t in out["tiers"].values():
+        assert 0 < t["used_bytes"] <= t["capacity_bytes"]
+    assert out["prediction"] and any("formats assumed: q8_0" in a for a in out["assumptions"])
+    plan = load_plan(tmp_path / "plan")
+    assert plan.manifest["inputs"]["profile"] == "measured" and plan.manifest["profile"]["tokens"] == 1000
+
+
+def test_place_prints_tier_and_layer_tables(tmp_path, profiles, capsys):
+    profiles["prof"] = StubProfile(SMALL, synth.power_law(4, 512, 1.0, 0.9))
+    save_hardware(machine(), tmp_path / "hw.json")
+    place("--profile", "prof", "--hardware", tmp_path / "hw.json", "-o", tmp_path / "plan",
+          "--time-limit", "10", "--max-binaries", "600")
+    text = capsys.readouterr().out
+    assert "capacity" in text and "of activations" in text and "predicted" in text and "PREDICTION" in text
+    lines = text.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.split()[:2] == ["layer", "attn"])
+    assert len(lines) - header - 1 == SMALL.n_layers
+
+
+def test_what_if_llama2_70b_on_24g_gpu_64g_ram_nvme(tmp_path, capsys):
+    shape = tmp_path / "config.json"
+    shape.write_text(json.dumps(LLAMA2_70B_HF))
+    hw = machine(gpu=24 << 30, ram=64 << 30, flash=2 << 40)
+    save_hardware(hw, tmp_path / "hw.json")
+    assert place("--model-shape", shape, "--power-law", "1.0", "--sparsity", "0.9", "--qtype", "f16",
+                 "--hardware", tmp_path / "hw.json", "-o", tmp_path / "plan", "--json") == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["prediction"] and any("model not on disk" in a for a in out["assumptions"])
+    assert any("power law" in a for a in out["assumptions"])
+    assert all(t["used_bytes"] <= t["capacity_bytes"] for t in out["tiers"].values())
+    assert out["tiers"]["flash"]["used_bytes"] > 0 and out["tiers"]["gpu"]["used_bytes"] > 23 << 30
+    assert out["mip_gap"] is not None and out["mip_gap"] <= 0.01
+    plan = load_plan(tmp_path / "plan")
+    assert plan.tiers.shape == (80, 28672) and plan.config.name == "meta-llama/Llama-2-70b-hf"
+
+
+def test_a_profile_of_another_shape_is_rescaled(tmp_path, profiles, capsys):
+    other = ModelConfig(arch="llama", n_layers=2, d_model=64, n_ff=128, n_heads=2, n_kv_heads=1, head_dim=32,
+                        vocab_size=64, context_length=64, name="other")
+    profiles["prof"] = StubProfile(other, synth.power_law(2, 128, 1.5, 0.9))
+    shape = tmp_path / "small.json"
+    shape.write_text(json.dumps(SMALL.to_dict()))
+    save_hardware(machine(), tmp_path / "hw.json")
+    place("--model-shape", shape, "--profile", "prof", "--hardware", tmp_path / "hw.json", "-o", tmp_path / "plan",
+          "--json", "--time-limit", "10", "--max-binaries", "600")
+    out = json.loads(capsys.readouterr().out)
+    assert any("rescaled per layer from a 2 x 128 model" in a for a in out["assumptions"])
+    plan = load_plan(tmp_path / "plan")
+    assert plan.manifest["profile"]["synthesis"] == {"kind": "rescaled", "from_shape": [2, 128]}
+    assert plan.tiers.shape == (4, 512)
+
+
+def test_too_small_a_budget_for_the_dense_parts_says_the_minimum(tmp_path, profiles):
+    profiles["prof"] = StubProfile(SMALL, synth.power_law(4, 512, 1.0, 0.9))
+    save_hardware(machine(gpu=None), tmp_path / "hw.json")
+    with pytest.raises(PlacementError, match=r"need at least [0-9.]+ MiB of RAM"):
+        place("--profile", "prof", "--hardware", tmp_path / "hw.json", "--ram", "1MiB", "-o", tmp_path / "plan")
+    assert not (tmp_path / "plan").exists()
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["-o", "x"], "exactly one of --profile"),
+    (["--profile", "p", "--power-law", "1", "-o", "x"], "exactly one of --profile"),
+    (["--power-law", "1", "-o", "x"], "--power-law needs the model"),
+    (["--power-law", "1"], "-o PLAN is required"),
+    (["--power-law", "1", "-o", "x", "--window", "-1"], "--window is out of range"),
+    (["--power-law", "1", "-o", "x", "--sparsity", "1"], "--sparsity is out of range"),
+])
+def test_place_argument_errors(tmp_path, argv, message):
+    save_hardware(machine(), tmp_path / "hw.json")
+    with pytest.raises(PlacementError, match=message):
+        place("--hardware", tmp_path / "hw.json", *argv)
+
+
+def test_bad_budget_size_is_an_argparse_error(capsys):
+    with pytest.raises(SystemExit):
+        place("--ram", "lots", "--dry-run")
+    assert "cannot read size 'lots'" in capsys.readouterr().err
+
+
+def test_dry_run_json_is_a_loadable_hardware_description(tmp_path, capsys):
+    save_hardware(machine(), tmp_path / "hw.json")
+    assert place("--hardware", tmp_path / "hw.json", "--ram", "2GiB", "--dry-run", "--json") == 0
+    hw = Hardware.from_dict(json.loads(capsys.readouterr().out))
+    assert hw.ram.capacity_bytes == 2 << 30 and hw.sources["ram.capacity_bytes"] == "flag"
+
+
+def test_place_reads_formats_from_a_loaded_model(model_path, tmp_path, capsys):
+    assert place("-m", model_path, "--power-law", "1.0", "--sparsity", "0.8", "--gpu-mem", "0", "--ram", "300MiB",
+                 "--ctx", "256", "-o", tmp_path / "plan", "--json", "--time-limit", "10", "--max-binaries", "600") == 0
+    out = json.loads(capsys.readouterr().out)
+    assert not any("formats assumed" in a for a in out["assumptions"])
+    plan = load_plan(tmp_path / "plan")
+    assert plan.manifest["model"]["formats"]["ffn_gate"] == "q4_1" and plan.manifest["inputs"]["model"] == "loaded"
+    assert plan.manifest["model"]["neuron_bytes"][0] == 360 + 360 + 612  # q4_1 gate/up rows + q8_0 down column
+
+
+@pytest.fixture(scope="module")
+def smollm2_profile(model, tmp_path_factory):
+    """A real (tiny) profile of the default model from the profiler."""
+    from hetinfer.profiler.collect import ProfileOptions, profile_sequences
+
+    seqs = [model.tokenizer.encode("The quick brown fox jumps over the lazy dog. " * 6)[:64] for _ in range(2)]
+    path = tmp_path_factory.mktemp("profile") / "smollm2"
+    profile_sequences(model, seqs, ProfileOptions(samples=64, coact_tokens=32, dtype="float32", chunk=256)).save(path)
+    return path
+
+
+@pytest.mark.slow
+def test_place_with_a_real_profile_of_the_loaded_model(model_path, smollm2_profile, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # the flash probe's cache
+    (tmp_path / "flash").mkdir()
+    assert place("-m", model_path, "--profile", smollm2_profile, "--sparsity", "0.7", "--gpu-mem", "0",
+                 "--ram", "100MiB", "--flash-dir", tmp_path / "flash", "--ctx", "256", "-o", tmp_path / "plan",
+                 "--json", "--time-limit", "10", "--max-binaries", "2000") == 0
+    out = json.loads(capsys.readouterr().out)
+    assert not out["prediction"] and out["assumptions"] == []  # model, profile and machine all measured
+    plan = load_plan(tmp_path / "plan")
+    assert plan.manifest["inputs"]["profile"] == "measured" and plan.manifest["profile"]["tokens"] > 100
+    assert plan.tiers.shape == (30, 1536) and set(np.unique(plan.tiers)) == {1, 2}  # RAM and flash, no GPU
+    with pytest.raises(PlacementError, match="not a profiled level"):
+        place("-m", model_path, "--profile", smollm2_profile, "--sparsity", "0.55", "--gpu-mem", "0",
+              "-o", tmp_path / "plan2")
