@@ -1,0 +1,1 @@
+"""Local serving: an OpenAI-compatible HTTP API (`hetinfer serve`)."""
