@@ -1,0 +1,175 @@
+"""Subcommands of the offline tools: `profile`, `train-predictors`, `eval` (registered by hetinfer.cli)."""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+from hetinfer.errors import HetinferError
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-m", "--model", help="GGUF file or Hugging Face checkpoint directory (default: SmolLM2-135M-Instruct)")
+    p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: all cores available)")
+
+
+def _open_model(args: argparse.Namespace):
+    import torch
+
+    from hetinfer import kernels
+    from hetinfer.loader import load_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+        kernels.set_threads(args.threads)
+    return load_model(args.model)
+
+
+def _sources(specs: list[str]):
+    from hetinfer.data import parse_source
+
+    return [parse_source(s) for s in specs]
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    from hetinfer.data import calibration_sequences
+    from hetinfer.profiler.collect import ProfileOptions, profile_sequences
+
+    if args.tokens < 1 or args.samples < 64:
+        raise HetinferError("--tokens must be >= 1 and --samples >= 64")
+    model = _open_model(args)
+    sequences, sources = calibration_sequences(_sources(args.data), model.tokenizer, args.tokens, args.seq_len)
+    opts = ProfileOptions(samples=args.samples, dtype=args.dtype, seed=args.seed)
+    t0 = time.perf_counter()
+    profile = profile_sequences(model, sequences, opts, sources, progress=not args.quiet)
+    seconds = time.perf_counter() - t0
+    profile.manifest["seconds"] = round(seconds, 1)
+    profile.save(args.output)
+    if args.plot:
+        from hetinfer.profiler.plot import plot_profile
+
+        plot_profile(profile, args.plot)
+    s = profile.manifest["summary"]
+    parts = ", ".join(f"{x['kind']} {x['tokens']}" for x in sources)
+    print(f"profiled {profile.tokens} tokens ({parts}) "
+          f"in {seconds:.0f} s -> {profile.path}")
+    print("achieved sparsity per level: " + ", ".join(f"{k}:{v:.3f}" for k, v in s["achieved_sparsity"].items()))
+    print("share of active neuron-tokens held by the 20% most frequently active neurons: "
+          + ", ".join(f"{float(k):.0%} sparsity {v:.1%}" for k, v in s["top20_share"].items()))
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from hetinfer.profiler.artifact import load_profile
+    from hetinfer.profiler.predictors import TrainOptions, report_table, train_predictors
+
+    model = _open_model(args)
+    profile = load_profile(args.profile, model)
+    try:
+        ranks = tuple(int(r) for r in args.ranks.split(","))
+    except ValueError:
+        raise HetinferError(f"--ranks takes comma-separated integers, got {args.ranks!r}") from None
+    opts = TrainOptions(sparsity=args.sparsity, recall=args.recall, density=args.density, ranks=ranks,
+                        max_param_ratio=args.max_param_ratio, max_flops_ratio=args.max_flops_ratio,
+                        epochs=args.epochs, seed=args.seed)
+    t0 = time.perf_counter()
+    predictors, reports = train_predictors(model, profile, opts, progress=not args.quiet)
+    predictors.manifest["seconds"] = round(time.perf_counter() - t0, 1)
+    predictors.save(args.output)
+    print(report_table(reports))
+    print(f"trained in {time.perf_counter() - t0:.0f} s -> {predictors.path}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from hetinfer import sparse
+    from hetinfer.profiler.evaluate import eval_windows, evaluate, summary_table
+    from hetinfer.profiler.runner import FloatWeights
+
+    mode = args.mode or ("predictor" if args.predictors else "threshold" if args.sparsity is not None else "dense")
+    if mode in ("threshold", "oracle") and args.sparsity is None:
+        raise HetinferError(f"--mode {mode} needs --sparsity S")
+    if mode == "predictor" and not args.predictors:
+        raise HetinferError("--mode predictor needs --predictors DIR (from `hetinfer train-predictors`)")
+    model = _open_model(args)
+    weights = FloatWeights(model)
+    if mode == "dense":
+        ffn = None
+    elif mode == "oracle":
+        ffn = sparse.topk_ffn(model, 1.0 - args.sparsity, "torch", weights)
+    elif mode == "threshold":
+        if not args.profile:
+            raise HetinferError("--mode threshold needs --profile PROFILE (from `hetinfer profile`)")
+        from hetinfer.profiler.artifact import load_profile
+
+        ffn = sparse.threshold_ffn(model, load_profile(args.profile), args.sparsity, "torch", weights)
+    else:
+        from hetinfer.profiler.predictors import load_predictors
+
+        ffn = sparse.predictor_ffn(model, load_predictors(args.predictors), "torch", weights)
+    windows = eval_windows(_sources(args.data), model.tokenizer, args.window, args.stride, args.tokens)
+    if not windows:
+        raise HetinferError("the evaluation data holds no scorable tokens; pass a longer text")
+    result = evaluate(model, windows, {mode: ffn}, weights, progress=not args.quiet and not args.json)[mode]
+    if args.json:
+        print(json.dumps(result.to_dict()))
+    else:
+        print(summary_table({mode: result}))
+        print("FFN density per layer: " + " ".join(f"{d:.2f}" for d in result.layer_density))
+    return 0
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("profile", help="activation statistics of every FFN neuron on calibration text")
+    _model_args(p)
+    p.add_argument("--data", nargs="+", required=True, metavar="FILE",
+                   help="plain text or chat JSONL (MT-Bench `turns` or `messages`); FILE[a:b] takes a fraction, "
+                        "e.g. valid.txt[:0.7]; several files share the token budget equally")
+    p.add_argument("-o", "--output", required=True, metavar="PROFILE", help="profile directory to write")
+    p.add_argument("--tokens", type=int, default=100_000, help="calibration tokens (default 100000)")
+    p.add_argument("--seq-len", type=int, default=512, help="tokens per calibration sequence (default 512)")
+    p.add_argument("--samples", type=int, default=8192,
+                   help="tokens whose FFN inputs are stored for predictor training (default 8192; "
+                        "n_layers * d_model * 2 bytes each)")
+    p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
+                   help="GEMM precision (default bfloat16; float32 is exact and ~5x slower)")
+    p.add_argument("--plot", metavar="PNG", help="also draw frequency and sparsity-vs-threshold curves")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=cmd_profile)
+
+    p = sub.add_parser("train-predictors", help="per-layer low-rank activation predictors from a profile")
+    _model_args(p)
+    p.add_argument("--profile", required=True, help="profile directory from `hetinfer profile`")
+    p.add_argument("-o", "--output", required=True, metavar="PREDICTORS", help="predictors directory to write")
+    p.add_argument("--sparsity", type=float, default=0.5,
+                   help="profiled level whose threshold defines an active neuron; 1 - S is the density budget (default 0.5)")
+    p.add_argument("--recall", type=float, default=0.95, help="recall of activation mass to calibrate for (default 0.95)")
+    p.add_argument("--density", type=float, default=None,
+                   help="calibrate each layer to this predicted density instead (then --recall is the rank target)")
+    p.add_argument("--ranks", default="16,32,64,128", help="candidate ranks, smallest first (default 16,32,64,128)")
+    p.add_argument("--max-param-ratio", type=float, default=0.15, help="predictor/FFN parameter cap (default 0.15)")
+    p.add_argument("--max-flops-ratio", type=float, default=0.10,
+                   help="cap on predictor FLOPs / FFN FLOPs skipped at the density budget (default 0.10)")
+    p.add_argument("--epochs", type=int, default=10, help="training epochs per rank (default 10)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=cmd_train)
+
+    p = sub.add_parser("eval", help="perplexity, top-1 agreement and KL of a sparse FFN mode against dense")
+    _model_args(p)
+    p.add_argument("--data", nargs="+", required=True, metavar="FILE",
+                   help="held-out text (sliding windows) or chat JSONL (one window per prompt); FILE[a:b] as in profile")
+    p.add_argument("--mode", choices=("dense", "threshold", "predictor", "oracle"),
+                   help="default: predictor with --predictors, threshold with --sparsity, else dense; "
+                        "oracle keeps each token's (1 - S) largest activations")
+    p.add_argument("--sparsity", type=float, help="target sparsity for threshold and oracle modes")
+    p.add_argument("--profile", help="profile directory (threshold mode)")
+    p.add_argument("--predictors", metavar="DIR", help="predictors directory (predictor mode)")
+    p.add_argument("--tokens", type=int, default=4096, help="scored tokens at most (default 4096)")
+    p.add_argument("--window", type=int, default=512, help="tokens per window (default 512)")
+    p.add_argument("--stride", type=int, default=256, help="new tokens scored per window (default 256)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=cmd_eval)
+

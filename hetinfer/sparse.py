@@ -1,0 +1,152 @@
+"""Sparse FFN modes: compute only the FFN neurons a rule selects, and record how many that was.
+
+Rules (each per token, per layer):
+- threshold: neurons whose |act(gate h) * up h| exceeds the layer's profiled threshold for a
+  target sparsity (TEAL/CATS). Deciding needs the whole gate/up product, so only the down
+  projection is skipped: a quality reference and the mode for models without predictors.
+- topk: each token's k largest |activations| (the oracle the predictors are measured against).
+- predictor: a per-layer low-rank predictor reads h and picks the rows; only those rows of
+  gate, up and down are computed (Deja Vu / PowerInfer).
+
+Backends: "kernels" runs the engine's kernels on the stored weights (one token: `sparse_ffn` /
+`scatter_axpy` over the selected rows only; prompts: dense gate/up, masked down); "torch" is the
+batched float32 reference the evaluation uses (masks applied to dense products; the same
+numbers, since an unselected neuron contributes exactly nothing either way).
+"""
+from __future__ import annotations
+
+import argparse
+from typing import Callable
+
+import numpy as np
+import torch
+
+from hetinfer import kernels
+from hetinfer.errors import HetinferError
+
+Rule = Callable[[int, torch.Tensor, torch.Tensor | None], torch.Tensor]  # (layer, h, act) -> bool mask [T, n_ff]
+
+
+class DensityMeter:
+    """Counts selected neurons and tokens per layer."""
+
+    def __init__(self, n_layers: int, n_ff: int):
+        self.n_ff = n_ff
+        self.selected = np.zeros(n_layers, np.float64)
+        self.tokens = np.zeros(n_layers, np.int64)
+
+    def record(self, layer: int, mask: torch.Tensor) -> None:
+        self.selected[layer] += float(mask.sum())
+        self.tokens[layer] += mask.shape[0]
+
+    def per_layer(self) -> np.ndarray:
+        """Fraction of FFN neurons computed, per layer."""
+        return self.selected / np.maximum(self.tokens * self.n_ff, 1)
+
+    def overall(self) -> float:
+        return float(self.selected.sum() / max(int(self.tokens.sum()) * self.n_ff, 1))
+
+    def reset(self) -> None:
+        self.selected[:] = 0
+        self.tokens[:] = 0
+
+
+class SparseFFN:
+    """An engine FFN `(layer, h) -> out` that computes only the neurons `rule` selects.
+
+    `needs_act`: the rule reads the activations (threshold, topk), so gate/up are computed densely."""
+
+    def __init__(self, model, rule: Rule, needs_act: bool, backend: str = "kernels", weights=None, name: str = ""):
+        if backend not in ("kernels", "torch"):
+            raise ValueError(f"backend must be kernels or torch, got {backend!r}")
+        self.model, self.rule, self.needs_act, self.backend, self.name = model, rule, needs_act, backend, name
+        cfg = model.config
+        self.act_name = cfg.activation
+        self.meter = DensityMeter(cfg.n_layers, cfg.n_ff)
+        if backend == "torch" and weights is None:
+            from hetinfer.profiler.runner import FloatWeights
+
+            weights = FloatWeights(model)
+        self.weights = weights
+        self._down_t: dict[int, object] = {}
+
+    def __call__(self, layer: int, h: torch.Tensor) -> torch.Tensor:
+        if self.backend == "torch":
+            act = self.weights.gate_up(layer, h).float()
+            mask = self.rule(layer, h, act)
+            self.meter.record(layer, mask)
+            return self.weights.ffn_out(layer, act * mask)
+        L = self.model.weights.layers[layer]
+        if h.shape[0] > 1:  # a prompt: dense gate/up, masked down (prefill is compute-bound anyway)
+            act = kernels.gate_up(L.gate, L.up, h, self.act_name)
+            mask = self.rule(layer, h, act)
+            self.meter.record(layer, mask)
+            return kernels.linear(L.down, act * mask)
+        if layer not in self._down_t:
+            self._down_t[layer] = kernels.transpose_down(L.down)
+        if self.needs_act:
+            act = kernels.gate_up(L.gate, L.up, h, self.act_name)
+            mask = self.rule(layer, h, act)
+            self.meter.record(layer, mask)
+            rows = mask[0].nonzero()[:, 0]
+            y = torch.zeros(h.shape[1])
+            kernels.scatter_axpy(self._down_t[layer], rows, act[0, rows], y)
+            return y[None]
+        mask = self.rule(layer, h, None)
+        self.meter.record(layer, mask)
+        return kernels.sparse_ffn(L.gate, L.up, self._down_t[layer], mask[0].nonzero()[:, 0], h, self.act_name)
+
+
+def threshold_ffn(model, profile, sparsity: float, backend: str = "kernels", weights=None) -> SparseFFN:
+    """Keep neurons with |act| above the profile's per-layer threshold for `sparsity` (any value in [0, 1))."""
+    profile.check_model(model)
+    t = torch.from_numpy(profile.thresholds(sparsity))
+    return SparseFFN(model, lambda layer, h, act: act.abs() > t[layer], True, backend, weights,
+                     f"threshold {sparsity:g}")
+
+
+def topk_ffn(model, keep: float, backend: str = "torch", weights=None) -> SparseFFN:
+    """Oracle: each token keeps its `keep` fraction of neurons with the largest |act|."""
+    k = max(1, round(keep * model.config.n_ff))
+
+    def rule(layer: int, h: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
+        idx = act.abs().topk(k, dim=1).indices
+        return torch.zeros(act.shape, dtype=torch.bool).scatter_(1, idx, True)
+
+    return SparseFFN(model, rule, True, backend, weights, f"oracle top-{keep:g}")
+
+
+def predictor_ffn(model, predictors, backend: str = "kernels", weights=None) -> SparseFFN:
+    """Compute the rows the per-layer predictors select (their calibrated thresholds)."""
+    predictors.check_model(model)
+    return SparseFFN(model, lambda layer, h, act: predictors.mask(layer, h), False, backend, weights, "predictor")
+
+
+def add_sparse_args(p: argparse.ArgumentParser) -> None:
+    """The engine flags for sparse FFN modes (generate, chat, eval)."""
+    p.add_argument("--predictors", metavar="DIR", help="predictor mode: per-layer predictors from `hetinfer train-predictors`")
+    p.add_argument("--sparsity", type=float, help="threshold mode: target fraction of FFN neurons skipped (needs --profile)")
+    p.add_argument("--profile", metavar="PROFILE", help="activation profile from `hetinfer profile` (threshold mode)")
+
+
+def engine_ffn(model, sparsity: float | None = None, profile: str | None = None, predictors: str | None = None,
+               backend: str = "kernels") -> SparseFFN | None:
+    """The FFN for `Session(model, ffn=...)` from the sparse flags; None means dense."""
+    if predictors is not None:
+        if sparsity is not None:
+            raise HetinferError("--sparsity selects threshold mode; predictor mode uses the threshold calibrated in "
+                                "--predictors (retrain with another --sparsity to change it)")
+        from hetinfer.profiler.predictors import load_predictors
+
+        return predictor_ffn(model, load_predictors(predictors), backend)
+    if sparsity is None:
+        if profile is not None:
+            raise HetinferError("--profile alone changes nothing; add --sparsity S for threshold mode")
+        return None
+    if not 0.0 <= sparsity < 1.0:
+        raise HetinferError(f"--sparsity must be in [0, 1), got {sparsity:g}")
+    if profile is None:
+        raise HetinferError("threshold mode needs per-layer thresholds: pass --profile PROFILE (from `hetinfer profile`)")
+    from hetinfer.profiler.artifact import load_profile
+
+    return threshold_ffn(model, load_profile(profile), sparsity, backend)

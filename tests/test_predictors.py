@@ -1,0 +1,114 @@
+"""Predictors: high recall where the active sets are learnable, calibration, artefact round trip."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from hetinfer.errors import ArtifactError
+from hetinfer.profiler.collect import ProfileOptions, profile_sequences
+from hetinfer.profiler.predictors import (TrainOptions, calibrate, load_predictors, threshold_for_density,
+                                          train_predictors)
+from hetinfer.sparse import predictor_ffn
+from test_profiler import random_sequences, tiny_model
+
+K, D, N_FF, VOCAB = 4, 32, 64, 400
+
+
+def clustered_model(seed=0):
+    """One layer (attention output zero) where a token of cluster t % K drives exactly the neurons j % K == t % K:
+    the truly active set of every token is known and a rank-K predictor can find it."""
+    rng = np.random.default_rng(seed)
+    c = np.linalg.qr(rng.standard_normal((D, K)))[0].T  # K orthonormal directions
+    embed = 3 * c[np.arange(VOCAB) % K] + 0.3 * rng.standard_normal((VOCAB, D))
+    gate = 2 * c[np.arange(N_FF) % K] + 0.1 * rng.standard_normal((N_FF, D))
+    up = c[np.arange(N_FF) % K] + 0.1 * rng.standard_normal((N_FF, D))
+    return tiny_model(seed=seed, n_layers=1, d=D, n_ff=N_FF, vocab=VOCAB, zero_attention=True,
+                      embed=embed, gate=gate, up=up)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    m = clustered_model()
+    seqs = random_sequences(np.random.default_rng(1), 80, VOCAB, 20, 40)
+    profile = profile_sequences(m, seqs, ProfileOptions(samples=10**6, dtype="float32"))
+    opts = TrainOptions(sparsity=0.7, recall=0.95, ranks=(4, 8, 16), epochs=20, max_param_ratio=1.0, max_flops_ratio=1.0)
+    preds, reports = train_predictors(m, profile, opts)
+    path = str(tmp_path_factory.mktemp("pred") / "tiny.predictors")
+    preds.save(path)
+    return m, profile, preds, reports, path
+
+
+def ffn_inputs(m, ids):
+    """h of the clustered model for tokens `ids` (attention adds nothing, so h = rms_norm(embedding) * ffn_norm)."""
+    E = torch.from_numpy(m.weights.embed.dequantize(np.asarray(ids)))
+    return E / torch.sqrt(E.pow(2).mean(1, keepdim=True) + m.config.norm_eps) * m.weights.layers[0].ffn_norm
+
+
+def test_predictor_reaches_high_recall_on_known_active_sets(trained):
+    m, profile, preds, reports, _ = trained
+    (r,) = reports
+    assert r.recall >= 0.95 and r.precision >= 0.9
+    assert r.density <= 0.3  # within the budget: the known set is 1/K = 25% of the neurons
+    assert r.rank in (4, 8) and r.rank < 16  # adaptive sizing stops at the first rank within budget
+    # the selected rows on fresh tokens are each token's own cluster
+    ids = torch.arange(VOCAB)
+    mask = preds.mask(0, ffn_inputs(m, ids))
+    own = (torch.arange(N_FF)[None, :] % K) == (ids[:, None] % K)
+    assert (mask & own).sum() / own.sum() > 0.95 and (mask & ~own).sum() / (~own).sum() < 0.05
+
+
+def test_predictor_ffn_follows_dense_where_predictions_are_right(trained):
+    m, _, preds, _, _ = trained
+    ffn = predictor_ffn(m, preds, backend="torch")
+    h = ffn_inputs(m, np.random.default_rng(3).integers(0, VOCAB, 50))
+    dense = m.transformer.dense_ffn(0, h)
+    out = ffn(0, h)
+    want = ffn.weights.ffn_out(0, ffn.weights.gate_up(0, h) * preds.mask(0, h))
+    torch.testing.assert_close(out, want)
+    assert ffn.meter.overall() == pytest.approx(float(preds.mask(0, h).float().mean()))
+    # 95% of the activation mass kept: close to dense, far closer than a random set of the same density
+    act = ffn.weights.gate_up(0, h)
+    rand = ffn.weights.ffn_out(0, act * (torch.rand(act.shape) < ffn.meter.overall()))
+    assert (out - dense).norm() < 0.25 * dense.norm()
+    assert (out - dense).norm() < 0.3 * (rand - dense).norm()
+
+
+def test_calibrate_is_the_highest_threshold_reaching_recall():
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(300, 50, generator=g)
+    mass = torch.rand(300, 50, generator=g) * (torch.rand(300, 50, generator=g) < 0.4)
+    for target in (0.5, 0.9, 0.95, 0.999):
+        thr, dens = calibrate(z, mass, target)
+        kept = z > thr
+        assert float((mass * kept).sum() / mass.sum()) >= target - 1e-9
+        assert kept.float().mean().item() == pytest.approx(dens)
+        tighter = z > z[kept].min()  # drop the weakest kept logit
+        assert float((mass * tighter).sum() / mass.sum()) < target
+    thr, dens = threshold_for_density(z, 0.3)
+    assert (z > thr).float().mean().item() == pytest.approx(0.3, abs=1 / z.numel()) and dens == pytest.approx(0.3)
+
+
+def test_predictors_round_trip_and_errors(trained, tmp_path):
+    import shutil
+
+    m, _, preds, reports, path = trained
+    q = load_predictors(path, m)
+    h = torch.randn(20, D)
+    torch.testing.assert_close(q.logits(0, h), preds.logits(0, h))
+    assert torch.equal(q.mask(0, h), preds.mask(0, h))
+    manifest = json.load(open(os.path.join(path, "manifest.json")))
+    assert manifest["format"] == "hetinfer-predictors" and manifest["layers"] == [0]
+    assert manifest["report"][0]["rank"] == reports[0].rank and manifest["summary"]["median_recall"] >= 0.95
+    with pytest.raises(ArtifactError, match="fingerprint .* re-run `hetinfer train-predictors`"):
+        load_predictors(path, tiny_model(seed=5))
+    bad = str(tmp_path / "old")
+    shutil.copytree(path, bad)
+    json.dump(dict(manifest, version=0), open(os.path.join(bad, "manifest.json"), "w"))
+    with pytest.raises(ArtifactError, match="version 0 but this hetinfer reads version 1"):
+        load_predictors(bad)
+    with pytest.raises(ArtifactError, match="is a hetinfer-predictors artefact, not a hetinfer-profile"):
+        from hetinfer.profiler.artifact import load_profile
+
+        load_profile(path)

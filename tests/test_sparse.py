@@ -1,0 +1,92 @@
+"""Engine sparse FFN modes: kernel path against the float32 reference, density, flags, generation."""
+import numpy as np
+import pytest
+import torch
+
+from hetinfer.errors import HetinferError
+from hetinfer.generate import Session
+from hetinfer.profiler.collect import ProfileOptions, profile_sequences
+from hetinfer.profiler.runner import FloatWeights
+from hetinfer.sampling import SamplingParams
+from hetinfer.sparse import SparseFFN, engine_ffn, threshold_ffn, topk_ffn
+from test_profiler import tiny_model
+
+
+def rules(d, n_ff):
+    R = torch.randn(d, n_ff, generator=torch.Generator().manual_seed(0))
+    by_act = lambda layer, h, act: act.abs() > 0.02 * (layer + 1)  # noqa: E731
+    by_input = lambda layer, h, act: (h @ R) > 0.3  # noqa: E731  (a stand-in predictor: reads h only)
+    return {"act": (by_act, True), "input": (by_input, False)}
+
+
+@pytest.mark.parametrize("kind", ["act", "input"])
+@pytest.mark.parametrize("real", [False, True])
+def test_kernel_path_matches_float32_reference(kind, real, request):
+    m = request.getfixturevalue("model") if real else tiny_model(seed=1, n_layers=2, d=64, n_ff=128)
+    d, n_ff = m.config.d_model, m.config.n_ff
+    rule, needs_act = rules(d, n_ff)[kind]
+    ref = SparseFFN(m, rule, needs_act, "torch")
+    eng = SparseFFN(m, rule, needs_act, "kernels")
+    g = torch.Generator().manual_seed(2)
+    h = torch.randn(6, d, generator=g)
+    for layer in (0, 1):
+        want = ref(layer, h)
+        assert 0.05 < ref.meter.per_layer()[layer] < 0.95  # a real selection, neither none nor all
+        # one token at a time: only the selected rows (down transposed once; q8_0 when the model is quantized)
+        for t in range(len(h)):
+            got = eng(layer, h[t: t + 1])
+            tol = 2e-2 if real else 1e-4
+            assert (got - want[t]).abs().max() <= tol * want[t].abs().max()
+        # a prompt: dense gate/up, masked down
+        torch.testing.assert_close(eng(layer, h), want, atol=1e-3 * float(want.abs().max()), rtol=1e-3)
+    np.testing.assert_allclose(eng.meter.selected, 2 * ref.meter.selected)
+    assert eng.meter.tokens[:2].tolist() == [12, 12] and not eng.meter.tokens[2:].any()
+
+
+def test_topk_keeps_exactly_k_and_all_means_dense():
+    m = tiny_model(seed=2)
+    h = torch.randn(9, 64)
+    w = FloatWeights(m)
+    f = topk_ffn(m, 0.25, "torch", w)
+    f(0, h)
+    assert f.meter.per_layer()[0] == pytest.approx(round(0.25 * 96) / 96)
+    full = topk_ffn(m, 1.0, "torch", w)
+    torch.testing.assert_close(full(1, h), w.dense_ffn(1, h))
+    assert full.meter.overall() == 1.0
+
+
+@pytest.fixture(scope="module")
+def real_profile(model, tmp_path_factory):
+    ids = model.tokenizer.encode("The quick brown fox jumps over the lazy dog. " * 60)
+    p = profile_sequences(model, [ids[i: i + 128] for i in range(0, 512, 128)], ProfileOptions(samples=256))
+    path = str(tmp_path_factory.mktemp("real") / "smol.profile")
+    p.save(path)
+    return path
+
+
+@pytest.mark.slow
+def test_generate_with_threshold_mode(model, real_profile):
+    ffn = engine_ffn(model, sparsity=0.5, profile=real_profile)
+    s = Session(model, n_ctx=128, ffn=ffn)
+    text = "".join(s.complete("The quick brown fox", SamplingParams(temperature=0, max_tokens=6)))
+    assert text and s.stats.gen_tokens == 6
+    dens = ffn.meter.per_layer()
+    assert ffn.meter.tokens[0] == len(model.tokenizer.encode("The quick brown fox")) + 5
+    assert 0.3 < ffn.meter.overall() < 0.7 and (dens > 0.1).all()
+
+
+def test_engine_flags_are_checked(model, real_profile):
+    assert engine_ffn(model) is None
+    with pytest.raises(HetinferError, match="needs per-layer thresholds: pass --profile"):
+        engine_ffn(model, sparsity=0.5)
+    with pytest.raises(HetinferError, match="add --sparsity"):
+        engine_ffn(model, profile=real_profile)
+    with pytest.raises(HetinferError, match=r"\[0, 1\)"):
+        engine_ffn(model, sparsity=1.5, profile=real_profile)
+    with pytest.raises(HetinferError, match="predictor mode uses the threshold"):
+        engine_ffn(model, sparsity=0.5, predictors="x")
+    from hetinfer.errors import ArtifactError
+    from hetinfer.profiler.artifact import load_profile
+
+    with pytest.raises(ArtifactError, match="fingerprint"):
+        threshold_ffn(tiny_model(), load_profile(real_profile), 0.5)
