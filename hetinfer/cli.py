@@ -11,7 +11,7 @@ import time
 from hetinfer.errors import HetinferError
 
 # Modules that contribute subcommands through add_parser(subparsers) -> registers run(args) -> int.
-SUBCOMMAND_MODULES: tuple[str, ...] = ()
+SUBCOMMAND_MODULES: tuple[str, ...] = ("hetinfer.profiler.cli", "hetinfer.placement.cli", "hetinfer.server.cli")
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
