@@ -90,3 +90,18 @@ def test_engine_flags_are_checked(model, real_profile):
 
     with pytest.raises(ArtifactError, match="fingerprint"):
         threshold_ffn(tiny_model(), load_profile(real_profile), 0.5)
+
+
+@pytest.mark.slow
+def test_chat_with_predictor_mode(model, real_profile, tmp_path):
+    from hetinfer.profiler.artifact import load_profile
+    from hetinfer.profiler.predictors import TrainOptions, train_predictors
+
+    preds, _ = train_predictors(model, load_profile(real_profile), TrainOptions(ranks=(16,), epochs=2, density=0.4), layers=[0])
+    preds.save(str(tmp_path / "p"))
+    ffn = engine_ffn(model, predictors=str(tmp_path / "p"))
+    s = Session(model, n_ctx=256, ffn=ffn)
+    text = "".join(s.chat([{"role": "user", "content": "Say hi."}], SamplingParams(temperature=0, max_tokens=4)))
+    assert text and s.stats.gen_tokens >= 1
+    dens = ffn.meter.per_layer()
+    assert 0.05 < dens[0] < 0.9 and (dens[1:] == 1.0).all()  # untrained layers compute every neuron

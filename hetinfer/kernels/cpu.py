@@ -465,7 +465,7 @@ def gate_up(fmt, wg, wu, x, act, h, nchunks):
 
 @njit(inline="always")
 def _ffn_rows(fmt, wg, wu, fmt_d, wd_t, rows, x, act, y, h, lo, hi):
-    pf = 2  # EXPERIMENT
+    pf = 8  # EXPERIMENT
     for k in range(lo, hi):
         if k + pf < hi:
             _prefetch_row(wg, rows[k + pf])

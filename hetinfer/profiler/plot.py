@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from hetinfer.errors import HetinferError
+from hetinfer.profiler.artifact import hist_quantile
 
 
 def plot_profile(profile, path: str, sparsity: float = 0.5) -> None:
@@ -32,9 +33,9 @@ def plot_profile(profile, path: str, sparsity: float = 0.5) -> None:
           title="per-layer activation frequency")
     b.set(xlabel="|activation| threshold", ylabel="sparsity (fraction of activations below)",
           title="sparsity vs threshold")
-    used = np.flatnonzero(hist.sum(0)[1:-1])  # bin k spans edges[k] .. edges[k + 1]
-    if len(used):
-        b.set_xlim(edges[used[0]], edges[used[-1] + 1])
+    lo = min(hist_quantile(hist[i], edges, 0.001) for i in range(L))
+    hi = max(hist_quantile(hist[i], edges, 0.9999) for i in range(L))
+    b.set_xlim(max(lo, edges[0]), hi)
     sm = plt.cm.ScalarMappable(cmap="viridis", norm=plt.Normalize(0, L - 1))
     fig.colorbar(sm, ax=b, label="layer")
     fig.suptitle(f"{profile.config.get('name') or 'model'}: {profile.tokens} calibration tokens")
