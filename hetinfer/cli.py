@@ -18,6 +18,12 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-m", "--model", help="GGUF file or Hugging Face checkpoint directory (default: SmolLM2-135M-Instruct)")
     p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: all cores available)")
     p.add_argument("--ctx", type=int, default=4096, help="context size in tokens (default 4096, capped at the model's)")
+    p.add_argument("--weights", choices=("native", "f16", "f32"), default="native",
+                   help="weight format the kernels read: native keeps the file's (GGUF block formats stay "
+                        "quantized), f16/f32 convert once at load (default native)")
+    from hetinfer.sparse import add_sparse_args
+
+    add_sparse_args(p)
 
 
 def add_sampling_args(p: argparse.ArgumentParser, default_temp: float = 0.8) -> None:
@@ -45,21 +51,31 @@ def sampling_params(args: argparse.Namespace):
 def open_session(args: argparse.Namespace):
     from hetinfer.generate import Session
     from hetinfer.loader import load_model
+    from hetinfer.sparse import engine_ffn
 
     if args.threads:
         import torch
 
+        from hetinfer import kernels
+
         torch.set_num_threads(args.threads)
-    return Session(load_model(args.model), n_ctx=args.ctx)
+        kernels.set_threads(args.threads)
+    model = load_model(args.model, weights=args.weights)
+    ffn = engine_ffn(model, args.sparsity, args.profile, args.predictors)
+    return Session(model, n_ctx=args.ctx, ffn=ffn)
 
 
 def report(session, args: argparse.Namespace) -> None:
     stats = session.stats.to_dict()
+    meter = getattr(session.ffn, "meter", None)
+    if meter is not None:
+        stats["ffn_density"] = round(meter.overall(), 4)  # fraction of FFN neurons computed so far
     if args.verbose:
+        sparse = f" | FFN density {stats['ffn_density']:.1%}" if meter is not None else ""
         print(
             f"\n[prompt {stats['prompt_tokens']} tok, {stats['prompt_tok_s']:.1f} tok/s | "
             f"generated {stats['gen_tokens']} tok, {stats['gen_tok_s']:.1f} tok/s | "
-            f"peak RSS {stats['peak_rss_bytes'] / 2**20:.0f} MiB]",
+            f"peak RSS {stats['peak_rss_bytes'] / 2**20:.0f} MiB{sparse}]",
             file=sys.stderr,
         )
     if args.stats_json:

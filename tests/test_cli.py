@@ -32,3 +32,33 @@ def test_info_json(model_path):
     # Q4_1 gate+up rows (18 blocks x 20 B each) + a 1536-col Q4_1 down column share (576*960/1536 B)
     assert info["ffn_neuron_bytes"] == 360 + 360 + 576 * 960 // 1536
     assert info["bytes"]["ffn"] == 30 * 3 * 1536 * 360
+
+
+def test_generate_flags_for_weights_and_threshold_sparsity(model, model_path, tmp_path):
+    """--weights f32 gives the float engine's text; --sparsity/--profile runs the threshold FFN and reports its
+    density; a missing --profile is a one-line error."""
+    from hetinfer.loader import load_model
+    from hetinfer.profiler.collect import ProfileOptions, profile_sequences
+
+    ids = model.tokenizer.encode("The quick brown fox jumps over the lazy dog. " * 40)
+    profile = str(tmp_path / "p.profile")
+    profile_sequences(model, [ids[i: i + 128] for i in range(0, 384, 128)], ProfileOptions(samples=128)).save(profile)
+
+    def run(*extra):
+        stats = tmp_path / "stats.json"
+        p = subprocess.run([sys.executable, "-m", "hetinfer.cli", "generate", "-m", model_path, "-p", "The capital of",
+                            "-n", "6", "--temperature", "0", "--stats-json", str(stats), *extra],
+                           capture_output=True, text=True, timeout=300)
+        return p, (json.loads(stats.read_text()) if p.returncode == 0 else None)
+
+    p, _ = run("--weights", "f32")
+    assert p.returncode == 0, p.stderr
+    f32 = Session(load_model(model_path, weights="f32"), 64)
+    assert p.stdout == "".join(f32.complete("The capital of", SamplingParams(temperature=0, max_tokens=6))) + "\n"
+
+    p, s = run("--sparsity", "0.5", "--profile", profile)
+    assert p.returncode == 0, p.stderr
+    assert 0.3 < s["ffn_density"] < 0.7
+
+    p, _ = run("--sparsity", "0.5")
+    assert p.returncode == 2 and p.stderr.count("\n") == 1 and "pass --profile PROFILE" in p.stderr
