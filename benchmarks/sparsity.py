@@ -20,12 +20,13 @@ import time
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(__file__))
-from _util import machine, table  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks._util import machine, table  # noqa: E402
 
 from hetinfer import sparse  # noqa: E402
 from hetinfer.data import calibration_sequences, parse_source  # noqa: E402
 from hetinfer.loader import load_model  # noqa: E402
+from hetinfer.model import ACT  # noqa: E402
 from hetinfer.profiler.artifact import load_profile  # noqa: E402
 from hetinfer.profiler.collect import ProfileOptions, profile_sequences  # noqa: E402
 from hetinfer.profiler.evaluate import eval_windows, evaluate  # noqa: E402
@@ -58,6 +59,19 @@ def ensure_predictors(model, profile, path: str) -> float | None:
     preds.manifest["seconds"] = round(time.perf_counter() - t0, 1)
     preds.save(path)
     return time.perf_counter() - t0
+
+
+def gate_topk_ffn(model, keep: float, w: FloatWeights) -> sparse.SparseFFN:
+    """Each token keeps its `keep` fraction of neurons with the largest |act(gate h)| (CATS-style selection from the
+    exact, full-rank gate; the up product is not consulted): what a predictor that learnt the gate perfectly gets."""
+    k = max(1, round(keep * model.config.n_ff))
+    act = ACT[model.config.activation]
+
+    def rule(layer: int, h: torch.Tensor, _act) -> torch.Tensor:
+        g = act(h @ w.layer(layer).gate.T).abs()
+        return torch.zeros(g.shape, dtype=torch.bool).scatter_(1, g.topk(k, dim=1).indices, True)
+
+    return sparse.SparseFFN(model, rule, True, "torch", w, f"gate top-{keep:g}")
 
 
 def blocks_touched(model, profile, windows, n_tokens: int = 2048) -> dict[str, float]:
@@ -113,7 +127,8 @@ def main() -> None:
             "oracle top-50%": sparse.topk_ffn(model, 0.5, "torch", w),
             "oracle top-30%": sparse.topk_ffn(model, 0.3, "torch", w),
             "threshold 50%": sparse.threshold_ffn(model, profile, 0.5, "torch", w),
-            "threshold 70%": sparse.threshold_ffn(model, profile, 0.7, "torch", w)}
+            "threshold 70%": sparse.threshold_ffn(model, profile, 0.7, "torch", w),
+            "gate top-50%": gate_topk_ffn(model, 0.5, w)}
     for path, p in predictors.items():
         opts = p.manifest["options"]
         how = f"density {opts['density']:g}" if opts.get("density") is not None else f"recall {opts['recall']:g}"
@@ -122,6 +137,10 @@ def main() -> None:
     windows = eval_windows([held_out], model.tokenizer, args.window, args.stride, args.tokens)
     t0 = time.perf_counter()
     results = evaluate(model, windows, ffns, w, progress=True)
+    # the oracle at each predictor's achieved density: what a perfect predictor would cost at the same budget
+    same = {f"oracle at {r.mode}'s density": sparse.topk_ffn(model, r.ffn_density, "torch", w)
+            for r in results.values() if r.mode.startswith("predictor")}
+    results.update(evaluate(model, windows, same, w, progress=True))
     eval_s = time.perf_counter() - t0
 
     rows = [[r.mode, f"{r.perplexity:.3f}", f"{r.perplexity / r.dense_perplexity:.4f}", f"{r.top1_agreement:.2%}",
