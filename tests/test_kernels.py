@@ -1,8 +1,14 @@
 """CPU kernels against the numpy reference, on random and real SmolLM2 weights, in every format.
 
-Tolerance: the kernels decode each weight exactly as `QTensor.dequantize` does (same float32
-operations), so every format has the same bound, float32 summation error only:
-|ours - reference| <= 1e-5 * (|W| @ |x|) elementwise, the reference accumulating in float64.
+Tolerance, the same bound for every format: |ours - reference| <= 1e-5 * (|W| @ |x|) elementwise,
+the reference accumulating in float64 (measured: below 1e-7 of the bound's scale).
+- f32/f16/bf16: the kernels decode each weight exactly as `QTensor.dequantize` does, so the bound
+  is float32 summation error only.
+- q8_0/q4_0/q4_1: the kernels take x in 31-bit fixed point per block of 32 (`cpu.quantize_x`,
+  bit-identical to `reference.quantize_x`, within amax * 2^-31 of x), integer dot products per block,
+  float32 across blocks; the reference multiplies the same fixed-point x exactly, so the bound is again
+  float32 summation error. The fixed point is below float32 resolution: the same bound also holds
+  against float x (`test_fixed_point_x_matches_float_x`).
 Embedding rows are bit-exact. A wrong nibble order, scale or offset breaks these by orders of
 magnitude.
 """
@@ -11,6 +17,7 @@ import pytest
 import torch
 
 from hetinfer import kernels
+from hetinfer.kernels import cpu
 from hetinfer.kernels import reference as ref
 from hetinfer.tensors import FORMATS, QTensor, quantize
 
@@ -56,6 +63,45 @@ def test_linear(qtype, T):
     for cols in cols_for(qtype):
         W, x = rand_q(70, cols, qtype, read_only=T == 3), rand_x(T, cols)
         assert_close(kernels.linear(W, x), ref.linear(W, x.numpy()), bound_linear(W, x.numpy()))
+
+
+def test_quantize_x_bit_exact_and_within_bound():
+    """The kernels' fixed-point x equals the reference's bit for bit, including blocks of zeros, tiny,
+    huge, inf and nan values, and is within 1.01 dx * 2^-16 of x (float32 rounding of the residual adds ~0.2%)."""
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((3, 320)) * np.exp(3 * rng.standard_normal((3, 320)))).astype(np.float32)
+    x[0, :32] = 0
+    x[0, 32:64] = 2e-29  # dx < 2^-110: the block counts as zero
+    x[0, 64:96] = 3e-29  # the smallest amax still quantized
+    x[1, 70] = np.inf
+    x[1, 100] = np.nan
+    x[2, 128:160] = 3e38
+    x[2, 131] = -3.4e38
+    x[2, 160:192] *= 1e6  # an outlier block next to ordinary ones
+    xq, xs = np.empty((3, 10, 64), np.int16), np.empty((3, 10, 2), np.float32)
+    cpu.quantize_x(x, xq, xs)
+    h, lo, dx = ref.quantize_x(x)
+    assert np.array_equal(xq[..., :32], h) and np.array_equal(xq[..., 32:], lo)
+    assert np.array_equal(xs[..., 0], dx, equal_nan=True)
+    xf = ref.fixed_x(x)
+    with np.errstate(over="ignore", invalid="ignore"):
+        assert np.array_equal(xs[..., 1], xf.reshape(3, 10, 32).sum(-1).astype(np.float32), equal_nan=True)
+    assert np.isnan(dx[1, 2]) and np.isnan(dx[1, 3]) and dx[0, 0] == 0 and dx[0, 1] == 0 and dx[0, 2] > 0
+    good = np.repeat(dx > 0, 32, -1) & np.repeat(np.isfinite(dx), 32, -1)
+    err = np.abs(xf - x)[good]
+    assert np.all(err <= 1.01 * 2.0**-16 * np.repeat(dx, 32, -1)[good])
+    assert np.array_equal(xf[0, :64], np.zeros(64))
+
+
+@pytest.mark.parametrize("qtype", ["q8_0", "q4_0", "q4_1"])
+def test_fixed_point_x_matches_float_x(qtype):
+    """Block-format products against the plain float64 product with x as given (no fixed point): the
+    same float32-level bound, on x with outliers (as LLM activations have) and long rows."""
+    W = rand_q(40, 4096, qtype)
+    rng = np.random.default_rng(3)
+    x = (rng.standard_normal((2, 4096)) * np.exp(2 * rng.standard_normal((2, 4096)))).astype(np.float32)
+    want = np.asarray(x, np.float64) @ W.dequantize().astype(np.float64).T
+    assert_close(kernels.linear(W, torch.from_numpy(x)), want, bound_linear(W, x))
 
 
 @pytest.mark.parametrize("qtype", FORMATS)

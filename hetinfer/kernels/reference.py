@@ -1,13 +1,15 @@
 """Plain numpy versions of every kernel: obviously correct, float64 accumulation, slow.
 
 Tests compare the CPU and CUDA kernels against these. Weights are decoded with
-`QTensor.dequantize`, which matches the `gguf` package byte for byte.
+`QTensor.dequantize`, which matches the `gguf` package byte for byte. Products with block-format
+weights (q8_0, q4_0, q4_1) take x as the CPU kernels read it, in 31-bit fixed point per block of
+32 (`fixed_x`, within amax * 2^-31 of x: below float32 resolution), then multiply exactly.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from hetinfer.tensors import QTensor, quantize
+from hetinfer.tensors import BLOCK_FORMATS, QTensor, quantize
 
 
 def act(name: str, g: np.ndarray) -> np.ndarray:
@@ -25,9 +27,40 @@ def _w(W: QTensor, rows=None) -> np.ndarray:
     return W.dequantize(rows).astype(np.float64)
 
 
+def quantize_x(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`cpu.quantize_x`, bit for bit: x [..., cols] -> h, l int16 [..., cols // 32, 32] and dx float32
+    [..., cols // 32] with x = dx * (h + l / 2^15): dx = amax / 32767, h = rint(x * (1 / dx)),
+    l = rint((x - h * dx) * (2^15 / dx)), all float32 (x - h * dx fused: exact in float64, rounded once).
+    Blocks with inf/nan get dx = nan and h = l = 0, blocks with dx < 2^-110 count as 0."""
+    f32 = np.float32
+    b = np.asarray(x, f32).reshape(*np.shape(x)[:-1], -1, 32)
+    amax = np.abs(b).max(-1)
+    dx = amax / f32(32767.0)
+    finite = np.isfinite(b).all(-1)
+    ok = finite & (dx >= f32(2.0**-110))
+    b = np.where(ok[..., None], b, f32(0))
+    inv = np.where(ok, f32(1.0) / np.where(ok, dx, f32(1)), f32(0))[..., None]
+    h = np.rint(b * inv)
+    r = (b.astype(np.float64) - h.astype(np.float64) * np.where(ok, dx, f32(0))[..., None]).astype(f32)
+    lo = np.rint(r * (inv * f32(32768.0)))
+    dx = np.where(ok, dx, np.where(finite, f32(0), f32(np.nan))).astype(f32)
+    return h.astype(np.int16), lo.astype(np.int16), dx
+
+
+def fixed_x(x: np.ndarray) -> np.ndarray:
+    """x as the block-format dots see it, float64: dx * (h + l / 2^15) from `quantize_x`."""
+    h, lo, dx = quantize_x(x)
+    return (dx.astype(np.float64)[..., None] * (h + lo / 32768.0)).reshape(np.shape(x))
+
+
+def _x(W: QTensor, x: np.ndarray) -> np.ndarray:
+    """x as a product with W reads it: `fixed_x` for block formats, else x itself."""
+    return fixed_x(x) if W.qtype in BLOCK_FORMATS else np.asarray(x, np.float64)
+
+
 def linear(W: QTensor, x: np.ndarray) -> np.ndarray:
     """x [T, cols] -> [T, rows]."""
-    return np.asarray(x, np.float64) @ _w(W).T
+    return _x(W, x) @ _w(W).T
 
 
 def embedding(W: QTensor, ids: np.ndarray) -> np.ndarray:
@@ -36,7 +69,7 @@ def embedding(W: QTensor, ids: np.ndarray) -> np.ndarray:
 
 def gather_matvec(W: QTensor, rows: np.ndarray, x: np.ndarray) -> np.ndarray:
     """The selected output rows only: x [..., cols] -> [..., len(rows)]."""
-    return np.asarray(x, np.float64) @ _w(W, rows).T
+    return _x(W, x) @ _w(W, rows).T
 
 
 def scatter_axpy(Wd_t: QTensor, rows: np.ndarray, a: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -51,7 +84,7 @@ def gate_up(Wg: QTensor, Wu: QTensor, x: np.ndarray, act_name: str) -> np.ndarra
 
 def sparse_ffn(Wg: QTensor, Wu: QTensor, Wd_t: QTensor, rows: np.ndarray, x: np.ndarray, act_name: str):
     """FFN output of one token [d] using only neurons `rows`, and their activations h [len(rows)]."""
-    x = np.asarray(x, np.float64).reshape(-1)
+    x = _x(Wg, np.reshape(x, -1))
     h = act(act_name, _w(Wg, rows) @ x) * (_w(Wu, rows) @ x)
     return h @ _w(Wd_t, rows), h
 
