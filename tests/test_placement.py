@@ -91,6 +91,20 @@ def test_dense_parts_fill_the_gpu_head_first_then_layers_in_order():
     assert d.ram_bytes == s.embed_bytes + s.scratch_bytes + 2 * per_layer  # tied-less head is on the GPU
 
 
+def test_predictors_are_dense_parts_on_the_device_of_their_layers_attention():
+    cfg = tiny_config(4, 32)
+    bare = model_sizes(cfg, WeightFormats.uniform("q8_0"), 16)
+    s = model_sizes(cfg, WeightFormats.uniform("q8_0"), 16, predictor_bytes=[1000, 2000, 3000, 4000])
+    assert s.predictor_bytes.tolist() == (s.layer_bytes - bare.layer_bytes).tolist() == [1000, 2000, 3000, 4000]
+    per_layer = s.layer_bytes + s.kv_bytes
+    gpu = GpuTier(s.scratch_bytes + s.head_bytes + int(per_layer[:2].sum()), 1e11, 1e10, 1e-5)
+    d = place_dense(s, Hardware(ram=RamTier(1 << 30, 1e10), gpu=gpu))
+    assert d.attn_on_gpu.tolist() == [True, True, False, False]
+    assert d.predictor_seconds == pytest.approx(3000 / 1e11 + 7000 / 1e10)
+    assert d.seconds - place_dense(bare, Hardware(ram=RamTier(1 << 30, 1e10), gpu=gpu)).seconds == pytest.approx(
+        d.predictor_seconds)
+
+
 def test_too_small_ram_names_the_minimum():
     s = model_sizes(LLAMA2_70B, WeightFormats.uniform("q4_0"), 4096)
     need = place_dense(s, Hardware(ram=RamTier(1 << 50, 1e10))).ram_bytes

@@ -120,3 +120,40 @@ def test_the_documented_example_is_a_valid_description():
     example = re.search(r"```json\n(.*?)```", doc, re.S).group(1)
     hw = Hardware.from_dict(json.loads(example))
     assert hw.tiers == ("gpu", "ram", "flash") and hw.gpu.capacity_bytes == 24 << 30
+
+
+def test_cpu_probe_times_the_kernels_on_the_stored_format_and_is_cached(tmp_path, monkeypatch):
+    from hetinfer import kernels
+
+    widths = []
+    real = kernels.sparse_ffn
+
+    def counting(Wg, Wu, Wd_t, rows, x, act, **kw):
+        widths.append((Wg.qtype, Wd_t.qtype, Wg.shape[1]))
+        return real(Wg, Wu, Wd_t, rows, x, act, **kw)
+
+    monkeypatch.setattr(kernels, "sparse_ffn", counting)
+    rate = hardware.measure_cpu_bytes_per_s("q4_1", 576, cache_dir=tmp_path)
+    assert 1e8 < rate < 1e12
+    assert ("q4_1", "q8_0", 576) in widths  # gate/up as stored, down as kernels.transpose_down holds it
+    entry = json.loads((tmp_path / "cpu-probe-q4_1-576.json").read_text())
+    assert entry["key"]["qtype"] == "q4_1" and entry["key"]["threads"] == kernels.get_threads()
+    assert entry["densities"] == list(hardware.PROBE_DENSITIES) and len(entry["rates"]) == len(entry["densities"])
+    assert entry["bytes_per_s"] == rate and min(entry["rates"]) <= rate <= max(entry["rates"])
+
+    widths.clear()
+    assert hardware.measure_cpu_bytes_per_s("q4_1", 576, cache_dir=tmp_path) == rate and widths == []
+    entry["key"]["host"] = "elsewhere"  # measured on another machine sharing this home: re-probe
+    (tmp_path / "cpu-probe-q4_1-576.json").write_text(json.dumps(entry))
+    hardware.measure_cpu_bytes_per_s("q4_1", 576, cache_dir=tmp_path)
+    assert widths
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_probe_times_the_cuda_kernels(tmp_path):
+    gpu = hardware.measure_gpu("q4_0", 4096, cache_dir=tmp_path, seconds=0.05)
+    assert gpu.bytes_per_s > 1e9 and gpu.h2d_bytes_per_s > 1e8 and 0 < gpu.sync_latency_s < 0.1
+    entry = json.loads((tmp_path / "gpu-probe-q4_0-4096.json").read_text())
+    assert entry["key"]["device"] == torch.cuda.get_device_name() and entry["bytes_per_s"] == gpu.bytes_per_s
+    assert hardware.measure_gpu("q4_0", 4096, cache_dir=tmp_path, seconds=0.05).bytes_per_s == gpu.bytes_per_s

@@ -1,13 +1,14 @@
 """The plan artefact (write, read, validate) and `hetinfer place` end to end."""
 import argparse
 import json
+import shutil
 
 import numpy as np
 import pytest
 
 from hetinfer.config import ModelConfig
 from hetinfer.placement import cli, ilp, synth
-from hetinfer.placement.cost import GPU, PlacementError, WeightFormats, build_problem, model_sizes
+from hetinfer.placement.cost import GPU, PlacementError, WeightFormats, build_problem, model_sizes, weight_sizes
 from hetinfer.placement.hardware import ASSUMED_FLASH, FlashTier, GpuTier, Hardware, RamTier, save_hardware
 from hetinfer.placement.plan import PlanError, build_manifest, load_plan, save_plan
 
@@ -136,6 +137,7 @@ def test_place_json_reports_the_solve_and_every_tier(tmp_path, profiles, capsys)
     assert out["prediction"] and any("formats assumed: q8_0" in a for a in out["assumptions"])
     plan = load_plan(tmp_path / "plan")
     assert plan.manifest["inputs"]["profile"] == "measured" and plan.manifest["profile"]["tokens"] == 1000
+    assert plan.manifest["inputs"]["predictors"] == "none" and plan.manifest["predictors"]["layer_bytes"] == [0] * 4
 
 
 def test_place_prints_tier_and_layer_tables(tmp_path, profiles, capsys):
@@ -156,9 +158,12 @@ def test_what_if_llama2_70b_on_24g_gpu_64g_ram_nvme(tmp_path, capsys):
     hw = machine(gpu=24 << 30, ram=64 << 30, flash=2 << 40)
     save_hardware(hw, tmp_path / "hw.json")
     assert place("--model-shape", shape, "--power-law", "1.0", "--sparsity", "0.9", "--qtype", "f16",
-                 "--hardware", tmp_path / "hw.json", "-o", tmp_path / "plan", "--json") == 0
+                 "--predictor-bytes", "4MiB", "--hardware", tmp_path / "hw.json", "-o", tmp_path / "plan",
+                 "--json") == 0
     out = json.loads(capsys.readouterr().out)
     assert out["prediction"] and any("model not on disk" in a for a in out["assumptions"])
+    assert any("predictors assumed: 4.00 MiB per layer" in a for a in out["assumptions"])
+    assert out["predictors"]["bytes"] == "assumed" and out["predictors"]["total_bytes"] == 80 * (4 << 20)
     assert any("power law" in a for a in out["assumptions"])
     assert all(t["used_bytes"] <= t["capacity_bytes"] for t in out["tiers"].values())
     assert out["tiers"]["flash"]["used_bytes"] > 0 and out["tiers"]["gpu"]["used_bytes"] > 23 << 30
@@ -198,6 +203,7 @@ def test_too_small_a_budget_for_the_dense_parts_says_the_minimum(tmp_path, profi
     (["--power-law", "1"], "-o PLAN is required"),
     (["--power-law", "1", "-o", "x", "--window", "-1"], "--window is out of range"),
     (["--power-law", "1", "-o", "x", "--sparsity", "1"], "--sparsity is out of range"),
+    (["--power-law", "1", "-o", "x", "--predictors", "p", "--predictor-bytes", "1M"], "not both"),
 ])
 def test_place_argument_errors(tmp_path, argv, message):
     save_hardware(machine(), tmp_path / "hw.json")
@@ -239,18 +245,66 @@ def smollm2_profile(model, tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="module")
+def smollm2_predictors(model, smollm2_profile, tmp_path_factory):
+    """Real predictors of the default model, trained on layers 0 and 1 (the others keep rank-1 zeros)."""
+    from hetinfer.profiler.artifact import load_profile
+    from hetinfer.profiler.predictors import TrainOptions, train_predictors
+
+    preds, _ = train_predictors(model, load_profile(smollm2_profile), TrainOptions(ranks=(16,), epochs=2, density=0.4),
+                                layers=[0, 1])
+    path = tmp_path_factory.mktemp("predictors") / "smollm2"
+    preds.save(str(path))
+    return path
+
+
 @pytest.mark.slow
-def test_place_with_a_real_profile_of_the_loaded_model(model_path, smollm2_profile, tmp_path, capsys, monkeypatch):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # the flash probe's cache
+def test_place_with_a_real_profile_of_the_loaded_model(model_path, model, smollm2_profile, smollm2_predictors,
+                                                       tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # the flash and kernel probes' cache
     (tmp_path / "flash").mkdir()
-    assert place("-m", model_path, "--profile", smollm2_profile, "--sparsity", "0.7", "--gpu-mem", "0",
-                 "--ram", "100MiB", "--flash-dir", tmp_path / "flash", "--ctx", "256", "-o", tmp_path / "plan",
-                 "--json", "--time-limit", "10", "--max-binaries", "2000") == 0
+    assert place("-m", model_path, "--profile", smollm2_profile, "--predictors", smollm2_predictors,
+                 "--sparsity", "0.7", "--gpu-mem", "0", "--ram", "100MiB", "--flash-dir", tmp_path / "flash",
+                 "--ctx", "256", "-o", tmp_path / "plan", "--json", "--time-limit", "10", "--max-binaries", "2000") == 0
     out = json.loads(capsys.readouterr().out)
-    assert not out["prediction"] and out["assumptions"] == []  # model, profile and machine all measured
+    assert not out["prediction"] and out["assumptions"] == []  # model, profile, predictors and machine all measured
     plan = load_plan(tmp_path / "plan")
-    assert plan.manifest["inputs"]["profile"] == "measured" and plan.manifest["profile"]["tokens"] > 100
+    m = plan.manifest
+    assert m["inputs"]["profile"] == "measured" and m["profile"]["tokens"] > 100
     assert plan.tiers.shape == (30, 1536) and set(np.unique(plan.tiers)) == {1, 2}  # RAM and flash, no GPU
+    # the predictors' bytes, counted from the artefact: rank 16 on layers 0-1, rank 1 elsewhere, float32
+    per_layer = [16 * (576 + 1536) * 4] * 2 + [1 * (576 + 1536) * 4] * 28
+    assert m["inputs"]["predictors"] == "measured"
+    assert m["predictors"]["source"] == str(smollm2_predictors) and m["predictors"]["bytes"] == "measured"
+    assert m["predictors"]["layer_bytes"] == per_layer and m["predictors"]["flops_per_token"] == sum(per_layer) // 2
+    attn = weight_sizes(model.config, model.weights, 256).layer_bytes
+    assert m["model"]["layer_dense_bytes"] == (attn + per_layer).tolist()
+    ram_bw = m["hardware"]["ram"]["bytes_per_s"]
+    assert m["predictors"]["seconds_per_token"] == pytest.approx(sum(per_layer) / ram_bw)  # with CPU attention
+    assert out["predictors"]["total_bytes"] == sum(per_layer)
+    # the RAM speed is hetinfer.kernels' sparse_ffn on the model's own format and width
+    assert (tmp_path / "cache" / "hetinfer" / "cpu-probe-q4_1-576.json").exists()
     with pytest.raises(PlacementError, match="not a profiled level"):
         place("-m", model_path, "--profile", smollm2_profile, "--sparsity", "0.55", "--gpu-mem", "0",
               "-o", tmp_path / "plan2")
+
+
+@pytest.mark.slow
+def test_predictors_of_another_model_are_refused(model_path, smollm2_predictors, tmp_path):
+    from hetinfer.errors import ArtifactError
+
+    save_hardware(machine(gpu=None, ram=1 << 30), tmp_path / "hw.json")
+    other = tmp_path / "other"
+    shutil.copytree(smollm2_predictors, other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest["model"]["fingerprint"] = "0000000000000000"
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="fingerprint 0000000000000000 .* re-run `hetinfer train-predictors`"):
+        place("-m", model_path, "--power-law", "1", "--predictors", other, "--hardware", tmp_path / "hw.json",
+              "-o", tmp_path / "plan")
+    shape = tmp_path / "config.json"
+    shape.write_text(json.dumps(LLAMA2_70B_HF))
+    with pytest.raises(PlacementError, match=r"trained for .*30 layers, d 576, n_ff 1536.* 80 layers, d 8192"):
+        place("--model-shape", shape, "--power-law", "1", "--predictors", smollm2_predictors,
+              "--hardware", tmp_path / "hw.json", "-o", tmp_path / "plan")
+    assert not (tmp_path / "plan").exists()

@@ -1,11 +1,12 @@
 """`hetinfer place`: decide where every FFN neuron lives and write the plan.
 
     hetinfer place [-m MODEL | --model-shape CONFIG_JSON] (--profile PROFILE | --power-law EXP)
-                   -o PLAN [--gpu-mem SIZE] [--ram SIZE] [--flash-dir DIR] [--hardware FILE]
-                   [--dry-run] [--json]
+                   [--predictors DIR | --predictor-bytes SIZE] -o PLAN [--gpu-mem SIZE] [--ram SIZE]
+                   [--flash-dir DIR] [--hardware FILE] [--dry-run] [--json]
 
 Without -m the weights are not on disk: their formats are assumed (--qtype) and the plan is
-labelled a prediction, as it is when the profile is synthesised or a tier's speed assumed.
+labelled a prediction, as it is when the profile is synthesised, the predictors' size assumed
+(--predictor-bytes) or a tier's speed assumed.
 """
 from __future__ import annotations
 
@@ -17,11 +18,13 @@ import numpy as np
 
 from hetinfer.config import ModelConfig
 from hetinfer.placement import synth
-from hetinfer.placement.cost import PlacementError, WeightFormats, build_problem, model_sizes, weight_sizes
+from hetinfer.placement.cost import (PlacementError, WeightFormats, build_problem, model_sizes, predictor_sizes,
+                                     weight_sizes)
 from hetinfer.placement.hardware import Hardware, HardwareError, detect, format_size, load_hardware, parse_size
 from hetinfer.placement.ilp import solve
 from hetinfer.placement.plan import build_manifest, save_plan
 from hetinfer.profiler.artifact import load_profile
+from hetinfer.profiler.predictors import load_predictors
 from hetinfer.tensors import FORMATS
 
 
@@ -45,8 +48,11 @@ def add_parser(subparsers) -> None:
     m.add_argument("--sparsity", type=float, default=0.5,
                    help="profiled level (0.1 .. 0.9) whose threshold defines an active neuron; with --power-law, "
                         "the mean fraction of inactive neurons (default 0.5)")
-    m.add_argument("--predictor-bytes", type=_size, default=0, metavar="SIZE",
-                   help="activation predictor of each layer (dense, always resident), e.g. 4MiB")
+    m.add_argument("--predictors", metavar="DIR",
+                   help="predictors from `hetinfer train-predictors`: each layer's is placed, byte for byte, with "
+                        "the layer's attention (checked against -m MODEL)")
+    m.add_argument("--predictor-bytes", type=_size, metavar="SIZE",
+                   help="what-if without a predictor artefact (e.g. --model-shape): bytes of each layer's predictor")
     h = p.add_argument_group("machine")
     h.add_argument("--hardware", metavar="FILE", help="JSON description of the machine instead of detecting this one")
     h.add_argument("--gpu-mem", type=_size, metavar="SIZE",
@@ -75,33 +81,25 @@ def _size(text: str) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    base = load_hardware(args.hardware) if args.hardware else None
-    hw = detect(gpu_mem=args.gpu_mem, ram=args.ram, flash_dir=args.flash_dir, base=base)
-    if args.dry_run:
-        print(json.dumps(hw.to_dict(), indent=2) if args.json else hardware_table(hw))
-        return 0
-    if not args.output:
-        raise PlacementError("-o PLAN is required: the directory to write the plan to (or use --dry-run)")
-    if (args.profile is None) == (args.power_law is None):
-        raise PlacementError("give exactly one of --profile PROFILE or --power-law EXPONENT")
-    if args.model and args.model_shape:
-        raise PlacementError("give -m MODEL or --model-shape CONFIG_JSON, not both")
-    for flag, ok in (("--ctx", args.ctx > 0), ("--window", args.window >= 0), ("--time-limit", args.time_limit > 0),
-                     ("--mip-gap", args.mip_gap >= 0), ("--max-binaries", args.max_binaries > 0),
-                     ("--group-size", args.group_size is None or args.group_size > 0),
-                     ("--sparsity", 0 <= args.sparsity < 1),
-                     ("--power-law", args.power_law is None or args.power_law >= 0)):
-        if not ok:
-            raise PlacementError(f"{flag} is out of range; see hetinfer place --help")
+    if not args.dry_run:
+        _check_args(args)
     model = None
     if args.model:
         from hetinfer.loader import load_model
 
         model = load_model(args.model)
+    if args.dry_run:
+        config = model.config if model else read_shape(args.model_shape) if args.model_shape else None
+        hw = _machine(args, model.weights.layers[0].gate.qtype if model else args.qtype,
+                      config.d_model if config else 4096)
+        print(json.dumps(hw.to_dict(), indent=2) if args.json else hardware_table(hw))
+        return 0
     profile = load_profile(args.profile, model) if args.profile else None  # with -m: checks the fingerprint
+    predictors = load_predictors(args.predictors, model) if args.predictors else None  # likewise
 
-    config, sizes, formats, inputs, assumptions = _model(args, model, profile)
+    config, sizes, formats, inputs, assumptions, predictor_info = _model(args, model, profile, predictors)
     freq, profile_info = _frequencies(args, config, profile, inputs, assumptions)
+    hw = _machine(args, formats["ffn_gate"], config.d_model)
     if "file" in hw.sources.values():
         assumptions.append(f"machine described by {args.hardware}, not measured here")
     assumed = sorted(k for k, v in hw.sources.items() if v == "assumed")
@@ -112,34 +110,85 @@ def run(args: argparse.Namespace) -> int:
     problem = build_problem(freq, config, sizes, hw, args.window)
     sol = solve(problem, max_binaries=args.max_binaries, group_size=args.group_size, time_limit=args.time_limit,
                 mip_gap=args.mip_gap)
-    manifest = build_manifest(problem, sol, config, formats, inputs, assumptions, profile_info)
+    manifest = build_manifest(problem, sol, config, formats, inputs, assumptions, profile_info, predictor_info)
     save_plan(args.output, manifest, sol.tiers)
     print(json.dumps(summary(manifest, args.output)) if args.json else report(manifest, args.output))
     return 0
 
 
-def _model(args: argparse.Namespace, model, profile):
+def _check_args(args: argparse.Namespace) -> None:
+    if not args.output:
+        raise PlacementError("-o PLAN is required: the directory to write the plan to (or use --dry-run)")
+    if (args.profile is None) == (args.power_law is None):
+        raise PlacementError("give exactly one of --profile PROFILE or --power-law EXPONENT")
+    if args.model and args.model_shape:
+        raise PlacementError("give -m MODEL or --model-shape CONFIG_JSON, not both")
+    if args.predictors and args.predictor_bytes is not None:
+        raise PlacementError("give --predictors DIR or --predictor-bytes SIZE, not both: the artefact's size is "
+                             "measured")
+    for flag, ok in (("--ctx", args.ctx > 0), ("--window", args.window >= 0), ("--time-limit", args.time_limit > 0),
+                     ("--mip-gap", args.mip_gap >= 0), ("--max-binaries", args.max_binaries > 0),
+                     ("--group-size", args.group_size is None or args.group_size > 0),
+                     ("--sparsity", 0 <= args.sparsity < 1),
+                     ("--power-law", args.power_law is None or args.power_law >= 0)):
+        if not ok:
+            raise PlacementError(f"{flag} is out of range; see hetinfer place --help")
+
+
+def _machine(args: argparse.Namespace, qtype: str, d_model: int) -> Hardware:
+    """The --hardware description or this machine (kernels probed on `qtype` rows of `d_model`), with the flags."""
+    base = load_hardware(args.hardware) if args.hardware else None
+    return detect(gpu_mem=args.gpu_mem, ram=args.ram, flash_dir=args.flash_dir, base=base, qtype=qtype,
+                  d_model=d_model)
+
+
+def _model(args: argparse.Namespace, model, profile, predictors):
     """Config, byte sizes and formats from the loaded model, or else from a shape with assumed formats;
-    plus the `inputs` and `assumptions` entries this choice makes."""
+    plus the `inputs`, `assumptions` and predictor description this choice makes."""
     if model is not None:
         config = model.config
-        sizes = weight_sizes(config, model.weights, min(args.ctx, config.context_length), args.predictor_bytes)
+        inputs, assumptions = {"model": "loaded", "weight_formats": "loaded"}, []
+    elif args.model_shape:
+        config = read_shape(args.model_shape)
+        inputs, assumptions = {"model": "shape"}, [f"model not on disk: shape from {args.model_shape}"]
+    elif profile is not None:
+        config = ModelConfig.from_dict(profile.config)
+        inputs, assumptions = {"model": "profile"}, ["model not loaded: shape from the profile"]
+    else:
+        raise PlacementError("--power-law needs the model: -m MODEL or --model-shape CONFIG_JSON")
+    n_ctx = min(args.ctx, config.context_length)
+    pred_bytes, pred_info = _predictor_bytes(args, config, predictors, inputs, assumptions)
+    if model is not None:
+        sizes = weight_sizes(config, model.weights, n_ctx, pred_bytes)
         L0, w = model.weights.layers[0], model.weights
         formats = {"ffn_gate": L0.gate.qtype, "ffn_up": L0.up.qtype, "ffn_down": L0.down.qtype,
                    "attn": L0.wq.qtype, "embed": w.embed.qtype, "head": w.output.qtype}
-        return config, sizes, formats, {"model": "loaded", "weight_formats": "loaded"}, []
-    if args.model_shape:
-        config, source = read_shape(args.model_shape), "shape"
-        assumptions = [f"model not on disk: shape from {args.model_shape}"]
-    elif profile is not None:
-        config, source = ModelConfig.from_dict(profile.config), "profile"
-        assumptions = ["model not loaded: shape from the profile"]
-    else:
-        raise PlacementError("--power-law needs the model: -m MODEL or --model-shape CONFIG_JSON")
+        return config, sizes, formats, inputs, assumptions, pred_info
     wf = WeightFormats.uniform(args.qtype)
-    sizes = model_sizes(config, wf, min(args.ctx, config.context_length), args.predictor_bytes)
+    sizes = model_sizes(config, wf, n_ctx, pred_bytes)
+    inputs["weight_formats"] = "assumed"
     assumptions.append(f"weight formats assumed: {args.qtype} (pass -m MODEL to read them)")
-    return config, sizes, dict(vars(wf)), {"model": source, "weight_formats": "assumed"}, assumptions
+    return config, sizes, dict(vars(wf)), inputs, assumptions, pred_info
+
+
+def _predictor_bytes(args: argparse.Namespace, config: ModelConfig, predictors, inputs: dict,
+                     assumptions: list[str]) -> tuple[list[int] | int, dict]:
+    """Per-layer predictor bytes: measured from the artefact, assumed from --predictor-bytes, or 0."""
+    if predictors is not None:
+        got = ModelConfig.from_dict(predictors.manifest["model"]["config"])
+        shape, want = (got.n_layers, got.d_model, got.n_ff), (config.n_layers, config.d_model, config.n_ff)
+        if shape != want:
+            raise PlacementError(f"--predictors {args.predictors} were trained for {got.name or got.arch} "
+                                 f"({shape[0]} layers, d {shape[1]}, n_ff {shape[2]}), but the plan is for "
+                                 f"{want[0]} layers, d {want[1]}, n_ff {want[2]}: train predictors for this model")
+        inputs["predictors"] = "measured"
+        return predictor_sizes(predictors), {"source": predictors.path, "bytes": "measured"}
+    if args.predictor_bytes is not None:
+        inputs["predictors"] = "assumed"
+        assumptions.append(f"predictors assumed: {format_size(args.predictor_bytes)} per layer (--predictor-bytes)")
+        return args.predictor_bytes, {"source": None, "bytes": "assumed"}
+    inputs["predictors"] = "none"
+    return 0, {"source": None, "bytes": None}
 
 
 def _frequencies(args: argparse.Namespace, config: ModelConfig, profile, inputs: dict,
@@ -206,6 +255,8 @@ def summary(manifest: dict, path: str) -> dict:
         "solve_seconds": s["solve_seconds"], "mip_gap": s["mip_gap"], "status": s["status"], "chosen": s["chosen"],
         "objective": s["objective"], "greedy_objective": s["greedy_objective"], "ilp_objective": s["ilp_objective"],
         "predicted_tok_s": manifest["predicted"]["tok_s"],
+        "predictors": {k: manifest["predictors"][k] for k in ("source", "bytes", "seconds_per_token")}
+        | {"total_bytes": sum(manifest["predictors"]["layer_bytes"])},
         "tiers": {k: {f: v[f] for f in ("capacity_bytes", "used_bytes", "neuron_share", "activation_share")}
                   for k, v in manifest["tiers"].items()},
     }
@@ -228,8 +279,14 @@ def report(manifest: dict, path: str) -> str:
         lines.append(f"flash window cache {format_size(t['ram']['window_cache_bytes'])} of RAM; "
                      f"{t['flash']['reads_per_token']:.1f} flash reads "
                      f"({format_size(t['flash']['read_bytes_per_token'])}) per token expected")
+    pred = manifest["predictors"]
+    if pred["bytes"]:
+        source = f", {pred['source']}" if pred["source"] else ""
+        lines.append(f"predictors ({pred['bytes']}{source}): {format_size(sum(pred['layer_bytes']))} with each "
+                     f"layer's attention, {pred['flops_per_token'] / 1e6:.1f} MFLOP per token")
     ms = 1e3 * manifest["predicted"]["seconds_per_token"]
-    parts = [f"dense {1e3 * manifest['dense']['seconds_per_token']:.2f}"]
+    dense_ms, pred_ms = 1e3 * manifest["dense"]["seconds_per_token"], 1e3 * pred["seconds_per_token"]
+    parts = [f"dense {dense_ms:.2f} (predictors {pred_ms:.2f})"]
     parts += [f"{name} {1e3 * v['seconds_per_token']:.2f}" for name, v in t.items()]
     sync = manifest["sync"]
     parts.append(f"sync {1e3 * sync['seconds_per_token']:.2f} ({sync['split_layers']} split layers)")

@@ -16,6 +16,9 @@ holds (1 - (1-p)^k) * bytes of it in expectation. A layer whose work runs on bot
 (its attention on one, any of its FFN neurons on the other) pays one synchronisation. Dense
 parts (attention, norms, embeddings, output head, predictors, KV cache, scratch) are placed
 first: every byte of them is read every token, so no neuron byte is worth more fast memory.
+A layer's predictor (float32 W1 [r, d] and W2 [n_ff, r]) runs where its FFN input is made,
+on the device of the layer's attention; it is a matrix-vector product, so it costs its bytes at
+that device's rate like the other dense parts (2 FLOPs per 4 bytes: bandwidth-bound).
 """
 from __future__ import annotations
 
@@ -76,6 +79,7 @@ class ModelSizes:
 
     neuron_bytes: np.ndarray  # int64 [n_layers]: gate row + up row + down column of one neuron
     layer_bytes: np.ndarray  # int64 [n_layers]: attention, norms, biases, predictor; read every token
+    predictor_bytes: np.ndarray  # int64 [n_layers]: the predictor's share of layer_bytes
     kv_bytes: int  # KV cache of one layer for the planned context
     embed_bytes: int
     embed_row_bytes: int  # one token's embedding lookup
@@ -115,10 +119,11 @@ def weight_sizes(config: ModelConfig, weights, n_ctx: int, predictor_bytes: int 
 
 def _sizes(c: ModelConfig, n_ctx: int, predictor_bytes, neuron, layer, embed: int, embed_row: int,
            head: int) -> ModelSizes:
-    pred = np.broadcast_to(np.asarray(predictor_bytes, dtype=np.int64), (c.n_layers,))
+    pred = np.broadcast_to(np.asarray(predictor_bytes, dtype=np.int64), (c.n_layers,)).copy()
     return ModelSizes(
         neuron_bytes=np.asarray(neuron, dtype=np.int64),
         layer_bytes=np.asarray(layer, dtype=np.int64) + pred,
+        predictor_bytes=pred,
         kv_bytes=c.kv_cache_bytes(n_ctx) // c.n_layers,
         embed_bytes=int(embed),
         embed_row_bytes=int(embed_row),
@@ -129,6 +134,13 @@ def _sizes(c: ModelConfig, n_ctx: int, predictor_bytes, neuron, layer, embed: in
     )
 
 
+def predictor_sizes(predictors) -> list[int]:
+    """Bytes of each layer's predictor as the engine holds it (`hetinfer.profiler.predictors.Predictors`:
+    W1 and W2 at the layer's rank; the artefact's zero padding is sliced off at load)."""
+    return [w1.numel() * w1.element_size() + w2.numel() * w2.element_size()
+            for w1, w2 in zip(predictors.w1, predictors.w2, strict=True)]
+
+
 @dataclass
 class DensePlacement:
     head_on_gpu: bool
@@ -136,6 +148,7 @@ class DensePlacement:
     gpu_bytes: int  # dense bytes on the GPU, scratch included
     ram_bytes: int
     seconds: float  # expected time per token spent on dense parts
+    predictor_seconds: float  # the predictors' share of `seconds`
 
 
 def place_dense(sizes: ModelSizes, hw: Hardware) -> DensePlacement:
@@ -164,9 +177,11 @@ def place_dense(sizes: ModelSizes, hw: Hardware) -> DensePlacement:
             + (", give the GPU more memory" if hw.gpu is not None else "") + " or plan a shorter --ctx")
     gpu_bw = hw.gpu.bytes_per_s if hw.gpu is not None else 1.0
     ram_bw = hw.ram.bytes_per_s
+    rate = np.where(attn_on_gpu, gpu_bw, ram_bw)
     seconds = (sizes.head_bytes / (gpu_bw if head_on_gpu else ram_bw) + sizes.embed_row_bytes / ram_bw
-               + sizes.layer_bytes[attn_on_gpu].sum() / gpu_bw + sizes.layer_bytes[~attn_on_gpu].sum() / ram_bw)
-    return DensePlacement(head_on_gpu, attn_on_gpu, gpu_bytes, ram_bytes, float(seconds))
+               + (sizes.layer_bytes / rate).sum())
+    return DensePlacement(head_on_gpu, attn_on_gpu, gpu_bytes, ram_bytes, float(seconds),
+                          float((sizes.predictor_bytes / rate).sum()))
 
 
 @dataclass

@@ -1,9 +1,9 @@
 """Where placement can put neurons, and how fast each place is.
 
 A `Hardware` is CPU RAM plus an optional GPU and an optional flash directory, each with a
-capacity in bytes and a speed: the rate the FFN kernels stream weights on the GPU and CPU, the
-host-to-device link, and flash read throughput per read size and number of reads in flight.
-`detect` measures this machine (the flash probe is cached per device under
+capacity in bytes and a speed: the rate hetinfer.kernels' `sparse_ffn` streams neuron bytes on
+the GPU and CPU, the host-to-device link, and flash read throughput per read size and number of
+reads in flight. `detect` measures this machine (the kernel and flash probes are cached under
 ~/.cache/hetinfer/); `load_hardware` reads the JSON description of a machine that is not here
 (format in docs/formats/plan.md, "Hardware"). Every number records where it came from
 (`sources`: measured, flag, file or assumed) so a plan can say what it rests on.
@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import mmap
 import os
+import platform
 import re
 import shutil
 import statistics
@@ -27,10 +28,12 @@ import psutil
 import torch
 
 from hetinfer.errors import HetinferError
+from hetinfer.tensors import FORMATS, QTensor, quantize
 
 HARDWARE_FORMAT = "hetinfer.hardware"
 HARDWARE_VERSION = 1
 PROBE_VERSION = 1
+PROBE_DENSITIES = (0.1, 0.3, 1.0)  # shares of neurons the compute probes run sparse_ffn over
 FLASH_BLOCK = 4096  # O_DIRECT alignment; flash bundles are padded to it so one bundle = one read
 
 # Used only for tiers that are not on this machine (what-if planning); always labelled "assumed".
@@ -232,19 +235,20 @@ def format_size(n: float) -> str:
 
 
 def detect(gpu_mem: int | None = None, ram: int | None = None, flash_dir: str | None = None,
-           base: Hardware | None = None) -> Hardware:
+           base: Hardware | None = None, qtype: str = "q4_0", d_model: int = 4096) -> Hardware:
     """This machine (or `base`, a loaded description) with the budget flags applied.
 
     gpu_mem: bytes of GPU memory to use (0 disables the GPU; given without a CUDA device it adds
     a GPU with assumed speeds, for what-if planning). ram: bytes of RAM to use. flash_dir: a
     directory on the disk to serve flash neurons from; its free space is the capacity and its
-    read speed is probed once per device and cached.
+    read speed is probed once per device and cached. qtype, d_model: the FFN weight format and
+    width the kernel probes run (cached per format and width).
     """
     if base is None:
-        hw = Hardware(ram=RamTier(psutil.virtual_memory().available, measure_cpu_bytes_per_s()))
+        hw = Hardware(ram=RamTier(psutil.virtual_memory().available, measure_cpu_bytes_per_s(qtype, d_model)))
         hw.sources.update({"ram.capacity_bytes": "measured", "ram.bytes_per_s": "measured"})
         if torch.cuda.is_available():
-            hw.gpu = measure_gpu()
+            hw.gpu = measure_gpu(qtype, d_model)
             hw.sources.update({k: "measured" for k in _source_keys(hw) if k.startswith("gpu.")})
     else:
         hw = Hardware(ram=base.ram, gpu=base.gpu, flash=base.flash, sources=dict(base.sources))
@@ -268,24 +272,41 @@ def detect(gpu_mem: int | None = None, ram: int | None = None, flash_dir: str | 
     return hw
 
 
-def measure_cpu_bytes_per_s(seconds: float = 0.3) -> float:
-    """Weight bytes per second a CPU matrix-vector product streams (64 MiB f32, past the caches).
+def measure_cpu_bytes_per_s(qtype: str = "q4_0", d_model: int = 4096, cache_dir: Path | None = None) -> float:
+    """Neuron bytes per second `hetinfer.kernels.sparse_ffn` streams on the CPU for weights in `qtype`
+    with rows of `d_model`; probed once per (format, width, threads, host) and cached."""
+    from hetinfer import kernels
 
-    Stands in for the FFN kernels until hetinfer.kernels has its own; labelled "measured"."""
-    w = torch.randn(4096, 4096)
-    x = torch.randn(4096)
-    return _bytes_per_s(lambda: torch.mv(w, x), w.numel() * 4, seconds)
+    key = {"device": "cpu", "host": platform.node(), "qtype": qtype, "d_model": d_model,
+           "threads": kernels.get_threads()}
+
+    def probe() -> dict:
+        kernels.warmup()
+        weights = _probe_weights(qtype, d_model, 64 << 20)
+        return _sparse_ffn_rates(*weights, torch.randn(1, d_model), lambda: None, sum(W.row_bytes for W in weights))
+
+    return _cached_probe(f"cpu-probe-{qtype}-{d_model}", key, probe, cache_dir)["bytes_per_s"]
 
 
-def measure_gpu(seconds: float = 0.3) -> GpuTier:
-    """Free GPU memory, matrix-vector streaming rate, pinned host-to-device bandwidth, round trip."""
+def measure_gpu(qtype: str = "q4_0", d_model: int = 4096, cache_dir: Path | None = None,
+                seconds: float = 0.3) -> GpuTier:
+    """Free GPU memory, the rate of hetinfer.kernels' CUDA `sparse_ffn` (cached like the CPU probe),
+    pinned host-to-device bandwidth and one round trip."""
+    from hetinfer import kernels
+
     free, _ = torch.cuda.mem_get_info()
-    w = torch.randn(8192, 8192, device="cuda", dtype=torch.float16)
-    x = torch.randn(8192, device="cuda", dtype=torch.float16)
-    gemv = _bytes_per_s(lambda: (torch.mv(w, x), torch.cuda.synchronize()), w.numel() * 2, seconds)
+    key = {"device": torch.cuda.get_device_name(), "host": platform.node(), "qtype": qtype, "d_model": d_model}
+
+    def probe() -> dict:
+        weights = _probe_weights(qtype, d_model, 128 << 20)
+        Wg, Wu, Wd = (kernels.to_cuda(W) for W in weights)
+        return _sparse_ffn_rates(Wg, Wu, Wd, torch.randn(1, d_model, device="cuda"), torch.cuda.synchronize,
+                                 sum(W.row_bytes for W in weights))
+
+    gemv = _cached_probe(f"gpu-probe-{qtype}-{d_model}", key, probe, cache_dir)["bytes_per_s"]
     host = torch.empty(64 << 20, dtype=torch.uint8, pin_memory=True)
     dev = torch.empty_like(host, device="cuda")
-    h2d = _bytes_per_s(lambda: (dev.copy_(host, non_blocking=True), torch.cuda.synchronize()), host.numel(), seconds)
+    h2d = host.numel() / _best_seconds(lambda: (dev.copy_(host, non_blocking=True), torch.cuda.synchronize()), seconds)
     small = torch.zeros(4096, pin_memory=True)
     trips = []
     for _ in range(50):
@@ -295,7 +316,41 @@ def measure_gpu(seconds: float = 0.3) -> GpuTier:
     return GpuTier(int(free), gemv, h2d, statistics.median(trips))
 
 
-def _bytes_per_s(fn, nbytes: int, seconds: float) -> float:
+def _probe_weights(qtype: str, d_model: int, nbytes: int) -> tuple[QTensor, QTensor, QTensor]:
+    """Gate, up and neuron-major down [n, d_model] in the formats the engine holds them (down as
+    `kernels.transpose_down` makes it), about `nbytes` in all (past the caches): 64 quantized random
+    rows, tiled."""
+    from hetinfer.placement.cost import neuron_down_format
+
+    if qtype not in FORMATS:
+        raise HardwareError(f"cannot probe weight format {qtype!r}; known: {', '.join(FORMATS)}")
+    rng = np.random.default_rng(0)
+    small = [quantize(rng.standard_normal((64, d_model)).astype(np.float32), q)
+             for q in (qtype, qtype, neuron_down_format(qtype))]
+    reps = max(1, nbytes // sum(W.nbytes for W in small))
+    return tuple(QTensor(W.qtype, (64 * reps, d_model), np.tile(W.data, (reps, 1))) for W in small)
+
+
+def _sparse_ffn_rates(Wg, Wu, Wd, x: torch.Tensor, sync, per_neuron: int, seconds: float = 0.15) -> dict:
+    """Stored neuron bytes per second of `kernels.sparse_ffn` over random ascending row sets at each
+    of PROBE_DENSITIES (best of repeated calls: brief interference from other processes does not
+    count), and over all of them: total bytes / total time."""
+    from hetinfer import kernels
+
+    n = Wg.shape[0]
+    rng = np.random.default_rng(0)
+    rates, total_bytes, total_s = [], 0, 0.0
+    for density in PROBE_DENSITIES:
+        rows = np.sort(rng.choice(n, max(1, round(density * n)), replace=False))
+        if isinstance(Wg, torch.Tensor):
+            rows = torch.from_numpy(rows).to(Wg.device)
+        best = _best_seconds(lambda r=rows: (kernels.sparse_ffn(Wg, Wu, Wd, r, x, "silu"), sync()), seconds)
+        rates.append(len(rows) * per_neuron / best)
+        total_bytes, total_s = total_bytes + len(rows) * per_neuron, total_s + best
+    return {"bytes_per_s": total_bytes / total_s, "densities": list(PROBE_DENSITIES), "rates": rates}
+
+
+def _best_seconds(fn, seconds: float) -> float:
     fn()  # warm up
     times = []
     deadline = time.perf_counter() + seconds
@@ -303,7 +358,7 @@ def _bytes_per_s(fn, nbytes: int, seconds: float) -> float:
         t = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t)
-    return nbytes / statistics.median(times)
+    return min(times)
 
 
 # ----------------------------------------------------------------------------------- flash probe
@@ -315,11 +370,7 @@ def flash_tier(flash_dir: str, cache_dir: Path | None = None) -> FlashTier:
     if not d.is_dir():
         raise HardwareError(
             f"--flash-dir {flash_dir}: not a directory; create it on the disk that should hold flash neurons")
-    cache = (cache_dir or _cache_dir()) / f"flash-probe-{os.stat(d).st_dev:x}.json"
-    curve = _read_probe_cache(cache)
-    if curve is None:
-        curve = probe_flash(d)
-        atomic_write_text(cache, json.dumps({"version": PROBE_VERSION, **curve}) + "\n")
+    curve = _cached_probe(f"flash-probe-{os.stat(d).st_dev:x}", None, lambda: probe_flash(d), cache_dir)
     return FlashTier(capacity_bytes=shutil.disk_usage(d).free, dir=str(d.resolve()), **curve)
 
 
@@ -327,14 +378,18 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "hetinfer"
 
 
-def _read_probe_cache(path: Path) -> dict | None:
-    """The cached curve, or None when absent or from another probe version (then it is re-probed)."""
+def _cached_probe(name: str, key: dict | None, probe, cache_dir: Path | None) -> dict:
+    """`probe()`'s result, cached in `name`.json; re-probed when the file is absent, unreadable, from
+    another probe version or measured for another `key` (host, format, threads, ...)."""
+    path = (cache_dir or _cache_dir()) / f"{name}.json"
     try:
         d = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
-        return None
-    if not isinstance(d, dict) or d.pop("version", None) != PROBE_VERSION:
-        return None
+        d = None
+    if isinstance(d, dict) and d.pop("version", None) == PROBE_VERSION and d.pop("key", None) == key:
+        return d
+    d = probe()
+    atomic_write_text(path, json.dumps({"version": PROBE_VERSION, "key": key, **d}) + "\n")
     return d
 
 

@@ -63,8 +63,11 @@ class Plan:
 
 
 def build_manifest(p: Problem, sol: Solution, config: ModelConfig, formats: dict, inputs: dict[str, str],
-                   assumptions: list[str], profile: dict) -> dict:
-    """Everything a reader needs to trust or question the plan; `assumptions` non-empty marks a prediction."""
+                   assumptions: list[str], profile: dict, predictors: dict | None = None) -> dict:
+    """Everything a reader needs to trust or question the plan; `assumptions` non-empty marks a prediction.
+
+    predictors: `source` (artefact path or None) and `bytes` ("measured" from the artefact, "assumed"
+    from --predictor-bytes, None without predictors)."""
     usage = evaluate(p, sol.tiers)
     on = [sol.tiers == t for t in range(3)]
     freq = p.freq
@@ -112,6 +115,10 @@ def build_manifest(p: Problem, sol: Solution, config: ModelConfig, formats: dict
                   "neuron_bytes": p.sizes.neuron_bytes.tolist(), "flash_bundle_bytes": p.bundle_bytes.tolist(),
                   "layer_dense_bytes": p.sizes.layer_bytes.tolist(), "kv_bytes_per_layer": p.sizes.kv_bytes},
         "profile": profile,
+        "predictors": {**(predictors or {"source": None, "bytes": None}),
+                       "layer_bytes": p.sizes.predictor_bytes.tolist(),
+                       "flops_per_token": int(p.sizes.predictor_bytes.sum()) // 2,  # float32: 2 FLOPs per 4 bytes
+                       "seconds_per_token": p.dense.predictor_seconds},
         "hardware": p.hw.to_dict(),
         "window_tokens": p.window_tokens,
         "dense": {"head": "gpu" if p.dense.head_on_gpu else "ram", "embeddings": "ram",
