@@ -78,51 +78,8 @@ class HFCheckpoint:
         self.path = path
 
     def config(self) -> ModelConfig:
-        c = self.cfg
-        mtype = c.get("model_type", "?")
-        arch = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}.get(mtype)
-        if arch is None:
-            raise HetinferError(
-                f"{self.path}: model_type {mtype!r} is not supported; hetinfer runs llama, mistral and qwen2 models"
-            )
-        act = _ACTS.get(c.get("hidden_act", "silu"))
-        if act is None:
-            raise HetinferError(f"{self.path}: hidden_act {c['hidden_act']!r} is not supported (silu, relu, gelu)")
-        # transformers >= 5 writes `rope_parameters` (theta inside); older configs `rope_theta` + `rope_scaling`
-        rs = c.get("rope_parameters") or c.get("rope_scaling") or {}
-        theta = c.get("rope_theta") or rs.get("rope_theta", 10000.0)
-        scaling = None
-        if rs:
-            kind = rs.get("rope_type", rs.get("type"))
-            if kind == "llama3":
-                scaling = RopeScaling(
-                    float(rs["factor"]), float(rs["low_freq_factor"]), float(rs["high_freq_factor"]),
-                    int(rs["original_max_position_embeddings"]),
-                )
-            elif kind == "linear":
-                scaling = RopeScaling(float(rs["factor"]), 1.0, 1.0, 0)
-            elif kind not in (None, "default"):
-                raise HetinferError(f"{self.path}: rope scaling {kind!r} is not supported (llama3, linear)")
-        n_heads = int(c["num_attention_heads"])
-        return ModelConfig(
-            arch=arch,
-            n_layers=int(c["num_hidden_layers"]),
-            d_model=int(c["hidden_size"]),
-            n_ff=int(c["intermediate_size"]),
-            n_heads=n_heads,
-            n_kv_heads=int(c.get("num_key_value_heads") or n_heads),
-            head_dim=int(c.get("head_dim") or c["hidden_size"] // n_heads),
-            vocab_size=int(c["vocab_size"]),
-            context_length=int(c.get("max_position_embeddings", 2048)),
-            rope_theta=float(theta),
-            norm_eps=float(c.get("rms_norm_eps", 1e-6)),
-            activation=act,
-            tied_embeddings=bool(c.get("tie_word_embeddings", False)) or "lm_head.weight" not in self.tensors,
-            attn_bias=arch == "qwen2" or bool(c.get("attention_bias", False)),
-            rope_scaling=scaling,
-            name=os.path.basename(os.path.normpath(self.path)),
-            extra={"rope_interleaved": False, "source": "hf"},
-        )
+        tied = bool(self.cfg.get("tie_word_embeddings", False)) or "lm_head.weight" not in self.tensors
+        return hf_config(self.cfg, os.path.basename(os.path.normpath(self.path)), tied, where=self.path)
 
     def weight(self, name: str) -> QTensor:
         if name not in self.tensors:
@@ -133,3 +90,51 @@ class HFCheckpoint:
 
     def vector(self, name: str) -> np.ndarray:
         return self.weight(name).dequantize().reshape(-1)
+
+
+def hf_config(c: dict, name: str, tied: bool | None = None, where: str = "config.json") -> ModelConfig:
+    """A ModelConfig from a Hugging Face config.json dict (also for models not on disk: what-if planning).
+
+    `tied`: whether the output head is the embedding matrix; None takes `tie_word_embeddings`."""
+    mtype = c.get("model_type", "?")
+    arch = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}.get(mtype)
+    if arch is None:
+        raise HetinferError(f"{where}: model_type {mtype!r} is not supported; hetinfer runs llama, mistral and qwen2 models")
+    act = _ACTS.get(c.get("hidden_act", "silu"))
+    if act is None:
+        raise HetinferError(f"{where}: hidden_act {c['hidden_act']!r} is not supported (silu, relu, gelu)")
+    # transformers >= 5 writes `rope_parameters` (theta inside); older configs `rope_theta` + `rope_scaling`
+    rs = c.get("rope_parameters") or c.get("rope_scaling") or {}
+    theta = c.get("rope_theta") or rs.get("rope_theta", 10000.0)
+    scaling = None
+    if rs:
+        kind = rs.get("rope_type", rs.get("type"))
+        if kind == "llama3":
+            scaling = RopeScaling(
+                float(rs["factor"]), float(rs["low_freq_factor"]), float(rs["high_freq_factor"]),
+                int(rs["original_max_position_embeddings"]),
+            )
+        elif kind == "linear":
+            scaling = RopeScaling(float(rs["factor"]), 1.0, 1.0, 0)
+        elif kind not in (None, "default"):
+            raise HetinferError(f"{where}: rope scaling {kind!r} is not supported (llama3, linear)")
+    n_heads = int(c["num_attention_heads"])
+    return ModelConfig(
+        arch=arch,
+        n_layers=int(c["num_hidden_layers"]),
+        d_model=int(c["hidden_size"]),
+        n_ff=int(c["intermediate_size"]),
+        n_heads=n_heads,
+        n_kv_heads=int(c.get("num_key_value_heads") or n_heads),
+        head_dim=int(c.get("head_dim") or c["hidden_size"] // n_heads),
+        vocab_size=int(c["vocab_size"]),
+        context_length=int(c.get("max_position_embeddings", 2048)),
+        rope_theta=float(theta),
+        norm_eps=float(c.get("rms_norm_eps", 1e-6)),
+        activation=act,
+        tied_embeddings=bool(c.get("tie_word_embeddings", False)) if tied is None else tied,
+        attn_bias=arch == "qwen2" or bool(c.get("attention_bias", False)),
+        rope_scaling=scaling,
+        name=name,
+        extra={"rope_interleaved": False, "source": "hf"},
+    )

@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from hetinfer.config import ModelConfig
+from hetinfer.errors import HetinferError
+from hetinfer.hf_checkpoint import hf_config
 from hetinfer.placement import synth
 from hetinfer.placement.cost import (PlacementError, WeightFormats, build_problem, model_sizes, predictor_sizes,
                                      weight_sizes)
@@ -217,10 +219,6 @@ def _frequencies(args: argparse.Namespace, config: ModelConfig, profile, inputs:
     return freq, info
 
 
-_HF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
-_HF_ACT = {"silu": "silu", "swish": "silu", "relu": "relu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu"}
-
-
 def read_shape(path: str) -> ModelConfig:
     """A ModelConfig from an HF config.json, or from a hetinfer ModelConfig JSON (has "n_ff")."""
     try:
@@ -230,20 +228,9 @@ def read_shape(path: str) -> ModelConfig:
     try:
         if "n_ff" in d:
             return ModelConfig.from_dict(d)
-        arch = _HF_ARCH.get(d.get("model_type"))
-        act = _HF_ACT.get(d.get("hidden_act", "silu"))
-        if arch is None or act is None:
-            raise PlacementError(f"{path}: model_type {d.get('model_type')!r} / hidden_act {d.get('hidden_act')!r} "
-                                 "not supported (llama, mistral, qwen2; silu, relu, gelu)")
-        heads = int(d["num_attention_heads"])
-        return ModelConfig(
-            arch=arch, n_layers=int(d["num_hidden_layers"]), d_model=int(d["hidden_size"]),
-            n_ff=int(d["intermediate_size"]), n_heads=heads, n_kv_heads=int(d.get("num_key_value_heads") or heads),
-            head_dim=int(d.get("head_dim") or d["hidden_size"] // heads), vocab_size=int(d["vocab_size"]),
-            context_length=int(d.get("max_position_embeddings", 2048)), activation=act,
-            tied_embeddings=bool(d.get("tie_word_embeddings", False)),
-            attn_bias=arch == "qwen2" or bool(d.get("attention_bias", False)),
-            name=d.get("_name_or_path") or Path(path).parent.name)
+        return hf_config(d, d.get("_name_or_path") or Path(path).parent.name, where=path)
+    except HetinferError as e:
+        raise PlacementError(str(e)) from None
     except (KeyError, TypeError, ValueError) as e:
         raise PlacementError(f"{path}: not a usable model config ({type(e).__name__}: {e})") from None
 
