@@ -34,6 +34,16 @@ def model(model_path):
 
 
 @pytest.fixture(scope="session")
+def model_f32(model_path):
+    """The default model converted to float32 at load (`--weights f32`): the exact float engine, for tests
+    that compare against transformers or two engine paths tightly (the native block formats quantize
+    activations to 8 bits in their dot products, like llama.cpp)."""
+    from hetinfer.loader import load_model
+
+    return load_model(model_path, weights="f32")
+
+
+@pytest.fixture(scope="session")
 def hf_model(model_path):
     """transformers loading the same GGUF, dequantized to float32: the independent reference."""
     torch = pytest.importorskip("torch")

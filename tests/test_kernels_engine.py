@@ -1,11 +1,16 @@
-"""The dense engine on the kernels, per weight flag, against transformers on the same GGUF.
+"""The dense engine on the kernels, per weight flag, on the real default model.
 
-native (Q4_1/Q8_0 blocks read in place) and f32 decode every weight exactly as the reference
-dequantizes it (native decode takes x in 31-bit fixed point per block, below float32 resolution),
-so they keep the foundation's tolerance, max |logit diff| <= 1e-3 (measured 7e-5), for prefill and
-for the decode path (fused attention kernel). llama.cpp's 8-bit x would not: measured 0.72 on
-decode, top-1 agreement 97%. f16 rounds the weights
-(measured max diff 0.07): stated bound 0.15 and top-1 agreement >= 99% of positions.
+f32 decodes every weight exactly as the reference dequantizes it and stays float, so it keeps the
+foundation's tolerance against transformers, max |logit diff| <= 1e-3 (measured 7e-5), for prefill
+and for the decode path (fused attention kernel). f16 rounds the weights (measured max diff 0.07):
+stated bound 0.15 and top-1 agreement >= 99% of positions.
+
+native (Q4_1/Q8_0 blocks read in place) quantizes activations to 8 bits per block of 32 in its dot
+products, like llama.cpp, so it is compared with the f32 engine over a 320-token WikiText prompt:
+measured max |logit diff| 1.12 and top-1 agreement 96.3% (prefill), 0.92 and 97.5% (decode). Native
+decode against native prefill differs as much (measured 1.13, 96%): any float-level difference
+between the two paths moves some activations across a rounding boundary of the 8-bit grid. Stated
+bounds: max |diff| <= 2.0 and top-1 agreement >= 93%.
 """
 import pytest
 import torch
@@ -14,7 +19,8 @@ from hetinfer.loader import load_model
 
 pytestmark = pytest.mark.slow
 
-BOUNDS = {"native": (1e-3, 1.0), "f32": (1e-3, 1.0), "f16": (0.15, 0.99)}  # (max |diff|, top-1 agreement)
+BOUNDS = {"f32": (1e-3, 1.0), "f16": (0.15, 0.99)}  # (max |diff|, top-1 agreement) against transformers
+NATIVE_MAX_DIFF, NATIVE_MIN_TOP1 = 2.0, 0.93
 
 
 @pytest.fixture(scope="module")
@@ -25,17 +31,40 @@ def prompt_and_reference(model, hf_model, wikitext_eval):
     return ids, ref
 
 
-@pytest.mark.parametrize("weights", list(BOUNDS))
-def test_engine_logits_per_weight_flag(model_path, prompt_and_reference, weights):
-    ids, ref = prompt_and_reference
-    max_diff, min_top1 = BOUNDS[weights]
-    m = load_model(model_path, weights=weights)
-    assert m.weights.layers[0].gate.qtype == ("q4_1" if weights == "native" else weights)
+def prefill_and_decode(m, ids, split):
+    """All-position logits from one prefill, and from a prefill of ids[:split] then one token at a time."""
     tr = m.transformer
     prefill = tr.forward(ids, tr.new_cache(512), all_logits=True)  # T > 1: tiled GEMM path
     cache = tr.new_cache(512)
-    tr.forward(ids[:180], cache)
-    decode = torch.stack([tr.forward([t], cache) for t in ids[180:]])  # T = 1: GEMV + fused attention
+    tr.forward(ids[:split], cache)
+    decode = torch.stack([tr.forward([t], cache) for t in ids[split:]])  # T = 1: GEMV + fused attention
+    return prefill, decode
+
+
+def agreement(ours, want, max_diff, min_top1):
+    diff = (ours - want).abs().max().item()
+    top1 = (ours.argmax(-1) == want.argmax(-1)).float().mean().item()
+    assert diff <= max_diff and top1 >= min_top1, f"max |diff| {diff:.3g} (<= {max_diff}), top-1 {top1:.3f} (>= {min_top1})"
+
+
+@pytest.mark.parametrize("weights", list(BOUNDS))
+def test_engine_logits_per_weight_flag(model_path, prompt_and_reference, weights):
+    ids, ref = prompt_and_reference
+    m = load_model(model_path, weights=weights)
+    assert m.weights.layers[0].gate.qtype == weights
+    prefill, decode = prefill_and_decode(m, ids, 180)
     for ours, want in ((prefill, ref), (decode, ref[180:])):
-        assert (ours - want).abs().max().item() <= max_diff
-        assert (ours.argmax(-1) == want.argmax(-1)).float().mean().item() >= min_top1
+        agreement(ours, want, *BOUNDS[weights])
+
+
+def test_native_block_formats_against_f32_engine(model, model_f32, wikitext_eval):
+    """8-bit activations (native Q4_1/Q8_0) against the exact float engine, and native decode against
+    native prefill, over >= 300 tokens of WikiText."""
+    assert model.weights.layers[0].gate.qtype == "q4_1" and model_f32.weights.layers[0].gate.qtype == "f32"
+    ids = model.tokenizer.encode(wikitext_eval[:4000])[:320]
+    assert len(ids) >= 300
+    prefill, decode = prefill_and_decode(model, ids, 160)
+    exact = model_f32.transformer.forward(ids, model_f32.transformer.new_cache(512), all_logits=True)
+    agreement(prefill, exact, NATIVE_MAX_DIFF, NATIVE_MIN_TOP1)
+    agreement(decode, exact[160:], NATIVE_MAX_DIFF, NATIVE_MIN_TOP1)
+    agreement(decode, prefill[160:], NATIVE_MAX_DIFF, NATIVE_MIN_TOP1)

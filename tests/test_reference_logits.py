@@ -1,4 +1,5 @@
-"""The dense engine against Hugging Face transformers on the real default model (same GGUF)."""
+"""The dense engine against Hugging Face transformers on the real default model (same GGUF), with
+`weights="f32"` (`model_f32`): the exact float engine."""
 import pytest
 import torch
 
@@ -13,7 +14,8 @@ def _prompts(model, wikitext_eval):
     return [tok.encode("The capital of France is"), tok.encode(chat), long_ids]
 
 
-def test_logits_match_transformers(model, hf_model, wikitext_eval):
+def test_logits_match_transformers(model_f32, hf_model, wikitext_eval):
+    model = model_f32
     for ids in _prompts(model, wikitext_eval):
         ours = model.transformer.forward(ids, model.transformer.new_cache(512), all_logits=True)
         with torch.no_grad():
@@ -22,7 +24,8 @@ def test_logits_match_transformers(model, hf_model, wikitext_eval):
         assert (ours - ref).abs().max().item() <= 1e-3
 
 
-def test_greedy_continuations_match_transformers(model, hf_model, wikitext_eval):
+def test_greedy_continuations_match_transformers(model_f32, hf_model, wikitext_eval):
+    model = model_f32
     for ids in _prompts(model, wikitext_eval):
         cache = model.transformer.new_cache(512)
         logits, ours = model.transformer.forward(ids, cache), []

@@ -37,9 +37,11 @@ def test_kernel_path_matches_float32_reference(kind, real, request):
             got = eng(layer, h[t: t + 1])
             tol = 2e-2 if real else 1e-4
             assert (got - want[t]).abs().max() <= tol * want[t].abs().max()
-        # a prompt: dense gate/up, masked down
-        torch.testing.assert_close(eng(layer, h), want, atol=1e-3 * float(want.abs().max()), rtol=1e-3)
-    np.testing.assert_allclose(eng.meter.selected, 2 * ref.meter.selected)
+        # a prompt: dense gate/up, masked down (the real model's native blocks take x, and the masked
+        # activations, in 8 bits like llama.cpp: measured 0.8% of the largest output, so the one-token bound)
+        torch.testing.assert_close(eng(layer, h), want, atol=tol * float(want.abs().max()), rtol=1e-3)
+    # the "act" rule selects from activations, which 8-bit x moves slightly on the real model (measured 0.05%)
+    np.testing.assert_allclose(eng.meter.selected, 2 * ref.meter.selected, rtol=1e-2 if real else 1e-7)
     assert eng.meter.tokens[:2].tolist() == [12, 12] and not eng.meter.tokens[2:].any()
 
 

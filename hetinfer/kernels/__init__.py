@@ -81,32 +81,56 @@ set_threads()
 
 def _u8(W: QTensor) -> np.ndarray:
     """The weight bytes [rows, row_bytes] the kernels read."""
+    return _info(W)[1]
+
+
+def _info(W: QTensor) -> tuple:
+    """(format code, weight bytes [rows, row_bytes], read-only, nbytes, data), cached on W while W.data is
+    the same array: the per-call attribute and flag lookups cost more than a small kernel."""
+    info = W.__dict__.get("_kernel_info")
+    if info is not None and info[4] is W.data:
+        return info
     d = W.data
-    if d.dtype == np.uint8 and d.flags.c_contiguous:
-        return d
-    return np.ascontiguousarray(d).view(np.uint8)
+    u8 = d if d.dtype == np.uint8 and d.flags.c_contiguous else np.ascontiguousarray(d).view(np.uint8)
+    info = (cpu.FMT[W.qtype], u8, not u8.flags.writeable, u8.nbytes, d)
+    W.__dict__["_kernel_info"] = info
+    return info
+
+
+_F32 = np.dtype(np.float32)
 
 
 def _np(x: torch.Tensor | np.ndarray) -> np.ndarray:
-    """A C-contiguous float32 numpy view (zero-copy for contiguous float32 CPU tensors)."""
+    """A C-contiguous float32 numpy view (zero-copy for contiguous float32 CPU tensors and arrays)."""
     if type(x) is torch.Tensor:
-        if x.dtype is not torch.float32 or x.requires_grad or not x.is_contiguous():
-            x = x.detach().float().contiguous()
-        return x.numpy()
-    return np.ascontiguousarray(x, dtype=np.float32)
+        try:
+            xn = x.numpy()  # raises for tensors that need grad, live on a GPU or have no numpy dtype
+        except (RuntimeError, TypeError):
+            return x.detach().cpu().float().contiguous().numpy()
+    else:
+        xn = x
+    if type(xn) is np.ndarray and xn.dtype is _F32 and xn.flags.c_contiguous:
+        return xn
+    return np.ascontiguousarray(xn, dtype=np.float32)
 
 
 def _x2d(W: QTensor, x: torch.Tensor | np.ndarray) -> np.ndarray:
     xn = _np(x)
-    if xn.shape[-1] != W.shape[1]:
-        raise ValueError(f"input has {xn.shape[-1]} features but the weight takes {W.shape[1]} ({W.shape} {W.qtype})")
-    return xn if xn.ndim == 2 else xn.reshape(-1, W.shape[1])
+    shape = xn.shape
+    if shape[-1] != W.shape[1]:
+        raise ValueError(f"input has {shape[-1]} features but the weight takes {W.shape[1]} ({W.shape} {W.qtype})")
+    return xn if len(shape) == 2 else xn.reshape(-1, shape[-1])
+
+
+_I64 = np.dtype(np.int64)
 
 
 def _rows(rows, n: int) -> np.ndarray:
     """Validated row ids as int64: any order, may be empty; out-of-range ids raise ValueError."""
     r = rows
-    if not (type(r) is np.ndarray and r.dtype == np.int64 and r.ndim == 1 and r.flags.c_contiguous):
+    if type(r) is torch.Tensor and r.dtype is torch.int64 and not r.requires_grad and r.device.type == "cpu":
+        r = r.numpy()
+    if not (type(r) is np.ndarray and r.dtype is _I64 and r.ndim == 1 and r.flags.c_contiguous):
         if isinstance(r, torch.Tensor):
             r = r.detach().cpu().numpy()
         r = np.asarray(r)
@@ -120,8 +144,9 @@ def _rows(rows, n: int) -> np.ndarray:
 
 
 def _chunks(nbytes: int) -> int:
-    """Threads for a kernel reading `nbytes` of weights."""
-    return max(1, min(get_threads(), nbytes // MIN_BYTES_PER_THREAD))
+    """Threads for a kernel reading `nbytes` of weights (tiny work runs on the calling thread)."""
+    n = nbytes // MIN_BYTES_PER_THREAD
+    return 1 if n < 2 else min(get_threads(), n)
 
 
 def _is_cuda(W) -> bool:
@@ -143,8 +168,9 @@ def linear(W: QTensor, x: torch.Tensor) -> torch.Tensor:
     xn = _x2d(W, x)
     if xn.shape[0] > GEMV_MAX_T:
         return _gemm(W, xn)
-    out = np.empty((xn.shape[0], W.shape[0]), np.float32)
-    cpu.matvec(cpu.FMT[W.qtype], (_u8(W),), xn, (out,), _chunks(W.data.nbytes))
+    fmt, u8, _, nbytes, _ = _info(W)
+    out = np.empty((xn.shape[0], u8.shape[0]), np.float32)
+    cpu.matvec(fmt, (u8,), xn, (out,), _chunks(nbytes))
     return torch.from_numpy(out)
 
 
@@ -159,16 +185,27 @@ def linears(Ws: tuple[QTensor, ...] | list[QTensor], x: torch.Tensor) -> list[to
     T = xn.shape[0]
     if T > GEMV_MAX_T:
         return [_gemm(W, xn) for W in Ws]
-    if len({(W.qtype, W.shape[1], W.data.flags.writeable) for W in Ws}) > 1:
+    infos = [_info(W) for W in Ws]
+    fmt, u8, ro, _, _ = infos[0]
+    if any(i[0] != fmt or i[2] != ro or i[1].shape[1] != u8.shape[1] for i in infos):
         return [linear(W, xn) for W in Ws]
-    outs = tuple([np.empty((T, W.shape[0]), np.float32) for W in Ws])
-    cpu.matvec(cpu.FMT[W0.qtype], tuple([_u8(W) for W in Ws]), xn, outs, _chunks(sum([W.data.nbytes for W in Ws])))
+    outs = tuple([np.empty((T, i[1].shape[0]), np.float32) for i in infos])
+    cpu.matvec(fmt, tuple([i[1] for i in infos]), xn, outs, _chunks(sum([i[3] for i in infos])))
     return [torch.from_numpy(o) for o in outs]
 
 
+def _q8(xn: np.ndarray) -> np.ndarray:
+    """x as the block-format kernels read it (8 bits per block of 32, `cpu.quantize_x`), as float32."""
+    T, cols = xn.shape
+    xq, xs = np.empty((T, cols // 32, 32), np.int8), np.empty((T, cols // 32, 2), np.float32)
+    cpu.quantize_x(xn, xq, xs)
+    return (xq * xs[..., :1]).reshape(T, cols)
+
+
 def _gemm(W: QTensor, xn: np.ndarray) -> torch.Tensor:
-    """Prefill: dequantize `TILE_BYTES` of rows at a time, multiply with torch."""
-    x = torch.from_numpy(xn)
+    """Prefill: dequantize `TILE_BYTES` of rows at a time, multiply with torch. Block formats take x
+    quantized to 8 bits as in decode, so a token's result does not depend on the path."""
+    x = torch.from_numpy(_q8(xn) if W.qtype in BLOCK_FORMATS else xn)
     if W.qtype == "f32":
         return x @ torch.from_numpy(np.ascontiguousarray(W.data)).T
     rows, cols = W.shape
@@ -193,11 +230,13 @@ def gate_up(Wg: QTensor, Wu: QTensor, x: torch.Tensor, act: str) -> torch.Tensor
 
         return cuda.gate_up(Wg, Wu, x, act)
     xn = _x2d(Wg, x)
-    if xn.shape[0] > GEMV_MAX_T or Wg.qtype != Wu.qtype or Wg.data.flags.writeable != Wu.data.flags.writeable:
+    fg, ug, rog, ng, _ = _info(Wg)
+    fu, uu, rou, nu, _ = _info(Wu)
+    if xn.shape[0] > GEMV_MAX_T or fg != fu or rog != rou:
         g, u = linear(Wg, xn), linear(Wu, xn)
         return _torch_act(act, g) * u
-    h = np.empty((xn.shape[0], Wg.shape[0]), np.float32)
-    cpu.gate_up(cpu.FMT[Wg.qtype], _u8(Wg), _u8(Wu), xn, cpu.ACT[act], h, _chunks(Wg.data.nbytes + Wu.data.nbytes))
+    h = np.empty((xn.shape[0], ug.shape[0]), np.float32)
+    cpu.gate_up(fg, ug, uu, xn, cpu.ACT[act], h, _chunks(ng + nu))
     return torch.from_numpy(h)
 
 
@@ -232,10 +271,11 @@ def gather_matvec(W: QTensor, rows, x: torch.Tensor) -> torch.Tensor:
         from hetinfer.kernels import cuda
 
         return cuda.gather_matvec(W, rows, x)
-    r = _rows(rows, W.shape[0])
+    fmt, u8, _, _, _ = _info(W)
+    r = _rows(rows, u8.shape[0])
     xn = _x2d(W, x)
-    out = np.empty((xn.shape[0], len(r)), np.float32)
-    cpu.gather_matvec(cpu.FMT[W.qtype], _u8(W), r, xn, out, _chunks(len(r) * W.data.shape[1]))
+    out = np.empty((xn.shape[0], r.shape[0]), np.float32)
+    cpu.gather_matvec(fmt, u8, r, xn, out, _chunks(r.shape[0] * u8.shape[1]))
     return torch.from_numpy(out if x.ndim == 2 else out[0])
 
 
@@ -245,14 +285,17 @@ def scatter_axpy(Wd_t: QTensor, rows, a: torch.Tensor, y: torch.Tensor) -> torch
         from hetinfer.kernels import cuda
 
         return cuda.scatter_axpy(Wd_t, rows, a, y)
-    r = _rows(rows, Wd_t.shape[0])
-    an = _np(a).reshape(-1)
-    if len(an) != len(r):
-        raise ValueError(f"{len(an)} coefficients for {len(r)} rows")
-    if y.dtype != torch.float32 or not y.is_contiguous() or y.numel() != Wd_t.shape[1]:
+    fmt, u8, _, _, _ = _info(Wd_t)
+    r = _rows(rows, u8.shape[0])
+    an = _np(a)
+    if an.ndim != 1:
+        an = an.reshape(-1)
+    if an.shape[0] != r.shape[0]:
+        raise ValueError(f"{an.shape[0]} coefficients for {r.shape[0]} rows")
+    if y.dtype is not torch.float32 or not y.is_contiguous() or y.numel() != Wd_t.shape[1]:
         raise ValueError(f"y must be a contiguous float32 tensor of {Wd_t.shape[1]} values, got {tuple(y.shape)} {y.dtype}")
-    cpu.scatter_axpy(cpu.FMT[Wd_t.qtype], _u8(Wd_t), r, an, y.detach().numpy().reshape(-1),
-                     _chunks(len(r) * Wd_t.data.shape[1] * Wd_t.data.itemsize))
+    yn = y.detach().numpy()
+    cpu.scatter_axpy(fmt, u8, r, an, yn if yn.ndim == 1 else yn.reshape(-1), _chunks(r.shape[0] * u8.shape[1]))
     return y
 
 
@@ -272,15 +315,18 @@ def sparse_ffn(Wg: QTensor, Wu: QTensor, Wd_t: QTensor, rows, x: torch.Tensor, a
     if Wu.shape != (n_ff, d) or Wd_t.shape != (n_ff, d):
         raise ValueError(f"gate {Wg.shape}, up {Wu.shape} and transposed down {Wd_t.shape} must all be [n_ff, d]; "
                          "transpose the down projection with transpose_down()")
-    if Wg.qtype != Wu.qtype or Wg.data.flags.writeable != Wu.data.flags.writeable:
+    fg, ug, rog, _, _ = _info(Wg)
+    fu, uu, rou, _, _ = _info(Wu)
+    fd, ud, _, _, _ = _info(Wd_t)
+    if fg != fu or rog != rou:
         raise ValueError(f"gate ({Wg.qtype}) and up ({Wu.qtype}) must share one format")
     r = _rows(rows, n_ff)
     xn = _x2d(Wg, x)
     if xn.shape[0] != 1:
         raise ValueError(f"sparse_ffn takes one token, got {xn.shape[0]}")
-    y, h = np.empty(x.shape, np.float32), np.empty(len(r), np.float32)
-    cpu.sparse_ffn(cpu.FMT[Wg.qtype], _u8(Wg), _u8(Wu), cpu.FMT[Wd_t.qtype], _u8(Wd_t), r, xn, cpu.ACT[act],
-                   y.reshape(-1), h, _chunks(len(r) * (Wg.row_bytes * 2 + Wd_t.row_bytes)))
+    y, h = np.empty(x.shape, np.float32), np.empty(r.shape[0], np.float32)
+    cpu.sparse_ffn(fg, ug, uu, fd, ud, r, xn, cpu.ACT[act], y if y.ndim == 1 else y.reshape(-1), h,
+                   _chunks(r.shape[0] * (ug.shape[1] * 2 + ud.shape[1])))
     return (torch.from_numpy(y), torch.from_numpy(h)) if return_act else torch.from_numpy(y)
 
 

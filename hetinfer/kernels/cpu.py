@@ -5,8 +5,9 @@ them into y") is written as a few lines of LLVM vector IR (`_make_dot`, `_make_x
 `_make_axpy` below) because LLVM does not vectorize the numba-level block loop on its own
 (it fully unrolls the 32-step loop into a serial FMA chain, ~3 GB/s). Float formats decode a
 block into one <32 x float>; block formats (q8_0, q4_0, q4_1) dot their integer weights with
-x converted once per call to 31-bit fixed point (`quantize_x`), integer multiply-adds per
-block and one float FMA: decoding nibbles to floats made the Q4 GEMVs compute-bound. Dots
+x quantized once per call to 8 bits per block of 32 (`quantize_x`, as llama.cpp does), integer
+multiply-adds per block (vpmaddubsw/vpmaddwd with AVX2) and one float FMA: decoding nibbles to
+floats made the Q4 GEMVs compute-bound. Float formats stay float and exact. Dots
 keep 4 independent accumulators, so a row streams the weights at cache/memory speed.
 
 Numba code around it is plain: rows are split into `nchunks` equal chunks run under
@@ -103,11 +104,11 @@ def _dec_q4_1(b, p):  # f16 d, f16 m, nibbles: w = d * q + m
 _DECODERS = [(_dec_f32, 128), (_dec_f16, 64), (_dec_bf16, 64), (_dec_q8_0, 34), (_dec_q4_0, 18), (_dec_q4_1, 20)]
 
 
-# Block formats dot their integer weights with x in fixed point (`quantize_x`): per block of 32,
-# x = dx * (h + l / 2^15) with int16 h and l, stored as 64 int16 (h[32], then l[32]), plus the floats
-# (dx, sum of the block's x).
-_VI16 = ir.VectorType(_I16, 16)
+# Block formats dot their integer weights with x quantized once per call to 8 bits per block of 32
+# (`quantize_x`, llama.cpp's q8_0/q8_1 activations): int8 q[32] plus the floats (d, s = d * sum(q)).
 _V8F, _V8I = ir.VectorType(_F32, 8), ir.VectorType(_I32, 8)
+_VB = ir.VectorType(_I8, _N)
+_VW = ir.VectorType(_I16, 16)
 
 
 def _targets_avx2() -> bool:
@@ -121,35 +122,35 @@ def _targets_avx2() -> bool:
 _AVX2 = _targets_avx2()
 
 
-def _iweights(fmt: int, b: ir.IRBuilder, p: ir.Value) -> tuple:
-    """A block's integer weights as two <16 x i16> halves: q8_0 q, q4_0 q - 8, q4_1 q (0..15)."""
+def _iweights(fmt: int, b: ir.IRBuilder, p: ir.Value) -> ir.Value:
+    """A block's integer weights as <32 x i8>: q8_0 q (signed), q4_0 and q4_1 q in 0..15 (q4_0's - 8
+    is applied through the block sum of x)."""
     if fmt == Q8_0:
-        return tuple(b.sext(_load(b, p, 2 + 16 * i, ir.VectorType(_I8, 16)), _VI16) for i in range(2))
-    q = b.zext(_load(b, p, 4 if fmt == Q4_1 else 2, ir.VectorType(_I8, 16)), _VI16)
-    lo = b.and_(q, ir.Constant(_VI16, [15] * 16))
-    hi = b.lshr(q, ir.Constant(_VI16, [4] * 16))
-    if fmt == Q4_0:
-        return b.sub(lo, ir.Constant(_VI16, [8] * 16)), b.sub(hi, ir.Constant(_VI16, [8] * 16))
-    return lo, hi
+        return _load(b, p, 2, _VB)
+    return _nibbles(b, p, 4 if fmt == Q4_1 else 2)
 
 
-def _madd(b: ir.IRBuilder, w: ir.Value, y: ir.Value) -> ir.Value:
-    """Exact int32 pair sums <8 x i32> of w * y (<16 x i16> each): vpmaddwd on x86 with AVX2, else the
-    sign-extend, multiply, add-pairs pattern (which ARM lowers to smull/smlal)."""
+def _idot(fmt: int, b: ir.IRBuilder, w: ir.Value, xq: ir.Value) -> ir.Value:
+    """Exact <8 x i32> partial sums of the block's weights w (`_iweights`) times the int8 x block xq
+    (|xq| <= 127). AVX2: vpmaddubsw (unsigned x signed bytes -> int16 pair sums, at most
+    2 * 128 * 127 < 2^15: never saturates; q8_0 takes |w| and moves w's sign onto x, as llama.cpp),
+    then vpmaddwd with ones. Elsewhere the sign-extend, multiply, add pattern."""
     if _AVX2:
-        fnty = ir.FunctionType(_V8I, [_VI16, _VI16])
-        return b.call(cgutils.get_or_insert_function(b.module, fnty, "llvm.x86.avx2.pmadd.wd"), [w, y])
+        if fmt == Q8_0:
+            xs = _call(b, "llvm.x86.avx2.psign.b", _VB, xq, w)
+            w = _call(b, "llvm.abs.v32i8", _VB, w, ir.Constant(ir.IntType(1), 0))
+            xq = xs
+        p16 = _call(b, "llvm.x86.avx2.pmadd.ub.sw", _VW, w, xq)
+        return _call(b, "llvm.x86.avx2.pmadd.wd", _V8I, p16, ir.Constant(_VW, [1] * 16))
+    vi32 = ir.VectorType(_I32, _N)
+    wi = b.sext(w, vi32) if fmt == Q8_0 else b.zext(w, vi32)
+    prod = b.mul(wi, b.sext(xq, vi32))
 
-    def ext(v, first):
-        return b.sext(b.shuffle_vector(v, v, ir.Constant(_V8I, list(range(first, 16, 2)))), _V8I)
+    def half(v, n, first):
+        return b.shuffle_vector(v, v, ir.Constant(ir.VectorType(_I32, n), list(range(first, first + n))))
 
-    return b.add(b.mul(ext(w, 0), ext(y, 0)), b.mul(ext(w, 1), ext(y, 1)))
-
-
-def _idot(b: ir.IRBuilder, w: tuple, q: ir.Value) -> ir.Value:
-    """<8 x i32> partial sums of a block's weight halves `w` times the 32 int16 at the <16 x i16>* q."""
-    ys = [b.load(b.gep(q, [ir.Constant(_I64, i)]), align=2) for i in range(2)]
-    return b.add(_madd(b, w[0], ys[0]), _madd(b, w[1], ys[1]))
+    s16 = b.add(half(prod, 16, 0), half(prod, 16, 16))
+    return b.add(half(s16, 8, 0), half(s16, 8, 8))
 
 
 def _for(b: ir.IRBuilder, start, stop, step: int, init: list, body) -> tuple:
@@ -220,6 +221,11 @@ def _make_dot(fmt: int):
     return dot
 
 
+def _call(b: ir.IRBuilder, name: str, ret: ir.Type, *args: ir.Value, fastmath=()) -> ir.Value:
+    fnty = ir.FunctionType(ret, [a.type for a in args])
+    return b.call(cgutils.get_or_insert_function(b.module, fnty, name), args, fastmath=fastmath)
+
+
 def _make_xdot(fmt: int):
     nbytes = _DECODERS[fmt][1]
 
@@ -227,16 +233,16 @@ def _make_xdot(fmt: int):
     def xdot(typingctx, w, woff, xq, xs, xb, nblocks):
         """sum over `nblocks` blocks of w[woff bytes ..] . x, x given as `quantize_x` blocks xb, xb + 1, ...
 
-        Per block: exact int32 sums of the integer weights times h and times l (vpmaddwd), combined in
-        float as d_w * dx * (sum_h + sum_l / 2^15) with 4 independent accumulators; q4_1 adds m_w * sum(x).
-        llama.cpp's scheme, with 31-bit instead of 8-bit x."""
+        llama.cpp's scheme: per block an exact int32 dot of the integer weights with the int8 x (`_idot`),
+        scaled in float by d_w * d_x into 4 independent <8 x float> accumulators; q4_1 adds m_w * s_x
+        and q4_0 -8 * d_w * s_x (s_x = d_x * sum(q_x), its weights being d_w * (q - 8))."""
         sig = types.float32(w, types.intp, xq, xs, types.intp, types.intp)
 
         def codegen(context, b, sig, args):
             wp = _ptr(context, b, sig.args[0], args[0], args[1], True)
-            qp = _ptr(context, b, sig.args[2], args[2], b.mul(args[4], ir.Constant(_I64, 2 * _N)), False)
+            qp = _ptr(context, b, sig.args[2], args[2], b.mul(args[4], ir.Constant(_I64, _N)), True)
             sp = _ptr(context, b, sig.args[3], args[3], b.mul(args[4], ir.Constant(_I64, 2)), False)
-            lo_scale = ir.Constant(_V8F, [2.0**-15] * 8)
+            v2 = ir.VectorType(_F32, 2)
 
             def step(unroll):
                 def body(i, accs):
@@ -245,18 +251,16 @@ def _make_xdot(fmt: int):
                         acc, sacc = accs[2 * u], accs[2 * u + 1]
                         k = b.add(i, ir.Constant(_I64, u))
                         p = b.gep(wp, [b.mul(k, ir.Constant(_I64, nbytes))])
-                        wv = _iweights(fmt, b, p)
-                        q = b.bitcast(b.gep(qp, [b.mul(k, ir.Constant(_I64, 2 * _N))]), _VI16.as_pointer())
-                        ph, pl = _idot(b, wv, q), _idot(b, wv, b.gep(q, [ir.Constant(_I64, 2)]))
-                        f = _fma(b, b.sitofp(pl, _V8F), lo_scale, b.sitofp(ph, _V8F))
-                        v2 = ir.VectorType(_F32, 2)
+                        xv = b.load(b.bitcast(b.gep(qp, [b.mul(k, ir.Constant(_I64, _N))]), _VB.as_pointer()), align=1)
+                        f = b.sitofp(_idot(fmt, b, _iweights(fmt, b, p), xv), _V8F)
                         xs2 = b.load(b.bitcast(b.gep(sp, [b.mul(k, ir.Constant(_I64, 2))]), v2.as_pointer()), align=4)
-                        if fmt == Q4_1:  # (d_w, m_w) * (dx, sum x)
-                            dm = b.fmul(b.fpext(_load(b, p, 0, ir.VectorType(_HALF, 2)), v2), xs2)
+                        if fmt == Q8_0:
+                            scale = b.fmul(_scale(b, p, 0), b.extract_element(xs2, ir.Constant(_I32, 0)))
+                        else:  # (d_w, m_w) * (d_x, s_x); q4_0: (d_w, d_w) * (d_x, s_x), the -8 applied at the end
+                            dm = _load(b, p, 0, ir.VectorType(_HALF, 2)) if fmt == Q4_1 else _splat(b, _load(b, p, 0, _HALF), 2)
+                            dm = b.fmul(b.fpext(dm, v2), xs2)
                             scale = b.extract_element(dm, ir.Constant(_I32, 0))
                             sacc = b.fadd(sacc, b.extract_element(dm, ir.Constant(_I32, 1)))
-                        else:
-                            scale = b.fmul(_scale(b, p, 0), b.extract_element(xs2, ir.Constant(_I32, 0)))
                         out += [_fma(b, f, _splat(b, scale, 8), acc), sacc]
                     return out
                 return body
@@ -267,6 +271,8 @@ def _make_xdot(fmt: int):
             for u in range(1, _UNROLL):
                 acc, sacc = b.fadd(acc, accs[2 * u]), b.fadd(sacc, accs[2 * u + 1])
             _, (acc, sacc) = _for(b, i, args[5], 1, [acc, sacc], step(1))
+            if fmt == Q4_0:
+                sacc = b.fmul(sacc, ir.Constant(_F32, -8.0))
             fnty = ir.FunctionType(_F32, [_F32, _V8F])
             red = cgutils.get_or_insert_function(b.module, fnty, "llvm.vector.reduce.fadd.v8f32")
             return b.call(red, [sacc, acc], fastmath=("reassoc",))
@@ -276,24 +282,18 @@ def _make_xdot(fmt: int):
     return xdot
 
 
-def _call(b: ir.IRBuilder, name: str, ret: ir.Type, *args: ir.Value, fastmath=()) -> ir.Value:
-    fnty = ir.FunctionType(ret, [a.type for a in args])
-    return b.call(cgutils.get_or_insert_function(b.module, fnty, name), args, fastmath=fastmath)
-
-
-_DX_MIN = 2.0**-110  # smaller block scales count as zero: 2^15 / dx must stay a finite float32
+_DX_MIN = 2.0**-110  # smaller block scales count as zero (1 / d must stay a finite float32)
 
 
 @intrinsic
 def _quantize_block(typingctx, x, xoff, xq, xs, blk):
     """`quantize_x` for the 32 floats at x[xoff ..] into block `blk` of xq and xs, as vector IR
-    (numba's scalar loop took 3 ns per value, 10% of a small GEMV). The residual x - h * dx is one
-    fused multiply-add, exact in float32 up to its final rounding."""
+    (numba's scalar loop took 3 ns per value, 10% of a small GEMV)."""
     sig = types.void(x, types.intp, xq, xs, types.intp)
 
     def codegen(context, b, sig, args):
         xp = _ptr(context, b, sig.args[0], args[0], args[1], False)
-        qp = _ptr(context, b, sig.args[2], args[2], b.mul(args[4], ir.Constant(_I64, 2 * _N)), False)
+        qp = _ptr(context, b, sig.args[2], args[2], b.mul(args[4], ir.Constant(_I64, _N)), True)
         sp = _ptr(context, b, sig.args[3], args[3], b.mul(args[4], ir.Constant(_I64, 2)), False)
         v = b.load(b.bitcast(xp, _VF.as_pointer()), align=4)
         vi32 = ir.VectorType(_I32, _N)  # max |x| as integer max of the magnitude bits (a vector max tree)
@@ -302,27 +302,17 @@ def _quantize_block(typingctx, x, xoff, xq, xs, blk):
         zero = ir.Constant(_F32, 0.0)
         chk = _call(b, "llvm.vector.reduce.fadd.v32f32", _F32, zero, b.fmul(v, ir.Constant(_VF, None)),
                     fastmath=("reassoc",))  # nan if any value is inf or nan
-        d = b.fdiv(amax, ir.Constant(_F32, 32767.0))
+        d = b.fdiv(amax, ir.Constant(_F32, 127.0))
         finite = b.fcmp_ordered("==", chk, zero)
         ok = b.and_(finite, b.fcmp_ordered(">=", d, ir.Constant(_F32, _DX_MIN)))
         v = b.select(ok, v, ir.Constant(_VF, None))
         inv = b.select(ok, b.fdiv(ir.Constant(_F32, 1.0), d), zero)
-        h = _call(b, "llvm.rint.v32f32", _VF, b.fmul(v, _splat(b, inv)))
-        r = _call(b, "llvm.fma.v32f32", _VF, b.fneg(h), _splat(b, d), v)
-        lo = _call(b, "llvm.rint.v32f32", _VF, b.fmul(r, _splat(b, b.fmul(inv, ir.Constant(_F32, 32768.0)))))
-        vi = ir.VectorType(_I16, _N)
-        h16, lo16 = b.fptosi(h, vi), b.fptosi(lo, vi)
-        qv = b.bitcast(qp, vi.as_pointer())
-        b.store(h16, qv, align=2)
-        b.store(lo16, b.gep(qv, [ir.Constant(_I64, 1)]), align=2)
-        sh = _call(b, "llvm.vector.reduce.add.v32i32", _I32, b.sext(h16, vi32))
-        sl = _call(b, "llvm.vector.reduce.add.v32i32", _I32, b.sext(lo16, vi32))
-        s = b.add(b.mul(b.sext(sh, _I64), ir.Constant(_I64, 32768)), b.sext(sl, _I64))
+        q = b.fptosi(_call(b, "llvm.rint.v32f32", _VF, b.fmul(v, _splat(b, inv))), _VB)
+        b.store(q, b.bitcast(qp, _VB.as_pointer()), align=1)
+        isum = _call(b, "llvm.vector.reduce.add.v32i32", _I32, b.sext(q, vi32))
         d = b.select(ok, d, b.select(finite, zero, ir.Constant(_F32, float("nan"))))
         b.store(d, sp, align=4)
-        f64 = ir.DoubleType()
-        sx = b.fmul(b.fmul(b.fpext(d, f64), b.sitofp(s, f64)), ir.Constant(f64, 2.0**-15))
-        b.store(b.fptrunc(sx, _F32), b.gep(sp, [ir.Constant(_I64, 1)]), align=4)
+        b.store(b.fmul(d, b.sitofp(isum, _F32)), b.gep(sp, [ir.Constant(_I64, 1)]), align=4)
         return context.get_dummy_value()
 
     return sig, codegen
@@ -402,15 +392,13 @@ _elem_f32, _elem_f16, _elem_bf16 = (_make_elem(f) for f in range(3))
 
 @njit(error_model="numpy", cache=True)
 def quantize_x(x, xq, xs):
-    """x [T, cols] (C-contiguous, cols % 32 == 0) in the fixed point the block-format dots read.
+    """x [T, cols] (C-contiguous, cols % 32 == 0) as the 8-bit blocks the block-format dots read
+    (llama.cpp's q8_0 activations, with q8_1's block sum).
 
-    Per block of 32: dx = amax / 32767, h = rint(x / dx), l = rint((x - h * dx) / dx * 2^15) (float32,
-    x - h * dx fused), so that x = dx * (h + l / 2^15) within 1.01 dx * 2^-16 (about amax * 2^-31): finer
-    than float32's own rounding of the block's largest value, so results match float arithmetic on x
-    to float32 accuracy (llama.cpp's 8-bit x moves SmolLM2's logits by up to 0.7). xq [T, nb, 64]
-    int16 gets h[32] then l[32]; xs [T, nb, 2] float32 gets (dx, dx * sum(h + l / 2^15)). Blocks with
-    inf or nan get dx = nan (their results are nan); blocks with amax < 32767 * 2^-110 (2.5e-29) count
-    as zero.
+    Per block of 32, float32: d = amax / 127, q = rint(x * (1 / d)) (round to nearest even, |q| <= 127),
+    so x = d * q within d / 2. xq [T, nb, 32] int8 gets q; xs [T, nb, 2] float32 gets (d, d * sum(q)).
+    Blocks with inf or nan get d = nan (their results are nan); blocks with amax < 127 * 2^-110
+    (1e-31) count as zero. `reference.quantize_x` is the same, bit for bit.
     """
     nb = x.shape[1] // 32
     for t in range(x.shape[0]):
@@ -419,16 +407,16 @@ def quantize_x(x, xq, xs):
 
 
 @njit(inline="always")
-def _fixed(fmt):
-    """Whether rows of `fmt` dot with `quantize_x`'s fixed-point x."""
+def _q8x(fmt):
+    """Whether rows of `fmt` dot with `quantize_x`'s 8-bit x."""
     return fmt == Q8_0 or fmt == Q4_0 or fmt == Q4_1
 
 
 @njit(inline="always")
 def _prep(fmt, x):
     """(xq, xs) for `_rowdot`: `quantize_x`'s output for the block formats, empty otherwise."""
-    nb = x.shape[1] // 32 if _fixed(fmt) else 0
-    xq = np.empty((x.shape[0], nb, 64), np.int16)
+    nb = x.shape[1] // 32 if _q8x(fmt) else 0
+    xq = np.empty((x.shape[0], nb, 32), np.int8)
     xs = np.empty((x.shape[0], nb, 2), np.float32)
     if nb:
         quantize_x(x, xq, xs)

@@ -2,8 +2,9 @@
 
 Tests compare the CPU and CUDA kernels against these. Weights are decoded with
 `QTensor.dequantize`, which matches the `gguf` package byte for byte. Products with block-format
-weights (q8_0, q4_0, q4_1) take x as the CPU kernels read it, in 31-bit fixed point per block of
-32 (`fixed_x`, within amax * 2^-31 of x: below float32 resolution), then multiply exactly.
+weights (q8_0, q4_0, q4_1) take x as the CPU kernels read it, quantized to 8 bits per block of 32
+like llama.cpp's q8_0 activations (`quantize_x`, bit-identical to `cpu.quantize_x`), then multiply
+in float64.
 """
 from __future__ import annotations
 
@@ -28,48 +29,47 @@ def _w(W: QTensor, rows=None) -> np.ndarray:
 
 
 def quantize_x(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """`cpu.quantize_x`, bit for bit: x [..., cols] -> h, l int16 [..., cols // 32, 32] and dx float32
-    [..., cols // 32] with x = dx * (h + l / 2^15): dx = amax / 32767, h = rint(x * (1 / dx)),
-    l = rint((x - h * dx) * (2^15 / dx)), all float32 (x - h * dx fused: exact in float64, rounded once).
-    Blocks with inf/nan get dx = nan and h = l = 0, blocks with dx < 2^-110 count as 0."""
+    """`cpu.quantize_x`, bit for bit: x [..., cols] -> q int8 [..., cols // 32, 32], d and s float32
+    [..., cols // 32] with x ~ d * q: d = amax / 127, q = rint(x * (1 / d)), s = d * sum(q), all float32.
+    Blocks with inf/nan get d = s = nan and q = 0; blocks with d < 2^-110 count as 0."""
     f32 = np.float32
     b = np.asarray(x, f32).reshape(*np.shape(x)[:-1], -1, 32)
-    amax = np.abs(b).max(-1)
-    dx = amax / f32(32767.0)
-    finite = np.isfinite(b).all(-1)
-    ok = finite & (dx >= f32(2.0**-110))
-    b = np.where(ok[..., None], b, f32(0))
-    inv = np.where(ok, f32(1.0) / np.where(ok, dx, f32(1)), f32(0))[..., None]
-    h = np.rint(b * inv)
-    r = (b.astype(np.float64) - h.astype(np.float64) * np.where(ok, dx, f32(0))[..., None]).astype(f32)
-    lo = np.rint(r * (inv * f32(32768.0)))
-    dx = np.where(ok, dx, np.where(finite, f32(0), f32(np.nan))).astype(f32)
-    return h.astype(np.int16), lo.astype(np.int16), dx
+    with np.errstate(invalid="ignore", over="ignore"):
+        d = np.abs(b).max(-1) / f32(127.0)
+        finite = np.isfinite(b).all(-1)
+        ok = finite & (d >= f32(2.0**-110))
+        b = np.where(ok[..., None], b, f32(0))
+        inv = np.where(ok, f32(1.0) / np.where(ok, d, f32(1)), f32(0))[..., None]
+        q = np.rint(b * inv).astype(np.int8)
+        d = np.where(ok, d, np.where(finite, f32(0), f32(np.nan))).astype(f32)
+        s = (d * q.astype(np.int32).sum(-1).astype(f32)).astype(f32)
+    return q, d, s
 
 
-def fixed_x(x: np.ndarray) -> np.ndarray:
-    """x as the block-format dots see it, float64: dx * (h + l / 2^15) from `quantize_x`."""
-    h, lo, dx = quantize_x(x)
-    return (dx.astype(np.float64)[..., None] * (h + lo / 32768.0)).reshape(np.shape(x))
+def q8_x(x: np.ndarray) -> np.ndarray:
+    """x as the block-format dots see it, float64 (exact): d * q from `quantize_x`."""
+    q, d, _ = quantize_x(x)
+    return (d.astype(np.float64)[..., None] * q).reshape(np.shape(x))
 
 
-def _x(W: QTensor, x: np.ndarray) -> np.ndarray:
-    """x as a product with W reads it: `fixed_x` for block formats, else x itself."""
-    return fixed_x(x) if W.qtype in BLOCK_FORMATS else np.asarray(x, np.float64)
+def _x(W: QTensor, x: np.ndarray, q8: bool = True) -> np.ndarray:
+    """x as a product with W reads it: `q8_x` for block formats (unless q8=False: x as given, what the
+    CUDA kernels read), else x itself."""
+    return q8_x(x) if q8 and W.qtype in BLOCK_FORMATS else np.asarray(x, np.float64)
 
 
-def linear(W: QTensor, x: np.ndarray) -> np.ndarray:
+def linear(W: QTensor, x: np.ndarray, q8: bool = True) -> np.ndarray:
     """x [T, cols] -> [T, rows]."""
-    return _x(W, x) @ _w(W).T
+    return _x(W, x, q8) @ _w(W).T
 
 
 def embedding(W: QTensor, ids: np.ndarray) -> np.ndarray:
     return W.dequantize(np.asarray(ids, np.int64))
 
 
-def gather_matvec(W: QTensor, rows: np.ndarray, x: np.ndarray) -> np.ndarray:
+def gather_matvec(W: QTensor, rows: np.ndarray, x: np.ndarray, q8: bool = True) -> np.ndarray:
     """The selected output rows only: x [..., cols] -> [..., len(rows)]."""
-    return _x(W, x) @ _w(W, rows).T
+    return _x(W, x, q8) @ _w(W, rows).T
 
 
 def scatter_axpy(Wd_t: QTensor, rows: np.ndarray, a: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -77,14 +77,15 @@ def scatter_axpy(Wd_t: QTensor, rows: np.ndarray, a: np.ndarray, y: np.ndarray) 
     return np.asarray(y, np.float64) + np.asarray(a, np.float64) @ _w(Wd_t, rows)
 
 
-def gate_up(Wg: QTensor, Wu: QTensor, x: np.ndarray, act_name: str) -> np.ndarray:
+def gate_up(Wg: QTensor, Wu: QTensor, x: np.ndarray, act_name: str, q8: bool = True) -> np.ndarray:
     """act(x Wg^T) * (x Wu^T): the dense FFN before the down projection."""
-    return act(act_name, linear(Wg, x)) * linear(Wu, x)
+    return act(act_name, linear(Wg, x, q8)) * linear(Wu, x, q8)
 
 
-def sparse_ffn(Wg: QTensor, Wu: QTensor, Wd_t: QTensor, rows: np.ndarray, x: np.ndarray, act_name: str):
+def sparse_ffn(Wg: QTensor, Wu: QTensor, Wd_t: QTensor, rows: np.ndarray, x: np.ndarray, act_name: str,
+               q8: bool = True):
     """FFN output of one token [d] using only neurons `rows`, and their activations h [len(rows)]."""
-    x = _x(Wg, np.reshape(x, -1))
+    x = _x(Wg, np.reshape(x, -1), q8)
     h = act(act_name, _w(Wg, rows) @ x) * (_w(Wu, rows) @ x)
     return h @ _w(Wd_t, rows), h
 
