@@ -112,7 +112,8 @@ def test_layer_runner_matches_engine_forward(arch, interleaved):
 
 
 @pytest.mark.slow
-def test_layer_runner_matches_engine_on_real_model(model, wikitext_eval):
+def test_layer_runner_matches_engine_on_real_model(model_f32, wikitext_eval):
+    model = model_f32  # the exact float engine: the profiler's runner computes in float too
     ids = model.tokenizer.encode(wikitext_eval[:3000])
     seqs = [ids[:48], ids[100:120], ids[200:205]]  # the engine's prefill is slow: keep them short
     packed = Packed(seqs)
