@@ -169,20 +169,20 @@ class Window:
 
 def sliding_windows(ids: list[int], window: int, stride: int, bos: int | None = None) -> list[Window]:
     """Windows of `window` tokens every `stride` tokens; each token after the first is scored exactly once,
-    with at least `window - stride` tokens of context once the first window is past. A `bos` id is prepended
-    to every window (never scored as a target)."""
+    with at least `window - stride` tokens of context (and never none) once the first window is past. A `bos`
+    id is prepended to every window (never scored as a target; it takes one of the window's places)."""
     if not 0 < stride <= window:
         raise HetinferError(f"stride {stride} must be between 1 and the window size {window}")
     pre = [] if bos is None else [bos]
     span = window - len(pre)
-    out, done = [], 1  # global positions < done are already scored targets (position 0 never is)
-    for b in range(0, len(ids), stride):
+    if span < 2:
+        raise HetinferError(f"window {window} is too small: it must hold at least 2 tokens besides BOS")
+    out, done, b = [], 1, 0  # global positions < done are already scored targets (position 0 never is)
+    while True:
         e = min(b + span, len(ids))
-        if e <= done:
-            continue
         # prediction at window position p targets global token b + p + 1 - len(pre)
-        out.append(Window(pre + ids[b:e], max(0, done - b - 1 + len(pre))))
+        out.append(Window(pre + ids[b:e], done - b - 1 + len(pre)))
         done = e
         if e == len(ids):
-            break
-    return out
+            return out
+        b = min(b + stride, done - 1)  # the next target's predecessor must be in the window

@@ -240,13 +240,18 @@ def test_parse_source_and_shares(tmp_path):
 def test_sliding_windows_score_every_token_once(n, window, frac, bos):
     stride = max(1, int(window * frac) - (1 if bos else 0))
     span = window - (1 if bos else 0)
-    if span < 1 or stride > window:
-        return
     ids = list(range(1000, 1000 + n))
+    if span < 2:
+        with pytest.raises(HetinferError, match="too small"):
+            sliding_windows(ids, window, stride, bos=7 if bos else None)
+        return
     wins = sliding_windows(ids, window, stride, bos=7 if bos else None)
     scored = []
-    for w in wins:
+    for k, w in enumerate(wins):
         assert len(w.tokens) <= window
+        assert w.first >= (1 if bos else 0)  # BOS is never a scored target
+        if k > 0:  # tokens of context before the first target: window - stride, and never none
+            assert w.first - (1 if bos else 0) + 1 >= max(1, span - stride)
         scored += w.tokens[w.first + 1:]
     assert scored == ids[1:]
 
