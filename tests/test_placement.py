@@ -35,7 +35,7 @@ def tiny_problem(freq, gpu_neurons=None, ram_neurons=0.0, flash_neurons=None, sy
     b = int(sizes.neuron_bytes[0])
     gpu = None
     if gpu_neurons is not None:
-        dense_gpu = sizes.scratch_bytes + sizes.head_bytes + cfg.n_layers * (int(sizes.layer_bytes[0]) + sizes.kv_bytes)
+        dense_gpu = sizes.scratch_bytes + sizes.gpu_decode_bytes + sizes.head_bytes + cfg.n_layers * (int(sizes.layer_bytes[0]) + sizes.kv_bytes)
         gpu = GpuTier(int(dense_gpu + gpu_neurons * b), gpu_bw, 1e10, sync)
     probe = Hardware(ram=RamTier(1 << 40, ram_bw), gpu=gpu)
     ram = place_dense(sizes, probe).ram_bytes + int(ram_neurons * b)
@@ -84,10 +84,11 @@ def test_dense_parts_fill_the_gpu_head_first_then_layers_in_order():
     cfg = tiny_config(4, 32)
     s = model_sizes(cfg, WeightFormats.uniform("q8_0"), 16)
     per_layer = int(s.layer_bytes[0]) + s.kv_bytes
-    gpu = GpuTier(s.scratch_bytes + s.head_bytes + 2 * per_layer + per_layer // 2, 1e11, 1e10, 1e-5)
+    reserved = s.scratch_bytes + s.gpu_decode_bytes  # activations + the GPU kernels' decoded rows
+    gpu = GpuTier(reserved + s.head_bytes + 2 * per_layer + per_layer // 2, 1e11, 1e10, 1e-5)
     d = place_dense(s, Hardware(ram=RamTier(1 << 30, 1e10), gpu=gpu))
     assert d.head_on_gpu and d.attn_on_gpu.tolist() == [True, True, False, False]
-    assert d.gpu_bytes == s.scratch_bytes + s.head_bytes + 2 * per_layer
+    assert d.gpu_bytes == reserved + s.head_bytes + 2 * per_layer
     assert d.ram_bytes == s.embed_bytes + s.scratch_bytes + 2 * per_layer  # tied-less head is on the GPU
 
 
@@ -97,7 +98,7 @@ def test_predictors_are_dense_parts_on_the_device_of_their_layers_attention():
     s = model_sizes(cfg, WeightFormats.uniform("q8_0"), 16, predictor_bytes=[1000, 2000, 3000, 4000])
     assert s.predictor_bytes.tolist() == (s.layer_bytes - bare.layer_bytes).tolist() == [1000, 2000, 3000, 4000]
     per_layer = s.layer_bytes + s.kv_bytes
-    gpu = GpuTier(s.scratch_bytes + s.head_bytes + int(per_layer[:2].sum()), 1e11, 1e10, 1e-5)
+    gpu = GpuTier(s.scratch_bytes + s.gpu_decode_bytes + s.head_bytes + int(per_layer[:2].sum()), 1e11, 1e10, 1e-5)
     d = place_dense(s, Hardware(ram=RamTier(1 << 30, 1e10), gpu=gpu))
     assert d.attn_on_gpu.tolist() == [True, True, False, False]
     assert d.predictor_seconds == pytest.approx(3000 / 1e11 + 7000 / 1e10)

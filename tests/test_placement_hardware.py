@@ -149,6 +149,19 @@ def test_cpu_probe_times_the_kernels_on_the_stored_format_and_is_cached(tmp_path
     assert widths
 
 
+def test_gpu_probe_path_runs_on_stored_weights_anywhere():
+    """The GPU probe's timing loop over `kernels.to_cuda` weights (stored bytes, decoded per call),
+    here on the CPU: the speed counts stored bytes, as the plan does."""
+    from hetinfer import kernels
+
+    weights = hardware._probe_weights("q4_0", 256, 1 << 20)
+    on_device = [kernels.to_cuda(W, "cpu") for W in weights]
+    assert [W.data.nbytes for W in on_device] == [W.nbytes for W in weights]
+    rates = hardware._sparse_ffn_rates(*on_device, torch.randn(1, 256), lambda: None,
+                                       sum(W.row_bytes for W in weights), seconds=0.01)
+    assert rates["bytes_per_s"] > 0 and len(rates["rates"]) == len(hardware.PROBE_DENSITIES)
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_gpu_probe_times_the_cuda_kernels(tmp_path):
@@ -156,4 +169,5 @@ def test_gpu_probe_times_the_cuda_kernels(tmp_path):
     assert gpu.bytes_per_s > 1e9 and gpu.h2d_bytes_per_s > 1e8 and 0 < gpu.sync_latency_s < 0.1
     entry = json.loads((tmp_path / "gpu-probe-q4_0-4096.json").read_text())
     assert entry["key"]["device"] == torch.cuda.get_device_name() and entry["bytes_per_s"] == gpu.bytes_per_s
+    assert entry["key"]["weights"] == "stored"  # probes of dense f16 copies (before) re-probe
     assert hardware.measure_gpu("q4_0", 4096, cache_dir=tmp_path, seconds=0.05).bytes_per_s == gpu.bytes_per_s

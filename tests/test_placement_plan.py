@@ -8,7 +8,8 @@ import pytest
 
 from hetinfer.config import ModelConfig
 from hetinfer.placement import cli, ilp, synth
-from hetinfer.placement.cost import GPU, PlacementError, WeightFormats, build_problem, model_sizes, weight_sizes
+from hetinfer.placement.cost import (GPU, PlacementError, WeightFormats, build_problem, gpu_decode_bytes, model_sizes,
+                                     weight_sizes)
 from hetinfer.placement.hardware import ASSUMED_FLASH, FlashTier, GpuTier, Hardware, RamTier, save_hardware
 from hetinfer.placement.plan import PlanError, build_manifest, load_plan, save_plan
 
@@ -21,7 +22,9 @@ LLAMA2_70B_HF = {"model_type": "llama", "hidden_act": "silu", "hidden_size": 819
 
 
 def machine(gpu=3 << 20, ram=1600 << 10, flash=1 << 30) -> Hardware:
-    """By default the GPU holds 3 of the 4 layers' dense parts, and GPU, RAM and flash all get neurons."""
+    """By default the GPU holds 3 of the 4 layers' dense parts, and GPU, RAM and flash all get neurons.
+    `gpu` counts the bytes besides the GPU kernels' decode temporaries."""
+    gpu = gpu and gpu + gpu_decode_bytes(SMALL)
     return Hardware(ram=RamTier(ram, 2e10), gpu=GpuTier(gpu, 5e11, 2e10, 2e-5) if gpu else None,
                     flash=FlashTier(flash, "/nvme", method="assumed", **ASSUMED_FLASH) if flash else None)
 

@@ -1,9 +1,10 @@
 """Every per-token computation on weights goes through here.
 
 Weights are `QTensor`s in their stored format (f32, f16, bf16, q8_0, q4_0, q4_1), read in
-place by the CPU kernels (`cpu.py`, numba), or torch tensors on a CUDA device (`cuda.py`,
-made by `to_cuda`). Activations are float32 torch tensors; results are new torch tensors
-(`scatter_axpy` updates `y` in place). `reference.py` holds the plain numpy versions.
+place by the CPU kernels (`cpu.py`, numba), or `GPUTensor`s: the same stored bytes on a GPU,
+the rows a call needs decoded by torch (`cuda.py`, made by `to_cuda`). Activations are float32
+torch tensors; results are new torch tensors (`scatter_axpy` updates `y` in place).
+`reference.py` holds the plain numpy versions.
 
 Dense:   linear, linears (several matrices, one x), gate_up (act(gate x) * up x), embedding
 Decoder: rms_norm, attention_decode (RoPE + KV-cache write + attention for one new token)
@@ -26,7 +27,8 @@ if "NUMBA_THREADING_LAYER" not in os.environ:
     # OpenMP wakes its threads in ~1.5 us; the default workqueue layer needs ~140 us per parallel call.
     numba.config.THREADING_LAYER = "omp"
 
-from hetinfer.kernels import cpu  # noqa: E402  (after the threading layer is chosen)
+from hetinfer.kernels import cpu, cuda  # noqa: E402  (after the threading layer is chosen)
+from hetinfer.kernels.cuda import GPUTensor  # noqa: E402
 
 ACTIVATIONS = tuple(cpu.ACT)
 # Below this many weight bytes per thread a kernel runs on fewer threads: waking a thread costs ~1.5 us.
@@ -150,7 +152,7 @@ def _chunks(nbytes: int) -> int:
 
 
 def _is_cuda(W) -> bool:
-    return isinstance(W, torch.Tensor)
+    return isinstance(W, GPUTensor)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -162,8 +164,6 @@ def linear(W: QTensor, x: torch.Tensor) -> torch.Tensor:
     """x [T, in] -> x @ W^T [T, out]. Decode (T <= 4) reads the stored format directly; prefill
     dequantizes row tiles and uses torch's GEMM."""
     if _is_cuda(W):
-        from hetinfer.kernels import cuda
-
         return cuda.linear(W, x)
     xn = _x2d(W, x)
     if xn.shape[0] > GEMV_MAX_T:
@@ -178,8 +178,6 @@ def linears(Ws: tuple[QTensor, ...] | list[QTensor], x: torch.Tensor) -> list[to
     """[x @ W^T for W in Ws] in one kernel call when the weights share format and input size (q/k/v)."""
     W0 = Ws[0]
     if _is_cuda(W0):
-        from hetinfer.kernels import cuda
-
         return [cuda.linear(W, x) for W in Ws]
     xn = _x2d(W0, x)
     T = xn.shape[0]
@@ -226,8 +224,6 @@ def gate_up(Wg: QTensor, Wu: QTensor, x: torch.Tensor, act: str) -> torch.Tensor
     if act not in cpu.ACT:
         raise ValueError(f"unknown activation {act!r}; known: {', '.join(ACTIVATIONS)}")
     if _is_cuda(Wg):
-        from hetinfer.kernels import cuda
-
         return cuda.gate_up(Wg, Wu, x, act)
     xn = _x2d(Wg, x)
     fg, ug, rog, ng, _ = _info(Wg)
@@ -251,8 +247,6 @@ def _torch_act(act: str, g: torch.Tensor) -> torch.Tensor:
 def embedding(W: QTensor, ids: torch.Tensor) -> torch.Tensor:
     """Rows of W for token ids, float32 [T, cols] (bit-exact dequantization)."""
     if _is_cuda(W):
-        from hetinfer.kernels import cuda
-
         return cuda.embedding(W, ids)
     r = _rows(ids, W.shape[0])
     out = torch.empty(len(r), W.shape[1])
@@ -268,8 +262,6 @@ def embedding(W: QTensor, ids: torch.Tensor) -> torch.Tensor:
 def gather_matvec(W: QTensor, rows, x: torch.Tensor) -> torch.Tensor:
     """x @ W[rows]^T: only the selected output rows ([cols] -> [len(rows)], [T, cols] -> [T, len(rows)])."""
     if _is_cuda(W):
-        from hetinfer.kernels import cuda
-
         return cuda.gather_matvec(W, rows, x)
     fmt, u8, _, _, _ = _info(W)
     r = _rows(rows, u8.shape[0])
@@ -282,8 +274,6 @@ def gather_matvec(W: QTensor, rows, x: torch.Tensor) -> torch.Tensor:
 def scatter_axpy(Wd_t: QTensor, rows, a: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """y += sum_i a[i] * Wd_t[rows[i]] in place (Wd_t: the down projection, neuron-major [n_ff, d]); returns y."""
     if _is_cuda(Wd_t):
-        from hetinfer.kernels import cuda
-
         return cuda.scatter_axpy(Wd_t, rows, a, y)
     fmt, u8, _, _, _ = _info(Wd_t)
     r = _rows(rows, u8.shape[0])
@@ -307,8 +297,6 @@ def sparse_ffn(Wg: QTensor, Wu: QTensor, Wd_t: QTensor, rows, x: torch.Tensor, a
     if act not in cpu.ACT:
         raise ValueError(f"unknown activation {act!r}; known: {', '.join(ACTIVATIONS)}")
     if _is_cuda(Wg):
-        from hetinfer.kernels import cuda
-
         y, h = cuda.sparse_ffn(Wg, Wu, Wd_t, rows, x, act)
         return (y, h) if return_act else y
     n_ff, d = Wg.shape
@@ -386,12 +374,10 @@ def transpose_down(W_down: QTensor, qtype: str | None = None) -> QTensor:
     return quantize(np.ascontiguousarray(W_down.dequantize().T), qtype)
 
 
-def to_cuda(W: QTensor, dtype: torch.dtype = torch.float16, device: str | torch.device = "cuda") -> torch.Tensor:
-    """The GPU form of a weight that every function here accepts: decoded once to a dense `dtype`
-    tensor on `device` (see `cuda.py`)."""
-    from hetinfer.kernels import cuda
-
-    return cuda.to_cuda(W, dtype, device)
+def to_cuda(W: QTensor, device: str | torch.device = "cuda") -> GPUTensor:
+    """The GPU form of a weight that every function here accepts: its stored bytes copied once to
+    `device`, decoded per call only for the rows used (see `cuda.py`)."""
+    return cuda.to_cuda(W, device)
 
 
 def convert(W: QTensor, weights: str) -> QTensor:

@@ -1,23 +1,99 @@
-"""CUDA versions of the kernels: the same operations with torch on the GPU.
+"""GPU versions of the kernels: the same operations in plain torch, on weights in their stored format.
 
-A weight lives on the device as a dense [rows, cols] tensor made once by `to_cuda`
-(f16 by default: GPUs multiply it at full speed and it holds every q8_0/q4_0/q4_1 weight
-to within f16 rounding). Sparse ops are `index_select` of the active rows plus a matmul;
-cuBLAS accumulates in float32. Inputs and outputs are float32 tensors on the same device.
-Used only when CUDA is present; `hetinfer.kernels` dispatches here for torch-tensor weights.
+`to_cuda` copies a weight's stored bytes to the device once (`GPUTensor`): q8_0/q4_0/q4_1 as the
+same GGUF blocks the CPU kernels read (uint8 [rows, row_bytes]), f32/f16/bf16 as tensors of that
+dtype. So a weight takes on the GPU exactly the bytes the placement plan counts for it (a dense
+f16 copy would take 3.2x a q4_1 weight's bytes, 1.9x a q8_0 one's). Each call decodes only the rows it needs
+(`decode_rows`: every row for `linear`, the active ones for the sparse ops), in tiles of at most
+`TILE_BYTES`, and multiplies them in the weight's `compute_dtype` with float32 accumulation
+(cuBLAS): f16 for block formats, the stored dtype for float formats (nothing to decode).
+
+Pure torch, so it runs on any device; the tests run it on the CPU against `reference.py`.
+Activations are float32 tensors on the weight's device, and so are the results.
+`hetinfer.kernels` dispatches here for `GPUTensor` weights.
 """
 from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from hetinfer.tensors import QTensor
+from hetinfer.tensors import BLOCK_FORMATS, QTensor
+
+# Rows are decoded this many bytes (of the compute dtype) at a time: bounds a call's temporaries
+# (a 70B model's FFN matrix decoded whole to f16 would take 470 MB).
+TILE_BYTES = 32 << 20
 
 
-def to_cuda(W: QTensor, dtype: torch.dtype = torch.float16, device: str | torch.device = "cuda") -> torch.Tensor:
-    """The weight decoded once into a dense `dtype` tensor on `device`."""
-    return torch.from_numpy(W.dequantize()).to(device=device, dtype=dtype)
+@dataclass(frozen=True, eq=False)
+class GPUTensor:
+    """A [rows, cols] weight on a torch device in its stored format: `data` is uint8 [rows, row_bytes]
+    of GGUF blocks for q8_0/q4_0/q4_1, a float32/float16/bfloat16 [rows, cols] tensor for f32/f16/bf16."""
+
+    qtype: str
+    shape: tuple[int, int]
+    data: torch.Tensor
+
+    @property
+    def device(self) -> torch.device:
+        return self.data.device
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype products are taken in: f16 for block formats (GPUs multiply it at full speed),
+        the stored dtype for float formats."""
+        return torch.float16 if self.qtype in BLOCK_FORMATS else self.data.dtype
+
+
+def to_cuda(W: QTensor, device: str | torch.device = "cuda") -> GPUTensor:
+    """The weight's stored bytes copied once to `device`."""
+    data = W.data.view(np.int16) if W.qtype == "bf16" else W.data  # numpy has no bfloat16
+    t = torch.tensor(data, device=device)  # a copy: mmapped GGUF views are read-only
+    return GPUTensor(W.qtype, W.shape, t.view(torch.bfloat16) if W.qtype == "bf16" else t)
+
+
+def decode_rows(W: GPUTensor, rows: np.ndarray | torch.Tensor | None = None,
+                dtype: torch.dtype = torch.float16) -> torch.Tensor:
+    """Rows of W (all if None; any order, may repeat) decoded to a dense `dtype` [len(rows), cols]
+    tensor. With dtype float32 the values equal `QTensor.dequantize` bit for bit."""
+    data = W.data if rows is None else W.data.index_select(0, _rows(rows, W.shape[0], W.device))
+    return _decode(W.qtype, data, dtype)
+
+
+def _decode(qtype: str, data: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Stored rows -> `dtype`. Blocks are decoded in float32 as `QTensor.dequantize` does (exact
+    products d * q; one rounding for q4_1's + m), then rounded once to `dtype`."""
+    if qtype not in BLOCK_FORMATS:
+        return data.to(dtype)
+    block, nbytes = BLOCK_FORMATS[qtype]
+    n, blocks = data.shape[0], data.shape[1] // nbytes
+    b = data.view(n, blocks, nbytes)
+    if qtype == "q8_0":
+        w = b[..., 2:].view(torch.int8).float()
+    else:  # weight j of a block in the low nibble of byte j, weight 16 + j in the high nibble
+        packed = b[..., 4:] if qtype == "q4_1" else b[..., 2:]
+        w = torch.cat((packed & 0x0F, packed >> 4), dim=-1).float()
+        if qtype == "q4_0":
+            w -= 8.0
+    w *= b[..., 0:2].view(torch.float16)  # d, widened exactly to float32 (in place: fewer temporaries)
+    if qtype == "q4_1":
+        w += b[..., 2:4].view(torch.float16)  # m
+    return w.reshape(n, blocks * block).to(dtype)
+
+
+def _tiles(W: GPUTensor, r: torch.Tensor | None, dtype: torch.dtype) -> Iterator[tuple[slice, torch.Tensor]]:
+    """(positions in r, those rows decoded to `dtype`), at most TILE_BYTES at a time; r None: every row."""
+    n = W.shape[0] if r is None else r.numel()
+    if r is None and W.data.dtype == dtype:  # stored as dtype already: nothing to decode
+        yield slice(0, n), W.data
+        return
+    step = max(1, TILE_BYTES // (W.shape[1] * dtype.itemsize))
+    for lo in range(0, n, step):
+        s = slice(lo, min(lo + step, n))
+        yield s, _decode(W.qtype, W.data[s] if r is None else W.data.index_select(0, r[s]), dtype)
 
 
 def _act(act: str, g: torch.Tensor) -> torch.Tensor:
@@ -28,7 +104,7 @@ def _act(act: str, g: torch.Tensor) -> torch.Tensor:
     return F.gelu(g, approximate="tanh")
 
 
-def _rows(rows, n: int, device: torch.device) -> torch.Tensor:
+def _rows(rows: np.ndarray | torch.Tensor, n: int, device: torch.device) -> torch.Tensor:
     """Row ids as int64 on `device`; out-of-range ids raise ValueError (one device sync)."""
     r = rows if isinstance(rows, torch.Tensor) else torch.from_numpy(np.asarray(rows))
     if r.ndim != 1 or (r.numel() and (r.dtype.is_floating_point or r.dtype == torch.bool)):
@@ -40,34 +116,56 @@ def _rows(rows, n: int, device: torch.device) -> torch.Tensor:
     return r
 
 
-def linear(W: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    return (x.to(W.dtype) @ W.T).float()
+def _matvec(W: GPUTensor, r: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    """x [..., cols] @ W[r]^T -> float32 [..., len(r)] (every row if r is None)."""
+    dt = W.compute_dtype
+    xd = x.to(dt)
+    out = torch.empty(*x.shape[:-1], W.shape[0] if r is None else r.numel(), device=x.device)
+    for s, w in _tiles(W, r, dt):
+        out[..., s] = xd @ w.T
+    return out
 
 
-def gate_up(Wg: torch.Tensor, Wu: torch.Tensor, x: torch.Tensor, act: str) -> torch.Tensor:
+def _axpy(W: GPUTensor, r: torch.Tensor, a: torch.Tensor, y: torch.Tensor) -> None:
+    """y [cols] += a @ W[r] in place."""
+    dt = W.compute_dtype
+    ad = a.reshape(-1).to(dt)
+    yf = y.view(-1)
+    for s, w in _tiles(W, r, dt):
+        yf += (ad[s] @ w).float()
+
+
+def linear(W: GPUTensor, x: torch.Tensor) -> torch.Tensor:
+    return _matvec(W, None, x)
+
+
+def gate_up(Wg: GPUTensor, Wu: GPUTensor, x: torch.Tensor, act: str) -> torch.Tensor:
     return _act(act, linear(Wg, x)) * linear(Wu, x)
 
 
-def embedding(W: torch.Tensor, ids) -> torch.Tensor:
-    return W.index_select(0, _rows(ids, W.shape[0], W.device)).float()
+def embedding(W: GPUTensor, ids: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """Rows for token ids, float32, bit-exact."""
+    return decode_rows(W, ids, torch.float32)
 
 
-def gather_matvec(W: torch.Tensor, rows, x: torch.Tensor) -> torch.Tensor:
-    return linear(W.index_select(0, _rows(rows, W.shape[0], W.device)), x)
+def gather_matvec(W: GPUTensor, rows: np.ndarray | torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return _matvec(W, _rows(rows, W.shape[0], W.device), x)
 
 
-def scatter_axpy(Wd_t: torch.Tensor, rows, a: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def scatter_axpy(Wd_t: GPUTensor, rows: np.ndarray | torch.Tensor, a: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     r = _rows(rows, Wd_t.shape[0], Wd_t.device)
     if a.numel() != r.numel():
         raise ValueError(f"{a.numel()} coefficients for {r.numel()} rows")
-    y += (a.reshape(1, -1).to(Wd_t.dtype) @ Wd_t.index_select(0, r)).float().reshape(y.shape)
+    _axpy(Wd_t, r, a, y)
     return y
 
 
-def sparse_ffn(Wg: torch.Tensor, Wu: torch.Tensor, Wd_t: torch.Tensor, rows, x: torch.Tensor, act: str):
+def sparse_ffn(Wg: GPUTensor, Wu: GPUTensor, Wd_t: GPUTensor, rows: np.ndarray | torch.Tensor, x: torch.Tensor,
+               act: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(y with x's shape, h [len(rows)]) for one token; see `hetinfer.kernels.sparse_ffn`."""
     r = _rows(rows, Wg.shape[0], Wg.device)
-    xr = x.reshape(1, -1)
-    h = (_act(act, linear(Wg.index_select(0, r), xr)) * linear(Wu.index_select(0, r), xr))[0]
-    y = (h.reshape(1, -1).to(Wd_t.dtype) @ Wd_t.index_select(0, r)).float()
+    xr = x.reshape(-1)
+    h = _act(act, _matvec(Wg, r, xr)) * _matvec(Wu, r, xr)
+    y = torch.zeros(Wd_t.shape[1], device=x.device)
+    _axpy(Wd_t, r, h, y)
     return y.reshape(x.shape), h

@@ -28,6 +28,7 @@ import numpy as np
 
 from hetinfer.config import ModelConfig
 from hetinfer.errors import HetinferError
+from hetinfer.kernels.cuda import TILE_BYTES
 from hetinfer.placement.hardware import FLASH_BLOCK, Hardware, format_size
 from hetinfer.tensors import BLOCK_FORMATS, FLOAT_FORMATS
 
@@ -85,6 +86,7 @@ class ModelSizes:
     embed_row_bytes: int  # one token's embedding lookup
     head_bytes: int  # output head + final norm (on the GPU a copy of the embeddings when tied)
     scratch_bytes: int  # activations, logits and attention scores on each device that runs layers
+    gpu_decode_bytes: int  # the GPU kernels' temporaries: rows decoded from the stored format, per call
     tied: bool
     n_ctx: int
 
@@ -129,9 +131,17 @@ def _sizes(c: ModelConfig, n_ctx: int, predictor_bytes, neuron, layer, embed: in
         embed_row_bytes=int(embed_row),
         head_bytes=int(head),
         scratch_bytes=4 * (c.vocab_size + 3 * c.n_ff + 8 * c.d_model + c.n_heads * n_ctx),
+        gpu_decode_bytes=gpu_decode_bytes(c),
         tied=c.tied_embeddings,
         n_ctx=n_ctx,
     )
+
+
+def gpu_decode_bytes(c: ModelConfig) -> int:
+    """Bound on the GPU kernels' per-call temporaries: they decode a matrix's rows in float16 tiles of at
+    most `kernels.cuda.TILE_BYTES` (via float32), under five tiles' worth at once."""
+    largest = c.d_model * max(c.vocab_size, c.n_ff, c.n_heads * c.head_dim)
+    return 5 * min(TILE_BYTES, 2 * largest)
 
 
 def predictor_sizes(predictors) -> list[int]:
@@ -159,8 +169,9 @@ def place_dense(sizes: ModelSizes, hw: Hardware) -> DensePlacement:
     per_layer = sizes.layer_bytes + sizes.kv_bytes
     attn_on_gpu = np.zeros(n, dtype=bool)
     head_on_gpu, gpu_bytes = False, 0
-    if hw.gpu is not None and hw.gpu.capacity_bytes > sizes.scratch_bytes:
-        free = hw.gpu.capacity_bytes - sizes.scratch_bytes
+    reserved = sizes.scratch_bytes + sizes.gpu_decode_bytes
+    if hw.gpu is not None and hw.gpu.capacity_bytes > reserved:
+        free = hw.gpu.capacity_bytes - reserved
         if sizes.head_bytes <= free:
             head_on_gpu, free = True, free - sizes.head_bytes
         attn_on_gpu = np.cumsum(per_layer) <= free  # a prefix of the layers

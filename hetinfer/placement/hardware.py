@@ -295,7 +295,9 @@ def measure_gpu(qtype: str = "q4_0", d_model: int = 4096, cache_dir: Path | None
     from hetinfer import kernels
 
     free, _ = torch.cuda.mem_get_info()
-    key = {"device": torch.cuda.get_device_name(), "host": platform.node(), "qtype": qtype, "d_model": d_model}
+    # "weights": the GPU kernels' weight layout; probes of the earlier dense f16 copies lack it and re-probe
+    key = {"device": torch.cuda.get_device_name(), "host": platform.node(), "qtype": qtype, "d_model": d_model,
+           "weights": "stored"}
 
     def probe() -> dict:
         weights = _probe_weights(qtype, d_model, 128 << 20)
@@ -342,7 +344,7 @@ def _sparse_ffn_rates(Wg, Wu, Wd, x: torch.Tensor, sync, per_neuron: int, second
     rates, total_bytes, total_s = [], 0, 0.0
     for density in PROBE_DENSITIES:
         rows = np.sort(rng.choice(n, max(1, round(density * n)), replace=False))
-        if isinstance(Wg, torch.Tensor):
+        if isinstance(Wg, kernels.GPUTensor):  # row ids on the device before timing
             rows = torch.from_numpy(rows).to(Wg.device)
         best = _best_seconds(lambda r=rows: (kernels.sparse_ffn(Wg, Wu, Wd, r, x, "silu"), sync()), seconds)
         rates.append(len(rows) * per_neuron / best)
