@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 
 import numba
 import numpy as np
@@ -200,12 +201,20 @@ def _q8(xn: np.ndarray) -> np.ndarray:
     return (xq * xs[..., :1]).reshape(T, cols)
 
 
+def _view(a: np.ndarray) -> torch.Tensor:
+    """A torch view of weights that may be a read-only memory map; torch only reads it here, so its
+    warning about non-writable arrays does not apply."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "The given NumPy array is not writable")
+        return torch.from_numpy(a)
+
+
 def _gemm(W: QTensor, xn: np.ndarray) -> torch.Tensor:
     """Prefill: dequantize `TILE_BYTES` of rows at a time, multiply with torch. Block formats take x
     quantized to 8 bits as in decode, so a token's result does not depend on the path."""
     x = torch.from_numpy(_q8(xn) if W.qtype in BLOCK_FORMATS else xn)
     if W.qtype == "f32":
-        return x @ torch.from_numpy(np.ascontiguousarray(W.data)).T
+        return x @ _view(np.ascontiguousarray(W.data)).T
     rows, cols = W.shape
     out = torch.empty(x.shape[0], rows)
     step = max(1, TILE_BYTES // (4 * cols))
