@@ -7,13 +7,14 @@ the engine computes the neurons whose logit exceeds the layer's calibrated thres
 Training data: the FFN inputs stored in the profile; the labels are recomputed from the model's
 weights: neuron j is active if |act(gate h) * up h|_j exceeds the profile's threshold for the
 target sparsity. Samples from every tenth calibration sequence are held out for validation.
-Loss: BCE weighted by what a miss costs the layer's output: a positive (j active) weighs its
-contribution |act_j| * ||down[:, j]|| over the layer's mean active contribution, times the layer's
-#negatives / #positives, so the two classes weigh the same in all but a neuron that moves the output
-a lot counts more than one that barely does (on SmolLM2 at 50% density, held-out WikiText-2:
-1.50x dense perplexity, against 5.98x with plain per-neuron class balance; BENCHMARKS.md). Adam with a one-cycle learning rate. The weights kept are those of
-the epoch with the best validation recall of activation mass at the target density; training stops
-early when it stops improving. Then per layer:
+Loss: BCE weighted by what a miss costs the layer's output: a positive (j active) weighs the
+squared error that dropping it adds, (|act_j| * ||down[:, j]||)^2, over the layer's mean for active
+neurons, times the layer's #negatives / #positives, so the two classes weigh the same in all but a
+neuron that moves the output a lot counts more than one that barely does (on SmolLM2 at 50% density,
+held-out WikiText-2: 1.40x dense perplexity, against 5.98x with plain per-neuron class balance and
+1.50x weighting by the unsquared contribution; BENCHMARKS.md). Adam with a one-cycle learning
+rate. The weights kept are those of the epoch with the best validation recall of activation mass
+at the target density; training stops early when it stops improving. Then per layer:
 - the threshold is the highest one whose validation recall of activation mass reaches `recall`
   (mass recall = sum |act| over predicted active neurons / sum |act| over all active neurons);
 - the rank is the smallest candidate that reaches `recall` at or below the target density
@@ -181,7 +182,7 @@ def train_rank(h_tr, c_tr, y_tr, h_va, mass_va, rank: int, density: float, opts:
     w2 = (torch.randn(n, rank, generator=g) / rank ** 0.5 * 0.1).requires_grad_()
     p = float(y_tr.mean().clamp(1e-3, 1 - 1e-3))
     mean_active = float((c_tr * y_tr).sum() / y_tr.sum().clamp_min(1))
-    pos_scale = (1 - p) / p / max(mean_active, 1e-30)  # a positive's weight per unit of contribution
+    pos_scale = (1 - p) / p / max(mean_active, 1e-30)  # a positive's weight per unit of cost
     opt = torch.optim.Adam([w1, w2], lr=opts.lr)
     steps = opts.epochs * -(-len(h_tr) // opts.batch)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=opts.lr, total_steps=steps)
@@ -215,7 +216,7 @@ def train_layer(layer: int, h: torch.Tensor, act: torch.Tensor, down_norm: torch
     a = act.abs()
     y = (a > threshold).float()
     mass_va = a[val] * y[val]
-    c = a * down_norm  # each activation's contribution to the layer's output norm
+    c = (a * down_norm) ** 2  # the squared error that leaving each activation out adds to the layer output
     budget = 1.0 - opts.sparsity if opts.density is None else opts.density
     ffn_params = 3 * d * n
     rmax = int(min(opts.max_param_ratio, opts.max_flops_ratio * (1.0 - budget)) * ffn_params / (d + n))
