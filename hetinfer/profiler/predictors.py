@@ -174,15 +174,21 @@ def threshold_for_density(z: torch.Tensor, density: float) -> tuple[float, float
     return _keep_above(zf, min(max(int(round(density * len(zf))) - 1, 0), len(zf) - 1))
 
 
-def train_rank(h_tr, c_tr, y_tr, h_va, mass_va, rank: int, density: float, opts: TrainOptions):
-    """Train one predictor; returns (w1, w2, epochs run), the weights from the best validation epoch."""
+def loss_weights(cost: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-sample BCE weights: 1 for a negative, a positive's `cost` over the mean positive cost
+    times #negatives / #positives (see the module doc)."""
+    p = float(y.mean().clamp(1e-3, 1 - 1e-3))
+    mean_cost = float((cost * y).sum() / y.sum().clamp_min(1))
+    return torch.where(y > 0, cost * ((1 - p) / p / max(mean_cost, 1e-30)), 1.0)
+
+
+def train_rank(h_tr, wt_tr, y_tr, h_va, mass_va, rank: int, density: float, opts: TrainOptions):
+    """Train one predictor (wt_tr: `loss_weights`); returns (w1, w2, epochs run), the weights from the
+    best validation epoch."""
     g = torch.Generator().manual_seed(opts.seed)
     d, n = h_tr.shape[1], y_tr.shape[1]
     w1 = (torch.randn(rank, d, generator=g) / d ** 0.5).requires_grad_()
     w2 = (torch.randn(n, rank, generator=g) / rank ** 0.5 * 0.1).requires_grad_()
-    p = float(y_tr.mean().clamp(1e-3, 1 - 1e-3))
-    mean_active = float((c_tr * y_tr).sum() / y_tr.sum().clamp_min(1))
-    pos_scale = (1 - p) / p / max(mean_active, 1e-30)  # a positive's weight per unit of cost
     opt = torch.optim.Adam([w1, w2], lr=opts.lr)
     steps = opts.epochs * -(-len(h_tr) // opts.batch)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=opts.lr, total_steps=steps)
@@ -191,9 +197,7 @@ def train_rank(h_tr, c_tr, y_tr, h_va, mass_va, rank: int, density: float, opts:
         perm = torch.randperm(len(h_tr), generator=g)
         for b in range(0, len(h_tr), opts.batch):
             i = perm[b: b + opts.batch]
-            y = y_tr[i]
-            weight = torch.where(y > 0, c_tr[i] * pos_scale, 1.0)
-            loss = F.binary_cross_entropy_with_logits(predict_logits(w1, w2, h_tr[i]), y, weight=weight)
+            loss = F.binary_cross_entropy_with_logits(predict_logits(w1, w2, h_tr[i]), y_tr[i], weight=wt_tr[i])
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -216,14 +220,15 @@ def train_layer(layer: int, h: torch.Tensor, act: torch.Tensor, down_norm: torch
     a = act.abs()
     y = (a > threshold).float()
     mass_va = a[val] * y[val]
-    c = (a * down_norm) ** 2  # the squared error that leaving each activation out adds to the layer output
+    h_tr, y_tr = h[~val], y[~val]
+    wt_tr = loss_weights((a[~val] * down_norm) ** 2, y_tr)  # cost: the squared error a miss adds to the output
     budget = 1.0 - opts.sparsity if opts.density is None else opts.density
     ffn_params = 3 * d * n
     rmax = int(min(opts.max_param_ratio, opts.max_flops_ratio * (1.0 - budget)) * ffn_params / (d + n))
     ranks = sorted({min(r, rmax) for r in opts.ranks if r >= 1}) or [max(1, rmax)]
     best, tried = None, {}
     for r in ranks:
-        w1, w2, epochs = train_rank(h[~val], c[~val], y[~val], h[val], mass_va, r, budget, opts)
+        w1, w2, epochs = train_rank(h_tr, wt_tr, y_tr, h[val], mass_va, r, budget, opts)
         with torch.no_grad():
             z = predict_logits(w1, w2, h[val])
         if opts.density is None:  # calibrated for recall: fewer multiply-adds per token is better
