@@ -617,8 +617,9 @@ def scatter_axpy(fmt, w, rows, a, y, nchunks):
     part = np.empty((nchunks, y.shape[0]), np.float32)
     for c in prange(nchunks):
         lo, hi = _chunk(c, nchunks, n)
-        part[c] = 0
-        _scatter_rows(fmt, w, rows, a, part[c], lo, hi)
+        acc = np.zeros(y.shape[0], np.float32)  # see sparse_ffn on why each thread allocates its own
+        _scatter_rows(fmt, w, rows, a, acc, lo, hi)
+        part[c] = acc
     for c in range(nchunks):
         for j in range(y.shape[0]):
             y[j] += part[c, j]
@@ -674,8 +675,12 @@ def sparse_ffn(fmt, wg, wu, fmt_d, wd_t, rows, x, act, y, h, nchunks):
     part = np.empty((nchunks, y.shape[0]), np.float32)
     for c in prange(nchunks):
         lo, hi = _chunk(c, nchunks, n)
-        part[c] = 0
-        _ffn_rows(fmt, wg, wu, fmt_d, wd_t, rows, x, xq, xs, act, part[c], h, lo, hi)
+        # Each thread sums into a vector it allocates itself, far from the others': rows of one shared
+        # array share cache lines (or prefetched line pairs) at their ends, which then bounce between
+        # the cores on every neuron (a 2-thread scatter_axpy over 1536x576 took as long as 1 thread).
+        acc = np.zeros(y.shape[0], np.float32)
+        _ffn_rows(fmt, wg, wu, fmt_d, wd_t, rows, x, xq, xs, act, acc, h, lo, hi)
+        part[c] = acc
     for c in range(nchunks):
         for j in range(y.shape[0]):
             y[j] += part[c, j]
