@@ -143,10 +143,11 @@ def test_cpu_probe_times_the_kernels_on_the_stored_format_and_is_cached(tmp_path
 
     widths.clear()
     assert hardware.measure_cpu_bytes_per_s("q4_1", 576, cache_dir=tmp_path) == rate and widths == []
-    entry["key"]["host"] = "elsewhere"  # measured on another machine sharing this home: re-probe
-    (tmp_path / "cpu-probe-q4_1-576.json").write_text(json.dumps(entry))
-    hardware.measure_cpu_bytes_per_s("q4_1", 576, cache_dir=tmp_path)
-    assert widths
+    for field, stale in (("host", "elsewhere"), ("kernels", "0" * 16)):  # another machine; older kernels
+        widths.clear()
+        (tmp_path / "cpu-probe-q4_1-576.json").write_text(json.dumps({**entry, "key": {**entry["key"], field: stale}}))
+        hardware.measure_cpu_bytes_per_s("q4_1", 576, cache_dir=tmp_path)
+        assert widths, f"a probe cached with another {field} was reused"
 
 
 def test_gpu_probe_path_runs_on_stored_weights_anywhere():

@@ -10,6 +10,7 @@ reads in flight. `detect` measures this machine (the kernel and flash probes are
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import mmap
 import os
@@ -278,7 +279,7 @@ def measure_cpu_bytes_per_s(qtype: str = "q4_0", d_model: int = 4096, cache_dir:
     from hetinfer import kernels
 
     key = {"device": "cpu", "host": platform.node(), "qtype": qtype, "d_model": d_model,
-           "threads": kernels.get_threads()}
+           "threads": kernels.get_threads(), "kernels": _source_hash(kernels.cpu)}
 
     def probe() -> dict:
         kernels.warmup()
@@ -297,7 +298,7 @@ def measure_gpu(qtype: str = "q4_0", d_model: int = 4096, cache_dir: Path | None
     free, _ = torch.cuda.mem_get_info()
     # "weights": the GPU kernels' weight layout; probes of the earlier dense f16 copies lack it and re-probe
     key = {"device": torch.cuda.get_device_name(), "host": platform.node(), "qtype": qtype, "d_model": d_model,
-           "weights": "stored"}
+           "weights": "stored", "kernels": _source_hash(kernels.cuda)}
 
     def probe() -> dict:
         weights = _probe_weights(qtype, d_model, 128 << 20)
@@ -374,6 +375,11 @@ def flash_tier(flash_dir: str, cache_dir: Path | None = None) -> FlashTier:
             f"--flash-dir {flash_dir}: not a directory; create it on the disk that should hold flash neurons")
     curve = _cached_probe(f"flash-probe-{os.stat(d).st_dev:x}", None, lambda: probe_flash(d), cache_dir)
     return FlashTier(capacity_bytes=shutil.disk_usage(d).free, dir=str(d.resolve()), **curve)
+
+
+def _source_hash(module) -> str:
+    """A short hash of a kernel module's source: a kernel probe cached before the kernels changed is stale."""
+    return hashlib.sha256(Path(module.__file__).read_bytes()).hexdigest()[:16]
 
 
 def _cache_dir() -> Path:
