@@ -201,6 +201,39 @@ def test_sparse_ffn(qtype, act, rows):
     assert torch.equal(kernels.sparse_ffn(Wg, Wu, Wd_t, rows, x[0], act), y[0])
 
 
+def bundled(*Ws):
+    """Views of `Ws` (same row count) into one array of records, each holding row i of every matrix
+    side by side and padded to 64 bytes: the neuron bundles of a flash store, held in RAM."""
+    widths = [W.row_bytes for W in Ws]
+    records = np.zeros((Ws[0].shape[0], -(-sum(widths) // 64) * 64), np.uint8)
+    views, at = [], 0
+    for W, width in zip(Ws, widths):
+        records[:, at : at + width] = W.data.view(np.uint8)
+        views.append(QTensor(W.qtype, W.shape, records[:, at : at + width].view(W.data.dtype)))
+        at += width
+    return views
+
+
+@pytest.mark.parametrize("qtype", FORMATS)
+def test_rows_read_in_place_from_bundled_records(qtype):
+    """Kernels read weights whose rows are not adjacent (each row contiguous) in place, with the same
+    arithmetic: results are bit-identical to the same weights stored as one block."""
+    rows = np.array([77, 3, 40, 0, 95, 12, 5])
+    Wg, Wu, Wd = rand_q(96, 64, qtype, 5), rand_q(96, 64, qtype, 6), rand_q(64, 96, qtype, 7)
+    Wd_t = kernels.transpose_down(Wd, "q8_0")
+    Bg, Bu, Bd = bundled(Wg, Wu, Wd_t)
+    assert not Bg.data.flags.c_contiguous and np.shares_memory(kernels._u8(Bg), Bg.data)  # read in place
+    x = rand_x(1, 64)
+    for ours, want in [
+        (kernels.sparse_ffn(Bg, Bu, Bd, rows, x, "silu"), kernels.sparse_ffn(Wg, Wu, Wd_t, rows, x, "silu")),
+        (kernels.gather_matvec(Bg, rows, x), kernels.gather_matvec(Wg, rows, x)),
+        (kernels.scatter_axpy(Bd, rows, x[0, :7], torch.ones(64)), kernels.scatter_axpy(Wd_t, rows, x[0, :7], torch.ones(64))),
+        (kernels.linear(Bu, x), kernels.linear(Wu, x)),
+        (kernels.embedding(Bd, torch.tensor(rows)), kernels.embedding(Wd_t, torch.tensor(rows))),
+    ]:
+        assert torch.equal(ours, want)
+
+
 def test_sparse_ffn_all_rows_equals_dense_ffn():
     # the down projection in f32 (float on both paths: a q8_0 dense down would quantize h to 8 bits)
     Wg, Wu, Wd = rand_q(128, 64, "q4_1", 5), rand_q(128, 64, "q4_1", 6), kernels.convert(rand_q(64, 128, "q8_0", 7), "f32")

@@ -89,12 +89,18 @@ def _u8(W: QTensor) -> np.ndarray:
 
 def _info(W: QTensor) -> tuple:
     """(format code, weight bytes [rows, row_bytes], read-only, nbytes, data), cached on W while W.data is
-    the same array: the per-call attribute and flag lookups cost more than a small kernel."""
+    the same array: the per-call attribute and flag lookups cost more than a small kernel.
+
+    Rows need not be adjacent, only each row contiguous: a row-major view into records that hold
+    several matrices' rows (a neuron's gate, up and down rows bundled together) is read in place."""
     info = W.__dict__.get("_kernel_info")
     if info is not None and info[4] is W.data:
         return info
     d = W.data
-    u8 = d if d.dtype == np.uint8 and d.flags.c_contiguous else np.ascontiguousarray(d).view(np.uint8)
+    if d.ndim == 2 and d.strides[1] == d.itemsize and d.strides[0] >= d.shape[1] * d.itemsize:
+        u8 = d.view(np.uint8)
+    else:
+        u8 = np.ascontiguousarray(d).view(np.uint8)
     info = (cpu.FMT[W.qtype], u8, not u8.flags.writeable, u8.nbytes, d)
     W.__dict__["_kernel_info"] = info
     return info

@@ -435,7 +435,7 @@ def _rowdot(fmt, w, r, x, xq, xs, t, r_next):
     """w[r] . x[t] for a row of any format (xq, xs from `_prep`), hinting row `r_next` into the cache."""
     cols = x.shape[-1]
     nb = cols // 32
-    off, pf = r * w.shape[1], r_next * w.shape[1]
+    off, pf = r * w.strides[0], r_next * w.strides[0]
     if fmt == Q4_1:
         return _xdot_q4_1(w, off, xq, xs, t * nb, nb, pf)
     if fmt == Q4_0:
@@ -468,7 +468,7 @@ def _rowaxpy(fmt, w, r, a, y, r_next):
     """y += a * w[r] for a row of any format (y: float32 [cols]), hinting row `r_next` into the cache."""
     cols = y.shape[-1]
     nb = cols // 32
-    off, pf = r * w.shape[1], r_next * w.shape[1]
+    off, pf = r * w.strides[0], r_next * w.strides[0]
     if fmt == Q8_0:
         _axpy_q8_0(w, off, a, y, nb, pf)
     elif fmt == Q4_1:
