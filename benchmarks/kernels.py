@@ -103,7 +103,7 @@ def overhead(threads: int) -> list[list]:
         "linear": lambda: kernels.linear(W, x),
         "linears (3 matrices)": lambda: kernels.linears((W, W, W), x),
         "gate_up": lambda: kernels.gate_up(W, W, x, "silu"),
-        "gather_matvec": lambda: kernels.gather_matvec(W, rows, x[0]),
+        "gather_matvec": lambda: kernels.gather_matvec(W, rows, x),
         "scatter_axpy": lambda: kernels.scatter_axpy(W, rows, a, y),
         "sparse_ffn": lambda: kernels.sparse_ffn(W, W, W, rows, x, "silu"),
         "torch: x * w + x (reference point)": lambda: x * x + x,

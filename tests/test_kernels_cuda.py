@@ -261,3 +261,26 @@ def test_gpu_memory_is_the_stored_bytes(qtype, device, monkeypatch):
     kernels.linear(W, x)
     torch.cuda.synchronize()
     assert torch.cuda.max_memory_allocated() - base <= 5 * cuda.TILE_BYTES
+
+
+# ---------------------------------------------------------------------------------------------
+# the GPU benchmark: CI has no GPU, so its one run before a GPU is lent is here, on the torch path
+# ---------------------------------------------------------------------------------------------
+
+
+def test_gpu_benchmark_runs_on_the_torch_path():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "kernels_gpu.py"
+    run = subprocess.run([sys.executable, str(script), "--device", "cpu", "--quick"], capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stderr
+    rows = [line.split("|")[1:-1] for line in run.stdout.splitlines() if line.startswith("| ")]
+    formats = {cells[1].strip() for cells in rows if len(cells) == 7}
+    assert formats >= set(FORMATS), run.stdout
+    assert {cells[1].strip() for cells in rows if len(cells) == 5} >= {"gather_matvec", "scatter_axpy (q8_0)", "sparse_ffn"}
+    if not torch.cuda.is_available():
+        run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600)
+        assert run.returncode != 0 and "no CUDA device" in run.stderr

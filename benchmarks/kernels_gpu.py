@@ -1,0 +1,129 @@
+"""GPU kernels (`hetinfer/kernels/cuda.py`) against the device's memory bandwidth, measured in the same run.
+
+    python benchmarks/kernels_gpu.py [--device cuda] [--quick]
+
+Weights sit on the device in their stored format (`kernels.to_cuda`); each call decodes the rows it
+uses and multiplies them in float16 (block formats) or the stored dtype. Tables, medians of repeated
+runs, each timed call synchronized:
+  1. dense GEMV per format and shape: GB/s of stored weight bytes, % of the device copy bandwidth;
+  2. sparse ops at 100/50/20% of rows (interleaved rounds, fresh random rows each): time vs the
+     ideal density x time over all rows.
+`--device cpu` runs the same torch code on the CPU, to check this script where there is no GPU;
+its numbers say nothing about a GPU.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks._util import table  # noqa: E402
+from hetinfer import kernels  # noqa: E402
+from hetinfer.tensors import FORMATS, quantize  # noqa: E402
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timings(fn, device: torch.device, reps: int, warm: int = 2) -> np.ndarray:
+    """Wall times of `reps` synchronized runs of `fn()`."""
+    for _ in range(warm):
+        fn()
+    sync(device)
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        sync(device)
+        ts.append(time.perf_counter() - t)
+    return np.array(ts)
+
+
+def copy_bandwidth(device: torch.device, nbytes: int) -> float:
+    """Device memory bandwidth in GB/s from a large copy, bytes read plus written."""
+    a = torch.ones(nbytes // 4, device=device)
+    b = torch.empty_like(a)
+    return 2 * nbytes / float(np.median(timings(lambda: b.copy_(a), device, 10))) / 1e9
+
+
+def random_weight(rng, shape, qtype: str, device: torch.device):
+    return kernels.to_cuda(quantize(rng.standard_normal(shape, dtype=np.float32), qtype), device)
+
+
+def dense(shapes, device: torch.device, bw: float, reps: int) -> list[list]:
+    out = []
+    rng = np.random.default_rng(0)
+    for rows, cols in shapes:
+        x = torch.randn(1, cols, device=device)
+        for qtype in FORMATS:
+            W = random_weight(rng, (rows, cols), qtype, device)
+            nbytes = W.data.numel() * W.data.element_size()
+            ts = timings(lambda: kernels.linear(W, x), device, reps)
+            t = float(np.median(ts))
+            out.append([f"{rows}x{cols}", qtype, f"{nbytes / 2**20:.2f}", f"{t * 1e6:.1f}", f"{nbytes / t / 1e9:.1f}",
+                        f"{100 * nbytes / t / 1e9 / bw:.0f}%", f"{nbytes / ts.min() / 1e9:.1f}"])
+            del W
+    return out
+
+
+def sparse(shapes, device: torch.device, reps: int) -> list[list]:
+    out = []
+    rng = np.random.default_rng(1)
+    densities = (1.0, 0.5, 0.2)
+    for n_ff, d in shapes:
+        Wg, Wu = (random_weight(rng, (n_ff, d), "q4_1", device) for _ in range(2))
+        Wd_t = random_weight(rng, (n_ff, d), "q8_0", device)
+        x, y = torch.randn(1, d, device=device), torch.zeros(d, device=device)
+        counts = {dn: int(round(dn * n_ff)) for dn in densities}
+        coef = {k: torch.ones(k, device=device) for k in counts.values()}
+        ops = {
+            "gather_matvec": lambda r: kernels.gather_matvec(Wg, r, x),
+            "scatter_axpy (q8_0)": lambda r: kernels.scatter_axpy(Wd_t, r, coef[len(r)], y),
+            "sparse_ffn": lambda r: kernels.sparse_ffn(Wg, Wu, Wd_t, r, x, "silu"),
+        }
+        for name, op in ops.items():
+            ts = {dn: [] for dn in densities}
+            for _ in range(reps):
+                for dn in densities:
+                    r = torch.from_numpy(np.sort(rng.permutation(n_ff)[: counts[dn]])).to(device)
+                    ts[dn] += list(timings(lambda: op(r), device, 1, warm=1))
+            base = float(np.median(ts[1.0]))
+            for dn in densities:
+                t = float(np.median(ts[dn]))
+                out.append([f"{n_ff}x{d}", name, f"{dn:.0%}", f"{t * 1e6:.1f}", f"{t / (dn * base):.2f}"])
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda", help="torch device (default cuda; cpu only checks this script)")
+    p.add_argument("--quick", action="store_true", help="small shapes and few repetitions")
+    args = p.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        sys.exit("no CUDA device here: run this on a machine with a GPU (or pass --device cpu to check the script)")
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (torch path; not GPU numbers)"
+    quick = args.quick
+    bw = copy_bandwidth(device, (64 if quick else 1024) << 20)
+    print(f"device: {name}; torch {torch.__version__}")
+    print(f"device memory bandwidth (copy, read + write): {bw:.0f} GB/s\n")
+    shapes = [(1536, 576), (576, 1536)] + ([] if quick else [(11008, 4096), (4096, 11008), (28672, 8192)])
+    print("Dense GEMV (T = 1), GB/s of stored weight bytes")
+    print(table(["shape", "format", "MiB", "us", "GB/s", "% of bw", "best GB/s"],
+                dense(shapes, device, bw, 5 if quick else 50)))
+    print()
+    sshapes = [(1536, 576)] + ([] if quick else [(11008, 4096), (28672, 8192)])
+    print("Sparse ops vs density (gate/up q4_1, down neuron-major q8_0); ratio = time / (density x time at 100%)")
+    print(table(["n_ff x d", "op", "rows", "us", "ratio"], sparse(sshapes, device, 3 if quick else 30)))
+
+
+if __name__ == "__main__":
+    main()
