@@ -62,7 +62,26 @@ def open_session(args: argparse.Namespace):
         kernels.set_threads(args.threads)
     model = load_model(args.model, weights=args.weights)
     ffn = engine_ffn(model, args.sparsity, args.profile, args.predictors)
+    prepare_kernels(getattr(args, "verbose", False))
     return Session(model, n_ctx=args.ctx, ffn=ffn)
+
+
+def prepare_kernels(verbose: bool) -> None:
+    """Compile the CPU kernels, or load them from numba's on-disk cache (~0.5 s), before the first
+    prompt, so its timing is the model's; the first run on a machine compiles for ~30 s, and says so."""
+    import threading
+
+    from hetinfer import kernels
+
+    note = threading.Timer(2.0, lambda: print("compiling the CPU kernels (first run on this machine only, about "
+                                              "30 s)...", file=sys.stderr, flush=True))
+    note.start()
+    try:
+        seconds = kernels.warmup()
+    finally:
+        note.cancel()
+    if verbose:
+        print(f"[kernels ready in {seconds:.1f} s]", file=sys.stderr)
 
 
 def report(session, args: argparse.Namespace) -> None:
