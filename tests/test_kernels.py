@@ -59,7 +59,7 @@ def cols_for(qtype):
 
 
 @pytest.mark.parametrize("qtype", FORMATS)
-@pytest.mark.parametrize("T", [1, 3, 9])  # 9 > GEMV_MAX_T: the prefill path (dequantized tiles)
+@pytest.mark.parametrize("T", [1, 3, 9, kernels.GEMV_MAX_T + 1])  # past GEMV_MAX_T: dequantized tiles
 def test_linear(qtype, T):
     for cols in cols_for(qtype):
         W, x = rand_q(70, cols, qtype, read_only=T == 3), rand_x(T, cols)
