@@ -26,3 +26,5 @@ else
   pip_install -e ".[serve,plot]"
 fi
 echo "hetinfer installed: $("$PY" -c 'import hetinfer; print(hetinfer.__version__)')" >&2
+# Compile the CPU kernels now into numba's on-disk cache (about 30 s, once), not on the first prompt.
+"$PY" -c "from hetinfer import kernels; print(f'kernels compiled in {kernels.warmup():.0f} s')" >&2
