@@ -106,6 +106,16 @@ def test_predictors_are_dense_parts_on_the_device_of_their_layers_attention():
         d.predictor_seconds)
 
 
+def test_fixed_per_layer_work_is_charged_once_per_layer():
+    cfg = ModelConfig(arch="llama", n_layers=4, d_model=256, n_ff=512, n_heads=4, n_kv_heads=2, head_dim=64,
+                      vocab_size=1000, context_length=128)
+    s = model_sizes(cfg, WeightFormats.uniform("q4_0"), 128)
+    bare = place_dense(s, Hardware(ram=RamTier(1 << 30, 1e10)))
+    fixed = place_dense(s, Hardware(ram=RamTier(1 << 30, 1e10, layer_seconds=5e-5)))
+    assert bare.fixed_seconds == 0 and fixed.fixed_seconds == pytest.approx(4 * 5e-5)
+    assert fixed.seconds - bare.seconds == pytest.approx(4 * 5e-5)
+
+
 def test_too_small_ram_names_the_minimum():
     s = model_sizes(LLAMA2_70B, WeightFormats.uniform("q4_0"), 4096)
     need = place_dense(s, Hardware(ram=RamTier(1 << 50, 1e10))).ram_bytes

@@ -56,6 +56,7 @@ def test_hardware_json_roundtrip_and_sources(tmp_path):
     (lambda d: d.pop("ram"), '"ram" is required'),
     (lambda d: d["ram"].update(bytes_per_s=0), "ram.bytes_per_s must be a positive number"),
     (lambda d: d["ram"].update(capacity_bytes="64GiB"), "ram.capacity_bytes must be a non-negative number"),
+    (lambda d: d["ram"].update(layer_seconds=-1e-5), "ram.layer_seconds must be a non-negative number"),
     (lambda d: d["gpu"].pop("sync_latency_s"), "sync_latency_s"),
     (lambda d: d["flash"].update(read_sizes=[65536, 4096]), "ascending"),
     (lambda d: d["flash"].update(bytes_per_s=[[1e9]]), r"\[len\(read_sizes\)\]\[len\(concurrency\)\]"),
@@ -76,6 +77,8 @@ def test_detect_measures_this_machine_and_applies_flags(tmp_path, monkeypatch):
     hw = detect(ram=3 << 30)
     assert hw.ram.capacity_bytes == 3 << 30 and hw.sources["ram.capacity_bytes"] == "flag"
     assert hw.ram.bytes_per_s > 1e8 and hw.sources["ram.bytes_per_s"] == "measured"
+    assert 1e-6 < hw.ram.layer_seconds < 1e-2 and hw.sources["ram.layer_seconds"] == "measured"
+    assert detect(ram=1 << 30, base=hw).ram.layer_seconds == hw.ram.layer_seconds  # the flag changes capacity only
     assert (hw.gpu is not None) == torch.cuda.is_available()
     assert detect(gpu_mem=0, base=hw).gpu is None
     what_if = detect(gpu_mem=24 << 30, base=Hardware(ram=hw.ram))
@@ -148,6 +151,37 @@ def test_cpu_probe_times_the_kernels_on_the_stored_format_and_is_cached(tmp_path
         (tmp_path / "cpu-probe-q4_1-576.json").write_text(json.dumps({**entry, "key": {**entry["key"], field: stale}}))
         hardware.measure_cpu_bytes_per_s("q4_1", 576, cache_dir=tmp_path)
         assert widths, f"a probe cached with another {field} was reused"
+
+
+def test_layer_probe_times_the_engine_and_is_cached(tmp_path, monkeypatch):
+    """The fixed per-layer time comes from `Transformer.forward` itself, is cached, and is re-probed
+    when the kernels or the model code change."""
+    from hetinfer import model
+
+    calls = []
+    real = model.Transformer.forward
+
+    def counting(self, tokens, cache, ffn=None, all_logits=False):
+        calls.append(self.cfg.n_layers)
+        return real(self, tokens, cache, ffn, all_logits)
+
+    monkeypatch.setattr(model.Transformer, "forward", counting)
+    seconds = hardware.measure_cpu_layer_seconds(cache_dir=tmp_path)
+    assert 1e-6 < seconds < 1e-2 and calls and set(calls) == {8}
+    entry = json.loads((tmp_path / "cpu-layer-probe.json").read_text())
+    assert entry["layer_seconds"] == seconds and entry["key"]["model"] and entry["key"]["kernels"]
+    calls.clear()
+    assert hardware.measure_cpu_layer_seconds(cache_dir=tmp_path) == seconds and not calls
+    (tmp_path / "cpu-layer-probe.json").write_text(json.dumps({**entry, "key": {**entry["key"], "model": "old"}}))
+    hardware.measure_cpu_layer_seconds(cache_dir=tmp_path)
+    assert calls
+
+
+def test_hardware_without_layer_seconds_still_loads(tmp_path):
+    d = Hardware(ram=RamTier(1 << 30, 1e10)).to_dict()
+    del d["ram"]["layer_seconds"]  # a description written before the fixed per-layer time was modelled
+    (tmp_path / "hw.json").write_text(json.dumps(d))
+    assert load_hardware(tmp_path / "hw.json").ram.layer_seconds == 0.0
 
 
 def test_gpu_probe_path_runs_on_stored_weights_anywhere():

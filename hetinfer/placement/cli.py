@@ -273,7 +273,8 @@ def report(manifest: dict, path: str) -> str:
                      f"layer's attention, {pred['flops_per_token'] / 1e6:.1f} MFLOP per token")
     ms = 1e3 * manifest["predicted"]["seconds_per_token"]
     dense_ms, pred_ms = 1e3 * manifest["dense"]["seconds_per_token"], 1e3 * pred["seconds_per_token"]
-    parts = [f"dense {dense_ms:.2f} (predictors {pred_ms:.2f})"]
+    fixed_ms = 1e3 * manifest["dense"].get("fixed_seconds_per_token", 0.0)
+    parts = [f"dense {dense_ms:.2f} (predictors {pred_ms:.2f}, fixed per-layer work {fixed_ms:.2f})"]
     parts += [f"{name} {1e3 * v['seconds_per_token']:.2f}" for name, v in t.items()]
     sync = manifest["sync"]
     parts.append(f"sync {1e3 * sync['seconds_per_token']:.2f} ({sync['split_layers']} split layers)")

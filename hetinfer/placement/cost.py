@@ -16,6 +16,8 @@ holds (1 - (1-p)^k) * bytes of it in expectation. A layer whose work runs on bot
 (its attention on one, any of its FFN neurons on the other) pays one synchronisation. Dense
 parts (attention, norms, embeddings, output head, predictors, KV cache, scratch) are placed
 first: every byte of them is read every token, so no neuron byte is worth more fast memory.
+Each layer also costs the engine a fixed CPU time (`hw.ram.layer_seconds`: norms, rotary,
+residuals, the cost of each kernel call), the same wherever its weights live.
 A layer's predictor (float32 W1 [r, d] and W2 [n_ff, r]) runs where its FFN input is made,
 on the device of the layer's attention; it is a matrix-vector product, so it costs its bytes at
 that device's rate like the other dense parts (2 FLOPs per 4 bytes: bandwidth-bound).
@@ -159,6 +161,7 @@ class DensePlacement:
     ram_bytes: int
     seconds: float  # expected time per token spent on dense parts
     predictor_seconds: float  # the predictors' share of `seconds`
+    fixed_seconds: float  # its share of the engine's fixed per-layer work (hw.ram.layer_seconds per layer)
 
 
 def place_dense(sizes: ModelSizes, hw: Hardware) -> DensePlacement:
@@ -189,10 +192,11 @@ def place_dense(sizes: ModelSizes, hw: Hardware) -> DensePlacement:
     gpu_bw = hw.gpu.bytes_per_s if hw.gpu is not None else 1.0
     ram_bw = hw.ram.bytes_per_s
     rate = np.where(attn_on_gpu, gpu_bw, ram_bw)
+    fixed = n * hw.ram.layer_seconds
     seconds = (sizes.head_bytes / (gpu_bw if head_on_gpu else ram_bw) + sizes.embed_row_bytes / ram_bw
-               + (sizes.layer_bytes / rate).sum())
+               + (sizes.layer_bytes / rate).sum() + fixed)
     return DensePlacement(head_on_gpu, attn_on_gpu, gpu_bytes, ram_bytes, float(seconds),
-                          float((sizes.predictor_bytes / rate).sum()))
+                          float((sizes.predictor_bytes / rate).sum()), float(fixed))
 
 
 @dataclass

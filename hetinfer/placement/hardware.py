@@ -68,6 +68,9 @@ class GpuTier:
 class RamTier:
     capacity_bytes: int
     bytes_per_s: float  # weight bytes per second the CPU FFN kernels stream
+    # Fixed CPU time per layer and token besides reading weights: norms, rotary, residual adds and each
+    # kernel call's cost (~3-5 us from Python, ~1.6 us per parallel region); 0 when not measured.
+    layer_seconds: float = 0.0
 
 
 @dataclass
@@ -147,6 +150,7 @@ def _validate(hw: Hardware, where: str) -> None:
 
     positive("ram.capacity_bytes", hw.ram.capacity_bytes, allow_zero=True)
     positive("ram.bytes_per_s", hw.ram.bytes_per_s)
+    positive("ram.layer_seconds", hw.ram.layer_seconds, allow_zero=True)
     if hw.gpu is not None:
         positive("gpu.capacity_bytes", hw.gpu.capacity_bytes, allow_zero=True)
         for k in ("bytes_per_s", "h2d_bytes_per_s", "sync_latency_s"):
@@ -197,7 +201,7 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def _source_keys(hw: Hardware) -> list[str]:
-    keys = ["ram.capacity_bytes", "ram.bytes_per_s"]
+    keys = ["ram.capacity_bytes", "ram.bytes_per_s", "ram.layer_seconds"]
     if hw.gpu is not None:
         keys += ["gpu.capacity_bytes", "gpu.bytes_per_s", "gpu.h2d_bytes_per_s", "gpu.sync_latency_s"]
     if hw.flash is not None:
@@ -246,15 +250,17 @@ def detect(gpu_mem: int | None = None, ram: int | None = None, flash_dir: str | 
     width the kernel probes run (cached per format and width).
     """
     if base is None:
-        hw = Hardware(ram=RamTier(psutil.virtual_memory().available, measure_cpu_bytes_per_s(qtype, d_model)))
-        hw.sources.update({"ram.capacity_bytes": "measured", "ram.bytes_per_s": "measured"})
+        hw = Hardware(ram=RamTier(psutil.virtual_memory().available, measure_cpu_bytes_per_s(qtype, d_model),
+                                  measure_cpu_layer_seconds()))
+        hw.sources.update({"ram.capacity_bytes": "measured", "ram.bytes_per_s": "measured",
+                           "ram.layer_seconds": "measured"})
         if torch.cuda.is_available():
             hw.gpu = measure_gpu(qtype, d_model)
             hw.sources.update({k: "measured" for k in _source_keys(hw) if k.startswith("gpu.")})
     else:
         hw = Hardware(ram=base.ram, gpu=base.gpu, flash=base.flash, sources=dict(base.sources))
     if ram is not None:
-        hw.ram = RamTier(ram, hw.ram.bytes_per_s)
+        hw.ram = RamTier(ram, hw.ram.bytes_per_s, hw.ram.layer_seconds)
         hw.sources["ram.capacity_bytes"] = "flag"
     if gpu_mem is not None:
         if gpu_mem == 0:
@@ -287,6 +293,56 @@ def measure_cpu_bytes_per_s(qtype: str = "q4_0", d_model: int = 4096, cache_dir:
         return _sparse_ffn_rates(*weights, torch.randn(1, d_model), lambda: None, sum(W.row_bytes for W in weights))
 
     return _cached_probe(f"cpu-probe-{qtype}-{d_model}", key, probe, cache_dir)["bytes_per_s"]
+
+
+def measure_cpu_layer_seconds(cache_dir: Path | None = None) -> float:
+    """The engine's fixed CPU time per layer and token, weights aside: one-token decode steps of a tiny
+    random model (8 layers, width 64) through `Transformer.forward`, its FFN one `sparse_ffn` call per
+    layer as in the sparse engines, every kernel call on all threads as on a full-size model. Probed
+    once per (host, threads, kernel and model source) and cached."""
+    from hetinfer import kernels, model
+
+    key = {"device": "cpu", "host": platform.node(), "threads": kernels.get_threads(),
+           "kernels": _source_hash(kernels.cpu), "model": _source_hash(model)}
+    return _cached_probe("cpu-layer-probe", key, _layer_probe, cache_dir)["layer_seconds"]
+
+
+def _layer_probe(n_layers: int = 8, d: int = 64, steps: int = 32) -> dict:
+    from hetinfer import kernels
+    from hetinfer.config import ModelConfig
+    from hetinfer.model import LayerWeights, Transformer, Weights
+
+    rng = np.random.default_rng(0)
+    cfg = ModelConfig(arch="llama", n_layers=n_layers, d_model=d, n_ff=2 * d, n_heads=2, n_kv_heads=1, head_dim=d // 2,
+                      vocab_size=64, context_length=steps + 2, tied_embeddings=True)
+
+    def w(rows: int, cols: int) -> QTensor:
+        return quantize(rng.standard_normal((rows, cols), dtype=np.float32) * 0.1, "q8_0")
+
+    layers = [LayerWeights(torch.ones(d), w(d, d), w(d // 2, d), w(d // 2, d), w(d, d), torch.ones(d),
+                           w(2 * d, d), w(2 * d, d), w(d, 2 * d)) for _ in range(n_layers)]
+    embed = w(cfg.vocab_size, d)
+    tr = Transformer(cfg, Weights(embed, torch.ones(d), embed, layers))
+    down_t = [kernels.transpose_down(L.down) for L in layers]
+    active = np.arange(0, 2 * d, 2)
+
+    def ffn(i: int, h: torch.Tensor) -> torch.Tensor:
+        return kernels.sparse_ffn(layers[i].gate, layers[i].up, down_t[i], active, h, cfg.activation)
+
+    kernels.warmup()
+    saved, kernels.MIN_BYTES_PER_THREAD = kernels.MIN_BYTES_PER_THREAD, 1  # all threads, as on real weights
+    try:
+        times = []
+        for _ in range(5):
+            cache = tr.new_cache()
+            tr.forward([1], cache, ffn)
+            t = time.perf_counter()
+            for s in range(steps):
+                tr.forward([s % cfg.vocab_size], cache, ffn)
+            times.append((time.perf_counter() - t) / steps)
+    finally:
+        kernels.MIN_BYTES_PER_THREAD = saved
+    return {"layer_seconds": min(times) / n_layers}
 
 
 def measure_gpu(qtype: str = "q4_0", d_model: int = 4096, cache_dir: Path | None = None,

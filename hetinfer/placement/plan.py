@@ -122,7 +122,7 @@ def build_manifest(p: Problem, sol: Solution, config: ModelConfig, formats: dict
         "hardware": p.hw.to_dict(),
         "window_tokens": p.window_tokens,
         "dense": {"head": "gpu" if p.dense.head_on_gpu else "ram", "embeddings": "ram",
-                  "seconds_per_token": p.dense.seconds},
+                  "seconds_per_token": p.dense.seconds, "fixed_seconds_per_token": p.dense.fixed_seconds},
         "tiers": tiers,
         "layers": layers,
         "sync": {"seconds": p.sync_s, "split_layers": int(usage.split.sum()),
