@@ -15,7 +15,8 @@ Numba code around it is plain: rows are split into `nchunks` equal chunks run un
 row sets), or run directly when nchunks == 1; sums that several chunks add into (down
 projections) use one partial vector per chunk, added up at the end. Kernels take the
 row format as an integer code (`FMT`), weights as their raw uint8 bytes
-[rows, row_bytes], and float32 arrays for activations. The Python-facing wrappers live
+[rows, row_bytes] (each row contiguous; rows `strides[0]` apart, so a view into records that
+bundle several matrices' rows is read in place), and float32 arrays for activations. The Python-facing wrappers live
 in `hetinfer/kernels/__init__.py`.
 """
 from __future__ import annotations
@@ -193,7 +194,8 @@ def _prefetch_step(b: ir.IRBuilder, pp: ir.Value, i: ir.Value, nbytes: int, unro
     fn = cgutils.get_or_insert_function(b.module, fnty, "llvm.prefetch.p0")
     base = b.gep(pp, [b.mul(i, ir.Constant(_I64, nbytes))])
     for j in range(0, unroll * nbytes, 64):
-        b.call(fn, [b.gep(base, [ir.Constant(_I64, j)]), ir.Constant(_I32, 0), ir.Constant(_I32, 3), ir.Constant(_I32, 1)])
+        b.call(fn, [b.gep(base, [ir.Constant(_I64, j)]), ir.Constant(_I32, 0), ir.Constant(_I32, 3),
+                    ir.Constant(_I32, 1)])  # read, keep in every cache level, data
 
 
 def _make_dot(fmt: int):
