@@ -446,6 +446,23 @@ def test_attention_decode(interleaved, pos):
         kernels.attention_decode(q, k, v, kc, vc, n_ctx, cos, sin, interleaved)
 
 
+@pytest.mark.parametrize("pos,nchunks", [(2, 7), (150, 1), (150, 2), (699, 3)])
+def test_attention_decode_split_over_positions(pos, nchunks):
+    """Positions split into spans (one per thread) and merged by their softmax maxima give the
+    reference's attention, also with more spans than positions (empty spans)."""
+    n_ctx, KV, H, hd = 700, 3, 9, 64
+    rng = np.random.default_rng(pos)
+    kc = rng.standard_normal((n_ctx, KV, hd), dtype=np.float32) * 2  # scores spread wide: merging matters
+    vc = rng.standard_normal((n_ctx, KV, hd), dtype=np.float32)
+    q, k, v = (rng.standard_normal(n, dtype=np.float32) for n in (H * hd, KV * hd, KV * hd))
+    ang = (pos + 0.5) * rng.uniform(0, 1, hd // 2)
+    cos, sin = np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
+    want = ref.attention_decode(q, k, v, kc, vc, pos, cos, sin, False)[0]
+    out = np.empty((H, hd), np.float32)
+    cpu.attention_decode(q, k, v, kc, vc, pos, cos, sin, False, out, nchunks)
+    np.testing.assert_allclose(out.reshape(-1), want, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.slow
 def test_attention_decode_matches_model_attention(model):
     """The engine's torch attention path (SDPA) and the fused kernel agree on a real layer."""

@@ -369,7 +369,7 @@ def attention_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache:
     H = qn.size // hd
     out = np.empty((H, hd), np.float32)
     cpu.attention_decode(qn, kn, vn, kc, vc, pos, _np(cos).reshape(-1), _np(sin).reshape(-1), interleaved, out,
-                         min(get_threads(), H) if (pos + 1) * hd * H >= 1 << 16 else 1)
+                         min(get_threads(), pos + 1) if (pos + 1) * hd * H >= 1 << 16 else 1)
     return torch.from_numpy(out.reshape(1, -1))
 
 

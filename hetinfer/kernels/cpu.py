@@ -732,32 +732,42 @@ def _rope(x, base, j, cos, sin, interleaved):
 
 
 @njit(inline="always")
-def _attend_heads(q, kc, vc, S, out, lo, hi):
-    """Query heads lo..hi-1 (already rotated) over cache positions 0..S-1. Plain indexing, no
-    array views in the loops: a view costs a reference-count update, more than a 64-wide dot."""
+def _attend_span(q, kc, vc, lo, hi, m, l, acc):
+    """Every query head (q [H, hd], rotated) over cache positions lo..hi-1, unnormalised: per head h,
+    m[h] = the largest score, l[h] = sum exp(score - m[h]), acc[h] = sum exp(score - m[h]) * v.
+    Each key and value row is read once for its whole group of query heads (grouped-query attention
+    shares them), and a span's partial results merge with others' (`attention_decode`). Plain
+    indexing, no array views in the loops: a view costs a reference-count update, more than a
+    64-wide dot."""
     H, hd = q.shape
-    group = H // kc.shape[1]
+    KV = kc.shape[1]
+    group = H // KV
     scale = np.float32(1.0 / math.sqrt(hd))
-    s = np.empty(S, np.float32)
-    for h in range(lo, hi):
-        g = h // group
-        m = np.float32(-np.inf)
-        for p in range(S):
-            acc = np.float32(0.0)
-            for j in range(hd):
-                acc += q[h, j] * kc[p, g, j]
-            s[p] = acc * scale
-            m = max(m, s[p])
-        total = np.float32(0.0)
-        for p in range(S):
-            s[p] = math.exp(s[p] - m)
-            total += s[p]
-        for j in range(hd):
-            out[h, j] = 0
-        for p in range(S):
-            wp = s[p] / total
-            for j in range(hd):
-                out[h, j] += wp * vc[p, g, j]
+    s = np.empty((group, max(hi - lo, 1)), np.float32)
+    for g in range(KV):
+        h0 = g * group
+        for p in range(lo, hi):
+            for j in range(group):
+                a = np.float32(0.0)
+                for e in range(hd):
+                    a += q[h0 + j, e] * kc[p, g, e]
+                s[j, p - lo] = a * scale
+        for j in range(group):
+            mx = np.float32(-np.inf)
+            for i in range(hi - lo):
+                mx = max(mx, s[j, i])
+            total = np.float32(0.0)
+            for i in range(hi - lo):
+                s[j, i] = math.exp(s[j, i] - mx)
+                total += s[j, i]
+            m[h0 + j], l[h0 + j] = mx, total
+            for e in range(hd):
+                acc[h0 + j, e] = 0
+        for p in range(lo, hi):
+            for j in range(group):
+                w = s[j, p - lo]
+                for e in range(hd):
+                    acc[h0 + j, e] += w * vc[p, g, e]
 
 
 @njit(parallel=_PRANGE_ONLY, fastmath=True, error_model="numpy", cache=True)
@@ -765,7 +775,9 @@ def attention_decode(q, k, v, kc, vc, pos, cos, sin, interleaved, out, nchunks):
     """One new token's attention. q [H*hd], k and v [KV*hd] (unrotated projections); kc/vc
     [n_ctx, KV, hd] this layer's cache, which gets rotated k and v at `pos`; out [H, hd] =
     softmax(rope(q_h) K^T / sqrt(hd)) V over positions 0..pos, query head h reading kv head
-    h // (H / KV)."""
+    h // (H / KV). With nchunks > 1 the positions are split into spans attended in parallel and
+    merged by their softmax maxima (split-K, as flash-decoding does): threads share the cache reads
+    at any head count, long contexts included."""
     KV, hd = kc.shape[1], kc.shape[2]
     H = q.shape[0] // hd
     for g in range(KV):
@@ -779,9 +791,29 @@ def attention_decode(q, k, v, kc, vc, pos, cos, sin, interleaved, out, nchunks):
         for j in range(hd // 2):
             i0, i1, a, b = _rope(q, h * hd, j, cos, sin, interleaved)
             qr[h, i0], qr[h, i1] = a, b
+    S = pos + 1
+    m, l = np.empty((nchunks, H), np.float32), np.empty((nchunks, H), np.float32)
+    acc = np.empty((nchunks, H, hd), np.float32)
     if nchunks == 1:
-        _attend_heads(qr, kc, vc, pos + 1, out, 0, H)
-        return
-    for c in prange(nchunks):
-        lo, hi = _chunk(c, nchunks, H)
-        _attend_heads(qr, kc, vc, pos + 1, out, lo, hi)
+        _attend_span(qr, kc, vc, 0, S, m[0], l[0], acc[0])
+    else:
+        for c in prange(nchunks):  # spans of positions (split-K): every thread reads its own keys and values
+            lo, hi = _chunk(c, nchunks, S)
+            mc, lc, ac = np.empty(H, np.float32), np.empty(H, np.float32), np.empty((H, hd), np.float32)
+            _attend_span(qr, kc, vc, lo, hi, mc, lc, ac)  # thread-local, see sparse_ffn
+            m[c], l[c], acc[c] = mc, lc, ac
+    for h in range(H):
+        mx = np.float32(-np.inf)
+        for c in range(nchunks):
+            mx = max(mx, m[c, h])
+        total = np.float32(0.0)
+        for j in range(hd):
+            out[h, j] = 0
+        for c in range(nchunks):
+            if l[c, h] > 0:  # an empty span (fewer positions than chunks) adds nothing
+                f = math.exp(m[c, h] - mx)
+                total += f * l[c, h]
+                for j in range(hd):
+                    out[h, j] += f * acc[c, h, j]
+        for j in range(hd):
+            out[h, j] /= total
