@@ -1,9 +1,10 @@
 """End-to-end greedy decode: hetinfer's dense engine on the kernels vs llama.cpp, same GGUF, one run.
 
     python benchmarks/decode.py [--model PATH] [--threads 2] [--tokens 128] [--reps 3] [--weights native]
+                                [--prompt-tokens 64]
 
-A 64-token prompt, then `--tokens` greedy tokens; decode tok/s excludes the prompt (reported
-separately) and the kernels' compile time (warmup, reported separately). Runs are interleaved
+A `--prompt-tokens` prompt (64; thousands to decode at a long context), then `--tokens` greedy
+tokens; decode tok/s excludes the prompt (reported separately) and the kernels' compile time (warmup, reported separately). Runs are interleaved
 (llama.cpp, then each hetinfer mode, repeated) and medians are reported.
 
 hetinfer modes:
@@ -113,6 +114,7 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=128)
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--weights", default="native", choices=["native", "f16", "f32"])
+    p.add_argument("--prompt-tokens", type=int, default=64, help="prompt length: decode starts at this position")
     args = p.parse_args()
     path = args.model or default_model_path()
 
@@ -121,12 +123,13 @@ def main() -> None:
     compile_s = kernels.warmup()
     model = load_model(path, weights=args.weights)
     tr = model.transformer
-    prompt = model.tokenizer.encode(PROMPT * 4)[:64]
-    assert len(prompt) == 64
+    n_prompt = args.prompt_tokens
+    prompt = model.tokenizer.encode(PROMPT * (n_prompt // 40 + 2))[:n_prompt]
+    assert len(prompt) == n_prompt
 
     from llama_cpp import Llama
 
-    llm = Llama(model_path=path, n_threads=args.threads, n_ctx=512, verbose=False)
+    llm = Llama(model_path=path, n_threads=args.threads, n_ctx=max(512, n_prompt + args.tokens + 8), verbose=False)
 
     oracle = OracleFFN(tr, 0.5)
     het_decode(tr, prompt, 8)  # first-call effects (page-in, allocator) outside the timed runs
@@ -153,7 +156,7 @@ def main() -> None:
             tokens[m] = toks
 
     print(f"machine: {machine()}")
-    print(f"model: {os.path.basename(path)}; weights {args.weights}; {args.threads} threads; greedy, 64-token prompt, "
+    print(f"model: {os.path.basename(path)}; weights {args.weights}; {args.threads} threads; greedy, {n_prompt}-token prompt, "
           f"{args.tokens} tokens; median of {args.reps} interleaved runs; kernel compile/load {compile_s:.2f} s "
           "(excluded)")
     med = {m: np.median(np.array(t), axis=0) for m, t in times.items()}  # (prefill, decode, decode CPU) s
@@ -162,7 +165,7 @@ def main() -> None:
     for m in modes:
         pre, dec, cpu = med[m]
         same = np.mean(np.array(tokens[m][1:]) == np.array(dense_tokens[1:])) if m.startswith("hetinfer") else None
-        rows.append([m, f"{64 / pre:.0f}", f"{args.tokens / dec:.1f}", f"{base[1] / dec:.2f}x",
+        rows.append([m, f"{n_prompt / pre:.0f}", f"{args.tokens / dec:.1f}", f"{base[1] / dec:.2f}x",
                      f"{1e3 * cpu / args.tokens:.2f}", f"{base[2] / cpu:.2f}x", "-" if same is None else f"{same:.0%}"])
     print(table(["engine", "prefill tok/s", "decode tok/s", "vs llama.cpp", "CPU ms/token", "vs llama.cpp (CPU)",
                  "top-1 = dense"], rows))

@@ -735,39 +735,40 @@ def _rope(x, base, j, cos, sin, interleaved):
 def _attend_span(q, kc, vc, lo, hi, m, l, acc):
     """Every query head (q [H, hd], rotated) over cache positions lo..hi-1, unnormalised: per head h,
     m[h] = the largest score, l[h] = sum exp(score - m[h]), acc[h] = sum exp(score - m[h]) * v.
-    Each key and value row is read once for its whole group of query heads (grouped-query attention
-    shares them), and a span's partial results merge with others' (`attention_decode`). Plain
-    indexing, no array views in the loops: a view costs a reference-count update, more than a
-    64-wide dot."""
+    Keys, then values, are read once each, position by position (a sequential stream: the cache of
+    a long context lives in DRAM), every kv head's row serving its whole group of query heads; a
+    span's partial results merge with others' (`attention_decode`). Plain indexing, no array views
+    in the loops: a view costs a reference-count update, more than a 64-wide dot."""
     H, hd = q.shape
     KV = kc.shape[1]
     group = H // KV
     scale = np.float32(1.0 / math.sqrt(hd))
-    s = np.empty((group, max(hi - lo, 1)), np.float32)
-    for g in range(KV):
-        h0 = g * group
-        for p in range(lo, hi):
-            for j in range(group):
-                a = np.float32(0.0)
-                for e in range(hd):
-                    a += q[h0 + j, e] * kc[p, g, e]
-                s[j, p - lo] = a * scale
-        for j in range(group):
-            mx = np.float32(-np.inf)
-            for i in range(hi - lo):
-                mx = max(mx, s[j, i])
-            total = np.float32(0.0)
-            for i in range(hi - lo):
-                s[j, i] = math.exp(s[j, i] - mx)
-                total += s[j, i]
-            m[h0 + j], l[h0 + j] = mx, total
+    n = hi - lo
+    s = np.empty((H, max(n, 1)), np.float32)
+    for p in range(lo, hi):
+        for h in range(H):
+            g = h // group
+            a = np.float32(0.0)
             for e in range(hd):
-                acc[h0 + j, e] = 0
-        for p in range(lo, hi):
-            for j in range(group):
-                w = s[j, p - lo]
-                for e in range(hd):
-                    acc[h0 + j, e] += w * vc[p, g, e]
+                a += q[h, e] * kc[p, g, e]
+            s[h, p - lo] = a * scale
+    for h in range(H):
+        mx = np.float32(-np.inf)
+        for i in range(n):
+            mx = max(mx, s[h, i])
+        total = np.float32(0.0)
+        for i in range(n):
+            s[h, i] = math.exp(s[h, i] - mx)
+            total += s[h, i]
+        m[h], l[h] = mx, total
+        for e in range(hd):
+            acc[h, e] = 0
+    for p in range(lo, hi):
+        for h in range(H):
+            g = h // group
+            w = s[h, p - lo]
+            for e in range(hd):
+                acc[h, e] += w * vc[p, g, e]
 
 
 @njit(parallel=_PRANGE_ONLY, fastmath=True, error_model="numpy", cache=True)
