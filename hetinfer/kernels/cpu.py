@@ -303,6 +303,17 @@ def _make_xdot(fmt: int):
     return xdot
 
 
+@intrinsic
+def _f32_from_bits(typingctx, bits):
+    """The float32 whose bit pattern is the int32 `bits`."""
+    sig = types.float32(types.int32)
+
+    def codegen(context, b, sig, args):
+        return b.bitcast(args[0], _F32)
+
+    return sig, codegen
+
+
 _DX_MIN = 2.0**-110  # smaller block scales count as zero (1 / d must stay a finite float32)
 
 
@@ -732,6 +743,20 @@ def _rope(x, base, j, cos, sin, interleaved):
 
 
 @njit(inline="always")
+def _exp_neg(x):
+    """exp(x) for x <= 0 in float32 arithmetic LLVM can vectorize (math.exp is a scalar libm call, the
+    bulk of long-context attention): 2^k * e^f with k = round(x / ln 2) and f = x - k ln 2 (ln 2 split
+    in two parts, Cephes' expf, so f is exact to float32), |f| <= ln 2 / 2, e^f by its Taylor series to
+    degree 6; x below -87 counts as -87 (e^-87 = 1.6e-38: nothing next to the maximum's weight of 1)."""
+    x = max(x, np.float32(-87.0))
+    k = np.float32(math.floor(x * np.float32(1.4426950408889634) + np.float32(0.5)))
+    f = x - k * np.float32(0.693359375) + k * np.float32(2.12194440e-4)
+    p = np.float32(1.0) + f * (np.float32(1.0) + f * (np.float32(0.5) + f * (np.float32(1.0 / 6) + f * (
+        np.float32(1.0 / 24) + f * (np.float32(1.0 / 120) + f * np.float32(1.0 / 720))))))
+    return p * _f32_from_bits((np.int32(k) + np.int32(127)) << np.int32(23))
+
+
+@njit(inline="always")
 def _attend_span(q, kc, vc, lo, hi, m, l, acc):
     """Every query head (q [H, hd], rotated) over cache positions lo..hi-1, unnormalised: per head h,
     m[h] = the largest score, l[h] = sum exp(score - m[h]), acc[h] = sum exp(score - m[h]) * v.
@@ -758,7 +783,7 @@ def _attend_span(q, kc, vc, lo, hi, m, l, acc):
             mx = max(mx, s[h, i])
         total = np.float32(0.0)
         for i in range(n):
-            s[h, i] = math.exp(s[h, i] - mx)
+            s[h, i] = _exp_neg(s[h, i] - mx)
             total += s[h, i]
         m[h], l[h] = mx, total
         for e in range(hd):
