@@ -55,6 +55,7 @@ class KVCache:
         shape = (cfg.n_layers, n_ctx, cfg.n_kv_heads, cfg.head_dim)
         self.k = torch.empty(shape, dtype=torch.float32)
         self.v = torch.empty(shape, dtype=torch.float32)
+        self.k_layers, self.v_layers = self.k.unbind(0), self.v.unbind(0)  # per-layer views, made once
         self.n_ctx = n_ctx
         self.tokens: list[int] = []  # what the cache holds, for prefix reuse across chat turns
 
@@ -110,6 +111,8 @@ class Transformer:
         ffn = ffn or self.dense_ffn
         x = kernels.embedding(self.w.embed, torch.tensor(tokens, dtype=torch.long))
         cos, sin = self._rope(pos, T)
+        if T == 1:
+            cos, sin = cos[0, 0], sin[0, 0]  # [hd/2]: what the decode kernel takes, indexed once, not per layer
         for i, L in enumerate(self.w.layers):
             h = rms_norm(x, L.attn_norm, cfg.norm_eps)
             x = x + self._attention(i, L, h, cache, pos, cos, sin)
@@ -126,7 +129,8 @@ class Transformer:
         if L.bq is not None:
             q, k, v = q + L.bq, k + L.bk, v + L.bv
         if T == 1:  # decode: RoPE, KV-cache write and attention in one kernel call
-            out = kernels.attention_decode(q, k, v, cache.k[i], cache.v[i], pos, cos[0, 0], sin[0, 0], self.interleaved)
+            out = kernels.attention_decode(q, k, v, cache.k_layers[i], cache.v_layers[i], pos, cos, sin,
+                                           self.interleaved)
             return kernels.linear(L.wo, out)
         q = self._apply_rope(q.view(T, cfg.n_heads, cfg.head_dim), cos, sin)
         k = self._apply_rope(k.view(T, cfg.n_kv_heads, cfg.head_dim), cos, sin)

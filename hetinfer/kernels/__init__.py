@@ -192,12 +192,16 @@ def linears(Ws: tuple[QTensor, ...] | list[QTensor], x: torch.Tensor) -> list[to
     T = xn.shape[0]
     if T > GEMV_MAX_T:
         return [_gemm(W, xn) for W in Ws]
-    infos = [_info(W) for W in Ws]
-    fmt, u8, ro, _, _ = infos[0]
-    if any(i[0] != fmt or i[2] != ro or i[1].shape[1] != u8.shape[1] for i in infos):
-        return [linear(W, xn) for W in Ws]
-    outs = tuple([np.empty((T, i[1].shape[0]), np.float32) for i in infos])
-    cpu.matvec(fmt, tuple([i[1] for i in infos]), xn, outs, _chunks(sum([i[3] for i in infos])))
+    fmt, u8, ro, _, _ = _info(W0)
+    ws, outs, nbytes = [], [], 0
+    for W in Ws:  # a plain loop: per call, generator expressions cost more than these small GEMVs
+        f, w, r, n, _ = _info(W)
+        if f != fmt or r != ro or w.shape[1] != u8.shape[1]:
+            return [linear(W, xn) for W in Ws]
+        ws.append(w)
+        outs.append(np.empty((T, w.shape[0]), np.float32))
+        nbytes += n
+    cpu.matvec(fmt, tuple(ws), xn, tuple(outs), _chunks(nbytes))
     return [torch.from_numpy(o) for o in outs]
 
 
