@@ -8,14 +8,17 @@ import time
 import numpy as np
 
 
-def timings(fn, reps: int, warm: int = 2) -> np.ndarray:
-    """Wall times of `reps` runs of `fn()` after `warm` untimed runs."""
+def timings(fn, reps: int, warm: int = 2, sync=lambda: None) -> np.ndarray:
+    """Wall times of `reps` runs of `fn()` after `warm` untimed runs; `sync()` ends each run (a GPU's
+    queued work: torch.cuda.synchronize)."""
     for _ in range(warm):
         fn()
+    sync()
     ts = []
     for _ in range(reps):
         t = time.perf_counter()
         fn()
+        sync()
         ts.append(time.perf_counter() - t)
     return np.array(ts)
 

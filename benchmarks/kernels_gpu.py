@@ -16,35 +16,21 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks._util import table  # noqa: E402
+from benchmarks._util import table, timings as _timings  # noqa: E402
 from hetinfer import kernels  # noqa: E402
 from hetinfer.tensors import FORMATS, quantize  # noqa: E402
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def timings(fn, device: torch.device, reps: int, warm: int = 2) -> np.ndarray:
-    """Wall times of `reps` synchronized runs of `fn()`."""
-    for _ in range(warm):
-        fn()
-    sync(device)
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        sync(device)
-        ts.append(time.perf_counter() - t)
-    return np.array(ts)
+    """Wall times of `reps` runs of `fn()`, each until the device has finished it."""
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    return _timings(fn, reps, warm, sync)
 
 
 def copy_bandwidth(device: torch.device, nbytes: int) -> float:

@@ -195,7 +195,7 @@ def linears(Ws: tuple[QTensor, ...] | list[QTensor], x: torch.Tensor) -> list[to
     fmt, u8, ro, _, _ = _info(W0)
     ws, outs, nbytes = [], [], 0
     for W in Ws:  # a plain loop: per call, generator expressions cost more than these small GEMVs
-        f, w, r, n, _ = _info(W)
+        f, w, r, n, _ = _info(W)  # cached on W: the first one again costs a dict lookup
         if f != fmt or r != ro or w.shape[1] != u8.shape[1]:
             return [linear(W, xn) for W in Ws]
         ws.append(w)
