@@ -401,6 +401,17 @@ def test_real_weights_sparse_every_format(real, qtype):
 
 
 @pytest.mark.slow
+def test_real_weights_read_in_place_from_bundled_records(real):
+    """SmolLM2's layer-5 FFN (Q4_1 gate/up, Q8_0 neuron-major down) bundled per neuron gives what the
+    separate matrices give, bit for bit."""
+    Wd_t = kernels.transpose_down(real["down"])
+    Bg, Bu, Bd = bundled(real["gate"], real["up"], Wd_t)
+    rows, x = np.sort(np.random.default_rng(0).permutation(1536)[:768]), rand_x(1, 576)
+    want = kernels.sparse_ffn(real["gate"], real["up"], Wd_t, rows, x, "silu")
+    assert torch.equal(kernels.sparse_ffn(Bg, Bu, Bd, rows, x, "silu"), want)
+
+
+@pytest.mark.slow
 def test_real_down_transposed_to_q8_0(real):
     """The neuron-major copy of the Q4_1 down projection, requantized to q8_0: the bound of
     `assert_requant_error`, and its relative RMS error (measured 0.0055; f16 would be 0.0002)."""
