@@ -98,7 +98,7 @@ class Transformer:
 
     def dense_ffn(self, layer: int, h: torch.Tensor) -> torch.Tensor:
         L = self.w.layers[layer]
-        return kernels.linear(L.down, kernels.gate_up(L.gate, L.up, h, self.cfg.activation))
+        return kernels.dense_ffn(L.gate, L.up, L.down, h, self.cfg.activation)
 
     def forward(self, tokens: list[int], cache: KVCache, ffn: FFN | None = None, all_logits: bool = False) -> torch.Tensor:
         """Run `tokens` after what `cache` holds; logits of the last token ([vocab]) or all ([T, vocab])."""
@@ -114,9 +114,13 @@ class Transformer:
         if T == 1:
             cos, sin = cos[0, 0], sin[0, 0]  # [hd/2]: what the decode kernel takes, indexed once, not per layer
         for i, L in enumerate(self.w.layers):
-            h = rms_norm(x, L.attn_norm, cfg.norm_eps)
-            x = x + self._attention(i, L, h, cache, pos, cos, sin)
-            h = rms_norm(x, L.ffn_norm, cfg.norm_eps)
+            if T == 1:  # decode: the attention half of the layer in one kernel call, x updated in place
+                biases = None if L.bq is None else (L.bq, L.bk, L.bv)
+                h = kernels.attention_block(x, L.attn_norm, L.wq, L.wk, L.wv, L.wo, biases, cache.k_layers[i],
+                                            cache.v_layers[i], pos, cos, sin, self.interleaved, cfg.norm_eps, L.ffn_norm)
+            else:
+                x = x + self._attention(i, L, rms_norm(x, L.attn_norm, cfg.norm_eps), cache, pos, cos, sin)
+                h = rms_norm(x, L.ffn_norm, cfg.norm_eps)
             x = x + ffn(i, h)
         cache.tokens.extend(tokens)
         x = x if all_logits else x[-1:]
@@ -128,19 +132,13 @@ class Transformer:
         q, k, v = kernels.linears((L.wq, L.wk, L.wv), h)
         if L.bq is not None:
             q, k, v = q + L.bq, k + L.bk, v + L.bv
-        if T == 1:  # decode: RoPE, KV-cache write and attention in one kernel call
-            out = kernels.attention_decode(q, k, v, cache.k_layers[i], cache.v_layers[i], pos, cos, sin,
-                                           self.interleaved)
-            return kernels.linear(L.wo, out)
         q = self._apply_rope(q.view(T, cfg.n_heads, cfg.head_dim), cos, sin)
         k = self._apply_rope(k.view(T, cfg.n_kv_heads, cfg.head_dim), cos, sin)
         cache.k[i, pos : pos + T] = k
         cache.v[i, pos : pos + T] = v.view(T, cfg.n_kv_heads, cfg.head_dim)
         keys = cache.k[i, : pos + T].transpose(0, 1)  # [kv_heads, S, hd]
         vals = cache.v[i, : pos + T].transpose(0, 1)
-        mask = None
-        if T > 1:  # causal over the new tokens, full view of the cached prefix
-            mask = torch.ones(T, pos + T, dtype=torch.bool).tril(diagonal=pos)
+        mask = torch.ones(T, pos + T, dtype=torch.bool).tril(diagonal=pos)  # causal over the new tokens, all of the prefix
         out = F.scaled_dot_product_attention(q.transpose(0, 1), keys, vals, attn_mask=mask, enable_gqa=True)
         return kernels.linear(L.wo, out.transpose(0, 1).reshape(T, -1))
 

@@ -137,6 +137,17 @@ def test_gate_up(qtype, act):
 
 
 @pytest.mark.parametrize("qtype", FORMATS)
+@pytest.mark.parametrize("T", [1, 3, 20])  # 20 > GEMV_MAX_T: the prompt path
+def test_dense_ffn_is_gate_up_then_down(qtype, T):
+    """The one-call FFN gives exactly what gate_up followed by linear gives (same kernels, same order)."""
+    Wg, Wu, Wd, x = rand_q(64, 96, qtype, 2), rand_q(64, 96, qtype, 3), rand_q(96, 64, qtype, 4), rand_x(T, 96)
+    want = kernels.linear(Wd, kernels.gate_up(Wg, Wu, x, "silu"))
+    assert torch.equal(kernels.dense_ffn(Wg, Wu, Wd, x, "silu"), want)
+    with pytest.raises(ValueError, match="do not form an FFN"):
+        kernels.dense_ffn(Wg, Wu, rand_q(96, 32, qtype), x, "silu")
+
+
+@pytest.mark.parametrize("qtype", FORMATS)
 def test_embedding_bit_exact(qtype):
     W = rand_q(50, 64, qtype)
     ids = torch.tensor([7, 0, 49, 7])
@@ -521,3 +532,69 @@ def test_attention_decode_matches_model_attention(model):
                                                   cache.v[2, : pos + 1].transpose(0, 1), enable_gqa=True)
             outs.append(o.transpose(0, 1).reshape(1, -1))
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-5)
+
+
+def one_by_one_attention(x, L, biases, kc, vc, pos, cos, sin, interleaved, eps=1e-5):
+    """What attention_block does, as separate kernel calls."""
+    h = kernels.rms_norm(x, L["attn_norm"], eps)
+    q, k, v = kernels.linears((L["q"], L["k"], L["v"]), h)
+    if biases is not None:
+        q, k, v = q + biases[0], k + biases[1], v + biases[2]
+    x = x + kernels.linear(L["o"], kernels.attention_decode(q, k, v, kc, vc, pos, cos, sin, interleaved))
+    return x, kernels.rms_norm(x, L["ffn_norm"], eps)
+
+
+def assert_same_block(got, want, got_cache, want_cache):
+    """Same kernels in the same order, but the fastmath sums (norms, attention) may be vectorized
+    differently once compiled into the block: equal to float32 rounding, values and cache."""
+    for g, w in zip(got + (got_cache,), want + (want_cache,)):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+
+
+def run_attention_block(x, L, biases, kc, vc, pos, cos, sin, interleaved, eps=1e-5):
+    x = x.clone()
+    h = kernels.attention_block(x, L["attn_norm"], L["q"], L["k"], L["v"], L["o"], biases, kc, vc, pos, cos, sin,
+                                interleaved, eps, L["ffn_norm"])
+    return x, h
+
+
+@pytest.mark.parametrize("qtype", FORMATS)
+@pytest.mark.parametrize("pos,bias,interleaved", [(0, False, False), (37, True, True), (300, False, True)])
+def test_attention_block_matches_its_calls_one_by_one(qtype, pos, bias, interleaved):
+    """One call for norm, q/k/v (+ biases), RoPE, cache write, attention, o, residual and the FFN norm:
+    the same numbers as the calls made one by one, cache writes included. Position 300 attends in
+    parallel spans; a q/k/v of mixed formats takes the one-by-one path and still agrees."""
+    d, KV, H, hd, n_ctx = 128, 2, 4, 32, 320
+    L = {"q": rand_q(H * hd, d, qtype, 1), "k": rand_q(KV * hd, d, qtype, 2), "v": rand_q(KV * hd, d, qtype, 3),
+         "o": rand_q(d, H * hd, qtype, 4), "attn_norm": rand_x(d, seed=5), "ffn_norm": rand_x(d, seed=6)}
+    biases = (rand_x(H * hd, seed=7), rand_x(KV * hd, seed=8), rand_x(KV * hd, seed=9)) if bias else None
+    rng = np.random.default_rng(pos)
+    cache = torch.from_numpy(rng.standard_normal((2, n_ctx, KV, hd), dtype=np.float32))
+    ang = (pos + 0.5) * rng.uniform(0, 1, hd // 2)
+    cos, sin = torch.from_numpy(np.cos(ang).astype(np.float32)), torch.from_numpy(np.sin(ang).astype(np.float32))
+    x = rand_x(1, d, seed=10)
+    for L_ in (L, dict(L, v=rand_q(KV * hd, d, "q8_0" if qtype != "q8_0" else "f16", 3))):
+        want_cache, got_cache = cache.clone(), cache.clone()
+        want = one_by_one_attention(x, L_, biases, want_cache[0], want_cache[1], pos, cos, sin, interleaved)
+        got = run_attention_block(x, L_, biases, got_cache[0], got_cache[1], pos, cos, sin, interleaved)
+        assert_same_block(got, want, got_cache, want_cache)
+    with pytest.raises(ValueError, match="outside the cache"):
+        run_attention_block(x, L, biases, cache[0], cache[1], n_ctx, cos, sin, interleaved)
+    with pytest.raises(ValueError, match="must be \\[1, 128\\]"):
+        run_attention_block(rand_x(1, 64), L, biases, cache[0], cache[1], pos, cos, sin, interleaved)
+
+
+@pytest.mark.slow
+def test_attention_block_on_real_layer(model):
+    """SmolLM2's layer 5 after a real prompt: the one-call block equals its calls one by one."""
+    tr, W = model.transformer, model.weights.layers[5]
+    L = {"q": W.wq, "k": W.wk, "v": W.wv, "o": W.wo, "attn_norm": W.attn_norm, "ffn_norm": W.ffn_norm}
+    cache = tr.new_cache(64)
+    tr.forward(model.tokenizer.encode("Memory hierarchies trade capacity for speed."), cache)
+    pos = cache.pos
+    cos, sin = (t[0, 0] for t in tr._rope(pos, 1))
+    x = rand_x(1, model.config.d_model, seed=11)
+    kc, vc = cache.k[5].clone(), cache.v[5].clone()
+    want = one_by_one_attention(x, L, None, kc, vc, pos, cos, sin, tr.interleaved, model.config.norm_eps)
+    got = run_attention_block(x, L, None, cache.k[5], cache.v[5], pos, cos, sin, tr.interleaved, model.config.norm_eps)
+    assert_same_block(got, want, torch.stack((cache.k[5], cache.v[5]))[:, : pos + 1], torch.stack((kc, vc))[:, : pos + 1])

@@ -6,8 +6,9 @@ the rows a call needs decoded by torch (`cuda.py`, made by `to_cuda`). Activatio
 torch tensors; results are new torch tensors (`scatter_axpy` updates `y` in place).
 `reference.py` holds the plain numpy versions.
 
-Dense:   linear, linears (several matrices, one x), gate_up (act(gate x) * up x), embedding
-Decoder: rms_norm, attention_decode (RoPE + KV-cache write + attention for one new token)
+Dense:   linear, linears (several matrices, one x), gate_up (act(gate x) * up x), dense_ffn, embedding
+Decoder: rms_norm, attention_decode (RoPE + KV-cache write + attention for one new token),
+         attention_block (a decode step's whole attention half of a layer, in one call)
 Sparse:  gather_matvec (selected output rows), scatter_axpy (y += a @ Wd_t[rows]),
          sparse_ffn (one token's FFN over the active neurons, neuron-major down projection)
 Setup:   transpose_down (neuron-major down, once at load), convert, to_cuda, set_threads, warmup
@@ -90,20 +91,25 @@ def _u8(W: QTensor) -> np.ndarray:
 
 
 def _info(W: QTensor) -> tuple:
-    """(format code, weight bytes [rows, row_bytes], read-only, nbytes, data), cached on W while W.data is
-    the same array: the per-call attribute and flag lookups cost more than a small kernel.
+    """(format code, weight bytes [rows, row_bytes], nbytes, data), cached on W while W.data is the
+    same array: the per-call attribute and flag lookups cost more than a small kernel.
 
+    The bytes are always a read-only view: numba compiles a kernel once per argument type, and
+    read-only (mmapped GGUF) and writable (converted at load) arrays are different types; one type
+    halves the variants to compile and lets matrices of both origins share one call.
     Rows need not be adjacent, only each row contiguous: a row-major view into records that hold
     several matrices' rows (a neuron's gate, up and down rows bundled together) is read in place."""
     info = W.__dict__.get("_kernel_info")
-    if info is not None and info[4] is W.data:
+    if info is not None and info[3] is W.data:
         return info
     d = W.data
     if d.ndim == 2 and d.strides[1] == d.itemsize and d.strides[0] >= d.shape[1] * d.itemsize:
         u8 = d.view(np.uint8)
     else:
         u8 = np.ascontiguousarray(d).view(np.uint8)
-    info = (cpu.FMT[W.qtype], u8, not u8.flags.writeable, u8.nbytes, d)
+    u8 = u8.view()
+    u8.flags.writeable = False
+    info = (cpu.FMT[W.qtype], u8, u8.nbytes, d)
     W.__dict__["_kernel_info"] = info
     return info
 
@@ -177,7 +183,7 @@ def linear(W: QTensor, x: torch.Tensor) -> torch.Tensor:
     xn = _x2d(W, x)
     if xn.shape[0] > GEMV_MAX_T:
         return _gemm(W, xn)
-    fmt, u8, _, nbytes, _ = _info(W)
+    fmt, u8, nbytes, _ = _info(W)
     out = np.empty((xn.shape[0], u8.shape[0]), np.float32)
     cpu.matvec(fmt, (u8,), xn, (out,), _chunks(nbytes))
     return torch.from_numpy(out)
@@ -192,11 +198,11 @@ def linears(Ws: tuple[QTensor, ...] | list[QTensor], x: torch.Tensor) -> list[to
     T = xn.shape[0]
     if T > GEMV_MAX_T:
         return [_gemm(W, xn) for W in Ws]
-    fmt, u8, ro, _, _ = _info(W0)
+    fmt, u8, _, _ = _info(W0)
     ws, outs, nbytes = [], [], 0
     for W in Ws:  # a plain loop: per call, generator expressions cost more than these small GEMVs
-        f, w, r, n, _ = _info(W)  # cached on W: the first one again costs a dict lookup
-        if f != fmt or r != ro or w.shape[1] != u8.shape[1]:
+        f, w, n, _ = _info(W)  # cached on W: the first one again costs a dict lookup
+        if f != fmt or w.shape[1] != u8.shape[1] or w.flags.c_contiguous != u8.flags.c_contiguous:
             return [linear(W, xn) for W in Ws]
         ws.append(w)
         outs.append(np.empty((T, w.shape[0]), np.float32))
@@ -247,9 +253,9 @@ def gate_up(Wg: QTensor, Wu: QTensor, x: torch.Tensor, act: str) -> torch.Tensor
     if _is_cuda(Wg):
         return cuda.gate_up(Wg, Wu, x, act)
     xn = _x2d(Wg, x)
-    fg, ug, rog, ng, _ = _info(Wg)
-    fu, uu, rou, nu, _ = _info(Wu)
-    if xn.shape[0] > GEMV_MAX_T or fg != fu or rog != rou:
+    fg, ug, ng, _ = _info(Wg)
+    fu, uu, nu, _ = _info(Wu)
+    if xn.shape[0] > GEMV_MAX_T or fg != fu:
         g, u = linear(Wg, xn), linear(Wu, xn)
         return _torch_act(act, g) * u
     h = np.empty((xn.shape[0], ug.shape[0]), np.float32)
@@ -284,7 +290,7 @@ def gather_matvec(W: QTensor, rows, x: torch.Tensor) -> torch.Tensor:
     """x @ W[rows]^T: only the selected output rows ([cols] -> [len(rows)], [T, cols] -> [T, len(rows)])."""
     if _is_cuda(W):
         return cuda.gather_matvec(W, rows, x)
-    fmt, u8, _, _, _ = _info(W)
+    fmt, u8, _, _ = _info(W)
     r = _rows(rows, u8.shape[0])
     xn = _x2d(W, x)
     out = np.empty((xn.shape[0], r.shape[0]), np.float32)
@@ -296,7 +302,7 @@ def scatter_axpy(Wd_t: QTensor, rows, a: torch.Tensor, y: torch.Tensor) -> torch
     """y += sum_i a[i] * Wd_t[rows[i]] in place (Wd_t: the down projection, neuron-major [n_ff, d]); returns y."""
     if _is_cuda(Wd_t):
         return cuda.scatter_axpy(Wd_t, rows, a, y)
-    fmt, u8, _, _, _ = _info(Wd_t)
+    fmt, u8, _, _ = _info(Wd_t)
     r = _rows(rows, u8.shape[0])
     an = _np(a)
     if an.ndim != 1:
@@ -324,10 +330,10 @@ def sparse_ffn(Wg: QTensor, Wu: QTensor, Wd_t: QTensor, rows, x: torch.Tensor, a
     if Wu.shape != (n_ff, d) or Wd_t.shape != (n_ff, d):
         raise ValueError(f"gate {Wg.shape}, up {Wu.shape} and transposed down {Wd_t.shape} must all be [n_ff, d]; "
                          "transpose the down projection with transpose_down()")
-    fg, ug, rog, _, _ = _info(Wg)
-    fu, uu, rou, _, _ = _info(Wu)
-    fd, ud, _, _, _ = _info(Wd_t)
-    if fg != fu or rog != rou:
+    fg, ug, _, _ = _info(Wg)
+    fu, uu, _, _ = _info(Wu)
+    fd, ud, _, _ = _info(Wd_t)
+    if fg != fu:
         raise ValueError(f"gate ({Wg.qtype}) and up ({Wu.qtype}) must share one format")
     r = _rows(rows, n_ff)
     xn = _x2d(Wg, x)
@@ -373,8 +379,77 @@ def attention_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache:
     H = qn.size // hd
     out = np.empty((H, hd), np.float32)
     cpu.attention_decode(qn, kn, vn, kc, vc, pos, _np(cos).reshape(-1), _np(sin).reshape(-1), interleaved, out,
-                         min(get_threads(), pos + 1) if (pos + 1) * hd * H >= 1 << 16 else 1)
+                         _attention_chunks(pos, H * hd))
     return torch.from_numpy(out.reshape(1, -1))
+
+
+def _attention_chunks(pos: int, q_size: int) -> int:
+    """Spans of positions attended in parallel: one per thread once the cache reads outweigh a wake-up."""
+    return min(get_threads(), pos + 1) if (pos + 1) * q_size >= 1 << 16 else 1
+
+
+def attention_block(x: torch.Tensor, attn_norm: torch.Tensor, Wq: QTensor, Wk: QTensor, Wv: QTensor, Wo: QTensor,
+                    biases: tuple | None, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: int, cos: torch.Tensor,
+                    sin: torch.Tensor, interleaved: bool, eps: float, ffn_norm: torch.Tensor) -> torch.Tensor:
+    """The attention half of a decoder layer for one token, in one kernel call: x [1, d] += Wo @
+    attention_decode(q, k, v) with q/k/v = Wq/Wk/Wv @ rms_norm(x, attn_norm) (+ biases (bq, bk, bv)),
+    x updated in place; returns rms_norm(x, ffn_norm), the FFN's input. The same arithmetic as those
+    calls made one by one (which is what runs for GPU weights or q/k/v of different formats), equal
+    to float32 rounding: the fastmath sums of the norms and the attention may be vectorized in
+    another order once compiled together."""
+    cpu_ok = not _is_cuda(Wq) and not _is_cuda(Wo) and x.dtype is torch.float32 and x.is_contiguous()
+    if cpu_ok:
+        fq, uq, nq, _ = _info(Wq)
+        fk, uk, nk, _ = _info(Wk)
+        fv, uv, nv, _ = _info(Wv)
+        cpu_ok = fq == fk == fv and uq.flags.c_contiguous == uk.flags.c_contiguous == uv.flags.c_contiguous
+    if not cpu_ok:
+        h = rms_norm(x, attn_norm, eps)
+        q, k, v = linears((Wq, Wk, Wv), h)
+        if biases is not None:
+            q, k, v = q + biases[0], k + biases[1], v + biases[2]
+        x += linear(Wo, attention_decode(q, k, v, k_cache, v_cache, pos, cos, sin, interleaved))
+        return rms_norm(x, ffn_norm, eps)
+    xn = x.detach().numpy()
+    if xn.shape != (1, Wq.shape[1]) or Wo.shape[0] != Wq.shape[1]:
+        raise ValueError(f"x {tuple(x.shape)} must be [1, {Wq.shape[1]}] and the output projection {Wo.shape} must map back to it")
+    if not (k_cache.is_contiguous() and v_cache.is_contiguous() and k_cache.dtype == v_cache.dtype == torch.float32):
+        raise ValueError("the KV cache must be contiguous float32 tensors [n_ctx, n_kv_heads, head_dim]")
+    kc, vc = k_cache.numpy(), v_cache.numpy()
+    n_ctx, KV, hd = kc.shape
+    if not 0 <= pos < n_ctx:
+        raise ValueError(f"position {pos} is outside the cache (0..{n_ctx - 1})")
+    if Wk.shape[0] != KV * hd or Wv.shape[0] != KV * hd or Wq.shape[0] % (KV * hd) or Wo.shape[1] != Wq.shape[0]:
+        raise ValueError(f"q {Wq.shape}, k {Wk.shape}, v {Wv.shape}, o {Wo.shape} do not fit the cache's {KV} kv heads of {hd}")
+    bq, bk, bv = (_NO_BIAS,) * 3 if biases is None else (_np(b) for b in biases)
+    fo, uo, no, _ = _info(Wo)
+    h = np.empty_like(xn)
+    cpu.attention_block(xn, _np(attn_norm), _np(ffn_norm), eps, fq, uq, uk, uv, fo, uo, bq, bk, bv, kc, vc, pos,
+                        _np(cos).reshape(-1), _np(sin).reshape(-1), interleaved, h, _chunks(nq + nk + nv),
+                        _attention_chunks(pos, Wq.shape[0]), _chunks(no))
+    return torch.from_numpy(h)
+
+
+_NO_BIAS = np.empty(0, np.float32)
+
+
+def dense_ffn(Wg: QTensor, Wu: QTensor, Wd: QTensor, h: torch.Tensor, act: str) -> torch.Tensor:
+    """Wd @ (act(Wg @ h) * (Wu @ h)): the whole dense FFN in one kernel call (`gate_up`, then `linear`)."""
+    if act not in cpu.ACT:
+        raise ValueError(f"unknown activation {act!r}; known: {', '.join(ACTIVATIONS)}")
+    if Wd.shape[1] != Wg.shape[0] or Wu.shape != Wg.shape:
+        raise ValueError(f"gate {Wg.shape}, up {Wu.shape} and down {Wd.shape} do not form an FFN ([n_ff, d], [n_ff, d], [d, n_ff])")
+    if _is_cuda(Wg) or _is_cuda(Wd):
+        return linear(Wd, gate_up(Wg, Wu, h, act))
+    xn = _x2d(Wg, h)
+    fg, ug, ng, _ = _info(Wg)
+    fu, uu, nu, _ = _info(Wu)
+    if xn.shape[0] > GEMV_MAX_T or fg != fu:
+        return linear(Wd, gate_up(Wg, Wu, xn, act))
+    fd, ud, nd, _ = _info(Wd)
+    y = np.empty((xn.shape[0], ud.shape[0]), np.float32)
+    cpu.dense_ffn(fg, ug, uu, fd, ud, xn, cpu.ACT[act], y, _chunks(ng + nu), _chunks(nd))
+    return torch.from_numpy(y)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -420,21 +495,21 @@ def warmup() -> float:
     x = torch.from_numpy(rng.standard_normal((1, 64)).astype(np.float32))
     rows = np.array([3, 1], np.int64)
     for qtype in tuple(FLOAT_FORMATS) + tuple(BLOCK_FORMATS):
-        Q = quantize(w, qtype)
-        read_only = Q.data.copy()
-        read_only.setflags(write=False)  # mmapped GGUF weights: numba compiles a separate variant
-        for W in (Q, QTensor(qtype, Q.shape, read_only)):
-            linears((W, W, W), x)
-            linear(W, x)
-            gate_up(W, W, x, "silu")
-            embedding(W, torch.tensor([1]))
-            gather_matvec(W, rows, x)
-            scatter_axpy(W, rows, torch.ones(2), torch.zeros(64))
-            sparse_ffn(W, W, W, rows, x, "silu")
-            sparse_ffn(W, W, Q, rows, x, "silu")
+        W = quantize(w, qtype)
+        linears((W, W, W), x)
+        linear(W, x)
+        gate_up(W, W, x, "silu")
+        Wf = quantize(rng.standard_normal((32, 64)).astype(np.float32), qtype)
+        dense_ffn(Wf, Wf, quantize(rng.standard_normal((64, 32)).astype(np.float32), qtype), x, "silu")
+        embedding(W, torch.tensor([1]))
+        gather_matvec(W, rows, x)
+        scatter_axpy(W, rows, torch.ones(2), torch.zeros(64))
+        sparse_ffn(W, W, W, rows, x, "silu")
     rms_norm(x, x[0], 1e-5)
-    cache = torch.zeros(4, 2, 32)
+    Wq, Wkv = (quantize(rng.standard_normal((n, 64)).astype(np.float32), "q8_0") for n in (64, 32))
     for interleaved in (False, True):
-        attention_decode(torch.ones(1, 128), torch.ones(1, 64), torch.ones(1, 64), cache, cache.clone(), 1,
-                         torch.ones(16), torch.zeros(16), interleaved)
+        attention_decode(torch.ones(1, 128), torch.ones(1, 64), torch.ones(1, 64), torch.zeros(4, 2, 32),
+                         torch.zeros(4, 2, 32), 1, torch.ones(16), torch.zeros(16), interleaved)
+        attention_block(x.clone(), x[0], Wq, Wkv, Wkv, Wq, None, torch.zeros(4, 1, 32), torch.zeros(4, 1, 32), 1,
+                        torch.ones(16), torch.zeros(16), interleaved, 1e-5, x[0])
     return time.perf_counter() - t0

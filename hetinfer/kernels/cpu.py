@@ -843,3 +843,45 @@ def attention_decode(q, k, v, kc, vc, pos, cos, sin, interleaved, out, nchunks):
                     out[h, j] += f * acc[c, h, j]
         for j in range(hd):
             out[h, j] /= total
+
+# ---------------------------------------------------------------------------------------------
+# Decoder blocks: one call from Python for what a decode step otherwise makes several calls for.
+# Each call from Python costs 2-5 us (argument conversion, dispatch), comparable to a whole
+# SmolLM2-sized GEMV; these run the kernels above back to back inside compiled code.
+# ---------------------------------------------------------------------------------------------
+
+
+@njit(error_model="numpy", cache=True)
+def attention_block(x, attn_norm, ffn_norm, eps, fmt, wq, wk, wv, fmt_o, wo, bq, bk, bv, kc, vc, pos, cos, sin,
+                    interleaved, h, nchunks_qkv, nchunks_att, nchunks_o):
+    """The attention half of a decoder layer for one token: x += wo @ attention(q, k, v) with
+    q/k/v = wq/wk/wv @ rms_norm(x, attn_norm) (+ biases, empty arrays when the model has none),
+    then h = rms_norm(x, ffn_norm), the FFN's input. x [1, d] is updated in place; the cache gets
+    this token's rotated key and its value at `pos` (see `attention_decode`)."""
+    hn = np.empty_like(x)
+    rms_norm(x, attn_norm, eps, hn)
+    q = np.empty((1, wq.shape[0]), np.float32)
+    k = np.empty((1, wk.shape[0]), np.float32)
+    v = np.empty((1, wv.shape[0]), np.float32)
+    matvec(fmt, (wq, wk, wv), hn, (q, k, v), nchunks_qkv)
+    for j in range(bq.shape[0]):
+        q[0, j] += bq[j]
+    for j in range(bk.shape[0]):
+        k[0, j] += bk[j]
+    for j in range(bv.shape[0]):
+        v[0, j] += bv[j]
+    att = np.empty((q.shape[1] // kc.shape[2], kc.shape[2]), np.float32)
+    attention_decode(q[0], k[0], v[0], kc, vc, pos, cos, sin, interleaved, att, nchunks_att)
+    o = np.empty((1, wo.shape[0]), np.float32)
+    matvec(fmt_o, (wo,), att.reshape(1, -1), (o,), nchunks_o)
+    for j in range(x.shape[1]):
+        x[0, j] += o[0, j]
+    rms_norm(x, ffn_norm, eps, h)
+
+
+@njit(error_model="numpy", cache=True)
+def dense_ffn(fmt, wg, wu, fmt_d, wd, x, act, y, nchunks_gate_up, nchunks_down):
+    """y = wd @ (act(wg @ x) * (wu @ x)) for x [T, d] (T <= a few tokens): `gate_up`, then `matvec`."""
+    a = np.empty((x.shape[0], wg.shape[0]), np.float32)
+    gate_up(fmt, wg, wu, x, act, a, nchunks_gate_up)
+    matvec(fmt_d, (wd,), a, (y,), nchunks_down)
