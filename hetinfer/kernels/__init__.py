@@ -142,8 +142,9 @@ def _x2d(W: QTensor, x: torch.Tensor | np.ndarray) -> np.ndarray:
 _I64 = np.dtype(np.int64)
 
 
-def _rows(rows, n: int) -> np.ndarray:
-    """Validated row ids as int64: any order, may be empty; out-of-range ids raise ValueError."""
+def _rows(rows) -> np.ndarray:
+    """Row ids as a 1-D int64 array (any order, may be empty). The kernels check the range: each returns
+    -1, or the position of the first id outside the matrix, before computing anything (`_check`)."""
     r = rows
     if type(r) is torch.Tensor and r.dtype is torch.int64 and not r.requires_grad and r.device.type == "cpu":
         r = r.numpy()
@@ -154,10 +155,12 @@ def _rows(rows, n: int) -> np.ndarray:
         if r.ndim != 1 or (r.size and r.dtype.kind not in "iu"):
             raise ValueError(f"row ids must be a 1-D integer array, got shape {r.shape} dtype {r.dtype}")
         r = np.ascontiguousarray(r, dtype=np.int64)
-    bad = cpu.check_rows(r, n)
+    return r
+
+
+def _check(bad: int, r: np.ndarray, n: int) -> None:
     if bad >= 0:
         raise ValueError(f"row id {int(r[bad])} (position {bad}) is out of range: valid ids are 0..{n - 1}")
-    return r
 
 
 def _chunks(nbytes: int) -> int:
@@ -275,9 +278,9 @@ def embedding(W: QTensor, ids: torch.Tensor) -> torch.Tensor:
     """Rows of W for token ids, float32 [T, cols] (bit-exact dequantization)."""
     if _is_cuda(W):
         return cuda.embedding(W, ids)
-    r = _rows(ids, W.shape[0])
+    r = _rows(ids)
     out = torch.empty(len(r), W.shape[1])
-    cpu.dequantize_rows(cpu.FMT[W.qtype], _u8(W), r, out.numpy(), 1)
+    _check(cpu.dequantize_rows(cpu.FMT[W.qtype], _u8(W), r, out.numpy(), 1), r, W.shape[0])
     return out
 
 
@@ -291,10 +294,10 @@ def gather_matvec(W: QTensor, rows, x: torch.Tensor) -> torch.Tensor:
     if _is_cuda(W):
         return cuda.gather_matvec(W, rows, x)
     fmt, u8, _, _ = _info(W)
-    r = _rows(rows, u8.shape[0])
+    r = _rows(rows)
     xn = _x2d(W, x)
     out = np.empty((xn.shape[0], r.shape[0]), np.float32)
-    cpu.gather_matvec(fmt, u8, r, xn, out, _chunks(r.shape[0] * u8.shape[1]))
+    _check(cpu.gather_matvec(fmt, u8, r, xn, out, _chunks(r.shape[0] * u8.shape[1])), r, u8.shape[0])
     return torch.from_numpy(out if x.ndim == 2 else out[0])
 
 
@@ -303,7 +306,7 @@ def scatter_axpy(Wd_t: QTensor, rows, a: torch.Tensor, y: torch.Tensor) -> torch
     if _is_cuda(Wd_t):
         return cuda.scatter_axpy(Wd_t, rows, a, y)
     fmt, u8, _, _ = _info(Wd_t)
-    r = _rows(rows, u8.shape[0])
+    r = _rows(rows)
     an = _np(a)
     if an.ndim != 1:
         an = an.reshape(-1)
@@ -312,7 +315,8 @@ def scatter_axpy(Wd_t: QTensor, rows, a: torch.Tensor, y: torch.Tensor) -> torch
     if y.dtype is not torch.float32 or not y.is_contiguous() or y.numel() != Wd_t.shape[1]:
         raise ValueError(f"y must be a contiguous float32 tensor of {Wd_t.shape[1]} values, got {tuple(y.shape)} {y.dtype}")
     yn = y.detach().numpy()
-    cpu.scatter_axpy(fmt, u8, r, an, yn if yn.ndim == 1 else yn.reshape(-1), _chunks(r.shape[0] * u8.shape[1]))
+    _check(cpu.scatter_axpy(fmt, u8, r, an, yn if yn.ndim == 1 else yn.reshape(-1), _chunks(r.shape[0] * u8.shape[1])),
+           r, u8.shape[0])
     return y
 
 
@@ -335,13 +339,13 @@ def sparse_ffn(Wg: QTensor, Wu: QTensor, Wd_t: QTensor, rows, x: torch.Tensor, a
     fd, ud, _, _ = _info(Wd_t)
     if fg != fu:
         raise ValueError(f"gate ({Wg.qtype}) and up ({Wu.qtype}) must share one format")
-    r = _rows(rows, n_ff)
+    r = _rows(rows)
     xn = _x2d(Wg, x)
     if xn.shape[0] != 1:
         raise ValueError(f"sparse_ffn takes one token, got {xn.shape[0]}")
     y, h = np.empty(x.shape, np.float32), np.empty(r.shape[0], np.float32)
-    cpu.sparse_ffn(fg, ug, uu, fd, ud, r, xn, cpu.ACT[act], y if y.ndim == 1 else y.reshape(-1), h,
-                   _chunks(r.shape[0] * (ug.shape[1] * 2 + ud.shape[1])))
+    _check(cpu.sparse_ffn(fg, ug, uu, fd, ud, r, xn, cpu.ACT[act], y if y.ndim == 1 else y.reshape(-1), h,
+                          _chunks(r.shape[0] * (ug.shape[1] * 2 + ud.shape[1]))), r, n_ff)
     return (torch.from_numpy(y), torch.from_numpy(h)) if return_act else torch.from_numpy(y)
 
 

@@ -537,7 +537,7 @@ def _chunk(c, nchunks, n):
 # ---------------------------------------------------------------------------------------------
 
 
-@njit(cache=True)
+@njit(inline="always")
 def check_rows(rows, n):
     """Index of the first id outside [0, n), or -1."""
     for k in range(rows.shape[0]):
@@ -602,15 +602,19 @@ def _gather_rows(fmt, w, rows, x, xq, xs, out, lo, hi):
 
 @njit(parallel=_PRANGE_ONLY, error_model="numpy", cache=True)
 def gather_matvec(fmt, w, rows, x, out, nchunks):
-    """out[t, k] = w[rows[k]] @ x[t]."""
+    """out[t, k] = w[rows[k]] @ x[t]; returns -1, or the position of an id outside w (nothing computed)."""
     n = rows.shape[0]
+    bad = check_rows(rows, w.shape[0])
+    if bad >= 0:
+        return bad
     xq, xs = _prep(fmt, x)
     if nchunks == 1:
         _gather_rows(fmt, w, rows, x, xq, xs, out, 0, n)
-        return
+        return -1
     for c in prange(nchunks):
         lo, hi = _chunk(c, nchunks, n)
         _gather_rows(fmt, w, rows, x, xq, xs, out, lo, hi)
+    return -1
 
 
 @njit(inline="always")
@@ -622,11 +626,15 @@ def _scatter_rows(fmt, w, rows, a, y, lo, hi):
 
 @njit(parallel=_PRANGE_ONLY, error_model="numpy", cache=True)
 def scatter_axpy(fmt, w, rows, a, y, nchunks):
-    """y += sum_k a[k] * w[rows[k]]   (y: [cols]); chunks add into their own partial vector."""
+    """y += sum_k a[k] * w[rows[k]]   (y: [cols]); chunks add into their own partial vector.
+    Returns -1, or the position of an id outside w (y untouched)."""
     n = rows.shape[0]
+    bad = check_rows(rows, w.shape[0])
+    if bad >= 0:
+        return bad
     if nchunks == 1:
         _scatter_rows(fmt, w, rows, a, y, 0, n)
-        return
+        return -1
     part = np.empty((nchunks, y.shape[0]), np.float32)
     for c in prange(nchunks):
         lo, hi = _chunk(c, nchunks, n)
@@ -636,6 +644,7 @@ def scatter_axpy(fmt, w, rows, a, y, nchunks):
     for c in range(nchunks):
         for j in range(y.shape[0]):
             y[j] += part[c, j]
+    return -1
 
 
 @njit(inline="always")
@@ -677,14 +686,18 @@ def sparse_ffn(fmt, wg, wu, fmt_d, wd_t, rows, x, act, y, h, nchunks):
     """For each active neuron i = rows[k]: h[k] = act(wg[i] @ x) * (wu[i] @ x); y = sum_k h[k] * wd_t[i].
 
     One pass over each neuron's three rows (gate, up, transposed down); y is overwritten.
+    Returns -1, or the position of an id outside the matrices (nothing computed).
     """
     n = rows.shape[0]
+    bad = check_rows(rows, min(wg.shape[0], wu.shape[0], wd_t.shape[0]))
+    if bad >= 0:
+        return bad
     for j in range(y.shape[0]):
         y[j] = 0
     xq, xs = _prep(fmt, x)
     if nchunks == 1:
         _ffn_rows(fmt, wg, wu, fmt_d, wd_t, rows, x, xq, xs, act, y, h, 0, n)
-        return
+        return -1
     part = np.empty((nchunks, y.shape[0]), np.float32)
     for c in prange(nchunks):
         lo, hi = _chunk(c, nchunks, n)
@@ -697,6 +710,7 @@ def sparse_ffn(fmt, wg, wu, fmt_d, wd_t, rows, x, act, y, h, nchunks):
     for c in range(nchunks):
         for j in range(y.shape[0]):
             y[j] += part[c, j]
+    return -1
 
 
 @njit(inline="always")
@@ -709,14 +723,19 @@ def _dequant_rows(fmt, w, rows, out, lo, hi):
 
 @njit(parallel=_PRANGE_ONLY, error_model="numpy", cache=True)
 def dequantize_rows(fmt, w, rows, out, nchunks):
-    """out[k] = w[rows[k]] as float32 (embedding lookups, prefill tiles)."""
+    """out[k] = w[rows[k]] as float32 (embedding lookups, prefill tiles); returns -1, or the position
+    of an id outside w (nothing written)."""
     n = rows.shape[0]
+    bad = check_rows(rows, w.shape[0])
+    if bad >= 0:
+        return bad
     if nchunks == 1:
         _dequant_rows(fmt, w, rows, out, 0, n)
-        return
+        return -1
     for c in prange(nchunks):
         lo, hi = _chunk(c, nchunks, n)
         _dequant_rows(fmt, w, rows, out, lo, hi)
+    return -1
 
 
 @njit(fastmath=True, error_model="numpy", cache=True)
