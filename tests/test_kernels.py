@@ -254,7 +254,7 @@ def test_sparse_ffn_all_rows_equals_dense_ffn():
     torch.testing.assert_close(sparse, dense, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("op", ["gather", "scatter", "ffn"])
+@pytest.mark.parametrize("op", ["gather", "scatter", "ffn", "embedding"])
 @pytest.mark.parametrize("bad", [[0, 96], [-1], [3, 1000]])
 def test_out_of_range_rows_rejected(op, bad):
     W = rand_q(96, 64, "q4_0")
@@ -263,6 +263,7 @@ def test_out_of_range_rows_rejected(op, bad):
         "gather": lambda r: kernels.gather_matvec(W, r, x),
         "scatter": lambda r: kernels.scatter_axpy(W, r, torch.ones(len(r)), y),
         "ffn": lambda r: kernels.sparse_ffn(W, W, W, r, x, "silu"),
+        "embedding": lambda r: kernels.embedding(W, torch.from_numpy(r)),
     }[op]
     with pytest.raises(ValueError, match=r"out of range: valid ids are 0\.\.95"):
         call(np.array(bad))
