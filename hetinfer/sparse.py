@@ -39,6 +39,11 @@ class DensityMeter:
         self.selected[layer] += float(mask.sum())
         self.tokens[layer] += mask.shape[0]
 
+    def count(self, layer: int, n_selected: int) -> None:
+        """One token that selected `n_selected` neurons."""
+        self.selected[layer] += n_selected
+        self.tokens[layer] += 1
+
     def per_layer(self) -> np.ndarray:
         """Fraction of FFN neurons computed, per layer."""
         return self.selected / np.maximum(self.tokens * self.n_ff, 1)
@@ -54,12 +59,16 @@ class DensityMeter:
 class SparseFFN:
     """An engine FFN `(layer, h) -> out` that computes only the neurons `rule` selects.
 
-    `needs_act`: the rule reads the activations (threshold, topk), so gate/up are computed densely."""
+    `needs_act`: the rule reads the activations (threshold, topk), so gate/up are computed densely.
+    `rows`: for rules that do not (predictors), the same choice for one token as row ids, which is
+    what the kernels backend decodes with."""
 
-    def __init__(self, model, rule: Rule, needs_act: bool, backend: str = "kernels", weights=None, name: str = ""):
+    def __init__(self, model, rule: Rule, needs_act: bool, backend: str = "kernels", weights=None, name: str = "",
+                 rows: Callable[[int, torch.Tensor], np.ndarray] | None = None):
         if backend not in ("kernels", "torch"):
             raise ValueError(f"backend must be kernels or torch, got {backend!r}")
         self.model, self.rule, self.needs_act, self.backend, self.name = model, rule, needs_act, backend, name
+        self.rows = rows
         cfg = model.config
         self.act_name = cfg.activation
         self.meter = DensityMeter(cfg.n_layers, cfg.n_ff)
@@ -68,7 +77,9 @@ class SparseFFN:
 
             weights = FloatWeights(model)
         self.weights = weights
-        self._down_t: dict[int, object] = {}
+        # The neuron-major down projections, made at load (a requantization: ~5 ms per SmolLM2 layer), not
+        # during the first decoded token.
+        self._down_t = [kernels.transpose_down(L.down) for L in model.weights.layers] if backend == "kernels" else []
 
     def __call__(self, layer: int, h: torch.Tensor) -> torch.Tensor:
         if self.backend == "torch":
@@ -82,8 +93,6 @@ class SparseFFN:
             mask = self.rule(layer, h, act)
             self.meter.record(layer, mask)
             return kernels.linear(L.down, act * mask)
-        if layer not in self._down_t:
-            self._down_t[layer] = kernels.transpose_down(L.down)
         if self.needs_act:
             act = kernels.gate_up(L.gate, L.up, h, self.act_name)
             mask = self.rule(layer, h, act)
@@ -92,9 +101,14 @@ class SparseFFN:
             y = torch.zeros(h.shape[1])
             kernels.scatter_axpy(self._down_t[layer], rows, act[0, rows], y)
             return y[None]
-        mask = self.rule(layer, h, None)
-        self.meter.record(layer, mask)
-        return kernels.sparse_ffn(L.gate, L.up, self._down_t[layer], mask[0].nonzero()[:, 0], h, self.act_name)
+        if self.rows is not None:
+            rows = self.rows(layer, h)
+            self.meter.count(layer, len(rows))
+        else:
+            mask = self.rule(layer, h, None)
+            self.meter.record(layer, mask)
+            rows = mask[0].nonzero()[:, 0]
+        return kernels.sparse_ffn(L.gate, L.up, self._down_t[layer], rows, h, self.act_name)
 
 
 def threshold_ffn(model, profile, sparsity: float, backend: str = "kernels", weights=None) -> SparseFFN:
@@ -119,7 +133,8 @@ def topk_ffn(model, keep: float, backend: str = "torch", weights=None) -> Sparse
 def predictor_ffn(model, predictors, backend: str = "kernels", weights=None) -> SparseFFN:
     """Compute the rows the per-layer predictors select (their calibrated thresholds)."""
     predictors.check_model(model)
-    return SparseFFN(model, lambda layer, h, act: predictors.mask(layer, h), False, backend, weights, "predictor")
+    return SparseFFN(model, lambda layer, h, act: predictors.mask(layer, h), False, backend, weights, "predictor",
+                     predictors.rows)
 
 
 def add_sparse_args(p: argparse.ArgumentParser) -> None:

@@ -535,6 +535,26 @@ def test_attention_decode_matches_model_attention(model):
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("rank", [8, 62])  # below and not a multiple of one 32-block
+def test_predict_rows(rank):
+    """The ids where W2 relu(W1 h) exceeds the threshold, ascending, against float64 numpy (ids whose
+    logit lies within float32 rounding of the threshold may go either way); none and all at the extremes."""
+    W1, W2_t, h = rand_q(rank, 96, "f32", 1), rand_q(rank, 200, "f32", 2), rand_x(96, seed=3)
+    logits = np.maximum(W1.dequantize().astype(np.float64) @ h.numpy(), 0) @ W2_t.dequantize().astype(np.float64)
+    thr = float(np.median(logits))
+    rows = kernels.predict_rows(W1, W2_t, h, thr)
+    near = np.abs(logits - thr) < 1e-4 * np.abs(logits).max()
+    want = np.flatnonzero(logits > thr)
+    assert rows.dtype == np.int64 and np.all(np.diff(rows) > 0)
+    assert set(rows) - set(np.flatnonzero(near)) == set(want) - set(np.flatnonzero(near))
+    assert len(kernels.predict_rows(W1, W2_t, h[None], 1e30)) == 0
+    assert np.array_equal(kernels.predict_rows(W1, W2_t, h, -1e30), np.arange(200))
+    with pytest.raises(ValueError, match="do not chain"):
+        kernels.predict_rows(W1, rand_q(rank + 1, 200, "f32"), h, thr)
+    with pytest.raises(ValueError, match="one token"):
+        kernels.predict_rows(W1, W2_t, rand_x(2, 96), thr)
+
+
 def one_by_one_attention(x, L, biases, kc, vc, pos, cos, sin, interleaved, eps=1e-5):
     """What attention_block does, as separate kernel calls."""
     h = kernels.rms_norm(x, L["attn_norm"], eps)

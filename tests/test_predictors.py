@@ -75,6 +75,26 @@ def test_predictor_ffn_follows_dense_where_predictions_are_right(trained):
     assert (out - dense).norm() < 0.3 * (rand - dense).norm()
 
 
+def test_decode_rows_are_the_mask_and_the_kernels_ffn_follows_it(trained):
+    """One token at a time (the engine's decode): the rows from one kernel call are the mask's ids (but
+    for logits within float32 rounding of the threshold), and the kernels backend's FFN over them is
+    the torch reference's masked FFN."""
+    m, _, preds, _, _ = trained
+    kernel_ffn, torch_ffn = predictor_ffn(m, preds, backend="kernels"), predictor_ffn(m, preds, backend="torch")
+    h = ffn_inputs(m, np.random.default_rng(4).integers(0, VOCAB, 40))
+    logits = preds.logits(0, h)
+    for t in range(h.shape[0]):
+        rows = preds.rows(0, h[t : t + 1])
+        want = preds.mask(0, h[t : t + 1])[0]
+        near = (logits[t] - preds.threshold[0]).abs() < 1e-5
+        got = torch.zeros_like(want)
+        got[torch.from_numpy(rows)] = True
+        assert rows.dtype == np.int64 and np.all(np.diff(rows) > 0)
+        assert torch.equal(got[~near], want[~near])
+        torch.testing.assert_close(kernel_ffn(0, h[t : t + 1]), torch_ffn(0, h[t : t + 1]), rtol=1e-4, atol=1e-5)
+    assert kernel_ffn.meter.overall() == pytest.approx(torch_ffn.meter.overall(), abs=1e-3)
+
+
 def test_calibrate_is_the_highest_threshold_reaching_recall():
     g = torch.Generator().manual_seed(0)
     z = torch.randn(300, 50, generator=g)

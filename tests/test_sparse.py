@@ -107,3 +107,14 @@ def test_chat_with_predictor_mode(model, real_profile, tmp_path):
     assert text and s.stats.gen_tokens >= 1
     dens = ffn.meter.per_layer()
     assert 0.05 < dens[0] < 0.9 and (dens[1:] == 1.0).all()  # untrained layers compute every neuron
+    # decode picks its rows in one kernel call: the torch mask's ids, on a real FFN input of layer 0
+    seen = []
+    tr = model.transformer
+    tr.forward(model.tokenizer.encode("Caches keep recent data close."), tr.new_cache(32),
+               lambda i, h: seen.append(h) or tr.dense_ffn(i, h))
+    h = seen[0][-1:]
+    rows, mask = ffn.rows(0, h), preds.mask(0, h)[0]
+    near = (preds.logits(0, h)[0] - preds.threshold[0]).abs() < 1e-5
+    got = torch.zeros_like(mask)
+    got[torch.from_numpy(rows)] = True
+    assert 0 < len(rows) < model.config.n_ff and torch.equal(got[~near], mask[~near])

@@ -10,7 +10,8 @@ Dense:   linear, linears (several matrices, one x), gate_up (act(gate x) * up x)
 Decoder: rms_norm, attention_decode (RoPE + KV-cache write + attention for one new token),
          attention_block (a decode step's whole attention half of a layer, in one call)
 Sparse:  gather_matvec (selected output rows), scatter_axpy (y += a @ Wd_t[rows]),
-         sparse_ffn (one token's FFN over the active neurons, neuron-major down projection)
+         sparse_ffn (one token's FFN over the active neurons, neuron-major down projection),
+         predict_rows (the neurons a low-rank predictor picks for one token)
 Setup:   transpose_down (neuron-major down, once at load), convert, to_cuda, set_threads, warmup
 """
 from __future__ import annotations
@@ -349,6 +350,28 @@ def sparse_ffn(Wg: QTensor, Wu: QTensor, Wd_t: QTensor, rows, x: torch.Tensor, a
     return (torch.from_numpy(y), torch.from_numpy(h)) if return_act else torch.from_numpy(y)
 
 
+def predict_rows(W1: QTensor, W2_t: QTensor, h: torch.Tensor, threshold: float) -> np.ndarray:
+    """The FFN neurons a low-rank predictor picks for one token, in one call: the ids i (int64,
+    ascending) with (W2 @ relu(W1 @ h))[i] > threshold, for W1 [r, d], h [d] or [1, d] and W2 [n_ff, r]
+    given transposed, W2_t [r, n_ff] (only the rows of the hidden units the ReLU keeps are read).
+    The result is what gather_matvec / scatter_axpy / sparse_ffn take as rows."""
+    if W2_t.shape[0] != W1.shape[0]:
+        raise ValueError(f"predictor matrices {W1.shape} and transposed {W2_t.shape} do not chain ([r, d], [r, n_ff])")
+    if _is_cuda(W1):
+        z = torch.relu(cuda.linear(W1, h)).reshape(-1)
+        logits = cuda.scatter_axpy(W2_t, torch.arange(W2_t.shape[0], device=z.device), z,
+                                   torch.zeros(W2_t.shape[1], device=z.device))
+        return (logits > threshold).nonzero()[:, 0].cpu().numpy()
+    xn = _x2d(W1, h)
+    if xn.shape[0] != 1:
+        raise ValueError(f"predict_rows takes one token, got {xn.shape[0]}")
+    f1, u1, n1, _ = _info(W1)
+    f2, u2, n2, _ = _info(W2_t)
+    rows = np.empty(W2_t.shape[1], np.int64)
+    n = cpu.predict_rows(f1, u1, f2, u2, xn, np.float32(threshold), rows, _chunks(n1), _chunks(n2 // 2))  # ~half read
+    return rows[:n]
+
+
 # ---------------------------------------------------------------------------------------------
 # per-token glue of the decoder (no weights matrices, but per-token work all the same)
 # ---------------------------------------------------------------------------------------------
@@ -509,6 +532,7 @@ def warmup() -> float:
         gather_matvec(W, rows, x)
         scatter_axpy(W, rows, torch.ones(2), torch.zeros(64))
         sparse_ffn(W, W, W, rows, x, "silu")
+    predict_rows(quantize(w, "f32"), quantize(rng.standard_normal((8, 40)).astype(np.float32), "f32"), x, 0.0)
     rms_norm(x, x[0], 1e-5)
     Wq, Wkv = (quantize(rng.standard_normal((n, 64)).astype(np.float32), "q8_0") for n in (64, 32))
     for interleaved in (False, True):

@@ -904,3 +904,28 @@ def dense_ffn(fmt, wg, wu, fmt_d, wd, x, act, y, nchunks_gate_up, nchunks_down):
     a = np.empty((x.shape[0], wg.shape[0]), np.float32)
     gate_up(fmt, wg, wu, x, act, a, nchunks_gate_up)
     matvec(fmt_d, (wd,), a, (y,), nchunks_down)
+
+
+@njit(error_model="numpy", cache=True)
+def predict_rows(fmt1, w1, fmt2, w2_t, x, threshold, rows, nchunks1, nchunks2):
+    """A low-rank predictor's choice for one token: rows[:n] = the ids i, ascending, with
+    (w2 @ relu(w1 @ x))[i] > threshold; returns n. w2 comes transposed, w2_t [r, n_ff], so that the
+    second product adds only the rows of w2_t whose hidden unit the ReLU left positive (about half)."""
+    r = w1.shape[0]
+    z = np.empty((1, r), np.float32)
+    matvec(fmt1, (w1,), x, (z,), nchunks1)
+    hidden = np.empty(r, np.int64)
+    coef = np.empty(r, np.float32)
+    m = 0
+    for j in range(r):
+        if z[0, j] > 0:
+            hidden[m], coef[m] = j, z[0, j]
+            m += 1
+    logits = np.zeros(rows.shape[0], np.float32)  # rows: room for all n_ff ids
+    scatter_axpy(fmt2, w2_t, hidden[:m], coef[:m], logits, nchunks2)
+    n = 0
+    for i in range(logits.shape[0]):
+        if logits[i] > threshold:
+            rows[n] = i
+            n += 1
+    return n

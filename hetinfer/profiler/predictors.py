@@ -34,7 +34,9 @@ import torch
 import torch.nn.functional as F
 
 import hetinfer
+from hetinfer import kernels
 from hetinfer.errors import ArtifactError, HetinferError
+from hetinfer.tensors import QTensor
 from hetinfer.profiler.artifact import (check_fingerprint, check_layer_ids, read_manifest, read_tensors,
                                         write_artifact)
 
@@ -87,6 +89,7 @@ class Predictors:
     w2: list[torch.Tensor]  # [n_ff, r_l]
     threshold: torch.Tensor  # [n_layers]
     path: str | None = None
+    _kernel_weights: list | None = field(default=None, repr=False, compare=False)  # (W1, W2) QTensors, made at first use
 
     def logits(self, layer: int, h: torch.Tensor) -> torch.Tensor:
         return predict_logits(self.w1[layer], self.w2[layer], h)
@@ -94,6 +97,17 @@ class Predictors:
     def mask(self, layer: int, h: torch.Tensor) -> torch.Tensor:
         """bool [T, n_ff]: the neurons to compute for h [T, d]."""
         return self.logits(layer, h) > self.threshold[layer]
+
+    def rows(self, layer: int, h: torch.Tensor) -> np.ndarray:
+        """The ids of `mask` for one token h [1, d], ascending, from one kernel call (decode's path;
+        float32 sums in another order than torch's, so a logit within ~1e-6 of the threshold may fall
+        on the other side)."""
+        if self._kernel_weights is None:
+            self._kernel_weights = [(QTensor("f32", tuple(a.shape), a.numpy()),
+                                     QTensor("f32", (b.shape[1], b.shape[0]), np.ascontiguousarray(b.numpy().T)))
+                                    for a, b in zip(self.w1, self.w2)]
+        w1, w2_t = self._kernel_weights[layer]
+        return kernels.predict_rows(w1, w2_t, h, float(self.threshold[layer]))
 
     def check_model(self, model) -> None:
         check_fingerprint(self.manifest, model, f"predictors {self.path or ''}".strip(), MADE_BY)
