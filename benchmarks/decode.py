@@ -1,7 +1,7 @@
 """End-to-end greedy decode: hetinfer's dense engine on the kernels vs llama.cpp, same GGUF, one run.
 
     python benchmarks/decode.py [--model PATH] [--threads 2] [--tokens 128] [--reps 3] [--weights native]
-                                [--prompt-tokens 64]
+                                [--prompt-tokens 64] [--predictors DIR]
 
 A `--prompt-tokens` prompt (64; thousands to decode at a long context), then `--tokens` greedy
 tokens; decode tok/s excludes the prompt (reported separately) and the kernels' compile time (warmup, reported separately). Runs are interleaved
@@ -14,6 +14,8 @@ hetinfer modes:
                    on gate/up rows plus the neuron-major q8_0 down copy.
   threshold 50%    computes the gate for all neurons, keeps the half with the largest |act(gate)|, then up
                    and down only for those (gate GEMV + gather_matvec + scatter_axpy): no predictor needed.
+  predictor        with --predictors DIR (from `hetinfer train-predictors`): the engine's predictor mode, the
+                   rows its low-rank predictors pick (one predict_rows call per layer), then sparse_ffn.
 Sparse modes are teacher-forced on the dense run's tokens, so "top-1 = dense" is the per-step
 agreement of their greedy choice with the dense engine (the quality cost of skipping).
 """
@@ -33,6 +35,8 @@ from benchmarks._util import machine, table  # noqa: E402
 from hetinfer import kernels  # noqa: E402
 from hetinfer.loader import default_model_path, load_model  # noqa: E402
 from hetinfer.kernels.reference import act as np_act  # noqa: E402
+from hetinfer.profiler.predictors import load_predictors  # noqa: E402
+from hetinfer.sparse import predictor_ffn  # noqa: E402
 
 PROMPT = ("Memory hierarchies trade capacity for speed: registers, caches, main memory and flash each hold more "
           "than the level above and answer more slowly. Large language models stress every level at once, "
@@ -115,6 +119,7 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--weights", default="native", choices=["native", "f16", "f32"])
     p.add_argument("--prompt-tokens", type=int, default=64, help="prompt length: decode starts at this position")
+    p.add_argument("--predictors", metavar="DIR", help="also time predictor mode with these predictors")
     args = p.parse_args()
     path = args.model or default_model_path()
 
@@ -147,6 +152,9 @@ def main() -> None:
         "hetinfer oracle 50%": oracle_run,
         "hetinfer threshold 50%": lambda: het_decode(tr, prompt, args.tokens, thresh, forced),
     }
+    if args.predictors:
+        predicted = predictor_ffn(model, load_predictors(args.predictors, model))
+        modes["hetinfer predictor"] = lambda: het_decode(tr, prompt, args.tokens, predicted, forced)
     times = {m: [] for m in modes}
     tokens = {}
     for _ in range(args.reps):
@@ -172,6 +180,8 @@ def main() -> None:
     print("CPU ms/token: process CPU time (all threads) per decoded token; with 1 thread it is insensitive to "
           "other load on the machine, with more it also counts spin-waiting threads")
     print("targets: dense >= 0.80x, 50% of FFN neurons skipped >= 1.20x llama.cpp")
+    if args.predictors:
+        print(f"predictor mode ({args.predictors}): FFN density {predicted.meter.overall():.1%}")
     print(f"llama.cpp greedy tokens equal hetinfer dense: {np.mean(np.array(tokens['llama.cpp']) == np.array(dense_tokens)):.0%}"
           f"; load average at end {os.getloadavg()[0]:.2f}")
 

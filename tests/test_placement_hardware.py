@@ -177,6 +177,35 @@ def test_layer_probe_times_the_engine_and_is_cached(tmp_path, monkeypatch):
     assert calls
 
 
+def test_layer_probe_on_the_models_own_shape(tmp_path, monkeypatch):
+    """Given the model's config and formats, the probe decodes random layers of that shape, as many as
+    stream LAYER_PROBE_BYTES per token, and keeps what their bytes at the given rate leave; it is cached
+    per shape; a model whose one layer exceeds LAYER_PROBE_BYTES gets the tiny probe."""
+    from hetinfer import model
+    from hetinfer.config import ModelConfig
+
+    cfg = ModelConfig(arch="llama", n_layers=30, d_model=128, n_ff=256, n_heads=4, n_kv_heads=2, head_dim=32,
+                      vocab_size=100, context_length=64)
+    layer_bytes = hardware._layer_bytes(cfg, "q4_1", "q8_0")[0]
+    monkeypatch.setattr(hardware, "LAYER_PROBE_BYTES", 6 * layer_bytes)
+    seen = []
+    real = model.Transformer.forward
+    monkeypatch.setattr(model.Transformer, "forward",
+                        lambda self, *a, **k: seen.append((self.cfg.n_layers, self.cfg.d_model, self.w.layers[0].wq.qtype,
+                                                           self.w.layers[0].gate.qtype)) or real(self, *a, **k))
+    slow = hardware.measure_cpu_layer_seconds(cfg, "q4_1", "q8_0", 1e15, cache_dir=tmp_path)
+    assert set(seen) == {(6, 128, "q4_1", "q8_0")} and 1e-6 < slow < 1e-2
+    (entry,) = [json.loads(f.read_text()) for f in tmp_path.glob("cpu-layer-probe-*.json")]
+    assert entry["key"]["shape"] == [128, 256, 4, 2, 32, "q4_1", "q8_0"] and entry["layers"] == 6
+    seen.clear()
+    # an absurdly slow rate would explain more than the whole measured time: nothing is left
+    assert hardware.measure_cpu_layer_seconds(cfg, "q4_1", "q8_0", 1.0, cache_dir=tmp_path) == 0.0 and seen
+    seen.clear()
+    monkeypatch.setattr(hardware, "LAYER_PROBE_BYTES", layer_bytes - 1)
+    hardware.measure_cpu_layer_seconds(cfg, "q4_1", "q8_0", 1e10, cache_dir=tmp_path)
+    assert {s[:2] for s in seen} == {(8, 64)}  # the tiny model
+
+
 def test_hardware_without_layer_seconds_still_loads(tmp_path):
     d = Hardware(ram=RamTier(1 << 30, 1e10)).to_dict()
     del d["ram"]["layer_seconds"]  # a description written before the fixed per-layer time was modelled

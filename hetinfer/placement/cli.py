@@ -93,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
     if args.dry_run:
         config = model.config if model else read_shape(args.model_shape) if args.model_shape else None
         hw = _machine(args, model.weights.layers[0].gate.qtype if model else args.qtype,
-                      config.d_model if config else 4096)
+                      config.d_model if config else 4096, config, model.weights.layers[0].wq.qtype if model else None)
         print(json.dumps(hw.to_dict(), indent=2) if args.json else hardware_table(hw))
         return 0
     profile = load_profile(args.profile, model) if args.profile else None  # with -m: checks the fingerprint
@@ -101,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
 
     config, sizes, formats, inputs, assumptions, predictor_info = _model(args, model, profile, predictors)
     freq, profile_info = _frequencies(args, config, profile, inputs, assumptions)
-    hw = _machine(args, formats["ffn_gate"], config.d_model)
+    hw = _machine(args, formats["ffn_gate"], config.d_model, config, formats["attn"])
     if "file" in hw.sources.values():
         assumptions.append(f"machine described by {args.hardware}, not measured here")
     assumed = sorted(k for k, v in hw.sources.items() if v == "assumed")
@@ -137,11 +137,12 @@ def _check_args(args: argparse.Namespace) -> None:
             raise PlacementError(f"{flag} is out of range; see hetinfer place --help")
 
 
-def _machine(args: argparse.Namespace, qtype: str, d_model: int) -> Hardware:
-    """The --hardware description or this machine (kernels probed on `qtype` rows of `d_model`), with the flags."""
+def _machine(args: argparse.Namespace, qtype: str, d_model: int, config=None, attn_qtype: str | None = None) -> Hardware:
+    """The --hardware description or this machine (kernels probed on `qtype` rows of `d_model`, the
+    per-layer time on layers shaped like `config`'s when given), with the flags."""
     base = load_hardware(args.hardware) if args.hardware else None
     return detect(gpu_mem=args.gpu_mem, ram=args.ram, flash_dir=args.flash_dir, base=base, qtype=qtype,
-                  d_model=d_model)
+                  d_model=d_model, config=config, attn_qtype=attn_qtype)
 
 
 def _model(args: argparse.Namespace, model, profile, predictors):
@@ -274,7 +275,7 @@ def report(manifest: dict, path: str) -> str:
     ms = 1e3 * manifest["predicted"]["seconds_per_token"]
     dense_ms, pred_ms = 1e3 * manifest["dense"]["seconds_per_token"], 1e3 * pred["seconds_per_token"]
     fixed_ms = 1e3 * manifest["dense"].get("fixed_seconds_per_token", 0.0)
-    parts = [f"dense {dense_ms:.2f} (predictors {pred_ms:.2f}, fixed per-layer work {fixed_ms:.2f})"]
+    parts = [f"dense {dense_ms:.2f} (predictors {pred_ms:.2f}, per-layer overhead {fixed_ms:.2f})"]
     parts += [f"{name} {1e3 * v['seconds_per_token']:.2f}" for name, v in t.items()]
     sync = manifest["sync"]
     parts.append(f"sync {1e3 * sync['seconds_per_token']:.2f} ({sync['split_layers']} split layers)")

@@ -16,8 +16,9 @@ holds (1 - (1-p)^k) * bytes of it in expectation. A layer whose work runs on bot
 (its attention on one, any of its FFN neurons on the other) pays one synchronisation. Dense
 parts (attention, norms, embeddings, output head, predictors, KV cache, scratch) are placed
 first: every byte of them is read every token, so no neuron byte is worth more fast memory.
-Each layer also costs the engine a fixed CPU time (`hw.ram.layer_seconds`: norms, rotary,
-residuals, the cost of each kernel call), the same wherever its weights live.
+Each layer also costs the engine CPU time its bytes do not account for (`hw.ram.layer_seconds`:
+norms, rotary, residuals, the cost of each kernel call, slower streaming of small matrices), the
+same wherever its weights live.
 A layer's predictor (float32 W1 [r, d] and W2 [n_ff, r]) runs where its FFN input is made,
 on the device of the layer's attention; it is a matrix-vector product, so it costs its bytes at
 that device's rate like the other dense parts (2 FLOPs per 4 bytes: bandwidth-bound).

@@ -240,18 +240,21 @@ def format_size(n: float) -> str:
 
 
 def detect(gpu_mem: int | None = None, ram: int | None = None, flash_dir: str | None = None,
-           base: Hardware | None = None, qtype: str = "q4_0", d_model: int = 4096) -> Hardware:
+           base: Hardware | None = None, qtype: str = "q4_0", d_model: int = 4096, config=None,
+           attn_qtype: str | None = None) -> Hardware:
     """This machine (or `base`, a loaded description) with the budget flags applied.
 
     gpu_mem: bytes of GPU memory to use (0 disables the GPU; given without a CUDA device it adds
     a GPU with assumed speeds, for what-if planning). ram: bytes of RAM to use. flash_dir: a
     directory on the disk to serve flash neurons from; its free space is the capacity and its
     read speed is probed once per device and cached. qtype, d_model: the FFN weight format and
-    width the kernel probes run (cached per format and width).
+    width the kernel probes run (cached per format and width); config, attn_qtype: the model whose
+    layer shape the per-layer probe runs (`measure_cpu_layer_seconds`), when known.
     """
     if base is None:
-        hw = Hardware(ram=RamTier(psutil.virtual_memory().available, measure_cpu_bytes_per_s(qtype, d_model),
-                                  measure_cpu_layer_seconds()))
+        rate = measure_cpu_bytes_per_s(qtype, d_model)
+        hw = Hardware(ram=RamTier(psutil.virtual_memory().available, rate,
+                                  measure_cpu_layer_seconds(config, attn_qtype or qtype, qtype, rate)))
         hw.sources.update({"ram.capacity_bytes": "measured", "ram.bytes_per_s": "measured",
                            "ram.layer_seconds": "measured"})
         if torch.cuda.is_available():
@@ -295,42 +298,78 @@ def measure_cpu_bytes_per_s(qtype: str = "q4_0", d_model: int = 4096, cache_dir:
     return _cached_probe(f"cpu-probe-{qtype}-{d_model}", key, probe, cache_dir)["bytes_per_s"]
 
 
-def measure_cpu_layer_seconds(cache_dir: Path | None = None) -> float:
-    """The engine's fixed CPU time per layer and token, weights aside: one-token decode steps of a tiny
-    random model (8 layers, width 64) through `Transformer.forward`, its FFN one `sparse_ffn` call per
-    layer as in the sparse engines, every kernel call on all threads as on a full-size model. Probed
-    once per (host, threads, kernel and model source) and cached."""
+# A probe of a model's own layer shape streams about this many weight bytes per token, so that each token
+# finds the layers as a real model does, mostly evicted from the caches since the last token (measured on
+# SmolLM2's shape here: 64 MiB gave 50 us per layer, 256 MiB 86 us, the real model 104 us at the same
+# positions); a model whose one layer is larger than this is probed on the tiny model instead.
+LAYER_PROBE_BYTES = 256 << 20
+
+
+def measure_cpu_layer_seconds(config=None, attn_qtype: str = "q8_0", ffn_qtype: str = "q8_0",
+                              bytes_per_s: float | None = None, cache_dir: Path | None = None) -> float:
+    """The engine's CPU time per layer and token that reading the layer's bytes at `bytes_per_s` does
+    not account for: norms, rotary, residuals, each kernel call, and the slower streaming of small
+    matrices. Timed on one-token decode steps through `Transformer.forward`, the FFN one `sparse_ffn`
+    call per layer over half the neurons as in the sparse engines. With `config` (and the weight
+    formats) the layers are random ones of that model's shape, enough of them to stream
+    LAYER_PROBE_BYTES per token, and their bytes at `bytes_per_s` are subtracted; without it, or when
+    one such layer alone is larger, a tiny random model (8 layers of width 64, every kernel call on
+    all threads), whose bytes take no measurable time. Probed once per (host, threads, kernel and
+    model source, shape) and cached."""
     from hetinfer import kernels, model
 
     key = {"device": "cpu", "host": platform.node(), "threads": kernels.get_threads(),
            "kernels": _source_hash(kernels.cpu), "model": _source_hash(model)}
-    return _cached_probe("cpu-layer-probe", key, _layer_probe, cache_dir)["layer_seconds"]
+    shape = None
+    if config is not None and bytes_per_s and _layer_bytes(config, attn_qtype, ffn_qtype)[0] <= LAYER_PROBE_BYTES:
+        shape = [config.d_model, config.n_ff, config.n_heads, config.n_kv_heads, config.head_dim, attn_qtype, ffn_qtype]
+        key.update(shape=shape, bytes_per_s=float(f"{bytes_per_s:.3g}"), streamed=LAYER_PROBE_BYTES)
+    name = "cpu-layer-probe" + ("-" + hashlib.sha256(json.dumps(shape).encode()).hexdigest()[:8] if shape else "")
+    return _cached_probe(name, key, lambda: _layer_probe(shape, bytes_per_s), cache_dir)["layer_seconds"]
 
 
-def _layer_probe(n_layers: int = 8, d: int = 64, steps: int = 32) -> dict:
+def _layer_bytes(config, attn_qtype: str, ffn_qtype: str) -> tuple[int, int]:
+    """(one layer's weight bytes, of which its attention's) in the given formats."""
+    from hetinfer.placement.cost import neuron_down_format, row_bytes
+
+    d, q, kv = config.d_model, config.n_heads * config.head_dim, config.n_kv_heads * config.head_dim
+    attn = (q + 2 * kv) * row_bytes(d, attn_qtype) + d * row_bytes(q, attn_qtype)
+    ffn = config.n_ff * (2 * row_bytes(d, ffn_qtype) + row_bytes(d, neuron_down_format(ffn_qtype)))
+    return attn + ffn, attn
+
+
+def _layer_probe(shape: list | None, bytes_per_s: float | None, steps: int = 32) -> dict:
     from hetinfer import kernels
     from hetinfer.config import ModelConfig
     from hetinfer.model import LayerWeights, Transformer, Weights
 
     rng = np.random.default_rng(0)
-    cfg = ModelConfig(arch="llama", n_layers=n_layers, d_model=d, n_ff=2 * d, n_heads=2, n_kv_heads=1, head_dim=d // 2,
+    d, n_ff, H, KV, hd, attn, ffn_q = shape or [64, 128, 2, 1, 32, "q8_0", "q8_0"]
+    cfg = ModelConfig(arch="llama", n_layers=1, d_model=d, n_ff=n_ff, n_heads=H, n_kv_heads=KV, head_dim=hd,
                       vocab_size=64, context_length=steps + 2, tied_embeddings=True)
+    layer_bytes, attn_bytes = _layer_bytes(cfg, attn, ffn_q)
+    n_layers = 8 if shape is None else int(np.clip(LAYER_PROBE_BYTES // layer_bytes, 2, 256))
+    cfg.n_layers = n_layers
 
-    def w(rows: int, cols: int) -> QTensor:
-        return quantize(rng.standard_normal((rows, cols), dtype=np.float32) * 0.1, "q8_0")
+    def w(rows: int, cols: int, qtype: str) -> QTensor:  # 64 random rows tiled: real bytes, quick to make
+        small = quantize(rng.standard_normal((min(rows, 64), cols), dtype=np.float32) * 0.1, qtype)
+        return QTensor(qtype, (rows, cols), np.tile(small.data, (-(-rows // 64), 1))[:rows])
 
-    layers = [LayerWeights(torch.ones(d), w(d, d), w(d // 2, d), w(d // 2, d), w(d, d), torch.ones(d),
-                           w(2 * d, d), w(2 * d, d), w(d, 2 * d)) for _ in range(n_layers)]
-    embed = w(cfg.vocab_size, d)
+    layers = [LayerWeights(torch.ones(d), w(H * hd, d, attn), w(KV * hd, d, attn), w(KV * hd, d, attn),
+                           w(d, H * hd, attn), torch.ones(d), w(n_ff, d, ffn_q), w(n_ff, d, ffn_q), w(d, n_ff, ffn_q))
+              for _ in range(n_layers)]
+    embed = w(cfg.vocab_size, d, "q8_0")
     tr = Transformer(cfg, Weights(embed, torch.ones(d), embed, layers))
     down_t = [kernels.transpose_down(L.down) for L in layers]
-    active = np.arange(0, 2 * d, 2)
+    active = np.arange(0, n_ff, 2)
 
     def ffn(i: int, h: torch.Tensor) -> torch.Tensor:
         return kernels.sparse_ffn(layers[i].gate, layers[i].up, down_t[i], active, h, cfg.activation)
 
     kernels.warmup()
-    saved, kernels.MIN_BYTES_PER_THREAD = kernels.MIN_BYTES_PER_THREAD, 1  # all threads, as on real weights
+    saved = kernels.MIN_BYTES_PER_THREAD
+    if shape is None:
+        kernels.MIN_BYTES_PER_THREAD = 1  # all threads, as on real weights
     try:
         times = []
         for _ in range(5):
@@ -342,7 +381,10 @@ def _layer_probe(n_layers: int = 8, d: int = 64, steps: int = 32) -> dict:
             times.append((time.perf_counter() - t) / steps)
     finally:
         kernels.MIN_BYTES_PER_THREAD = saved
-    return {"layer_seconds": min(times) / n_layers}
+    per_layer = min(times) / n_layers
+    if shape is not None:  # what reading the layer at the probed rate leaves
+        per_layer = max(0.0, per_layer - (attn_bytes + (layer_bytes - attn_bytes) * len(active) / n_ff) / bytes_per_s)
+    return {"layer_seconds": per_layer, "layers": n_layers}
 
 
 def measure_gpu(qtype: str = "q4_0", d_model: int = 4096, cache_dir: Path | None = None,
