@@ -186,7 +186,7 @@ def test_layer_probe_on_the_models_own_shape(tmp_path, monkeypatch):
 
     cfg = ModelConfig(arch="llama", n_layers=30, d_model=128, n_ff=256, n_heads=4, n_kv_heads=2, head_dim=32,
                       vocab_size=100, context_length=64)
-    layer_bytes = hardware._layer_bytes(cfg, "q4_1", "q8_0")[0]
+    layer_bytes = sum(hardware._layer_bytes(cfg, "q4_1", "q8_0"))
     monkeypatch.setattr(hardware, "LAYER_PROBE_BYTES", 6 * layer_bytes)
     seen = []
     real = model.Transformer.forward

@@ -321,7 +321,7 @@ def measure_cpu_layer_seconds(config=None, attn_qtype: str = "q8_0", ffn_qtype: 
     key = {"device": "cpu", "host": platform.node(), "threads": kernels.get_threads(),
            "kernels": _source_hash(kernels.cpu), "model": _source_hash(model)}
     shape = None
-    if config is not None and bytes_per_s and _layer_bytes(config, attn_qtype, ffn_qtype)[0] <= LAYER_PROBE_BYTES:
+    if config is not None and bytes_per_s and sum(_layer_bytes(config, attn_qtype, ffn_qtype)) <= LAYER_PROBE_BYTES:
         shape = [config.d_model, config.n_ff, config.n_heads, config.n_kv_heads, config.head_dim, attn_qtype, ffn_qtype]
         key.update(shape=shape, bytes_per_s=float(f"{bytes_per_s:.3g}"), streamed=LAYER_PROBE_BYTES)
     name = "cpu-layer-probe" + ("-" + hashlib.sha256(json.dumps(shape).encode()).hexdigest()[:8] if shape else "")
@@ -329,13 +329,12 @@ def measure_cpu_layer_seconds(config=None, attn_qtype: str = "q8_0", ffn_qtype: 
 
 
 def _layer_bytes(config, attn_qtype: str, ffn_qtype: str) -> tuple[int, int]:
-    """(one layer's weight bytes, of which its attention's) in the given formats."""
-    from hetinfer.placement.cost import neuron_down_format, row_bytes
+    """(one layer's bytes read every token: attention, norms; of all its FFN neurons), as the cost model
+    (`model_sizes`) counts them."""
+    from hetinfer.placement.cost import WeightFormats, model_sizes
 
-    d, q, kv = config.d_model, config.n_heads * config.head_dim, config.n_kv_heads * config.head_dim
-    attn = (q + 2 * kv) * row_bytes(d, attn_qtype) + d * row_bytes(q, attn_qtype)
-    ffn = config.n_ff * (2 * row_bytes(d, ffn_qtype) + row_bytes(d, neuron_down_format(ffn_qtype)))
-    return attn + ffn, attn
+    sizes = model_sizes(config, WeightFormats(ffn_qtype, ffn_qtype, ffn_qtype, attn_qtype, "q8_0", "q8_0"), n_ctx=1)
+    return int(sizes.layer_bytes[0]), config.n_ff * int(sizes.neuron_bytes[0])
 
 
 def _layer_probe(shape: list | None, bytes_per_s: float | None, steps: int = 32) -> dict:
@@ -347,8 +346,8 @@ def _layer_probe(shape: list | None, bytes_per_s: float | None, steps: int = 32)
     d, n_ff, H, KV, hd, attn, ffn_q = shape or [64, 128, 2, 1, 32, "q8_0", "q8_0"]
     cfg = ModelConfig(arch="llama", n_layers=1, d_model=d, n_ff=n_ff, n_heads=H, n_kv_heads=KV, head_dim=hd,
                       vocab_size=64, context_length=steps + 2, tied_embeddings=True)
-    layer_bytes, attn_bytes = _layer_bytes(cfg, attn, ffn_q)
-    n_layers = 8 if shape is None else int(np.clip(LAYER_PROBE_BYTES // layer_bytes, 2, 256))
+    dense_bytes, ffn_bytes = _layer_bytes(cfg, attn, ffn_q)
+    n_layers = 8 if shape is None else int(np.clip(LAYER_PROBE_BYTES // (dense_bytes + ffn_bytes), 2, 256))
     cfg.n_layers = n_layers
 
     def w(rows: int, cols: int, qtype: str) -> QTensor:  # 64 random rows tiled: real bytes, quick to make
@@ -383,7 +382,7 @@ def _layer_probe(shape: list | None, bytes_per_s: float | None, steps: int = 32)
         kernels.MIN_BYTES_PER_THREAD = saved
     per_layer = min(times) / n_layers
     if shape is not None:  # what reading the layer at the probed rate leaves
-        per_layer = max(0.0, per_layer - (attn_bytes + (layer_bytes - attn_bytes) * len(active) / n_ff) / bytes_per_s)
+        per_layer = max(0.0, per_layer - (dense_bytes + ffn_bytes * len(active) / n_ff) / bytes_per_s)
     return {"layer_seconds": per_layer, "layers": n_layers}
 
 
