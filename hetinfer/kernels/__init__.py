@@ -394,13 +394,9 @@ def attention_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache:
     """Attention of one new token at position `pos`, fused: RoPE (cos/sin [hd/2]) on q and k,
     k and v written to this layer's cache [n_ctx, n_kv_heads, hd] at `pos`, softmax attention over
     positions 0..pos with grouped kv heads. q [1, H*hd], k/v [1, KV*hd] -> [1, H*hd]."""
-    if not (k_cache.is_contiguous() and v_cache.is_contiguous() and k_cache.dtype == v_cache.dtype == torch.float32):
-        raise ValueError("the KV cache must be contiguous float32 tensors [n_ctx, n_kv_heads, head_dim]")
-    kc, vc = k_cache.numpy(), v_cache.numpy()
-    n_ctx, KV, hd = kc.shape
+    kc, vc = _kv_cache(k_cache, v_cache, pos)
+    KV, hd = kc.shape[1:]
     qn, kn, vn = _np(q).reshape(-1), _np(k).reshape(-1), _np(v).reshape(-1)
-    if not 0 <= pos < n_ctx:
-        raise ValueError(f"position {pos} is outside the cache (0..{n_ctx - 1})")
     if kn.size != KV * hd or vn.size != KV * hd or qn.size % (KV * hd):
         raise ValueError(f"q ({qn.size}), k ({kn.size}), v ({vn.size}) do not fit the cache's {KV} kv heads of {hd}")
     H = qn.size // hd
@@ -408,6 +404,16 @@ def attention_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache:
     cpu.attention_decode(qn, kn, vn, kc, vc, pos, _np(cos).reshape(-1), _np(sin).reshape(-1), interleaved, out,
                          _attention_chunks(pos, H * hd))
     return torch.from_numpy(out.reshape(1, -1))
+
+
+def _kv_cache(k_cache: torch.Tensor, v_cache: torch.Tensor, pos: int) -> tuple[np.ndarray, np.ndarray]:
+    """A layer's cache as the numpy arrays the kernels write, once checked to hold position `pos`."""
+    if not (k_cache.is_contiguous() and v_cache.is_contiguous() and k_cache.dtype == v_cache.dtype == torch.float32):
+        raise ValueError("the KV cache must be contiguous float32 tensors [n_ctx, n_kv_heads, head_dim]")
+    kc, vc = k_cache.numpy(), v_cache.numpy()
+    if not 0 <= pos < kc.shape[0]:
+        raise ValueError(f"position {pos} is outside the cache (0..{kc.shape[0] - 1})")
+    return kc, vc
 
 
 def _attention_chunks(pos: int, q_size: int) -> int:
@@ -440,12 +446,8 @@ def attention_block(x: torch.Tensor, attn_norm: torch.Tensor, Wq: QTensor, Wk: Q
     xn = x.detach().numpy()
     if xn.shape != (1, Wq.shape[1]) or Wo.shape[0] != Wq.shape[1]:
         raise ValueError(f"x {tuple(x.shape)} must be [1, {Wq.shape[1]}] and the output projection {Wo.shape} must map back to it")
-    if not (k_cache.is_contiguous() and v_cache.is_contiguous() and k_cache.dtype == v_cache.dtype == torch.float32):
-        raise ValueError("the KV cache must be contiguous float32 tensors [n_ctx, n_kv_heads, head_dim]")
-    kc, vc = k_cache.numpy(), v_cache.numpy()
-    n_ctx, KV, hd = kc.shape
-    if not 0 <= pos < n_ctx:
-        raise ValueError(f"position {pos} is outside the cache (0..{n_ctx - 1})")
+    kc, vc = _kv_cache(k_cache, v_cache, pos)
+    KV, hd = kc.shape[1:]
     if Wk.shape[0] != KV * hd or Wv.shape[0] != KV * hd or Wq.shape[0] % (KV * hd) or Wo.shape[1] != Wq.shape[0]:
         raise ValueError(f"q {Wq.shape}, k {Wk.shape}, v {Wv.shape}, o {Wo.shape} do not fit the cache's {KV} kv heads of {hd}")
     bq, bk, bv = (_NO_BIAS,) * 3 if biases is None else (_np(b) for b in biases)
