@@ -182,6 +182,18 @@ def test_sparse_ffn(qtype, act, rows, device, tiles):
     check_sparse_ffn(Qg, Qu, Qd_t, ROW_SETS[rows], rand_x(64), act, device)
 
 
+def test_predict_rows(device):
+    """The GPU form of a predictor picks the CPU kernel's rows (but for logits within float32 rounding
+    of the threshold)."""
+    W1, W2_t, h = rand_q(62, 96, "f32", 1), rand_q(62, 200, "f32", 2), rand_x(96, seed=3)
+    logits = np.maximum(W1.dequantize().astype(np.float64) @ h.numpy(), 0) @ W2_t.dequantize().astype(np.float64)
+    thr = float(np.median(logits))
+    near = set(np.flatnonzero(np.abs(logits - thr) < 1e-4 * np.abs(logits).max()))
+    ours = kernels.predict_rows(kernels.to_cuda(W1, device), kernels.to_cuda(W2_t, device), h.to(device), thr)
+    assert ours.dtype == np.int64 and np.all(np.diff(ours) > 0)
+    assert set(ours) - near == set(kernels.predict_rows(W1, W2_t, h, thr)) - near
+
+
 @pytest.mark.parametrize("op", ["gather", "scatter", "ffn", "embedding", "decode"])
 @pytest.mark.parametrize("bad", [[0, 96], [-1], [3, 1000]])
 def test_out_of_range_rows_rejected(op, bad, device):
