@@ -19,6 +19,7 @@ import os
 import sys
 import time
 
+import numba
 import numpy as np
 import torch
 
@@ -102,6 +103,7 @@ def overhead(threads: int) -> list[list]:
     rows = np.arange(8)
     y = torch.zeros(64)
     a = torch.ones(8)
+    z = np.zeros(max(threads, 1))
     calls = {
         "linear": lambda: kernels.linear(W, x),
         "linears (3 matrices)": lambda: kernels.linears((W, W, W), x),
@@ -110,8 +112,25 @@ def overhead(threads: int) -> list[list]:
         "scatter_axpy": lambda: kernels.scatter_axpy(W, rows, a, y),
         "sparse_ffn": lambda: kernels.sparse_ffn(W, W, W, rows, x, "silu"),
         "torch: x * w + x (reference point)": lambda: x * x + x,
+        "numba floor: empty call": lambda: _empty(z, 1),
+        "numba floor: parallel region, 1 item": lambda: _empty_parallel(z, 1),
+        f"numba floor: parallel region, {threads} items": lambda: _empty_parallel(z, threads),
     }
     return [[name, f"{median_seconds(fn, 3000) * 1e6:.1f}"] for name, fn in calls.items()]
+
+
+@numba.njit
+def _empty(a, n):
+    """What calling a compiled function costs by itself."""
+    for i in range(n):
+        a[i] += 1.0
+
+
+@numba.njit(parallel=True)
+def _empty_parallel(a, n):
+    """What numba's parallel launch costs by itself (the per-call floor of every multi-threaded kernel)."""
+    for i in numba.prange(n):
+        a[i] += 1.0
 
 
 def attention(threads: int, quick: bool) -> list[list]:
@@ -157,8 +176,10 @@ def main() -> None:
     print(table(["n_ff x d", "threads", "op", "rows", "us", "ratio", "<= 1.2x", "best us", "best ratio"],
                 sparse(sshapes, "q4_1", threads)))
     print()
-    print(f"Per-call overhead, tiny 32x64 q4_1 matrix ({threads} threads), us")
-    print(table(["call", "us"], overhead(threads)))
+    calls = overhead(threads)
+    print(f"Per-call overhead, tiny 32x64 q4_1 matrix ({threads} threads; numba threading layer "
+          f"{numba.threading_layer()}), us")
+    print(table(["call", "us"], calls))
     print()
     print(f"Attention of one token over S cached positions (9 query / 3 kv heads of 64, {threads} threads)")
     print(table(["S", "KV MiB", "us", "KV GB/s", "torch us", "torch / ours"], attention(threads, args.quick)))
