@@ -7,10 +7,10 @@ stated bound 0.15 and top-1 agreement >= 99% of positions.
 
 native (Q4_1/Q8_0 blocks read in place) quantizes activations to 8 bits per block of 32 in its dot
 products, like llama.cpp, so it is compared with the f32 engine over a 320-token WikiText prompt:
-measured max |logit diff| 1.12 and top-1 agreement 96.3% (prefill), 0.92 and 97.5% (decode). Native
-decode against native prefill differs as much (measured 1.13, 96%): any float-level difference
-between the two paths moves some activations across a rounding boundary of the 8-bit grid. Stated
-bounds: max |diff| <= 2.0 and top-1 agreement >= 93%.
+measured max |logit diff| 1.12 and top-1 agreement 96.3% (prefill), 1.0-1.15 and 94-95% (decode).
+Native decode against native prefill differs as much (measured 1.13-1.25, 92-94%): any float-level
+difference between the two paths moves some activations across a rounding boundary of the 8-bit
+grid. Stated bounds: max |diff| <= 2.0 and top-1 agreement >= 90%.
 """
 import pytest
 import torch
@@ -20,7 +20,13 @@ from hetinfer.loader import load_model
 pytestmark = pytest.mark.slow
 
 BOUNDS = {"f32": (1e-3, 1.0), "f16": (0.15, 0.99)}  # (max |diff|, top-1 agreement) against transformers
-NATIVE_MAX_DIFF, NATIVE_MIN_TOP1 = 2.0, 0.93
+# Native block formats quantize every activation to 8 bits, so a 1-ulp change anywhere (fastmath sums
+# compiled fresh vs loaded from numba's cache differ by ~4e-8) flips roundings that 30 layers amplify:
+# over these 160-320 WikiText tokens, top-1 agreement measured 0.94-0.96 against the f32 engine and
+# 0.92-0.94 between native decode and native prefill, max |diff| 1.0-1.3. Real errors are caught:
+# decoding with the wrong RoPE layout measured top-1 0.27 and max |diff| 45; overwriting the last
+# prefill token's cache entry (context off by one) kept top-1 at 0.91 but max |diff| rose to 5.9.
+NATIVE_MAX_DIFF, NATIVE_MIN_TOP1 = 2.0, 0.90
 
 
 @pytest.fixture(scope="module")
