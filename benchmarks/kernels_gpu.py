@@ -56,7 +56,7 @@ def dense(shapes, device: torch.device, bw: float, reps: int) -> list[list]:
             t = float(np.median(ts))
             out.append([f"{rows}x{cols}", qtype, f"{nbytes / 2**20:.2f}", f"{t * 1e6:.1f}", f"{nbytes / t / 1e9:.1f}",
                         f"{100 * nbytes / t / 1e9 / bw:.0f}%", f"{nbytes / ts.min() / 1e9:.1f}"])
-            del W
+            W = None  # free this format's copy before the next one is made
     return out
 
 

@@ -1,6 +1,5 @@
 """Bad input through the real CLI: one-line error naming problem and fix, non-zero exit, no traceback."""
 import json
-import os
 import struct
 import subprocess
 import sys

@@ -1,0 +1,392 @@
+"""The inner step of every CPU kernel, as LLVM vector IR: one block of 32 weights of any stored
+format (f32/f16/bf16/q8_0/q4_0/q4_1) dotted with x, or added into y.
+
+LLVM does not vectorize the numba-level block loop on its own (it fully unrolls the 32-step loop
+into a serial FMA chain, ~3 GB/s), so each step is written here as a few lines of IR and exposed
+to numba as an intrinsic. Float formats decode a block into one <32 x float>; block formats
+(q8_0, q4_0, q4_1) dot their integer weights with x quantized once per call to 8 bits per block
+of 32 (`quantize_block`, as llama.cpp does), integer multiply-adds per block (vpmaddubsw/vpmaddwd
+with AVX2) and one float FMA: decoding nibbles to floats made the Q4 GEMVs compute-bound. Float
+formats stay float and exact. Dots keep 4 independent accumulators, so a row streams the weights
+at cache/memory speed. The kernels that use these steps are in `cpu.py`.
+"""
+from __future__ import annotations
+
+import numba
+from llvmlite import binding as llvm
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+# Format codes used inside the kernels.
+F32, F16, BF16, Q8_0, Q4_0, Q4_1 = range(6)
+
+# ---------------------------------------------------------------------------------------------
+# LLVM IR building blocks
+# ---------------------------------------------------------------------------------------------
+_N = 32  # weights per block and per vector step
+_F32, _HALF = ir.FloatType(), ir.HalfType()
+_I8, _I16, _I32, _I64 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
+_VF = ir.VectorType(_F32, _N)
+_UNROLL = 4  # independent accumulators in a dot: hides the FMA latency between blocks
+
+
+def _splat(b: ir.IRBuilder, s: ir.Value, n: int = _N) -> ir.Value:
+    v = b.insert_element(ir.Constant(ir.VectorType(s.type, n), ir.Undefined), s, ir.Constant(_I32, 0))
+    return b.shuffle_vector(v, v, ir.Constant(ir.VectorType(_I32, n), [0] * n))
+
+
+def _load(b: ir.IRBuilder, p: ir.Value, off: int, ty: ir.Type) -> ir.Value:
+    """Unaligned load of `ty` at byte `off` of the i8* `p`."""
+    q = b.gep(p, [ir.Constant(_I64, off)]) if off else p
+    return b.load(b.bitcast(q, ty.as_pointer()), align=1)
+
+
+def _fma(b: ir.IRBuilder, x: ir.Value, y: ir.Value, z: ir.Value) -> ir.Value:
+    t = x.type
+    fnty = ir.FunctionType(t, [t, t, t])
+    return b.call(cgutils.get_or_insert_function(b.module, fnty, f"llvm.fmuladd.v{t.count}f32"), [x, y, z])
+
+
+def _scale(b: ir.IRBuilder, p: ir.Value, off: int) -> ir.Value:
+    return b.fpext(_load(b, p, off, _HALF), _F32)
+
+
+def _nibbles(b: ir.IRBuilder, p: ir.Value, off: int) -> ir.Value:
+    """16 packed bytes -> <32 x i8>: low nibbles are weights 0..15, high nibbles 16..31."""
+    q = _load(b, p, off, ir.VectorType(_I8, 16))
+    lo = b.and_(q, ir.Constant(q.type, [15] * 16))
+    hi = b.lshr(q, ir.Constant(q.type, [4] * 16))
+    return b.shuffle_vector(lo, hi, ir.Constant(ir.VectorType(_I32, _N), list(range(_N))))
+
+
+def _dec_f32(b, p):
+    return _load(b, p, 0, _VF)
+
+
+def _dec_f16(b, p):
+    return b.fpext(_load(b, p, 0, ir.VectorType(_HALF, _N)), _VF)
+
+
+def _dec_bf16(b, p):
+    u = b.zext(_load(b, p, 0, ir.VectorType(_I16, _N)), ir.VectorType(_I32, _N))
+    return b.bitcast(b.shl(u, ir.Constant(u.type, [16] * _N)), _VF)
+
+
+def _dec_q8_0(b, p):  # f16 d, int8 q[32]: w = d * q
+    return b.fmul(b.sitofp(_load(b, p, 2, ir.VectorType(_I8, _N)), _VF), _splat(b, _scale(b, p, 0)))
+
+
+def _dec_q4_0(b, p):  # f16 d, nibbles: w = d * (q - 8), q - 8 taken in int8
+    q = b.sub(_nibbles(b, p, 2), ir.Constant(ir.VectorType(_I8, _N), [8] * _N))
+    return b.fmul(b.sitofp(q, _VF), _splat(b, _scale(b, p, 0)))
+
+
+def _dec_q4_1(b, p):  # f16 d, f16 m, nibbles: w = d * q + m
+    return _fma(b, b.uitofp(_nibbles(b, p, 4), _VF), _splat(b, _scale(b, p, 0)), _splat(b, _scale(b, p, 2)))
+
+
+# (decoder, bytes per 32 weights) per format code
+_DECODERS = [(_dec_f32, 128), (_dec_f16, 64), (_dec_bf16, 64), (_dec_q8_0, 34), (_dec_q4_0, 18), (_dec_q4_1, 20)]
+
+
+# Block formats dot their integer weights with x quantized once per call to 8 bits per block of 32
+# (`quantize_x`, llama.cpp's q8_0/q8_1 activations): int8 q[32] plus the floats (d, s = d * sum(q)).
+_V8F, _V8I = ir.VectorType(_F32, 8), ir.VectorType(_I32, 8)
+_VB = ir.VectorType(_I8, _N)
+_VW = ir.VectorType(_I16, 16)
+
+
+def _targets_avx2() -> bool:
+    """Whether numba compiles for a CPU with AVX2: the host, unless NUMBA_CPU_NAME names another target
+    (e.g. "generic" for a portable cache; its features are then only those in NUMBA_CPU_FEATURES). The
+    on-disk cache is keyed by the same CPU name and features, so a cached kernel always matches."""
+    feats = (numba.config.CPU_FEATURES or "") if numba.config.CPU_NAME else llvm.get_host_cpu_features().flatten()
+    return "+avx2" in feats.split(",")
+
+
+_AVX2 = _targets_avx2()
+
+
+def _iweights(fmt: int, b: ir.IRBuilder, p: ir.Value) -> ir.Value:
+    """A block's integer weights as <32 x i8>: q8_0 q (signed), q4_0 and q4_1 q in 0..15 (q4_0's - 8
+    is applied through the block sum of x)."""
+    if fmt == Q8_0:
+        return _load(b, p, 2, _VB)
+    return _nibbles(b, p, 4 if fmt == Q4_1 else 2)
+
+
+def _idot(fmt: int, b: ir.IRBuilder, w: ir.Value, xq: ir.Value) -> ir.Value:
+    """Exact <8 x i32> partial sums of the block's weights w (`_iweights`) times the int8 x block xq
+    (|xq| <= 127). AVX2: vpmaddubsw (unsigned x signed bytes -> int16 pair sums, at most
+    2 * 128 * 127 < 2^15: never saturates; q8_0 takes |w| and moves w's sign onto x, as llama.cpp),
+    then vpmaddwd with ones. Elsewhere the sign-extend, multiply, add pattern."""
+    if _AVX2:
+        if fmt == Q8_0:
+            xs = _call(b, "llvm.x86.avx2.psign.b", _VB, xq, w)
+            w = _call(b, "llvm.abs.v32i8", _VB, w, ir.Constant(ir.IntType(1), 0))
+            xq = xs
+        p16 = _call(b, "llvm.x86.avx2.pmadd.ub.sw", _VW, w, xq)
+        return _call(b, "llvm.x86.avx2.pmadd.wd", _V8I, p16, ir.Constant(_VW, [1] * 16))
+    vi32 = ir.VectorType(_I32, _N)
+    wi = b.sext(w, vi32) if fmt == Q8_0 else b.zext(w, vi32)
+    prod = b.mul(wi, b.sext(xq, vi32))
+
+    def half(v, n, first):
+        return b.shuffle_vector(v, v, ir.Constant(ir.VectorType(_I32, n), list(range(first, first + n))))
+
+    s16 = b.add(half(prod, 16, 0), half(prod, 16, 16))
+    return b.add(half(s16, 8, 0), half(s16, 8, 8))
+
+
+def _for(b: ir.IRBuilder, start, stop, step: int, init: list, body) -> tuple:
+    """`for i in range(start, stop - step + 1, step)` carrying `init` values; returns (i, values) at exit."""
+    pre = b.block
+    head, loop, done = b.append_basic_block("head"), b.append_basic_block("loop"), b.append_basic_block("done")
+    b.branch(head)
+    b.position_at_end(head)
+    i = b.phi(_I64)
+    i.add_incoming(start, pre)
+    vals = [b.phi(v.type) for v in init]
+    for phi, v in zip(vals, init):
+        phi.add_incoming(v, pre)
+    nxt = b.add(i, ir.Constant(_I64, step))
+    b.cbranch(b.icmp_signed("<=", nxt, stop), loop, done)
+    b.position_at_end(loop)
+    new = body(i, vals)
+    i.add_incoming(nxt, b.block)
+    for phi, v in zip(vals, new):
+        phi.add_incoming(v, b.block)
+    b.branch(head)
+    b.position_at_end(done)
+    return i, vals
+
+
+def _ptr(context, builder, ty, arr, off, as_bytes: bool) -> ir.Value:
+    data = context.make_array(ty)(context, builder, arr).data
+    if as_bytes:
+        data = builder.bitcast(data, _I8.as_pointer())
+    return builder.gep(data, [off])
+
+
+def _prefetch_step(b: ir.IRBuilder, pp: ir.Value, i: ir.Value, nbytes: int, unroll: int) -> None:
+    """Hint into L1 the lines of bytes [i * nbytes, (i + unroll) * nbytes) of the row at `pp`, the row
+    read `ahead` rows later: a few lines per loop step, as fast as the current row is consumed. Hinting a
+    whole row at once stalls the core on its line-fill buffers (~16) whenever the row is not yet in L2,
+    which is every row of a sparse op; spread out, the hints cost ~nothing and gather_matvec over 20% of
+    the rows of 11008x4096 q4_1 ran 28% faster."""
+    fnty = ir.FunctionType(ir.VoidType(), [_I8.as_pointer(), _I32, _I32, _I32])
+    fn = cgutils.get_or_insert_function(b.module, fnty, "llvm.prefetch.p0")
+    base = b.gep(pp, [b.mul(i, ir.Constant(_I64, nbytes))])
+    for j in range(0, unroll * nbytes, 64):
+        b.call(fn, [b.gep(base, [ir.Constant(_I64, j)]), ir.Constant(_I32, 0), ir.Constant(_I32, 3),
+                    ir.Constant(_I32, 1)])  # read, keep in every cache level, data
+
+
+def _make_dot(fmt: int):
+    decode, nbytes = _DECODERS[fmt]
+
+    @intrinsic
+    def dot(typingctx, w, woff, x, xoff, nblocks, pfoff):
+        """sum over `nblocks` blocks of w[woff bytes ..] * x[xoff ..] -> float32, hinting the row at
+        w[pfoff bytes ..] into the cache on the way (`_prefetch_step`)."""
+        sig = types.float32(w, types.intp, x, types.intp, types.intp, types.intp)
+
+        def codegen(context, b, sig, args):
+            wp = _ptr(context, b, sig.args[0], args[0], args[1], True)
+            xp = _ptr(context, b, sig.args[2], args[2], args[3], False)
+            pp = _ptr(context, b, sig.args[0], args[0], args[5], True)
+
+            def step(unroll):
+                def body(i, accs):
+                    _prefetch_step(b, pp, i, nbytes, unroll)
+                    out = []
+                    for u, acc in enumerate(accs):
+                        k = b.add(i, ir.Constant(_I64, u))
+                        w_ = decode(b, b.gep(wp, [b.mul(k, ir.Constant(_I64, nbytes))]))
+                        xv = b.load(b.bitcast(b.gep(xp, [b.mul(k, ir.Constant(_I64, _N))]), _VF.as_pointer()), align=4)
+                        out.append(_fma(b, w_, xv, acc))
+                    return out
+                return body
+
+            zero = ir.Constant(_VF, None)
+            i, accs = _for(b, ir.Constant(_I64, 0), args[4], _UNROLL, [zero] * _UNROLL, step(_UNROLL))
+            acc = accs[0]
+            for a in accs[1:]:
+                acc = b.fadd(acc, a)
+            _, (acc,) = _for(b, i, args[4], 1, [acc], step(1))
+            fnty = ir.FunctionType(_F32, [_F32, _VF])
+            red = cgutils.get_or_insert_function(b.module, fnty, "llvm.vector.reduce.fadd.v32f32")
+            return b.call(red, [ir.Constant(_F32, 0.0), acc], fastmath=("reassoc",))
+
+        return sig, codegen
+
+    return dot
+
+
+def _call(b: ir.IRBuilder, name: str, ret: ir.Type, *args: ir.Value, fastmath=()) -> ir.Value:
+    fnty = ir.FunctionType(ret, [a.type for a in args])
+    return b.call(cgutils.get_or_insert_function(b.module, fnty, name), args, fastmath=fastmath)
+
+
+def _make_xdot(fmt: int):
+    nbytes = _DECODERS[fmt][1]
+
+    @intrinsic
+    def xdot(typingctx, w, woff, xq, xs, xb, nblocks, pfoff):
+        """sum over `nblocks` blocks of w[woff bytes ..] . x, x given as `quantize_x` blocks xb, xb + 1, ...
+
+        llama.cpp's scheme: per block an exact int32 dot of the integer weights with the int8 x (`_idot`),
+        scaled in float by d_w * d_x into 4 independent <8 x float> accumulators; q4_1 adds m_w * s_x
+        and q4_0 -8 * d_w * s_x (s_x = d_x * sum(q_x), its weights being d_w * (q - 8)). The row at
+        w[pfoff bytes ..] is hinted into the cache on the way (`_prefetch_step`)."""
+        sig = types.float32(w, types.intp, xq, xs, types.intp, types.intp, types.intp)
+
+        def codegen(context, b, sig, args):
+            wp = _ptr(context, b, sig.args[0], args[0], args[1], True)
+            pp = _ptr(context, b, sig.args[0], args[0], args[6], True)
+            qp = _ptr(context, b, sig.args[2], args[2], b.mul(args[4], ir.Constant(_I64, _N)), True)
+            sp = _ptr(context, b, sig.args[3], args[3], b.mul(args[4], ir.Constant(_I64, 2)), False)
+            v2 = ir.VectorType(_F32, 2)
+
+            def step(unroll):
+                def body(i, accs):
+                    _prefetch_step(b, pp, i, nbytes, unroll)
+                    out = []
+                    for u in range(unroll):
+                        acc, sacc = accs[2 * u], accs[2 * u + 1]
+                        k = b.add(i, ir.Constant(_I64, u))
+                        p = b.gep(wp, [b.mul(k, ir.Constant(_I64, nbytes))])
+                        xv = b.load(b.bitcast(b.gep(qp, [b.mul(k, ir.Constant(_I64, _N))]), _VB.as_pointer()), align=1)
+                        f = b.sitofp(_idot(fmt, b, _iweights(fmt, b, p), xv), _V8F)
+                        xs2 = b.load(b.bitcast(b.gep(sp, [b.mul(k, ir.Constant(_I64, 2))]), v2.as_pointer()), align=4)
+                        if fmt == Q8_0:
+                            scale = b.fmul(_scale(b, p, 0), b.extract_element(xs2, ir.Constant(_I32, 0)))
+                        else:  # (d_w, m_w) * (d_x, s_x); q4_0: (d_w, d_w) * (d_x, s_x), the -8 applied at the end
+                            dm = _load(b, p, 0, ir.VectorType(_HALF, 2)) if fmt == Q4_1 else _splat(b, _load(b, p, 0, _HALF), 2)
+                            dm = b.fmul(b.fpext(dm, v2), xs2)
+                            scale = b.extract_element(dm, ir.Constant(_I32, 0))
+                            sacc = b.fadd(sacc, b.extract_element(dm, ir.Constant(_I32, 1)))
+                        out += [_fma(b, f, _splat(b, scale, 8), acc), sacc]
+                    return out
+                return body
+
+            init = [ir.Constant(_V8F, None), ir.Constant(_F32, 0.0)] * _UNROLL
+            i, accs = _for(b, ir.Constant(_I64, 0), args[5], _UNROLL, init, step(_UNROLL))
+            acc, sacc = accs[0], accs[1]
+            for u in range(1, _UNROLL):
+                acc, sacc = b.fadd(acc, accs[2 * u]), b.fadd(sacc, accs[2 * u + 1])
+            _, (acc, sacc) = _for(b, i, args[5], 1, [acc, sacc], step(1))
+            if fmt == Q4_0:
+                sacc = b.fmul(sacc, ir.Constant(_F32, -8.0))
+            fnty = ir.FunctionType(_F32, [_F32, _V8F])
+            red = cgutils.get_or_insert_function(b.module, fnty, "llvm.vector.reduce.fadd.v8f32")
+            return b.call(red, [sacc, acc], fastmath=("reassoc",))
+
+        return sig, codegen
+
+    return xdot
+
+
+@intrinsic
+def f32_from_bits(typingctx, bits):
+    """The float32 whose bit pattern is the int32 `bits`."""
+    sig = types.float32(types.int32)
+
+    def codegen(context, b, sig, args):
+        return b.bitcast(args[0], _F32)
+
+    return sig, codegen
+
+
+_DX_MIN = 2.0**-110  # smaller block scales count as zero (1 / d must stay a finite float32)
+
+
+@intrinsic
+def quantize_block(typingctx, x, xoff, xq, xs, blk):
+    """`quantize_x` for the 32 floats at x[xoff ..] into block `blk` of xq and xs, as vector IR
+    (numba's scalar loop took 3 ns per value, 10% of a small GEMV)."""
+    sig = types.void(x, types.intp, xq, xs, types.intp)
+
+    def codegen(context, b, sig, args):
+        xp = _ptr(context, b, sig.args[0], args[0], args[1], False)
+        qp = _ptr(context, b, sig.args[2], args[2], b.mul(args[4], ir.Constant(_I64, _N)), True)
+        sp = _ptr(context, b, sig.args[3], args[3], b.mul(args[4], ir.Constant(_I64, 2)), False)
+        v = b.load(b.bitcast(xp, _VF.as_pointer()), align=4)
+        vi32 = ir.VectorType(_I32, _N)  # max |x| as integer max of the magnitude bits (a vector max tree)
+        bits = b.and_(b.bitcast(v, vi32), ir.Constant(vi32, [0x7FFFFFFF] * _N))
+        amax = b.bitcast(_call(b, "llvm.vector.reduce.umax.v32i32", _I32, bits), _F32)
+        zero = ir.Constant(_F32, 0.0)
+        chk = _call(b, "llvm.vector.reduce.fadd.v32f32", _F32, zero, b.fmul(v, ir.Constant(_VF, None)),
+                    fastmath=("reassoc",))  # nan if any value is inf or nan
+        d = b.fdiv(amax, ir.Constant(_F32, 127.0))
+        finite = b.fcmp_ordered("==", chk, zero)
+        ok = b.and_(finite, b.fcmp_ordered(">=", d, ir.Constant(_F32, _DX_MIN)))
+        v = b.select(ok, v, ir.Constant(_VF, None))
+        inv = b.select(ok, b.fdiv(ir.Constant(_F32, 1.0), d), zero)
+        q = b.fptosi(_call(b, "llvm.rint.v32f32", _VF, b.fmul(v, _splat(b, inv))), _VB)
+        b.store(q, b.bitcast(qp, _VB.as_pointer()), align=1)
+        isum = _call(b, "llvm.vector.reduce.add.v32i32", _I32, b.sext(q, vi32))
+        d = b.select(ok, d, b.select(finite, zero, ir.Constant(_F32, float("nan"))))
+        b.store(d, sp, align=4)
+        b.store(b.fmul(d, b.sitofp(isum, _F32)), b.gep(sp, [ir.Constant(_I64, 1)]), align=4)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+def _make_axpy(fmt: int):
+    decode, nbytes = _DECODERS[fmt]
+
+    @intrinsic
+    def axpy(typingctx, w, woff, a, y, nblocks, pfoff):
+        """y[: 32 * nblocks] += a * w[woff bytes ..] (with y zeroed and a = 1: dequantize), hinting the
+        row at w[pfoff bytes ..] into the cache on the way (`_prefetch_step`)."""
+        sig = types.void(w, types.intp, types.float32, y, types.intp, types.intp)
+
+        def codegen(context, b, sig, args):
+            wp = _ptr(context, b, sig.args[0], args[0], args[1], True)
+            yp = _ptr(context, b, sig.args[3], args[3], ir.Constant(_I64, 0), False)
+            pp = _ptr(context, b, sig.args[0], args[0], args[5], True)
+            av = _splat(b, args[2])
+
+            def body(i, _):
+                _prefetch_step(b, pp, i, nbytes, 1)
+                w_ = decode(b, b.gep(wp, [b.mul(i, ir.Constant(_I64, nbytes))]))
+                p = b.bitcast(b.gep(yp, [b.mul(i, ir.Constant(_I64, _N))]), _VF.as_pointer())
+                b.store(_fma(b, av, w_, b.load(p, align=4)), p, align=4)
+                return []
+
+            _for(b, ir.Constant(_I64, 0), args[4], 1, [], body)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return axpy
+
+
+def _make_elem(fmt: int):
+    """Scalar load of one float-format weight at a byte offset (row tails when cols % 32 != 0)."""
+
+    @intrinsic
+    def elem(typingctx, w, woff):
+        sig = types.float32(w, types.intp)
+
+        def codegen(context, b, sig, args):
+            p = _ptr(context, b, sig.args[0], args[0], args[1], True)
+            if fmt == F32:
+                return _load(b, p, 0, _F32)
+            if fmt == F16:
+                return b.fpext(_load(b, p, 0, _HALF), _F32)
+            return b.bitcast(b.shl(b.zext(_load(b, p, 0, _I16), _I32), ir.Constant(_I32, 16)), _F32)
+
+        return sig, codegen
+
+    return elem
+
+
+dot_f32, dot_f16, dot_bf16 = (_make_dot(f) for f in (F32, F16, BF16))
+xdot_q8_0, xdot_q4_0, xdot_q4_1 = (_make_xdot(f) for f in (Q8_0, Q4_0, Q4_1))
+axpy_f32, axpy_f16, axpy_bf16, axpy_q8_0, axpy_q4_0, axpy_q4_1 = (_make_axpy(f) for f in range(6))
+elem_f32, elem_f16, elem_bf16 = (_make_elem(f) for f in range(3))
