@@ -1,8 +1,9 @@
 """Every per-token computation on weights goes through here.
 
 Weights are `QTensor`s in their stored format (f32, f16, bf16, q8_0, q4_0, q4_1), read in
-place by the CPU kernels (`cpu.py`, numba), or `GPUTensor`s: the same stored bytes on a GPU,
-the rows a call needs decoded by torch (`cuda.py`, made by `to_cuda`). Activations are float32
+place by the CPU kernels (`cpu.py`, numba; their inner vector steps in `simd.py`), or
+`GPUTensor`s: the same stored bytes on a GPU, the rows a call needs decoded by torch (`cuda.py`,
+made by `to_cuda`). Activations are float32
 torch tensors; results are new torch tensors (`scatter_axpy` updates `y` in place).
 `reference.py` holds the plain numpy versions.
 
