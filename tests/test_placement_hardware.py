@@ -4,10 +4,10 @@ import json
 import pytest
 import torch
 
-from hetinfer.placement import hardware
-from hetinfer.placement.hardware import (ASSUMED_FLASH, FlashTier, GpuTier, Hardware, HardwareError, RamTier, detect,
-                                         flash_tier, format_size, load_hardware, parse_size, probe_flash,
-                                         save_hardware)
+from hetinfer.placement import probe
+from hetinfer.placement.hardware import (ASSUMED_FLASH, FlashTier, GpuTier, Hardware, HardwareError, RamTier,
+                                         format_size, load_hardware, parse_size, save_hardware)
+from hetinfer.placement.probe import detect, flash_tier, probe_flash
 
 
 @pytest.mark.parametrize("text,want", [
@@ -99,7 +99,7 @@ def test_flash_probe_is_cached_per_device(tmp_path, monkeypatch):
         calls.append(directory)
         return {"read_sizes": [4096], "concurrency": [1], "bytes_per_s": [[1e9]], "method": "o_direct"}
 
-    monkeypatch.setattr(hardware, "probe_flash", fake_probe)
+    monkeypatch.setattr(probe, "probe_flash", fake_probe)
     cache = tmp_path / "cache"
     a = flash_tier(str(tmp_path), cache_dir=cache)
     b = flash_tier(str(tmp_path), cache_dir=cache)
@@ -136,20 +136,20 @@ def test_cpu_probe_times_the_kernels_on_the_stored_format_and_is_cached(tmp_path
         return real(Wg, Wu, Wd_t, rows, x, act, **kw)
 
     monkeypatch.setattr(kernels, "sparse_ffn", counting)
-    rate = hardware.measure_cpu_bytes_per_s("q4_1", 576, cache_dir=tmp_path)
+    rate = probe.measure_cpu_bytes_per_s("q4_1", 576, cache_dir=tmp_path)
     assert 1e8 < rate < 1e12
     assert ("q4_1", "q8_0", 576) in widths  # gate/up as stored, down as kernels.transpose_down holds it
     entry = json.loads((tmp_path / "cpu-probe-q4_1-576.json").read_text())
     assert entry["key"]["qtype"] == "q4_1" and entry["key"]["threads"] == kernels.get_threads()
-    assert entry["densities"] == list(hardware.PROBE_DENSITIES) and len(entry["rates"]) == len(entry["densities"])
+    assert entry["densities"] == list(probe.PROBE_DENSITIES) and len(entry["rates"]) == len(entry["densities"])
     assert entry["bytes_per_s"] == rate and min(entry["rates"]) <= rate <= max(entry["rates"])
 
     widths.clear()
-    assert hardware.measure_cpu_bytes_per_s("q4_1", 576, cache_dir=tmp_path) == rate and widths == []
+    assert probe.measure_cpu_bytes_per_s("q4_1", 576, cache_dir=tmp_path) == rate and widths == []
     for field, stale in (("host", "elsewhere"), ("kernels", "0" * 16)):  # another machine; older kernels
         widths.clear()
         (tmp_path / "cpu-probe-q4_1-576.json").write_text(json.dumps({**entry, "key": {**entry["key"], field: stale}}))
-        hardware.measure_cpu_bytes_per_s("q4_1", 576, cache_dir=tmp_path)
+        probe.measure_cpu_bytes_per_s("q4_1", 576, cache_dir=tmp_path)
         assert widths, f"a probe cached with another {field} was reused"
 
 
@@ -166,14 +166,14 @@ def test_layer_probe_times_the_engine_and_is_cached(tmp_path, monkeypatch):
         return real(self, tokens, cache, ffn, all_logits)
 
     monkeypatch.setattr(model.Transformer, "forward", counting)
-    seconds = hardware.measure_cpu_layer_seconds(cache_dir=tmp_path)
+    seconds = probe.measure_cpu_layer_seconds(cache_dir=tmp_path)
     assert 1e-6 < seconds < 1e-2 and calls and set(calls) == {8}
     entry = json.loads((tmp_path / "cpu-layer-probe.json").read_text())
     assert entry["layer_seconds"] == seconds and entry["key"]["model"] and entry["key"]["kernels"]
     calls.clear()
-    assert hardware.measure_cpu_layer_seconds(cache_dir=tmp_path) == seconds and not calls
+    assert probe.measure_cpu_layer_seconds(cache_dir=tmp_path) == seconds and not calls
     (tmp_path / "cpu-layer-probe.json").write_text(json.dumps({**entry, "key": {**entry["key"], "model": "old"}}))
-    hardware.measure_cpu_layer_seconds(cache_dir=tmp_path)
+    probe.measure_cpu_layer_seconds(cache_dir=tmp_path)
     assert calls
 
 
@@ -186,23 +186,23 @@ def test_layer_probe_on_the_models_own_shape(tmp_path, monkeypatch):
 
     cfg = ModelConfig(arch="llama", n_layers=30, d_model=128, n_ff=256, n_heads=4, n_kv_heads=2, head_dim=32,
                       vocab_size=100, context_length=64)
-    layer_bytes = sum(hardware._layer_bytes(cfg, "q4_1", "q8_0"))
-    monkeypatch.setattr(hardware, "LAYER_PROBE_BYTES", 6 * layer_bytes)
+    layer_bytes = sum(probe._layer_bytes(cfg, "q4_1", "q8_0"))
+    monkeypatch.setattr(probe, "LAYER_PROBE_BYTES", 6 * layer_bytes)
     seen = []
     real = model.Transformer.forward
     monkeypatch.setattr(model.Transformer, "forward",
                         lambda self, *a, **k: seen.append((self.cfg.n_layers, self.cfg.d_model, self.w.layers[0].wq.qtype,
                                                            self.w.layers[0].gate.qtype)) or real(self, *a, **k))
-    slow = hardware.measure_cpu_layer_seconds(cfg, "q4_1", "q8_0", 1e15, cache_dir=tmp_path)
+    slow = probe.measure_cpu_layer_seconds(cfg, "q4_1", "q8_0", 1e15, cache_dir=tmp_path)
     assert set(seen) == {(6, 128, "q4_1", "q8_0")} and 1e-6 < slow < 1e-2
     (entry,) = [json.loads(f.read_text()) for f in tmp_path.glob("cpu-layer-probe-*.json")]
     assert entry["key"]["shape"] == [128, 256, 4, 2, 32, "q4_1", "q8_0"] and entry["layers"] == 6
     seen.clear()
     # an absurdly slow rate would explain more than the whole measured time: nothing is left
-    assert hardware.measure_cpu_layer_seconds(cfg, "q4_1", "q8_0", 1.0, cache_dir=tmp_path) == 0.0 and seen
+    assert probe.measure_cpu_layer_seconds(cfg, "q4_1", "q8_0", 1.0, cache_dir=tmp_path) == 0.0 and seen
     seen.clear()
-    monkeypatch.setattr(hardware, "LAYER_PROBE_BYTES", layer_bytes - 1)
-    hardware.measure_cpu_layer_seconds(cfg, "q4_1", "q8_0", 1e10, cache_dir=tmp_path)
+    monkeypatch.setattr(probe, "LAYER_PROBE_BYTES", layer_bytes - 1)
+    probe.measure_cpu_layer_seconds(cfg, "q4_1", "q8_0", 1e10, cache_dir=tmp_path)
     assert {s[:2] for s in seen} == {(8, 64)}  # the tiny model
 
 
@@ -218,20 +218,20 @@ def test_gpu_probe_path_runs_on_stored_weights_anywhere():
     here on the CPU: the speed counts stored bytes, as the plan does."""
     from hetinfer import kernels
 
-    weights = hardware._probe_weights("q4_0", 256, 1 << 20)
+    weights = probe._probe_weights("q4_0", 256, 1 << 20)
     on_device = [kernels.to_cuda(W, "cpu") for W in weights]
     assert [W.data.nbytes for W in on_device] == [W.nbytes for W in weights]
-    rates = hardware._sparse_ffn_rates(*on_device, torch.randn(1, 256), lambda: None,
+    rates = probe._sparse_ffn_rates(*on_device, torch.randn(1, 256), lambda: None,
                                        sum(W.row_bytes for W in weights), seconds=0.01)
-    assert rates["bytes_per_s"] > 0 and len(rates["rates"]) == len(hardware.PROBE_DENSITIES)
+    assert rates["bytes_per_s"] > 0 and len(rates["rates"]) == len(probe.PROBE_DENSITIES)
 
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_gpu_probe_times_the_cuda_kernels(tmp_path):
-    gpu = hardware.measure_gpu("q4_0", 4096, cache_dir=tmp_path, seconds=0.05)
+    gpu = probe.measure_gpu("q4_0", 4096, cache_dir=tmp_path, seconds=0.05)
     assert gpu.bytes_per_s > 1e9 and gpu.h2d_bytes_per_s > 1e8 and 0 < gpu.sync_latency_s < 0.1
     entry = json.loads((tmp_path / "gpu-probe-q4_0-4096.json").read_text())
     assert entry["key"]["device"] == torch.cuda.get_device_name() and entry["bytes_per_s"] == gpu.bytes_per_s
     assert entry["key"]["weights"] == "stored"  # probes of dense f16 copies (before) re-probe
-    assert hardware.measure_gpu("q4_0", 4096, cache_dir=tmp_path, seconds=0.05).bytes_per_s == gpu.bytes_per_s
+    assert probe.measure_gpu("q4_0", 4096, cache_dir=tmp_path, seconds=0.05).bytes_per_s == gpu.bytes_per_s

@@ -22,7 +22,8 @@ from hetinfer.hf_checkpoint import hf_config
 from hetinfer.placement import synth
 from hetinfer.placement.cost import (PlacementError, WeightFormats, build_problem, model_sizes, predictor_sizes,
                                      weight_sizes)
-from hetinfer.placement.hardware import Hardware, HardwareError, detect, format_size, load_hardware, parse_size
+from hetinfer.placement.hardware import Hardware, HardwareError, format_size, load_hardware, parse_size
+from hetinfer.placement.probe import detect
 from hetinfer.placement.ilp import solve
 from hetinfer.placement.plan import build_manifest, save_plan
 from hetinfer.profiler.artifact import load_profile

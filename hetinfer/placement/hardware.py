@@ -3,38 +3,26 @@
 A `Hardware` is CPU RAM plus an optional GPU and an optional flash directory, each with a
 capacity in bytes and a speed: the rate hetinfer.kernels' `sparse_ffn` streams neuron bytes on
 the GPU and CPU, the host-to-device link, and flash read throughput per read size and number of
-reads in flight. `detect` measures this machine (the kernel and flash probes are cached under
-~/.cache/hetinfer/); `load_hardware` reads the JSON description of a machine that is not here
+reads in flight. `probe.detect` measures this machine (its kernel and flash probes are cached
+under ~/.cache/hetinfer/); `load_hardware` reads the JSON description of a machine that is not here
 (format in docs/formats/plan.md, "Hardware"). Every number records where it came from
 (`sources`: measured, flag, file or assumed) so a plan can say what it rests on.
 """
 from __future__ import annotations
 
-import hashlib
 import json
-import mmap
 import os
-import platform
 import re
-import shutil
-import statistics
 import tempfile
-import threading
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-import psutil
-import torch
 
 from hetinfer.errors import HetinferError
-from hetinfer.tensors import FORMATS, QTensor, quantize
 
 HARDWARE_FORMAT = "hetinfer.hardware"
 HARDWARE_VERSION = 1
-PROBE_VERSION = 1
-PROBE_DENSITIES = (0.1, 0.3, 1.0)  # shares of neurons the compute probes run sparse_ffn over
 FLASH_BLOCK = 4096  # O_DIRECT alignment; flash bundles are padded to it so one bundle = one read
 
 # Used only for tiers that are not on this machine (what-if planning); always labelled "assumed".
@@ -175,7 +163,7 @@ def load_hardware(path: str | Path) -> Hardware:
     except (OSError, json.JSONDecodeError) as e:
         raise HardwareError(f"cannot read hardware description {path}: {e}") from None
     hw = Hardware.from_dict(d, where=str(path))
-    for k in _source_keys(hw):
+    for k in source_keys(hw):
         hw.sources.setdefault(k, "file")
     return hw
 
@@ -200,7 +188,8 @@ def atomic_write_text(path: Path, text: str) -> None:
         raise
 
 
-def _source_keys(hw: Hardware) -> list[str]:
+def source_keys(hw: Hardware) -> list[str]:
+    """The `sources` entries a Hardware with these tiers has: one per number."""
     keys = ["ram.capacity_bytes", "ram.bytes_per_s", "ram.layer_seconds"]
     if hw.gpu is not None:
         keys += ["gpu.capacity_bytes", "gpu.bytes_per_s", "gpu.h2d_bytes_per_s", "gpu.sync_latency_s"]
@@ -234,340 +223,3 @@ def format_size(n: float) -> str:
         if abs(n) >= scale:
             return f"{n / scale:.2f} {unit}"
     return f"{int(n)} B"
-
-
-# ------------------------------------------------------------------------------------ detection
-
-
-def detect(gpu_mem: int | None = None, ram: int | None = None, flash_dir: str | None = None,
-           base: Hardware | None = None, qtype: str = "q4_0", d_model: int = 4096, config=None,
-           attn_qtype: str | None = None) -> Hardware:
-    """This machine (or `base`, a loaded description) with the budget flags applied.
-
-    gpu_mem: bytes of GPU memory to use (0 disables the GPU; given without a CUDA device it adds
-    a GPU with assumed speeds, for what-if planning). ram: bytes of RAM to use. flash_dir: a
-    directory on the disk to serve flash neurons from; its free space is the capacity and its
-    read speed is probed once per device and cached. qtype, d_model: the FFN weight format and
-    width the kernel probes run (cached per format and width); config, attn_qtype: the model whose
-    layer shape the per-layer probe runs (`measure_cpu_layer_seconds`), when known.
-    """
-    if base is None:
-        rate = measure_cpu_bytes_per_s(qtype, d_model)
-        hw = Hardware(ram=RamTier(psutil.virtual_memory().available, rate,
-                                  measure_cpu_layer_seconds(config, attn_qtype or qtype, qtype, rate)))
-        hw.sources.update({"ram.capacity_bytes": "measured", "ram.bytes_per_s": "measured",
-                           "ram.layer_seconds": "measured"})
-        if torch.cuda.is_available():
-            hw.gpu = measure_gpu(qtype, d_model)
-            hw.sources.update({k: "measured" for k in _source_keys(hw) if k.startswith("gpu.")})
-    else:
-        hw = Hardware(ram=base.ram, gpu=base.gpu, flash=base.flash, sources=dict(base.sources))
-    if ram is not None:
-        hw.ram = RamTier(ram, hw.ram.bytes_per_s, hw.ram.layer_seconds)
-        hw.sources["ram.capacity_bytes"] = "flag"
-    if gpu_mem is not None:
-        if gpu_mem == 0:
-            hw.gpu = None
-            hw.sources = {k: v for k, v in hw.sources.items() if not k.startswith("gpu.")}
-        elif hw.gpu is None:
-            hw.gpu = GpuTier(gpu_mem, **ASSUMED_GPU)
-            hw.sources.update({k: "assumed" for k in _source_keys(hw) if k.startswith("gpu.")})
-            hw.sources["gpu.capacity_bytes"] = "flag"
-        else:
-            hw.gpu = GpuTier(gpu_mem, hw.gpu.bytes_per_s, hw.gpu.h2d_bytes_per_s, hw.gpu.sync_latency_s)
-            hw.sources["gpu.capacity_bytes"] = "flag"
-    if flash_dir is not None:
-        hw.flash = flash_tier(flash_dir)
-        hw.sources.update({"flash.capacity_bytes": "measured", "flash.bytes_per_s": "measured"})
-    return hw
-
-
-def measure_cpu_bytes_per_s(qtype: str = "q4_0", d_model: int = 4096, cache_dir: Path | None = None) -> float:
-    """Neuron bytes per second `hetinfer.kernels.sparse_ffn` streams on the CPU for weights in `qtype`
-    with rows of `d_model`; probed once per (format, width, threads, host) and cached."""
-    from hetinfer import kernels
-
-    key = {"device": "cpu", "host": platform.node(), "qtype": qtype, "d_model": d_model,
-           "threads": kernels.get_threads(), "kernels": _source_hash(kernels.cpu)}
-
-    def probe() -> dict:
-        kernels.warmup()
-        weights = _probe_weights(qtype, d_model, 64 << 20)
-        return _sparse_ffn_rates(*weights, torch.randn(1, d_model), lambda: None, sum(W.row_bytes for W in weights))
-
-    return _cached_probe(f"cpu-probe-{qtype}-{d_model}", key, probe, cache_dir)["bytes_per_s"]
-
-
-# A probe of a model's own layer shape streams about this many weight bytes per token, so that each token
-# finds the layers as a real model does, mostly evicted from the caches since the last token (measured on
-# SmolLM2's shape here: 64 MiB gave 50 us per layer, 256 MiB 86 us, the real model 104 us at the same
-# positions); a model whose one layer is larger than this is probed on the tiny model instead.
-LAYER_PROBE_BYTES = 256 << 20
-
-
-def measure_cpu_layer_seconds(config=None, attn_qtype: str = "q8_0", ffn_qtype: str = "q8_0",
-                              bytes_per_s: float | None = None, cache_dir: Path | None = None) -> float:
-    """The engine's CPU time per layer and token that reading the layer's bytes at `bytes_per_s` does
-    not account for: norms, rotary, residuals, each kernel call, and the slower streaming of small
-    matrices. Timed on one-token decode steps through `Transformer.forward`, the FFN one `sparse_ffn`
-    call per layer over half the neurons as in the sparse engines. With `config` (and the weight
-    formats) the layers are random ones of that model's shape, enough of them to stream
-    LAYER_PROBE_BYTES per token, and their bytes at `bytes_per_s` are subtracted; without it, or when
-    one such layer alone is larger, a tiny random model (8 layers of width 64, every kernel call on
-    all threads), whose bytes take no measurable time. Probed once per (host, threads, kernel and
-    model source, shape) and cached."""
-    from hetinfer import kernels, model
-
-    key = {"device": "cpu", "host": platform.node(), "threads": kernels.get_threads(),
-           "kernels": _source_hash(kernels.cpu), "model": _source_hash(model)}
-    shape = None
-    if config is not None and bytes_per_s and sum(_layer_bytes(config, attn_qtype, ffn_qtype)) <= LAYER_PROBE_BYTES:
-        shape = [config.d_model, config.n_ff, config.n_heads, config.n_kv_heads, config.head_dim, attn_qtype, ffn_qtype]
-        key.update(shape=shape, bytes_per_s=float(f"{bytes_per_s:.3g}"), streamed=LAYER_PROBE_BYTES)
-    name = "cpu-layer-probe" + ("-" + hashlib.sha256(json.dumps(shape).encode()).hexdigest()[:8] if shape else "")
-    return _cached_probe(name, key, lambda: _layer_probe(shape, bytes_per_s), cache_dir)["layer_seconds"]
-
-
-def _layer_bytes(config, attn_qtype: str, ffn_qtype: str) -> tuple[int, int]:
-    """(one layer's bytes read every token: attention, norms; of all its FFN neurons), as the cost model
-    (`model_sizes`) counts them."""
-    from hetinfer.placement.cost import WeightFormats, model_sizes
-
-    sizes = model_sizes(config, WeightFormats(ffn_qtype, ffn_qtype, ffn_qtype, attn_qtype, "q8_0", "q8_0"), n_ctx=1)
-    return int(sizes.layer_bytes[0]), config.n_ff * int(sizes.neuron_bytes[0])
-
-
-def _layer_probe(shape: list | None, bytes_per_s: float | None, steps: int = 32) -> dict:
-    from hetinfer import kernels
-    from hetinfer.config import ModelConfig
-    from hetinfer.model import LayerWeights, Transformer, Weights
-
-    rng = np.random.default_rng(0)
-    d, n_ff, H, KV, hd, attn, ffn_q = shape or [64, 128, 2, 1, 32, "q8_0", "q8_0"]
-    cfg = ModelConfig(arch="llama", n_layers=1, d_model=d, n_ff=n_ff, n_heads=H, n_kv_heads=KV, head_dim=hd,
-                      vocab_size=64, context_length=steps + 2, tied_embeddings=True)
-    dense_bytes, ffn_bytes = _layer_bytes(cfg, attn, ffn_q)
-    n_layers = 8 if shape is None else int(np.clip(LAYER_PROBE_BYTES // (dense_bytes + ffn_bytes), 2, 256))
-    cfg.n_layers = n_layers
-
-    def w(rows: int, cols: int, qtype: str) -> QTensor:  # 64 random rows tiled: real bytes, quick to make
-        small = quantize(rng.standard_normal((min(rows, 64), cols), dtype=np.float32) * 0.1, qtype)
-        return QTensor(qtype, (rows, cols), np.tile(small.data, (-(-rows // 64), 1))[:rows])
-
-    layers = [LayerWeights(torch.ones(d), w(H * hd, d, attn), w(KV * hd, d, attn), w(KV * hd, d, attn),
-                           w(d, H * hd, attn), torch.ones(d), w(n_ff, d, ffn_q), w(n_ff, d, ffn_q), w(d, n_ff, ffn_q))
-              for _ in range(n_layers)]
-    embed = w(cfg.vocab_size, d, "q8_0")
-    tr = Transformer(cfg, Weights(embed, torch.ones(d), embed, layers))
-    down_t = [kernels.transpose_down(L.down) for L in layers]
-    active = np.arange(0, n_ff, 2)
-
-    def ffn(i: int, h: torch.Tensor) -> torch.Tensor:
-        return kernels.sparse_ffn(layers[i].gate, layers[i].up, down_t[i], active, h, cfg.activation)
-
-    kernels.warmup()
-    saved = kernels.MIN_BYTES_PER_THREAD
-    if shape is None:
-        kernels.MIN_BYTES_PER_THREAD = 1  # all threads, as on real weights
-    try:
-        times = []
-        for _ in range(5):
-            cache = tr.new_cache()
-            tr.forward([1], cache, ffn)
-            t = time.perf_counter()
-            for s in range(steps):
-                tr.forward([s % cfg.vocab_size], cache, ffn)
-            times.append((time.perf_counter() - t) / steps)
-    finally:
-        kernels.MIN_BYTES_PER_THREAD = saved
-    per_layer = min(times) / n_layers
-    if shape is not None:  # what reading the layer at the probed rate leaves
-        per_layer = max(0.0, per_layer - (dense_bytes + ffn_bytes * len(active) / n_ff) / bytes_per_s)
-    return {"layer_seconds": per_layer, "layers": n_layers}
-
-
-def measure_gpu(qtype: str = "q4_0", d_model: int = 4096, cache_dir: Path | None = None,
-                seconds: float = 0.3) -> GpuTier:
-    """Free GPU memory, the rate of hetinfer.kernels' CUDA `sparse_ffn` (cached like the CPU probe),
-    pinned host-to-device bandwidth and one round trip."""
-    from hetinfer import kernels
-
-    free, _ = torch.cuda.mem_get_info()
-    # "weights": the GPU kernels' weight layout; probes of the earlier dense f16 copies lack it and re-probe
-    key = {"device": torch.cuda.get_device_name(), "host": platform.node(), "qtype": qtype, "d_model": d_model,
-           "weights": "stored", "kernels": _source_hash(kernels.cuda)}
-
-    def probe() -> dict:
-        weights = _probe_weights(qtype, d_model, 128 << 20)
-        Wg, Wu, Wd = (kernels.to_cuda(W) for W in weights)
-        return _sparse_ffn_rates(Wg, Wu, Wd, torch.randn(1, d_model, device="cuda"), torch.cuda.synchronize,
-                                 sum(W.row_bytes for W in weights))
-
-    gemv = _cached_probe(f"gpu-probe-{qtype}-{d_model}", key, probe, cache_dir)["bytes_per_s"]
-    host = torch.empty(64 << 20, dtype=torch.uint8, pin_memory=True)
-    dev = torch.empty_like(host, device="cuda")
-    h2d = host.numel() / _best_seconds(lambda: (dev.copy_(host, non_blocking=True), torch.cuda.synchronize()), seconds)
-    small = torch.zeros(4096, pin_memory=True)
-    trips = []
-    for _ in range(50):
-        t = time.perf_counter()
-        small.to("cuda", non_blocking=True).cpu()
-        trips.append(time.perf_counter() - t)
-    return GpuTier(int(free), gemv, h2d, statistics.median(trips))
-
-
-def _probe_weights(qtype: str, d_model: int, nbytes: int) -> tuple[QTensor, QTensor, QTensor]:
-    """Gate, up and neuron-major down [n, d_model] in the formats the engine holds them (down as
-    `kernels.transpose_down` makes it), about `nbytes` in all (past the caches): 64 quantized random
-    rows, tiled."""
-    from hetinfer.placement.cost import neuron_down_format
-
-    if qtype not in FORMATS:
-        raise HardwareError(f"cannot probe weight format {qtype!r}; known: {', '.join(FORMATS)}")
-    rng = np.random.default_rng(0)
-    small = [quantize(rng.standard_normal((64, d_model)).astype(np.float32), q)
-             for q in (qtype, qtype, neuron_down_format(qtype))]
-    reps = max(1, nbytes // sum(W.nbytes for W in small))
-    return tuple(QTensor(W.qtype, (64 * reps, d_model), np.tile(W.data, (reps, 1))) for W in small)
-
-
-def _sparse_ffn_rates(Wg, Wu, Wd, x: torch.Tensor, sync, per_neuron: int, seconds: float = 0.15) -> dict:
-    """Stored neuron bytes per second of `kernels.sparse_ffn` over random ascending row sets at each
-    of PROBE_DENSITIES (best of repeated calls: brief interference from other processes does not
-    count), and over all of them: total bytes / total time."""
-    from hetinfer import kernels
-
-    n = Wg.shape[0]
-    rng = np.random.default_rng(0)
-    rates, total_bytes, total_s = [], 0, 0.0
-    for density in PROBE_DENSITIES:
-        rows = np.sort(rng.choice(n, max(1, round(density * n)), replace=False))
-        if isinstance(Wg, kernels.GPUTensor):  # row ids on the device before timing
-            rows = torch.from_numpy(rows).to(Wg.device)
-        best = _best_seconds(lambda r=rows: (kernels.sparse_ffn(Wg, Wu, Wd, r, x, "silu"), sync()), seconds)
-        rates.append(len(rows) * per_neuron / best)
-        total_bytes, total_s = total_bytes + len(rows) * per_neuron, total_s + best
-    return {"bytes_per_s": total_bytes / total_s, "densities": list(PROBE_DENSITIES), "rates": rates}
-
-
-def _best_seconds(fn, seconds: float) -> float:
-    fn()  # warm up
-    times = []
-    deadline = time.perf_counter() + seconds
-    while len(times) < 3 or time.perf_counter() < deadline:
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
-
-
-# ----------------------------------------------------------------------------------- flash probe
-
-
-def flash_tier(flash_dir: str, cache_dir: Path | None = None) -> FlashTier:
-    """Capacity (free space) of `flash_dir` and its read curve, probed once per device and cached."""
-    d = Path(flash_dir)
-    if not d.is_dir():
-        raise HardwareError(
-            f"--flash-dir {flash_dir}: not a directory; create it on the disk that should hold flash neurons")
-    curve = _cached_probe(f"flash-probe-{os.stat(d).st_dev:x}", None, lambda: probe_flash(d), cache_dir)
-    return FlashTier(capacity_bytes=shutil.disk_usage(d).free, dir=str(d.resolve()), **curve)
-
-
-def _source_hash(module) -> str:
-    """A short hash of a kernel module's source: a kernel probe cached before the kernels changed is stale."""
-    return hashlib.sha256(Path(module.__file__).read_bytes()).hexdigest()[:16]
-
-
-def _cache_dir() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "hetinfer"
-
-
-def _cached_probe(name: str, key: dict | None, probe, cache_dir: Path | None) -> dict:
-    """`probe()`'s result, cached in `name`.json; re-probed when the file is absent, unreadable, from
-    another probe version or measured for another `key` (host, format, threads, ...)."""
-    path = (cache_dir or _cache_dir()) / f"{name}.json"
-    try:
-        d = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        d = None
-    if isinstance(d, dict) and d.pop("version", None) == PROBE_VERSION and d.pop("key", None) == key:
-        return d
-    d = probe()
-    atomic_write_text(path, json.dumps({"version": PROBE_VERSION, "key": key, **d}) + "\n")
-    return d
-
-
-def probe_flash(directory: Path, file_bytes: int = 128 << 20, cell_seconds: float = 0.15,
-                read_sizes: tuple[int, ...] = (4096, 16384, 65536, 262144, 1048576),
-                concurrency: tuple[int, ...] = (1, 4, 16)) -> dict:
-    """Random-read throughput of a temp file in `directory` per read size and reads in flight.
-
-    Reads bypass the page cache with O_DIRECT into page-aligned (mmap) buffers; where O_DIRECT is
-    refused (tmpfs, some network filesystems) the cached pages are dropped with
-    posix_fadvise(DONTNEED) before every read instead. ~15 cells x `cell_seconds`.
-    """
-    fd, path = tempfile.mkstemp(dir=directory, prefix=".hetinfer-probe-")
-    try:
-        chunk = 1 << 20
-        file_bytes = max(file_bytes // chunk, 2) * chunk
-        with os.fdopen(fd, "wb") as f:
-            for _ in range(file_bytes // chunk):
-                f.write(os.urandom(chunk))
-            f.flush()
-            os.fsync(f.fileno())
-        method, rfd = _open_uncached(path)
-        try:
-            table = [[_read_rate(rfd, method, file_bytes, size, c, cell_seconds) for c in concurrency]
-                     for size in read_sizes]
-        finally:
-            os.close(rfd)
-    finally:
-        Path(path).unlink(missing_ok=True)
-    return {"read_sizes": list(read_sizes), "concurrency": list(concurrency), "bytes_per_s": table, "method": method}
-
-
-def _open_uncached(path: str) -> tuple[str, int]:
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
-    except OSError:
-        fd = None
-    if fd is not None:
-        buf = mmap.mmap(-1, FLASH_BLOCK)
-        try:
-            os.preadv(fd, [buf], 0)
-            return "o_direct", fd
-        except OSError:
-            os.close(fd)
-        finally:
-            buf.close()
-    fd = os.open(path, os.O_RDONLY)
-    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    return "fadvise", fd
-
-
-def _read_rate(fd: int, method: str, file_bytes: int, size: int, threads: int, seconds: float) -> float:
-    """Aggregate bytes/s of `threads` readers each issuing random aligned reads of `size` bytes."""
-    total = [0] * threads
-    deadline = time.perf_counter() + seconds
-
-    def reader(k: int) -> None:
-        buf = mmap.mmap(-1, size)  # page aligned, as O_DIRECT needs
-        rng = np.random.default_rng(k)
-        slots = (file_bytes - size) // FLASH_BLOCK + 1
-        try:
-            while time.perf_counter() < deadline:
-                off = int(rng.integers(slots)) * FLASH_BLOCK
-                if method == "fadvise":
-                    os.posix_fadvise(fd, off, size, os.POSIX_FADV_DONTNEED)
-                total[k] += os.preadv(fd, [buf], off)
-        finally:
-            buf.close()
-
-    start = time.perf_counter()
-    workers = [threading.Thread(target=reader, args=(k,)) for k in range(threads)]
-    for w in workers:
-        w.start()
-    for w in workers:
-        w.join()
-    return sum(total) / (time.perf_counter() - start)
