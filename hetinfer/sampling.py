@@ -50,14 +50,26 @@ def sample(logits: torch.Tensor, p: SamplingParams, history: list[int], gen: tor
         logits[seen] = torch.where(vals > 0, vals / p.repeat_penalty, vals * p.repeat_penalty)
     if p.temperature == 0:
         return int(torch.argmax(logits))
+    probs, ids = candidates(logits, p)
+    i = int(torch.multinomial(probs / probs.sum(), 1, generator=gen))
+    return i if ids is None else int(ids[i])
+
+
+def candidates(logits: torch.Tensor, p: SamplingParams) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The tokens sampling may pick and their unnormalised probabilities after top-k, temperature,
+    min-p and top-p: (probs [n], ids [n]), or (probs [vocab], None) when no filter needs an order.
+
+    With top-k on, only the k best are ever sorted or exponentiated: over a 49k vocabulary, sorting
+    all of it took 2.4 ms per token, 30% of a SmolLM2 decode step."""
     if p.top_k > 0:
-        kth = torch.topk(logits, min(p.top_k, logits.numel())).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits / p.temperature, dim=-1)
+        vals, ids = torch.topk(logits, min(p.top_k, logits.numel()))  # descending
+    elif p.top_p < 1:
+        vals, ids = torch.sort(logits, descending=True)
+    else:
+        vals, ids = logits, None
+    probs = torch.softmax(vals / p.temperature, dim=-1)
     if p.min_p > 0:
         probs = probs.masked_fill(probs < p.min_p * probs.max(), 0.0)
-    if p.top_p < 1:
-        sorted_p, idx = torch.sort(probs, descending=True)
-        keep = torch.cumsum(sorted_p, 0) - sorted_p < p.top_p  # always keeps the first
-        probs = torch.zeros_like(probs).scatter(0, idx[keep], sorted_p[keep])
-    return int(torch.multinomial(probs / probs.sum(), 1, generator=gen))
+    if p.top_p < 1:  # probs are in descending order here: keep the smallest prefix reaching top_p
+        probs = probs.masked_fill(torch.cumsum(probs, 0) - probs >= p.top_p, 0.0)
+    return probs, ids

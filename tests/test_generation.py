@@ -4,7 +4,7 @@ import torch
 
 from hetinfer.errors import HetinferError
 from hetinfer.generate import Session
-from hetinfer.sampling import SamplingParams, make_generator, sample
+from hetinfer.sampling import SamplingParams, candidates, make_generator, sample
 
 
 def test_incremental_decode_equals_full_recompute(model_f32):  # float engine: exact up to float32 rounding
@@ -43,6 +43,34 @@ def test_seeded_sampling_is_reproducible_and_seeds_differ(model):
                                                                seed=7, max_tokens=12)))
     d = "".join(Session(model, n_ctx=256).complete("Once upon a time", p))
     assert a == b == d and a != c and s.stats.gen_tokens == 12
+
+
+def _full_vocab_probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+    """The filters as plainly as possible, over the whole vocabulary (what `candidates` must equal)."""
+    logits = logits.clone()
+    if p.top_k > 0:
+        kth = torch.sort(logits, descending=True).values[p.top_k - 1]
+        logits[logits < kth] = float("-inf")
+    probs = torch.softmax(logits / p.temperature, -1)
+    if p.min_p > 0:
+        probs[probs < p.min_p * probs.max()] = 0
+    if p.top_p < 1:
+        order = torch.argsort(probs, descending=True)
+        before = torch.cumsum(probs[order], 0) - probs[order]
+        probs[order[before >= p.top_p]] = 0
+    return probs / probs.sum()
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(top_k=0, top_p=0.9, min_p=0), dict(top_k=0, top_p=1, min_p=0.1),
+                                dict(temperature=0.5, top_k=5, top_p=1, min_p=0),
+                                dict(temperature=1.3, top_k=0, top_p=1, min_p=0)])
+def test_candidates_equal_full_vocabulary_filters(kw):
+    logits = torch.randn(1000, generator=torch.Generator().manual_seed(0)) * 3
+    p = SamplingParams(**kw)
+    probs, ids = candidates(logits, p)
+    got = torch.zeros(1000)
+    got[torch.arange(1000) if ids is None else ids] = probs / probs.sum()
+    assert torch.allclose(got, _full_vocab_probs(logits, p), atol=1e-6)
 
 
 def test_sampling_filters():
