@@ -111,7 +111,11 @@ def write_json_atomic(path: str, obj) -> None:
 def cmd_generate(args: argparse.Namespace) -> int:
     session = open_session(args)
     params = sampling_params(args)
-    for piece in session.complete(args.prompt, params):
+    if args.chat:  # one user turn through the model's chat template: what an instruct model answers
+        pieces = session.chat([{"role": "user", "content": args.prompt}], params)
+    else:
+        pieces = session.complete(args.prompt, params)
+    for piece in pieces:
         print(piece, end="", flush=True)
     print()
     report(session, args)
@@ -169,6 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="continue a prompt, streaming text to stdout")
     add_model_args(p)
     p.add_argument("-p", "--prompt", required=True)
+    p.add_argument("--chat", action="store_true",
+                   help="send the prompt as one user message in the model's chat template and stream the "
+                        "answer (for instruct models; without it the prompt is continued as plain text)")
     add_sampling_args(p)
     p.set_defaults(run=cmd_generate)
 

@@ -23,6 +23,19 @@ def test_generate_streams_greedy_text_and_writes_stats(model, model_path, tmp_pa
     assert "tok/s" in p.stderr
 
 
+def test_generate_chat_answers_one_user_turn(model, model_path):
+    p = subprocess.run(
+        [sys.executable, "-m", "hetinfer.cli", "generate", "-m", model_path, "--chat", "-p", "What is 2 + 2?",
+         "-n", "8", "--temperature", "0"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert p.returncode == 0, p.stderr
+    want = "".join(Session(model, 128).chat([{"role": "user", "content": "What is 2 + 2?"}],
+                                             SamplingParams(temperature=0, max_tokens=8)))
+    plain = "".join(Session(model, 128).complete("What is 2 + 2?", SamplingParams(temperature=0, max_tokens=8)))
+    assert p.stdout == want + "\n" and want != plain
+
+
 def test_info_json(model_path):
     p = subprocess.run([sys.executable, "-m", "hetinfer.cli", "info", "-m", model_path, "--json"],
                        capture_output=True, text=True, timeout=300)
