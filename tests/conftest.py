@@ -15,6 +15,15 @@ def data_path(*parts: str) -> str:
     return path
 
 
+@pytest.fixture(scope="session", autouse=True)
+def kernels_from_cache() -> None:
+    """Every test runs the kernels as a user's process does: loaded from numba's cache (compiled by a
+    child process when the cache is cold, see `kernels.warmup`), never compiled fresh in this one."""
+    from hetinfer import kernels
+
+    kernels.warmup()
+
+
 @pytest.fixture(scope="session")
 def model_path() -> str:
     from hetinfer.errors import HetinferError
