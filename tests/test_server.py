@@ -183,6 +183,16 @@ def test_completions_stop_seed_and_sse_framing(server, reference):
     assert chunks[-1]["choices"][0]["finish_reason"] == "stop" and chunks[0]["object"] == "text_completion"
 
 
+def test_model_may_be_omitted(server, reference):
+    """curl users often leave out "model": the server then answers with the one model it serves."""
+    msgs = chat_messages("What is the capital of France?")
+    want, _ = reference(msgs, 6)
+    r = httpx.post(server.base + "/v1/chat/completions", headers=server.headers, timeout=300,
+                   json={"messages": msgs, "max_tokens": 6, "temperature": 0})
+    assert r.status_code == 200, r.text
+    assert r.json()["model"] == MODEL_ID and r.json()["choices"][0]["message"]["content"] == want
+
+
 BAD_REQUESTS = [  # (body, status, param, code)
     ({"model": "gpt-4", "messages": [{"role": "user", "content": "hi"}]}, 404, "model", "model_not_found"),
     ({"model": MODEL_ID, "messages": []}, 400, "messages", None),
@@ -213,7 +223,7 @@ def test_bad_chat_requests_get_openai_errors(server, body, status, param, code):
 
 
 def test_bad_bodies_and_completions_errors(server):
-    for raw in ['{"model": ', "not json", "[1, 2]", json.dumps({"messages": [{"role": "user", "content": "hi"}]})]:
+    for raw in ['{"model": ', "not json", "[1, 2]", json.dumps({"model": MODEL_ID})]:
         r = server.post("/v1/chat/completions", raw)
         assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error", r.text
     with pytest.raises(openai.BadRequestError) as e:

@@ -209,8 +209,8 @@ def create_app(session: Session, model_id: str, api_key: str | None = None, max_
     async def _server_error(request: Request, e: Exception) -> JSONResponse:
         return JSONResponse(error_body(f"internal error: {e!r}", type="server_error"), status_code=500)
 
-    def check_model(name: str) -> None:
-        if name != model_id:
+    def check_model(name: str | None) -> None:
+        if name is not None and name != model_id:
             raise ApiError(404, f"model {name!r} not found; this server serves {model_id!r}", param="model",
                            code="model_not_found")
 

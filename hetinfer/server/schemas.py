@@ -36,7 +36,7 @@ class StreamOptions(_Strict):
 
 
 class _Request(_Strict):
-    model: str
+    model: str | None = None  # omitted: the model this server serves (as llama.cpp's server does)
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
