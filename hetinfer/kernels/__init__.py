@@ -537,6 +537,8 @@ def warmup() -> float:
     _compile_all()
     if stamp is not None and os.environ.get(_CHILD):
         try:
+            for old in stamp.parent.glob("hetinfer-kernels-*.ready"):
+                old.unlink()
             stamp.write_text(f"numba {numba.__version__}\n")
         except OSError:  # a read-only cache directory: numba then does not cache either
             pass
@@ -548,12 +550,14 @@ _CHILD = "HETINFER_KERNELS_COMPILING"
 
 def _cache_stamp() -> Path | None:
     """A file beside numba's cache of the CPU kernels that the compiling child writes once every kernel
-    is in it, named for the kernels' source and numba's version (either change recompiles)."""
+    is in it, named for numba's version and the kernel sources' modification times and sizes (what
+    numba's own cache index is keyed on, so whatever makes numba recompile also makes a new stamp)."""
     try:
-        src = b"".join(Path(m.__file__).read_bytes() for m in (cpu, simd))
+        stats = [os.stat(m.__file__) for m in (cpu, simd)]
     except OSError:
         return None
-    key = hashlib.sha256(src + numba.__version__.encode()).hexdigest()[:16]
+    key = hashlib.sha256(repr([numba.__version__] + [(st.st_mtime_ns, st.st_size) for st in stats]).encode())
+    key = key.hexdigest()[:16]
     return Path(cpu.matvec.stats.cache_path) / f"hetinfer-kernels-{key}.ready"
 
 
