@@ -528,14 +528,14 @@ def warmup() -> float:
     the same code loaded from its cache, enough to change a greedy continuation, so only cached code
     runs here and the first run on a machine gives the same text as every later one."""
     t0 = time.perf_counter()
-    stamp = _cache_stamp()
-    if stamp is not None and not stamp.exists() and not os.environ.get(_CHILD):
+    stamp, is_child = _cache_stamp(), bool(os.environ.get(_CHILD))
+    if stamp is not None and not is_child and not stamp.exists():
         child = subprocess.run([sys.executable, "-c", "from hetinfer import kernels; kernels.warmup()"],
                                env=dict(os.environ, **{_CHILD: "1"}))
         if child.returncode != 0:  # compile here instead; the error, if it is ours, shows below
             warnings.warn(f"compiling the kernels in a child process failed (exit {child.returncode})")
     _compile_all()
-    if stamp is not None and os.environ.get(_CHILD):
+    if stamp is not None and is_child:
         try:
             for old in stamp.parent.glob("hetinfer-kernels-*.ready"):
                 old.unlink()
