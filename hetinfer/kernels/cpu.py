@@ -29,7 +29,7 @@ ACT = {"silu": 0, "relu": 1, "gelu": 2}
 # ---------------------------------------------------------------------------------------------
 
 
-@njit(error_model="numpy", cache=True)
+@njit(error_model="numpy", cache=True, nogil=True)
 def quantize_x(x, xq, xs):
     """x [T, cols] (C-contiguous, cols % 32 == 0) as the 8-bit blocks the block-format dots read
     (llama.cpp's q8_0 activations, with q8_1's block sum).
@@ -191,7 +191,7 @@ def _matvec_rows(fmt, ws, x, xq, xs, outs, lo, hi):
         base += n
 
 
-@njit(parallel=_PRANGE_ONLY, error_model="numpy", cache=True)
+@njit(parallel=_PRANGE_ONLY, error_model="numpy", cache=True, nogil=True)
 def matvec(fmt, ws, x, outs, nchunks):
     """outs[m][t] = ws[m] @ x[t] for every matrix m in the tuple `ws` (same format and cols).
 
@@ -219,7 +219,7 @@ def _gather_rows(fmt, w, rows, x, xq, xs, out, lo, hi):
             out[t, k] = _rowdot(fmt, w, r, x, xq, xs, t, nxt if t == 0 else r)
 
 
-@njit(parallel=_PRANGE_ONLY, error_model="numpy", cache=True)
+@njit(parallel=_PRANGE_ONLY, error_model="numpy", cache=True, nogil=True)
 def gather_matvec(fmt, w, rows, x, out, nchunks):
     """out[t, k] = w[rows[k]] @ x[t]; returns -1, or the position of an id outside w (nothing computed)."""
     n = rows.shape[0]
@@ -243,7 +243,7 @@ def _scatter_rows(fmt, w, rows, a, y, lo, hi):
         _rowaxpy(fmt, w, rows[k], a[k], y, rows[k + pf] if k + pf < hi else rows[k])
 
 
-@njit(parallel=_PRANGE_ONLY, error_model="numpy", cache=True)
+@njit(parallel=_PRANGE_ONLY, error_model="numpy", cache=True, nogil=True)
 def scatter_axpy(fmt, w, rows, a, y, nchunks):
     """y += sum_k a[k] * w[rows[k]]   (y: [cols]); chunks add into their own partial vector.
     Returns -1, or the position of an id outside w (y untouched)."""
@@ -276,7 +276,7 @@ def _gate_up_rows(fmt, wg, wu, x, xq, xs, act, h, lo, hi):
             h[t, i] = _act(act, g) * _rowdot(fmt, wu, i, x, xq, xs, t, nxt if t == 0 else i)
 
 
-@njit(parallel=_PRANGE_ONLY, error_model="numpy", cache=True)
+@njit(parallel=_PRANGE_ONLY, error_model="numpy", cache=True, nogil=True)
 def gate_up(fmt, wg, wu, x, act, h, nchunks):
     """h[t, i] = act(wg[i] @ x[t]) * (wu[i] @ x[t]): the dense FFN's first half in one pass."""
     n = wg.shape[0]
@@ -300,7 +300,7 @@ def _ffn_rows(fmt, wg, wu, fmt_d, wd_t, rows, x, xq, xs, act, y, h, lo, hi):
         _rowaxpy(fmt_d, wd_t, i, hk, y, nxt)
 
 
-@njit(parallel=_PRANGE_ONLY, error_model="numpy", cache=True)
+@njit(parallel=_PRANGE_ONLY, error_model="numpy", cache=True, nogil=True)
 def sparse_ffn(fmt, wg, wu, fmt_d, wd_t, rows, x, act, y, h, nchunks):
     """For each active neuron i = rows[k]: h[k] = act(wg[i] @ x) * (wu[i] @ x); y = sum_k h[k] * wd_t[i].
 
@@ -340,7 +340,7 @@ def _dequant_rows(fmt, w, rows, out, lo, hi):
         _rowaxpy(fmt, w, rows[k], np.float32(1.0), out[k], rows[k + pf] if k + pf < hi else rows[k])
 
 
-@njit(parallel=_PRANGE_ONLY, error_model="numpy", cache=True)
+@njit(parallel=_PRANGE_ONLY, error_model="numpy", cache=True, nogil=True)
 def dequantize_rows(fmt, w, rows, out, nchunks):
     """out[k] = w[rows[k]] as float32 (embedding lookups, prefill tiles); returns -1, or the position
     of an id outside w (nothing written)."""
@@ -357,7 +357,7 @@ def dequantize_rows(fmt, w, rows, out, nchunks):
     return -1
 
 
-@njit(fastmath=True, error_model="numpy", cache=True)
+@njit(fastmath=True, error_model="numpy", cache=True, nogil=True)
 def rms_norm(x, w, eps, out):
     """out[t] = x[t] / sqrt(mean(x[t]^2) + eps) * w."""
     d = x.shape[1]
@@ -434,7 +434,7 @@ def _attend_span(q, kc, vc, lo, hi, m, l, acc):
                 acc[h, e] += w * vc[p, g, e]
 
 
-@njit(parallel=_PRANGE_ONLY, fastmath=True, error_model="numpy", cache=True)
+@njit(parallel=_PRANGE_ONLY, fastmath=True, error_model="numpy", cache=True, nogil=True)
 def attention_decode(q, k, v, kc, vc, pos, cos, sin, interleaved, out, nchunks):
     """One new token's attention. q [H*hd], k and v [KV*hd] (unrotated projections); kc/vc
     [n_ctx, KV, hd] this layer's cache, which gets rotated k and v at `pos`; out [H, hd] =
@@ -489,7 +489,7 @@ def attention_decode(q, k, v, kc, vc, pos, cos, sin, interleaved, out, nchunks):
 # ---------------------------------------------------------------------------------------------
 
 
-@njit(error_model="numpy", cache=True)
+@njit(error_model="numpy", cache=True, nogil=True)
 def attention_block(x, attn_norm, ffn_norm, eps, fmt, wq, wk, wv, fmt_o, wo, bq, bk, bv, kc, vc, pos, cos, sin,
                     interleaved, h, nchunks_qkv, nchunks_att, nchunks_o):
     """The attention half of a decoder layer for one token: x += wo @ attention(q, k, v) with
@@ -517,7 +517,7 @@ def attention_block(x, attn_norm, ffn_norm, eps, fmt, wq, wk, wv, fmt_o, wo, bq,
     rms_norm(x, ffn_norm, eps, h)
 
 
-@njit(error_model="numpy", cache=True)
+@njit(error_model="numpy", cache=True, nogil=True)
 def dense_ffn(fmt, wg, wu, fmt_d, wd, x, act, y, nchunks_gate_up, nchunks_down):
     """y = wd @ (act(wg @ x) * (wu @ x)) for x [T, d] (T <= a few tokens): `gate_up`, then `matvec`."""
     a = np.empty((x.shape[0], wg.shape[0]), np.float32)
@@ -525,7 +525,7 @@ def dense_ffn(fmt, wg, wu, fmt_d, wd, x, act, y, nchunks_gate_up, nchunks_down):
     matvec(fmt_d, (wd,), a, (y,), nchunks_down)
 
 
-@njit(error_model="numpy", cache=True)
+@njit(error_model="numpy", cache=True, nogil=True)
 def predict_rows(fmt1, w1, fmt2, w2_t, x, threshold, rows, nchunks1, nchunks2):
     """A low-rank predictor's choice for one token: rows[:n] = the ids i, ascending, with
     (w2 @ relu(w1 @ x))[i] > threshold; returns n. w2 comes transposed, w2_t [r, n_ff], so that the
