@@ -11,11 +11,17 @@ import time
 from hetinfer.errors import HetinferError
 
 # Modules that contribute subcommands through add_parser(subparsers) -> registers run(args) -> int.
-SUBCOMMAND_MODULES: tuple[str, ...] = ("hetinfer.profiler.cli", "hetinfer.placement.cli", "hetinfer.server.cli")
+SUBCOMMAND_MODULES: tuple[str, ...] = ("hetinfer.profiler.cli", "hetinfer.placement.cli", "hetinfer.server.cli",
+                                       "hetinfer.offload.cli")
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-m", "--model", help="GGUF file or Hugging Face checkpoint directory (default: SmolLM2-135M-Instruct)")
+    add_engine_args(p)
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    """The flags of the engine that runs a model or a deployment (threads, context, weights, sparse modes)."""
     p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: all cores available)")
     p.add_argument("--ctx", type=int, default=4096, help="context size in tokens (default 4096, capped at the model's)")
     p.add_argument("--weights", choices=("native", "f16", "f32"), default="native",
@@ -49,6 +55,7 @@ def sampling_params(args: argparse.Namespace):
 
 
 def open_session(args: argparse.Namespace):
+    """A Session for `args.model`, or for `args.deploy` (a deployment from `hetinfer prepare`)."""
     from hetinfer.generate import Session
     from hetinfer.loader import load_model
     from hetinfer.sparse import engine_ffn
@@ -60,10 +67,27 @@ def open_session(args: argparse.Namespace):
 
         torch.set_num_threads(args.threads)
         kernels.set_threads(args.threads)
+    deploy = getattr(args, "deploy", None)
+    if deploy is not None:
+        if args.model:
+            raise HetinferError(f"give a deployment ({deploy}) or -m MODEL, not both: the deployment names its model")
+        return _open_deployment(args, deploy)
     model = load_model(args.model, weights=args.weights)
     ffn = engine_ffn(model, args.sparsity, args.profile, args.predictors)
     prepare_kernels(getattr(args, "verbose", False))
     return Session(model, n_ctx=args.ctx, ffn=ffn)
+
+
+def _open_deployment(args: argparse.Namespace, path: str):
+    from hetinfer.offload import deploy
+
+    if args.predictors or args.profile or args.sparsity not in (None, 0):
+        raise HetinferError("a deployment runs its own predictors; --sparsity 0 (every neuron) is the only sparse flag "
+                            "it takes")
+    dep = deploy.load_deployment(path, weights=None if args.weights == "native" else args.weights)
+    prepare_kernels(getattr(args, "verbose", False))
+    n_ctx = args.ctx if args.ctx != 4096 else None  # the default: the context the deployment was planned for
+    return deploy.open_session(dep, n_ctx=n_ctx, every_neuron=args.sparsity == 0)
 
 
 def prepare_kernels(verbose: bool) -> None:
@@ -89,14 +113,23 @@ def report(session, args: argparse.Namespace) -> None:
     meter = getattr(session.ffn, "meter", None)
     if meter is not None:
         stats["ffn_density"] = round(meter.overall(), 4)  # fraction of FFN neurons computed so far
+    offload = getattr(session.ffn, "report", None)
+    if offload is not None:
+        stats.update(offload())
     if args.verbose:
-        sparse = f" | FFN density {stats['ffn_density']:.1%}" if meter is not None else ""
+        sparse = f" | FFN density {stats['ffn_density']:.1%}" if "ffn_density" in stats else ""
         print(
             f"\n[prompt {stats['prompt_tokens']} tok, {stats['prompt_tok_s']:.1f} tok/s | "
             f"generated {stats['gen_tokens']} tok, {stats['gen_tok_s']:.1f} tok/s | "
             f"peak RSS {stats['peak_rss_bytes'] / 2**20:.0f} MiB{sparse}]",
             file=sys.stderr,
         )
+        if offload is not None:
+            print(f"[flash {stats['flash_bytes_per_token'] / 2**10:.0f} KiB/token in "
+                  f"{stats['flash_reads_per_token']:.1f} reads | window cache hit rate {stats['cache_hit_rate']:.1%} | "
+                  f"per token: predict {stats['predict_s_per_token'] * 1e3:.2f} ms, I/O wait "
+                  f"{stats['io_wait_s_per_token'] * 1e3:.2f} ms, FFN compute {stats['compute_s_per_token'] * 1e3:.2f} ms]",
+                  file=sys.stderr)
     if args.stats_json:
         write_json_atomic(args.stats_json, stats)
 
@@ -180,6 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_generate)
 
     p = sub.add_parser("chat", help="interactive multi-turn chat with the model's template")
+    p.add_argument("deploy", nargs="?", metavar="DEPLOY", help="a deployment from `hetinfer prepare` instead of -m")
     add_model_args(p)
     p.add_argument("--system", help="system message")
     add_sampling_args(p, default_temp=0.7)

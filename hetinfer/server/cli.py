@@ -38,7 +38,11 @@ def model_id(path: str) -> str:
 def run(args: argparse.Namespace) -> int:
     if args.path and args.model and args.path != args.model:
         raise HetinferError(f"two models given ({args.path} and -m {args.model}); give one")
+    from hetinfer.offload.deploy import is_deployment
+
     args.model = args.path or args.model
+    if is_deployment(args.model):
+        args.deploy, args.model = args.model, None
     if args.max_queue < 1 or args.max_tokens < 1:
         raise HetinferError("--max-queue and --max-tokens must be at least 1")
     try:

@@ -1,0 +1,298 @@
+"""Deployments: `hetinfer prepare` runs profile -> predictors -> place -> store and writes a
+directory whose manifest names them all; `open_deployment` turns one into a Session.
+
+A deployment directory (docs/formats/deployment.md):
+
+    DEPLOY/
+      deployment.json   manifest: the model (path + fingerprint) and each artefact's path
+      profile/          `hetinfer profile` output          (unless --profile named another)
+      predictors/       `hetinfer train-predictors` output (unless --predictors named another)
+      plan/             `hetinfer place` output
+    FLASH_DIR/NAME.store/   the flash store (`hetinfer.offload.store`), on the disk that serves it
+
+Each step is the same code as its own command, run only when its artefact is missing, invalid or
+made from other inputs, and each writes atomically; so an interrupted `prepare` (Ctrl-C, kill -9)
+continues where it stopped on the next run, and nothing half-written is ever used. Paths inside
+DEPLOY are stored relative to it, so a deployment directory can be moved.
+"""
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from hetinfer.atomic import atomic_write_json
+from hetinfer.errors import ArtifactError, HetinferError
+
+DEPLOY_FORMAT = "hetinfer.deployment"
+DEPLOY_VERSION = 1
+MANIFEST = "deployment.json"
+REDO = "re-run `hetinfer prepare`"
+
+
+class DeploymentError(ArtifactError):
+    """A deployment that cannot be used; the message names the problem and the fix."""
+
+
+@dataclass
+class PrepareOptions:
+    output: str
+    flash_dir: str
+    model: str | None = None
+    ram: int | None = None  # bytes for model data: dense parts, RAM-tier neurons, window cache, KV cache
+    gpu_mem: int | None = None
+    ctx: int = 4096
+    kv: str = "f32"
+    data: list[str] = field(default_factory=list)  # calibration files; empty: the set shipped with hetinfer
+    tokens: int = 100_000  # calibration tokens for the profile
+    profile: str | None = None  # an existing profile to use instead of profiling
+    predictors: str | None = None  # existing predictors to use instead of training
+    window: int = 5  # tokens a flash neuron stays in the RAM window cache
+    weights: str = "native"  # format the store keeps gate/up in (native: as in the model file; f32: exact mode)
+    threads: int | None = None
+
+
+def prepare(opts: PrepareOptions) -> Path:
+    """Run every missing step and write DEPLOY/deployment.json; returns the manifest's path."""
+    from hetinfer.loader import load_model, resolve_model_path
+
+    out = Path(opts.output)
+    _check_outputs(out, Path(opts.flash_dir))
+    model_path = os.path.abspath(resolve_model_path(opts.model))
+    model = load_model(model_path, weights=opts.weights)
+    common = ["-m", model_path] + (["-t", str(opts.threads)] if opts.threads else [])
+
+    profile = Path(opts.profile) if opts.profile else out / "profile"
+    if opts.profile is None and not _valid(lambda: _load_profile(profile, model), "profile"):
+        data = opts.data or _default_calibration()
+        _step("1/4 profile", ["profile", *common, "--data", *data, "--tokens", str(opts.tokens), "-o", str(profile)])
+    _load_profile(profile, model)
+
+    predictors = Path(opts.predictors) if opts.predictors else out / "predictors"
+    if opts.predictors is None and not _valid(lambda: _load_predictors(predictors, model), "predictors"):
+        _step("2/4 predictors", ["train-predictors", *common, "--profile", str(profile), "-o", str(predictors)])
+    _load_predictors(predictors, model)
+
+    plan_dir = out / "plan"
+    place = ["place", *common, "--profile", str(profile), "--predictors", str(predictors), "--flash-dir",
+             opts.flash_dir, "--ctx", str(opts.ctx), "--window", str(opts.window), "-o", str(plan_dir)]
+    place += [f for flag, v in (("--ram", opts.ram), ("--gpu-mem", opts.gpu_mem)) if v is not None for f in (flag, str(v))]
+    wanted = {"ram": opts.ram, "gpu_mem": opts.gpu_mem, "ctx": min(opts.ctx, model.config.context_length),
+              "window": opts.window, "predictors": os.path.abspath(predictors), "flash_dir": os.path.abspath(opts.flash_dir)}
+    if not _valid(lambda: _check_plan(plan_dir, wanted), "plan"):
+        _step("3/4 place", place)
+    plan = _check_plan(plan_dir, wanted)
+
+    from hetinfer.offload.store import build_store, open_store
+    from hetinfer.profiler.artifact import load_profile
+
+    tiers_sha = hashlib.sha256(plan.tiers.tobytes()).hexdigest()[:16]
+    store_path = Path(opts.flash_dir) / f"{Path(model_path).stem}.{tiers_sha}.{opts.weights}.store"
+    if not _valid(lambda: open_store(store_path, model), "store"):
+        print(f"[4/4 store] writing {store_path}", file=sys.stderr)
+        prof = load_profile(str(profile), model)
+        build_store(model, store_path, plan.tiers, [prof.neuron_order(i) for i in range(model.config.n_layers)],
+                    weights=opts.weights)
+    open_store(store_path, model)
+
+    manifest = {
+        "format": DEPLOY_FORMAT,
+        "version": DEPLOY_VERSION,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "model": {"path": _rel(model_path, out), "fingerprint": model.fingerprint},
+        "profile": _rel(profile, out),
+        "predictors": _rel(predictors, out),
+        "plan": _rel(plan_dir, out),
+        "store": _rel(store_path, out),
+        "weights": opts.weights,
+        "ctx": wanted["ctx"],
+        "kv": opts.kv,
+        "window": opts.window,
+        "ram_budget_bytes": plan.manifest["tiers"]["ram"]["capacity_bytes"],
+    }
+    atomic_write_json(out / MANIFEST, manifest)
+    return out / MANIFEST
+
+
+def _check_outputs(out: Path, flash_dir: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise HetinferError(f"-o {out} exists and is not a directory; a deployment is a directory, pick another path")
+    if not flash_dir.is_dir():
+        raise HetinferError(f"--flash-dir {flash_dir} is not a directory; create it on the disk that should serve "
+                            "the flash neurons (e.g. mkdir -p {flash_dir})".replace("{flash_dir}", str(flash_dir)))
+    if not os.access(flash_dir, os.W_OK | os.X_OK):
+        raise HetinferError(f"--flash-dir {flash_dir} is not writable; pick a directory you can write to")
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def _valid(load, what: str) -> bool:
+    """Whether an existing artefact loads; a present but unusable one is reported and redone."""
+    try:
+        load()
+        print(f"[{what}] reusing the existing one", file=sys.stderr)
+        return True
+    except ArtifactError as e:
+        if "not found" not in str(e) and "no manifest" not in str(e) and "no plan.json" not in str(e):
+            print(f"[{what}] remaking it: {e}", file=sys.stderr)
+        return False
+
+
+def _step(title: str, argv: list[str]) -> None:
+    """Run one step exactly as its own command would (`hetinfer ARGV`)."""
+    from hetinfer.cli import build_parser
+
+    print(f"[{title}] hetinfer {' '.join(argv)}", file=sys.stderr)
+    args = build_parser().parse_args(argv)
+    args.run(args)
+
+
+def _load_profile(path: Path, model):
+    from hetinfer.profiler.artifact import load_profile
+
+    return load_profile(str(path), model)
+
+
+def _load_predictors(path: Path, model):
+    from hetinfer.profiler.predictors import load_predictors
+
+    return load_predictors(str(path), model)
+
+
+def _check_plan(path: Path, wanted: dict):
+    """The plan at `path` if it was made from these inputs (budget, context, window, predictors, flash dir)."""
+    from hetinfer.placement import load_plan
+
+    plan = load_plan(path)
+    m = plan.manifest
+    hw = m["hardware"]
+    have = {"ram": hw["ram"]["capacity_bytes"] if wanted["ram"] is not None else None,
+            "gpu_mem": (hw["gpu"] or {}).get("capacity_bytes") if wanted["gpu_mem"] is not None and hw.get("gpu")
+            else (0 if wanted["gpu_mem"] == 0 else None),
+            "ctx": m["model"]["n_ctx"], "window": m["window_tokens"], "predictors": m["predictors"]["source"],
+            "flash_dir": os.path.abspath((hw.get("flash") or {}).get("dir", ""))}
+    diff = [k for k in wanted if have[k] != wanted[k]]
+    if diff:
+        raise ArtifactError(f"{path}: made for another {', '.join(diff)}")
+    return plan
+
+
+def _default_calibration() -> list[str]:
+    from hetinfer.data import default_calibration
+
+    return default_calibration()
+
+
+def _rel(path, base: Path) -> str:
+    """`path` relative to `base` when it lies inside it (so the deployment can move), else absolute."""
+    p, b = Path(path).resolve(), base.resolve()
+    return str(p.relative_to(b)) if p.is_relative_to(b) else str(p)
+
+
+# ---------------------------------------------------------------------------------------------
+# opening a deployment
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Deployment:
+    path: Path
+    manifest: dict
+    model: object  # hetinfer.loader.Model
+    plan: object  # hetinfer.placement.Plan
+    store: object  # hetinfer.offload.store.Store
+    predictors: object  # hetinfer.profiler.predictors.Predictors
+
+
+def load_deployment(path: str | Path, weights: str | None = None) -> Deployment:
+    """Read and validate DEPLOY/deployment.json and everything it names."""
+    from hetinfer.loader import load_model
+    from hetinfer.offload.store import open_store
+    from hetinfer.placement import load_plan
+
+    d = Path(path)
+    try:
+        m = json.loads((d / MANIFEST).read_text())
+    except FileNotFoundError:
+        raise DeploymentError(f"{d}: no {MANIFEST}; not a deployment (make one with `hetinfer prepare -o {d} ...`)") from None
+    except (OSError, ValueError) as e:
+        raise DeploymentError(f"{d / MANIFEST}: unreadable ({e}); {REDO}") from None
+    if not isinstance(m, dict) or m.get("format") != DEPLOY_FORMAT:
+        raise DeploymentError(f"{d / MANIFEST}: not a hetinfer deployment (format is not {DEPLOY_FORMAT!r})")
+    if m.get("version") != DEPLOY_VERSION:
+        raise DeploymentError(f"{d / MANIFEST}: deployment version {m.get('version')!r}, this hetinfer reads "
+                              f"{DEPLOY_VERSION}; {REDO}")
+    try:
+        model_path = _resolve(d, m["model"]["path"])
+        fp = m["model"]["fingerprint"]
+        parts = {k: _resolve(d, m[k]) for k in ("profile", "predictors", "plan", "store")}
+        stored_weights = m["weights"]
+    except (KeyError, TypeError) as e:
+        raise DeploymentError(f"{d / MANIFEST}: missing or bad field {e}; {REDO}") from None
+    if not os.path.exists(model_path):
+        raise DeploymentError(f"the model file of deployment {d} is gone ({model_path}); put it back there, or "
+                              f"{REDO} with -m pointing at it")
+    model = load_model(model_path, weights=weights or stored_weights)
+    if model.fingerprint != fp:
+        raise DeploymentError(f"{model_path} is not the model deployment {d} was prepared for (fingerprint "
+                              f"{model.fingerprint}, expected {fp}); {REDO}")
+    plan = load_plan(parts["plan"])
+    if plan.config.to_dict() != model.config.to_dict():
+        raise DeploymentError(f"{parts['plan']}: the plan is for another model; {REDO}")
+    store = open_store(parts["store"], model)
+    predictors = _load_predictors(Path(parts["predictors"]), model)
+    return Deployment(d, m, model, plan, store, predictors)
+
+
+def _resolve(base: Path, p: str) -> str:
+    return str(p) if os.path.isabs(p) else str(base / p)
+
+
+def is_deployment(path: str | None) -> bool:
+    return bool(path) and os.path.isfile(os.path.join(path, MANIFEST))
+
+
+def tier_counts(plan) -> np.ndarray:
+    """int64 [n_layers, 3]: neurons per layer on the gpu, ram and flash tiers."""
+    return np.stack([(plan.tiers == t).sum(axis=1) for t in range(3)], axis=1).astype(np.int64)
+
+
+def cache_capacity(plan, record_bytes: list[int]) -> np.ndarray:
+    """Window-cache slots per layer: the plan's window-cache bytes shared in proportion to each
+    layer's flash neurons (never more slots than the layer has flash neurons)."""
+    n_flash = tier_counts(plan)[:, 2]
+    share = n_flash / max(int(n_flash.sum()), 1)
+    slots = np.floor(plan.window_cache_bytes * share / np.asarray(record_bytes)).astype(np.int64)
+    return np.minimum(slots, n_flash)
+
+
+def open_session(dep: Deployment, n_ctx: int | None = None, every_neuron: bool = False, direct: bool | None = None,
+                 lookahead: bool = True, threads: int | None = None):
+    """A Session whose FFN executes the deployment's plan (`every_neuron`: the exact mode, --sparsity 0)."""
+    from hetinfer.generate import Session
+    from hetinfer.offload.ffn import TieredFFN
+    from hetinfer.offload.reader import FlashReader
+    from hetinfer.placement.hardware import Hardware
+
+    counts = tier_counts(dep.plan)
+    if counts[:, 0].any():
+        raise DeploymentError(f"{dep.path} was planned with GPU-tier neurons, which this engine does not run yet; "
+                              f"{REDO} with --gpu-mem 0")
+    hw = Hardware.from_dict(dep.plan.manifest["hardware"], f"{dep.path}: plan hardware")
+    reader = FlashReader(dep.store.data_path, hw.flash, threads=threads, direct=direct)
+    select = (lambda layer, h: None) if every_neuron else dep.predictors.rows
+    ffn = TieredFFN(dep.store, reader, select, counts[:, 0] + counts[:, 1],
+                    cache_capacity(dep.plan, [L.record_bytes for L in dep.store.layers]), dep.manifest["window"],
+                    dep.model.config.activation, lookahead=lookahead)
+    session = Session(dep.model, n_ctx=n_ctx or dep.manifest["ctx"], ffn=ffn)
+    from hetinfer.info import component_bytes
+
+    parts = component_bytes(dep.model)
+    del parts["ffn"]
+    ffn.dense_bytes = {**parts, "kv_cache": dep.model.config.kv_cache_bytes(session.n_ctx)}
+    return session

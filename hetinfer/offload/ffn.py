@@ -1,0 +1,252 @@
+"""The tiered FFN: the engine's FFN hook executing a placement plan over RAM and flash.
+
+Per token and layer the selector (the layer's predictor, a synthetic trace, or every neuron)
+names the active neurons. RAM-tier neurons compute where they live; flash-tier ones come from
+the layer's window cache or are read from the store. Each layer holds one buffer,
+uint8 [n_resident + capacity, record_bytes]: its resident records (the store's first positions,
+read once at start) followed by the window cache's slots, so a single `kernels.sparse_ffn` call
+over `Store.views(buffer)` computes resident and cached neurons together, in place.
+
+Look-ahead (Deja Vu): while layer l computes, layer l+1's predicted set, taken from layer l's
+input (the residual stream changes little from one layer to the next), is already being read.
+Prompts (T > 1) compute every neuron, reading each layer's flash records once per prompt chunk.
+"""
+from __future__ import annotations
+
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+
+from hetinfer import kernels
+from hetinfer.offload.cache import WindowCache
+from hetinfer.offload.reader import FlashReader
+from hetinfer.offload.store import Store
+
+Selector = Callable[[int, torch.Tensor], "np.ndarray | None"]  # (layer, h [1, d]) -> neuron ids, None: every one
+SCRATCH_BYTES = 4 << 20  # records read for one call beyond the cache (overflow, prompts), processed in passes
+
+
+@dataclass
+class OffloadStats:
+    """Counters since the last reset; per token they divide by `tokens`."""
+
+    tokens: int = 0
+    layer_calls: int = 0
+    selected: int = 0  # neurons computed
+    flash_active: int = 0  # of those, flash-tier neurons
+    hits: int = 0  # flash-tier neurons found in the window cache
+    misses: int = 0  # read from flash for a decode step
+    ideal_flash_bytes: int = 0  # record bytes of the misses: what had to move
+    predict_s: float = 0.0
+    io_wait_s: float = 0.0
+    compute_s: float = 0.0
+    prompt_flash_bytes: int = 0  # read while prefilling (not part of the per-token figures)
+    prompt_flash_reads: int = 0
+    reader_bytes0: int = 0  # the reader's cumulative counters when these stats started
+    reader_reads0: int = 0
+
+    def per_token(self, reader_stats, n_ff: int) -> dict:
+        """The per-token figures of `--verbose` and `--stats-json`, given the reader's counters now."""
+        t = max(self.tokens, 1)
+        spent = self.predict_s + self.io_wait_s + self.compute_s
+        flash_bytes = reader_stats.bytes - self.reader_bytes0 - self.prompt_flash_bytes
+        flash_reads = reader_stats.requests - self.reader_reads0 - self.prompt_flash_reads
+        return {
+            "flash_bytes_per_token": flash_bytes / t,
+            "flash_reads_per_token": flash_reads / t,
+            "ideal_flash_bytes_per_token": self.ideal_flash_bytes / t,
+            "cache_hit_rate": self.hits / max(self.flash_active, 1),
+            "ffn_density": self.selected / max(self.layer_calls * n_ff, 1),
+            "io_wait_share": self.io_wait_s / spent if spent > 0 else 0.0,
+            "predict_s_per_token": self.predict_s / t,
+            "io_wait_s_per_token": self.io_wait_s / t,
+            "compute_s_per_token": self.compute_s / t,
+        }
+
+
+@dataclass
+class _Layer:
+    buf: np.ndarray  # uint8 [n_resident + capacity, record_bytes]
+    views: tuple  # (gate, up, down_t) QTensors over buf
+    cache: WindowCache
+    n_resident: int  # records [0, n_resident) of the store's layer live in RAM
+    flash_base: int  # byte offset of the first flash position in the records file
+    n_flash: int
+    position: np.ndarray  # int64 [n_ff]: neuron id -> store position
+    prefetch: Future | None = None
+    prefetched: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))  # flash ids being read
+
+
+class TieredFFN:
+    """An engine FFN `(layer, h) -> y` over a store whose first `resident[l]` records of each layer
+    are held in RAM and the rest are read from flash through a window cache of `capacity[l]` records.
+
+    `select(layer, h)`: neuron ids to compute (sorted int64), or None for every neuron."""
+
+    def __init__(self, store: Store, reader: FlashReader, select: Selector, resident: np.ndarray,
+                 capacity: np.ndarray, window: int, activation: str, lookahead: bool = True):
+        self.store, self.reader, self.select, self.act = store, reader, select, activation
+        self.window, self.lookahead = window, lookahead
+        self.n_ff = len(store.layers[0].order)
+        self.stats = OffloadStats()
+        self.dense_bytes: dict[str, int] = {}  # set by whoever builds the session (deploy.open_session)
+        self.token = -1
+        rb = max(L.record_bytes for L in store.layers)
+        self.scratch = np.empty((max(1, SCRATCH_BYTES // rb), rb), np.uint8)
+        self.layers: list[_Layer] = []
+        for i, L in enumerate(store.layers):
+            n_res, cap = int(resident[i]), int(capacity[i])
+            n_flash = self.n_ff - n_res
+            buf = np.empty((n_res + cap, L.record_bytes), np.uint8)
+            if n_res:
+                buf[:n_res] = store.read_records(i, 0, n_res)
+            self.layers.append(_Layer(buf, store.views(buf), WindowCache(n_flash, cap, window, buf[n_res:]), n_res,
+                                      L.offset + n_res * L.record_bytes, n_flash, L.position))
+
+    # -- bytes, for memory accounting and /health ------------------------------------------------
+
+    def resident_bytes(self) -> int:
+        """RAM this FFN holds: resident records, cache slots and the scratch buffer."""
+        return sum(s.buf.nbytes for s in self.layers) + self.scratch.nbytes
+
+    def placement_summary(self) -> dict:
+        """Bytes per tier and the share of this run's FFN activations each served (the server's /health);
+        `dense_bytes` names the parts that stay in RAM besides the FFN (attention, embeddings, KV cache)."""
+        st, dense = self.stats, self.dense_bytes
+        rb = [s.buf.shape[1] for s in self.layers]
+        ram = {"ffn_resident": sum(s.n_resident * r for s, r in zip(self.layers, rb)),
+               "window_cache": sum((s.buf.shape[0] - s.n_resident) * r for s, r in zip(self.layers, rb)),
+               "scratch": self.scratch.nbytes, **dense}
+        flash = {"ffn_flash": sum(s.n_flash * r for s, r in zip(self.layers, rb))}
+        active = max(st.selected, 1)
+        tiers = {"gpu": {"bytes": 0, "activation_share": 0.0, "components": {}},
+                 "ram": {"bytes": sum(ram.values()), "activation_share": (st.selected - st.misses) / active,
+                         "components": ram},
+                 "flash": {"bytes": sum(flash.values()), "activation_share": st.misses / active, "components": flash}}
+        return {"engine": "offloaded", "tiers": tiers, "cache_hit_rate": st.hits / max(st.flash_active, 1),
+                **self.report()}
+
+    # -- the hook --------------------------------------------------------------------------------
+
+    def __call__(self, layer: int, h: torch.Tensor) -> torch.Tensor:
+        if h.shape[0] > 1:
+            return self._prompt(layer, h)
+        if layer == 0:
+            self.token += 1
+            self.stats.tokens += 1
+        s = self.layers[layer]
+        t0 = time.perf_counter()
+        ids = self.select(layer, h)
+        t1 = time.perf_counter()
+        if self.lookahead and layer + 1 < len(self.layers):
+            self._prefetch(layer + 1, h)
+        t2 = time.perf_counter()
+        pos = np.arange(self.n_ff, dtype=np.int64) if ids is None else np.sort(s.position[ids])
+        split = np.searchsorted(pos, s.n_resident)
+        flash = pos[split:] - s.n_resident  # flash-local ids, sorted
+        if s.prefetch is not None:  # the look-ahead reads land in slots this step may count as hits
+            w0 = time.perf_counter()
+            s.prefetch.result()
+            self.stats.io_wait_s += time.perf_counter() - w0
+            s.prefetch = None
+        # neurons the look-ahead read for this token came from flash too, though the cache now holds them
+        fetched = int(np.count_nonzero(np.isin(s.prefetched, flash, assume_unique=True)))
+        s.prefetched = s.prefetched[:0]
+        step = s.cache.step(flash, self.token)
+        fit = step.miss_slots >= 0
+        if fit.any():
+            self._read(layer, step.miss_ids[fit], s.buf, s.n_resident + step.miss_slots[fit])
+        rows = np.concatenate((pos[:split], s.n_resident + step.hit_slots, s.n_resident + step.miss_slots[fit]))
+        t3 = time.perf_counter()
+        y = kernels.sparse_ffn(*s.views, rows, h, self.act)
+        if not fit.all():  # a token whose flash set exceeds the cache: the rest from scratch, in passes
+            y = y + self._from_flash(layer, step.miss_ids[~fit], h)
+        t4 = time.perf_counter()
+        st = self.stats
+        st.layer_calls += 1
+        st.selected += len(pos)
+        st.flash_active += len(flash)
+        missed = len(step.miss_ids) + fetched
+        st.misses += missed
+        st.hits += len(flash) - missed
+        st.ideal_flash_bytes += missed * s.buf.shape[1]
+        st.predict_s += (t1 - t0) + (t2 - t1)
+        st.compute_s += t4 - t3
+        return y
+
+    def _prefetch(self, layer: int, h: torch.Tensor) -> None:
+        """Start reading `layer`'s predicted flash records that its cache lacks (look-ahead)."""
+        s = self.layers[layer]
+        if s.n_flash == 0 or s.cache.capacity == 0:
+            return
+        ids = self.select(layer, h)
+        if ids is None:
+            flash = np.arange(s.n_flash, dtype=np.int64)
+        else:
+            pos = np.sort(s.position[ids])
+            flash = pos[np.searchsorted(pos, s.n_resident):] - s.n_resident
+        missing = flash[s.cache.slot_of(flash) < 0]
+        if not len(missing):
+            return
+        slots = s.cache.admit(missing, self.token)
+        ok = slots >= 0
+        if ok.any():
+            s.prefetched = missing[ok]
+            s.prefetch = self.reader.submit(s.flash_base, s.buf.shape[1], s.prefetched, s.buf, s.n_resident + slots[ok])
+
+    def _read(self, layer: int, flash_ids: np.ndarray, dst: np.ndarray, dst_rows: np.ndarray) -> None:
+        s = self.layers[layer]
+        before = self.reader.stats.wait_s
+        self.reader.read_into(s.flash_base, s.buf.shape[1], flash_ids, dst, dst_rows)
+        self.stats.io_wait_s += self.reader.stats.wait_s - before
+        self.store.verify(layer, s.n_resident + flash_ids, dst[dst_rows])
+
+    def _from_flash(self, layer: int, flash_ids: np.ndarray, h: torch.Tensor) -> torch.Tensor:
+        """sum over `flash_ids` of their FFN terms, read into the scratch buffer a pass at a time."""
+        s, n = self.layers[layer], len(self.scratch)
+        rb = s.buf.shape[1]
+        y = torch.zeros(h.shape[-1])
+        for lo in range(0, len(flash_ids), n):
+            part = flash_ids[lo : lo + n]
+            rows = np.arange(len(part), dtype=np.int64)
+            buf = self.scratch[: len(part), :rb]
+            self._read(layer, part, buf, rows)
+            y += kernels.sparse_ffn(*self.store.views(buf), rows, h, self.act).reshape(-1)
+        return y[None]
+
+    def _prompt(self, layer: int, h: torch.Tensor) -> torch.Tensor:
+        """Every neuron for T tokens: resident records in place, flash records streamed once (in passes)."""
+        s, n = self.layers[layer], len(self.scratch)
+        rb, st, r = s.buf.shape[1], self.stats, self.reader.stats
+        y = torch.zeros(h.shape[0], h.shape[1])
+        for lo in range(0, s.n_resident, n):  # in passes: each dequantizes its down columns to float32
+            _prompt_terms(self.store.views(s.buf[lo : min(lo + n, s.n_resident)]), h, self.act, y)
+        for lo in range(0, s.n_flash, n):
+            part = np.arange(lo, min(lo + n, s.n_flash), dtype=np.int64)
+            buf = self.scratch[: len(part), :rb]
+            b0, q0 = r.bytes, r.requests
+            self.reader.read_into(s.flash_base, rb, part, buf, np.arange(len(part), dtype=np.int64))
+            st.prompt_flash_bytes += r.bytes - b0
+            st.prompt_flash_reads += r.requests - q0
+            self.store.verify(layer, s.n_resident + part, buf)
+            _prompt_terms(self.store.views(buf), h, self.act, y)
+        return y
+
+    def reset_stats(self) -> None:
+        r = self.reader.stats
+        self.stats = OffloadStats(reader_bytes0=r.bytes, reader_reads0=r.requests)
+
+    def report(self) -> dict:
+        """Per-token figures since the last reset (see OffloadStats.per_token)."""
+        return self.stats.per_token(self.reader.stats, self.n_ff)
+
+
+def _prompt_terms(views: tuple, h: torch.Tensor, act: str, y: torch.Tensor) -> None:
+    """y [T, d] += the FFN terms of every neuron in `views` (gate, up, down_t over the same records)."""
+    g, u, d_t = views
+    a = kernels.gate_up(g, u, h, act)  # [T, n]
+    y += a @ torch.from_numpy(d_t.dequantize())  # [T, n] @ [n, d]
