@@ -76,7 +76,7 @@ class Server:
     def wait_idle(self, timeout: float = 30) -> dict:
         deadline = time.time() + timeout
         while (h := self.health())["queue"]["running"] or h["queue"]["waiting"]:
-            assert time.time() < deadline, f"the engine stayed busy: {h['queue']}"
+            assert time.time() < deadline, f"the request worker stayed busy: {h['queue']}"
             time.sleep(0.1)
         return h
 
@@ -137,9 +137,9 @@ def test_models_health_and_startup_placement(server, model):
     tiers = h["placement"]["tiers"]
     parts = component_bytes(model)
     kv = model.config.kv_cache_bytes(CTX)
-    assert tiers["cpu"]["components"] == {**parts, "kv_cache": kv}
-    assert tiers["cpu"]["bytes"] == sum(parts.values()) + kv
-    assert (tiers["cpu"]["activation_share"], tiers["gpu"]["activation_share"], tiers["flash"]["bytes"]) == (1.0, 0.0, 0)
+    assert tiers["ram"]["components"] == {**parts, "kv_cache": kv}
+    assert tiers["ram"]["bytes"] == sum(parts.values()) + kv
+    assert (tiers["ram"]["activation_share"], tiers["gpu"]["activation_share"], tiers["flash"]["bytes"]) == (1.0, 0.0, 0)
     assert "placement (dense engine):" in server.log() and "100.0% of activations" in server.log()
 
 
@@ -234,7 +234,7 @@ def test_bad_bodies_and_completions_errors(server):
     assert e.value.param == "prompt"
     r = server.post("/v1/no-such-endpoint", {})
     assert r.status_code == 404 and "error" in r.json()
-    # the server kept serving, nothing is stuck in the queue, and no request failed inside the engine
+    # the server kept serving, nothing is stuck in the queue, and no request failed inside the request worker
     r = server.api.completions.create(model=MODEL_ID, prompt="Hello", max_tokens=2, temperature=0)
     assert r.usage.completion_tokens >= 1
     h = server.wait_idle()
@@ -285,7 +285,7 @@ def long_stream(client: "openai.OpenAI"):
     return stream
 
 
-def test_disconnects_cancel_generation_and_free_the_engine(small_queue_server):
+def test_disconnects_cancel_generation_and_free_the_worker(small_queue_server):
     s = small_queue_server
     before = s.wait_idle()["requests"]["cancelled"]
     client = s.api
@@ -303,7 +303,7 @@ def test_full_queue_answers_429_at_once_and_loses_no_request(small_queue_server,
     s = small_queue_server
     s.wait_idle()
     client = s.api
-    running = long_stream(client)  # it holds the engine now
+    running = long_stream(client)  # it holds the request worker now
     queued: dict[str, object] = {}
     t = threading.Thread(target=lambda: queued.update(r=client.completions.create(
         model=MODEL_ID, prompt="The capital of France is", max_tokens=4, temperature=0)))
@@ -319,7 +319,7 @@ def test_full_queue_answers_429_at_once_and_loses_no_request(small_queue_server,
     assert s.post("/v1/completions", "{oops").status_code == 400  # bad requests do not disturb the queue
     assert s.post("/v1/completions", {"model": "other", "prompt": "Hi"}).status_code == 404
     assert s.health()["queue"] == {"running": 1, "waiting": 1, "max": 1}
-    running.close()  # frees the engine for the queued request
+    running.close()  # frees the request worker for the queued request
     t.join(timeout=300)
     want, _ = reference("The capital of France is", 4)
     assert queued["r"].choices[0].text == want

@@ -8,7 +8,7 @@ plan.py      the plan artefact (docs/formats/plan.md); `load_plan` is what the e
 synth.py     profiles for models never profiled (rescaled or power law)
 cli.py       `hetinfer place`
 """
-from hetinfer.placement.cost import TIERS
+from hetinfer.tiers import TIERS
 from hetinfer.placement.plan import Plan, PlanError, load_plan
 
 __all__ = ["TIERS", "Plan", "PlanError", "load_plan"]

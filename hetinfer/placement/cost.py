@@ -34,9 +34,7 @@ from hetinfer.errors import HetinferError
 from hetinfer.kernels.cuda import TILE_BYTES
 from hetinfer.placement.hardware import FLASH_BLOCK, Hardware, format_size
 from hetinfer.tensors import BLOCK_FORMATS, FLOAT_FORMATS
-
-TIERS = ("gpu", "ram", "flash")  # fastest first; a neuron's tier code is its index here
-GPU, RAM, FLASH = 0, 1, 2
+from hetinfer.tiers import FLASH, GPU, RAM, TIERS  # noqa: F401  (re-exported: a neuron's tier code)
 
 
 class PlacementError(HetinferError):

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from hetinfer.errors import HetinferError
+from hetinfer.tiers import TIERS
 
 HARDWARE_FORMAT = "hetinfer.hardware"
 HARDWARE_VERSION = 1
@@ -93,7 +94,7 @@ class Hardware:
     @property
     def tiers(self) -> tuple[str, ...]:
         """Tier names present, fastest first."""
-        return tuple(n for n, t in (("gpu", self.gpu), ("ram", self.ram), ("flash", self.flash)) if t is not None)
+        return tuple(n for n in TIERS if getattr(self, n) is not None)
 
     def capacity(self, tier: str) -> int:
         t = getattr(self, tier)

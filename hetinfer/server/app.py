@@ -30,8 +30,8 @@ from hetinfer.generate import Session, Stats
 from hetinfer.info import component_bytes
 from hetinfer.sampling import SamplingParams
 from hetinfer.server.schemas import ChatRequest, CompletionRequest, error_body
+from hetinfer.tiers import RAM, TIERS
 
-TIERS = ("gpu", "cpu", "flash")
 OUTCOMES = ("stop", "length", "cancelled", "error")
 
 
@@ -66,8 +66,8 @@ class Job:
                 return
 
 
-class Engine:
-    """The Session and its single worker thread; at most `max_queue` jobs wait behind the running one."""
+class RequestWorker:
+    """The Session and the single thread that runs its requests; at most `max_queue` jobs wait behind the running one."""
 
     def __init__(self, session: Session, max_queue: int):
         self.session = session
@@ -75,7 +75,7 @@ class Engine:
         self.waiting: queue.Queue[Job | None] = queue.Queue(maxsize=max_queue)
         self.running: Job | None = None
         self.outcomes: Counter[str] = Counter()  # finished jobs by finish reason (OUTCOMES)
-        self._thread = threading.Thread(target=self._work, name="hetinfer-engine", daemon=True)
+        self._thread = threading.Thread(target=self._work, name="hetinfer-worker", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
@@ -114,7 +114,7 @@ class Engine:
                     job.emit("text", piece)
                 self.outcomes[self.session.stats.finish_reason] += 1
                 job.emit("done", self.session.stats)
-            except Exception as e:  # noqa: BLE001 - the request fails, the engine keeps serving
+            except Exception as e:  # noqa: BLE001 - the request fails, the worker keeps serving
                 self.outcomes["error"] += 1
                 job.emit("error", e)
             finally:
@@ -122,7 +122,7 @@ class Engine:
 
 
 def placement_summary(session: Session) -> dict:
-    """Bytes and share of expected FFN activations per tier (gpu, cpu, flash).
+    """Bytes and share of expected FFN activations per tier (`hetinfer.tiers.TIERS`: gpu, ram, flash).
 
     An engine passed as the Session's `ffn` reports its own placement through a
     `placement_summary()` method returning this structure; the dense engine keeps everything,
@@ -134,7 +134,7 @@ def placement_summary(session: Session) -> dict:
     parts = component_bytes(session.model)
     parts["kv_cache"] = session.model.config.kv_cache_bytes(session.n_ctx)
     tiers = {t: {"bytes": 0, "activation_share": 0.0, "components": {}} for t in TIERS}
-    tiers["cpu"] = {"bytes": sum(parts.values()), "activation_share": 1.0, "components": parts}
+    tiers[TIERS[RAM]] = {"bytes": sum(parts.values()), "activation_share": 1.0, "components": parts}
     return {"engine": "dense", "tiers": tiers}
 
 
@@ -168,14 +168,14 @@ class BearerAuth:
 def create_app(session: Session, model_id: str, api_key: str | None = None, max_queue: int = 16,
                default_max_tokens: int = 512) -> FastAPI:
     """The FastAPI app serving `session` under the name `model_id`."""
-    engine = Engine(session, max_queue)
+    worker = RequestWorker(session, max_queue)
     tok = session.model.tokenizer
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        engine.start()
+        worker.start()
         yield
-        engine.stop()
+        worker.stop()
 
     app = FastAPI(title="hetinfer", lifespan=lifespan)
     if api_key:
@@ -232,8 +232,8 @@ def create_app(session: Session, model_id: str, api_key: str | None = None, max_
         return {
             "status": "ok", "model": model_id, "path": session.model.path, "fingerprint": session.model.fingerprint,
             "context_length": session.n_ctx,
-            "queue": {"running": int(engine.running is not None), "waiting": engine.waiting.qsize(), "max": max_queue},
-            "requests": {k: engine.outcomes[k] for k in OUTCOMES},
+            "queue": {"running": int(worker.running is not None), "waiting": worker.waiting.qsize(), "max": max_queue},
+            "requests": {k: worker.outcomes[k] for k in OUTCOMES},
             "placement": placement_summary(session),
         }
 
@@ -258,7 +258,7 @@ def create_app(session: Session, model_id: str, api_key: str | None = None, max_
             too_long = len(ids) >= session.n_ctx
             raise ApiError(400, str(e), param=prompt_field if too_long or not ids else "max_tokens",
                            code="context_length_exceeded" if ids else None) from None
-        job = engine.submit(ids, body.sampling_params(max_tokens))
+        job = worker.submit(ids, body.sampling_params(max_tokens))
         head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}", "created": int(time.time()),
                 "model": model_id, "system_fingerprint": session.model.fingerprint}
         choice = _chat_choice if chat else _completion_choice

@@ -52,10 +52,11 @@ def run(args: argparse.Namespace) -> int:
     except ImportError as e:
         raise HetinferError(f"`hetinfer serve` needs FastAPI and uvicorn ({e}); run `pip install 'hetinfer[serve]'`") from None
     from hetinfer.placement.hardware import format_size, parse_size
+    from hetinfer.tiers import RAM, TIERS
 
     session = open_session(args)
     summary = placement_summary(session)
-    ram = summary["tiers"]["cpu"]["bytes"]
+    ram = summary["tiers"][TIERS[RAM]]["bytes"]
     if args.memory_budget and ram > parse_size(args.memory_budget):
         raise HetinferError(
             f"the model needs {format_size(ram)} of RAM with a {session.n_ctx}-token context, more than the budget "
