@@ -2,6 +2,8 @@
 import argparse
 import json
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -11,7 +13,8 @@ from hetinfer.placement import cli, ilp, synth
 from hetinfer.placement.cost import (GPU, PlacementError, WeightFormats, build_problem, gpu_decode_bytes, model_sizes,
                                      weight_sizes)
 from hetinfer.placement.hardware import ASSUMED_FLASH, FlashTier, GpuTier, Hardware, RamTier, save_hardware
-from hetinfer.placement.plan import PlanError, build_manifest, load_plan, save_plan
+from hetinfer.placement.manifest import build_manifest
+from hetinfer.placement.plan import PlanError, load_plan, save_plan
 
 SMALL = ModelConfig(arch="llama", n_layers=4, d_model=256, n_ff=512, n_heads=4, n_kv_heads=2, head_dim=64,
                     vocab_size=1024, context_length=512, name="small")
@@ -60,6 +63,16 @@ def test_plan_roundtrip_gives_the_engine_every_neurons_tier(tmp_path):
         assert sum(row[f"{name}_bytes"] for row in m["layers"]) == m["tiers"][name]["neuron_bytes"]
     assert sum(row["flash_bytes"] for row in m["layers"]) == m["tiers"]["flash"]["used_bytes"]
     assert m["predicted"]["tok_s"] == pytest.approx(1 / sol.seconds)
+
+
+def test_reading_a_plan_does_not_import_the_solver(tmp_path):
+    """The engine reads plans; PuLP (and its bundled CBC) is needed only by `hetinfer place`."""
+    _, sol = small_plan(tmp_path)
+    code = ("import sys; from hetinfer.placement import load_plan; "
+            f"plan = load_plan({str(tmp_path / 'plan')!r}); "
+            "print(int(plan.tiers.sum()), 'pulp' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == [str(int(sol.tiers.sum())), "False"]
 
 
 def test_rewriting_a_plan_replaces_its_array(tmp_path):

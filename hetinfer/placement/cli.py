@@ -25,7 +25,8 @@ from hetinfer.placement.cost import (PlacementError, WeightFormats, build_proble
 from hetinfer.placement.hardware import Hardware, HardwareError, format_size, load_hardware, parse_size
 from hetinfer.placement.probe import detect
 from hetinfer.placement.ilp import solve
-from hetinfer.placement.plan import build_manifest, save_plan
+from hetinfer.placement.manifest import build_manifest
+from hetinfer.placement.plan import save_plan
 from hetinfer.profiler.artifact import load_profile
 from hetinfer.profiler.predictors import load_predictors
 from hetinfer.tensors import FORMATS
