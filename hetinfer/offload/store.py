@@ -27,9 +27,10 @@ import numpy as np
 from hetinfer import kernels
 from hetinfer.config import ModelConfig
 from hetinfer.errors import ArtifactError
-from hetinfer.placement.cost import FLASH, GPU, RAM, TIERS, neuron_down_format, row_bytes
+from hetinfer.placement.cost import neuron_down_format, row_bytes
 from hetinfer.placement.hardware import FLASH_BLOCK, format_size
 from hetinfer.tensors import BLOCK_FORMATS, FLOAT_FORMATS, QTensor
+from hetinfer.tiers import FLASH, GPU, RAM, TIERS
 
 STORE_FORMAT, STORE_VERSION = "hetinfer.store", 1
 MANIFEST = "store.json"
