@@ -2,6 +2,8 @@
 
 store.py   the flash store: every neuron's gate row, up row and down column as one record, in the
            plan's tier order (docs/formats/store.md)
+reader.py  O_DIRECT reads of records through a thread pool, planned from the measured read curve
+cache.py   the sliding-window neuron cache: recently used flash neurons kept in RAM slots
 ffn.py     TieredFFN, the engine's FFN over a layer's resident records and window-cache slots
 deploy.py  `hetinfer prepare` and deployments (docs/formats/deployment.md); cli.py: its commands
 """

@@ -1,0 +1,186 @@
+"""Sliding-window neuron cache (LLM in a Flash, Alizadeh et al. 2023; issue #15).
+
+One `WindowCache` per layer keeps the flash neurons used in the last `window` tokens in a
+preallocated slot buffer (`slots`, uint8 [capacity, record_bytes]), so a token reads from flash
+only the neurons it needs that are not there yet. Occupied slots are always [0, n_used): an id
+that leaves frees its slot by moving the last occupied slot into it (record bytes and
+bookkeeping), so the kernels compute over `slots[:n_used]` in place, with no gather.
+
+Window. An id is *used* at token t when `step` asks for it at t or `admit` prefetches it for t.
+At `step(ids, t)` an asked id hits iff it was used at a token in [t - window, t]: window k
+saves the read of a neuron idle for fewer than k tokens, the (1-p)^k miss rate of the
+placement cost model. After `step(ids, t)` an id is present iff it was used in (t - window, t]
+or asked at t (window 0 keeps a token's own ids only until the next step, so the kernels can
+compute over them), as far as the capacity allowed.
+
+Capacity. When the ids of the window do not fit, the least recently used leave first (ties in
+any order), never one the current token needs (asked by this step, or prefetched for this token
+by `admit`). When a token's own set exceeds the capacity, the misses that fit take the free
+slots in ascending id order (flash ids follow store order, hottest first) and the rest are
+reported with slot -1: the engine computes those from a scratch buffer.
+
+Ids are flash-local (0 .. n_ids-1); `step` and `admit` take them sorted, unique, and are not
+checked (the engine calls them once per layer per token). Each call costs O(len(ids) + n_used)
+numpy work, independent of n_ids.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from hetinfer.placement.cost import FLASH
+from hetinfer.placement.plan import Plan
+
+
+@dataclass
+class CacheStep:
+    """What one token's lookup found and where its reads go."""
+    hit_slots: np.ndarray   # int64 [n_hit]: slots of the asked ids already present (their rows are valid now)
+    miss_ids: np.ndarray    # int64 [n_miss]: asked ids that must be read, ascending
+    miss_slots: np.ndarray  # int64 [n_miss]: slot to read each miss into; -1: did not fit (a suffix)
+    evicted: int            # ids that left the cache during this call
+
+    @property
+    def overflow(self) -> int:
+        """Misses that did not fit: `miss_ids[-overflow:]` are computed from a scratch buffer."""
+        return int(np.count_nonzero(self.miss_slots < 0))
+
+
+class WindowCache:
+    """One layer's flash neurons used in the last `window` tokens, in `slots[:n_used]`."""
+
+    def __init__(self, n_ids: int, capacity: int, window: int, slots: np.ndarray):
+        if n_ids < 0 or capacity < 0 or window < 0:
+            raise ValueError(f"n_ids, capacity and window must be >= 0, got {n_ids}, {capacity}, {window}")
+        if slots.dtype != np.uint8 or slots.ndim != 2 or slots.shape[0] != capacity:
+            raise ValueError(f"slots must be uint8 [capacity={capacity}, record_bytes], got {slots.dtype} {slots.shape}")
+        self.n_ids, self.capacity, self.window, self.slots = n_ids, capacity, window, slots
+        self.n_used = 0
+        self.hits = 0        # asked ids found present, cumulative
+        self.misses = 0      # asked ids not present (read, or computed from scratch when they did not fit)
+        self.prefetched = 0  # ids given a slot by admit (read ahead of their step)
+        self._slot_of = np.full(n_ids, -1, dtype=np.int64)  # id -> slot, -1 absent
+        self._id_of = np.zeros(capacity, dtype=np.int64)    # slot -> id, valid below n_used
+        self._used = np.zeros(capacity, dtype=np.int64)     # slot -> last token its id was used
+        self._clean_for = 0  # no id is expired for tokens up to this one (see _expire)
+
+    @property
+    def hit_rate(self) -> float:
+        asked = self.hits + self.misses
+        return self.hits / asked if asked else 0.0
+
+    def slot_of(self, ids: np.ndarray) -> np.ndarray:
+        """int64 slots of `ids`, -1 where absent."""
+        return self._slot_of[ids]
+
+    def ids(self) -> np.ndarray:
+        """int64 [n_used]: the id held in each occupied slot."""
+        return self._id_of[:self.n_used].copy()
+
+    def step(self, ids: np.ndarray, token: int) -> CacheStep:
+        """Token `token`'s lookup of its active ids (sorted int64); read the misses into their slots
+        before computing over `slots[:n_used]`. Reads into slots from `admit` must be complete:
+        a step moves rows."""
+        expired = self._expire(token)
+        slot = self._slot_of[ids]
+        hit = slot >= 0
+        hit_slots = slot[hit]
+        miss_ids = ids[~hit]
+        self._used[hit_slots] = token
+        n = self.n_used
+        others = np.ones(n, dtype=bool)  # present ids this token does not ask for
+        others[hit_slots] = False
+        gone = others & (self._used[:n] <= token - self.window)  # out of the window after this token
+        short = len(miss_ids) - (self.capacity - n + int(np.count_nonzero(gone)))
+        if short > 0:
+            gone |= self._least_recent(others & ~gone, short)
+        evicted = expired + self._evict(np.flatnonzero(gone))
+        self._clean_for = token + 1 if self.window else token
+        self.hits += len(hit_slots)
+        self.misses += len(miss_ids)
+        return CacheStep(self._slot_of[ids[hit]], miss_ids, self._place(miss_ids, token), evicted)
+
+    def admit(self, ids: np.ndarray, token: int) -> np.ndarray:
+        """int64 [len(ids)]: the slot to read each of `ids` (sorted int64) into, ahead of the step at
+        `token` (look-ahead: the ids predicted for it); -1 where no read is needed now (present) or no
+        slot could be freed (its step reports it as a miss). All present ones count as used at `token`,
+        so its step counts them as hits: `m = slots >= 0`, then read `ids[m]` into `slots[m]`."""
+        self._expire(token)
+        slot = self._slot_of[ids]
+        absent = slot < 0
+        self._used[slot[~absent]] = token
+        new = ids[absent]
+        n = self.n_used
+        short = len(new) - (self.capacity - n)
+        if short > 0:
+            self._evict(np.flatnonzero(self._least_recent(self._used[:n] < token, short)))
+        out = np.full(len(ids), -1, dtype=np.int64)
+        out[absent] = self._place(new, token)
+        self.prefetched += int(np.count_nonzero(out >= 0))
+        return out
+
+    def _expire(self, token: int) -> int:
+        """Evict the ids last used before token - window (they cannot hit at `token`); returns how many."""
+        if token <= self._clean_for:
+            return 0
+        gone = self._evict(np.flatnonzero(self._used[:self.n_used] < token - self.window))
+        self._clean_for = token
+        return gone
+
+    def _least_recent(self, candidates: np.ndarray, count: int) -> np.ndarray:
+        """bool [n_used]: the `count` least recently used of the `candidates` (bool [n_used]), all if fewer."""
+        cand = np.flatnonzero(candidates)
+        if len(cand) > count:
+            cand = cand[np.argpartition(self._used[cand], count - 1)[:count]]
+        out = np.zeros(self.n_used, dtype=bool)
+        out[cand] = True
+        return out
+
+    def _evict(self, gone: np.ndarray) -> int:
+        """Free the slots `gone` (ascending, below n_used): the occupied slots past the new end move
+        into the holes below it, record bytes included. Returns how many ids left."""
+        if not len(gone):
+            return 0
+        old = self.n_used
+        n = old - len(gone)
+        self._slot_of[self._id_of[gone]] = -1
+        holes = gone[gone < n]
+        if len(holes):
+            tail = np.ones(old - n, dtype=bool)
+            tail[gone[len(holes):] - n] = False
+            src = np.flatnonzero(tail) + n  # occupied slots past the new end, as many as holes
+            self.slots[holes] = self.slots[src]
+            self._id_of[holes] = self._id_of[src]
+            self._used[holes] = self._used[src]
+            self._slot_of[self._id_of[holes]] = holes
+        self.n_used = n
+        return len(gone)
+
+    def _place(self, new: np.ndarray, token: int) -> np.ndarray:
+        """Give the absent ids `new` the free slots, in order; int64 slots, -1 for those that did not fit."""
+        n = self.n_used
+        fit = min(len(new), self.capacity - n)
+        slots = np.full(len(new), -1, dtype=np.int64)
+        slots[:fit] = np.arange(n, n + fit)
+        self._id_of[n:n + fit] = new[:fit]
+        self._used[n:n + fit] = token
+        self._slot_of[new[:fit]] = slots[:fit]
+        self.n_used = n + fit
+        return slots
+
+
+def window_capacities(plan: Plan, freq: np.ndarray, record_bytes: np.ndarray) -> np.ndarray:
+    """int64 [n_layers]: window-cache slots per layer. The plan's window-cache bytes are split in
+    proportion to each layer's expected window bytes (its flash neurons' 1 - (1-p)^k occupancy
+    times the layer's record size, p from `freq` [n_layers, n_ff], k the plan's window), then
+    divided by the layer's `record_bytes` [n_layers]; never more slots than flash neurons."""
+    freq = np.asarray(freq, dtype=np.float64)
+    record_bytes = np.asarray(record_bytes, dtype=np.int64)
+    k = plan.manifest["window_tokens"]
+    flash = plan.tiers == FLASH
+    occupancy = np.where(flash, 1.0 - (1.0 - freq) ** k, 0.0).sum(axis=1)
+    want = occupancy * record_bytes
+    total = want.sum()
+    share = plan.window_cache_bytes * want / total if total > 0 else np.zeros_like(want)
+    return np.minimum(np.floor(share / record_bytes).astype(np.int64), flash.sum(axis=1))
