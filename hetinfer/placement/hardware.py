@@ -71,15 +71,16 @@ class FlashTier:
     bytes_per_s: list[list[float]]  # aggregate throughput [read size][concurrency]
     method: str  # "o_direct", "fadvise" (O_DIRECT refused) or "assumed"
 
-    def read_seconds(self, nbytes: int) -> float:
-        """Seconds one read of `nbytes` costs when reads are issued at the best measured concurrency.
+    def read_seconds(self, nbytes: int | np.ndarray) -> float | np.ndarray:
+        """Seconds one read of `nbytes` costs when reads are issued at the best measured concurrency
+        (elementwise for an array of sizes: the reader plans thousands of reads per layer).
 
         Throughput is interpolated log-log between measured sizes; below the smallest size a read
         costs as much as the smallest, above the largest it streams at the largest size's rate.
         """
         best = np.array([max(row) for row in self.bytes_per_s])
         sizes = np.array(self.read_sizes, dtype=np.float64)
-        n = max(float(nbytes), sizes[0])
+        n = np.maximum(np.asarray(nbytes, dtype=np.float64), sizes[0])
         thr = np.exp(np.interp(np.log(n), np.log(sizes), np.log(best)))
         return n / thr
 

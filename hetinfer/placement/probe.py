@@ -312,7 +312,7 @@ def probe_flash(directory: Path, file_bytes: int = 128 << 20, cell_seconds: floa
                 f.write(os.urandom(chunk))
             f.flush()
             os.fsync(f.fileno())
-        method, rfd = _open_uncached(path)
+        method, rfd = open_uncached(path)
         try:
             table = [[_read_rate(rfd, method, file_bytes, size, c, cell_seconds) for c in concurrency]
                      for size in read_sizes]
@@ -323,7 +323,9 @@ def probe_flash(directory: Path, file_bytes: int = 128 << 20, cell_seconds: floa
     return {"read_sizes": list(read_sizes), "concurrency": list(concurrency), "bytes_per_s": table, "method": method}
 
 
-def _open_uncached(path: str) -> tuple[str, int]:
+def open_uncached(path: str) -> tuple[str, int]:
+    """("o_direct", fd) when the filesystem serves O_DIRECT reads of `path`, else ("fadvise", fd): a
+    buffered fd whose cached pages were dropped (tmpfs before Linux 6.6, some network filesystems)."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
     except OSError:
