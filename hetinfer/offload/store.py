@@ -321,7 +321,12 @@ def _swap_in(tmp: Path, path: Path) -> None:
         return
     old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
     os.rename(path, old / "store")
-    os.rename(tmp, path)
+    try:
+        os.rename(tmp, path)
+    except OSError:
+        os.rename(old / "store", path)  # put the old store back
+        old.rmdir()
+        raise
     shutil.rmtree(old, ignore_errors=True)
 
 
