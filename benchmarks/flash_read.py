@@ -63,9 +63,9 @@ def run_density(reader: FlashReader, curve: FlashTier, density: float, record_by
         reader.read_into((k % layers) * section, record_bytes, sets[k], dst, rows)
 
     plan_s = float(np.median(timings(lambda: plan_reads(sets[0], record_bytes, 0, curve, reader.max_read), 20)))
-    before = reader.stats
+    before = reader.snapshot()
     seconds = float(np.median(timings(read, calls, warm=2)))
-    done = reader.stats - before
+    done = reader.snapshot() - before
     asked = n * record_bytes
     bound = float(np.mean([curve.read_seconds(np.array([size for _, size in plan_reads(
         s, record_bytes, 0, curve, reader.max_read)])).sum() for s in sets]))

@@ -232,29 +232,32 @@ def test_counters_add_up(records_file):
     path, data = records_file
     rng = np.random.default_rng(7)
     with FlashReader(path, NVME, threads=4, max_read=16384) as reader:
-        assert reader.stats.requests == 0 and reader.stats.wait_s == 0
+        live = reader.stats  # the object the engine reads fields of before and after a call
+        assert live.requests == 0 and live.wait_s == 0
         requests, nbytes, asked = 0, 0, 0
         for positions in position_sets(rng):
-            before = reader.stats
+            before = reader.snapshot()
             dst = np.zeros((len(positions), RB), np.uint8)
             if len(positions) % 2:
                 reader.submit(BASE, RB, positions, dst, np.arange(len(positions))).result()
             else:
                 reader.read_into(BASE, RB, positions, dst, np.arange(len(positions)))
             plan = plan_reads(positions, RB, BASE, NVME, 16384)
-            delta = reader.stats - before
+            delta = reader.snapshot() - before
             read = sum(min(o + s, len(data)) - o for o, s in plan)  # a read past the file's end is short
             assert (delta.requests, delta.bytes, delta.requested_bytes) == (len(plan), read, len(positions) * RB)
             assert delta.sizes == Counter(1 << (s - 1).bit_length() for _, s in plan)  # sizes up to a power of 2
             requests, nbytes, asked = requests + len(plan), nbytes + read, asked + len(positions) * RB
-        before = reader.stats
+        before = reader.snapshot()
         reader.read_span(100, 40000)  # blocks [0, 40960) in 16 KiB pieces
-        delta = reader.stats - before
+        delta = reader.snapshot() - before
         assert (delta.requests, delta.bytes, delta.requested_bytes) == (3, 40960, 40000)
         assert dict(delta.sizes) == {16384: 2, 8192: 1}
-        total = reader.stats
+        total = reader.snapshot()
         assert (total.requests, total.bytes, total.requested_bytes) == (requests + 3, nbytes + 40960, asked + 40000)
         assert total.wait_s > 0
+        assert (live.requests, live.bytes, live.requested_bytes, live.sizes) == \
+            (total.requests, total.bytes, total.requested_bytes, total.sizes)
 
 
 def test_bad_calls_and_broken_files(records_file, tmp_path):

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from hetinfer.errors import HetinferError
+from hetinfer.offload.store import StoreError
 from hetinfer.placement.hardware import FLASH_BLOCK, FlashTier
 from hetinfer.placement.probe import open_uncached
 
@@ -36,13 +36,15 @@ DEFAULT_THREADS = 8  # without a read curve: reads in flight
 STAGING_KEPT = 2  # staging buffers kept for reuse: the engine's read plus one look-ahead
 
 
-class FlashReadError(HetinferError):
-    """A flash read failed or the file is shorter than the records asked; one line naming file and fix."""
+class FlashReadError(StoreError):
+    """A flash read failed or the file is shorter than the records asked; one line naming file and fix
+    (a StoreError, as the store's own reads of an unreadable or truncated file are)."""
 
 
 @dataclass
 class ReadStats:
-    """Cumulative counters of one reader; the engine subtracts two snapshots (`after - before`)."""
+    """Cumulative counters of one reader. `FlashReader.stats` is the live object (read a field before
+    and after a call); `FlashReader.snapshot()` copies it whole, and `after - before` is the change."""
 
     requests: int = 0  # reads issued
     bytes: int = 0  # bytes those reads returned
@@ -142,16 +144,15 @@ class FlashReader:
         self._pool = ThreadPoolExecutor(max(1, self.threads - 1), thread_name_prefix="hetinfer-read")
         self._submitted = ThreadPoolExecutor(1, thread_name_prefix="hetinfer-read-submit")
         self._lock = threading.Lock()
-        self._stats = ReadStats()
+        self.stats = ReadStats()  # cumulative, updated in place under self._lock
         self._staging: list[mmap.mmap] = []
 
     # ------------------------------------------------------------------------------ public calls
 
-    @property
-    def stats(self) -> ReadStats:
-        """A snapshot of the cumulative counters."""
+    def snapshot(self) -> ReadStats:
+        """A copy of `stats` taken between updates (its fields agree with each other)."""
         with self._lock:
-            return replace(self._stats, sizes=Counter(self._stats.sizes))
+            return replace(self.stats, sizes=Counter(self.stats.sizes))
 
     def read_into(self, base: int, record_bytes: int, positions: np.ndarray, dst: np.ndarray,
                   dst_rows: np.ndarray) -> None:
@@ -331,7 +332,7 @@ class FlashReader:
     def _count(self, size: np.ndarray, got: int, requested: int) -> None:
         buckets, counts = np.unique(np.left_shift(1, np.ceil(np.log2(size)).astype(np.int64)), return_counts=True)
         with self._lock:
-            s = self._stats
+            s = self.stats
             s.requests += int(size.size)
             s.bytes += got
             s.requested_bytes += requested
@@ -339,7 +340,7 @@ class FlashReader:
 
     def _add_wait(self, seconds: float) -> None:
         with self._lock:
-            self._stats.wait_s += seconds
+            self.stats.wait_s += seconds
 
     def _take_staging(self, nbytes: int) -> mmap.mmap:
         with self._lock:
