@@ -296,3 +296,21 @@ def test_file_truncated_after_open(tmp_path):
             future.result()
         reader.read_into(BASE, RB, np.array([10]), dst, np.arange(1))  # what is still there reads
         np.testing.assert_array_equal(dst, expected(data, [10]))
+
+
+def test_reads_a_built_store_like_the_store_does(tmp_path):
+    """On a store built from a random model (labelled: random weights), the flash tier's records read
+    by the reader pass the store's checksums and equal Store.read_records."""
+    from test_store import build, random_model
+
+    store, _, _ = build(tmp_path, random_model(n_ff=192))
+    rng = np.random.default_rng(9)
+    with FlashReader(store.data_path, NVME, max_read=8192) as reader:
+        for layer, lay in enumerate(store.layers):
+            flash = lay.tier_starts[2]
+            n_ff = len(lay.order)
+            positions = np.sort(rng.choice(np.arange(flash, n_ff), (n_ff - flash) // 2, replace=False))
+            dst = np.zeros((len(positions), store.record_bytes), np.uint8)
+            reader.read_into(lay.offset, store.record_bytes, positions, dst, np.arange(len(positions)))
+            store.verify(layer, positions, dst)
+            np.testing.assert_array_equal(dst, store.read_records(layer, 0, n_ff)[positions])
