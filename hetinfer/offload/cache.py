@@ -82,24 +82,30 @@ class WindowCache:
         """Token `token`'s lookup of its active ids (sorted int64); read the misses into their slots
         before computing over `slots[:n_used]`. Reads into slots from `admit` must be complete:
         a step moves rows."""
-        expired = self._expire(token)
+        evicted = self._expire(token)
         slot = self._slot_of[ids]
         hit = slot >= 0
         hit_slots = slot[hit]
         miss_ids = ids[~hit]
         self._used[hit_slots] = token
         n = self.n_used
-        others = np.ones(n, dtype=bool)  # present ids this token does not ask for
-        others[hit_slots] = False
-        gone = others & (self._used[:n] <= token - self.window)  # out of the window after this token
-        short = len(miss_ids) - (self.capacity - n + int(np.count_nonzero(gone)))
+        gone = self._used[:n] <= token - self.window  # out of the window after this token
+        if not self.window:
+            gone[hit_slots] = False  # window 0 keeps this token's ids for its compute
+        gone = np.flatnonzero(gone)
+        short = len(miss_ids) - (self.capacity - n + len(gone))
         if short > 0:
-            gone |= self._least_recent(others & ~gone, short)
-        evicted = expired + self._evict(np.flatnonzero(gone))
+            others = np.ones(n, dtype=bool)  # present, not asked, still in the window
+            others[hit_slots] = False
+            others[gone] = False
+            gone = np.sort(np.concatenate([gone, self._least_recent(others, short)]))
+        if len(gone):
+            evicted += self._evict(gone)
+            hit_slots = self._slot_of[ids[hit]]  # hits may have moved into holes
         self._clean_for = token + 1 if self.window else token
         self.hits += len(hit_slots)
         self.misses += len(miss_ids)
-        return CacheStep(self._slot_of[ids[hit]], miss_ids, self._place(miss_ids, token), evicted)
+        return CacheStep(hit_slots, miss_ids, self._place(miss_ids, token), evicted)
 
     def admit(self, ids: np.ndarray, token: int) -> np.ndarray:
         """int64 [len(ids)]: the slot to read each of `ids` (sorted int64) into, ahead of the step at
@@ -114,7 +120,7 @@ class WindowCache:
         n = self.n_used
         short = len(new) - (self.capacity - n)
         if short > 0:
-            self._evict(np.flatnonzero(self._least_recent(self._used[:n] < token, short)))
+            self._evict(np.sort(self._least_recent(self._used[:n] < token, short)))
         out = np.full(len(ids), -1, dtype=np.int64)
         out[absent] = self._place(new, token)
         self.prefetched += int(np.count_nonzero(out >= 0))
@@ -124,36 +130,35 @@ class WindowCache:
         """Evict the ids last used before token - window (they cannot hit at `token`); returns how many."""
         if token <= self._clean_for:
             return 0
-        gone = self._evict(np.flatnonzero(self._used[:self.n_used] < token - self.window))
         self._clean_for = token
-        return gone
+        gone = np.flatnonzero(self._used[:self.n_used] < token - self.window)
+        return self._evict(gone) if len(gone) else 0
 
     def _least_recent(self, candidates: np.ndarray, count: int) -> np.ndarray:
-        """bool [n_used]: the `count` least recently used of the `candidates` (bool [n_used]), all if fewer."""
+        """int64 slots: the `count` least recently used of the `candidates` (bool [n_used]), all if fewer."""
         cand = np.flatnonzero(candidates)
         if len(cand) > count:
             cand = cand[np.argpartition(self._used[cand], count - 1)[:count]]
-        out = np.zeros(self.n_used, dtype=bool)
-        out[cand] = True
-        return out
+        return cand
 
     def _evict(self, gone: np.ndarray) -> int:
         """Free the slots `gone` (ascending, below n_used): the occupied slots past the new end move
         into the holes below it, record bytes included. Returns how many ids left."""
-        if not len(gone):
-            return 0
         old = self.n_used
         n = old - len(gone)
         self._slot_of[self._id_of[gone]] = -1
-        holes = gone[gone < n]
-        if len(holes):
+        k = int(np.searchsorted(gone, n))  # gone[:k]: the holes below the new end
+        if k:
             tail = np.ones(old - n, dtype=bool)
-            tail[gone[len(holes):] - n] = False
-            src = np.flatnonzero(tail) + n  # occupied slots past the new end, as many as holes
+            tail[gone[k:] - n] = False
+            src = np.flatnonzero(tail)  # occupied slots past the new end, as many as holes
+            src += n
+            holes = gone[:k]
             self.slots[holes] = self.slots[src]
-            self._id_of[holes] = self._id_of[src]
+            moved = self._id_of[src]
+            self._id_of[holes] = moved
             self._used[holes] = self._used[src]
-            self._slot_of[self._id_of[holes]] = holes
+            self._slot_of[moved] = holes
         self.n_used = n
         return len(gone)
 
@@ -161,11 +166,13 @@ class WindowCache:
         """Give the absent ids `new` the free slots, in order; int64 slots, -1 for those that did not fit."""
         n = self.n_used
         fit = min(len(new), self.capacity - n)
-        slots = np.full(len(new), -1, dtype=np.int64)
-        slots[:fit] = np.arange(n, n + fit)
-        self._id_of[n:n + fit] = new[:fit]
+        slots = np.arange(n, n + fit)
+        if fit < len(new):
+            slots = np.concatenate([slots, np.full(len(new) - fit, -1, dtype=np.int64)])
+            new = new[:fit]
+        self._id_of[n:n + fit] = new
         self._used[n:n + fit] = token
-        self._slot_of[new[:fit]] = slots[:fit]
+        self._slot_of[new] = slots[:fit]
         self.n_used = n + fit
         return slots
 
