@@ -19,9 +19,10 @@ by `admit`). When a token's own set exceeds the capacity, the misses that fit ta
 slots in ascending id order (flash ids follow store order, hottest first) and the rest are
 reported with slot -1: the engine computes those from a scratch buffer.
 
-Ids are flash-local (0 .. n_ids-1); `step` and `admit` take them sorted, unique, and are not
-checked (the engine calls them once per layer per token). Each call costs O(len(ids) + n_used)
-numpy work, independent of n_ids.
+Ids are flash-local (0 .. n_ids-1); `step` and `admit` take them sorted and unique, with tokens
+that never decrease, and do not check (the engine calls them once per layer per token). Each call
+costs O(len(ids) + n_used) numpy work, independent of n_ids. `window_capacities` sizes each
+layer's slots from the plan's window-cache bytes.
 """
 from __future__ import annotations
 
@@ -43,7 +44,7 @@ class CacheStep:
 
     @property
     def overflow(self) -> int:
-        """Misses that did not fit: `miss_ids[-overflow:]` are computed from a scratch buffer."""
+        """Misses that did not fit (`miss_ids[miss_slots < 0]`, a suffix): computed from a scratch buffer."""
         return int(np.count_nonzero(self.miss_slots < 0))
 
 
