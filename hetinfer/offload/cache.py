@@ -30,8 +30,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from hetinfer.placement.cost import FLASH
 from hetinfer.placement.plan import Plan
+from hetinfer.tiers import FLASH
 
 
 @dataclass
