@@ -23,7 +23,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 def add_engine_args(p: argparse.ArgumentParser) -> None:
     """The flags of the engine that runs a model or a deployment (threads, context, weights, sparse modes)."""
     p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: all cores available)")
-    p.add_argument("--ctx", type=int, default=4096, help="context size in tokens (default 4096, capped at the model's)")
+    p.add_argument("--ctx", type=int, default=None,
+                   help="context size in tokens (default 4096, or the context a deployment was prepared for; "
+                        "capped at the model's)")
     p.add_argument("--weights", choices=("native", "f16", "f32"), default="native",
                    help="weight format the kernels read: native keeps the file's (GGUF block formats stay "
                         "quantized), f16/f32 convert once at load (default native)")
@@ -86,8 +88,7 @@ def _open_deployment(args: argparse.Namespace, path: str):
                             "it takes")
     dep = deploy.load_deployment(path, weights=None if args.weights == "native" else args.weights)
     prepare_kernels(getattr(args, "verbose", False))
-    n_ctx = args.ctx if args.ctx != 4096 else None  # the default: the context the deployment was planned for
-    return deploy.open_session(dep, n_ctx=n_ctx, every_neuron=args.sparsity == 0)
+    return deploy.open_session(dep, n_ctx=args.ctx, every_neuron=args.sparsity == 0)
 
 
 def prepare_kernels(verbose: bool) -> None:

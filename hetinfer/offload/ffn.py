@@ -189,13 +189,10 @@ class TieredFFN:
         else:
             pos = np.sort(s.position[ids])
             flash = pos[np.searchsorted(pos, s.n_resident):] - s.n_resident
-        missing = flash[s.cache.slot_of(flash) < 0]
-        if not len(missing):
-            return
-        slots = s.cache.admit(missing, self.token)
+        slots = s.cache.admit(flash, self.token)  # present ones are kept for this token; -1: no read needed or no room
         ok = slots >= 0
         if ok.any():
-            s.prefetched = missing[ok]
+            s.prefetched = flash[ok]
             s.prefetch = self.reader.submit(s.flash_base, s.buf.shape[1], s.prefetched, s.buf, s.n_resident + slots[ok])
 
     def _read(self, layer: int, flash_ids: np.ndarray, dst: np.ndarray, dst_rows: np.ndarray) -> None:

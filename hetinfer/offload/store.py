@@ -92,7 +92,7 @@ class Store:
         (any row stride, each row contiguous), read in place by kernels.sparse_ffn and the other kernels;
         row i of each view is the neuron whose record is row i."""
         if records.dtype != np.uint8 or records.ndim != 2 or records.shape[1] != self.record_bytes \
-                or records.strides[1] != 1:
+                or (records.strides[1] != 1 and len(records)):  # numpy gives empty arrays zero strides
             raise ValueError(f"records must be uint8 [n, {self.record_bytes}] with contiguous rows, "
                              f"got {records.dtype} {records.shape} strides {records.strides}")
         n = records.shape[0]
