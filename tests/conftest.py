@@ -69,3 +69,18 @@ def wikitext_eval() -> str:
     with open(data_path("wikitext-2", "valid.txt")) as fh:
         text = fh.read()
     return text[int(len(text) * 0.7):]
+
+
+@pytest.fixture(scope="session")
+def offline(tmp_path_factory, model_path):
+    """A small profile and predictors of the default model (the expensive steps of `hetinfer prepare`),
+    made once through their own commands; tests pass them to `prepare --profile/--predictors`."""
+    from hetinfer.cli import main
+
+    d = tmp_path_factory.mktemp("offline")
+    text = data_path("wikitext-2", "valid.txt")
+    assert main(["profile", "-m", model_path, "--data", f"{text}[:0.2]", "--tokens", "2048", "--samples", "1024",
+                 "-q", "-o", str(d / "profile")]) == 0
+    assert main(["train-predictors", "-m", model_path, "--profile", str(d / "profile"), "--ranks", "32",
+                 "--epochs", "2", "-q", "-o", str(d / "predictors")]) == 0
+    return d

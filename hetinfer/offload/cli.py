@@ -52,7 +52,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--chat", action="store_true", help="send the prompt as one user message in the chat template")
     add_engine_args(p)
     add_sampling_args(p)
-    p.set_defaults(run=cmd_generate)
+    p.set_defaults(run=cmd_generate, model=None)
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:

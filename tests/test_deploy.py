@@ -1,0 +1,148 @@
+"""`hetinfer prepare` and deployments on SmolLM2: the pipeline, resume after kill -9, running a
+deployment through the CLI, and every bad input the issue lists (one line, exit 2, nothing left)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from hetinfer.cli import main
+
+pytestmark = pytest.mark.slow
+RAM = "150MiB"  # SmolLM2's dense parts + a 512-token f32 KV cache + a share of the FFN
+
+
+def _prepare(out: Path, flash: Path, offline: Path, *extra: str) -> list[str]:
+    return ["prepare", "-o", str(out), "--flash-dir", str(flash), "--ram", RAM, "--ctx", "512",
+            "--profile", str(offline / "profile"), "--predictors", str(offline / "predictors"), *extra]
+
+
+def test_prepare_then_run_greedy_matches_every_neuron_reference(tmp_path, offline, capsys):
+    out, flash = tmp_path / "dep", tmp_path / "flash"
+    flash.mkdir()
+    assert main(_prepare(out, flash, offline)) == 0
+    m = json.loads((out / "deployment.json").read_text())
+    assert m["format"] == "hetinfer.deployment" and m["ctx"] == 512
+    assert (out / m["plan"] / "plan.json").exists() and Path(m["store"]).is_dir()
+    capsys.readouterr()
+    stats = tmp_path / "stats.json"
+    assert main(["run", str(out), "-p", "The capital of France is", "-n", "12", "--temperature", "0",
+                 "--stats-json", str(stats)]) == 0
+    text = capsys.readouterr().out
+    s = json.loads(stats.read_text())
+    for key in ("flash_bytes_per_token", "flash_reads_per_token", "cache_hit_rate", "ffn_density", "io_wait_share"):
+        assert key in s
+    assert 0 < s["ffn_density"] < 1 and s["gen_tokens"] == 12 and text.strip()
+    # every neuron (the exact mode) runs too, and a second prepare reuses everything
+    assert main(["run", str(out), "-p", "The capital of France is", "-n", "4", "--temperature", "0",
+                 "--sparsity", "0"]) == 0
+    before = sorted(p.name for p in flash.iterdir())
+    assert main(_prepare(out, flash, offline)) == 0
+    assert sorted(p.name for p in flash.iterdir()) == before
+    assert "reusing" in capsys.readouterr().err
+
+
+def test_deployment_moved_and_model_gone(tmp_path, offline, model_path, capsys):
+    out, flash = tmp_path / "dep", tmp_path / "flash"
+    flash.mkdir()
+    local = tmp_path / Path(model_path).name  # the fingerprint covers the file name
+    shutil.copy(model_path, local)
+    assert main(_prepare(out, flash, offline, "-m", str(local))) == 0
+    moved = tmp_path / "elsewhere"
+    shutil.move(str(out), moved)
+    assert main(["run", str(moved), "-p", "Hi", "-n", "2", "--temperature", "0"]) == 0  # relative paths work
+    local.unlink()
+    capsys.readouterr()
+    assert main(["run", str(moved), "-p", "Hi", "-n", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "model file" in err and "gone" in err
+
+
+@pytest.mark.parametrize("case", ["no_flash_dir", "flash_dir_is_file", "ram_too_small", "not_a_deployment",
+                                  "other_version", "bit_flip", "truncated_store", "other_model"])
+def test_bad_input_one_line_exit_2(tmp_path, offline, model_path, case, capsys):
+    out, flash = tmp_path / "dep", tmp_path / "flash"
+    flash.mkdir()
+    args = _prepare(out, flash, offline)
+    if case == "no_flash_dir":
+        args[args.index("--flash-dir") + 1] = str(tmp_path / "missing")
+    elif case == "flash_dir_is_file":
+        (tmp_path / "file").write_text("x")
+        args[args.index("--flash-dir") + 1] = str(tmp_path / "file")
+    elif case == "ram_too_small":
+        args[args.index("--ram") + 1] = "20MiB"
+    if case in ("no_flash_dir", "flash_dir_is_file", "ram_too_small"):
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error:") and err.count("\n") == 1
+        assert not list(flash.glob("*")) and not (out / "deployment.json").exists()
+        if case == "ram_too_small":
+            assert "raise --ram" in err
+        return
+    assert main(args) == 0
+    m = json.loads((out / "deployment.json").read_text())
+    store = Path(m["store"])
+    run = ["run", str(out), "-p", "Hello there", "-n", "3", "--temperature", "0"]
+    if case == "not_a_deployment":
+        run[1] = str(tmp_path)
+    elif case == "other_version":
+        (out / "deployment.json").write_text(json.dumps({**m, "version": 99}))
+    elif case == "bit_flip":
+        data = bytearray((store / "neurons.bin").read_bytes())
+        data[len(data) // 2] ^= 0x10  # a flash record of a middle layer
+        (store / "neurons.bin").write_bytes(bytes(data))
+        run += ["--sparsity", "0"]  # every neuron: the flipped record is read
+    elif case == "truncated_store":
+        with open(store / "neurons.bin", "r+b") as f:
+            f.truncate(os.path.getsize(store / "neurons.bin") - 8192)
+    elif case == "other_model":
+        m["model"]["fingerprint"] = "0" * 16
+        (out / "deployment.json").write_text(json.dumps(m))
+    capsys.readouterr()
+    assert main(run) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:"), err
+    if case == "bit_flip":
+        assert "layer" in err[0]
+
+
+def test_prepare_resumes_after_kill_9(tmp_path, offline):
+    """kill -9 while the store is being written; the next prepare finishes and nothing half-written stays."""
+    out, flash = tmp_path / "dep", tmp_path / "flash"
+    flash.mkdir()
+    argv = [sys.executable, "-m", "hetinfer.cli", *_prepare(out, flash, offline)]
+    child = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    while time.time() < deadline and not any(p.name.startswith(".") for p in flash.iterdir()):
+        time.sleep(0.05)
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    assert not (out / "deployment.json").exists()
+    assert main(_prepare(out, flash, offline)) == 0
+    assert [p.name for p in flash.iterdir() if p.name.startswith(".")] == []
+    assert main(["run", str(out), "-p", "Hi", "-n", "2", "--temperature", "0"]) == 0
+
+
+def test_serve_deployment_health_shows_tiers_and_hit_rate(tmp_path, offline):
+    from tests.test_server import Server
+
+    out, flash = tmp_path / "dep", tmp_path / "flash"
+    flash.mkdir()
+    assert main(_prepare(out, flash, offline)) == 0
+    server = Server([str(out)], tmp_path / "server.log")
+    try:
+        r = server.post("/v1/completions", {"prompt": "Once upon a time", "max_tokens": 8, "temperature": 0})
+        assert r.status_code == 200 and r.json()["choices"][0]["text"]
+        p = server.health()["placement"]
+        assert p["engine"] == "offloaded" and set(p["tiers"]) == {"gpu", "ram", "flash"}
+        assert p["tiers"]["flash"]["bytes"] > 0 and p["tiers"]["ram"]["components"]["window_cache"] >= 0
+        assert 0 <= p["cache_hit_rate"] <= 1 and 0 < p["ffn_density"] <= 1
+    finally:
+        server.stop()
