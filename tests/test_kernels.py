@@ -506,6 +506,48 @@ def test_attention_decode_split_over_positions(pos, nchunks):
     np.testing.assert_allclose(out.reshape(-1), want, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("interleaved,pos,nchunks", [(False, 0, 1), (True, 37, 1), (False, 699, 1), (True, 699, 3)])
+def test_attention_decode_f16_cache(interleaved, pos, nchunks):
+    """A float16 cache: v written exactly as numpy rounds it, the rotated k within one float16 step
+    of the reference's (the kernel rotates in float32, the reference in float64, so a value by a
+    rounding midpoint may go either way), nothing else touched; the attention over the float16
+    entries it holds equal to the float64 reference's over the same entries, in one span or several."""
+    n_ctx, KV, H, hd = 700, 3, 9, 64
+    rng = np.random.default_rng(pos)
+    kc = (rng.standard_normal((n_ctx, KV, hd), dtype=np.float32) * 2).astype(np.float16)
+    vc = rng.standard_normal((n_ctx, KV, hd), dtype=np.float32).astype(np.float16)
+    q, k, v = (rng.standard_normal(n, dtype=np.float32) for n in (H * hd, KV * hd, KV * hd))
+    ang = (pos + 0.5) * rng.uniform(0, 1, hd // 2)
+    cos, sin = np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
+    _, want_k, want_v = ref.attention_decode(q, k, v, kc, vc, pos, cos, sin, interleaved)
+    assert want_k.dtype == want_v.dtype == np.float16
+    kt, vt = torch.from_numpy(kc.copy()), torch.from_numpy(vc.copy())
+    if nchunks == 1:
+        out = kernels.attention_decode(*map(torch.from_numpy, (q[None], k[None], v[None])), kt, vt, pos,
+                                       torch.from_numpy(cos), torch.from_numpy(sin), interleaved)[0].numpy()
+    else:
+        out = np.empty((H, hd), np.float32)
+        cpu.attention_decode(q, k, v, kt.numpy().view(np.uint16), vt.numpy().view(np.uint16), pos, cos, sin,
+                             interleaved, out, nchunks)
+    assert np.array_equal(vt.numpy(), want_v)
+    others = np.arange(n_ctx) != pos
+    assert np.array_equal(kt.numpy()[others], kc[others])
+    assert np.all(np.abs(kt.numpy()[pos].astype(np.float32) - want_k[pos]) <= np.spacing(np.abs(want_k[pos])))
+    qr = ref.rope(q.reshape(H, hd), cos, sin, interleaved)
+    want = ref.attention(qr, kt.numpy()[: pos + 1], vt.numpy()[: pos + 1])
+    np.testing.assert_allclose(out.reshape(-1), want.reshape(-1), rtol=1e-4, atol=1e-5)
+
+
+def test_attention_decode_refuses_other_caches():
+    """Mixed dtypes, another dtype, a strided cache: one error naming what the cache must be."""
+    q, k, v, cos, sin = torch.ones(1, 128), torch.ones(1, 64), torch.ones(1, 64), torch.ones(16), torch.zeros(16)
+    for kc, vc in ((torch.zeros(4, 2, 32, dtype=torch.float16), torch.zeros(4, 2, 32)),
+                   (torch.zeros(4, 2, 32, dtype=torch.bfloat16), torch.zeros(4, 2, 32, dtype=torch.bfloat16)),
+                   (torch.zeros(4, 32, 2, dtype=torch.float16).transpose(1, 2), torch.zeros(4, 2, 32, dtype=torch.float16))):
+        with pytest.raises(ValueError, match="float32 or float16 tensors"):
+            kernels.attention_decode(q, k, v, kc, vc, 1, cos, sin, False)
+
+
 @pytest.mark.slow
 def test_attention_decode_matches_model_attention(model):
     """The engine's torch attention path (SDPA) and the fused kernel agree on a real layer."""
@@ -603,6 +645,28 @@ def test_attention_block_matches_its_calls_one_by_one(qtype, pos, bias, interlea
         run_attention_block(x, L, biases, cache[0], cache[1], n_ctx, cos, sin, interleaved)
     with pytest.raises(ValueError, match="must be \\[1, 128\\]"):
         run_attention_block(rand_x(1, 64), L, biases, cache[0], cache[1], pos, cos, sin, interleaved)
+
+
+@pytest.mark.parametrize("pos", [0, 300])
+def test_attention_block_f16_cache(pos):
+    """attention_block over a float16 cache: the numbers of its calls one by one over the same cache,
+    the written entries within one float16 step (a float32 rounding difference of k or v, see
+    assert_same_block, may round to the neighbouring float16), the cache left float16."""
+    d, KV, H, hd, n_ctx = 128, 2, 4, 32, 320
+    L = {"q": rand_q(H * hd, d, "q8_0", 1), "k": rand_q(KV * hd, d, "q8_0", 2), "v": rand_q(KV * hd, d, "q8_0", 3),
+         "o": rand_q(d, H * hd, "q8_0", 4), "attn_norm": rand_x(d, seed=5), "ffn_norm": rand_x(d, seed=6)}
+    rng = np.random.default_rng(pos)
+    cache = torch.from_numpy(rng.standard_normal((2, n_ctx, KV, hd), dtype=np.float32)).half()
+    ang = (pos + 0.5) * rng.uniform(0, 1, hd // 2)
+    cos, sin = torch.from_numpy(np.cos(ang).astype(np.float32)), torch.from_numpy(np.sin(ang).astype(np.float32))
+    x = rand_x(1, d, seed=10)
+    want_cache, got_cache = cache.clone(), cache.clone()
+    want = one_by_one_attention(x, L, None, want_cache[0], want_cache[1], pos, cos, sin, False)
+    got = run_attention_block(x, L, None, got_cache[0], got_cache[1], pos, cos, sin, False)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+    assert got_cache.dtype == torch.float16 and not torch.equal(got_cache[:, pos], cache[:, pos])
+    torch.testing.assert_close(got_cache.float(), want_cache.float(), rtol=2**-10, atol=0)
 
 
 @pytest.mark.slow

@@ -398,7 +398,8 @@ def attention_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache:
                      interleaved: bool) -> torch.Tensor:
     """Attention of one new token at position `pos`, fused: RoPE (cos/sin [hd/2]) on q and k,
     k and v written to this layer's cache [n_ctx, n_kv_heads, hd] at `pos`, softmax attention over
-    positions 0..pos with grouped kv heads. q [1, H*hd], k/v [1, KV*hd] -> [1, H*hd]."""
+    positions 0..pos with grouped kv heads. q [1, H*hd], k/v [1, KV*hd] -> [1, H*hd]. The cache is
+    float32 or float16 (k and v rounded to nearest as written; read back and summed in float32)."""
     kc, vc = _kv_cache(k_cache, v_cache, pos)
     KV, hd = kc.shape[1:]
     qn, kn, vn = _np(q).reshape(-1), _np(k).reshape(-1), _np(v).reshape(-1)
@@ -412,10 +413,15 @@ def attention_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache:
 
 
 def _kv_cache(k_cache: torch.Tensor, v_cache: torch.Tensor, pos: int) -> tuple[np.ndarray, np.ndarray]:
-    """A layer's cache as the numpy arrays the kernels write, once checked to hold position `pos`."""
-    if not (k_cache.is_contiguous() and v_cache.is_contiguous() and k_cache.dtype == v_cache.dtype == torch.float32):
-        raise ValueError("the KV cache must be contiguous float32 tensors [n_ctx, n_kv_heads, head_dim]")
+    """A layer's cache as the numpy arrays the kernels write (a float16 cache as its uint16 bits, which
+    the kernels convert: numba has no float16), once checked to hold position `pos`."""
+    if not (k_cache.is_contiguous() and v_cache.is_contiguous() and k_cache.dtype == v_cache.dtype
+            and k_cache.dtype in (torch.float32, torch.float16)):
+        raise ValueError("the KV cache must be contiguous float32 or float16 tensors [n_ctx, n_kv_heads, head_dim], "
+                         f"both of one dtype (got {k_cache.dtype} and {v_cache.dtype})")
     kc, vc = k_cache.numpy(), v_cache.numpy()
+    if k_cache.dtype is torch.float16:
+        kc, vc = kc.view(np.uint16), vc.view(np.uint16)
     if not 0 <= pos < kc.shape[0]:
         raise ValueError(f"position {pos} is outside the cache (0..{kc.shape[0] - 1})")
     return kc, vc
@@ -580,8 +586,8 @@ def _compile_all() -> None:
     predict_rows(quantize(w, "f32"), quantize(rng.standard_normal((8, 40)).astype(np.float32), "f32"), x, 0.0)
     rms_norm(x, x[0], 1e-5)
     Wq, Wkv = (quantize(rng.standard_normal((n, 64)).astype(np.float32), "q8_0") for n in (64, 32))
-    for interleaved in (False, True):
-        attention_decode(torch.ones(1, 128), torch.ones(1, 64), torch.ones(1, 64), torch.zeros(4, 2, 32),
-                         torch.zeros(4, 2, 32), 1, torch.ones(16), torch.zeros(16), interleaved)
-        attention_block(x.clone(), x[0], Wq, Wkv, Wkv, Wq, None, torch.zeros(4, 1, 32), torch.zeros(4, 1, 32), 1,
-                        torch.ones(16), torch.zeros(16), interleaved, 1e-5, x[0])
+    for interleaved, kv in ((False, torch.float32), (True, torch.float32), (False, torch.float16)):
+        attention_decode(torch.ones(1, 128), torch.ones(1, 64), torch.ones(1, 64), torch.zeros(4, 2, 32, dtype=kv),
+                         torch.zeros(4, 2, 32, dtype=kv), 1, torch.ones(16), torch.zeros(16), interleaved)
+        attention_block(x.clone(), x[0], Wq, Wkv, Wkv, Wq, None, torch.zeros(4, 1, 32, dtype=kv),
+                        torch.zeros(4, 1, 32, dtype=kv), 1, torch.ones(16), torch.zeros(16), interleaved, 1e-5, x[0])

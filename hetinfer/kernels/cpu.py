@@ -19,7 +19,7 @@ from numba import njit, prange
 
 from hetinfer.kernels.simd import (BF16, F16, F32, Q4_0, Q4_1, Q8_0, axpy_bf16, axpy_f16, axpy_f32, axpy_q4_0,
                                    axpy_q4_1, axpy_q8_0, dot_bf16, dot_f16, dot_f32, elem_bf16, elem_f16, elem_f32,
-                                   f32_from_bits, quantize_block, xdot_q4_0, xdot_q4_1, xdot_q8_0)
+                                   f32_from_bits, from_kv, quantize_block, to_kv, xdot_q4_0, xdot_q4_1, xdot_q8_0)
 
 FMT = {"f32": F32, "f16": F16, "bf16": BF16, "q8_0": Q8_0, "q4_0": Q4_0, "q4_1": Q4_1}
 ACT = {"silu": 0, "relu": 1, "gelu": 2}
@@ -400,8 +400,10 @@ def _attend_span(q, kc, vc, lo, hi, m, l, acc):
     m[h] = the largest score, l[h] = sum exp(score - m[h]), acc[h] = sum exp(score - m[h]) * v.
     Keys, then values, are read once each, position by position (a sequential stream: the cache of
     a long context lives in DRAM), every kv head's row serving its whole group of query heads; a
-    span's partial results merge with others' (`attention_decode`). Plain indexing, no array views
-    in the loops: a view costs a reference-count update, more than a 64-wide dot."""
+    span's partial results merge with others' (`attention_decode`). Entries are widened to float32
+    as read (`from_kv`), so a float16 cache streams half the bytes and accumulates as a float32 one.
+    Plain indexing, no array views in the loops: a view costs a reference-count update, more than a
+    64-wide dot."""
     H, hd = q.shape
     KV = kc.shape[1]
     group = H // KV
@@ -413,7 +415,7 @@ def _attend_span(q, kc, vc, lo, hi, m, l, acc):
             g = h // group
             a = np.float32(0.0)
             for e in range(hd):
-                a += q[h, e] * kc[p, g, e]
+                a += q[h, e] * from_kv(kc[p, g, e])
             s[h, p - lo] = a * scale
     for h in range(H):
         mx = np.float32(-np.inf)
@@ -431,13 +433,14 @@ def _attend_span(q, kc, vc, lo, hi, m, l, acc):
             g = h // group
             w = s[h, p - lo]
             for e in range(hd):
-                acc[h, e] += w * vc[p, g, e]
+                acc[h, e] += w * from_kv(vc[p, g, e])
 
 
 @njit(parallel=_PRANGE_ONLY, fastmath=True, error_model="numpy", cache=True, nogil=True)
 def attention_decode(q, k, v, kc, vc, pos, cos, sin, interleaved, out, nchunks):
     """One new token's attention. q [H*hd], k and v [KV*hd] (unrotated projections); kc/vc
-    [n_ctx, KV, hd] this layer's cache, which gets rotated k and v at `pos`; out [H, hd] =
+    [n_ctx, KV, hd] this layer's cache (float32, or float16 held as uint16 bits: written rounded,
+    `to_kv`, read widened to float32), which gets rotated k and v at `pos`; out [H, hd] =
     softmax(rope(q_h) K^T / sqrt(hd)) V over positions 0..pos, query head h reading kv head
     h // (H / KV). With nchunks > 1 the positions are split into spans attended in parallel and
     merged by their softmax maxima (split-K, as flash-decoding does): threads share the cache reads
@@ -447,9 +450,9 @@ def attention_decode(q, k, v, kc, vc, pos, cos, sin, interleaved, out, nchunks):
     for g in range(KV):
         for j in range(hd // 2):
             i0, i1, a, b = _rope(k, g * hd, j, cos, sin, interleaved)
-            kc[pos, g, i0], kc[pos, g, i1] = a, b
+            kc[pos, g, i0], kc[pos, g, i1] = to_kv(a, kc), to_kv(b, kc)
         for j in range(hd):
-            vc[pos, g, j] = v[g * hd + j]
+            vc[pos, g, j] = to_kv(v[g * hd + j], vc)
     qr = np.empty((H, hd), np.float32)
     for h in range(H):
         for j in range(hd // 2):

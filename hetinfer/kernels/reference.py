@@ -111,16 +111,24 @@ def rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, interleaved: bool) -> 
 
 def attention_decode(q, k, v, k_cache, v_cache, pos, cos, sin, interleaved):
     """One token's attention (see `kernels.attention_decode`); returns (out [H*hd], k_cache, v_cache) with the
-    caches updated (new arrays)."""
+    caches updated (new arrays of the caches' dtype: a float16 cache gets k and v rounded to nearest)."""
     n_ctx, KV, hd = k_cache.shape
-    q = rope(np.reshape(q, (-1, hd)), cos, sin, interleaved)
-    kc, vc = np.array(k_cache, np.float64), np.array(v_cache, np.float64)
+    kc, vc = np.array(k_cache), np.array(v_cache)
     kc[pos] = rope(np.reshape(k, (KV, hd)), cos, sin, interleaved)
     vc[pos] = np.reshape(v, (KV, hd))
-    group = q.shape[0] // KV
-    out = np.empty_like(q)
-    for h in range(q.shape[0]):
-        s = kc[: pos + 1, h // group] @ q[h] / np.sqrt(hd)
-        p = np.exp(s - s.max())
-        out[h] = (p / p.sum()) @ vc[: pos + 1, h // group]
+    out = attention(rope(np.reshape(q, (-1, hd)), cos, sin, interleaved), kc[: pos + 1], vc[: pos + 1])
     return out.reshape(-1), kc, vc
+
+
+def attention(q, keys, values):
+    """softmax(q_h K^T / sqrt(hd)) V per query head in float64, for rotated q [H, hd] and cached keys and
+    values [S, KV, hd] (any float dtype), query head h reading kv head h // (H / KV); -> [H, hd]."""
+    hd, KV = q.shape[1], keys.shape[1]
+    keys, values = np.asarray(keys, np.float64), np.asarray(values, np.float64)
+    group = q.shape[0] // KV
+    out = np.empty((q.shape[0], hd))
+    for h in range(q.shape[0]):
+        s = keys[:, h // group] @ q[h] / np.sqrt(hd)
+        p = np.exp(s - s.max())
+        out[h] = (p / p.sum()) @ values[:, h // group]
+    return out

@@ -390,3 +390,30 @@ dot_f32, dot_f16, dot_bf16 = (_make_dot(f) for f in (F32, F16, BF16))
 xdot_q8_0, xdot_q4_0, xdot_q4_1 = (_make_xdot(f) for f in (Q8_0, Q4_0, Q4_1))
 axpy_f32, axpy_f16, axpy_bf16, axpy_q8_0, axpy_q4_0, axpy_q4_1 = (_make_axpy(f) for f in range(6))
 elem_f32, elem_f16, elem_bf16 = (_make_elem(f) for f in range(3))
+
+
+# ---------------------------------------------------------------------------------------------
+# KV-cache entries: float32 as is, or float16 held as its uint16 bits (numba has no float16 type)
+# ---------------------------------------------------------------------------------------------
+
+
+@intrinsic
+def from_kv(typingctx, e):
+    """A KV-cache entry as float32: a float32 entry unchanged, a uint16 one as the float16 it holds
+    (exact). Inside a loop LLVM vectorizes the widening (vcvtph2ps with F16C)."""
+    if e == types.float32:
+        return types.float32(e), lambda context, b, sig, args: args[0]
+    if e == types.uint16:
+        return types.float32(e), lambda context, b, sig, args: b.fpext(b.bitcast(args[0], _HALF), _F32)
+    return None
+
+
+@intrinsic
+def to_kv(typingctx, x, cache):
+    """float32 x as an entry of `cache`: unchanged for a float32 cache, the bits of float16(x) (rounded
+    to nearest even, as torch and numpy round) for a uint16 one."""
+    if x != types.float32 or cache.dtype not in (types.float32, types.uint16):
+        return None
+    if cache.dtype == types.float32:
+        return types.float32(x, cache), lambda context, b, sig, args: args[0]
+    return types.uint16(x, cache), lambda context, b, sig, args: b.bitcast(b.fptrunc(args[0], _HALF), _I16)
