@@ -5,6 +5,8 @@ from dataclasses import asdict, dataclass, field
 
 ARCHITECTURES = ("llama", "qwen2")
 ACTIVATIONS = ("silu", "relu", "gelu")
+KV_DTYPES = {"f32": 4, "f16": 2}  # KV-cache element types (`--kv`) and their bytes per value
+DEFAULT_KV = "f32"
 
 
 @dataclass
@@ -55,5 +57,6 @@ class ModelConfig:
             d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
         return cls(**d)
 
-    def kv_cache_bytes(self, n_ctx: int, bytes_per_value: int = 4) -> int:
-        return 2 * self.n_layers * n_ctx * self.n_kv_heads * self.head_dim * bytes_per_value
+    def kv_cache_bytes(self, n_ctx: int, dtype: str = DEFAULT_KV) -> int:
+        """Bytes of the keys and values of every layer for `n_ctx` tokens in a cache of `dtype` ("f32", "f16")."""
+        return 2 * self.n_layers * n_ctx * self.n_kv_heads * self.head_dim * KV_DTYPES[dtype]

@@ -15,11 +15,12 @@ import torch
 import torch.nn.functional as F
 
 from hetinfer import kernels
-from hetinfer.config import ModelConfig
+from hetinfer.config import DEFAULT_KV, KV_DTYPES, ModelConfig
 from hetinfer.errors import HetinferError
 from hetinfer.tensors import QTensor
 
 FFN = Callable[[int, torch.Tensor], torch.Tensor]
+TORCH_KV = {"f32": torch.float32, "f16": torch.float16}
 ACT = {"silu": F.silu, "relu": F.relu, "gelu": lambda x: F.gelu(x, approximate="tanh")}
 
 
@@ -49,12 +50,18 @@ class Weights:
 
 
 class KVCache:
-    """Preallocated keys/values [n_layers, n_ctx, n_kv_heads, head_dim]; pages are touched as used."""
+    """Preallocated keys/values [n_layers, n_ctx, n_kv_heads, head_dim]; pages are touched as used.
 
-    def __init__(self, cfg: ModelConfig, n_ctx: int):
+    dtype "f32" or "f16" (`config.KV_DTYPES`): a float16 cache holds half the bytes, and decode
+    attention streams half; keys and values are rounded to it as written and attended in float32."""
+
+    def __init__(self, cfg: ModelConfig, n_ctx: int, dtype: str = DEFAULT_KV):
+        if dtype not in KV_DTYPES:
+            raise ValueError(f"KV cache dtype must be one of {', '.join(KV_DTYPES)}, got {dtype!r}")
         shape = (cfg.n_layers, n_ctx, cfg.n_kv_heads, cfg.head_dim)
-        self.k = torch.empty(shape, dtype=torch.float32)
-        self.v = torch.empty(shape, dtype=torch.float32)
+        self.k = torch.empty(shape, dtype=TORCH_KV[dtype])
+        self.v = torch.empty(shape, dtype=TORCH_KV[dtype])
+        self.dtype = dtype
         self.k_layers, self.v_layers = self.k.unbind(0), self.v.unbind(0)  # per-layer views, made once
         self.n_ctx = n_ctx
         self.tokens: list[int] = []  # what the cache holds, for prefix reuse across chat turns
@@ -93,8 +100,8 @@ class Transformer:
         self.interleaved = bool(cfg.extra.get("rope_interleaved", False))
         self.act = ACT[cfg.activation]
 
-    def new_cache(self, n_ctx: int | None = None) -> KVCache:
-        return KVCache(self.cfg, n_ctx or self.cfg.context_length)
+    def new_cache(self, n_ctx: int | None = None, dtype: str = DEFAULT_KV) -> KVCache:
+        return KVCache(self.cfg, n_ctx or self.cfg.context_length, dtype)
 
     def dense_ffn(self, layer: int, h: torch.Tensor) -> torch.Tensor:
         L = self.w.layers[layer]
@@ -134,10 +141,10 @@ class Transformer:
             q, k, v = q + L.bq, k + L.bk, v + L.bv
         q = self._apply_rope(q.view(T, cfg.n_heads, cfg.head_dim), cos, sin)
         k = self._apply_rope(k.view(T, cfg.n_kv_heads, cfg.head_dim), cos, sin)
-        cache.k[i, pos : pos + T] = k
+        cache.k[i, pos : pos + T] = k  # rounded to the cache's dtype, as decode writes it
         cache.v[i, pos : pos + T] = v.view(T, cfg.n_kv_heads, cfg.head_dim)
-        keys = cache.k[i, : pos + T].transpose(0, 1)  # [kv_heads, S, hd]
-        vals = cache.v[i, : pos + T].transpose(0, 1)
+        keys = cache.k[i, : pos + T].transpose(0, 1).float()  # [kv_heads, S, hd]; a float16 cache widened
+        vals = cache.v[i, : pos + T].transpose(0, 1).float()
         mask = torch.ones(T, pos + T, dtype=torch.bool).tril(diagonal=pos)  # causal over the new tokens, all of the prefix
         out = F.scaled_dot_product_attention(q.transpose(0, 1), keys, vals, attn_mask=mask, enable_gqa=True)
         return kernels.linear(L.wo, out.transpose(0, 1).reshape(T, -1))

@@ -1,4 +1,5 @@
 """KV-cache decode against full recomputation, sampling, stop handling on the real model."""
+import numpy as np
 import pytest
 import torch
 
@@ -18,6 +19,31 @@ def test_incremental_decode_equals_full_recompute(model_f32):  # float engine: e
     full = tr.forward(ids, tr.new_cache(128), all_logits=True)
     for i, logits in enumerate(step_logits):
         assert (logits - full[4 + i]).abs().max().item() <= 1e-4
+
+
+def test_f16_cache_decode_matches_prefill_on_random_model():
+    """Random float weights (qwen2: q/k/v biases), a float16 KV cache: prefill (torch SDPA) and decode (the
+    fused kernel) write the same float16 keys and values, to one float16 step (their float32 projections may
+    differ by rounding), and give the same logits; the cache halves the float32 one's bytes."""
+    from test_profiler import tiny_model
+
+    m = tiny_model(arch="qwen2", vocab=64)
+    tr, ids = m.transformer, np.random.default_rng(0).integers(0, 64, 40).tolist()
+    caches = {kv: tr.new_cache(64, kv) for kv in ("f16", "f32")}
+    full = tr.forward(ids, caches["f16"], all_logits=True)
+    cache = tr.new_cache(64, "f16")
+    tr.forward(ids[:10], cache)
+    steps = torch.stack([tr.forward([t], cache) for t in ids[10:]])
+    assert cache.k.dtype == cache.v.dtype == torch.float16
+    for a, b in ((cache.k, caches["f16"].k), (cache.v, caches["f16"].v)):
+        torch.testing.assert_close(a[:, :40].float(), b[:, :40].float(), rtol=2**-10, atol=1e-6)
+    torch.testing.assert_close(steps, full[10:], rtol=1e-4, atol=2e-4)  # measured 3e-5; f16 vs f32 differ 5e-3
+    f32 = tr.forward(ids, caches["f32"], all_logits=True)
+    assert 0 < (full - f32).abs().max().item() < 0.01 * f32.abs().max().item()  # rounded, but only just
+    assert caches["f16"].k.nbytes * 2 == caches["f32"].k.nbytes
+    assert 2 * caches["f16"].k.nbytes == m.config.kv_cache_bytes(64, "f16") == m.config.kv_cache_bytes(64) // 2
+    with pytest.raises(ValueError, match="must be one of f32, f16"):
+        tr.new_cache(64, "f8")
 
 
 def test_prefix_reuse_gives_same_logits(model_f32):
