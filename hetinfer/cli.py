@@ -8,6 +8,7 @@ import os
 import sys
 import time
 
+from hetinfer.config import DEFAULT_KV, KV_DTYPES
 from hetinfer.errors import HetinferError
 
 # Modules that contribute subcommands through add_parser(subparsers) -> registers run(args) -> int.
@@ -26,6 +27,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ctx", type=int, default=None,
                    help="context size in tokens (default 4096, or the context a deployment was prepared for; "
                         "capped at the model's)")
+    p.add_argument("--kv", choices=tuple(KV_DTYPES), default=DEFAULT_KV,
+                   help=f"KV-cache element type: f16 holds half the bytes (keys and values rounded to float16, "
+                        f"attention still summed in float32), as llama.cpp's default (default {DEFAULT_KV})")
     p.add_argument("--weights", choices=("native", "f16", "f32"), default="native",
                    help="weight format the kernels read: native keeps the file's (GGUF block formats stay "
                         "quantized), f16/f32 convert once at load (default native)")
@@ -77,7 +81,7 @@ def open_session(args: argparse.Namespace):
     model = load_model(args.model, weights=args.weights)
     ffn = engine_ffn(model, args.sparsity, args.profile, args.predictors)
     prepare_kernels(getattr(args, "verbose", False))
-    return Session(model, n_ctx=args.ctx, ffn=ffn)
+    return Session(model, n_ctx=args.ctx, ffn=ffn, kv=args.kv)
 
 
 def _open_deployment(args: argparse.Namespace, path: str):

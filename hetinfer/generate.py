@@ -8,6 +8,7 @@ from typing import Callable, Iterator
 
 import torch
 
+from hetinfer.config import DEFAULT_KV
 from hetinfer.errors import HetinferError
 from hetinfer.loader import Model
 from hetinfer.model import FFN
@@ -42,10 +43,10 @@ class Session:
     prefills the new tokens.
     """
 
-    def __init__(self, model: Model, n_ctx: int | None = None, ffn: FFN | None = None):
+    def __init__(self, model: Model, n_ctx: int | None = None, ffn: FFN | None = None, kv: str = DEFAULT_KV):
         self.model = model
         self.n_ctx = min(n_ctx or 4096, model.config.context_length)
-        self.cache = model.transformer.new_cache(self.n_ctx)
+        self.cache = model.transformer.new_cache(self.n_ctx, kv)  # kv: "f32" or "f16" (`--kv`)
         self.ffn = ffn
         self.stats = Stats()
         self._prompt: tuple[list[int], torch.Tensor] | None = None  # the last prompt and the logits after it

@@ -4,6 +4,10 @@ import os
 import subprocess
 import sys
 
+import pytest
+import torch
+
+from hetinfer.cli import build_parser, open_session
 from hetinfer.generate import Session
 from hetinfer.sampling import SamplingParams
 
@@ -91,3 +95,25 @@ def test_generate_flags_for_weights_and_threshold_sparsity(model, model_path, tm
 
     p, _ = run("--sparsity", "0.5")
     assert p.returncode == 2 and p.stderr.count("\n") == 1 and "pass --profile PROFILE" in p.stderr
+
+
+@pytest.mark.parametrize("command", ["generate", "chat", "serve"])
+def test_kv_flag_takes_f32_or_f16(command, capsys):
+    ap, prompt = build_parser(), ["-p", "x"] if command == "generate" else []
+    assert ap.parse_args([command, *prompt]).kv == "f32" and ap.parse_args([command, *prompt, "--kv", "f16"]).kv == "f16"
+    with pytest.raises(SystemExit) as e:
+        ap.parse_args([command, *prompt, "--kv", "f8"])
+    assert e.value.code == 2 and "invalid choice: 'f8' (choose from 'f32', 'f16')" in capsys.readouterr().err
+
+
+def test_kv_flag_sizes_the_session_cache(model_path):
+    """--kv f16 --ctx 256: the session's cache is float16, and the placement `serve` reports counts its bytes."""
+    args = build_parser().parse_args(["generate", "-m", model_path, "-p", "x", "--kv", "f16", "--ctx", "256"])
+    session = open_session(args)
+    assert session.cache.k.dtype == session.cache.v.dtype == torch.float16
+    nbytes = session.cache.k.nbytes + session.cache.v.nbytes
+    assert nbytes == session.model.config.kv_cache_bytes(256, "f16") == session.model.config.kv_cache_bytes(256) // 2
+    pytest.importorskip("fastapi")
+    from hetinfer.server.app import placement_summary
+
+    assert placement_summary(session)["tiers"]["cpu"]["components"]["kv_cache"] == nbytes

@@ -132,7 +132,7 @@ def placement_summary(session: Session) -> dict:
     if engine_summary is not None:
         return engine_summary()
     parts = component_bytes(session.model)
-    parts["kv_cache"] = session.model.config.kv_cache_bytes(session.n_ctx)
+    parts["kv_cache"] = session.model.config.kv_cache_bytes(session.n_ctx, session.cache.dtype)
     tiers = {t: {"bytes": 0, "activation_share": 0.0, "components": {}} for t in TIERS}
     tiers[TIERS[RAM]] = {"bytes": sum(parts.values()), "activation_share": 1.0, "components": parts}
     return {"engine": "dense", "tiers": tiers}
