@@ -92,6 +92,7 @@ def test_rewriting_a_plan_replaces_its_array(tmp_path):
     (lambda d: _edit(d, lambda m: m["model"]["config"].update(n_ff=256)), "the model needs uint8"),
     (lambda d: next(d.glob("tiers.*.npy")).write_bytes(b"x"), "do not match the manifest's sha256"),
     (lambda d: next(d.glob("tiers.*.npy")).unlink(), "tier array unreadable"),
+    (lambda d: _edit(d, lambda m: m["model"].update(kv_dtype="f8")), "KV-cache dtype 'f8' is not one of f32, f16"),
 ])
 def test_damaged_plans_are_refused_with_the_fix(tmp_path, damage, message):
     small_plan(tmp_path)
@@ -225,6 +226,27 @@ def test_place_argument_errors(tmp_path, argv, message):
     save_hardware(machine(), tmp_path / "hw.json")
     with pytest.raises(PlacementError, match=message):
         place("--hardware", tmp_path / "hw.json", *argv)
+
+
+def test_place_counts_the_kv_cache_in_the_chosen_dtype(tmp_path, capsys):
+    """--kv f16 reserves half the float32 cache's bytes for the --ctx tokens: per layer in the manifest and
+    in the RAM the dense parts take (no GPU: every layer's cache in RAM); the plan records the dtype."""
+    shape = tmp_path / "small.json"
+    shape.write_text(json.dumps(SMALL.to_dict()))
+    save_hardware(machine(gpu=None, ram=16 << 20), tmp_path / "hw.json")
+    plans = {}
+    for kv in ("f32", "f16"):
+        assert place("--model-shape", shape, "--power-law", "1.0", "--hardware", tmp_path / "hw.json", "--ctx", "256",
+                     "--kv", kv, "-o", tmp_path / kv, "--json", "--time-limit", "10", "--max-binaries", "600") == 0
+        plans[kv] = load_plan(tmp_path / kv)
+        assert plans[kv].kv_dtype == plans[kv].manifest["model"]["kv_dtype"] == kv
+    kv32, kv16 = (plans[kv].manifest["model"]["kv_bytes_per_layer"] for kv in ("f32", "f16"))
+    assert kv32 == 2 * 256 * SMALL.n_kv_heads * SMALL.head_dim * 4 and kv16 * 2 == kv32
+    ram32, ram16 = (plans[kv].manifest["tiers"]["ram"]["dense_bytes"] for kv in ("f32", "f16"))
+    assert ram32 - ram16 == SMALL.n_layers * (kv32 - kv16)
+    with pytest.raises(SystemExit):
+        place("--kv", "f8", "--dry-run")
+    assert "invalid choice: 'f8' (choose from 'f32', 'f16')" in capsys.readouterr().err
 
 
 def test_bad_budget_size_is_an_argparse_error(capsys):

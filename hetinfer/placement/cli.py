@@ -2,7 +2,7 @@
 
     hetinfer place [-m MODEL | --model-shape CONFIG_JSON] (--profile PROFILE | --power-law EXP)
                    [--predictors DIR | --predictor-bytes SIZE] -o PLAN [--gpu-mem SIZE] [--ram SIZE]
-                   [--flash-dir DIR] [--hardware FILE] [--dry-run] [--json]
+                   [--ctx N] [--kv f32|f16] [--flash-dir DIR] [--hardware FILE] [--dry-run] [--json]
 
 Without -m the weights are not on disk: their formats are assumed (--qtype) and the plan is
 labelled a prediction, as it is when the profile is synthesised, the predictors' size assumed
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hetinfer.config import ModelConfig
+from hetinfer.config import DEFAULT_KV, KV_DTYPES, ModelConfig
 from hetinfer.errors import HetinferError
 from hetinfer.hf_checkpoint import hf_config
 from hetinfer.placement import synth
@@ -45,6 +45,9 @@ def add_parser(subparsers) -> None:
                    help="weight format assumed when the weights are not loaded with -m (default q4_0)")
     m.add_argument("--ctx", type=int, default=4096,
                    help="context to reserve the KV cache for (default 4096, capped at the model's)")
+    m.add_argument("--kv", choices=tuple(KV_DTYPES), default=DEFAULT_KV,
+                   help=f"KV-cache element type to reserve it in, as the engine's --kv (f16: half the bytes; "
+                        f"default {DEFAULT_KV})")
     m.add_argument("--profile", metavar="PROFILE",
                    help="activation profile; rescaled per layer when its shape differs from the model's")
     m.add_argument("--power-law", type=float, metavar="EXPONENT",
@@ -164,13 +167,13 @@ def _model(args: argparse.Namespace, model, profile, predictors):
     n_ctx = min(args.ctx, config.context_length)
     pred_bytes, pred_info = _predictor_bytes(args, config, predictors, inputs, assumptions)
     if model is not None:
-        sizes = weight_sizes(config, model.weights, n_ctx, pred_bytes)
+        sizes = weight_sizes(config, model.weights, n_ctx, pred_bytes, args.kv)
         L0, w = model.weights.layers[0], model.weights
         formats = {"ffn_gate": L0.gate.qtype, "ffn_up": L0.up.qtype, "ffn_down": L0.down.qtype,
                    "attn": L0.wq.qtype, "embed": w.embed.qtype, "head": w.output.qtype}
         return config, sizes, formats, inputs, assumptions, pred_info
     wf = WeightFormats.uniform(args.qtype)
-    sizes = model_sizes(config, wf, n_ctx, pred_bytes)
+    sizes = model_sizes(config, wf, n_ctx, pred_bytes, args.kv)
     inputs["weight_formats"] = "assumed"
     assumptions.append(f"weight formats assumed: {args.qtype} (pass -m MODEL to read them)")
     return config, sizes, dict(vars(wf)), inputs, assumptions, pred_info

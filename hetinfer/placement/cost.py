@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from hetinfer.config import ModelConfig
+from hetinfer.config import DEFAULT_KV, ModelConfig
 from hetinfer.errors import HetinferError
 from hetinfer.kernels.cuda import TILE_BYTES
 from hetinfer.placement.hardware import FLASH_BLOCK, Hardware, format_size
@@ -82,7 +82,7 @@ class ModelSizes:
     neuron_bytes: np.ndarray  # int64 [n_layers]: gate row + up row + down column of one neuron
     layer_bytes: np.ndarray  # int64 [n_layers]: attention, norms, biases, predictor; read every token
     predictor_bytes: np.ndarray  # int64 [n_layers]: the predictor's share of layer_bytes
-    kv_bytes: int  # KV cache of one layer for the planned context
+    kv_bytes: int  # KV cache of one layer for the planned context, in `kv_dtype`
     embed_bytes: int
     embed_row_bytes: int  # one token's embedding lookup
     head_bytes: int  # output head + final norm (on the GPU a copy of the embeddings when tied)
@@ -90,11 +90,12 @@ class ModelSizes:
     gpu_decode_bytes: int  # the GPU kernels' temporaries: rows decoded from the stored format, per call
     tied: bool
     n_ctx: int
+    kv_dtype: str  # KV-cache element type: "f32" or "f16" (`config.KV_DTYPES`)
 
 
 def model_sizes(config: ModelConfig, formats: WeightFormats, n_ctx: int,
-                predictor_bytes: int | list[int] = 0) -> ModelSizes:
-    """Byte sizes of `config` stored in `formats`, with a KV cache for `n_ctx` tokens.
+                predictor_bytes: int | list[int] = 0, kv_dtype: str = DEFAULT_KV) -> ModelSizes:
+    """Byte sizes of `config` stored in `formats`, with a KV cache of `kv_dtype` for `n_ctx` tokens.
 
     predictor_bytes: the activation predictor of each layer (dense, always resident), one
     number for all layers or one per layer."""
@@ -106,10 +107,11 @@ def model_sizes(config: ModelConfig, formats: WeightFormats, n_ctx: int,
     head_format = f.embed if c.tied_embeddings else f.head
     return _sizes(c, n_ctx, predictor_bytes, np.full(c.n_layers, neuron), np.full(c.n_layers, attn + norms_biases),
                   c.vocab_size * row_bytes(d, f.embed), row_bytes(d, f.embed),
-                  c.vocab_size * row_bytes(d, head_format) + d * 4)
+                  c.vocab_size * row_bytes(d, head_format) + d * 4, kv_dtype)
 
 
-def weight_sizes(config: ModelConfig, weights, n_ctx: int, predictor_bytes: int | list[int] = 0) -> ModelSizes:
+def weight_sizes(config: ModelConfig, weights, n_ctx: int, predictor_bytes: int | list[int] = 0,
+                 kv_dtype: str = DEFAULT_KV) -> ModelSizes:
     """Byte sizes of a loaded model (`hetinfer.model.Weights`), tensor by tensor as stored."""
     d = config.d_model
     neuron = [L.gate.row_bytes + L.up.row_bytes + row_bytes(d, neuron_down_format(L.down.qtype))
@@ -117,17 +119,17 @@ def weight_sizes(config: ModelConfig, weights, n_ctx: int, predictor_bytes: int 
     layer = [L.wq.nbytes + L.wk.nbytes + L.wv.nbytes + L.wo.nbytes + 4 * (L.attn_norm.numel() + L.ffn_norm.numel())
              + sum(4 * b.numel() for b in (L.bq, L.bk, L.bv) if b is not None) for L in weights.layers]
     return _sizes(config, n_ctx, predictor_bytes, np.array(neuron), np.array(layer), weights.embed.nbytes,
-                  weights.embed.row_bytes, weights.output.nbytes + 4 * weights.output_norm.numel())
+                  weights.embed.row_bytes, weights.output.nbytes + 4 * weights.output_norm.numel(), kv_dtype)
 
 
 def _sizes(c: ModelConfig, n_ctx: int, predictor_bytes, neuron, layer, embed: int, embed_row: int,
-           head: int) -> ModelSizes:
+           head: int, kv_dtype: str) -> ModelSizes:
     pred = np.broadcast_to(np.asarray(predictor_bytes, dtype=np.int64), (c.n_layers,)).copy()
     return ModelSizes(
         neuron_bytes=np.asarray(neuron, dtype=np.int64),
         layer_bytes=np.asarray(layer, dtype=np.int64) + pred,
         predictor_bytes=pred,
-        kv_bytes=c.kv_cache_bytes(n_ctx) // c.n_layers,
+        kv_bytes=c.kv_cache_bytes(n_ctx, kv_dtype) // c.n_layers,
         embed_bytes=int(embed),
         embed_row_bytes=int(embed_row),
         head_bytes=int(head),
@@ -135,6 +137,7 @@ def _sizes(c: ModelConfig, n_ctx: int, predictor_bytes, neuron, layer, embed: in
         gpu_decode_bytes=gpu_decode_bytes(c),
         tied=c.tied_embeddings,
         n_ctx=n_ctx,
+        kv_dtype=kv_dtype,
     )
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hetinfer.config import ModelConfig
+from hetinfer.config import KV_DTYPES, ModelConfig
 from hetinfer.errors import ArtifactError
 from hetinfer.placement.hardware import atomic_write_text
 from hetinfer.tiers import FLASH, GPU, RAM, TIERS
@@ -55,6 +55,11 @@ class Plan:
     @property
     def head_on_gpu(self) -> bool:
         return self.manifest["dense"]["head"] == "gpu"
+
+    @property
+    def kv_dtype(self) -> str:
+        """The KV-cache element type the plan reserved RAM for ("f32" in plans made before it was a choice)."""
+        return self.manifest["model"].get("kv_dtype", "f32")
 
     @property
     def window_cache_bytes(self) -> int:
@@ -126,6 +131,9 @@ def load_plan(path: str | Path) -> Plan:
         raise PlanError(f"{d}: tier array is {tiers.dtype} {tiers.shape}, the model needs uint8 {want}; {redo}")
     if tiers.size and tiers.max() > FLASH:
         raise PlanError(f"{d}: tier codes must be 0 (gpu), 1 (ram) or 2 (flash); {redo}")
+    if manifest["model"].get("kv_dtype", "f32") not in KV_DTYPES:
+        raise PlanError(f"{d / MANIFEST}: KV-cache dtype {manifest['model']['kv_dtype']!r} is not one of "
+                        f"{', '.join(KV_DTYPES)}; {redo}")
     if len(layers) != config.n_layers:
         raise PlanError(f"{d / MANIFEST}: {len(layers)} layer entries for {config.n_layers} layers; {redo}")
     for i, row in enumerate(layers):
