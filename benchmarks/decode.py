@@ -1,7 +1,7 @@
 """End-to-end greedy decode: hetinfer's dense engine on the kernels vs llama.cpp, same GGUF, one run.
 
     python benchmarks/decode.py [--model PATH] [--threads 2] [--tokens 128] [--reps 3] [--weights native]
-                                [--prompt-tokens 64] [--predictors DIR]
+                                [--kv f32] [--prompt-tokens 64] [--predictors DIR]
 
 A `--prompt-tokens` prompt (64; thousands to decode at a long context), then `--tokens` greedy
 tokens; decode tok/s excludes the prompt (reported separately) and the kernels' compile time (warmup, reported separately). Runs are interleaved
@@ -22,6 +22,7 @@ agreement of their greedy choice with the dense engine (the quality cost of skip
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 import time
@@ -60,9 +61,10 @@ def llama_decode(llm, prompt: list[int], n: int):
     return t1 - t0, time.perf_counter() - t1, time.process_time() - c1, out
 
 
-def het_decode(tr, prompt: list[int], n: int, ffn=None, forced: list[int] | None = None):
-    """(prefill s, decode s, decode CPU s, tokens). With `forced`, feed those tokens instead of our own argmax."""
-    cache = tr.new_cache(len(prompt) + n + 1)
+def _het_decode(tr, prompt: list[int], n: int, ffn=None, forced: list[int] | None = None, kv: str = "f32"):
+    """(prefill s, decode s, decode CPU s, tokens), with a KV cache of element type `kv`. With `forced`, feed
+    those tokens instead of our own argmax."""
+    cache = tr.new_cache(len(prompt) + n + 1, kv)
     t0 = time.perf_counter()
     tok = int(tr.forward(prompt, cache).argmax())
     t1, c1 = time.perf_counter(), time.process_time()
@@ -118,6 +120,8 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=128)
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--weights", default="native", choices=["native", "f16", "f32"])
+    p.add_argument("--kv", default="f32", choices=["f32", "f16"],
+                   help="hetinfer's KV-cache element type (llama.cpp's cache is f16, its default)")
     p.add_argument("--prompt-tokens", type=int, default=64, help="prompt length: decode starts at this position")
     p.add_argument("--predictors", metavar="DIR", help="also time predictor mode with these predictors")
     args = p.parse_args()
@@ -137,6 +141,7 @@ def main() -> None:
     llm = Llama(model_path=path, n_threads=args.threads, n_ctx=max(512, n_prompt + args.tokens + 8), verbose=False)
 
     oracle = OracleFFN(tr, 0.5)
+    het_decode = functools.partial(_het_decode, kv=args.kv)
     het_decode(tr, prompt, 8)  # first-call effects (page-in, allocator) outside the timed runs
     dense_tokens = het_decode(tr, prompt, args.tokens, ffn=oracle.record)[-1]  # records the oracle sets
     thresh = ThresholdFFN(tr, 0.5, oracle.down_t)
@@ -148,7 +153,7 @@ def main() -> None:
 
     modes = {
         "llama.cpp": lambda: llama_decode(llm, prompt, args.tokens),
-        f"hetinfer dense ({args.weights})": lambda: het_decode(tr, prompt, args.tokens),
+        f"hetinfer dense ({args.weights}, kv {args.kv})": lambda: het_decode(tr, prompt, args.tokens),
         "hetinfer oracle 50%": oracle_run,
         "hetinfer threshold 50%": lambda: het_decode(tr, prompt, args.tokens, thresh, forced),
     }
@@ -164,9 +169,9 @@ def main() -> None:
             tokens[m] = toks
 
     print(f"machine: {machine()}")
-    print(f"model: {os.path.basename(path)}; weights {args.weights}; {args.threads} threads; greedy, {n_prompt}-token prompt, "
-          f"{args.tokens} tokens; median of {args.reps} interleaved runs; kernel compile/load {compile_s:.2f} s "
-          "(excluded)")
+    print(f"model: {os.path.basename(path)}; weights {args.weights}; KV cache {args.kv}; {args.threads} threads; "
+          f"greedy, {n_prompt}-token prompt, {args.tokens} tokens; median of {args.reps} interleaved runs; "
+          f"kernel compile/load {compile_s:.2f} s (excluded)")
     med = {m: np.median(np.array(t), axis=0) for m, t in times.items()}  # (prefill, decode, decode CPU) s
     base = med["llama.cpp"]
     rows = []

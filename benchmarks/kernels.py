@@ -8,9 +8,10 @@ Tables (medians of repeated runs, compile time excluded and reported separately)
   2. sparse ops at 100/50/20% of rows (interleaved rounds, fresh random rows each): time vs the
      ideal density x time over all rows (target <= 1.2x);
   3. per-call overhead of the Python interface on a tiny matrix;
-  4. one token's attention over a growing KV cache (SmolLM2's 9 query / 3 kv heads of 64), against
-     torch's fastest form of it here (grouped matmuls over a head-major copy of the cache; faster
-     than its scaled_dot_product_attention), which leaves out the rotary and cache write ours does.
+  4. one token's attention over a growing KV cache (SmolLM2's 9 query / 3 kv heads of 64), float32
+     and float16 caches (`--kv`), against torch's fastest form of it here (grouped matmuls over a
+     head-major float32 copy of the cache; faster than its scaled_dot_product_attention), which
+     leaves out the rotary and cache write ours does.
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks._util import copy_bandwidth, machine, median_seconds, table, timings  # noqa: E402
 from hetinfer import kernels  # noqa: E402
+from hetinfer.model import TORCH_KV  # noqa: E402
 from hetinfer.tensors import FORMATS, quantize  # noqa: E402
 
 BLOCK = ("q8_0", "q4_0", "q4_1")
@@ -137,15 +139,16 @@ def attention(threads: int, quick: bool) -> list[list]:
     kernels.set_threads(threads)
     H, KV, hd = 9, 3, 64
     out = []
-    for S in (64, 512, 2048) + (() if quick else (8192,)):
-        kc, vc = torch.randn(S, KV, hd), torch.randn(S, KV, hd)
+    for S, kv in ((S, kv) for S in (64, 512, 2048) + (() if quick else (8192,)) for kv in ("f32", "f16")):
+        kc, vc = torch.randn(S, KV, hd).to(TORCH_KV[kv]), torch.randn(S, KV, hd).to(TORCH_KV[kv])
         q, k, v = torch.randn(1, H * hd), torch.randn(1, KV * hd), torch.randn(1, KV * hd)
         cos, sin = torch.ones(hd // 2), torch.zeros(hd // 2)
         ours = median_seconds(lambda: kernels.attention_decode(q, k, v, kc, vc, S - 1, cos, sin, False), 200)
-        qg, kh, vh = q.view(KV, H // KV, hd), kc.transpose(0, 1).contiguous(), vc.transpose(0, 1).contiguous()
+        qg, kh, vh = (q.view(KV, H // KV, hd), kc.transpose(0, 1).float().contiguous(),
+                      vc.transpose(0, 1).float().contiguous())
         base = median_seconds(lambda: torch.softmax(qg @ kh.transpose(1, 2) * hd**-0.5, -1) @ vh, 200)
-        kv_bytes = 2 * S * KV * hd * 4
-        out.append([S, f"{kv_bytes / 2**20:.2f}", f"{ours * 1e6:.1f}", f"{kv_bytes / ours / 1e9:.1f}",
+        kv_bytes = kc.nbytes + vc.nbytes
+        out.append([S, kv, f"{kv_bytes / 2**20:.2f}", f"{ours * 1e6:.1f}", f"{kv_bytes / ours / 1e9:.1f}",
                     f"{base * 1e6:.1f}", f"{base / ours:.2f}x"])
     return out
 
@@ -182,7 +185,7 @@ def main() -> None:
     print(table(["call", "us"], calls))
     print()
     print(f"Attention of one token over S cached positions (9 query / 3 kv heads of 64, {threads} threads)")
-    print(table(["S", "KV MiB", "us", "KV GB/s", "torch us", "torch / ours"], attention(threads, args.quick)))
+    print(table(["S", "KV", "KV MiB", "us", "KV GB/s", "torch us", "torch / ours"], attention(threads, args.quick)))
     print(f"\ntotal {time.perf_counter() - t:.0f} s; load average at end {os.getloadavg()[0]:.2f}")
 
 
