@@ -27,9 +27,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ctx", type=int, default=None,
                    help="context size in tokens (default 4096, or the context a deployment was prepared for; "
                         "capped at the model's)")
-    p.add_argument("--kv", choices=tuple(KV_DTYPES), default=DEFAULT_KV,
+    p.add_argument("--kv", choices=tuple(KV_DTYPES), default=None,
                    help=f"KV-cache element type: f16 holds half the bytes (keys and values rounded to float16, "
-                        f"attention still summed in float32), as llama.cpp's default (default {DEFAULT_KV})")
+                        f"attention still summed in float32), as llama.cpp's default (default {DEFAULT_KV}; "
+                        "a deployment's: the one its plan counted)")
     p.add_argument("--weights", choices=("native", "f16", "f32"), default="native",
                    help="weight format the kernels read: native keeps the file's (GGUF block formats stay "
                         "quantized), f16/f32 convert once at load (default native)")
@@ -81,7 +82,7 @@ def open_session(args: argparse.Namespace):
     model = load_model(args.model, weights=args.weights)
     ffn = engine_ffn(model, args.sparsity, args.profile, args.predictors)
     prepare_kernels(getattr(args, "verbose", False))
-    return Session(model, n_ctx=args.ctx, ffn=ffn, kv=args.kv)
+    return Session(model, n_ctx=args.ctx, ffn=ffn, kv=args.kv or DEFAULT_KV)
 
 
 def _open_deployment(args: argparse.Namespace, path: str):
@@ -92,7 +93,7 @@ def _open_deployment(args: argparse.Namespace, path: str):
                             "it takes")
     dep = deploy.load_deployment(path, weights=None if args.weights == "native" else args.weights)
     prepare_kernels(getattr(args, "verbose", False))
-    return deploy.open_session(dep, n_ctx=args.ctx, every_neuron=args.sparsity == 0)
+    return deploy.open_session(dep, n_ctx=args.ctx, every_neuron=args.sparsity == 0, kv=args.kv)
 
 
 def prepare_kernels(verbose: bool) -> None:

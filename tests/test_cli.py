@@ -97,18 +97,22 @@ def test_generate_flags_for_weights_and_threshold_sparsity(model, model_path, tm
     assert p.returncode == 2 and p.stderr.count("\n") == 1 and "pass --profile PROFILE" in p.stderr
 
 
-@pytest.mark.parametrize("command", ["generate", "chat", "serve"])
+@pytest.mark.parametrize("command", [["generate", "-p", "x"], ["chat"], ["serve"], ["run", "DEPLOY", "-p", "x"]])
 def test_kv_flag_takes_f32_or_f16(command, capsys):
-    ap, prompt = build_parser(), ["-p", "x"] if command == "generate" else []
-    assert ap.parse_args([command, *prompt]).kv == "f32" and ap.parse_args([command, *prompt, "--kv", "f16"]).kv == "f16"
+    """Unset, the session's default (f32) or a deployment's own applies (`test_kv_flag_sizes_the_session_cache`)."""
+    ap = build_parser()
+    assert ap.parse_args(command).kv is None and ap.parse_args([*command, "--kv", "f16"]).kv == "f16"
     with pytest.raises(SystemExit) as e:
-        ap.parse_args([command, *prompt, "--kv", "f8"])
+        ap.parse_args([*command, "--kv", "f8"])
     assert e.value.code == 2 and "invalid choice: 'f8' (choose from 'f32', 'f16')" in capsys.readouterr().err
 
 
 def test_kv_flag_sizes_the_session_cache(model_path):
-    """--kv f16 --ctx 256: the session's cache is float16, and the placement `serve` reports counts its bytes."""
-    args = build_parser().parse_args(["generate", "-m", model_path, "-p", "x", "--kv", "f16", "--ctx", "256"])
+    """--kv f16 --ctx 256: the session's cache is float16, and the placement `serve` reports counts its bytes;
+    without --kv it is float32."""
+    args = build_parser().parse_args(["generate", "-m", model_path, "-p", "x", "--ctx", "256"])
+    assert open_session(args).cache.k.dtype == torch.float32
+    args.kv = "f16"
     session = open_session(args)
     assert session.cache.k.dtype == session.cache.v.dtype == torch.float16
     nbytes = session.cache.k.nbytes + session.cache.v.nbytes
@@ -116,4 +120,4 @@ def test_kv_flag_sizes_the_session_cache(model_path):
     pytest.importorskip("fastapi")
     from hetinfer.server.app import placement_summary
 
-    assert placement_summary(session)["tiers"]["cpu"]["components"]["kv_cache"] == nbytes
+    assert placement_summary(session)["tiers"]["ram"]["components"]["kv_cache"] == nbytes

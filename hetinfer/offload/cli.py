@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 
+from hetinfer.config import DEFAULT_KV, KV_DTYPES
 from hetinfer.placement.hardware import HardwareError, parse_size
 
 
@@ -32,7 +33,8 @@ def add_parser(subparsers) -> None:
                         "not the runtime's own overhead (Python, torch, numba: see README). Default: what is free now")
     p.add_argument("--gpu-mem", type=_size, metavar="SIZE", help="GPU memory for hot neurons (default: none)")
     p.add_argument("--ctx", type=int, default=4096, help="context the KV cache is sized for (default 4096)")
-    p.add_argument("--kv", choices=("f16", "f32"), default="f32", help="KV cache element type (default f32)")
+    p.add_argument("--kv", choices=tuple(KV_DTYPES), default=DEFAULT_KV,
+                   help=f"KV cache element type the plan reserves RAM for and the engine uses (default {DEFAULT_KV})")
     p.add_argument("--data", nargs="+", metavar="FILE",
                    help="calibration text or chat JSONL for the profile (default: the small set shipped with hetinfer)")
     p.add_argument("--tokens", type=int, default=100_000, help="calibration tokens for the profile (default 100000)")

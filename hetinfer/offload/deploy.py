@@ -81,10 +81,12 @@ def prepare(opts: PrepareOptions) -> Path:
 
     plan_dir = out / "plan"
     place = ["place", *common, "--profile", str(profile), "--predictors", str(predictors), "--flash-dir",
-             opts.flash_dir, "--ctx", str(opts.ctx), "--window", str(opts.window), "-o", str(plan_dir)]
+             opts.flash_dir, "--ctx", str(opts.ctx), "--kv", opts.kv, "--window", str(opts.window),
+             "-o", str(plan_dir)]
     place += [f for flag, v in (("--ram", opts.ram), ("--gpu-mem", opts.gpu_mem)) if v is not None for f in (flag, str(v))]
     wanted = {"ram": opts.ram, "gpu_mem": opts.gpu_mem, "ctx": min(opts.ctx, model.config.context_length),
-              "window": opts.window, "predictors": os.path.abspath(predictors), "flash_dir": os.path.abspath(opts.flash_dir)}
+              "kv": opts.kv, "window": opts.window, "predictors": os.path.abspath(predictors),
+              "flash_dir": os.path.abspath(opts.flash_dir)}
     if not _valid(lambda: _check_plan(plan_dir, wanted), "plan"):
         _step("3/4 place", place)
     plan = _check_plan(plan_dir, wanted)
@@ -174,7 +176,8 @@ def _check_plan(path: Path, wanted: dict):
     have = {"ram": hw["ram"]["capacity_bytes"] if wanted["ram"] is not None else None,
             "gpu_mem": (hw["gpu"] or {}).get("capacity_bytes") if wanted["gpu_mem"] is not None and hw.get("gpu")
             else (0 if wanted["gpu_mem"] == 0 else None),
-            "ctx": m["model"]["n_ctx"], "window": m["window_tokens"], "predictors": m["predictors"]["source"],
+            "ctx": m["model"]["n_ctx"], "kv": plan.kv_dtype, "window": m["window_tokens"],
+            "predictors": m["predictors"]["source"],
             "flash_dir": os.path.abspath((hw.get("flash") or {}).get("dir", ""))}
     diff = [k for k in wanted if have[k] != wanted[k]]
     if diff:
@@ -272,8 +275,9 @@ def cache_capacity(plan, record_bytes: list[int]) -> np.ndarray:
 
 
 def open_session(dep: Deployment, n_ctx: int | None = None, every_neuron: bool = False, direct: bool | None = None,
-                 lookahead: bool = True, threads: int | None = None):
-    """A Session whose FFN executes the deployment's plan (`every_neuron`: the exact mode, --sparsity 0)."""
+                 lookahead: bool = True, threads: int | None = None, kv: str | None = None):
+    """A Session whose FFN executes the deployment's plan (`every_neuron`: the exact mode, --sparsity 0), with
+    a KV cache of element type `kv` (default: the one the plan counted)."""
     from hetinfer.generate import Session
     from hetinfer.offload.ffn import TieredFFN
     from hetinfer.offload.reader import FlashReader
@@ -289,10 +293,10 @@ def open_session(dep: Deployment, n_ctx: int | None = None, every_neuron: bool =
     ffn = TieredFFN(dep.store, reader, select, counts[:, 0] + counts[:, 1],
                     cache_capacity(dep.plan, [L.record_bytes for L in dep.store.layers]), dep.manifest["window"],
                     dep.model.config.activation, lookahead=lookahead)
-    session = Session(dep.model, n_ctx=n_ctx or dep.manifest["ctx"], ffn=ffn)
+    session = Session(dep.model, n_ctx=n_ctx or dep.manifest["ctx"], ffn=ffn, kv=kv or dep.plan.kv_dtype)
     from hetinfer.info import component_bytes
 
     parts = component_bytes(dep.model)
     del parts["ffn"]
-    ffn.dense_bytes = {**parts, "kv_cache": dep.model.config.kv_cache_bytes(session.n_ctx)}
+    ffn.dense_bytes = {**parts, "kv_cache": dep.model.config.kv_cache_bytes(session.n_ctx, session.cache.dtype)}
     return session
