@@ -70,8 +70,8 @@ def prepare(opts: PrepareOptions) -> Path:
 
     profile = Path(opts.profile) if opts.profile else out / "profile"
     if opts.profile is None and not _valid(lambda: _load_profile(profile, model), "profile"):
-        data = opts.data or _default_calibration()
-        _step("1/4 profile", ["profile", *common, "--data", *data, "--tokens", str(opts.tokens), "-o", str(profile)])
+        data = ["--data", *opts.data] if opts.data else []  # none: the calibration set shipped with hetinfer
+        _step("1/4 profile", ["profile", *common, *data, "--tokens", str(opts.tokens), "-o", str(profile)])
     _load_profile(profile, model)
 
     predictors = Path(opts.predictors) if opts.predictors else out / "predictors"
@@ -183,12 +183,6 @@ def _check_plan(path: Path, wanted: dict):
     if diff:
         raise ArtifactError(f"{path}: made for another {', '.join(diff)}")
     return plan
-
-
-def _default_calibration() -> list[str]:
-    from hetinfer.data import default_calibration
-
-    return default_calibration()
 
 
 def _rel(path, base: Path) -> str:
