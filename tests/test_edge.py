@@ -30,7 +30,8 @@ def test_serve_edge_runs_within_the_units_memory_max(tmp_path, model_path, offli
     group = CGROUP / f"hetinfer-edge-test-{os.getpid()}"
     group.mkdir()
     port, proc = free_port(), None
-    env = dict(os.environ, HETINFER_STATE=str(tmp_path), HETINFER_PORT=str(port), HETINFER_CTX="512",
+    env = dict(os.environ, HETINFER_STATE=str(tmp_path), HETINFER_PORT=str(port),
+               HETINFER_CTX=_setting(EDGE / "hetinfer.env", "HETINFER_CTX"),
                HETINFER="hetinfer", HETINFER_PREPARE_ARGS=f"--profile {offline / 'profile'} "
                                                          f"--predictors {offline / 'predictors'}")
     try:

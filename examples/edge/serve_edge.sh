@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Serve a model on an edge box within a memory budget: OpenAI-compatible API, loopback by default.
 #
-#   examples/edge/serve_edge.sh MODEL BUDGET          e.g.  serve_edge.sh ~/models/model.gguf 256MiB
+#   examples/edge/serve_edge.sh MODEL BUDGET          e.g.  serve_edge.sh ~/models/model.gguf 128MiB
 #
 # First `hetinfer prepare` makes a deployment of MODEL for BUDGET (profile, predictors, placement of
 # every FFN neuron in RAM or on flash, the flash store); it skips the steps already done, so after the
@@ -12,7 +12,7 @@
 # Settings come from the environment (see hetinfer.env): HETINFER (the hetinfer executable),
 # HETINFER_STATE (where the deployment and the flash store live; default $STATE_DIRECTORY from
 # systemd, else ~/.local/share/hetinfer), HETINFER_HOST (127.0.0.1), HETINFER_PORT (8000),
-# HETINFER_CTX (2048; the KV cache grows with it), HETINFER_THREADS (default: all cores),
+# HETINFER_CTX (1024; the KV cache grows with it), HETINFER_THREADS (default: all cores),
 # HETINFER_PREPARE_ARGS (extra `hetinfer prepare` flags, e.g. --data FILE), HETINFER_API_KEY (read by
 # `hetinfer serve` itself, so the key never shows in the process list).
 set -euo pipefail
@@ -28,6 +28,6 @@ if [[ -n "${HETINFER_THREADS:-}" ]]; then
 fi
 # shellcheck disable=SC2086  # HETINFER_PREPARE_ARGS holds several flags
 "$HETINFER" prepare -m "$MODEL" -o "$STATE/deploy" --flash-dir "$STATE/flash" --ram "$BUDGET" \
-  --ctx "${HETINFER_CTX:-2048}" "${threads[@]}" ${HETINFER_PREPARE_ARGS:-} >&2
+  --ctx "${HETINFER_CTX:-1024}" "${threads[@]}" ${HETINFER_PREPARE_ARGS:-} >&2
 exec "$HETINFER" serve "$STATE/deploy" --host "${HETINFER_HOST:-127.0.0.1}" --port "${HETINFER_PORT:-8000}" \
   "${threads[@]}" --verbose
