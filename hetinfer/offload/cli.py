@@ -40,7 +40,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--tokens", type=int, default=100_000, help="calibration tokens for the profile (default 100000)")
     p.add_argument("--profile", metavar="PROFILE", help="use this profile instead of profiling")
     p.add_argument("--predictors", metavar="DIR", help="use these predictors instead of training them")
-    p.add_argument("--window", type=int, default=5, help="tokens a flash neuron stays in the RAM cache (default 5)")
+    p.add_argument("--window", type=int, default=None,
+                   help="tokens a flash neuron stays in the RAM window cache (default: the one of 0, 1, 2, 5 "
+                        "whose plan is predicted fastest)")
     p.add_argument("--weights", choices=("native", "f32"), default="native",
                    help="format of the stored neurons: native as in the model file, f32 for the exact float engine")
     p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: all cores available)")
@@ -61,7 +63,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     from hetinfer.errors import HetinferError
     from hetinfer.offload.deploy import PrepareOptions, prepare
 
-    if args.ctx < 1 or args.tokens < 1 or args.window < 0:
+    if args.ctx < 1 or args.tokens < 1 or (args.window is not None and args.window < 0):
         raise HetinferError("--ctx and --tokens must be at least 1 and --window at least 0")
     path = prepare(PrepareOptions(
         output=args.output, flash_dir=args.flash_dir, model=args.model, ram=args.ram, gpu_mem=args.gpu_mem,

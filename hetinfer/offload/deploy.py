@@ -21,6 +21,7 @@ import datetime
 import hashlib
 import json
 import os
+import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +35,8 @@ DEPLOY_FORMAT = "hetinfer.deployment"
 DEPLOY_VERSION = 1
 MANIFEST = "deployment.json"
 REDO = "re-run `hetinfer prepare`"
+AUTO_WINDOWS = (0, 1, 2, 5)  # window-cache lengths prepare tries when --window is not given
+POOL_BYTES = 2 << 20  # each of the two look-ahead pools of a plan without a window cache
 
 
 class DeploymentError(ArtifactError):
@@ -53,7 +56,7 @@ class PrepareOptions:
     tokens: int = 100_000  # calibration tokens for the profile
     profile: str | None = None  # an existing profile to use instead of profiling
     predictors: str | None = None  # existing predictors to use instead of training
-    window: int = 5  # tokens a flash neuron stays in the RAM window cache
+    window: int | None = None  # tokens a flash neuron stays in the RAM window cache; None: the best of AUTO_WINDOWS
     weights: str = "native"  # format the store keeps gate/up in (native: as in the model file; f32: exact mode)
     threads: int | None = None
 
@@ -69,26 +72,25 @@ def prepare(opts: PrepareOptions) -> Path:
     common = ["-m", model_path] + (["-t", str(opts.threads)] if opts.threads else [])
 
     profile = Path(opts.profile) if opts.profile else out / "profile"
-    if opts.profile is None and not _valid(lambda: _load_profile(profile, model), "profile"):
+    if opts.profile is None and not _valid(lambda: _load_profile(profile, model), "profile", profile):
         data = ["--data", *opts.data] if opts.data else []  # none: the calibration set shipped with hetinfer
         _step("1/4 profile", ["profile", *common, *data, "--tokens", str(opts.tokens), "-o", str(profile)])
     _load_profile(profile, model)
 
     predictors = Path(opts.predictors) if opts.predictors else out / "predictors"
-    if opts.predictors is None and not _valid(lambda: _load_predictors(predictors, model), "predictors"):
+    if opts.predictors is None and not _valid(lambda: _load_predictors(predictors, model), "predictors", predictors):
         _step("2/4 predictors", ["train-predictors", *common, "--profile", str(profile), "-o", str(predictors)])
     _load_predictors(predictors, model)
 
     plan_dir = out / "plan"
     place = ["place", *common, "--profile", str(profile), "--predictors", str(predictors), "--flash-dir",
-             opts.flash_dir, "--ctx", str(opts.ctx), "--kv", opts.kv, "--window", str(opts.window),
-             "-o", str(plan_dir)]
+             opts.flash_dir, "--ctx", str(opts.ctx), "--kv", opts.kv]
     place += [f for flag, v in (("--ram", opts.ram), ("--gpu-mem", opts.gpu_mem)) if v is not None for f in (flag, str(v))]
     wanted = {"ram": opts.ram, "gpu_mem": opts.gpu_mem, "ctx": min(opts.ctx, model.config.context_length),
               "kv": opts.kv, "window": opts.window, "predictors": os.path.abspath(predictors),
               "flash_dir": os.path.abspath(opts.flash_dir)}
-    if not _valid(lambda: _check_plan(plan_dir, wanted), "plan"):
-        _step("3/4 place", place)
+    if not _valid(lambda: _check_plan(plan_dir, wanted), "plan", plan_dir):
+        _place(place, plan_dir, [opts.window] if opts.window is not None else AUTO_WINDOWS)
     plan = _check_plan(plan_dir, wanted)
 
     from hetinfer.offload.store import build_store, open_store
@@ -96,7 +98,7 @@ def prepare(opts: PrepareOptions) -> Path:
 
     tiers_sha = hashlib.sha256(plan.tiers.tobytes()).hexdigest()[:16]
     store_path = Path(opts.flash_dir) / f"{Path(model_path).stem}.{tiers_sha}.{opts.weights}.store"
-    if not _valid(lambda: open_store(store_path, model), "store"):
+    if not _valid(lambda: open_store(store_path, model), "store", store_path):
         print(f"[4/4 store] writing {store_path}", file=sys.stderr)
         prof = load_profile(str(profile), model)
         build_store(model, store_path, plan.tiers, [prof.neuron_order(i) for i in range(model.config.n_layers)],
@@ -115,11 +117,41 @@ def prepare(opts: PrepareOptions) -> Path:
         "weights": opts.weights,
         "ctx": wanted["ctx"],
         "kv": opts.kv,
-        "window": opts.window,
+        "window": plan.manifest["window_tokens"],
         "ram_budget_bytes": plan.manifest["tiers"]["ram"]["capacity_bytes"],
     }
     atomic_write_json(out / MANIFEST, manifest)
     return out / MANIFEST
+
+
+def _place(argv: list[str], plan_dir: Path, windows) -> None:
+    """`hetinfer place` once per window-cache length, keeping the plan predicted fastest: a window costs
+    RAM that could hold neurons instead, worth it when neurons are active in few tokens (ReLU models), not
+    when most are active in most tokens (SmolLM2's predictors keep ~80%: the window would hold them all)."""
+    from hetinfer.placement import load_plan
+    from hetinfer.placement.cost import PlacementError
+
+    best, error = None, None
+    for k in windows:
+        trial = plan_dir.parent / f".{plan_dir.name}.window{k}"
+        try:
+            _step(f"3/4 place, window {k}", [*argv, "--window", str(k), "-o", str(trial)])
+        except PlacementError as e:
+            error = e
+            continue
+        tok_s = load_plan(trial).manifest["predicted"]["tok_s"]
+        if best is None or tok_s > best[0]:
+            best = (tok_s, trial)
+    if best is None:
+        raise error
+    if len(windows) > 1:
+        print(f"[3/4 place] window {best[1].name.rsplit('window', 1)[1]} predicted fastest "
+              f"({best[0]:.1f} tok/s)", file=sys.stderr)
+    if plan_dir.exists():
+        shutil.rmtree(plan_dir)
+    best[1].rename(plan_dir)
+    for k in windows:
+        shutil.rmtree(plan_dir.parent / f".{plan_dir.name}.window{k}", ignore_errors=True)
 
 
 def _check_outputs(out: Path, flash_dir: Path) -> None:
@@ -133,15 +165,16 @@ def _check_outputs(out: Path, flash_dir: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
-def _valid(load, what: str) -> bool:
-    """Whether an existing artefact loads; a present but unusable one is reported and redone."""
+def _valid(load, what: str, path: Path) -> bool:
+    """Whether the artefact at `path` loads; a present but unusable one is reported and redone."""
+    if not path.exists():
+        return False
     try:
         load()
-        print(f"[{what}] reusing the existing one", file=sys.stderr)
+        print(f"[{what}] reusing {path}", file=sys.stderr)
         return True
     except ArtifactError as e:
-        if "not found" not in str(e) and "no manifest" not in str(e) and "no plan.json" not in str(e):
-            print(f"[{what}] remaking it: {e}", file=sys.stderr)
+        print(f"[{what}] remaking it: {e}", file=sys.stderr)
         return False
 
 
@@ -179,7 +212,7 @@ def _check_plan(path: Path, wanted: dict):
             "ctx": m["model"]["n_ctx"], "kv": plan.kv_dtype, "window": m["window_tokens"],
             "predictors": m["predictors"]["source"],
             "flash_dir": os.path.abspath((hw.get("flash") or {}).get("dir", ""))}
-    diff = [k for k in wanted if have[k] != wanted[k]]
+    diff = [k for k in wanted if have[k] != wanted[k] and not (k == "window" and wanted[k] is None)]
     if diff:
         raise ArtifactError(f"{path}: made for another {', '.join(diff)}")
     return plan
@@ -261,8 +294,12 @@ def tier_counts(plan) -> np.ndarray:
 
 def cache_capacity(plan, record_bytes: list[int]) -> np.ndarray:
     """Window-cache slots per layer: the plan's window-cache bytes shared in proportion to each
-    layer's flash neurons (never more slots than the layer has flash neurons)."""
+    layer's flash neurons (never more slots than the layer has flash neurons). A plan without a window
+    (k = 0) keeps nothing across tokens: its layers share two pools of `POOL_BYTES` (TieredFFN), which
+    hold the next layer's look-ahead reads while this one computes."""
     n_flash = tier_counts(plan)[:, 2]
+    if plan.manifest["window_tokens"] == 0:
+        return np.minimum(POOL_BYTES // np.asarray(record_bytes), n_flash)
     share = n_flash / max(int(n_flash.sum()), 1)
     slots = np.floor(plan.window_cache_bytes * share / np.asarray(record_bytes)).astype(np.int64)
     return np.minimum(slots, n_flash)

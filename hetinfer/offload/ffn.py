@@ -70,8 +70,10 @@ class OffloadStats:
 
 @dataclass
 class _Layer:
-    buf: np.ndarray  # uint8 [n_resident + capacity, record_bytes]
+    buf: np.ndarray  # uint8 [n_resident (+ capacity), record_bytes]: resident records, then (own) slots
     views: tuple  # (gate, up, down_t) QTensors over buf
+    slots: np.ndarray  # uint8 [capacity, record_bytes]: the window cache's slots (a view into buf, or a shared pool)
+    slot_views: tuple | None  # views over `slots` when they are not part of buf (a second kernel call)
     cache: WindowCache
     n_resident: int  # records [0, n_resident) of the store's layer live in RAM
     flash_base: int  # byte offset of the first flash position in the records file
@@ -97,21 +99,27 @@ class TieredFFN:
         self.token = -1
         rb = max(L.record_bytes for L in store.layers)
         self.scratch = np.empty((max(1, SCRATCH_BYTES // rb), rb), np.uint8)
+        # With window 0 no record outlives its token, so layers of one parity share a slot pool: layer l
+        # computes from its pool while layer l+1's look-ahead reads fill the other.
+        shared = window == 0
+        rows = int(np.max(capacity, initial=0)) if shared else 0
+        self.pools = [np.empty((rows, rb), np.uint8) for _ in range(2 if shared else 0)]
         self.layers: list[_Layer] = []
         for i, L in enumerate(store.layers):
             n_res, cap = int(resident[i]), int(capacity[i])
-            n_flash = self.n_ff - n_res
-            buf = np.empty((n_res + cap, L.record_bytes), np.uint8)
+            buf = np.empty((n_res + (0 if shared else cap), L.record_bytes), np.uint8)
             if n_res:
                 buf[:n_res] = store.read_records(i, 0, n_res)
-            self.layers.append(_Layer(buf, store.views(buf), WindowCache(n_flash, cap, window, buf[n_res:]), n_res,
-                                      L.offset + n_res * L.record_bytes, n_flash, L.position))
+            slots = self.pools[i % 2][:cap, : L.record_bytes] if shared else buf[n_res:]
+            self.layers.append(_Layer(buf, store.views(buf), slots, store.views(slots) if shared else None,
+                                      WindowCache(self.n_ff - n_res, cap, window, slots), n_res,
+                                      L.offset + n_res * L.record_bytes, self.n_ff - n_res, L.position))
 
     # -- bytes, for memory accounting and /health ------------------------------------------------
 
     def resident_bytes(self) -> int:
         """RAM this FFN holds: resident records, cache slots and the scratch buffer."""
-        return sum(s.buf.nbytes for s in self.layers) + self.scratch.nbytes
+        return sum(s.buf.nbytes for s in self.layers) + sum(p.nbytes for p in self.pools) + self.scratch.nbytes
 
     def placement_summary(self) -> dict:
         """Bytes per tier and the share of this run's FFN activations each served (the server's /health);
@@ -119,7 +127,8 @@ class TieredFFN:
         st, dense = self.stats, self.dense_bytes
         rb = [s.buf.shape[1] for s in self.layers]
         ram = {"ffn_resident": sum(s.n_resident * r for s, r in zip(self.layers, rb)),
-               "window_cache": sum((s.buf.shape[0] - s.n_resident) * r for s, r in zip(self.layers, rb)),
+               "window_cache": sum((s.buf.shape[0] - s.n_resident) * r for s, r in zip(self.layers, rb))
+               + sum(p.nbytes for p in self.pools),
                "scratch": self.scratch.nbytes, **dense}
         flash = {"ffn_flash": sum(s.n_flash * r for s, r in zip(self.layers, rb))}
         active = max(st.selected, 1)
@@ -153,16 +162,21 @@ class TieredFFN:
             s.prefetch.result()
             self.stats.io_wait_s += time.perf_counter() - w0
             s.prefetch = None
+            self.store.verify(layer, s.n_resident + s.prefetched, s.slots, s.cache.slot_of(s.prefetched))
         # neurons the look-ahead read for this token came from flash too, though the cache now holds them
         fetched = int(np.count_nonzero(np.isin(s.prefetched, flash, assume_unique=True)))
         s.prefetched = s.prefetched[:0]
         step = s.cache.step(flash, self.token)
         fit = step.miss_slots >= 0
         if fit.any():
-            self._read(layer, step.miss_ids[fit], s.buf, s.n_resident + step.miss_slots[fit])
-        rows = np.concatenate((pos[:split], s.n_resident + step.hit_slots, s.n_resident + step.miss_slots[fit]))
+            self._read(layer, step.miss_ids[fit], s.slots, step.miss_slots[fit])
+        slot_rows = np.concatenate((step.hit_slots, step.miss_slots[fit]))
         t3 = time.perf_counter()
-        y = kernels.sparse_ffn(*s.views, rows, h, self.act)
+        if s.slot_views is None:  # resident records and slots in one buffer: one call
+            y = kernels.sparse_ffn(*s.views, np.concatenate((pos[:split], s.n_resident + slot_rows)), h, self.act)
+        else:
+            y = kernels.sparse_ffn(*s.views, pos[:split], h, self.act)
+            y += kernels.sparse_ffn(*s.slot_views, slot_rows, h, self.act)
         if not fit.all():  # a token whose flash set exceeds the cache: the rest from scratch, in passes
             y = y + self._from_flash(layer, step.miss_ids[~fit], h)
         t4 = time.perf_counter()
@@ -193,14 +207,14 @@ class TieredFFN:
         ok = slots >= 0
         if ok.any():
             s.prefetched = flash[ok]
-            s.prefetch = self.reader.submit(s.flash_base, s.buf.shape[1], s.prefetched, s.buf, s.n_resident + slots[ok])
+            s.prefetch = self.reader.submit(s.flash_base, s.buf.shape[1], s.prefetched, s.slots, slots[ok])
 
     def _read(self, layer: int, flash_ids: np.ndarray, dst: np.ndarray, dst_rows: np.ndarray) -> None:
         s = self.layers[layer]
         before = self.reader.stats.wait_s
         self.reader.read_into(s.flash_base, s.buf.shape[1], flash_ids, dst, dst_rows)
         self.stats.io_wait_s += self.reader.stats.wait_s - before
-        self.store.verify(layer, s.n_resident + flash_ids, dst[dst_rows])
+        self.store.verify(layer, s.n_resident + flash_ids, dst, dst_rows)
 
     def _from_flash(self, layer: int, flash_ids: np.ndarray, h: torch.Tensor) -> torch.Tensor:
         """sum over `flash_ids` of their FFN terms, read into the scratch buffer a pass at a time."""

@@ -99,16 +99,18 @@ class Store:
         return tuple(QTensor(q, (n, self.d_model), records[:, at : at + width].view(_dtype(q)))
                      for q, (at, width) in zip(self.qtypes, self._segments))
 
-    def verify(self, layer: int, positions: np.ndarray, records: np.ndarray) -> None:
-        """Check the crc32 of each record (row i of `records` holds position positions[i] of `layer`)
-        not verified before; a record that passes is not checked again."""
+    def verify(self, layer: int, positions: np.ndarray, records: np.ndarray, rows: np.ndarray | None = None) -> None:
+        """Check the crc32 of each record (row i of `records`, or row rows[i], holds position positions[i] of
+        `layer`) not verified before; a record that passes is not checked again, so after the first reads
+        this costs one bitmap lookup (no copy of the rows)."""
         done, crc = self._verified[layer], self.layers[layer].crc32
         positions = np.asarray(positions, np.int64)
-        if records.shape[0] != len(positions):
-            raise ValueError(f"{records.shape[0]} records for {len(positions)} positions")
+        rows = np.arange(len(positions)) if rows is None else np.asarray(rows, np.int64)
+        if len(rows) != len(positions):
+            raise ValueError(f"{len(rows)} records for {len(positions)} positions")
         for i in np.flatnonzero(~done[positions]):
             p = positions[i]
-            if zlib.crc32(records[i]) != crc[p]:
+            if zlib.crc32(records[rows[i]]) != crc[p]:
                 raise StoreError(f"{self.data_path}: layer {layer}, position {p} (neuron "
                                  f"{self.layers[layer].order[p]}) fails its checksum, the store is corrupt; {REBUILD}")
             done[p] = True
