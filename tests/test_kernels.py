@@ -13,6 +13,8 @@ accumulating in float64 (measured: below 1e-7 of the bound's scale).
 Embedding rows are bit-exact. A wrong nibble order, scale or offset breaks these by orders of
 magnitude.
 """
+import threading
+
 import numpy as np
 import pytest
 import torch
@@ -330,21 +332,91 @@ def test_thread_counts_agree():
         kernels.set_threads()
 
 
-def test_auto_threads_fall_back_while_other_processes_hold_the_cores(monkeypatch):
+def fake_load(monkeypatch, others: float) -> None:
+    """Readings as /proc/stat would give them while other processes keep `others` cores busy: each
+    reading one second later, this process having taken half a core meanwhile (subtracted)."""
+    clock = iter(range(1, 10**6))
+
+    def sample():
+        t = float(next(clock))
+        return t, (others + 0.5) * t, 0.5 * t
+
+    monkeypatch.setattr(kernels, "_cpu_sample", sample)
+    monkeypatch.setattr(kernels, "_sample", None)
+    monkeypatch.setattr(kernels, "_checked", -1e9)
+    kernels.get_threads()  # the first reading after the patch is the baseline: choose on the second
+    monkeypatch.setattr(kernels, "_checked", -1e9)
+
+
+@pytest.mark.parametrize("others,cores,most,want", [
+    (0.0, 2, 2, 2), (0.3, 2, 2, 2), (0.67, 2, 2, 1),  # a busy core shares with our thread: 2/3 of it is seen
+    (1.0, 2, 2, 1), (5.0, 2, 2, 1), (1.0, 8, 8, 7), (2.6, 8, 8, 5), (0.0, 8, 4, 4), (0.0, 1, 1, 1),
+])
+def test_threads_for_counts_the_cores_left_free(others, cores, most, want):
+    assert kernels.threads_for(others, cores, most) == want
+
+
+def test_busy_seconds_reads_the_cores_of_this_process():
+    stat = ("cpu  900 0 300 5000 40 0 10 0 0 0\n"
+            "cpu0 100 5 50 2500 20 1 2 3 0 0\n"   # busy: 100+5+50+1+2+3 = 161 ticks (idle, iowait not)
+            "cpu1 800 0 250 2500 20 0 8 0 0 0\n"  # 1058
+            "cpu11 7 0 0 0 0 0 0 0 0 0\n"
+            "intr 123 4 5\nctxt 999\n")
+    tick = kernels._TICK
+    assert kernels.busy_seconds(stat, {0}) == pytest.approx(161 / tick)
+    assert kernels.busy_seconds(stat, {0, 1}) == pytest.approx(1219 / tick)
+    assert kernels.busy_seconds(stat, {1, 11}) == pytest.approx(1065 / tick)
+    assert kernels.busy_seconds(stat, {5}) == 0
+
+
+def test_auto_threads_follow_the_cores_other_processes_leave_free(monkeypatch):
     n = kernels.set_threads()
     if n < 2:
         pytest.skip("one core: nothing to fall back from")
-    monkeypatch.setattr(kernels, "_busy", False)
-    for load, want in ((n + 3.0, 1), (1.0, n)):  # others busy; then only our own serial thread
-        monkeypatch.setattr(kernels.os, "getloadavg", lambda: (load, load, load))
-        monkeypatch.setattr(kernels, "_busy_checked", -1.0)
-        assert kernels.get_threads() == want
-    monkeypatch.setattr(kernels.os, "getloadavg", lambda: (n + 3.0,) * 3)
-    monkeypatch.setattr(kernels, "_busy_checked", -1.0)
     try:
+        for others, want in ((1.0, n - 1), (n + 3.0, 1), (0.0, n)):
+            fake_load(monkeypatch, others)
+            assert kernels.get_threads() == want
+            assert kernels.numba.get_num_threads() == want  # numba's own count for this thread follows
+
+            def in_thread(out: list) -> None:  # numba's count is per thread: a worker thread's follows too
+                out.append((kernels.get_threads(), kernels.numba.get_num_threads()))
+
+            got: list = []
+            t = threading.Thread(target=in_thread, args=(got,))
+            t.start()
+            t.join()
+            assert got == [(want, want)]
+        fake_load(monkeypatch, n + 3.0)
         assert kernels.set_threads(n) == n and kernels.get_threads() == n  # an explicit count is kept
     finally:
         kernels.set_threads()
+
+
+def test_results_do_not_depend_on_how_many_cores_are_free(monkeypatch):
+    """Sums split into parts (sparse FFN, attention spans) are split as set_threads allows, whatever
+    runs them: the same bits with every core free and with one, so text never depends on the load."""
+    n = kernels.set_threads()
+    if n < 2:
+        pytest.skip("one core: nothing to compare")
+    W, x = rand_q(4096, 256, "q4_1"), rand_x(1, 256)
+    rows = np.random.default_rng(0).permutation(4096)[:1500]
+    n_ctx, KV, H, hd, pos = 700, 3, 9, 64, 650
+    rng = np.random.default_rng(1)
+    kc0 = torch.from_numpy(rng.standard_normal((n_ctx, KV, hd), dtype=np.float32))
+    vc = torch.from_numpy(rng.standard_normal((n_ctx, KV, hd), dtype=np.float32))
+    q, k, v = rand_x(1, H * hd, seed=3), rand_x(1, KV * hd, seed=4), rand_x(1, KV * hd, seed=5)
+    cos, sin = torch.ones(hd // 2), torch.zeros(hd // 2)
+    outs = []
+    try:
+        for others in (0.0, n - 1.0):
+            fake_load(monkeypatch, others)
+            assert kernels.get_threads() == n - int(others)
+            outs.append((kernels.sparse_ffn(W, W, W, rows, x, "silu"),
+                         kernels.attention_decode(q, k, v, kc0.clone(), vc, pos, cos, sin, False)))
+    finally:
+        kernels.set_threads()
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
 
 
 def test_warmup_reports_seconds():

@@ -21,6 +21,7 @@ import hashlib
 import os
 import subprocess
 import sys
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -48,40 +49,94 @@ GEMV_MAX_T = 16
 TILE_BYTES = 8 << 20
 
 _threads = 1  # the most threads a kernel uses
-_auto = True  # set_threads() without a count: fall back to 1 thread while the cores are taken
-_busy, _busy_checked = False, -1.0
+_auto = True  # set_threads() without a count: as many of those as other processes leave cores free
+_active = 1  # the threads kernels run on now (auto: re-chosen every CHECK_SECONDS)
+_checked = -1.0  # time.monotonic() of the last choice
+_sample: tuple[float, float | None, float] | None = None  # (wall, busy CPU seconds of our cores, our CPU seconds)
+_numba_threads = threading.local()  # numba's thread count is per calling thread; the count last set in each
+# Seconds between readings of what other processes take: a core that gets busy costs a fraction of a
+# second of slow decode steps, and /proc/stat is read only a few times a second.
+CHECK_SECONDS = 0.25
 
 
 def set_threads(n: int | None = None) -> int:
-    """Threads the CPU kernels use; returns the count. `n`: exactly that many (benchmarks).
-    None: every core this process may run on, but 1 while other processes keep those cores busy
-    (checked once a second from the load average): a parallel region waits for its slowest
-    thread, and on an oversubscribed machine that thread is often descheduled (10x slower decode)."""
-    global _threads, _auto
+    """Threads the CPU kernels use; returns the count. `n`: exactly that many (benchmarks, `-t`).
+    None: up to every core this process may run on, as many as other processes leave free,
+    re-chosen while generating (see `threads_for`): a parallel region waits for its slowest thread,
+    and a thread sharing its core with a busy process is often descheduled, so beside a busy core
+    fewer threads decode faster (BENCHMARKS.md, contention)."""
+    global _threads, _auto, _active, _checked, _sample
     _auto = n is None
-    n = _available() if n is None else int(n)
+    n = len(_cores()) if n is None else int(n)
     if n < 1:
         raise ValueError(f"thread count must be >= 1, got {n}")
-    _threads = min(n, numba.config.NUMBA_NUM_THREADS)
-    numba.set_num_threads(_threads)
+    _threads = _active = min(n, numba.config.NUMBA_NUM_THREADS)
+    _checked, _sample = time.monotonic(), _cpu_sample()
     return _threads
 
 
 def get_threads() -> int:
-    """Threads the next kernel call may use."""
-    global _busy, _busy_checked
-    if not _auto or _threads == 1:
-        return _threads
-    now = time.monotonic()
-    if now - _busy_checked > 1.0:
-        _busy_checked = now
-        others = os.getloadavg()[0] - (1 if _busy else _threads)  # minus our own running threads
-        _busy = others > _available() - _threads + 0.5
-    return 1 if _busy else _threads
+    """Threads the next kernel call may use, also set as numba's count for the calling thread."""
+    global _active
+    if _auto and _threads > 1 and time.monotonic() - _checked >= CHECK_SECONDS:
+        _active = _choose_threads()
+    if getattr(_numba_threads, "n", None) != _active:
+        numba.set_num_threads(_active)
+        _numba_threads.n = _active
+    return _active
 
 
-def _available() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+def threads_for(others: float, cores: int, most: int) -> int:
+    """Threads to run on when other processes keep `others` cores busy of the `cores` this process may
+    use: one per core left free, a core counting as free while others take less than half of it
+    (beyond that, a thread there takes longer than the others would to do its share); 1 to `most`."""
+    return max(1, min(most, int(cores - others + 0.5)))
+
+
+def _choose_threads() -> int:
+    """Threads for the CPU time other processes took on our cores since the last choice: the cores'
+    busy time (/proc/stat) less our own; without /proc/stat, the 1-minute load average less our
+    running threads (slow to react: it averages over a minute)."""
+    global _checked, _sample
+    now = _cpu_sample()
+    last, _sample, _checked = _sample, now, now[0]
+    cores = len(_cores())
+    if now[1] is None or last is None or last[1] is None:
+        others = os.getloadavg()[0] - _active if hasattr(os, "getloadavg") else 0.0
+    elif now[0] - last[0] < 1e-3:
+        return _active
+    else:
+        others = ((now[1] - last[1]) - (now[2] - last[2])) / (now[0] - last[0])
+    return threads_for(max(0.0, others), cores, _threads)
+
+
+def _cpu_sample() -> tuple[float, float | None, float]:
+    """(now, busy CPU seconds of the cores this process may use or None without /proc/stat, this process's CPU seconds)."""
+    try:
+        with open("/proc/stat") as fh:
+            busy = busy_seconds(fh.read(), _cores())
+    except OSError:
+        busy = None
+    return time.monotonic(), busy, time.process_time()
+
+
+_TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def busy_seconds(proc_stat: str, cores: set[int]) -> float:
+    """CPU seconds the given cores spent busy since boot, from /proc/stat's per-core lines
+    (user, nice, system, irq, softirq and steal time; idle and iowait are not busy)."""
+    ticks = 0
+    for line in proc_stat.splitlines():
+        name, *fields = line.split() or [""]
+        if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cores:
+            user, nice, system, _idle, _iowait, irq, softirq, steal = (int(f) for f in (fields + ["0"] * 8)[:8])
+            ticks += user + nice + system + irq + softirq + steal
+    return ticks / _TICK
+
+
+def _cores() -> set[int]:
+    return os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
 
 
 set_threads()
@@ -170,9 +225,22 @@ def _check(bad: int, r: np.ndarray, n: int) -> None:
 
 
 def _chunks(nbytes: int) -> int:
-    """Threads for a kernel reading `nbytes` of weights (tiny work runs on the calling thread)."""
+    """Chunks (one per thread) for a kernel reading `nbytes` of weights whose rows are split among the
+    threads; a row's result never depends on the split. Tiny work runs on the calling thread."""
     n = nbytes // MIN_BYTES_PER_THREAD
     return 1 if n < 2 else min(get_threads(), n)
+
+
+def _parts(nbytes: int) -> int:
+    """Parts for a kernel reading `nbytes` that adds up per-part results (partial sums)."""
+    return _fixed_split(nbytes // MIN_BYTES_PER_THREAD)
+
+
+def _fixed_split(n: int) -> int:
+    """Up to `n` parts, as many as set_threads allows however many threads are free now; those run
+    them (get_threads sets numba's count), so sums, and the text, never depend on the machine's load."""
+    get_threads()
+    return 1 if n < 2 else min(_threads, n)
 
 
 def _is_cuda(W) -> bool:
@@ -321,7 +389,8 @@ def scatter_axpy(Wd_t: QTensor, rows, a: torch.Tensor, y: torch.Tensor) -> torch
     if y.dtype is not torch.float32 or not y.is_contiguous() or y.numel() != Wd_t.shape[1]:
         raise ValueError(f"y must be a contiguous float32 tensor of {Wd_t.shape[1]} values, got {tuple(y.shape)} {y.dtype}")
     yn = y.detach().numpy()
-    _check(cpu.scatter_axpy(fmt, u8, r, an, yn if yn.ndim == 1 else yn.reshape(-1), _chunks(r.shape[0] * u8.shape[1])),
+    _check(cpu.scatter_axpy(fmt, u8, r, an, yn if yn.ndim == 1 else yn.reshape(-1),
+                            _parts(r.shape[0] * u8.shape[1])),
            r, u8.shape[0])
     return y
 
@@ -351,7 +420,7 @@ def sparse_ffn(Wg: QTensor, Wu: QTensor, Wd_t: QTensor, rows, x: torch.Tensor, a
         raise ValueError(f"sparse_ffn takes one token, got {xn.shape[0]}")
     y, h = np.empty(x.shape, np.float32), np.empty(r.shape[0], np.float32)
     _check(cpu.sparse_ffn(fg, ug, uu, fd, ud, r, xn, cpu.ACT[act], y if y.ndim == 1 else y.reshape(-1), h,
-                          _chunks(r.shape[0] * (ug.shape[1] * 2 + ud.shape[1]))), r, n_ff)
+                          _parts(r.shape[0] * (ug.shape[1] * 2 + ud.shape[1]))), r, n_ff)
     return (torch.from_numpy(y), torch.from_numpy(h)) if return_act else torch.from_numpy(y)
 
 
@@ -373,7 +442,7 @@ def predict_rows(W1: QTensor, W2_t: QTensor, h: torch.Tensor, threshold: float) 
     f1, u1, n1, _ = _info(W1)
     f2, u2, n2, _ = _info(W2_t)
     rows = np.empty(W2_t.shape[1], np.int64)
-    n = cpu.predict_rows(f1, u1, f2, u2, xn, np.float32(threshold), rows, _chunks(n1), _chunks(n2 // 2))  # ~half read
+    n = cpu.predict_rows(f1, u1, f2, u2, xn, np.float32(threshold), rows, _chunks(n1), _parts(n2 // 2))  # ~half read
     return rows[:n]
 
 
@@ -429,7 +498,7 @@ def _kv_cache(k_cache: torch.Tensor, v_cache: torch.Tensor, pos: int) -> tuple[n
 
 def _attention_chunks(pos: int, q_size: int) -> int:
     """Spans of positions attended in parallel: one per thread once the cache reads outweigh a wake-up."""
-    return min(get_threads(), pos + 1) if (pos + 1) * q_size >= 1 << 16 else 1
+    return _fixed_split(pos + 1 if (pos + 1) * q_size >= 1 << 16 else 1)
 
 
 def attention_block(x: torch.Tensor, attn_norm: torch.Tensor, Wq: QTensor, Wk: QTensor, Wv: QTensor, Wo: QTensor,
