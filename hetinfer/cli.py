@@ -68,11 +68,8 @@ def open_session(args: argparse.Namespace):
     from hetinfer.sparse import engine_ffn
 
     if args.threads:
-        import torch
-
         from hetinfer import kernels
 
-        torch.set_num_threads(args.threads)
         kernels.set_threads(args.threads)
     deploy = getattr(args, "deploy", None)
     if deploy is not None:

@@ -53,18 +53,20 @@ _auto = True  # set_threads() without a count: as many of those as other process
 _active = 1  # the threads kernels run on now (auto: re-chosen every CHECK_SECONDS)
 _checked = -1.0  # time.monotonic() of the last choice
 _sample: tuple[float, float | None, float] | None = None  # (wall, busy CPU seconds of our cores, our CPU seconds)
-_numba_threads = threading.local()  # numba's thread count is per calling thread; the count last set in each
+_torch_threads = torch.get_num_threads()  # torch's own count (its default: the physical cores), the most auto gives it
+_applied = threading.local()  # the (numba, torch) thread counts set in the calling thread
 # Seconds between readings of what other processes take: a core that gets busy costs a fraction of a
 # second of slow decode steps, and /proc/stat is read only a few times a second.
 CHECK_SECONDS = 0.25
 
 
 def set_threads(n: int | None = None) -> int:
-    """Threads the CPU kernels use; returns the count. `n`: exactly that many (benchmarks, `-t`).
-    None: up to every core this process may run on, as many as other processes leave free,
+    """Threads the CPU kernels and torch's ops (the prompt's matrix products and attention) use;
+    returns the count. `n`: exactly that many (`-t`, benchmarks). None: up to every core this
+    process may run on (torch: up to its own default), as many as other processes leave free,
     re-chosen while generating (see `threads_for`): a parallel region waits for its slowest thread,
     and a thread sharing its core with a busy process is often descheduled, so beside a busy core
-    fewer threads decode faster (BENCHMARKS.md, contention)."""
+    fewer threads compute faster (BENCHMARKS.md, contention)."""
     global _threads, _auto, _active, _checked, _sample
     _auto = n is None
     n = len(_cores()) if n is None else int(n)
@@ -72,17 +74,20 @@ def set_threads(n: int | None = None) -> int:
         raise ValueError(f"thread count must be >= 1, got {n}")
     _threads = _active = min(n, numba.config.NUMBA_NUM_THREADS)
     _checked, _sample = time.monotonic(), _cpu_sample()
+    get_threads()
     return _threads
 
 
 def get_threads() -> int:
-    """Threads the next kernel call may use, also set as numba's count for the calling thread."""
+    """Threads the next kernel call may use, also set as numba's and torch's count for the calling thread."""
     global _active
     if _auto and _threads > 1 and time.monotonic() - _checked >= CHECK_SECONDS:
         _active = _choose_threads()
-    if getattr(_numba_threads, "n", None) != _active:
-        numba.set_num_threads(_active)
-        _numba_threads.n = _active
+    counts = (_active, min(_torch_threads, _active) if _auto else _active)
+    if getattr(_applied, "counts", None) != counts:  # both are per thread: set in each thread that computes
+        numba.set_num_threads(counts[0])
+        torch.set_num_threads(counts[1])  # torch's results do not depend on it (tests/test_generation.py)
+        _applied.counts = counts
     return _active
 
 
