@@ -5,14 +5,18 @@
 - GGUF `llama` vocabularies (SentencePiece BPE with scores and byte fallback: Llama 2,
   Mistral) use `SPMTokenizer`, a direct implementation of the score-ordered merge.
 - HF directories load `tokenizer.json` with `tokenizers`.
-Control tokens written in text (`<|im_start|>`) are parsed as single tokens, as llama.cpp does.
+Control tokens written in text (`<|im_start|>`) are parsed as single tokens, as llama.cpp does, except
+in chat messages: `encode_chat` takes control tokens only from the template, so a message cannot
+forge a turn by writing `<|im_end|><|im_start|>system`.
 """
 from __future__ import annotations
 
 import datetime
 import heapq
+import copy
 import json
 import os
+import re
 from dataclasses import dataclass, field
 
 from hetinfer.errors import HetinferError
@@ -46,12 +50,55 @@ class Tokenizer:
     chat_template: str | None = None
     stop_ids: set[int] = field(default_factory=set)
     vocab_size: int = 0
+    specials: dict[str, int] = field(default_factory=dict)  # control (and user-defined) token text -> id
+    _plain: object = field(default=None, init=False, repr=False)  # the backend reading those texts as plain text
 
-    def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
-        ids = list(self.backend.encode(text, add_special_tokens=False).ids)
+    def __post_init__(self) -> None:
+        names = sorted(self.specials, key=len, reverse=True)  # longest first, as the tokenizers match them
+        self._specials_re = re.compile("|".join(map(re.escape, names)) if names else r"(?!)")
+
+    def encode(self, text: str, add_bos: bool | None = None, special: bool = True) -> list[int]:
+        """Token ids of `text`; `special=False` tokenizes control-token text (`<|im_end|>`) as ordinary text.
+
+        Runs through `encode_batch`, which releases the GIL (`encode` holds it: a 1 MB prompt stalled
+        every other thread, the server's event loop included, for a second)."""
+        backend = self.backend if special else self._plain_backend()
+        ids = list(backend.encode_batch([text], add_special_tokens=False)[0].ids)
         if (self.add_bos if add_bos is None else add_bos) and self.bos_id is not None:
             ids = [self.bos_id] + ids
         return ids
+
+    def _plain_backend(self):
+        if self._plain is None:
+            if isinstance(self.backend, SPMTokenizer):
+                plain = copy.copy(self.backend)
+                plain.specials = []
+            else:
+                from tokenizers import Tokenizer as HFTok
+
+                plain = HFTok.from_str(self.backend.to_str())
+                plain.encode_special_tokens = True
+            self._plain = plain
+        return self._plain
+
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        """Token ids of `messages` through the chat template, control tokens only where the template
+        writes them: a control token's text inside a message is tokenized as plain text.
+
+        Splits the rendered prompt at the control tokens outside the messages' text and tokenizes the
+        pieces between them as plain text, as `encode` does with every control token, so a
+        conversation without such text gets exactly `encode(render_chat(messages))`."""
+        text = self.render_chat(messages, add_generation_prompt)
+        spans = _message_spans(self, messages, text, add_generation_prompt)
+        ids = [self.bos_id] if self.add_bos and self.bos_id is not None else []
+        start = outside = 0  # the plain text not yet tokenized starts at `start`; the template's at `outside`
+        for lo, hi in spans + [(len(text), len(text))]:
+            for m in self._specials_re.finditer(text, outside, lo):  # control tokens the template wrote
+                ids += self.encode(text[start:m.start()], add_bos=False, special=False)
+                ids.append(self.specials[m.group()])
+                start = m.end()
+            outside = hi
+        return ids + self.encode(text[start:], add_bos=False, special=False)
 
     def decode(self, ids: list[int]) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=False)
@@ -83,6 +130,36 @@ class Tokenizer:
             raise HetinferError(f"the model's chat template rejected the conversation: {e}") from None
 
 
+_MARK = re.compile("\ue000([0-9]+)\ue001")  # private-use characters standing for message i's text
+
+
+def _message_spans(tok: Tokenizer, messages: list[dict], text: str, add_generation_prompt: bool) -> list[tuple[int, int]]:
+    """Where each message's text lies in `text`, the rendered conversation: the template is rendered
+    again with a mark in place of each message's text, and the rendering must equal that skeleton with
+    the texts put back (as written, or stripped as templates like Llama 3's do)."""
+    marked = [{**m, "content": f"\ue000{i}\ue001"} for i, m in enumerate(messages)]
+    parts = _MARK.split(tok.render_chat(marked, add_generation_prompt))  # [template, i, template, j, ..., template]
+    spans, pos = [], 0
+    for k in range(0, len(parts) - 1, 2):
+        if not text.startswith(parts[k], pos):
+            break
+        pos += len(parts[k])
+        content, after = messages[int(parts[k + 1])]["content"], parts[k + 2]
+        for t in (content, content.strip()):
+            end = pos + len(t)
+            if text.startswith(t, pos) and (text.startswith(after, end) if k + 3 < len(parts) else text[end:] == after):
+                break
+        else:
+            break
+        spans.append((pos, end))
+        pos = end
+    else:
+        return spans
+    raise HetinferError("the model's chat template changes the messages' text in a way hetinfer cannot follow "
+                        "(it keeps control tokens out of message text); serve the model with a chat template "
+                        "that writes each message's text as given")
+
+
 class SPMTokenizer:
     """SentencePiece-style BPE: merge the adjacent pair whose merged piece scores highest."""
 
@@ -103,6 +180,9 @@ class SPMTokenizer:
             elif piece:
                 ids.extend(self._encode_piece(piece, first=not ids))
         return _Encoding(ids)
+
+    def encode_batch(self, texts: list[str], add_special_tokens: bool = False) -> list["_Encoding"]:
+        return [self.encode(t, add_special_tokens) for t in texts]
 
     def _encode_piece(self, text: str, first: bool) -> list[int]:
         text = text.replace(" ", "\u2581")
@@ -231,6 +311,7 @@ def tokenizer_from_gguf(fields: dict) -> Tokenizer:
         chat_template=fields.get("tokenizer.chat_template"),
         stop_ids=stops,
         vocab_size=len(tokens),
+        specials={t: i for i, (t, k) in enumerate(zip(tokens, types)) if k in (CONTROL, USER_DEFINED) and t},
     )
 
 
@@ -265,4 +346,5 @@ def tokenizer_from_hf(path: str) -> Tokenizer:
     return Tokenizer(
         backend=backend, bos_id=bos, eos_id=eos, add_bos=bool(cfg.get("add_bos_token", False)),
         chat_template=template, stop_ids=stops, vocab_size=backend.get_vocab_size(),
+        specials={t.content: i for i, t in backend.get_added_tokens_decoder().items()},
     )
