@@ -24,6 +24,7 @@ class Stats:
     gen_tokens: int = 0
     gen_seconds: float = 0.0
     finish_reason: str = ""
+    cached_tokens: int = 0  # prompt tokens whose KV the session reused instead of computing them
 
     def to_dict(self) -> dict:
         rate = lambda n, s: n / s if s > 0 else 0.0  # noqa: E731
@@ -39,8 +40,9 @@ class Stats:
 class Session:
     """A model with one KV cache; generates streamed text for one conversation at a time.
 
-    The cache keeps the tokens it holds, so a chat turn that extends the previous prompt only
-    prefills the new tokens.
+    The cache keeps the tokens it holds, so a prompt that starts like the previous one (a shared
+    system prompt, the next chat turn) prefills only from the first chunk that differs; the result
+    is bit-identical to prefilling it alone (see `_prefill`).
     """
 
     def __init__(self, model: Model, n_ctx: int | None = None, ffn: FFN | None = None, kv: str = DEFAULT_KV):
@@ -50,10 +52,12 @@ class Session:
         self.ffn = ffn
         self.stats = Stats()
         self._prompt: tuple[list[int], torch.Tensor] | None = None  # the last prompt and the logits after it
+        self._exact = 0  # leading cached positions computed in whole PREFILL_CHUNK chunks by a prefill
 
     def reset(self) -> None:
         self.cache.truncate(0)
         self._prompt = None
+        self._exact = 0
 
     def complete(self, prompt: str, params: SamplingParams, cancel: Callable[[], bool] | None = None) -> Iterator[str]:
         return self.stream(self.model.tokenizer.encode(prompt), params, cancel)
@@ -61,8 +65,7 @@ class Session:
     def chat(self, messages: list[dict], params: SamplingParams, cancel: Callable[[], bool] | None = None) -> Iterator[str]:
         if not messages:
             raise HetinferError("chat needs at least one message")
-        text = self.model.tokenizer.render_chat(messages, add_generation_prompt=True)
-        return self.stream(self.model.tokenizer.encode(text), params, cancel)
+        return self.stream(self.model.tokenizer.encode_chat(messages), params, cancel)
 
     def check_fits(self, n_prompt: int, max_tokens: int) -> None:
         if n_prompt == 0:
@@ -84,7 +87,7 @@ class Session:
         stats = self.stats = Stats(prompt_tokens=len(prompt_ids))
         gen = make_generator(params.seed)
         t0 = time.perf_counter()
-        logits = self._prefill(prompt_ids)
+        logits, stats.cached_tokens = self._prefill(prompt_ids)
         stats.prompt_seconds = time.perf_counter() - t0
         out: list[int] = []
         emitted = ""
@@ -121,25 +124,33 @@ class Session:
                 yield final[len(emitted):]
         stats.gen_seconds = time.perf_counter() - t0
 
-    def _prefill(self, ids: list[int]) -> torch.Tensor:
-        """Logits after `ids`, reusing the longest cached prefix (at least one token is recomputed).
+    def _prefill(self, ids: list[int]) -> tuple[torch.Tensor, int]:
+        """Logits after `ids`, and how many of its tokens came from the cache, bit-identical to
+        prefilling `ids` in an empty cache.
 
-        Repeating the last prompt returns its stored logits: recomputing its last token through the
-        one-token path would differ slightly from the batched path (8-bit activations round
-        differently), and a repeated seeded request must give the same text."""
+        A prefill computes chunks of PREFILL_CHUNK tokens at positions 0, C, 2C, ...; a whole chunk's
+        keys and values depend only on its tokens and the chunks before it, so those an earlier prefill
+        left in the cache are reused where `ids` starts with the same tokens. Everything else is
+        recomputed: the last, partial chunk (the batched path rounds a token differently with the
+        chunk's length: GEMV_MAX_T switches kernels, and 8-bit activations amplify the difference) and
+        generated tokens (decoded one at a time by other kernels). Reusing those made a greedy answer
+        depend on the request served before it. Repeating the last prompt returns its stored logits."""
         held = self.cache.tokens
         if self._prompt is not None and self._prompt[0] == ids and held[: len(ids)] == ids:
             self.cache.truncate(len(ids))
-            return self._prompt[1]
+            return self._prompt[1], len(ids)
         keep = 0
-        while keep < min(len(held), len(ids) - 1) and held[keep] == ids[keep]:
-            keep += 1
+        while (keep + PREFILL_CHUNK < len(ids) and keep + PREFILL_CHUNK <= self._exact
+               and held[keep : keep + PREFILL_CHUNK] == ids[keep : keep + PREFILL_CHUNK]):
+            keep += PREFILL_CHUNK
         self.cache.truncate(keep)
+        self._exact = keep
         logits = None
         for s in range(keep, len(ids), PREFILL_CHUNK):
             logits = self.model.transformer.forward(ids[s : s + PREFILL_CHUNK], self.cache, self.ffn)
+        self._exact = len(ids) // PREFILL_CHUNK * PREFILL_CHUNK
         self._prompt = (list(ids), logits)
-        return logits
+        return logits, keep
 
 
 def _find_stop(text: str, stops: list[str]) -> int | None:

@@ -3,8 +3,9 @@ import numpy as np
 import pytest
 import torch
 
+from hetinfer import kernels
 from hetinfer.errors import HetinferError
-from hetinfer.generate import Session
+from hetinfer.generate import PREFILL_CHUNK, Session
 from hetinfer.sampling import SamplingParams, candidates, make_generator, sample
 
 
@@ -46,16 +47,56 @@ def test_f16_cache_decode_matches_prefill_on_random_model():
         tr.new_cache(64, "f8")
 
 
-def test_prefix_reuse_gives_same_logits(model_f32):
-    model = model_f32
-    s = Session(model, n_ctx=256)
-    ids = model.tokenizer.encode("One two three four five six")
-    a = s._prefill(ids).clone()
-    assert s.cache.tokens == ids
-    b = s._prefill(ids + model.tokenizer.encode(" seven"))  # reuses the cached prefix
-    c = model.transformer.forward(ids + model.tokenizer.encode(" seven"), model.transformer.new_cache(64))
-    assert (b - c).abs().max().item() <= 1e-4
-    assert (a - model.transformer.forward(ids, model.transformer.new_cache(64))).abs().max().item() <= 1e-4
+# A system prompt longer than one prefill chunk: its first chunk is what a later request can reuse.
+SYSTEM = ("You are a careful assistant for a small bakery. " + " ".join(
+    f"Rule {i}: answer questions about bread, cakes and opening hours politely and briefly." for i in range(1, 25)))
+
+
+def test_prefix_reuse_is_bit_identical_to_a_fresh_prefill(model):
+    """Native 8-bit activations: the shared prefix computed in any other order (the previous prompt's
+    partial chunk, its generated tokens) changes the logits; reuse keeps only whole chunks."""
+    tok = model.tokenizer
+    ask = lambda q: tok.encode_chat([{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}])  # noqa: E731
+    a, b = ask("When do you open on Sundays?"), ask("Do you sell rye bread?")
+    shared = next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
+    assert PREFILL_CHUNK < shared < len(a) < 2 * PREFILL_CHUNK
+    fresh, cached = Session(model, n_ctx=1024)._prefill(a)
+    assert cached == 0
+    s = Session(model, n_ctx=1024)
+    "".join(s.stream(b, SamplingParams(temperature=0, max_tokens=8)))  # b's prompt, then its answer, in the cache
+    again, cached = s._prefill(a)
+    assert cached == PREFILL_CHUNK and torch.equal(again, fresh)
+    assert s._prefill(a) == (again, len(a))  # the same prompt again: its stored logits
+    longer = a + tok.encode("Thanks!")
+    assert torch.equal(s._prefill(longer)[0], Session(model, n_ctx=1024)._prefill(longer)[0])
+
+
+def test_prompt_logits_do_not_depend_on_the_thread_count(model):
+    """Auto threads give torch as many threads as cores are free (kernels.set_threads): its matrix
+    products and attention over a prompt must give the same bits on any count."""
+    if len(kernels._cores()) < 2:
+        pytest.skip("one core: nothing to compare")
+    ids = model.tokenizer.encode(SYSTEM)[:40]  # past GEMV_MAX_T: the prompt path of torch's GEMM
+    outs = []
+    try:
+        for n in (1, 2):
+            kernels.set_threads(n)
+            outs.append(model.transformer.forward(ids, model.transformer.new_cache(128), all_logits=True))
+    finally:
+        kernels.set_threads()
+    assert torch.equal(outs[0], outs[1])
+
+
+@pytest.mark.slow
+def test_greedy_answer_does_not_depend_on_the_request_before(model):
+    """Request A, a different request B, then A again: A's answer is the one a fresh session gives."""
+    chat = lambda q: [{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}]  # noqa: E731
+    p = SamplingParams(temperature=0, max_tokens=24)
+    want = "".join(Session(model, n_ctx=1024).chat(chat("When do you open on Sundays?"), p))
+    s = Session(model, n_ctx=1024)
+    for q in ("Do you sell rye bread?", "When do you open on Sundays?"):
+        got = "".join(s.chat(chat(q), p))
+    assert got == want and s.stats.cached_tokens == PREFILL_CHUNK
 
 
 def test_seeded_sampling_is_reproducible_and_seeds_differ(model):
