@@ -12,9 +12,10 @@
 # Settings come from the environment (see hetinfer.env): HETINFER (the hetinfer executable),
 # HETINFER_STATE (where the deployment and the flash store live; default $STATE_DIRECTORY from
 # systemd, else ~/.local/share/hetinfer), HETINFER_HOST (127.0.0.1), HETINFER_PORT (8000),
-# HETINFER_CTX (1024; the KV cache grows with it), HETINFER_THREADS (default: all cores),
-# HETINFER_PREPARE_ARGS (extra `hetinfer prepare` flags, e.g. --data FILE), HETINFER_API_KEY (read by
-# `hetinfer serve` itself, so the key never shows in the process list).
+# HETINFER_CTX (1024; the KV cache grows with it), HETINFER_THREADS (default: the cores other
+# processes leave free), HETINFER_PREPARE_ARGS (extra `hetinfer prepare` flags, e.g. --data FILE),
+# HETINFER_API_KEY (read by `hetinfer serve` itself, so the key never shows in the process list) or
+# HETINFER_API_KEY_FILE (a file holding the key, passed as --api-key-file).
 set -euo pipefail
 usage="usage: serve_edge.sh MODEL BUDGET (e.g. 256MiB)"
 MODEL="${1:?$usage}"
@@ -29,5 +30,9 @@ fi
 # shellcheck disable=SC2086  # HETINFER_PREPARE_ARGS holds several flags
 "$HETINFER" prepare -m "$MODEL" -o "$STATE/deploy" --flash-dir "$STATE/flash" --ram "$BUDGET" \
   --ctx "${HETINFER_CTX:-1024}" "${threads[@]}" ${HETINFER_PREPARE_ARGS:-} >&2
+key_file=()
+if [[ -n "${HETINFER_API_KEY_FILE:-}" ]]; then
+  key_file=(--api-key-file "$HETINFER_API_KEY_FILE")
+fi
 exec "$HETINFER" serve "$STATE/deploy" --host "${HETINFER_HOST:-127.0.0.1}" --port "${HETINFER_PORT:-8000}" \
-  "${threads[@]}" --verbose
+  "${threads[@]}" "${key_file[@]}" --verbose
