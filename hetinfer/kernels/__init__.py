@@ -54,7 +54,8 @@ _active = 1  # the threads kernels run on now (auto: re-chosen every CHECK_SECON
 _checked = -1.0  # time.monotonic() of the last choice
 _sample: tuple[float, float | None, float] | None = None  # (wall, busy CPU seconds of our cores, our CPU seconds)
 _torch_threads = torch.get_num_threads()  # torch's own count (its default: the physical cores), the most auto gives it
-_applied = threading.local()  # the (numba, torch) thread counts set in the calling thread
+_counts = (1, 1)  # the (numba, torch) thread counts for _active
+_applied = threading.local()  # the _counts last set in the calling thread
 # Seconds between readings of what other processes take: a core that gets busy costs a fraction of a
 # second of slow decode steps, and /proc/stat is read only a few times a second.
 CHECK_SECONDS = 0.25
@@ -67,28 +68,36 @@ def set_threads(n: int | None = None) -> int:
     re-chosen while generating (see `threads_for`): a parallel region waits for its slowest thread,
     and a thread sharing its core with a busy process is often descheduled, so beside a busy core
     fewer threads compute faster (BENCHMARKS.md, contention)."""
-    global _threads, _auto, _active, _checked, _sample
+    global _threads, _auto, _checked, _sample
     _auto = n is None
     n = len(_cores()) if n is None else int(n)
     if n < 1:
         raise ValueError(f"thread count must be >= 1, got {n}")
-    _threads = _active = min(n, numba.config.NUMBA_NUM_THREADS)
+    _threads = min(n, numba.config.NUMBA_NUM_THREADS)
     _checked, _sample = time.monotonic(), _cpu_sample()
+    _run_on(_threads)
     get_threads()
     return _threads
 
 
 def get_threads() -> int:
     """Threads the next kernel call may use, also set as numba's and torch's count for the calling thread."""
-    global _active
     if _auto and _threads > 1 and time.monotonic() - _checked >= CHECK_SECONDS:
-        _active = _choose_threads()
-    counts = (_active, min(_torch_threads, _active) if _auto else _active)
-    if getattr(_applied, "counts", None) != counts:  # both are per thread: set in each thread that computes
-        numba.set_num_threads(counts[0])
-        torch.set_num_threads(counts[1])  # torch's results do not depend on it (tests/test_generation.py)
-        _applied.counts = counts
+        _run_on(_choose_threads())
+    if getattr(_applied, "counts", None) is not _counts:  # both are per thread: set in each thread that computes
+        numba.set_num_threads(_counts[0])
+        torch.set_num_threads(_counts[1])  # torch's results do not depend on it (tests/test_generation.py)
+        _applied.counts = _counts
     return _active
+
+
+def _run_on(n: int) -> None:
+    """Run on `n` threads from now on (each thread applies the new counts at its next get_threads)."""
+    global _active, _counts
+    counts = (n, min(_torch_threads, n) if _auto else n)
+    if counts != _counts:
+        _counts = counts
+    _active = n
 
 
 def threads_for(others: float, cores: int, most: int) -> int:
