@@ -3,11 +3,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
-import os
 import sys
 import time
 
+from hetinfer.atomic import atomic_write_json, check_writable
 from hetinfer.config import DEFAULT_KV, KV_DTYPES
 from hetinfer.errors import HetinferError
 
@@ -67,6 +66,8 @@ def open_session(args: argparse.Namespace):
     from hetinfer.loader import load_model
     from hetinfer.sparse import engine_ffn
 
+    if getattr(args, "stats_json", None):  # before the model loads, not after the text is generated
+        check_writable(args.stats_json)
     if args.threads:
         from hetinfer import kernels
 
@@ -134,14 +135,7 @@ def report(session, args: argparse.Namespace) -> None:
                   f"{stats['io_wait_s_per_token'] * 1e3:.2f} ms, FFN compute {stats['compute_s_per_token'] * 1e3:.2f} ms]",
                   file=sys.stderr)
     if args.stats_json:
-        write_json_atomic(args.stats_json, stats)
-
-
-def write_json_atomic(path: str, obj) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as fh:
-        json.dump(obj, fh, indent=2)
-    os.replace(tmp, path)
+        atomic_write_json(args.stats_json, stats, indent=2)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

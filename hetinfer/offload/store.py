@@ -17,7 +17,6 @@ import io
 import json
 import os
 import shutil
-import tempfile
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from hetinfer import kernels
+from hetinfer.atomic import atomic_dir
 from hetinfer.config import ModelConfig
 from hetinfer.errors import ArtifactError
 from hetinfer.placement.cost import neuron_down_format, row_bytes
@@ -178,8 +178,8 @@ def build_store(model, path: str | os.PathLike, tiers: np.ndarray, neuron_order:
     neuron_order: per layer, every neuron id in the order wanted within a tier (the profile's
     `neuron_order(layer)`; default ascending ids); weights: gate and up as the model holds them
     ("native") or converted ("f16", "f32"; down converted too). Layers are read and written one at a
-    time, into a temp directory beside `path` renamed into place; an existing store there is
-    replaced, anything else refused."""
+    time, into a temp directory beside `path` renamed into place (`atomic.atomic_dir`); an existing
+    store there is replaced, anything else refused."""
     from tqdm import tqdm
 
     cfg = model.config
@@ -195,34 +195,23 @@ def build_store(model, path: str | os.PathLike, tiers: np.ndarray, neuron_order:
     _check_target(path)
     _check_space(path, data_bytes + cfg.n_layers * cfg.n_ff * 12 + (1 << 20))  # + index arrays, manifest
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    except OSError as e:
-        raise StoreError(f"cannot write the store at {path} ({e.strerror or e}); choose a writable directory") from None
-    try:
-        crc = np.zeros((cfg.n_layers, cfg.n_ff), np.uint32)
-        with open(tmp / DATA_FILE, "wb") as f:
-            for layer in tqdm(range(cfg.n_layers), desc="store", unit="layer", disable=not progress):
-                records = layer_records(model.weights.layers[layer], weights, orders[layer][0], parts, rb)
-                crc[layer] = [zlib.crc32(r) for r in records]
-                f.write(bytes(offsets[layer] - f.tell()))  # zeros up to the 4096-aligned section start
-                f.write(records)
-                del records
-            f.write(bytes(data_bytes - f.tell()))
-            f.flush()
-            os.fsync(f.fileno())
-        arrays = {"order": _write_array(tmp, "order", np.stack([o for o, _ in orders])),
-                  "crc32": _write_array(tmp, "crc32", crc)}
-        manifest = _manifest(model, weights, qtypes, parts, rb, offsets, [s for _, s in orders], data_bytes, arrays)
-        with open(tmp / MANIFEST, "w") as f:
-            f.write(json.dumps(manifest, indent=1) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        _swap_in(tmp, path)
+        with atomic_dir(path, StoreError) as tmp:
+            crc = np.zeros((cfg.n_layers, cfg.n_ff), np.uint32)
+            with open(tmp / DATA_FILE, "wb") as f:
+                for layer in tqdm(range(cfg.n_layers), desc="store", unit="layer", disable=not progress):
+                    records = layer_records(model.weights.layers[layer], weights, orders[layer][0], parts, rb)
+                    crc[layer] = [zlib.crc32(r) for r in records]
+                    f.write(bytes(offsets[layer] - f.tell()))  # zeros up to the 4096-aligned section start
+                    f.write(records)
+                    del records
+                f.write(bytes(data_bytes - f.tell()))
+            arrays = {"order": _write_array(tmp, "order", np.stack([o for o, _ in orders])),
+                      "crc32": _write_array(tmp, "crc32", crc)}
+            manifest = _manifest(model, weights, qtypes, parts, rb, offsets, [s for _, s in orders], data_bytes,
+                                 arrays)
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
     except OSError as e:
         raise StoreError(f"writing the store at {path} failed ({e.strerror or e}); nothing was left there") from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return open_store(path, model)
 
 
@@ -288,10 +277,7 @@ def _write_array(d: Path, key: str, a: np.ndarray) -> dict:
     data = buf.getvalue()
     sha = hashlib.sha256(data).hexdigest()
     name = f"{key}.{sha[:16]}.npy"
-    with open(d / name, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    (d / name).write_bytes(data)
     return {"file": name, "sha256": sha, "dtype": str(a.dtype), "shape": list(a.shape)}
 
 
@@ -314,22 +300,6 @@ def _manifest(model, weights: str, qtypes, parts, record_bytes: int, offsets: li
         "data": {"file": DATA_FILE, "bytes": data_bytes},
         "arrays": arrays,
     }
-
-
-def _swap_in(tmp: Path, path: Path) -> None:
-    """Rename the finished directory `tmp` to `path`, replacing what is there (a store, or an empty dir)."""
-    if not path.exists():
-        os.rename(tmp, path)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
-    os.rename(path, old / "store")
-    try:
-        os.rename(tmp, path)
-    except OSError:
-        os.rename(old / "store", path)  # put the old store back
-        old.rmdir()
-        raise
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def open_store(path: str | os.PathLike, model=None, weights: str | None = None) -> Store:

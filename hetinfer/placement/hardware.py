@@ -11,14 +11,13 @@ under ~/.cache/hetinfer/); `load_hardware` reads the JSON description of a machi
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from hetinfer.atomic import atomic_write_json
 from hetinfer.errors import HetinferError
 from hetinfer.tiers import TIERS
 
@@ -171,23 +170,7 @@ def load_hardware(path: str | Path) -> Hardware:
 
 
 def save_hardware(hw: Hardware, path: str | Path) -> None:
-    atomic_write_text(Path(path), json.dumps(hw.to_dict(), indent=2) + "\n")
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write via a temp file in the same directory and os.replace, so no reader sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o644)  # mkstemp's 0600 would make the artefact private
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_json(path, hw.to_dict(), indent=2)
 
 
 def source_keys(hw: Hardware) -> list[str]:

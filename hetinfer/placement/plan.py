@@ -12,17 +12,15 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from hetinfer.atomic import atomic_write, atomic_write_json, remove_stale
 from hetinfer.config import KV_DTYPES, ModelConfig
 from hetinfer.errors import ArtifactError
-from hetinfer.placement.hardware import atomic_write_text
 from hetinfer.tiers import FLASH, GPU, RAM, TIERS
 
 PLAN_FORMAT = "hetinfer.plan"
@@ -72,30 +70,19 @@ def save_plan(path: str | Path, manifest: dict, tiers: np.ndarray) -> None:
     d = Path(path)
     if d.exists() and not d.is_dir():
         raise PlanError(f"{d} exists and is not a directory; a plan is a directory, pick another -o")
-    d.mkdir(parents=True, exist_ok=True)
     tiers = np.ascontiguousarray(tiers, dtype=np.uint8)
     buf = io.BytesIO()
     np.save(buf, tiers, allow_pickle=False)
     data = buf.getvalue()
     sha = hashlib.sha256(data).hexdigest()
     name = f"tiers.{sha[:16]}.npy"
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=f".{name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o644)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, d / name)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(d / name, data)
     spec = {"file": name, "sha256": sha, "dtype": "uint8", "shape": list(tiers.shape)}
-    manifest = {**manifest, "arrays": {"tiers": spec}}
-    atomic_write_text(d / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+    atomic_write_json(d / MANIFEST, {**manifest, "arrays": {"tiers": spec}})
     for old in d.iterdir():
         if _ARRAY.fullmatch(old.name) and old.name != name:
             old.unlink()
+    remove_stale(d)  # temporaries of arrays a killed `hetinfer place` was writing
 
 
 def load_plan(path: str | Path) -> Plan:

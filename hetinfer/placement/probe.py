@@ -15,7 +15,6 @@ import os
 import platform
 import shutil
 import statistics
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -24,8 +23,9 @@ import numpy as np
 import psutil
 import torch
 
+from hetinfer.atomic import atomic_write_json, temp_path
 from hetinfer.placement.hardware import (ASSUMED_GPU, FLASH_BLOCK, FlashTier, GpuTier, Hardware, HardwareError,
-                                         RamTier, atomic_write_text, source_keys)
+                                         RamTier, source_keys)
 from hetinfer.tensors import FORMATS, QTensor, quantize
 
 PROBE_VERSION = 1
@@ -290,7 +290,7 @@ def _cached_probe(name: str, key: dict | None, probe, cache_dir: Path | None) ->
     if isinstance(d, dict) and d.pop("version", None) == PROBE_VERSION and d.pop("key", None) == key:
         return d
     d = probe()
-    atomic_write_text(path, json.dumps({"version": PROBE_VERSION, "key": key, **d}) + "\n")
+    atomic_write_json(path, {"version": PROBE_VERSION, "key": key, **d}, indent=None)
     return d
 
 
@@ -303,7 +303,8 @@ def probe_flash(directory: Path, file_bytes: int = 128 << 20, cell_seconds: floa
     refused (tmpfs, some network filesystems) the cached pages are dropped with
     posix_fadvise(DONTNEED) before every read instead. ~15 cells x `cell_seconds`.
     """
-    fd, path = tempfile.mkstemp(dir=directory, prefix=".hetinfer-probe-")
+    path = temp_path(Path(directory) / "hetinfer-probe")  # found and removed by a later probe if this one is killed
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         chunk = 1 << 20
         file_bytes = max(file_bytes // chunk, 2) * chunk

@@ -3,19 +3,18 @@
 An artefact is a directory: `manifest.json` (format name, version, model fingerprint, what made
 it, sha256 of every tensor file) plus safetensors files whose tensors are stacked per layer with
 an explicit `layer_ids` tensor. It is written into a temporary directory next to the target and
-renamed into place, so readers never see half of one. See docs/formats/profile.md.
+renamed into place (`hetinfer.atomic.atomic_dir`), so readers never see half of one. See docs/formats/profile.md.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from hetinfer.atomic import atomic_dir
 from hetinfer.errors import ArtifactError
 
 PROFILE_FORMAT = "hetinfer-profile"
@@ -49,27 +48,13 @@ def write_artifact(path: str, kind: str, manifest: dict, files: dict[str, dict[s
             old_kind = None
         if old_kind != kind:
             raise ArtifactError(f"refusing to overwrite {path}: it is not a {kind} artefact; choose another output path")
-    parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
-    try:
-        manifest = dict(manifest, format=kind, files={})
+    manifest = dict(manifest, format=kind, files={})
+    with atomic_dir(path) as tmp:
         for name, tensors in files.items():
             fpath = os.path.join(tmp, name)
             save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, fpath)
             manifest["files"][name] = {"bytes": os.path.getsize(fpath), "sha256": _sha256(fpath)}
-        with open(os.path.join(tmp, "manifest.json"), "w") as fh:
-            json.dump(manifest, fh, indent=1)
-        if os.path.exists(path):
-            old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.old-", dir=parent)
-            os.rename(path, os.path.join(old, "x"))
-            os.rename(tmp, path)
-            shutil.rmtree(old)
-        else:
-            os.rename(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
 
 
 def read_manifest(path: str, kind: str | None = None, version: int | None = None, what: str = "artefact",

@@ -5,8 +5,11 @@ flat means weak skew). Right: per layer, the fraction of activations below a thr
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
+from hetinfer.atomic import atomic_file
 from hetinfer.errors import HetinferError
 from hetinfer.profiler.artifact import hist_quantile
 
@@ -40,5 +43,6 @@ def plot_profile(profile, path: str, sparsity: float = 0.5) -> None:
     fig.colorbar(sm, ax=b, label="layer")
     fig.suptitle(f"{profile.config.get('name') or 'model'}: {profile.tokens} calibration tokens")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with atomic_file(path) as f:
+        fig.savefig(f, format=os.path.splitext(path)[1][1:] or None, dpi=110)
     plt.close(fig)
