@@ -1,8 +1,9 @@
-"""`hetinfer` command line: generate, chat, info, plus the subcommands of the other subsystems."""
+"""`hetinfer` command line: generate, chat, eval, info, plus the subcommands of the other subsystems."""
 from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import sys
 import time
 
@@ -15,24 +16,26 @@ SUBCOMMAND_MODULES: tuple[str, ...] = ("hetinfer.profiler.cli", "hetinfer.placem
                                        "hetinfer.offload.cli")
 
 
-def add_model_args(p: argparse.ArgumentParser) -> None:
+def add_model_args(p: argparse.ArgumentParser, session: bool = True) -> None:
     p.add_argument("-m", "--model", help="GGUF file or Hugging Face checkpoint directory (default: SmolLM2-135M-Instruct)")
-    add_engine_args(p)
+    add_engine_args(p, session)
 
 
-def add_engine_args(p: argparse.ArgumentParser) -> None:
-    """The flags of the engine that runs a model or a deployment (threads, context, weights, sparse modes)."""
+def add_engine_args(p: argparse.ArgumentParser, session: bool = True) -> None:
+    """The flags of the engine that runs a model or a deployment: threads and sparse modes, and for a
+    Session (all but eval) its context and weight format."""
     p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: all cores available)")
-    p.add_argument("--ctx", type=int, default=None,
-                   help="context size in tokens (default 4096, or the context a deployment was prepared for; "
-                        "capped at the model's)")
-    p.add_argument("--kv", choices=tuple(KV_DTYPES), default=None,
-                   help=f"KV-cache element type: f16 holds half the bytes (keys and values rounded to float16, "
-                        f"attention still summed in float32), as llama.cpp's default (default {DEFAULT_KV}; "
-                        "a deployment's: the one its plan counted)")
-    p.add_argument("--weights", choices=("native", "f16", "f32"), default="native",
-                   help="weight format the kernels read: native keeps the file's (GGUF block formats stay "
-                        "quantized), f16/f32 convert once at load (default native)")
+    if session:
+        p.add_argument("--ctx", type=int, default=None,
+                       help="context size in tokens (default 4096, or the context a deployment was prepared for; "
+                            "capped at the model's)")
+        p.add_argument("--kv", choices=tuple(KV_DTYPES), default=None,
+                       help=f"KV-cache element type: f16 holds half the bytes (keys and values rounded to float16, "
+                            f"attention still summed in float32), as llama.cpp's default (default {DEFAULT_KV}; "
+                            "a deployment's: the one its plan counted)")
+        p.add_argument("--weights", choices=("native", "f16", "f32"), default="native",
+                       help="weight format the kernels read: native keeps the file's (GGUF block formats stay "
+                            "quantized), f16/f32 convert once at load (default native)")
     from hetinfer.sparse import add_sparse_args
 
     add_sparse_args(p)
@@ -189,6 +192,34 @@ def cmd_chat(args: argparse.Namespace) -> int:
         report(session, args)
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from hetinfer.data import parse_source
+    from hetinfer.loader import load_model
+    from hetinfer.profiler.evaluate import eval_windows, evaluate, summary_table
+    from hetinfer.profiler.runner import FloatWeights
+    from hetinfer.sparse import engine_ffn, ffn_mode
+
+    mode = ffn_mode(args.sparsity, args.profile, args.predictors, args.mode)  # before the model loads
+    if args.threads:
+        from hetinfer import kernels
+
+        kernels.set_threads(args.threads)
+    model = load_model(args.model)
+    weights = FloatWeights(model)
+    ffn = engine_ffn(model, args.sparsity, args.profile, args.predictors, "torch", weights, mode)
+    windows = eval_windows([parse_source(s) for s in args.data], model.tokenizer, args.window, args.stride,
+                           args.tokens)
+    if not windows:
+        raise HetinferError("the evaluation data holds no scorable tokens; pass a longer text")
+    result = evaluate(model, windows, {mode: ffn}, weights, progress=not args.quiet and not args.json)[mode]
+    if args.json:
+        print(json.dumps(result.to_dict()))
+    else:
+        print(summary_table({mode: result}))
+        print("FFN density per layer: " + " ".join(f"{d:.2f}" for d in result.layer_density))
+    return 0
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     from hetinfer.info import describe
 
@@ -197,6 +228,8 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from hetinfer.sparse import MODES
+
     ap = argparse.ArgumentParser(prog="hetinfer", description="Sparse, tiered LLM inference across GPU, RAM and flash.")
     sub = ap.add_subparsers(dest="command", required=True)
 
@@ -215,6 +248,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", help="system message")
     add_sampling_args(p, default_temp=0.7)
     p.set_defaults(run=cmd_chat)
+
+    p = sub.add_parser("eval", help="perplexity, top-1 agreement and KL of a sparse FFN mode against dense")
+    add_model_args(p, session=False)
+    p.add_argument("--data", nargs="+", required=True, metavar="FILE",
+                   help="held-out text (sliding windows) or chat JSONL (one window per prompt); FILE[a:b] as in profile")
+    p.add_argument("--mode", choices=MODES,
+                   help="default: predictor with --predictors, threshold with --sparsity, else dense; "
+                        "oracle keeps each token's (1 - S) largest activations")
+    p.add_argument("--tokens", type=int, default=4096, help="scored tokens at most (default 4096)")
+    p.add_argument("--window", type=int, default=512, help="tokens per window (default 512)")
+    p.add_argument("--stride", type=int, default=256, help="new tokens scored per window (default 256)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=cmd_eval)
 
     p = sub.add_parser("info", help="architecture, tensor types and memory needs of a model")
     p.add_argument("-m", "--model", help="GGUF file or Hugging Face checkpoint directory (default: SmolLM2-135M-Instruct)")

@@ -23,6 +23,9 @@ import torch
 
 from hetinfer import kernels
 from hetinfer.errors import HetinferError
+from hetinfer.profiler.artifact import load_profile
+from hetinfer.profiler.predictors import load_predictors
+from hetinfer.profiler.runner import FloatWeights
 
 Rule = Callable[[int, torch.Tensor, torch.Tensor | None], torch.Tensor]  # (layer, h, act) -> bool mask [T, n_ff]
 
@@ -73,8 +76,6 @@ class SparseFFN:
         self.act_name = cfg.activation
         self.meter = DensityMeter(cfg.n_layers, cfg.n_ff)
         if backend == "torch" and weights is None:
-            from hetinfer.profiler.runner import FloatWeights
-
             weights = FloatWeights(model)
         self.weights = weights
         # The neuron-major down projections, made at load (a requantization: ~5 ms per SmolLM2 layer), not
@@ -140,28 +141,49 @@ def predictor_ffn(model, predictors, backend: str = "kernels", weights=None) -> 
 def add_sparse_args(p: argparse.ArgumentParser) -> None:
     """The engine flags for sparse FFN modes (generate, chat, eval)."""
     p.add_argument("--predictors", metavar="DIR", help="predictor mode: per-layer predictors from `hetinfer train-predictors`")
-    p.add_argument("--sparsity", type=float, help="threshold mode: target fraction of FFN neurons skipped (needs --profile)")
+    p.add_argument("--sparsity", type=float,
+                   help="threshold mode: target fraction of FFN neurons skipped (needs --profile); eval's oracle too")
     p.add_argument("--profile", metavar="PROFILE", help="activation profile from `hetinfer profile` (threshold mode)")
 
 
-def engine_ffn(model, sparsity: float | None = None, profile: str | None = None, predictors: str | None = None,
-               backend: str = "kernels") -> SparseFFN | None:
-    """The FFN for `Session(model, ffn=...)` from the sparse flags; None means dense."""
-    if predictors is not None:
+MODES = ("dense", "threshold", "predictor", "oracle")  # oracle: each token's top activations (eval only)
+
+
+def ffn_mode(sparsity: float | None = None, profile: str | None = None, predictors: str | None = None,
+             mode: str | None = None) -> str:
+    """The FFN mode the sparse flags select (`mode` if given, else the one the flags imply), once
+    they are checked to fit it; HetinferError (one line, with the fix) when they do not."""
+    if mode is None:
+        if sparsity is None and predictors is None and profile is not None:
+            raise HetinferError("--profile alone changes nothing; add --sparsity S for threshold mode")
+        mode = "predictor" if predictors is not None else "threshold" if sparsity is not None else "dense"
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if mode == "predictor":
+        if predictors is None:
+            raise HetinferError("predictor mode needs --predictors DIR (from `hetinfer train-predictors`)")
         if sparsity is not None:
             raise HetinferError("--sparsity selects threshold mode; predictor mode uses the threshold calibrated in "
                                 "--predictors (retrain with another --sparsity to change it)")
-        from hetinfer.profiler.predictors import load_predictors
-
-        return predictor_ffn(model, load_predictors(predictors), backend)
-    if sparsity is None:
-        if profile is not None:
-            raise HetinferError("--profile alone changes nothing; add --sparsity S for threshold mode")
-        return None
-    if not 0.0 <= sparsity < 1.0:
-        raise HetinferError(f"--sparsity must be in [0, 1), got {sparsity:g}")
-    if profile is None:
+    if mode in ("threshold", "oracle"):
+        if sparsity is None:
+            raise HetinferError(f"{mode} mode needs --sparsity S")
+        if not 0.0 <= sparsity < 1.0:
+            raise HetinferError(f"--sparsity must be in [0, 1), got {sparsity:g}")
+    if mode == "threshold" and profile is None:
         raise HetinferError("threshold mode needs per-layer thresholds: pass --profile PROFILE (from `hetinfer profile`)")
-    from hetinfer.profiler.artifact import load_profile
+    return mode
 
-    return threshold_ffn(model, load_profile(profile), sparsity, backend)
+
+def engine_ffn(model, sparsity: float | None = None, profile: str | None = None, predictors: str | None = None,
+               backend: str = "kernels", weights=None, mode: str | None = None) -> SparseFFN | None:
+    """The FFN for `Session(model, ffn=...)` or `evaluate` from the sparse flags (see `ffn_mode`);
+    None means dense. `weights`: the torch backend's FloatWeights, to share one copy."""
+    mode = ffn_mode(sparsity, profile, predictors, mode)
+    if mode == "dense":
+        return None
+    if mode == "oracle":
+        return topk_ffn(model, 1.0 - sparsity, backend, weights)
+    if mode == "threshold":
+        return threshold_ffn(model, load_profile(profile), sparsity, backend, weights)
+    return predictor_ffn(model, load_predictors(predictors), backend, weights)

@@ -7,11 +7,12 @@ import pytest
 import torch
 
 from conftest import data_path
+from hetinfer.cli import main as run_cli
 from hetinfer.data import Window, sliding_windows
 from hetinfer.profiler.evaluate import evaluate
 from hetinfer.profiler.runner import FloatWeights, LayerRunner, Packed
 from hetinfer.sparse import topk_ffn
-from test_profiler import random_sequences, run_cli, tiny_model
+from test_profiler import random_sequences, tiny_model
 
 
 @pytest.mark.slow

@@ -1,14 +1,18 @@
 """Engine sparse FFN modes: kernel path against the float32 reference, density, flags, generation."""
+import ast
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
+import hetinfer.profiler
 from hetinfer.errors import HetinferError
 from hetinfer.generate import Session
 from hetinfer.profiler.collect import ProfileOptions, profile_sequences
 from hetinfer.profiler.runner import FloatWeights
 from hetinfer.sampling import SamplingParams
-from hetinfer.sparse import SparseFFN, engine_ffn, threshold_ffn, topk_ffn
+from hetinfer.sparse import SparseFFN, engine_ffn, ffn_mode, threshold_ffn, topk_ffn
 from test_profiler import tiny_model
 
 
@@ -92,6 +96,34 @@ def test_engine_flags_are_checked(model, real_profile):
 
     with pytest.raises(ArtifactError, match="fingerprint"):
         threshold_ffn(tiny_model(), load_profile(real_profile), 0.5)
+
+
+def test_eval_modes_come_from_the_same_flags():
+    """eval's explicit modes go through the same function; an oracle at sparsity S keeps 1 - S of the neurons."""
+    m = tiny_model(seed=3)
+    w = FloatWeights(m)
+    assert ffn_mode() == "dense" and ffn_mode(mode="dense", sparsity=0.5) == "dense"
+    for mode, flags, match in [("oracle", {}, "oracle mode needs --sparsity S"),
+                               ("threshold", {"sparsity": 0.5}, "pass --profile"),
+                               ("predictor", {}, "predictor mode needs --predictors DIR")]:
+        with pytest.raises(HetinferError, match=match):
+            ffn_mode(mode=mode, **flags)
+    oracle = engine_ffn(m, sparsity=0.75, backend="torch", weights=w, mode="oracle")
+    oracle(0, torch.randn(5, 64))
+    assert oracle.weights is w and oracle.meter.per_layer()[0] == pytest.approx(round(0.25 * 96) / 96)
+
+
+def test_the_profiler_does_not_import_the_engine():
+    """Data flows one way, profiler artefacts -> engine: no profiler module imports hetinfer.sparse,
+    even inside a function (eval, which runs the engine's modes, is hetinfer.cli's command)."""
+    imported = set()
+    for path in Path(hetinfer.profiler.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                imported |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                imported |= {node.module, *(f"{node.module}.{a.name}" for a in node.names)}
+    assert "hetinfer.profiler.artifact" in imported and "hetinfer.sparse" not in imported
 
 
 @pytest.mark.slow

@@ -1,8 +1,8 @@
-"""Subcommands of the offline tools: `profile`, `train-predictors`, `eval` (registered by hetinfer.cli)."""
+"""Subcommands of the offline tools: `profile`, `train-predictors` (registered by hetinfer.cli; `eval`,
+which runs the engine's FFN modes, is hetinfer.cli's own)."""
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 from hetinfer.errors import HetinferError
@@ -81,44 +81,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_eval(args: argparse.Namespace) -> int:
-    from hetinfer import sparse
-    from hetinfer.profiler.evaluate import eval_windows, evaluate, summary_table
-    from hetinfer.profiler.runner import FloatWeights
-
-    mode = args.mode or ("predictor" if args.predictors else "threshold" if args.sparsity is not None else "dense")
-    if mode in ("threshold", "oracle") and args.sparsity is None:
-        raise HetinferError(f"--mode {mode} needs --sparsity S")
-    if mode == "predictor" and not args.predictors:
-        raise HetinferError("--mode predictor needs --predictors DIR (from `hetinfer train-predictors`)")
-    model = _open_model(args)
-    weights = FloatWeights(model)
-    if mode == "dense":
-        ffn = None
-    elif mode == "oracle":
-        ffn = sparse.topk_ffn(model, 1.0 - args.sparsity, "torch", weights)
-    elif mode == "threshold":
-        if not args.profile:
-            raise HetinferError("--mode threshold needs --profile PROFILE (from `hetinfer profile`)")
-        from hetinfer.profiler.artifact import load_profile
-
-        ffn = sparse.threshold_ffn(model, load_profile(args.profile), args.sparsity, "torch", weights)
-    else:
-        from hetinfer.profiler.predictors import load_predictors
-
-        ffn = sparse.predictor_ffn(model, load_predictors(args.predictors), "torch", weights)
-    windows = eval_windows(_sources(args.data), model.tokenizer, args.window, args.stride, args.tokens)
-    if not windows:
-        raise HetinferError("the evaluation data holds no scorable tokens; pass a longer text")
-    result = evaluate(model, windows, {mode: ffn}, weights, progress=not args.quiet and not args.json)[mode]
-    if args.json:
-        print(json.dumps(result.to_dict()))
-    else:
-        print(summary_table({mode: result}))
-        print("FFN density per layer: " + " ".join(f"{d:.2f}" for d in result.layer_density))
-    return 0
-
-
 def add_parser(sub) -> None:
     p = sub.add_parser("profile", help="activation statistics of every FFN neuron on calibration text")
     _model_args(p)
@@ -155,21 +117,4 @@ def add_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=cmd_train)
-
-    p = sub.add_parser("eval", help="perplexity, top-1 agreement and KL of a sparse FFN mode against dense")
-    _model_args(p)
-    p.add_argument("--data", nargs="+", required=True, metavar="FILE",
-                   help="held-out text (sliding windows) or chat JSONL (one window per prompt); FILE[a:b] as in profile")
-    p.add_argument("--mode", choices=("dense", "threshold", "predictor", "oracle"),
-                   help="default: predictor with --predictors, threshold with --sparsity, else dense; "
-                        "oracle keeps each token's (1 - S) largest activations")
-    p.add_argument("--sparsity", type=float, help="target sparsity for threshold and oracle modes")
-    p.add_argument("--profile", help="profile directory (threshold mode)")
-    p.add_argument("--predictors", metavar="DIR", help="predictors directory (predictor mode)")
-    p.add_argument("--tokens", type=int, default=4096, help="scored tokens at most (default 4096)")
-    p.add_argument("--window", type=int, default=512, help="tokens per window (default 512)")
-    p.add_argument("--stride", type=int, default=256, help="new tokens scored per window (default 256)")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(run=cmd_eval)
 
