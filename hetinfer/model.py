@@ -1,6 +1,8 @@
 """The transformer: Llama/Qwen2 decoder, batch 1, exact dense attention with a KV cache.
 
-Weights are `QTensor`s in their stored format; every product goes through `hetinfer.kernels`.
+Weights are `QTensor`s in their stored format (or `kernels.GPUTensor`s on a device: a layer runs
+where its attention weights are, `LayerWeights.device`, and forward moves x there); every product
+goes through `hetinfer.kernels`.
 The FFN is a pluggable callable `ffn(layer, h) -> out` so sparse and offloaded engines replace
 only the part activation sparsity applies to; attention and the KV cache stay dense and exact.
 """
@@ -20,6 +22,7 @@ from hetinfer.errors import HetinferError
 from hetinfer.tensors import QTensor
 
 FFN = Callable[[int, torch.Tensor], torch.Tensor]
+CPU = torch.device("cpu")
 TORCH_KV = {"f32": torch.float32, "f16": torch.float16}
 ACT = {"silu": F.silu, "relu": F.relu, "gelu": lambda x: F.gelu(x, approximate="tanh")}
 
@@ -38,6 +41,17 @@ class LayerWeights:
     bq: Optional[torch.Tensor] = None
     bk: Optional[torch.Tensor] = None
     bv: Optional[torch.Tensor] = None
+
+    @property
+    def device(self) -> torch.device:
+        """Where the layer runs, so where its input must be: its attention weights' device."""
+        return device_of(self.wq)
+
+
+def device_of(W: QTensor | kernels.GPUTensor) -> torch.device:
+    """The device of a weight: a `kernels.GPUTensor`'s (a GPU, or the CPU stand-in the tests use),
+    else the CPU."""
+    return W.device if isinstance(W, kernels.GPUTensor) else CPU
 
 
 @dataclass
@@ -99,6 +113,14 @@ class Transformer:
         self.inv_freq = rope_inv_freq(cfg, weights.rope_freqs)
         self.interleaved = bool(cfg.extra.get("rope_interleaved", False))
         self.act = ACT[cfg.activation]
+        self.update_devices()
+
+    def update_devices(self) -> None:
+        """Note where each layer runs (`LayerWeights.device`); call again after moving weights between
+        devices. `moves` maps the layers (and, as n_layers, the output head) before which `forward`
+        moves x to another device: empty when everything is on one device."""
+        where = [device_of(self.w.embed), *(L.device for L in self.w.layers), device_of(self.w.output)]
+        self.moves = {i: d for i, (prev, d) in enumerate(zip(where, where[1:])) if d != prev}
 
     def new_cache(self, n_ctx: int | None = None, dtype: str = DEFAULT_KV) -> KVCache:
         return KVCache(self.cfg, n_ctx or self.cfg.context_length, dtype)
@@ -120,7 +142,10 @@ class Transformer:
         cos, sin = self._rope(pos, T)
         if T == 1:
             cos, sin = cos[0, 0], sin[0, 0]  # [hd/2]: what the decode kernel takes, indexed once, not per layer
+        moves = self.moves
         for i, L in enumerate(self.w.layers):
+            if i in moves:
+                x = x.to(moves[i])
             if T == 1:  # decode: the attention half of the layer in one kernel call, x updated in place
                 biases = None if L.bq is None else (L.bq, L.bk, L.bv)
                 h = kernels.attention_block(x, L.attn_norm, L.wq, L.wk, L.wv, L.wo, biases, cache.k_layers[i],
@@ -130,6 +155,8 @@ class Transformer:
                 h = rms_norm(x, L.ffn_norm, cfg.norm_eps)
             x = x + ffn(i, h)
         cache.tokens.extend(tokens)
+        if len(self.w.layers) in moves:
+            x = x.to(moves[len(self.w.layers)])
         x = x if all_logits else x[-1:]
         logits = kernels.linear(self.w.output, rms_norm(x, self.w.output_norm, cfg.norm_eps))
         return logits if all_logits else logits[0]

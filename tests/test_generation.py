@@ -99,6 +99,40 @@ def test_greedy_answer_does_not_depend_on_the_request_before(model):
     assert got == want and s.stats.cached_tokens == PREFILL_CHUNK
 
 
+def test_layers_know_their_device_and_gpu_weights_run_in_forward():
+    """Random float weights; layer 1's weights as `kernels.GPUTensor`s. On the CPU stand-in (the torch path
+    the CUDA kernels take, on the CPU) forward gives the all-CPU model's logits, prefill and decode; on
+    another device the layer says so and forward moves x there before layer 1 and back before layer 2."""
+    from test_profiler import tiny_model
+
+    from hetinfer import kernels
+
+    m = tiny_model(n_layers=3)
+    tr, ids = m.transformer, np.random.default_rng(1).integers(0, 50, 12).tolist()
+
+    def logits():
+        cache = tr.new_cache(32)
+        return torch.cat([tr.forward(ids[:8], cache, all_logits=True), torch.stack([tr.forward([t], cache) for t in ids[8:]])])
+
+    want = logits()
+    assert tr.moves == {} and {L.device for L in m.weights.layers} == {torch.device("cpu")}
+    L = m.weights.layers[1]
+    names = ("wq", "wk", "wv", "wo", "gate", "up", "down")
+    cpu_weights = {n: getattr(L, n) for n in names}
+
+    def place(device: str) -> None:
+        for n in names:
+            setattr(L, n, kernels.to_cuda(cpu_weights[n], device))
+        tr.update_devices()
+
+    place("meta")
+    assert L.device == torch.device("meta") and m.weights.layers[2].device == torch.device("cpu")
+    assert tr.moves == {1: torch.device("meta"), 2: torch.device("cpu")}
+    place("cpu")  # the stand-in shares the CPU: nothing to move
+    assert L.device == torch.device("cpu") and tr.moves == {}
+    torch.testing.assert_close(logits(), want, rtol=1e-4, atol=1e-4)  # f32 weights: float32 rounding only
+
+
 def test_seeded_sampling_is_reproducible_and_seeds_differ(model):
     # native 8-bit activations: a repeated prompt must not be recomputed through the one-token path
     # (its logits differ from the batched prompt path's by up to ~1), so the session keeps them
