@@ -8,6 +8,7 @@ import os
 import sys
 import time
 
+from hetinfer.argtypes import SEED, THREADS, Parser, float_in, int_in, output_file, text
 from hetinfer.config import DEFAULT_KV, KV_DTYPES
 from hetinfer.errors import HetinferError
 
@@ -23,8 +24,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
     """The flags of the engine that runs a model or a deployment (threads, context, weights, sparse modes)."""
-    p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: all cores available)")
-    p.add_argument("--ctx", type=int, default=None,
+    p.add_argument("-t", "--threads", type=THREADS, default=None, help="CPU threads (default: all cores available)")
+    p.add_argument("--ctx", type=int_in(1), default=None,
                    help="context size in tokens (default 4096, or the context a deployment was prepared for; "
                         "capped at the model's)")
     p.add_argument("--kv", choices=tuple(KV_DTYPES), default=None,
@@ -40,16 +41,23 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_sampling_args(p: argparse.ArgumentParser, default_temp: float = 0.8) -> None:
-    p.add_argument("-n", "--max-tokens", type=int, default=256, help="tokens to generate at most (default 256)")
-    p.add_argument("--temperature", type=float, default=default_temp, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=40)
-    p.add_argument("--top-p", type=float, default=0.95)
-    p.add_argument("--min-p", type=float, default=0.05)
-    p.add_argument("--repeat-penalty", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    p.add_argument("--verbose", action="store_true", help="print prompt and generation rates to stderr")
-    p.add_argument("--stats-json", metavar="PATH", help="write prompt/generation rates and peak RSS as JSON")
+    p.add_argument("-n", "--max-tokens", type=int_in(1), default=256, help="tokens to generate at most (default 256)")
+    p.add_argument("--temperature", type=float_in(0.0), default=default_temp,
+                   help=f"sampling temperature, 0 = greedy (default {default_temp})")
+    p.add_argument("--top-k", type=int_in(0), default=40,
+                   help="sample among the k likeliest tokens, 0 = off (default 40)")
+    p.add_argument("--top-p", type=float_in(0.0, 1.0, lo_open=True), default=0.95,
+                   help="nucleus sampling: the likeliest tokens holding this probability, 1 = off (default 0.95)")
+    p.add_argument("--min-p", type=float_in(0.0, 1.0, hi_open=True), default=0.05,
+                   help="drop tokens less likely than this times the likeliest, 0 = off (default 0.05)")
+    p.add_argument("--repeat-penalty", type=float_in(0.0, lo_open=True), default=1.0,
+                   help="divide the logits of the last 64 tokens by this, 1 = off (default 1.0)")
+    p.add_argument("--seed", type=SEED, default=None, help="sampling seed (default: random)")
+    p.add_argument("--stop", type=text, action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--verbose", action="store_true",
+                   help="print prompt and generation rates to stderr, and say when -n cut the answer")
+    p.add_argument("--stats-json", type=output_file, metavar="PATH",
+                   help="write prompt/generation rates and peak RSS as JSON")
 
 
 def sampling_params(args: argparse.Namespace):
@@ -136,6 +144,8 @@ def report(session, args: argparse.Namespace) -> None:
                   f"per token: predict {stats['predict_s_per_token'] * 1e3:.2f} ms, I/O wait "
                   f"{stats['io_wait_s_per_token'] * 1e3:.2f} ms, FFN compute {stats['compute_s_per_token'] * 1e3:.2f} ms]",
                   file=sys.stderr)
+        if session.stats.finish_reason == "length":
+            print(f"[answer cut at -n {args.max_tokens} tokens; raise -n for a longer one]", file=sys.stderr)
     if args.stats_json:
         write_json_atomic(args.stats_json, stats)
 
@@ -165,6 +175,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
     session = open_session(args)
     params = sampling_params(args)
     messages: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
+    if hasattr(sys.stdin, "reconfigure"):  # undecodable input reaches the tokenizer's check, not a traceback here
+        sys.stdin.reconfigure(errors="surrogateescape")
     print("hetinfer chat: /reset clears the conversation, /exit quits.", file=sys.stderr)
     while True:
         try:
@@ -206,12 +218,12 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="hetinfer", description="Sparse, tiered LLM inference across GPU, RAM and flash.")
+    ap = Parser(prog="hetinfer", description="Sparse, tiered LLM inference across GPU, RAM and flash.")
     sub = ap.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("generate", help="continue a prompt, streaming text to stdout")
     add_model_args(p)
-    p.add_argument("-p", "--prompt", required=True)
+    p.add_argument("-p", "--prompt", type=text, required=True)
     p.add_argument("--chat", action="store_true",
                    help="send the prompt as one user message in the model's chat template and stream the "
                         "answer (for instruct models; without it the prompt is continued as plain text)")
@@ -221,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("chat", help="interactive multi-turn chat with the model's template")
     p.add_argument("deploy", nargs="?", metavar="DEPLOY", help="a deployment from `hetinfer prepare` instead of -m")
     add_model_args(p)
-    p.add_argument("--system", help="system message")
+    p.add_argument("--system", type=text, help="system message")
     add_sampling_args(p, default_temp=0.7)
     p.set_defaults(run=cmd_chat)
 
