@@ -138,10 +138,11 @@ def text(value: str) -> str:
 
 
 def output_file(path: str) -> str:
-    """An argparse type for a file to write: not a directory, in a directory that exists and is writable."""
+    """An argparse type for a file to write: not a directory, and no file above it (the writer creates
+    missing directories)."""
     if os.path.isdir(path):
         raise argparse.ArgumentTypeError(f"{path} is a directory; give the path of a file to write")
-    _check_writable_parent(path, creates_parents=False)
+    _check_writable_parent(path)
     return path
 
 
@@ -149,13 +150,13 @@ def output_dir(path: str) -> str:
     """An argparse type for an artefact directory to write: not an existing file, and no file above it."""
     if os.path.exists(path) and not os.path.isdir(path):
         raise argparse.ArgumentTypeError(f"{path} exists and is not a directory; give a new or artefact directory")
-    _check_writable_parent(path, creates_parents=True)
+    _check_writable_parent(path)
     return path
 
 
-def _check_writable_parent(path: str, creates_parents: bool) -> None:
+def _check_writable_parent(path: str) -> None:
     parent = os.path.dirname(os.path.abspath(path))
-    while creates_parents and not os.path.exists(parent) and os.path.dirname(parent) != parent:
+    while not os.path.exists(parent) and os.path.dirname(parent) != parent:
         parent = os.path.dirname(parent)  # the writer creates the missing directories below this one
     if not os.path.isdir(parent):
         what = "is not a directory" if os.path.exists(parent) else "does not exist"

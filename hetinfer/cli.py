@@ -4,9 +4,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-import os
 import sys
 import time
+from pathlib import Path
 
 from hetinfer.argtypes import SEED, THREADS, Parser, float_in, int_in, output_file, text
 from hetinfer.config import DEFAULT_KV, KV_DTYPES
@@ -147,14 +147,9 @@ def report(session, args: argparse.Namespace) -> None:
         if session.stats.finish_reason == "length":
             print(f"[answer cut at -n {args.max_tokens} tokens; raise -n for a longer one]", file=sys.stderr)
     if args.stats_json:
-        write_json_atomic(args.stats_json, stats)
+        from hetinfer.placement.hardware import atomic_write_text
 
-
-def write_json_atomic(path: str, obj) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as fh:
-        json.dump(obj, fh, indent=2)
-    os.replace(tmp, path)
+        atomic_write_text(Path(args.stats_json), json.dumps(stats, indent=2) + "\n")
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

@@ -5,6 +5,8 @@ flat means weak skew). Right: per layer, the fraction of activations below a thr
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from hetinfer.errors import HetinferError
@@ -40,5 +42,6 @@ def plot_profile(profile, path: str, sparsity: float = 0.5) -> None:
     fig.colorbar(sm, ax=b, label="layer")
     fig.suptitle(f"{profile.config.get('name') or 'model'}: {profile.tokens} calibration tokens")
     fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
