@@ -105,14 +105,14 @@ def _open_deployment(args: argparse.Namespace, path: str):
 
 
 def prepare_kernels(verbose: bool) -> None:
-    """Compile the CPU kernels, or load them from numba's on-disk cache (~0.5 s), before the first
-    prompt, so its timing is the model's; the first run on a machine compiles for ~30 s, and says so."""
+    """Compile the CPU kernels, or load them from numba's on-disk cache, before the first prompt, so its
+    timing is the model's; the first run on a machine compiles for about a minute, and says so."""
     import threading
 
     from hetinfer import kernels
 
-    note = threading.Timer(2.0, lambda: print("compiling the CPU kernels (first run on this machine only, about "
-                                              "30 s)...", file=sys.stderr, flush=True))
+    note = threading.Timer(2.0, lambda: print("compiling the CPU kernels (first run on this machine only; about a "
+                                              "minute on a 2-core VM)...", file=sys.stderr, flush=True))
     note.start()
     try:
         seconds = kernels.warmup()
@@ -243,6 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if hasattr(sys.stdout, "reconfigure"):  # paths with undecodable bytes print as the bytes they are
+        sys.stdout.reconfigure(errors="surrogateescape")
     args = build_parser().parse_args(argv)
     t0 = time.perf_counter()
     try:

@@ -135,3 +135,15 @@ def test_output_paths_are_checked_when_parsed(argv, words, tmp_path):
     code, err = run_main([a.format(tmp=tmp_path, file=tmp_path / "f") for a in argv])
     assert code == 2 and err.count("\n") == 1 and words in err, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f"]  # nothing written
+
+
+@pytest.mark.slow
+def test_paths_with_undecodable_bytes_print(model_path, tmp_path):
+    import subprocess
+    import sys
+
+    link = os.path.join(os.fsencode(tmp_path), b"model-\xff.gguf")
+    os.symlink(model_path, link)
+    p = subprocess.run([sys.executable, "-m", "hetinfer.cli", "info", "-m", link], capture_output=True, timeout=600,
+                       env=dict(os.environ, PYTHONIOENCODING="utf-8"))
+    assert p.returncode == 0 and b"model-\xff.gguf" in p.stdout, p.stderr[-1000:]

@@ -33,7 +33,7 @@ def test_readme_commands_are_known():
     cmds = readme_commands()
     heads = {tuple(c[:2]) if c[0] == "bash" else (c[0],) for c in cmds}
     assert heads <= {("bash", "scripts/install.sh"), ("hetinfer",), ("mkdir",), ("python3",)}, heads
-    assert sum(c[0] == "hetinfer" for c in cmds) >= 10
+    assert sum(c[0] == "hetinfer" for c in cmds) >= 9
 
 
 @pytest.mark.slow
@@ -55,5 +55,5 @@ def test_readme_commands_run_as_written(tmp_path, model_path):
                            timeout=1200)
         assert p.returncode == 0 and "Traceback" not in p.stderr, f"{shlex.join(argv)}\n{p.stderr[-2000:]}"
         ran += 1
-    assert ran >= 10
+    assert ran >= 10  # 9 hetinfer commands and a mkdir
     assert (work / "out" / "smollm2.plan" / "plan.json").is_file() and (work / "out" / "profile.png").is_file()
