@@ -15,7 +15,8 @@ from hetinfer.errors import HetinferError
 
 # what each command needs besides the flag under test to parse
 REQUIRED = {"generate": ["-p", "x"], "profile": ["-o", "out.profile"],
-            "train-predictors": ["--profile", "p", "-o", "out.predictors"]}
+            "train-predictors": ["--profile", "p", "-o", "out.predictors"],
+            "prepare": ["-o", "out.deploy", "--flash-dir", "."], "run": ["d", "-p", "x"]}
 
 
 def commands() -> dict[str, argparse.ArgumentParser]:
@@ -61,7 +62,8 @@ FLAGS = numeric_flags()
 def test_every_numeric_flag_is_bounded():
     plain = [f"{c} {f}" for c, f, t in FLAGS if t in (int, float)]
     assert not plain, f"numeric flags parsed without bounds: {plain}; use hetinfer.argtypes.int_in/float_in"
-    assert {c for c, _, _ in FLAGS} >= {"generate", "chat", "profile", "train-predictors", "eval", "place", "serve"}
+    assert {c for c, _, _ in FLAGS} >= {"generate", "chat", "profile", "train-predictors", "eval", "place", "serve",
+                                        "prepare", "run"}
     assert len(FLAGS) >= 50
 
 

@@ -1,6 +1,6 @@
 """Every command in the README's bash blocks runs as written, in order, in a fresh directory, on the real
 model: `hetinfer` is this checkout's CLI, and only the profile, training and eval steps get flags that make
-them small (more tokens would only take longer). `bash scripts/install.sh` is what CI itself runs."""
+them small (more tokens would only take longer; `prepare` gets fewer tokens). `bash scripts/install.sh` is what CI itself runs."""
 import os
 import re
 import shlex
@@ -12,7 +12,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = {"profile": ["--tokens", "2000", "--samples", "256", "--seq-len", "256"],
-         "train-predictors": ["--epochs", "1", "--ranks", "16"], "eval": ["--tokens", "256"]}
+         "train-predictors": ["--epochs", "1", "--ranks", "16"], "eval": ["--tokens", "256"],
+         "prepare": ["--tokens", "2000"]}
 
 
 def readme_commands() -> list[list[str]]:
@@ -33,7 +34,7 @@ def test_readme_commands_are_known():
     cmds = readme_commands()
     heads = {tuple(c[:2]) if c[0] == "bash" else (c[0],) for c in cmds}
     assert heads <= {("bash", "scripts/install.sh"), ("hetinfer",), ("mkdir",), ("python3",)}, heads
-    assert sum(c[0] == "hetinfer" for c in cmds) >= 9
+    assert sum(c[0] == "hetinfer" for c in cmds) >= 12
 
 
 @pytest.mark.slow
@@ -55,5 +56,5 @@ def test_readme_commands_run_as_written(tmp_path, model_path):
                            timeout=1200)
         assert p.returncode == 0 and "Traceback" not in p.stderr, f"{shlex.join(argv)}\n{p.stderr[-2000:]}"
         ran += 1
-    assert ran >= 10  # 9 hetinfer commands and a mkdir
+    assert ran >= 14  # 12 hetinfer commands and two mkdir
     assert (work / "out" / "smollm2.plan" / "plan.json").is_file() and (work / "out" / "profile.png").is_file()
