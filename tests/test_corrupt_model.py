@@ -60,7 +60,8 @@ def _shift_offset(src: str, dst: str, name: str, by: int) -> str:
     shutil.copy(src, dst)
     r = gguf.GGUFReader(dst, "r+")
     t = next(t for t in r.tensors if t.name == name)
-    t.field.parts[-1][0] += by  # the tensor's data offset, relative to the data section
+    offset = t.field.parts[-1]  # the tensor's data offset, relative to the data section (uint64 [1])
+    offset[0] = int(offset[0]) + by
     r.data.flush()
     return dst
 
