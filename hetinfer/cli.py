@@ -107,17 +107,12 @@ def _open_deployment(args: argparse.Namespace, path: str):
 def prepare_kernels(verbose: bool) -> None:
     """Compile the CPU kernels, or load them from numba's on-disk cache, before the first prompt, so its
     timing is the model's; the first run on a machine compiles for about a minute, and says so."""
-    import threading
-
     from hetinfer import kernels
 
-    note = threading.Timer(2.0, lambda: print("compiling the CPU kernels (first run on this machine only; about a "
-                                              "minute on a 2-core VM)...", file=sys.stderr, flush=True))
-    note.start()
-    try:
-        seconds = kernels.warmup()
-    finally:
-        note.cancel()
+    if not kernels.compiled():
+        print("compiling the CPU kernels (first run on this machine only; about a minute on a 2-core VM)...",
+              file=sys.stderr, flush=True)
+    seconds = kernels.warmup()
     if verbose:
         print(f"[kernels ready in {seconds:.1f} s]", file=sys.stderr)
 
