@@ -3,6 +3,9 @@
     hetinfer serve &                      # http://127.0.0.1:8000/v1
     python examples/chat_client.py        # type a message; an empty line or Ctrl-D quits
 
+The `openai` package comes with the server's extra: `pip install -e '.[serve]'` (scripts/install.sh
+installs it).
+
 Any OpenAI-compatible tool works the same way: base URL http://127.0.0.1:8000/v1, the API key
 given to `hetinfer serve --api-key` (any text when the server has none).
 """

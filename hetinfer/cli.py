@@ -6,7 +6,9 @@ import importlib
 import json
 import sys
 import time
+from pathlib import Path
 
+from hetinfer.argtypes import SEED, THREADS, Parser, float_in, int_in, output_file, text
 from hetinfer.atomic import atomic_write_json, check_writable
 from hetinfer.config import DEFAULT_KV, KV_DTYPES
 from hetinfer.errors import HetinferError
@@ -24,9 +26,9 @@ def add_model_args(p: argparse.ArgumentParser, session: bool = True) -> None:
 def add_engine_args(p: argparse.ArgumentParser, session: bool = True) -> None:
     """The flags of the engine that runs a model or a deployment: threads and sparse modes, and for a
     Session (all but eval) its context and weight format."""
-    p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: all cores available)")
+    p.add_argument("-t", "--threads", type=THREADS, default=None, help="CPU threads (default: all cores available)")
     if session:
-        p.add_argument("--ctx", type=int, default=None,
+        p.add_argument("--ctx", type=int_in(1), default=None,
                        help="context size in tokens (default 4096, or the context a deployment was prepared for; "
                             "capped at the model's)")
         p.add_argument("--kv", choices=tuple(KV_DTYPES), default=None,
@@ -42,16 +44,23 @@ def add_engine_args(p: argparse.ArgumentParser, session: bool = True) -> None:
 
 
 def add_sampling_args(p: argparse.ArgumentParser, default_temp: float = 0.8) -> None:
-    p.add_argument("-n", "--max-tokens", type=int, default=256, help="tokens to generate at most (default 256)")
-    p.add_argument("--temperature", type=float, default=default_temp, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=40)
-    p.add_argument("--top-p", type=float, default=0.95)
-    p.add_argument("--min-p", type=float, default=0.05)
-    p.add_argument("--repeat-penalty", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    p.add_argument("--verbose", action="store_true", help="print prompt and generation rates to stderr")
-    p.add_argument("--stats-json", metavar="PATH", help="write prompt/generation rates and peak RSS as JSON")
+    p.add_argument("-n", "--max-tokens", type=int_in(1), default=256, help="tokens to generate at most (default 256)")
+    p.add_argument("--temperature", type=float_in(0.0), default=default_temp,
+                   help=f"sampling temperature, 0 = greedy (default {default_temp})")
+    p.add_argument("--top-k", type=int_in(0), default=40,
+                   help="sample among the k likeliest tokens, 0 = off (default 40)")
+    p.add_argument("--top-p", type=float_in(0.0, 1.0, lo_open=True), default=0.95,
+                   help="nucleus sampling: the likeliest tokens holding this probability, 1 = off (default 0.95)")
+    p.add_argument("--min-p", type=float_in(0.0, 1.0, hi_open=True), default=0.05,
+                   help="drop tokens less likely than this times the likeliest, 0 = off (default 0.05)")
+    p.add_argument("--repeat-penalty", type=float_in(0.0, lo_open=True), default=1.0,
+                   help="divide the logits of the last 64 tokens by this, 1 = off (default 1.0)")
+    p.add_argument("--seed", type=SEED, default=None, help="sampling seed (default: random)")
+    p.add_argument("--stop", type=text, action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--verbose", action="store_true",
+                   help="print prompt and generation rates to stderr, and say when -n cut the answer")
+    p.add_argument("--stats-json", type=output_file, metavar="PATH",
+                   help="write prompt/generation rates and peak RSS as JSON")
 
 
 def sampling_params(args: argparse.Namespace):
@@ -98,19 +107,14 @@ def _open_deployment(args: argparse.Namespace, path: str):
 
 
 def prepare_kernels(verbose: bool) -> None:
-    """Compile the CPU kernels, or load them from numba's on-disk cache (~0.5 s), before the first
-    prompt, so its timing is the model's; the first run on a machine compiles for ~30 s, and says so."""
-    import threading
-
+    """Compile the CPU kernels, or load them from numba's on-disk cache, before the first prompt, so its
+    timing is the model's; the first run on a machine compiles for about a minute, and says so."""
     from hetinfer import kernels
 
-    note = threading.Timer(2.0, lambda: print("compiling the CPU kernels (first run on this machine only, about "
-                                              "30 s)...", file=sys.stderr, flush=True))
-    note.start()
-    try:
-        seconds = kernels.warmup()
-    finally:
-        note.cancel()
+    if not kernels.compiled():
+        print("compiling the CPU kernels (first run on this machine only; about a minute on a 2-core VM)...",
+              file=sys.stderr, flush=True)
+    seconds = kernels.warmup()
     if verbose:
         print(f"[kernels ready in {seconds:.1f} s]", file=sys.stderr)
 
@@ -137,6 +141,8 @@ def report(session, args: argparse.Namespace) -> None:
                   f"per token: predict {stats['predict_s_per_token'] * 1e3:.2f} ms, I/O wait "
                   f"{stats['io_wait_s_per_token'] * 1e3:.2f} ms, FFN compute {stats['compute_s_per_token'] * 1e3:.2f} ms]",
                   file=sys.stderr)
+        if session.stats.finish_reason == "length":
+            print(f"[answer cut at -n {args.max_tokens} tokens; raise -n for a longer one]", file=sys.stderr)
     if args.stats_json:
         atomic_write_json(args.stats_json, stats, indent=2)
 
@@ -159,6 +165,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
     session = open_session(args)
     params = sampling_params(args)
     messages: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
+    if hasattr(sys.stdin, "reconfigure"):  # undecodable input reaches the tokenizer's check, not a traceback here
+        sys.stdin.reconfigure(errors="surrogateescape")
     print("hetinfer chat: /reset clears the conversation, /exit quits.", file=sys.stderr)
     while True:
         try:
@@ -195,7 +203,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from hetinfer.data import parse_source
     from hetinfer.loader import load_model
-    from hetinfer.profiler.evaluate import eval_windows, evaluate, summary_table
+    from hetinfer.profiler.evaluate import MIN_SCORED_TOKENS, eval_windows, evaluate, summary_table
     from hetinfer.profiler.runner import FloatWeights
     from hetinfer.sparse import engine_ffn, ffn_mode
 
@@ -209,8 +217,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     ffn = engine_ffn(model, args.sparsity, args.profile, args.predictors, "torch", weights, mode)
     windows = eval_windows([parse_source(s) for s in args.data], model.tokenizer, args.window, args.stride,
                            args.tokens)
-    if not windows:
-        raise HetinferError("the evaluation data holds no scorable tokens; pass a longer text")
+    scored = sum(len(w.tokens) - 1 - w.first for w in windows)
+    if scored < MIN_SCORED_TOKENS:
+        raise HetinferError(f"the evaluation data holds {scored} scorable tokens, fewer than the {MIN_SCORED_TOKENS} "
+                            "a perplexity needs; pass a longer text")
     result = evaluate(model, windows, {mode: ffn}, weights, progress=not args.quiet and not args.json)[mode]
     if args.json:
         print(json.dumps(result.to_dict()))
@@ -228,14 +238,16 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from hetinfer.data import DEFAULT_EVAL_DATA
+    from hetinfer.profiler.evaluate import MIN_SCORED_TOKENS
     from hetinfer.sparse import MODES
 
-    ap = argparse.ArgumentParser(prog="hetinfer", description="Sparse, tiered LLM inference across GPU, RAM and flash.")
+    ap = Parser(prog="hetinfer", description="Sparse, tiered LLM inference across GPU, RAM and flash.")
     sub = ap.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("generate", help="continue a prompt, streaming text to stdout")
     add_model_args(p)
-    p.add_argument("-p", "--prompt", required=True)
+    p.add_argument("-p", "--prompt", type=text, required=True)
     p.add_argument("--chat", action="store_true",
                    help="send the prompt as one user message in the model's chat template and stream the "
                         "answer (for instruct models; without it the prompt is continued as plain text)")
@@ -245,20 +257,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("chat", help="interactive multi-turn chat with the model's template")
     p.add_argument("deploy", nargs="?", metavar="DEPLOY", help="a deployment from `hetinfer prepare` instead of -m")
     add_model_args(p)
-    p.add_argument("--system", help="system message")
+    p.add_argument("--system", type=text, help="system message")
     add_sampling_args(p, default_temp=0.7)
     p.set_defaults(run=cmd_chat)
 
     p = sub.add_parser("eval", help="perplexity, top-1 agreement and KL of a sparse FFN mode against dense")
     add_model_args(p, session=False)
-    p.add_argument("--data", nargs="+", required=True, metavar="FILE",
-                   help="held-out text (sliding windows) or chat JSONL (one window per prompt); FILE[a:b] as in profile")
+    p.add_argument("--data", nargs="+", default=list(DEFAULT_EVAL_DATA), metavar="FILE",
+                   help="held-out text (sliding windows) or chat JSONL (one window per prompt); FILE[a:b] as in "
+                        "profile (default: the last 20%% of the packaged WikiText-2 text, which the default profile "
+                        "does not see)")
     p.add_argument("--mode", choices=MODES,
                    help="default: predictor with --predictors, threshold with --sparsity, else dense; "
                         "oracle keeps each token's (1 - S) largest activations")
-    p.add_argument("--tokens", type=int, default=4096, help="scored tokens at most (default 4096)")
-    p.add_argument("--window", type=int, default=512, help="tokens per window (default 512)")
-    p.add_argument("--stride", type=int, default=256, help="new tokens scored per window (default 256)")
+    p.add_argument("--tokens", type=int_in(MIN_SCORED_TOKENS), default=4096,
+                   help="scored tokens at most (default 4096)")
+    p.add_argument("--window", type=int_in(3), default=512, help="tokens per window (default 512)")
+    p.add_argument("--stride", type=int_in(1), default=256,
+                   help="new tokens scored per window, at most --window (default 256)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=cmd_eval)
@@ -274,6 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if hasattr(sys.stdout, "reconfigure"):  # paths with undecodable bytes print as the bytes they are
+        sys.stdout.reconfigure(errors="surrogateescape")
     args = build_parser().parse_args(argv)
     t0 = time.perf_counter()
     try:

@@ -1,6 +1,7 @@
 """One model configuration, whatever file it came from (GGUF metadata or HF config.json)."""
 from __future__ import annotations
 
+import numbers
 from dataclasses import asdict, dataclass, field
 
 ARCHITECTURES = ("llama", "qwen2")
@@ -40,6 +41,11 @@ class ModelConfig:
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        sizes = ("n_layers", "d_model", "n_ff", "n_heads", "n_kv_heads", "head_dim", "vocab_size", "context_length")
+        for name in sizes:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
         if self.arch not in ARCHITECTURES:
             raise ValueError(f"architecture {self.arch!r} is not supported (supported: {', '.join(ARCHITECTURES)})")
         if self.activation not in ACTIVATIONS:
@@ -60,3 +66,18 @@ class ModelConfig:
     def kv_cache_bytes(self, n_ctx: int, dtype: str = DEFAULT_KV) -> int:
         """Bytes of the keys and values of every layer for `n_ctx` tokens in a cache of `dtype` ("f32", "f16")."""
         return 2 * self.n_layers * n_ctx * self.n_kv_heads * self.head_dim * KV_DTYPES[dtype]
+
+
+def config_from_manifest(d, where: str, fix: str) -> ModelConfig:
+    """The ModelConfig an artefact's manifest records (`model.config`), checked field by field: a hand-edited
+    or foreign one is an ArtifactError naming the field, never a KeyError or TypeError."""
+    from hetinfer.errors import ArtifactError
+    from hetinfer.schema import dataclass_schema, mismatch
+
+    bad = mismatch(d, dataclass_schema(ModelConfig), "model.config")
+    if bad:
+        raise ArtifactError(f"{where}: {bad}; {fix}")
+    try:
+        return ModelConfig.from_dict(d)
+    except (TypeError, ValueError) as e:
+        raise ArtifactError(f"{where}: `model.config` is not a usable model config ({e}); {fix}") from None

@@ -16,6 +16,11 @@ import re
 from dataclasses import dataclass
 
 from hetinfer.errors import HetinferError
+from hetinfer.tokenizer import check_unicode
+
+PACKAGED = os.path.join(os.path.dirname(__file__), "calibration")  # shipped data; licenses in its README.md
+DEFAULT_PROFILE_DATA = (os.path.join(PACKAGED, "wikitext-2.txt") + "[:0.8]", os.path.join(PACKAGED, "mt-bench.jsonl"))
+DEFAULT_EVAL_DATA = (os.path.join(PACKAGED, "wikitext-2.txt") + "[0.8:]",)  # text the default profile never saw
 
 _SLICE = re.compile(r"^(?P<path>.+)\[(?P<start>[0-9.]*):(?P<end>[0-9.]*)\]$")
 
@@ -74,15 +79,19 @@ def is_chat_jsonl(path: str) -> bool:
 
 
 def read_text(src: Source) -> str:
+    """The source's text (bytes that are not UTF-8 read as U+FFFD); an error when it holds only whitespace."""
     with open(src.path, encoding="utf-8", errors="replace") as fh:
         text = fh.read()
-    return text[int(len(text) * src.start): int(len(text) * src.end)]
+    text = text[int(len(text) * src.start): int(len(text) * src.end)]
+    if not text.strip():
+        raise HetinferError(f"{src.spec} holds no text (only whitespace); pass a file with text in it")
+    return text
 
 
 def read_chats(src: Source, tokenizer) -> list[str]:
     """Prompts rendered through the model's chat template, one per MT-Bench turn or `messages` record."""
     records = []
-    with open(src.path, encoding="utf-8") as fh:
+    with open(src.path, encoding="utf-8", errors="replace") as fh:
         for n, line in enumerate(fh, 1):
             if not line.strip():
                 continue
@@ -90,12 +99,19 @@ def read_chats(src: Source, tokenizer) -> list[str]:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
                 raise HetinferError(f"{src.path}:{n}: not valid JSON ({e.msg}); chat data must be one JSON object per line")
-            if "turns" in obj and all(isinstance(t, str) for t in obj["turns"]):
-                records.append([[{"role": "user", "content": t}] for t in obj["turns"]])
-            elif "messages" in obj and isinstance(obj["messages"], list):
-                records.append([obj["messages"]])
+            # "\ud800" escapes parse as JSON, but are not text
+            check_unicode(json.dumps(obj, ensure_ascii=False), f"{src.path}:{n}")
+            obj = obj if isinstance(obj, dict) else {}
+            turns, msgs = obj.get("turns"), obj.get("messages")
+            if isinstance(turns, list) and turns and all(isinstance(t, str) for t in turns):
+                records.append([[{"role": "user", "content": t}] for t in turns])
+            elif isinstance(msgs, list) and msgs and all(
+                    isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                    for m in msgs):
+                records.append([msgs])
             else:
-                raise HetinferError(f"{src.path}:{n}: expected a `turns` list of strings or a `messages` list")
+                raise HetinferError(f"{src.path}:{n}: expected a `turns` list of strings or a `messages` list of "
+                                    "{\"role\": ..., \"content\": ...} objects")
     records = records[int(len(records) * src.start): int(len(records) * src.end)]
     out = []
     for convs in records:

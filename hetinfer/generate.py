@@ -47,6 +47,8 @@ class Session:
 
     def __init__(self, model: Model, n_ctx: int | None = None, ffn: FFN | None = None, kv: str = DEFAULT_KV):
         self.model = model
+        if n_ctx is not None and n_ctx < 1:
+            raise HetinferError(f"the context must hold at least 1 token, got {n_ctx}")
         self.n_ctx = min(n_ctx or 4096, model.config.context_length)
         self.cache = model.transformer.new_cache(self.n_ctx, kv)  # kv: "f32" or "f16" (`--kv`)
         self.ffn = ffn

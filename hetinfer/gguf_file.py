@@ -36,8 +36,16 @@ class GGUFModel:
             ) from None
         self.path = path
         self.arch = str(self.fields.get("general.architecture", "?"))
+        check_layout(path, reader.tensors, reader.data_offset, reader.alignment)
 
     def config(self) -> ModelConfig:
+        try:
+            return self._config()
+        except (TypeError, ValueError) as e:  # metadata of the wrong type or out of range
+            raise HetinferError(f"{self.path}: GGUF metadata is not a usable model config ({e}); the file is corrupt, "
+                                "download or convert it again") from None
+
+    def _config(self) -> ModelConfig:
         a, f = self.arch, self.fields
         if a not in ("llama", "qwen2"):
             raise HetinferError(
@@ -105,6 +113,27 @@ class GGUFModel:
         for t in self.tensors.values():
             out[t.tensor_type.name] = out.get(t.tensor_type.name, 0) + 1
         return out
+
+
+def check_layout(path: str, tensors, data_start: int, alignment: int) -> None:
+    """Every tensor's data aligned and not overlapping another's; a HetinferError naming the first tensor that
+    is not (a damaged or hand-altered header that would otherwise load garbage).
+
+    `tensors`: gguf ReaderTensors, whose `n_bytes` the reader derives from each tensor's type and shape; the
+    reader itself refuses a tensor that ends past the end of the file."""
+    def corrupt(name: str, problem: str) -> HetinferError:
+        return HetinferError(f"{path}: tensor {name} {problem}; the file is corrupt, download or convert it again")
+
+    spans = []
+    for t in tensors:
+        start, end = int(t.data_offset), int(t.data_offset) + int(t.n_bytes)
+        if (start - data_start) % alignment:
+            raise corrupt(t.name, f"starts at byte {start}, not on the file's {alignment}-byte alignment")
+        spans.append((start, end, t.name))
+    spans.sort()
+    for (_, end, name), (start, _, other) in zip(spans, spans[1:]):
+        if start < end:
+            raise corrupt(name, f"overlaps tensor {other} by {end - start} bytes")
 
 
 def _field_value(field):

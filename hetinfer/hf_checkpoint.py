@@ -30,7 +30,7 @@ def read_safetensors(path: str) -> dict[str, tuple[str, np.ndarray]]:
             header = json.loads(fh.read(n))
         header.pop("__metadata__", None)
         mm = np.memmap(path, dtype=np.uint8, mode="r")
-        out = {}
+        out, spans = {}, []
         for name, info in header.items():
             if info["dtype"] not in _DTYPES:
                 raise HetinferError(
@@ -42,6 +42,11 @@ def read_safetensors(path: str) -> dict[str, tuple[str, np.ndarray]]:
             if not (0 <= start <= end <= size - 8 - n) or end - start != int(np.prod(shape)) * np.dtype(dtype).itemsize:
                 raise ValueError(f"tensor {name} has offsets {start}..{end} that do not fit the file")
             out[name] = (qtype, mm[8 + n + start : 8 + n + end].view(dtype).reshape(shape))
+            spans.append((start, end, name))
+        spans.sort()
+        for (_, end, name), (start, _, other) in zip(spans, spans[1:]):
+            if start < end:
+                raise ValueError(f"tensor {name} overlaps tensor {other}")
         return out
     except HetinferError:
         raise
@@ -59,8 +64,11 @@ class HFCheckpoint:
         cfg_path = os.path.join(path, "config.json")
         if not os.path.isfile(cfg_path):
             raise HetinferError(f"{path} has no config.json; pass a Hugging Face checkpoint directory or a .gguf file")
-        with open(cfg_path) as fh:
-            self.cfg = json.load(fh)
+        try:
+            with open(cfg_path, "rb") as fh:
+                self.cfg = json.load(fh)
+        except (OSError, ValueError) as e:
+            raise HetinferError(f"{cfg_path} is unreadable ({e}); download or save the checkpoint again") from None
         index = os.path.join(path, "model.safetensors.index.json")
         if os.path.isfile(index):
             with open(index) as fh:
@@ -96,6 +104,19 @@ def hf_config(c: dict, name: str, tied: bool | None = None, where: str = "config
     """A ModelConfig from a Hugging Face config.json dict (also for models not on disk: what-if planning).
 
     `tied`: whether the output head is the embedding matrix; None takes `tie_word_embeddings`."""
+    try:
+        return _hf_config(c, name, tied, where)
+    except KeyError as e:
+        raise HetinferError(f"{where}: config lacks {e}; the checkpoint is incomplete, download or save it "
+                            "again") from None
+    except (TypeError, ValueError, AttributeError) as e:
+        raise HetinferError(f"{where}: not a usable model config ({e}); download or save the checkpoint "
+                            "again") from None
+
+
+def _hf_config(c: dict, name: str, tied: bool | None, where: str) -> ModelConfig:
+    if not isinstance(c, dict):
+        raise TypeError("config.json must hold a JSON object")
     mtype = c.get("model_type", "?")
     arch = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}.get(mtype)
     if arch is None:

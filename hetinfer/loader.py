@@ -58,7 +58,7 @@ def fingerprint(path: str) -> str:
     h = hashlib.sha256()
     for f in files:
         size = os.path.getsize(f)
-        h.update(f"{os.path.basename(f)}:{size}".encode())
+        h.update(os.fsencode(f"{os.path.basename(f)}:{size}"))  # the name's own bytes, even if not UTF-8
         with open(f, "rb") as fh:
             h.update(fh.read(1 << 20))
             fh.seek(max(0, size - (1 << 20)))

@@ -24,6 +24,7 @@ from hetinfer.tensors import QTensor
 FFN = Callable[[int, torch.Tensor], torch.Tensor]
 CPU = torch.device("cpu")
 TORCH_KV = {"f32": torch.float32, "f16": torch.float16}
+_LAYER_TENSORS = ("attn_norm", "wq", "wk", "wv", "wo", "bq", "bk", "bv", "ffn_norm", "gate", "up", "down")
 ACT = {"silu": F.silu, "relu": F.relu, "gelu": lambda x: F.gelu(x, approximate="tanh")}
 
 
@@ -113,6 +114,7 @@ class Transformer:
         self.inv_freq = rope_inv_freq(cfg, weights.rope_freqs)
         self.interleaved = bool(cfg.extra.get("rope_interleaved", False))
         self.act = ACT[cfg.activation]
+        self.checked = False  # the first forward pass checks every layer's output (see `_check_finite`)
         self.update_devices()
 
     def update_devices(self) -> None:
@@ -139,6 +141,8 @@ class Transformer:
             )
         ffn = ffn or self.dense_ffn
         x = kernels.embedding(self.w.embed, torch.tensor(tokens, dtype=torch.long))
+        if not self.checked:
+            self._check_finite(x, "the token embedding", ("embed",), self.w)
         cos, sin = self._rope(pos, T)
         if T == 1:
             cos, sin = cos[0, 0], sin[0, 0]  # [hd/2]: what the decode kernel takes, indexed once, not per layer
@@ -154,12 +158,32 @@ class Transformer:
                 x = x + self._attention(i, L, rms_norm(x, L.attn_norm, cfg.norm_eps), cache, pos, cos, sin)
                 h = rms_norm(x, L.ffn_norm, cfg.norm_eps)
             x = x + ffn(i, h)
+            if not self.checked:
+                self._check_finite(x, f"layer {i}", _LAYER_TENSORS, L)
         cache.tokens.extend(tokens)
         if len(self.w.layers) in moves:
             x = x.to(moves[len(self.w.layers)])
         x = x if all_logits else x[-1:]
         logits = kernels.linear(self.w.output, rms_norm(x, self.w.output_norm, cfg.norm_eps))
+        if not self.checked:
+            self._check_finite(logits, "the output head", ("output_norm", "output"), self.w)
+            self.checked = True
         return logits if all_logits else logits[0]
+
+    @staticmethod
+    def _check_finite(x: torch.Tensor, where: str, names: tuple[str, ...], weights) -> None:
+        """On the first forward pass only (a few microseconds per layer once): a HetinferError naming the
+        part and tensor whose output is NaN or infinite, so a corrupt model stops instead of writing garbage."""
+        if bool(torch.isfinite(x).all()):
+            return
+        for name in names:
+            w = getattr(weights, name, None)
+            values = w.dequantize() if isinstance(w, QTensor) else w.numpy() if w is not None else None
+            if values is not None and not np.isfinite(values).all():
+                raise HetinferError(f"{where}: tensor {name} holds NaN or infinite values; the model file is "
+                                    "corrupt, download or convert it again")
+        raise HetinferError(f"{where} gives NaN or infinite values on the first forward pass although its weights are "
+                            "finite; the model's weights are corrupt or out of range, download or convert it again")
 
     def _attention(self, i: int, L: LayerWeights, h: torch.Tensor, cache: KVCache, pos: int, cos, sin) -> torch.Tensor:
         cfg, T = self.cfg, h.shape[0]

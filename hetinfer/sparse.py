@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from hetinfer import kernels
+from hetinfer.argtypes import float_in
 from hetinfer.errors import HetinferError
 from hetinfer.profiler.artifact import load_profile
 from hetinfer.profiler.predictors import load_predictors
@@ -141,7 +142,7 @@ def predictor_ffn(model, predictors, backend: str = "kernels", weights=None) -> 
 def add_sparse_args(p: argparse.ArgumentParser) -> None:
     """The engine flags for sparse FFN modes (generate, chat, eval)."""
     p.add_argument("--predictors", metavar="DIR", help="predictor mode: per-layer predictors from `hetinfer train-predictors`")
-    p.add_argument("--sparsity", type=float,
+    p.add_argument("--sparsity", type=float_in(0.0, 1.0, hi_open=True),
                    help="threshold mode: target fraction of FFN neurons skipped (needs --profile); eval's oracle too")
     p.add_argument("--profile", metavar="PROFILE", help="activation profile from `hetinfer profile` (threshold mode)")
 

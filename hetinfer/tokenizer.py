@@ -39,6 +39,24 @@ PRE_TOKENIZERS = {
 CONTROL, USER_DEFINED, BYTE = 3, 4, 6
 
 
+def check_unicode(text: str, what: str = "the text") -> str:
+    """`text` if it is valid Unicode, else a HetinferError naming the first bad character.
+
+    One rule for the CLI and the server: text holding undecodable bytes (Python's surrogate escapes of a
+    command line that is not UTF-8) or lone surrogates (JSON's "\\ud800") is refused, never replaced, so
+    the model never reads a prompt other than the one sent."""
+    if text.isascii():
+        return text
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        code = ord(text[e.start])
+        bad = f"an undecodable byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else "a lone surrogate"
+        raise HetinferError(f"{what} is not valid Unicode: character {e.start} is {bad} (U+{code:04X}); "
+                            "send UTF-8 text") from None
+    return text
+
+
 @dataclass
 class Tokenizer:
     """encode/decode plus the special ids and chat template the engine needs."""
@@ -62,6 +80,7 @@ class Tokenizer:
 
         Runs through `encode_batch`, which releases the GIL (`encode` holds it: a 1 MB prompt stalled
         every other thread, the server's event loop included, for a second)."""
+        check_unicode(text)
         backend = self.backend if special else self._plain_backend()
         ids = list(backend.encode_batch([text], add_special_tokens=False)[0].ids)
         if (self.add_bos if add_bos is None else add_bos) and self.bos_id is not None:

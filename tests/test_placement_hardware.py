@@ -53,9 +53,10 @@ def test_hardware_json_roundtrip_and_sources(tmp_path):
 @pytest.mark.parametrize("edit,message", [
     (lambda d: d.update(format="other"), "not a hetinfer hardware description"),
     (lambda d: d.update(version=2), "version 2 is not supported"),
-    (lambda d: d.pop("ram"), '"ram" is required'),
+    (lambda d: d.pop("ram"), "`ram` is missing"),
     (lambda d: d["ram"].update(bytes_per_s=0), "ram.bytes_per_s must be a positive number"),
-    (lambda d: d["ram"].update(capacity_bytes="64GiB"), "ram.capacity_bytes must be a non-negative number"),
+    (lambda d: d["ram"].update(capacity_bytes="64GiB"), "`ram.capacity_bytes` must be an integer"),
+    (lambda d: d["ram"].update(capacity_bytes=-1), "ram.capacity_bytes must be a non-negative number"),
     (lambda d: d["ram"].update(layer_seconds=-1e-5), "ram.layer_seconds must be a non-negative number"),
     (lambda d: d["gpu"].pop("sync_latency_s"), "sync_latency_s"),
     (lambda d: d["flash"].update(read_sizes=[65536, 4096]), "ascending"),

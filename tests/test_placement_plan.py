@@ -218,8 +218,6 @@ def test_too_small_a_budget_for_the_dense_parts_says_the_minimum(tmp_path, profi
     (["--profile", "p", "--power-law", "1", "-o", "x"], "exactly one of --profile"),
     (["--power-law", "1", "-o", "x"], "--power-law needs the model"),
     (["--power-law", "1"], "-o PLAN is required"),
-    (["--power-law", "1", "-o", "x", "--window", "-1"], "--window is out of range"),
-    (["--power-law", "1", "-o", "x", "--sparsity", "1"], "--sparsity is out of range"),
     (["--power-law", "1", "-o", "x", "--predictors", "p", "--predictor-bytes", "1M"], "not both"),
 ])
 def test_place_argument_errors(tmp_path, argv, message):

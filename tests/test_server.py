@@ -342,7 +342,7 @@ def test_full_queue_answers_429_at_once_and_loses_no_request(small_queue_server,
 def test_memory_budget_too_small_refuses_to_start(model_path):
     p = subprocess.run([sys.executable, "-m", "hetinfer.server.cli", model_path, "--memory-budget", "10MB",
                         "--port", str(free_port())], capture_output=True, text=True, timeout=300)
-    assert p.returncode == 2 and "more than the budget 10MB" in p.stderr
+    assert p.returncode == 2 and "more than the budget 9.54 MiB" in p.stderr
 
 
 def raw_request(s: Server, head: str, body: bytes = b"") -> tuple[int, dict]:

@@ -637,6 +637,12 @@ def warmup() -> float:
 _CHILD = "HETINFER_KERNELS_COMPILING"
 
 
+def compiled() -> bool:
+    """Whether numba's on-disk cache holds this version of every CPU kernel (warmup then only loads them)."""
+    stamp = _cache_stamp()
+    return stamp is not None and stamp.exists()
+
+
 def _cache_stamp() -> Path | None:
     """A file beside numba's cache of the CPU kernels that the compiling child writes once every kernel
     is in it, named for numba's version and the kernel sources' modification times and sizes (what

@@ -6,15 +6,8 @@ from __future__ import annotations
 
 import argparse
 
+from hetinfer.argtypes import SIZE, THREADS, int_in, output_dir, text
 from hetinfer.config import DEFAULT_KV, KV_DTYPES
-from hetinfer.placement.hardware import HardwareError, parse_size
-
-
-def _size(text: str) -> int:
-    try:
-        return parse_size(text)
-    except HardwareError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def add_parser(subparsers) -> None:
@@ -25,34 +18,35 @@ def add_parser(subparsers) -> None:
                     "store. Steps whose output already exists and is valid are skipped, so an interrupted run "
                     "continues where it stopped. Then: hetinfer run DEPLOY -p ..., hetinfer chat DEPLOY.")
     p.add_argument("-m", "--model", help="GGUF file or Hugging Face checkpoint directory (default: SmolLM2-135M-Instruct)")
-    p.add_argument("-o", "--output", required=True, metavar="DEPLOY", help="deployment directory to write")
+    p.add_argument("-o", "--output", type=output_dir, required=True, metavar="DEPLOY",
+                   help="deployment directory to write")
     p.add_argument("--flash-dir", required=True, metavar="DIR",
                    help="directory on the disk that serves the flash-tier neurons (the store is written there)")
-    p.add_argument("--ram", type=_size, metavar="SIZE",
+    p.add_argument("--ram", type=SIZE, metavar="SIZE",
                    help="RAM for model data: dense parts, RAM-tier neurons, the window cache and the KV cache; "
                         "not the runtime's own overhead (Python, torch, numba: see README). Default: what is free now")
-    p.add_argument("--gpu-mem", type=_size, metavar="SIZE", help="GPU memory for hot neurons (default: none)")
-    p.add_argument("--ctx", type=int, default=4096, help="context the KV cache is sized for (default 4096)")
+    p.add_argument("--gpu-mem", type=SIZE, metavar="SIZE", help="GPU memory for hot neurons (default: none)")
+    p.add_argument("--ctx", type=int_in(1), default=4096, help="context the KV cache is sized for (default 4096)")
     p.add_argument("--kv", choices=tuple(KV_DTYPES), default=DEFAULT_KV,
                    help=f"KV cache element type the plan reserves RAM for and the engine uses (default {DEFAULT_KV})")
     p.add_argument("--data", nargs="+", metavar="FILE",
                    help="calibration text or chat JSONL for the profile (default: the small set shipped with hetinfer)")
-    p.add_argument("--tokens", type=int, default=100_000, help="calibration tokens for the profile (default 100000)")
+    p.add_argument("--tokens", type=int_in(1), default=100_000, help="calibration tokens for the profile (default 100000)")
     p.add_argument("--profile", metavar="PROFILE", help="use this profile instead of profiling")
     p.add_argument("--predictors", metavar="DIR", help="use these predictors instead of training them")
-    p.add_argument("--window", type=int, default=None,
+    p.add_argument("--window", type=int_in(0), default=None,
                    help="tokens a flash neuron stays in the RAM window cache (default: the one of 0, 1, 2, 5 "
                         "whose plan is predicted fastest)")
     p.add_argument("--weights", choices=("native", "f32"), default="native",
                    help="format of the stored neurons: native as in the model file, f32 for the exact float engine")
-    p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: all cores available)")
+    p.add_argument("-t", "--threads", type=THREADS, default=None, help="CPU threads (default: all cores available)")
     p.set_defaults(run=cmd_prepare)
 
     from hetinfer.cli import add_engine_args, add_sampling_args, cmd_generate
 
     p = subparsers.add_parser("run", help="generate from a deployment made by `hetinfer prepare`")
     p.add_argument("deploy", metavar="DEPLOY", help="deployment directory")
-    p.add_argument("-p", "--prompt", required=True)
+    p.add_argument("-p", "--prompt", type=text, required=True)
     p.add_argument("--chat", action="store_true", help="send the prompt as one user message in the chat template")
     add_engine_args(p)
     add_sampling_args(p)
@@ -60,11 +54,8 @@ def add_parser(subparsers) -> None:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from hetinfer.errors import HetinferError
     from hetinfer.offload.deploy import PrepareOptions, prepare
 
-    if args.ctx < 1 or args.tokens < 1 or (args.window is not None and args.window < 0):
-        raise HetinferError("--ctx and --tokens must be at least 1 and --window at least 0")
     path = prepare(PrepareOptions(
         output=args.output, flash_dir=args.flash_dir, model=args.model, ram=args.ram, gpu_mem=args.gpu_mem,
         ctx=args.ctx, kv=args.kv, data=args.data or [], tokens=args.tokens, profile=args.profile,

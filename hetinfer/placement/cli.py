@@ -16,13 +16,14 @@ from pathlib import Path
 
 import numpy as np
 
+from hetinfer.argtypes import SIZE, float_in, int_in, output_dir
 from hetinfer.config import DEFAULT_KV, KV_DTYPES, ModelConfig
 from hetinfer.errors import HetinferError
 from hetinfer.hf_checkpoint import hf_config
 from hetinfer.placement import synth
 from hetinfer.placement.cost import (PlacementError, WeightFormats, build_problem, model_sizes, predictor_sizes,
                                      weight_sizes)
-from hetinfer.placement.hardware import Hardware, HardwareError, format_size, load_hardware, parse_size
+from hetinfer.placement.hardware import Hardware, format_size, load_hardware
 from hetinfer.placement.probe import detect
 from hetinfer.placement.ilp import solve
 from hetinfer.placement.manifest import build_manifest
@@ -43,48 +44,43 @@ def add_parser(subparsers) -> None:
                    help="what-if: HF config.json (or hetinfer ModelConfig JSON) of a model that is not on disk")
     m.add_argument("--qtype", choices=FORMATS, default="q4_0",
                    help="weight format assumed when the weights are not loaded with -m (default q4_0)")
-    m.add_argument("--ctx", type=int, default=4096,
+    m.add_argument("--ctx", type=int_in(1), default=4096,
                    help="context to reserve the KV cache for (default 4096, capped at the model's)")
     m.add_argument("--kv", choices=tuple(KV_DTYPES), default=DEFAULT_KV,
                    help=f"KV-cache element type to reserve it in, as the engine's --kv (f16: half the bytes; "
                         f"default {DEFAULT_KV})")
     m.add_argument("--profile", metavar="PROFILE",
                    help="activation profile; rescaled per layer when its shape differs from the model's")
-    m.add_argument("--power-law", type=float, metavar="EXPONENT",
+    m.add_argument("--power-law", type=float_in(0.0), metavar="EXPONENT",
                    help="what-if: synthesise the profile as frequency ~ rank^-EXPONENT instead of --profile")
-    m.add_argument("--sparsity", type=float, default=0.5,
+    m.add_argument("--sparsity", type=float_in(0.0, 1.0, hi_open=True), default=0.5,
                    help="profiled level (0.1 .. 0.9) whose threshold defines an active neuron; with --power-law, "
                         "the mean fraction of inactive neurons (default 0.5)")
     m.add_argument("--predictors", metavar="DIR",
                    help="predictors from `hetinfer train-predictors`: each layer's is placed, byte for byte, with "
                         "the layer's attention (checked against -m MODEL)")
-    m.add_argument("--predictor-bytes", type=_size, metavar="SIZE",
+    m.add_argument("--predictor-bytes", type=SIZE, metavar="SIZE",
                    help="what-if without a predictor artefact (e.g. --model-shape): bytes of each layer's predictor")
     h = p.add_argument_group("machine")
     h.add_argument("--hardware", metavar="FILE", help="JSON description of the machine instead of detecting this one")
-    h.add_argument("--gpu-mem", type=_size, metavar="SIZE",
+    h.add_argument("--gpu-mem", type=SIZE, metavar="SIZE",
                    help="GPU memory to use (0 = no GPU; without a CUDA device: a what-if GPU with assumed speeds)")
-    h.add_argument("--ram", type=_size, metavar="SIZE", help="CPU RAM to use (default: what is available now)")
+    h.add_argument("--ram", type=SIZE, metavar="SIZE", help="CPU RAM to use (default: what is available now)")
     h.add_argument("--flash-dir", metavar="DIR", help="directory on the disk that serves flash neurons")
     h.add_argument("--dry-run", action="store_true", help="print the detected machine and exit")
     s = p.add_argument_group("solver")
-    s.add_argument("--time-limit", type=float, default=60.0,
+    s.add_argument("--time-limit", type=float_in(0.0, 86400.0, lo_open=True), default=60.0,
                    help="seconds for the ILP, building the model included (default 60)")
-    s.add_argument("--mip-gap", type=float, default=0.01, help="relative MIP gap to stop at (default 0.01)")
-    s.add_argument("--max-binaries", type=int, default=20000, help="size groups to keep at most this many binaries")
-    s.add_argument("--group-size", type=int, help="neurons per group (overrides --max-binaries)")
-    s.add_argument("--window", type=int, default=5,
+    s.add_argument("--mip-gap", type=float_in(0.0, 1.0), default=0.01,
+                   help="relative MIP gap to stop at (default 0.01)")
+    s.add_argument("--max-binaries", type=int_in(1), default=20000,
+                   help="size groups to keep at most this many binaries")
+    s.add_argument("--group-size", type=int_in(1), help="neurons per group (overrides --max-binaries)")
+    s.add_argument("--window", type=int_in(0), default=5,
                    help="tokens a flash neuron stays in the RAM window cache (default 5)")
-    p.add_argument("-o", "--output", metavar="PLAN", help="plan directory to write")
+    p.add_argument("-o", "--output", type=output_dir, metavar="PLAN", help="plan directory to write")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     p.set_defaults(run=run)
-
-
-def _size(text: str) -> int:
-    try:
-        return parse_size(text)
-    except HardwareError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -133,13 +129,6 @@ def _check_args(args: argparse.Namespace) -> None:
     if args.predictors and args.predictor_bytes is not None:
         raise PlacementError("give --predictors DIR or --predictor-bytes SIZE, not both: the artefact's size is "
                              "measured")
-    for flag, ok in (("--ctx", args.ctx > 0), ("--window", args.window >= 0), ("--time-limit", args.time_limit > 0),
-                     ("--mip-gap", args.mip_gap >= 0), ("--max-binaries", args.max_binaries > 0),
-                     ("--group-size", args.group_size is None or args.group_size > 0),
-                     ("--sparsity", 0 <= args.sparsity < 1),
-                     ("--power-law", args.power_law is None or args.power_law >= 0)):
-        if not ok:
-            raise PlacementError(f"{flag} is out of range; see hetinfer place --help")
 
 
 def _machine(args: argparse.Namespace, qtype: str, d_model: int, config=None, attn_qtype: str | None = None) -> Hardware:

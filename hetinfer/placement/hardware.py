@@ -20,6 +20,7 @@ import numpy as np
 from hetinfer.atomic import atomic_write_json
 from hetinfer.errors import HetinferError
 from hetinfer.tiers import TIERS
+from hetinfer.schema import MapOf, Nullable, Omittable, dataclass_schema, validate
 
 HARDWARE_FORMAT = "hetinfer.hardware"
 HARDWARE_VERSION = 1
@@ -117,17 +118,24 @@ class Hardware:
         if d.get("version") != HARDWARE_VERSION:
             raise HardwareError(
                 f"{where}: version {d.get('version')!r} is not supported (this hetinfer reads {HARDWARE_VERSION})")
-        if not isinstance(d.get("ram"), dict):
-            raise HardwareError(f"{where}: \"ram\" is required ({{\"capacity_bytes\": ..., \"bytes_per_s\": ...}})")
+        validate(d, hardware_schema(), where, "see docs/formats/plan.md (Hardware)", HardwareError)
         try:
             ram = RamTier(**d["ram"])
             gpu = GpuTier(**d["gpu"]) if d.get("gpu") else None
             flash = FlashTier(**d["flash"]) if d.get("flash") else None
-        except TypeError as e:
+        except TypeError as e:  # a field no version knows
             raise HardwareError(f"{where}: {e}; see docs/formats/plan.md (Hardware)") from None
         hw = cls(ram=ram, gpu=gpu, flash=flash, sources=dict(d.get("sources") or {}))
         _validate(hw, where)
         return hw
+
+
+def hardware_schema() -> dict:
+    """Every field of the hardware format and its JSON type (docs/formats/plan.md, Hardware)."""
+    return {"format": str, "version": int, "ram": dataclass_schema(RamTier),
+            "gpu": Omittable(Nullable(dataclass_schema(GpuTier))),
+            "flash": Omittable(Nullable(dataclass_schema(FlashTier))),
+            "sources": Omittable(Nullable(MapOf(str)))}
 
 
 def _validate(hw: Hardware, where: str) -> None:

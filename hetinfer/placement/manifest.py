@@ -67,7 +67,7 @@ def build_manifest(p: Problem, sol: Solution, config: ModelConfig, formats: dict
                   "neuron_bytes": p.sizes.neuron_bytes.tolist(), "flash_bundle_bytes": p.bundle_bytes.tolist(),
                   "layer_dense_bytes": p.sizes.layer_bytes.tolist(), "kv_bytes_per_layer": p.sizes.kv_bytes,
                   "kv_dtype": p.sizes.kv_dtype},
-        "profile": profile,
+        "profile": {"source": None, "model": None, "tokens": 0, "sparsity": None, "synthesis": None} | profile,
         "predictors": {**(predictors or {"source": None, "bytes": None}),
                        "layer_bytes": p.sizes.predictor_bytes.tolist(),
                        "flops_per_token": int(p.sizes.predictor_bytes.sum()) // 2,  # float32: 2 FLOPs per 4 bytes

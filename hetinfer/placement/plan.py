@@ -19,8 +19,10 @@ from pathlib import Path
 import numpy as np
 
 from hetinfer.atomic import atomic_write, atomic_write_json, remove_stale
-from hetinfer.config import KV_DTYPES, ModelConfig
+from hetinfer.config import KV_DTYPES, ModelConfig, config_from_manifest
 from hetinfer.errors import ArtifactError
+from hetinfer.placement.hardware import hardware_schema
+from hetinfer.schema import NUMBER, MapOf, Nullable, Omittable, validate
 from hetinfer.tiers import FLASH, GPU, RAM, TIERS
 
 PLAN_FORMAT = "hetinfer.plan"
@@ -31,6 +33,40 @@ _ARRAY = re.compile(r"tiers\.[0-9a-f]{16}\.npy")
 
 class PlanError(ArtifactError):
     """A plan that cannot be used; the message names the problem and the fix."""
+
+
+_TIER = {"capacity_bytes": int, "used_bytes": int, "dense_bytes": int, "neuron_bytes": int, "neurons": int,
+         "neuron_share": NUMBER, "activation_share": NUMBER, "seconds_per_token": NUMBER}
+_SECONDS = Nullable(NUMBER)
+
+
+def plan_schema() -> dict:
+    """Every field of plan.json and its JSON type (docs/formats/plan.md); `layers` rows are checked against
+    the tiers present by `load_plan`."""
+    return {
+        "format": str, "version": int, "created": str, "prediction": bool, "assumptions": [str],
+        "inputs": MapOf(str),
+        "model": {"config": dict, "formats": MapOf(str), "n_ctx": int, "neuron_bytes": [int],
+                  "flash_bundle_bytes": [int], "layer_dense_bytes": [int], "kv_bytes_per_layer": int,
+                  "kv_dtype": Omittable(str)},
+        "profile": {"source": Nullable(str), "model": Nullable(str), "tokens": int, "sparsity": Nullable(NUMBER),
+                    "synthesis": Nullable(dict)},
+        "predictors": {"source": Nullable(str), "bytes": Nullable(str), "layer_bytes": [int], "flops_per_token": int,
+                       "seconds_per_token": NUMBER},
+        "hardware": hardware_schema(),
+        "window_tokens": int,
+        "dense": {"head": str, "embeddings": str, "seconds_per_token": NUMBER,
+                  "fixed_seconds_per_token": Omittable(NUMBER)},
+        "tiers": {"gpu": Omittable(_TIER), "ram": _TIER | {"window_cache_bytes": int},
+                  "flash": Omittable(_TIER | {"reads_per_token": NUMBER, "read_bytes_per_token": NUMBER})},
+        "layers": [{"attention": str, "split": bool}],
+        "sync": {"seconds": NUMBER, "split_layers": int, "seconds_per_token": NUMBER},
+        "solver": {"chosen": str, "status": str, "objective": NUMBER, "ilp_objective": _SECONDS,
+                   "greedy_objective": _SECONDS, "mip_gap": _SECONDS, "solve_seconds": NUMBER, "group_size": int,
+                   "groups_per_layer": int, "binaries": int},
+        "predicted": {"seconds_per_token": NUMBER, "tok_s": NUMBER},
+        "arrays": {"tiers": {"file": str, "sha256": str, "dtype": str, "shape": [int]}},
+    }
 
 
 @dataclass
@@ -100,13 +136,20 @@ def load_plan(path: str | Path) -> Plan:
     if manifest.get("version") != PLAN_VERSION:
         raise PlanError(
             f"{d / MANIFEST}: plan version {manifest.get('version')!r}, this hetinfer reads {PLAN_VERSION}; {redo}")
+    fix = f"the plan was edited or damaged, {redo}"
+    validate(manifest, plan_schema(), str(d / MANIFEST), fix, PlanError)
+    per_tier = {f"{t}{suffix}": kind for t in manifest["tiers"]
+                for suffix, kind in (("", int), ("_bytes", int), ("_activation_share", NUMBER))}
+    validate(manifest, {"layers": [per_tier]}, str(d / MANIFEST), fix, PlanError)
     try:
-        spec = manifest["arrays"]["tiers"]
-        config = ModelConfig.from_dict(manifest["model"]["config"])
-        layers = manifest["layers"]
+        config = config_from_manifest(manifest["model"]["config"], str(d / MANIFEST), fix)
+    except ArtifactError as e:
+        raise PlanError(str(e)) from None
+    spec, layers = manifest["arrays"]["tiers"], manifest["layers"]
+    if not _ARRAY.fullmatch(spec["file"]):
+        raise PlanError(f"{d / MANIFEST}: `arrays.tiers.file` must name a tiers.<hash>.npy file in the plan; {fix}")
+    try:
         data = (d / spec["file"]).read_bytes()
-    except (KeyError, TypeError, ValueError) as e:
-        raise PlanError(f"{d / MANIFEST}: missing or bad field ({e}); {redo}") from None
     except OSError as e:
         raise PlanError(f"{d}: tier array unreadable ({e}); {redo}") from None
     if hashlib.sha256(data).hexdigest() != spec.get("sha256"):

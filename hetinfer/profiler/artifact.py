@@ -15,12 +15,30 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from hetinfer.atomic import atomic_dir
+from hetinfer.config import config_from_manifest
 from hetinfer.errors import ArtifactError
+from hetinfer.schema import NUMBER, MapOf, Omittable, validate
 
 PROFILE_FORMAT = "hetinfer-profile"
 PROFILE_VERSION = 1
 LEVELS = tuple(round(0.1 * k, 1) for k in range(1, 10))  # target sparsities with stored thresholds
 HIST_EDGES = np.logspace(-7, 5, 12 * 60 + 1).astype(np.float32)  # |act| histogram bin edges, 60 per decade
+
+# What every artefact directory's manifest holds (docs/formats/profile.md, predictors.md); `model.config` is
+# checked as a ModelConfig.
+COMMON_SCHEMA = {
+    "format": str, "version": int, "hetinfer_version": str, "created": str, "seconds": Omittable(NUMBER),
+    "model": {"path": str, "fingerprint": str, "config": dict},
+    "layers": [int],
+    "files": MapOf({"bytes": int, "sha256": str}),
+}
+PROFILE_SCHEMA = COMMON_SCHEMA | {
+    "tokens": int, "sequences": int,
+    "sources": [{"path": str, "slice": [NUMBER], "kind": str, "sha256": str, "sequences": int, "tokens": int}],
+    "options": {"samples": int, "coact_tokens": int, "coact_neighbors": int, "coact_level": NUMBER, "dtype": str,
+                "chunk": int, "seed": int},
+    "summary": {"achieved_sparsity": MapOf(NUMBER), "top20_share": MapOf(NUMBER), "natural_sparsity": NUMBER},
+}
 
 STATS_TENSORS = ("layer_ids", "levels", "thresholds", "active_count", "nonzero_count", "abs_sum", "hist_edges",
                  "hist", "coact_neighbors", "coact_jaccard", "neuron_order")
@@ -58,8 +76,9 @@ def write_artifact(path: str, kind: str, manifest: dict, files: dict[str, dict[s
 
 
 def read_manifest(path: str, kind: str | None = None, version: int | None = None, what: str = "artefact",
-                  made_by: str = "hetinfer") -> dict:
-    """The parsed manifest of artefact directory `path`, checked for format and version."""
+                  made_by: str = "hetinfer", schema: dict | None = None) -> dict:
+    """The parsed manifest of artefact directory `path`, checked for format and version and, with `schema`,
+    every field (`model.config` as a ModelConfig)."""
     mpath = os.path.join(path, "manifest.json")
     if not os.path.isdir(path) or not os.path.isfile(mpath):
         raise ArtifactError(f"{what} not found at {path} (no manifest.json); create it with `{made_by}`")
@@ -75,6 +94,10 @@ def read_manifest(path: str, kind: str | None = None, version: int | None = None
     if version is not None and manifest.get("version") != version:
         raise ArtifactError(f"{what} {path} has format version {manifest.get('version')} but this hetinfer reads "
                             f"version {version}; re-run `{made_by}`")
+    if schema is not None:
+        fix = f"the manifest was edited or damaged, re-run `{made_by}`"
+        validate(manifest, schema, mpath, fix)
+        config_from_manifest(manifest["model"]["config"], mpath, fix)
     return manifest
 
 
@@ -225,7 +248,7 @@ def hist_quantile(hist: np.ndarray, edges: np.ndarray, q: float) -> float:
 
 def load_profile(path: str, model=None) -> Profile:
     """Read and validate a profile directory; with `model`, also check it was made for that model."""
-    manifest = read_manifest(path, PROFILE_FORMAT, PROFILE_VERSION, "profile", "hetinfer profile")
+    manifest = read_manifest(path, PROFILE_FORMAT, PROFILE_VERSION, "profile", "hetinfer profile", PROFILE_SCHEMA)
     stats = read_tensors(path, manifest, "stats.safetensors", STATS_TENSORS, "hetinfer profile")
     cfg = manifest["model"]["config"]
     L, n_ff = cfg["n_layers"], cfg["n_ff"]

@@ -166,7 +166,8 @@ def profile_sequences(model, sequences: list[list[int]], opts: ProfileOptions = 
     nthreads = torch.get_num_threads()
 
     weights = FloatWeights(model, DTYPES[opts.dtype], keep=False)
-    bar = tqdm(total=L * N, unit="tok", unit_scale=True, desc="profile", disable=not progress)
+    # one step = one token through one layer (the profile runs layer by layer over all tokens)
+    bar = tqdm(total=L * N, unit=" tok×layer", unit_scale=True, desc="profile", disable=not progress)
     runner = LayerRunner(model, packed, weights, opts.chunk, bar)
     for step in runner.steps():
         i = step.layer

@@ -37,8 +37,9 @@ import hetinfer
 from hetinfer import kernels
 from hetinfer.errors import ArtifactError, HetinferError
 from hetinfer.tensors import QTensor
-from hetinfer.profiler.artifact import (check_fingerprint, check_layer_ids, read_manifest, read_tensors,
-                                        write_artifact)
+from hetinfer.profiler.artifact import (COMMON_SCHEMA, check_fingerprint, check_layer_ids, read_manifest,
+                                        read_tensors, write_artifact)
+from hetinfer.schema import NUMBER, MapOf, Nullable, dataclass_schema
 
 PREDICTORS_FORMAT = "hetinfer-predictors"
 PREDICTORS_VERSION = 1
@@ -127,9 +128,17 @@ class Predictors:
         self.path = os.path.abspath(path)
 
 
+PREDICTORS_SCHEMA = COMMON_SCHEMA | {
+    "profile": {"path": Nullable(str), "created": Nullable(str), "tokens": int},
+    "options": dataclass_schema(TrainOptions, defaults_omittable=False),
+    "report": [dataclass_schema(LayerReport, defaults_omittable=False) | {"tried": MapOf(NUMBER)}],
+    "summary": MapOf(NUMBER),
+}
+
+
 def load_predictors(path: str, model=None) -> Predictors:
     """Read and validate a predictors directory; with `model`, also check it was made for that model."""
-    manifest = read_manifest(path, PREDICTORS_FORMAT, PREDICTORS_VERSION, "predictors", MADE_BY)
+    manifest = read_manifest(path, PREDICTORS_FORMAT, PREDICTORS_VERSION, "predictors", MADE_BY, PREDICTORS_SCHEMA)
     t = read_tensors(path, manifest, "predictors.safetensors", ("layer_ids", "rank", "w1", "w2", "threshold"), MADE_BY)
     cfg = manifest["model"]["config"]
     L, d, n_ff = cfg["n_layers"], cfg["d_model"], cfg["n_ff"]

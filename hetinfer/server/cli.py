@@ -5,6 +5,7 @@ import argparse
 import os
 import sys
 
+from hetinfer.argtypes import SIZE, Parser, int_in
 from hetinfer.cli import add_model_args, open_session
 from hetinfer.errors import HetinferError
 
@@ -16,16 +17,16 @@ def add_parser(subparsers) -> None:
     p.add_argument("path", nargs="?", metavar="MODEL|DEPLOY", help="model to serve (same as -m)")
     add_model_args(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int_in(1, 65535), default=8000, help="port to listen on (default 8000)")
     p.add_argument("--api-key", default=os.environ.get("HETINFER_API_KEY"),
                    help="require `Authorization: Bearer KEY` on every request (default: $HETINFER_API_KEY); "
                         "a key given here shows in the process list, $HETINFER_API_KEY or --api-key-file do not")
     p.add_argument("--api-key-file", metavar="PATH", help="read the API key from this file (its first line)")
-    p.add_argument("--max-queue", type=int, default=16,
+    p.add_argument("--max-queue", type=int_in(1), default=16,
                    help="requests that may wait behind the running one; more are answered 429 (default 16)")
-    p.add_argument("--max-tokens", type=int, default=512,
+    p.add_argument("--max-tokens", type=int_in(1), default=512,
                    help="max_tokens of requests that give none (default 512, capped by the context)")
-    p.add_argument("--memory-budget", metavar="SIZE",
+    p.add_argument("--memory-budget", type=SIZE, metavar="SIZE",
                    help="refuse to start if the model would need more RAM than SIZE (e.g. 2GiB, 512MB)")
     p.add_argument("--max-body", metavar="SIZE", default="1MiB",
                    help="largest request body accepted; larger ones are answered 413 unread (default 1MiB, "
@@ -51,14 +52,12 @@ def run(args: argparse.Namespace) -> int:
     args.model = args.path or args.model
     if is_deployment(args.model):
         args.deploy, args.model = args.model, None
-    if args.max_queue < 1 or args.max_tokens < 1:
-        raise HetinferError("--max-queue and --max-tokens must be at least 1")
     api_key = read_api_key(args)
     try:
         from hetinfer.server.app import create_app, describe_placement, placement_summary, serve
     except ImportError as e:
         raise HetinferError(f"`hetinfer serve` needs FastAPI and uvicorn ({e}); run `pip install 'hetinfer[serve]'`") from None
-    from hetinfer.placement.hardware import format_size, parse_size
+    from hetinfer.placement.hardware import format_size
     from hetinfer.tiers import RAM, TIERS
 
     max_body = parse_size(args.max_body)
@@ -67,10 +66,10 @@ def run(args: argparse.Namespace) -> int:
     session = open_session(args)
     summary = placement_summary(session)
     ram = summary["tiers"][TIERS[RAM]]["bytes"]
-    if args.memory_budget and ram > parse_size(args.memory_budget):
+    if args.memory_budget is not None and ram > args.memory_budget:
         raise HetinferError(
             f"the model needs {format_size(ram)} of RAM with a {session.n_ctx}-token context, more than the budget "
-            f"{args.memory_budget}; lower --ctx or serve a smaller model"
+            f"{format_size(args.memory_budget)}; lower --ctx or serve a smaller model"
         )
     if args.host not in LOOPBACK and not api_key:
         print(f"warning: serving on {args.host} without --api-key: anyone who can reach it can use it", file=sys.stderr)
@@ -100,7 +99,7 @@ def read_api_key(args: argparse.Namespace) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="hetinfer")
+    ap = Parser(prog="hetinfer")
     add_parser(ap.add_subparsers(dest="command", required=True))
     args = ap.parse_args(["serve", *(sys.argv[1:] if argv is None else argv)])
     try:
