@@ -39,14 +39,15 @@ def test_flash_read_time_interpolates_the_measured_curve():
 
 
 def test_hardware_json_roundtrip_and_sources(tmp_path):
-    hw = Hardware(ram=RamTier(64 << 30, 4e10), gpu=GpuTier(24 << 30, 6e11, 2.5e10, 2e-5),
+    hw = Hardware(ram=RamTier(64 << 30, 4e10, 6e-5, 2e-4), gpu=GpuTier(24 << 30, 6e11, 2.5e10, 2e-5),
                   flash=FlashTier(1 << 40, "/nvme", method="assumed", **ASSUMED_FLASH))
     path = tmp_path / "hw.json"
     save_hardware(hw, path)
     back = load_hardware(path)
     assert back.ram == hw.ram and back.gpu == hw.gpu and back.flash == hw.flash
     assert back.tiers == ("gpu", "ram", "flash")
-    assert set(back.sources.values()) == {"file"} and "flash.bytes_per_s" in back.sources
+    assert set(back.sources.values()) == {"file"}
+    assert {"flash.bytes_per_s", "ram.offload_layer_seconds"} <= set(back.sources)
     assert back.sync_seconds(8192) == pytest.approx(2e-5 + 2 * 8192 * 4 / 2.5e10)
 
 
@@ -57,6 +58,7 @@ def test_hardware_json_roundtrip_and_sources(tmp_path):
     (lambda d: d["ram"].update(bytes_per_s=0), "ram.bytes_per_s must be a positive number"),
     (lambda d: d["ram"].update(capacity_bytes="64GiB"), "ram.capacity_bytes must be a non-negative number"),
     (lambda d: d["ram"].update(layer_seconds=-1e-5), "ram.layer_seconds must be a non-negative number"),
+    (lambda d: d["ram"].update(offload_layer_seconds=-1e-5), "ram.offload_layer_seconds must be a non-negative"),
     (lambda d: d["gpu"].pop("sync_latency_s"), "sync_latency_s"),
     (lambda d: d["flash"].update(read_sizes=[65536, 4096]), "ascending"),
     (lambda d: d["flash"].update(bytes_per_s=[[1e9]]), r"\[len\(read_sizes\)\]\[len\(concurrency\)\]"),

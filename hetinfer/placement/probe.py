@@ -17,6 +17,7 @@ import shutil
 import statistics
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -56,7 +57,7 @@ def detect(gpu_mem: int | None = None, ram: int | None = None, flash_dir: str | 
     else:
         hw = Hardware(ram=base.ram, gpu=base.gpu, flash=base.flash, sources=dict(base.sources))
     if ram is not None:
-        hw.ram = RamTier(ram, hw.ram.bytes_per_s, hw.ram.layer_seconds)
+        hw.ram = replace(hw.ram, capacity_bytes=ram)
         hw.sources["ram.capacity_bytes"] = "flag"
     if gpu_mem is not None:
         if gpu_mem == 0:
