@@ -208,6 +208,28 @@ def test_layer_probe_on_the_models_own_shape(tmp_path, monkeypatch):
     assert {s[:2] for s in seen} == {(8, 64)}  # the tiny model
 
 
+def test_offload_layer_probe_times_the_tiered_engine_and_is_cached(tmp_path, monkeypatch):
+    """The offloading engine's own per-layer time comes from `TieredFFN` calls (as `offload.deploy` builds
+    it) less a plain `sparse_ffn` over the same rows, is cached per n_ff, and is re-probed when the
+    engine's code changes."""
+    from hetinfer.offload import ffn
+
+    calls = []
+    real = ffn.TieredFFN.__call__
+    monkeypatch.setattr(ffn.TieredFFN, "__call__", lambda self, layer, h: calls.append(layer) or real(self, layer, h))
+    seconds = probe.measure_offload_layer_seconds(256, cache_dir=tmp_path)
+    assert calls and set(calls) == set(range(8))
+    entry = json.loads((tmp_path / "offload-layer-probe-256.json").read_text())
+    assert entry["offload_layer_seconds"] == seconds == max(0.0, entry["tiered_seconds"] - entry["plain_seconds"])
+    assert entry["key"]["n_ff"] == 256 and entry["key"]["source"] and 0 <= seconds < 1
+    calls.clear()
+    assert probe.measure_offload_layer_seconds(256, cache_dir=tmp_path) == seconds and not calls
+    stale = {**entry, "key": {**entry["key"], "source": "old"}}
+    (tmp_path / "offload-layer-probe-256.json").write_text(json.dumps(stale))
+    probe.measure_offload_layer_seconds(256, cache_dir=tmp_path)
+    assert calls
+
+
 def test_hardware_without_layer_seconds_still_loads(tmp_path):
     d = Hardware(ram=RamTier(1 << 30, 1e10)).to_dict()
     del d["ram"]["layer_seconds"]  # a description written before the fixed per-layer time was modelled

@@ -384,6 +384,8 @@ def test_place_with_a_real_profile_of_the_loaded_model(model_path, model, smollm
     # neurons, the untrained rank-1 ones (threshold -inf) every neuron
     assert m["inputs"]["frequencies"] == "predictors" and out["frequencies"] == "predictors"
     assert m["predicted"]["ffn_density"] == pytest.approx((28 + 2 * 0.4) / 30, abs=0.02)
+    assert m["hardware"]["sources"]["ram.offload_layer_seconds"] == "measured"
+    assert (tmp_path / "cache" / "hetinfer" / "offload-layer-probe-1536.json").exists()
     assert m["model"]["record_bytes"] == [1336] * 30 and m["tiers"]["flash"]["misses_per_token"] >= 0
     with pytest.raises(PlacementError, match="not a profiled level"):
         place("-m", model_path, "--profile", smollm2_profile, "--sparsity", "0.55", "--gpu-mem", "0",
