@@ -1,16 +1,12 @@
 """The sliding-window neuron cache: window semantics, LRU under pressure, overflow, slot moves with
-their record bytes (records encode their id), look-ahead admits; and the per-layer capacities."""
+their record bytes (records encode their id), look-ahead admits. (Its per-layer capacities come from
+the plan: tests/test_placement_plan.py.)"""
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hetinfer.config import ModelConfig
-from hetinfer.offload.cache import WindowCache, window_capacities
-from hetinfer.placement import synth
-from hetinfer.placement.cost import FLASH, WeightFormats, build_problem, evaluate, model_sizes
-from hetinfer.placement.hardware import ASSUMED_FLASH, FlashTier, Hardware, RamTier
-from hetinfer.placement.plan import Plan
+from hetinfer.offload.cache import WindowCache
 
 RECORD = 16  # bytes: the id and a second word derived from it, so a misplaced or stale row shows
 
@@ -236,22 +232,3 @@ def test_bad_construction_is_refused():
     with pytest.raises(ValueError, match=">= 0"):
         WindowCache(4, 0, -1, np.zeros((0, RECORD), np.uint8))
 
-
-def test_capacities_split_the_plans_window_bytes_as_the_placement_expects():
-    """Random-weight-free: a power-law profile on a small model shape, tiers drawn at random."""
-    config = ModelConfig(arch="llama", n_layers=4, d_model=256, n_ff=512, n_heads=4, n_kv_heads=2, head_dim=64,
-                         vocab_size=1024, context_length=512, name="small")
-    rng = np.random.default_rng(0)
-    freq = rng.permutation(synth.power_law(4, 512, 1.0, 0.9).ravel()).reshape(4, 512)
-    hw = Hardware(ram=RamTier(1 << 30, 2e10), gpu=None, flash=FlashTier(1 << 30, "/nvme", method="assumed",
-                                                                         **ASSUMED_FLASH))
-    p = build_problem(freq, config, model_sizes(config, WeightFormats.uniform("q8_0"), 512), hw, window_tokens=4)
-    tiers = rng.integers(1, 3, size=(4, 512)).astype(np.uint8)
-    tiers[3] = 1  # a layer without flash neurons gets no slots
-    budget = evaluate(p, tiers).window_bytes
-    plan = Plan({"window_tokens": 4, "tiers": {"ram": {"window_cache_bytes": budget}}}, tiers)
-    caps = window_capacities(plan, freq, p.bundle_bytes)
-    expect = np.array([p.window[layer][tiers[layer] == FLASH].sum() for layer in range(4)]) / p.bundle_bytes
-    assert (caps * p.bundle_bytes).sum() <= budget
-    assert np.abs(caps - expect).max() <= 1 and caps[3] == 0
-    assert np.abs(window_capacities(plan, freq, 2 * p.bundle_bytes) - expect / 2).max() <= 1  # bigger records, fewer slots

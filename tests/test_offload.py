@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
+from hetinfer.offload.deploy import tiered_ffn
 from hetinfer.offload.ffn import TieredFFN
-from hetinfer.offload.reader import FlashReader
 from hetinfer.offload.store import build_store, open_store
 
 pytestmark = pytest.mark.slow
@@ -17,8 +17,8 @@ def _engine(model, store, resident, capacity, window: int, select=None, direct=N
     n_ff = model.config.n_ff
     resident = np.broadcast_to(np.asarray(resident), (model.config.n_layers,))
     cap = np.minimum(np.broadcast_to(np.asarray(capacity), resident.shape), n_ff - resident)
-    return TieredFFN(store, FlashReader(store.data_path, None, threads=4, direct=direct),
-                     select or (lambda layer, h: None), resident, cap, window, model.config.activation)
+    return tiered_ffn(store, None, select or (lambda layer, h: None), resident, cap, window, model.config.activation,
+                      threads=4, direct=direct)
 
 
 def _logits(model, ffn, prompt: list[int], steps: int) -> torch.Tensor:

@@ -9,9 +9,11 @@ from hypothesis import strategies as st
 
 from hetinfer.config import ModelConfig
 from hetinfer.placement import ilp, synth
-from hetinfer.placement.cost import (FLASH, GPU, RAM, PlacementError, WeightFormats, build_problem, evaluate,
-                                     model_sizes, place_dense, row_bytes, violations, weight_sizes)
-from hetinfer.placement.hardware import ASSUMED_FLASH, FlashTier, GpuTier, Hardware, RamTier
+from hetinfer.offload.reader import plan_reads
+from hetinfer.placement.cost import (FLASH, FLASH_IO_BYTES, FLASH_MAX_READ, FLASH_POOL_BYTES, GPU, RAM,
+                                     PlacementError, WeightFormats, build_problem, evaluate, miss_reads, model_sizes,
+                                     place_dense, row_bytes, violations, weight_sizes)
+from hetinfer.placement.hardware import ASSUMED_FLASH, FLASH_BLOCK, FlashTier, GpuTier, Hardware, RamTier
 
 LLAMA2_70B = ModelConfig(arch="llama", n_layers=80, d_model=8192, n_ff=28672, n_heads=64, n_kv_heads=8, head_dim=128,
                          vocab_size=32000, context_length=4096, name="llama-2-70b")
@@ -37,11 +39,9 @@ def tiny_problem(freq, gpu_neurons=None, ram_neurons=0.0, flash_neurons=None, sy
     if gpu_neurons is not None:
         dense_gpu = sizes.scratch_bytes + sizes.gpu_decode_bytes + sizes.head_bytes + cfg.n_layers * (int(sizes.layer_bytes[0]) + sizes.kv_bytes)
         gpu = GpuTier(int(dense_gpu + gpu_neurons * b), gpu_bw, 1e10, sync)
-    probe = Hardware(ram=RamTier(1 << 40, ram_bw), gpu=gpu)
-    ram = place_dense(sizes, probe).ram_bytes + int(ram_neurons * b)
-    hw = Hardware(ram=RamTier(ram, ram_bw), gpu=gpu,
-                  flash=None if flash_neurons is None else flash(int(flash_neurons * 4096)))
-    return build_problem(freq, cfg, sizes, hw, window_tokens=2)
+    fl = None if flash_neurons is None else flash(int(flash_neurons * sizes.record_bytes[0]))
+    ram = place_dense(sizes, Hardware(ram=RamTier(1 << 40, ram_bw), gpu=gpu, flash=fl)).ram_bytes + int(ram_neurons * b)
+    return build_problem(freq, cfg, sizes, Hardware(ram=RamTier(ram, ram_bw), gpu=gpu, flash=fl), window_tokens=2)
 
 
 # ------------------------------------------------------------------------------------------ sizes
@@ -116,6 +116,24 @@ def test_fixed_per_layer_work_is_charged_once_per_layer():
     assert fixed.seconds - bare.seconds == pytest.approx(4 * 5e-5)
 
 
+def test_a_flash_tier_adds_the_engines_io_buffers_and_per_layer_work():
+    """With flash the offloading engine runs: FLASH_IO_BYTES more RAM (and two look-ahead pools without a
+    window cache), and per layer its own work plus the look-ahead's second evaluation of the next layer's
+    predictor."""
+    s = model_sizes(tiny_config(4, 32), WeightFormats.uniform("q8_0"), 16, predictor_bytes=[1000, 2000, 3000, 4000])
+    ram = RamTier(1 << 30, 1e10, layer_seconds=5e-5, offload_layer_seconds=2e-4)
+    bare = place_dense(s, Hardware(ram=ram))
+    tiered = place_dense(s, Hardware(ram=ram, flash=flash(1 << 30)))
+    assert bare.io_bytes == 0 and bare.offload_seconds == 0
+    assert tiered.io_bytes == FLASH_IO_BYTES and tiered.ram_bytes - bare.ram_bytes == FLASH_IO_BYTES
+    assert tiered.offload_seconds == pytest.approx(4 * 2e-4 + 9000 / 1e10)  # layers 1-3's predictors again
+    assert tiered.seconds - bare.seconds == pytest.approx(tiered.offload_seconds)
+    no_window = place_dense(s, Hardware(ram=ram, flash=flash(1 << 30)), window_tokens=0)
+    assert no_window.io_bytes == FLASH_IO_BYTES + 2 * FLASH_POOL_BYTES == no_window.ram_bytes - bare.ram_bytes
+    with pytest.raises(PlacementError, match="flash I/O buffers"):
+        place_dense(s, Hardware(ram=RamTier(tiered.ram_bytes - 1, 1e10), flash=flash(1 << 30)))
+
+
 def test_too_small_ram_names_the_minimum():
     s = model_sizes(LLAMA2_70B, WeightFormats.uniform("q4_0"), 4096)
     need = place_dense(s, Hardware(ram=RamTier(1 << 50, 1e10))).ram_bytes
@@ -133,12 +151,87 @@ def test_neuron_costs_follow_the_model():
     freq = np.array([[0.9, 0.5, 0.1, 0.0]])
     p = tiny_problem(freq, gpu_neurons=1, ram_neurons=4, flash_neurons=10)
     b = float(p.sizes.neuron_bytes[0])
+    assert b == 3 * 68 and p.sizes.record_bytes[0] == 208  # q8_0 rows of 64, the record padded to 8 bytes
     np.testing.assert_allclose(p.seconds[GPU][0], freq[0] * b / p.hw.gpu.bytes_per_s)
     np.testing.assert_allclose(p.seconds[RAM][0], freq[0] * b / p.hw.ram.bytes_per_s)
-    read = p.hw.flash.read_seconds(4096)  # 2 * 72 + 68 bytes, padded to one 4 KiB read
-    np.testing.assert_allclose(p.seconds[FLASH][0], freq[0] * (1 - freq[0]) ** 2 * read + p.seconds[RAM][0])
-    np.testing.assert_allclose(p.window[0], (1 - (1 - freq[0]) ** 2) * b)
-    assert p.bundle_bytes[0] == 4096
+    # GPU and RAM have room for 5 neurons of the 4: a miss is priced as the coldest neuron's, alone on flash
+    miss = freq[0] * (1 - freq[0]) ** 2
+    assert p.miss_seconds[0] == pytest.approx(miss_reads(miss.min(), 208, p.hw.flash)[0])
+    np.testing.assert_allclose(p.seconds[FLASH][0], miss * p.miss_seconds[0] + p.seconds[RAM][0])
+    np.testing.assert_allclose(p.window[0], (1 - (1 - freq[0]) ** 2) * 208)  # window slots hold records
+
+
+FLAT = FlashTier(1 << 40, "/nvme", read_sizes=[4096, 1 << 20], concurrency=[1], bytes_per_s=[[1e9], [1e9]],
+                 method="assumed")  # no cost per request: only touching spans are worth joining
+
+
+@pytest.mark.parametrize("record", [1336, 208, 4096, 9000])
+def test_miss_reads_hand_cases(record):
+    nvme = flash(1 << 40)
+    pad = FLASH_BLOCK - np.gcd(record, FLASH_BLOCK)  # a request's expected alignment padding
+    # isolated misses: one padded record per request
+    seconds, nbytes, reads = miss_reads(1e-9, record, nvme)
+    assert nbytes == pytest.approx(record + pad) and reads == pytest.approx(1.0)
+    assert seconds == pytest.approx(nvme.read_seconds(record + pad))
+    # every record missing: the whole span, in FLASH_MAX_READ pieces
+    seconds, nbytes, reads = miss_reads(1.0, record, nvme)
+    assert nbytes == record and reads == pytest.approx(record / FLASH_MAX_READ)
+    assert seconds == pytest.approx(record * nvme.read_seconds(FLASH_MAX_READ) / FLASH_MAX_READ)
+
+
+def test_miss_reads_at_half_density_on_a_flat_curve():
+    """1336-byte records, half missing, no per-request cost: gaps of up to 3 records (< 4 KiB) are joined
+    and no longer ones; by hand: E[gap | gap <= 3] = (1/2 + 2/4 + 3/8) / (1 + 1/2 + 1/4 + 1/8) = 11/15,
+    a miss opens a request with probability 1/16."""
+    seconds, nbytes, reads = miss_reads(0.5, 1336, FLAT)
+    want = 1336 * (1 + 15 / 16 * 11 / 15) + 4088 / 16
+    assert nbytes == pytest.approx(want) and reads == pytest.approx(1 / 16)
+    assert seconds == pytest.approx(want / 1e9)
+    assert miss_reads(0.5, 4096, FLAT)[1:] == pytest.approx((4096, 0.5))  # whole blocks: adjacent ones only
+
+
+@pytest.mark.parametrize("q", [0.01, 0.05, 0.2, 0.6])
+@pytest.mark.parametrize("record", [1336, 9000])
+def test_miss_reads_predict_the_readers_plans(q, record):
+    """The closed form against `offload.reader.plan_reads` on random miss sets of a long packed section: time
+    and bytes per miss within 10%; the request count more loosely, since the model splits requests of the
+    mean size at max_read where the reader splits each one (more pieces where sizes straddle it)."""
+    nvme = flash(1 << 40)
+    rng = np.random.default_rng(0)
+    n = 400_000 if record < 4096 else 100_000
+    positions = np.flatnonzero(rng.random(n) < q)
+    plan = np.array(plan_reads(positions, record, 0, nvme, FLASH_MAX_READ))
+    seconds, nbytes, reads = miss_reads(q, record, nvme)
+    assert nvme.read_seconds(plan[:, 1]).sum() / len(positions) == pytest.approx(seconds, rel=0.1)
+    assert plan[:, 1].sum() / len(positions) == pytest.approx(nbytes, rel=0.1)
+    assert len(plan) / len(positions) == pytest.approx(reads, rel=0.4)
+
+
+def test_predicted_speed_prices_each_layers_reads_at_its_own_miss_density():
+    freq = np.stack([np.linspace(0.05, 0.95, 64)] * 2)
+    p = tiny_problem(freq, ram_neurons=32, flash_neurons=200)
+    tiers = np.full(freq.shape, FLASH, dtype=np.uint8)
+    tiers[0, 32:] = RAM  # layer 0: its cold half on flash; layer 1: all of it
+    u = evaluate(p, tiers)
+    on = tiers == FLASH
+    misses = np.where(on, p.misses, 0).sum(axis=1)
+    assert u.misses == pytest.approx(misses)
+    for layer, n in enumerate(on.sum(axis=1)):
+        want = misses[layer] * np.array(miss_reads(misses[layer] / n, p.sizes.record_bytes[layer], p.hw.flash))
+        assert [u.read_seconds[layer], u.read_bytes[layer], u.reads[layer]] == pytest.approx(want)
+    assert u.seconds == pytest.approx(p.dense.seconds + sum(p.seconds[t][tiers == t].sum() for t in (RAM, FLASH)))
+    assert u.predicted_seconds == pytest.approx(u.seconds + (u.read_seconds - misses * p.miss_seconds).sum())
+
+
+def test_window_cache_bytes_are_split_per_layer_and_add_up():
+    freq = np.random.default_rng(3).uniform(0, 1, (3, 40))
+    p = tiny_problem(freq, ram_neurons=60, flash_neurons=200)
+    tiers = np.where(np.random.default_rng(4).random(freq.shape) < 0.6, FLASH, RAM).astype(np.uint8)
+    tiers[2] = RAM  # a layer without flash neurons reserves nothing
+    u = evaluate(p, tiers)
+    want = [int(np.ceil(p.window[layer][tiers[layer] == FLASH].sum())) for layer in range(3)]
+    assert u.layer_window_bytes.tolist() == want and want[2] == 0 and u.window_bytes == sum(want)
+    assert u.used[RAM] == p.dense.ram_bytes + p.sizes.neuron_bytes[0] * (tiers == RAM).sum() + sum(want)
 
 
 def test_evaluate_charges_sync_only_to_layers_on_both_devices():
@@ -261,9 +354,10 @@ def instances(draw):
     ram = draw(st.floats(0, 1.2 * n))
     flash_n = draw(st.one_of(st.none(), st.floats(0, 1.5 * n)))
     roomy = draw(st.booleans())
-    if roomy:  # roomy enough that some placement surely fits: RAM holds all, or the window
-        window = (1 - (1 - freq) ** 2).sum()
-        ram, flash_n = (max(ram, n), None) if flash_n is None else (max(ram, window + 1), max(flash_n, n))
+    if roomy:  # roomy enough that some placement surely fits: RAM holds all, or the window (in slots of
+        # 208-byte records, each layer's rounded up), counted here in 204-byte neurons
+        window = (1 - (1 - freq) ** 2).sum() * 208 / 204
+        ram, flash_n = (max(ram, n), None) if flash_n is None else (max(ram, window + L), max(flash_n, n))
     p = tiny_problem(freq, gpu_neurons=gpu, ram_neurons=ram, flash_neurons=flash_n,
                      sync=10 ** draw(st.floats(-7, -3)), ram_bw=10 ** draw(st.floats(8, 11)),
                      gpu_bw=10 ** draw(st.floats(10, 12)))
@@ -272,11 +366,12 @@ def instances(draw):
 
 def _used_bytes(p, tiers):
     """Bytes per tier counted from scratch (not through cost.evaluate)."""
-    b, bundle = p.sizes.neuron_bytes[:, None], p.bundle_bytes[:, None]
-    window = int(np.ceil(sum(p.window[layer, i] for layer, i in np.argwhere(tiers == FLASH))))
+    b, record = p.sizes.neuron_bytes[:, None], p.sizes.record_bytes[:, None]
+    window = sum(int(np.ceil(sum(p.window[layer, i] for i in np.flatnonzero(tiers[layer] == FLASH))))
+                 for layer in range(len(tiers)))  # each layer's rounded up
     return {"gpu": p.dense.gpu_bytes + int((b * (tiers == GPU)).sum()),
             "ram": p.dense.ram_bytes + int((b * (tiers == RAM)).sum()) + window,
-            "flash": int((bundle * (tiers == FLASH)).sum())}
+            "flash": int((record * (tiers == FLASH)).sum())}
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])

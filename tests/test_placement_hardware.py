@@ -39,14 +39,15 @@ def test_flash_read_time_interpolates_the_measured_curve():
 
 
 def test_hardware_json_roundtrip_and_sources(tmp_path):
-    hw = Hardware(ram=RamTier(64 << 30, 4e10), gpu=GpuTier(24 << 30, 6e11, 2.5e10, 2e-5),
+    hw = Hardware(ram=RamTier(64 << 30, 4e10, 6e-5, 2e-4), gpu=GpuTier(24 << 30, 6e11, 2.5e10, 2e-5),
                   flash=FlashTier(1 << 40, "/nvme", method="assumed", **ASSUMED_FLASH))
     path = tmp_path / "hw.json"
     save_hardware(hw, path)
     back = load_hardware(path)
     assert back.ram == hw.ram and back.gpu == hw.gpu and back.flash == hw.flash
     assert back.tiers == ("gpu", "ram", "flash")
-    assert set(back.sources.values()) == {"file"} and "flash.bytes_per_s" in back.sources
+    assert set(back.sources.values()) == {"file"}
+    assert {"flash.bytes_per_s", "ram.offload_layer_seconds"} <= set(back.sources)
     assert back.sync_seconds(8192) == pytest.approx(2e-5 + 2 * 8192 * 4 / 2.5e10)
 
 
@@ -58,6 +59,7 @@ def test_hardware_json_roundtrip_and_sources(tmp_path):
     (lambda d: d["ram"].update(capacity_bytes="64GiB"), "`ram.capacity_bytes` must be an integer"),
     (lambda d: d["ram"].update(capacity_bytes=-1), "ram.capacity_bytes must be a non-negative number"),
     (lambda d: d["ram"].update(layer_seconds=-1e-5), "ram.layer_seconds must be a non-negative number"),
+    (lambda d: d["ram"].update(offload_layer_seconds=-1e-5), "ram.offload_layer_seconds must be a non-negative"),
     (lambda d: d["gpu"].pop("sync_latency_s"), "sync_latency_s"),
     (lambda d: d["flash"].update(read_sizes=[65536, 4096]), "ascending"),
     (lambda d: d["flash"].update(bytes_per_s=[[1e9]]), r"\[len\(read_sizes\)\]\[len\(concurrency\)\]"),
@@ -205,6 +207,28 @@ def test_layer_probe_on_the_models_own_shape(tmp_path, monkeypatch):
     monkeypatch.setattr(probe, "LAYER_PROBE_BYTES", layer_bytes - 1)
     probe.measure_cpu_layer_seconds(cfg, "q4_1", "q8_0", 1e10, cache_dir=tmp_path)
     assert {s[:2] for s in seen} == {(8, 64)}  # the tiny model
+
+
+def test_offload_layer_probe_times_the_tiered_engine_and_is_cached(tmp_path, monkeypatch):
+    """The offloading engine's own per-layer time comes from `TieredFFN` calls (as `offload.deploy` builds
+    it) less a plain `sparse_ffn` over the same rows, is cached per n_ff, and is re-probed when the
+    engine's code changes."""
+    from hetinfer.offload import ffn
+
+    calls = []
+    real = ffn.TieredFFN.__call__
+    monkeypatch.setattr(ffn.TieredFFN, "__call__", lambda self, layer, h: calls.append(layer) or real(self, layer, h))
+    seconds = probe.measure_offload_layer_seconds(256, cache_dir=tmp_path)
+    assert calls and set(calls) == set(range(8))
+    entry = json.loads((tmp_path / "offload-layer-probe-256.json").read_text())
+    assert entry["offload_layer_seconds"] == seconds == max(0.0, entry["tiered_seconds"] - entry["plain_seconds"])
+    assert entry["key"]["n_ff"] == 256 and entry["key"]["source"] and 0 <= seconds < 1
+    calls.clear()
+    assert probe.measure_offload_layer_seconds(256, cache_dir=tmp_path) == seconds and not calls
+    stale = {**entry, "key": {**entry["key"], "source": "old"}}
+    (tmp_path / "offload-layer-probe-256.json").write_text(json.dumps(stale))
+    probe.measure_offload_layer_seconds(256, cache_dir=tmp_path)
+    assert calls
 
 
 def test_hardware_without_layer_seconds_still_loads(tmp_path):

@@ -10,11 +10,12 @@ import pytest
 
 from hetinfer.config import ModelConfig
 from hetinfer.placement import cli, ilp, synth
-from hetinfer.placement.cost import (GPU, PlacementError, WeightFormats, build_problem, gpu_decode_bytes, model_sizes,
-                                     weight_sizes)
+from hetinfer.placement.cost import (FLASH, FLASH_IO_BYTES, FLASH_MAX_READ, FLASH_POOL_BYTES, GPU, PlacementError,
+                                     WeightFormats, build_problem, evaluate, flash_io_bytes, gpu_decode_bytes,
+                                     model_sizes, weight_sizes)
 from hetinfer.placement.hardware import ASSUMED_FLASH, FlashTier, GpuTier, Hardware, RamTier, save_hardware
 from hetinfer.placement.manifest import build_manifest
-from hetinfer.placement.plan import PlanError, load_plan, save_plan
+from hetinfer.placement.plan import Plan, PlanError, load_plan, save_plan
 
 SMALL = ModelConfig(arch="llama", n_layers=4, d_model=256, n_ff=512, n_heads=4, n_kv_heads=2, head_dim=64,
                     vocab_size=1024, context_length=512, name="small")
@@ -26,8 +27,9 @@ LLAMA2_70B_HF = {"model_type": "llama", "hidden_act": "silu", "hidden_size": 819
 
 def machine(gpu=3 << 20, ram=1600 << 10, flash=1 << 30) -> Hardware:
     """By default the GPU holds 3 of the 4 layers' dense parts, and GPU, RAM and flash all get neurons.
-    `gpu` counts the bytes besides the GPU kernels' decode temporaries."""
+    `gpu` counts the bytes besides the GPU kernels' decode temporaries, `ram` besides the flash I/O buffers."""
     gpu = gpu and gpu + gpu_decode_bytes(SMALL)
+    ram = ram + (FLASH_IO_BYTES if flash else 0)
     return Hardware(ram=RamTier(ram, 2e10), gpu=GpuTier(gpu, 5e11, 2e10, 2e-5) if gpu else None,
                     flash=FlashTier(flash, "/nvme", method="assumed", **ASSUMED_FLASH) if flash else None)
 
@@ -52,7 +54,7 @@ def test_plan_roundtrip_gives_the_engine_every_neurons_tier(tmp_path):
         assert (plan.neurons(layer, "gpu") == np.flatnonzero(sol.tiers[layer] == GPU)).all()
         assert plan.attention_on_gpu(layer) == bool(p.dense.attn_on_gpu[layer])
     m = plan.manifest
-    assert m["format"] == "hetinfer.plan" and m["version"] == 1
+    assert m["format"] == "hetinfer.plan" and m["version"] == 2
     assert {"gpu", "ram", "flash"} <= set(m["tiers"])
     assert plan.window_cache_bytes == m["tiers"]["ram"]["window_cache_bytes"]
     for t in m["tiers"].values():
@@ -62,7 +64,16 @@ def test_plan_roundtrip_gives_the_engine_every_neurons_tier(tmp_path):
     for name in ("gpu", "ram"):
         assert sum(row[f"{name}_bytes"] for row in m["layers"]) == m["tiers"][name]["neuron_bytes"]
     assert sum(row["flash_bytes"] for row in m["layers"]) == m["tiers"]["flash"]["used_bytes"]
-    assert m["predicted"]["tok_s"] == pytest.approx(1 / sol.seconds)
+    usage = evaluate(p, sol.tiers)
+    assert m["solver"]["objective"] == sol.seconds == usage.seconds
+    assert m["predicted"]["tok_s"] == pytest.approx(1 / usage.predicted_seconds)
+    assert plan.layer_window_cache_bytes.tolist() == usage.layer_window_bytes.tolist()
+    assert plan.layer_window_cache_bytes.sum() == plan.window_cache_bytes > 0
+    assert m["model"]["record_bytes"] == [3 * 272] * 4  # q8_0 rows of 256: a multiple of 8 already
+    assert m["dense"]["flash_io_bytes"] == FLASH_IO_BYTES
+    parts = m["dense"]["seconds_per_token"] + m["sync"]["seconds_per_token"] + sum(
+        t["seconds_per_token"] for t in m["tiers"].values())
+    assert parts == pytest.approx(m["predicted"]["seconds_per_token"])  # the breakdown adds up to the prediction
 
 
 def test_reading_a_plan_does_not_import_the_solver(tmp_path):
@@ -89,6 +100,9 @@ def test_rewriting_a_plan_replaces_its_array(tmp_path):
     (lambda d: _edit(d, lambda m: m.update(version=9)), "plan version 9"),
     (lambda d: _edit(d, lambda m: m.update(format="x")), "not a hetinfer plan"),
     (lambda d: _edit(d, lambda m: m["layers"][0].update(ram=-1)), "layer 0 ram count disagrees"),
+    (lambda d: _edit(d, lambda m: m["layers"][1].update(window_cache_bytes=m["layers"][1]["window_cache_bytes"] + 1)),
+     "window_cache_bytes are not whole bytes adding up"),
+    (lambda d: _edit(d, lambda m: m["layers"][1].pop("window_cache_bytes")), "missing or bad field"),
     (lambda d: _edit(d, lambda m: m["model"]["config"].update(n_ff=256)), "the model needs uint8"),
     (lambda d: next(d.glob("tiers.*.npy")).write_bytes(b"x"), "do not match the manifest's sha256"),
     (lambda d: next(d.glob("tiers.*.npy")).unlink(), "tier array unreadable"),
@@ -113,13 +127,18 @@ def _edit(d, fn):
 
 
 class StubProfile:
-    """Stands in for hetinfer.profiler.artifact's Profile (config dict, tokens, activation_frequency)."""
+    """Stands in for hetinfer.profiler.artifact's Profile (config dict, tokens, activation_frequency and the
+    stored FFN inputs [n_layers, S, d], when given)."""
 
-    def __init__(self, config: ModelConfig, freq: np.ndarray):
-        self.config, self.tokens, self.freq = config.to_dict(), 1000, freq.astype(np.float32)
+    def __init__(self, config: ModelConfig, freq: np.ndarray, inputs: np.ndarray | None = None):
+        self.config, self.tokens, self.freq, self.inputs = config.to_dict(), 1000, freq.astype(np.float32), inputs
+        self.has_samples = inputs is not None
 
     def activation_frequency(self, sparsity: float = 0.5) -> np.ndarray:
         return self.freq
+
+    def samples(self) -> tuple[np.ndarray, np.ndarray]:
+        return self.inputs, np.arange(self.inputs.shape[1])
 
 
 @pytest.fixture
@@ -147,7 +166,7 @@ def test_place_json_reports_the_solve_and_every_tier(tmp_path, profiles, capsys)
     for key in ("solve_seconds", "mip_gap", "objective", "greedy_objective", "predicted_tok_s", "tiers"):
         assert key in out
     assert out["objective"] <= out["greedy_objective"]
-    assert out["predicted_tok_s"] == pytest.approx(1 / out["objective"])
+    assert out["frequencies"] == "profile" and out["ffn_density"] == pytest.approx(freq.mean())
     assert set(out["tiers"]) == {"gpu", "ram", "flash"}
     for t in out["tiers"].values():
         assert 0 < t["used_bytes"] <= t["capacity_bytes"]
@@ -155,6 +174,44 @@ def test_place_json_reports_the_solve_and_every_tier(tmp_path, profiles, capsys)
     plan = load_plan(tmp_path / "plan")
     assert plan.manifest["inputs"]["profile"] == "measured" and plan.manifest["profile"]["tokens"] == 1000
     assert plan.manifest["inputs"]["predictors"] == "none" and plan.manifest["predictors"]["layer_bytes"] == [0] * 4
+
+
+def test_with_predictors_neurons_are_priced_by_how_often_the_predictors_select_them(tmp_path, profiles, capsys):
+    """The engine computes what the predictors select, not the profile's actives at --sparsity: `place` runs
+    the predictors (random ones here) over the profile's stored FFN inputs and prices each neuron by its
+    count; without stored inputs it keeps the profile's frequencies and says so."""
+    import torch
+
+    from hetinfer.profiler.predictors import Predictors, predict_logits
+
+    rng = np.random.default_rng(5)
+    inputs = rng.standard_normal((4, 300, SMALL.d_model), dtype=np.float32)
+    w1 = [torch.from_numpy(rng.standard_normal((8, SMALL.d_model), dtype=np.float32)) for _ in range(4)]
+    w2 = [torch.from_numpy(rng.standard_normal((SMALL.n_ff, 8), dtype=np.float32)) for _ in range(4)]
+    Predictors({"model": {"config": SMALL.to_dict(), "fingerprint": "random", "path": None}}, w1, w2,
+               torch.full((4,), 25.0)).save(str(tmp_path / "predictors"))
+    selected = np.stack([(predict_logits(w1[i], w2[i], torch.from_numpy(inputs[i])) > 25.0).double().mean(0).numpy()
+                         for i in range(4)])  # [4, n_ff] the direct count
+    profiles["prof"] = StubProfile(SMALL, synth.power_law(4, 512, 1.0, 0.95), inputs)
+    profiles["bare"] = StubProfile(SMALL, synth.power_law(4, 512, 1.0, 0.95))
+    sizes = model_sizes(SMALL, WeightFormats.uniform("q8_0"), 512, predictor_bytes=8 * (256 + 512) * 4)
+    dense = build_problem(selected, SMALL, sizes, machine(gpu=None, ram=64 << 20)).dense.ram_bytes - FLASH_IO_BYTES
+    save_hardware(machine(gpu=None, ram=dense + (800 << 10)), tmp_path / "hw.json")  # about half the FFN fits
+    common = ["--predictors", tmp_path / "predictors", "--hardware", tmp_path / "hw.json", "--qtype", "q8_0",
+              "--window", "2", "--json", "--time-limit", "10", "--max-binaries", "600"]
+    place("--profile", "prof", "-o", tmp_path / "plan", *common)
+    out = json.loads(capsys.readouterr().out)
+    assert out["frequencies"] == "predictors" and out["ffn_density"] == pytest.approx(selected.mean())
+    assert 0.15 < selected.mean() < 0.4  # not the profile's 5%
+    plan = load_plan(tmp_path / "plan")
+    assert plan.manifest["inputs"]["frequencies"] == "predictors"
+    for layer in range(4):  # hot before cold by the predictors' counts, not by the profile's order
+        ram, fl = selected[layer][plan.tiers[layer] == 1], selected[layer][plan.tiers[layer] == FLASH]
+        assert len(ram) and len(fl) and ram.min() >= fl.max()
+    place("--profile", "bare", "-o", tmp_path / "plan2", *common)
+    out = json.loads(capsys.readouterr().out)
+    assert out["frequencies"] == "profile" and out["ffn_density"] == pytest.approx(0.05, abs=1e-3)
+    assert any("keeps no FFN inputs" in a for a in out["assumptions"])
 
 
 def test_place_prints_tier_and_layer_tables(tmp_path, profiles, capsys):
@@ -301,7 +358,8 @@ def test_place_with_a_real_profile_of_the_loaded_model(model_path, model, smollm
     (tmp_path / "flash").mkdir()
     assert place("-m", model_path, "--profile", smollm2_profile, "--predictors", smollm2_predictors,
                  "--sparsity", "0.7", "--gpu-mem", "0", "--ram", "100MiB", "--flash-dir", tmp_path / "flash",
-                 "--ctx", "256", "-o", tmp_path / "plan", "--json", "--time-limit", "10", "--max-binaries", "2000") == 0
+                 "--ctx", "256", "--window", "0", "-o", tmp_path / "plan", "--json", "--time-limit", "10",
+                 "--max-binaries", "2000") == 0  # window 0: layers 2-29's untrained predictors select every neuron
     out = json.loads(capsys.readouterr().out)
     assert not out["prediction"] and out["assumptions"] == []  # model, profile, predictors and machine all measured
     plan = load_plan(tmp_path / "plan")
@@ -320,6 +378,13 @@ def test_place_with_a_real_profile_of_the_loaded_model(model_path, model, smollm
     assert out["predictors"]["total_bytes"] == sum(per_layer)
     # the RAM speed is hetinfer.kernels' sparse_ffn on the model's own format and width
     assert (tmp_path / "cache" / "hetinfer" / "cpu-probe-q4_1-576.json").exists()
+    # neurons priced by how often the predictors select them: layers 0-1's trained ones about 40% of the
+    # neurons, the untrained rank-1 ones (threshold -inf) every neuron
+    assert m["inputs"]["frequencies"] == "predictors" and out["frequencies"] == "predictors"
+    assert m["predicted"]["ffn_density"] == pytest.approx((28 + 2 * 0.4) / 30, abs=0.02)
+    assert m["hardware"]["sources"]["ram.offload_layer_seconds"] == "measured"
+    assert (tmp_path / "cache" / "hetinfer" / "offload-layer-probe-1536.json").exists()
+    assert m["model"]["record_bytes"] == [1336] * 30 and m["tiers"]["flash"]["misses_per_token"] >= 0
     with pytest.raises(PlacementError, match="not a profiled level"):
         place("-m", model_path, "--profile", smollm2_profile, "--sparsity", "0.55", "--gpu-mem", "0",
               "-o", tmp_path / "plan2")
@@ -344,3 +409,61 @@ def test_predictors_of_another_model_are_refused(model_path, smollm2_predictors,
         place("--model-shape", shape, "--power-law", "1", "--predictors", smollm2_predictors,
               "--hardware", tmp_path / "hw.json", "-o", tmp_path / "plan")
     assert not (tmp_path / "plan").exists()
+
+
+# --------------------------------------------------------------------- the engine allocates what the plan counted
+
+
+def test_the_engine_sizes_each_layers_window_cache_from_the_plan(tmp_path):
+    from hetinfer.offload.deploy import cache_capacity
+
+    p, _ = small_plan(tmp_path)
+    plan = load_plan(tmp_path / "plan")
+    record = p.sizes.record_bytes
+    flash = plan.tiers == FLASH
+    slots = cache_capacity(plan, record.tolist())
+    assert slots.tolist() == np.minimum(plan.layer_window_cache_bytes // record, flash.sum(axis=1)).tolist()
+    occupancy = np.where(flash, 1 - (1 - p.freq) ** plan.manifest["window_tokens"], 0).sum(axis=1)
+    assert np.abs(slots - occupancy).max() < 1 and slots.sum() > 0  # the expected flash neurons in the window
+    assert (slots * record).sum() <= plan.window_cache_bytes
+    # without a window the layers share two look-ahead pools of FLASH_POOL_BYTES instead
+    no_window = Plan({**plan.manifest, "window_tokens": 0}, plan.tiers)
+    assert cache_capacity(no_window, record.tolist()).tolist() == np.minimum(FLASH_POOL_BYTES // record,
+                                                                            flash.sum(axis=1)).tolist()
+
+
+def test_the_engines_flash_io_buffers_are_what_the_plan_counts(tmp_path):
+    """`offload.deploy.tiered_ffn` sizes the reader's staging (STAGING_KEPT buffers) and the FFN's scratch
+    to add up to FLASH_IO_BYTES (less what rounding the scratch to whole records leaves), the RAM
+    `place_dense` counts with a flash tier (`flash_io_bytes`: with window 0 also the two look-ahead pools
+    of the slots `cache_capacity` gives), and splits reads at FLASH_MAX_READ; a token whose flash neurons
+    all overflow a cache of 0 slots is computed right through the scratch. Random-weight model."""
+    import torch
+
+    from hetinfer import kernels
+    from hetinfer.offload.deploy import tiered_ffn
+    from hetinfer.offload.reader import STAGING_KEPT
+    from hetinfer.offload.store import build_store
+    from test_store import random_model
+
+    m = random_model("q8_0", n_ff=96)
+    tiers = np.where(np.arange(96) < 40, 1, FLASH).astype(np.uint8)[None].repeat(m.config.n_layers, axis=0)
+    store = build_store(m, tmp_path / "store", tiers, progress=False)
+    ffn = tiered_ffn(store, None, lambda layer, h: None, np.full(3, 40), np.zeros(3, np.int64), 5, "silu")
+    try:
+        buffers = STAGING_KEPT * ffn.reader.staging_bytes + ffn.scratch.nbytes
+        assert FLASH_IO_BYTES - store.record_bytes < buffers <= FLASH_IO_BYTES
+        assert ffn.reader.max_read == FLASH_MAX_READ
+        h = torch.randn(1, m.config.d_model)
+        every = store.views(store.read_records(1, 0, 96))
+        torch.testing.assert_close(ffn(1, h), kernels.sparse_ffn(*every, np.arange(96), h, "silu"))
+    finally:
+        ffn.reader.close()
+    slots = np.full(3, min(FLASH_POOL_BYTES // store.record_bytes, 56))
+    ffn = tiered_ffn(store, None, lambda layer, h: None, np.full(3, 40), slots, 0, "silu")
+    try:
+        pools = sum(p.nbytes for p in ffn.pools)
+        assert len(ffn.pools) == 2 and 0 < pools <= 2 * FLASH_POOL_BYTES
+        assert STAGING_KEPT * ffn.reader.staging_bytes + ffn.scratch.nbytes + pools <= flash_io_bytes(0)
+    finally:
+        ffn.reader.close()

@@ -95,6 +95,29 @@ def test_decode_rows_are_the_mask_and_the_kernels_ffn_follows_it(trained):
     assert kernel_ffn.meter.overall() == pytest.approx(torch_ffn.meter.overall(), abs=1e-3)
 
 
+def test_selection_frequency_counts_the_rows_the_engine_computes():
+    """`selection_frequency` over stored FFN inputs (in chunks) equals a direct count of the rows the
+    engine's decode path (`rows`, one token at a time) selects, but for logits within float32 rounding of
+    the threshold; a layer with threshold -inf (untrained) selects every neuron. Random predictors."""
+    from hetinfer.profiler.predictors import Predictors
+
+    rng = np.random.default_rng(7)
+    L, S, r = 3, 150, 8
+    w1 = [torch.from_numpy(rng.standard_normal((r, D), dtype=np.float32)) for _ in range(L)]
+    w2 = [torch.from_numpy(rng.standard_normal((N_FF, r), dtype=np.float32)) for _ in range(L)]
+    preds = Predictors({}, w1, w2, torch.tensor([0.0, 2.0, float("-inf")]))
+    inputs = rng.standard_normal((L, S, D), dtype=np.float32)
+    freq = preds.selection_frequency(inputs, chunk=64)  # chunks that do not divide S
+    count, near = np.zeros((L, N_FF)), np.zeros((L, N_FF))
+    for layer in range(L):
+        for t in range(S):
+            h = torch.from_numpy(inputs[layer, t : t + 1])
+            count[layer, preds.rows(layer, h)] += 1
+            near[layer] += (preds.logits(layer, h)[0] - preds.threshold[layer]).abs().numpy() < 1e-5
+    assert freq.shape == (L, N_FF) and np.all(np.abs(freq * S - count) <= near + 1e-9)
+    assert 0.2 < freq[0].mean() < 0.8 and freq[1].mean() < freq[0].mean() and (freq[2] == 1).all()
+
+
 def test_calibrate_is_the_highest_threshold_reaching_recall():
     g = torch.Generator().manual_seed(0)
     z = torch.randn(300, 50, generator=g)

@@ -21,17 +21,14 @@ reported with slot -1: the engine computes those from a scratch buffer.
 
 Ids are flash-local (0 .. n_ids-1); `step` and `admit` take them sorted and unique, with tokens
 that never decrease, and do not check (the engine calls them once per layer per token). Each call
-costs O(len(ids) + n_used) numpy work, independent of n_ids. `window_capacities` sizes each
-layer's slots from the plan's window-cache bytes.
+costs O(len(ids) + n_used) numpy work, independent of n_ids. `offload.deploy.cache_capacity` sizes
+each layer's slots from the plan's window-cache bytes.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import numpy as np
-
-from hetinfer.placement.plan import Plan
-from hetinfer.tiers import FLASH
 
 
 @dataclass
@@ -177,18 +174,3 @@ class WindowCache:
         self.n_used = n + fit
         return slots
 
-
-def window_capacities(plan: Plan, freq: np.ndarray, record_bytes: np.ndarray) -> np.ndarray:
-    """int64 [n_layers]: window-cache slots per layer. The plan's window-cache bytes are split in
-    proportion to each layer's expected window bytes (its flash neurons' 1 - (1-p)^k occupancy
-    times the layer's record size, p from `freq` [n_layers, n_ff], k the plan's window), then
-    divided by the layer's `record_bytes` [n_layers]; never more slots than flash neurons."""
-    freq = np.asarray(freq, dtype=np.float64)
-    record_bytes = np.asarray(record_bytes, dtype=np.int64)
-    k = plan.manifest["window_tokens"]
-    flash = plan.tiers == FLASH
-    occupancy = np.where(flash, 1.0 - (1.0 - freq) ** k, 0.0).sum(axis=1)
-    want = occupancy * record_bytes
-    total = want.sum()
-    share = plan.window_cache_bytes * want / total if total > 0 else np.zeros_like(want)
-    return np.minimum(np.floor(share / record_bytes).astype(np.int64), flash.sum(axis=1))

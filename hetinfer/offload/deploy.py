@@ -36,7 +36,6 @@ DEPLOY_VERSION = 1
 MANIFEST = "deployment.json"
 REDO = "re-run `hetinfer prepare`"
 AUTO_WINDOWS = (0, 1, 2, 5)  # window-cache lengths prepare tries when --window is not given
-POOL_BYTES = 2 << 20  # each of the two look-ahead pools of a plan without a window cache
 
 
 class DeploymentError(ArtifactError):
@@ -293,16 +292,33 @@ def tier_counts(plan) -> np.ndarray:
 
 
 def cache_capacity(plan, record_bytes: list[int]) -> np.ndarray:
-    """Window-cache slots per layer: the plan's window-cache bytes shared in proportion to each
-    layer's flash neurons (never more slots than the layer has flash neurons). A plan without a window
-    (k = 0) keeps nothing across tokens: its layers share two pools of `POOL_BYTES` (TieredFFN), which
-    hold the next layer's look-ahead reads while this one computes."""
-    n_flash = tier_counts(plan)[:, 2]
-    if plan.manifest["window_tokens"] == 0:
-        return np.minimum(POOL_BYTES // np.asarray(record_bytes), n_flash)
-    share = n_flash / max(int(n_flash.sum()), 1)
-    slots = np.floor(plan.window_cache_bytes * share / np.asarray(record_bytes)).astype(np.int64)
-    return np.minimum(slots, n_flash)
+    """int64 [n_layers]: window-cache slots per layer, the bytes the plan reserved for the layer's window
+    cache (`Plan.layer_window_cache_bytes`) in records of `record_bytes` [n_layers]; never more slots than
+    the layer has flash neurons. A plan without a window (k = 0) keeps nothing across tokens: its layers
+    share two look-ahead pools of `placement.cost.FLASH_POOL_BYTES` (TieredFFN), which hold the next
+    layer's look-ahead reads while this one computes."""
+    from hetinfer.placement.cost import FLASH_POOL_BYTES
+
+    record_bytes = np.asarray(record_bytes, dtype=np.int64)
+    pool = FLASH_POOL_BYTES if plan.manifest["window_tokens"] == 0 else plan.layer_window_cache_bytes
+    return np.minimum(pool // record_bytes, tier_counts(plan)[:, 2])
+
+
+def tiered_ffn(store, curve, select, resident: np.ndarray, capacity: np.ndarray, window: int, activation: str,
+               threads: int | None = None, direct: bool | None = None, lookahead: bool = True):
+    """The engine's TieredFFN over `store`, reading its records file through a FlashReader (`curve`: the
+    plan's FlashTier, or None), with the flash I/O buffers the plan counted: the reader's staging
+    (STAGING_KEPT buffers) and the FFN's scratch add up to `placement.cost.FLASH_IO_BYTES`, and reads
+    are split at FLASH_MAX_READ, as the cost model prices them."""
+    from hetinfer.offload.ffn import TieredFFN
+    from hetinfer.offload.reader import STAGING_KEPT, FlashReader
+    from hetinfer.placement.cost import FLASH_IO_BYTES, FLASH_MAX_READ
+
+    staging = FLASH_IO_BYTES // (2 * STAGING_KEPT)  # half the buffers for staging, half for scratch
+    reader = FlashReader(store.data_path, curve, threads=threads, direct=direct, max_read=FLASH_MAX_READ,
+                         staging_bytes=staging)
+    return TieredFFN(store, reader, select, resident, capacity, window, activation,
+                     scratch_bytes=FLASH_IO_BYTES - STAGING_KEPT * staging, lookahead=lookahead)
 
 
 def open_session(dep: Deployment, n_ctx: int | None = None, every_neuron: bool = False, direct: bool | None = None,
@@ -310,8 +326,6 @@ def open_session(dep: Deployment, n_ctx: int | None = None, every_neuron: bool =
     """A Session whose FFN executes the deployment's plan (`every_neuron`: the exact mode, --sparsity 0), with
     a KV cache of element type `kv` (default: the one the plan counted)."""
     from hetinfer.generate import Session
-    from hetinfer.offload.ffn import TieredFFN
-    from hetinfer.offload.reader import FlashReader
     from hetinfer.placement.hardware import Hardware
 
     counts = tier_counts(dep.plan)
@@ -319,11 +333,10 @@ def open_session(dep: Deployment, n_ctx: int | None = None, every_neuron: bool =
         raise DeploymentError(f"{dep.path} was planned with GPU-tier neurons, which this engine does not run yet; "
                               f"{REDO} with --gpu-mem 0")
     hw = Hardware.from_dict(dep.plan.manifest["hardware"], f"{dep.path}: plan hardware")
-    reader = FlashReader(dep.store.data_path, hw.flash, threads=threads, direct=direct)
     select = (lambda layer, h: None) if every_neuron else dep.predictors.rows
-    ffn = TieredFFN(dep.store, reader, select, counts[:, 0] + counts[:, 1],
-                    cache_capacity(dep.plan, [L.record_bytes for L in dep.store.layers]), dep.manifest["window"],
-                    dep.model.config.activation, lookahead=lookahead)
+    ffn = tiered_ffn(dep.store, hw.flash, select, counts[:, 0] + counts[:, 1],
+                     cache_capacity(dep.plan, [L.record_bytes for L in dep.store.layers]), dep.manifest["window"],
+                     dep.model.config.activation, threads=threads, direct=direct, lookahead=lookahead)
     session = Session(dep.model, n_ctx=n_ctx or dep.manifest["ctx"], ffn=ffn, kv=kv or dep.plan.kv_dtype)
     from hetinfer.info import component_bytes
 

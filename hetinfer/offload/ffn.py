@@ -27,7 +27,6 @@ from hetinfer.offload.reader import FlashReader
 from hetinfer.offload.store import Store
 
 Selector = Callable[[int, torch.Tensor], "np.ndarray | None"]  # (layer, h [1, d]) -> neuron ids, None: every one
-SCRATCH_BYTES = 4 << 20  # records read for one call beyond the cache (overflow, prompts), processed in passes
 
 
 @dataclass
@@ -87,10 +86,11 @@ class TieredFFN:
     """An engine FFN `(layer, h) -> y` over a store whose first `resident[l]` records of each layer
     are held in RAM and the rest are read from flash through a window cache of `capacity[l]` records.
 
-    `select(layer, h)`: neuron ids to compute (sorted int64), or None for every neuron."""
+    `select(layer, h)`: neuron ids to compute (sorted int64), or None for every neuron. `scratch_bytes`:
+    the buffer of records read for one call beyond the cache (overflow, prompts), processed in passes."""
 
     def __init__(self, store: Store, reader: FlashReader, select: Selector, resident: np.ndarray,
-                 capacity: np.ndarray, window: int, activation: str, lookahead: bool = True):
+                 capacity: np.ndarray, window: int, activation: str, scratch_bytes: int, lookahead: bool = True):
         self.store, self.reader, self.select, self.act = store, reader, select, activation
         self.window, self.lookahead = window, lookahead
         self.n_ff = len(store.layers[0].order)
@@ -98,7 +98,7 @@ class TieredFFN:
         self.dense_bytes: dict[str, int] = {}  # set by whoever builds the session (deploy.open_session)
         self.token = -1
         rb = max(L.record_bytes for L in store.layers)
-        self.scratch = np.empty((max(1, SCRATCH_BYTES // rb), rb), np.uint8)
+        self.scratch = np.empty((max(1, scratch_bytes // rb), rb), np.uint8)
         # With window 0 no record outlives its token, so layers of one parity share a slot pool: layer l
         # computes from its pool while layer l+1's look-ahead reads fill the other.
         shared = window == 0

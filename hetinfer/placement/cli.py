@@ -101,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
     predictors = load_predictors(args.predictors, model) if args.predictors else None  # likewise
 
     config, sizes, formats, inputs, assumptions, predictor_info = _model(args, model, profile, predictors)
-    freq, profile_info = _frequencies(args, config, profile, inputs, assumptions)
+    freq, profile_info = _frequencies(args, config, profile, predictors, inputs, assumptions)
     hw = _machine(args, formats["ffn_gate"], config.d_model, config, formats["attn"])
     if "file" in hw.sources.values():
         assumptions.append(f"machine described by {args.hardware}, not measured here")
@@ -188,8 +188,27 @@ def _predictor_bytes(args: argparse.Namespace, config: ModelConfig, predictors, 
     return 0, {"source": None, "bytes": None}
 
 
-def _frequencies(args: argparse.Namespace, config: ModelConfig, profile, inputs: dict,
+def _frequencies(args: argparse.Namespace, config: ModelConfig, profile, predictors, inputs: dict,
                  assumptions: list[str]) -> tuple[np.ndarray, dict]:
+    """How often the engine computes each neuron [n_layers, n_ff], and the manifest's description of the
+    profile: with predictors and a measured profile of this model, the share of the profile's stored FFN
+    inputs the predictors select each neuron for (what the engine computes); otherwise the profile's
+    activation frequency at --sparsity (rescaled if its shape differs) or a power law."""
+    freq, info = _profile_frequencies(args, config, profile, inputs, assumptions)
+    inputs["frequencies"] = "profile"
+    if predictors is None or inputs["profile"] != "measured":
+        return freq, info
+    if not profile.has_samples:
+        assumptions.append(f"the profile keeps no FFN inputs to run the predictors on: neurons priced by its "
+                           f"activation frequency at sparsity {args.sparsity}, not by how often the predictors "
+                           f"select them")
+        return freq, info
+    inputs["frequencies"] = "predictors"
+    return predictors.selection_frequency(profile.samples()[0]), info
+
+
+def _profile_frequencies(args: argparse.Namespace, config: ModelConfig, profile, inputs: dict,
+                         assumptions: list[str]) -> tuple[np.ndarray, dict]:
     """Activation probability [n_layers, n_ff] from the profile (rescaled if its shape differs) or
     a power law, and the manifest's description of where it came from."""
     if profile is None:
@@ -236,7 +255,8 @@ def summary(manifest: dict, path: str) -> dict:
         "plan": str(path), "prediction": manifest["prediction"], "assumptions": manifest["assumptions"],
         "solve_seconds": s["solve_seconds"], "mip_gap": s["mip_gap"], "status": s["status"], "chosen": s["chosen"],
         "objective": s["objective"], "greedy_objective": s["greedy_objective"], "ilp_objective": s["ilp_objective"],
-        "predicted_tok_s": manifest["predicted"]["tok_s"],
+        "predicted_tok_s": manifest["predicted"]["tok_s"], "ffn_density": manifest["predicted"]["ffn_density"],
+        "frequencies": manifest["inputs"]["frequencies"],
         "predictors": {k: manifest["predictors"][k] for k in ("source", "bytes", "seconds_per_token")}
         | {"total_bytes": sum(manifest["predictors"]["layer_bytes"])},
         "tiers": {k: {f: v[f] for f in ("capacity_bytes", "used_bytes", "neuron_share", "activation_share")}
@@ -258,9 +278,13 @@ def report(manifest: dict, path: str) -> str:
                      f"{format_size(v['dense_bytes']):>11} {v['neurons']:>11,} {v['neuron_share']:>11.1%} "
                      f"{v['activation_share']:>15.1%}")
     if "flash" in t:
-        lines.append(f"flash window cache {format_size(t['ram']['window_cache_bytes'])} of RAM; "
-                     f"{t['flash']['reads_per_token']:.1f} flash reads "
-                     f"({format_size(t['flash']['read_bytes_per_token'])}) per token expected")
+        f = t["flash"]
+        lines.append(f"flash window cache {format_size(t['ram']['window_cache_bytes'])} and I/O buffers "
+                     f"{format_size(manifest['dense']['flash_io_bytes'])} of RAM; per token expected "
+                     f"{f['misses_per_token']:.1f} records missing from the window, read in {f['reads_per_token']:.1f} "
+                     f"requests of {format_size(f['read_bytes_per_token'])} in all")
+    lines.append(f"neurons computed per token: {manifest['predicted']['ffn_density']:.1%} "
+                 f"(frequencies from the {manifest['inputs']['frequencies']})")
     pred = manifest["predictors"]
     if pred["bytes"]:
         source = f", {pred['source']}" if pred["source"] else ""
@@ -268,15 +292,18 @@ def report(manifest: dict, path: str) -> str:
                      f"layer's attention, {pred['flops_per_token'] / 1e6:.1f} MFLOP per token")
     ms = 1e3 * manifest["predicted"]["seconds_per_token"]
     dense_ms, pred_ms = 1e3 * manifest["dense"]["seconds_per_token"], 1e3 * pred["seconds_per_token"]
-    fixed_ms = 1e3 * manifest["dense"].get("fixed_seconds_per_token", 0.0)
-    parts = [f"dense {dense_ms:.2f} (predictors {pred_ms:.2f}, per-layer overhead {fixed_ms:.2f})"]
+    fixed_ms = 1e3 * manifest["dense"]["fixed_seconds_per_token"]
+    offload_ms = 1e3 * manifest["dense"]["offload_seconds_per_token"]
+    offload = f", offloading engine {offload_ms:.2f}" if "flash" in t else ""
+    parts = [f"dense {dense_ms:.2f} (predictors {pred_ms:.2f}, per-layer overhead {fixed_ms:.2f}{offload})"]
     parts += [f"{name} {1e3 * v['seconds_per_token']:.2f}" for name, v in t.items()]
     sync = manifest["sync"]
     parts.append(f"sync {1e3 * sync['seconds_per_token']:.2f} ({sync['split_layers']} split layers)")
     lines.append(f"predicted {manifest['predicted']['tok_s']:.2f} tok/s = {ms:.2f} ms/token: {', '.join(parts)}")
     gap = "n/a" if s["mip_gap"] is None else f"{s['mip_gap']:.2%}"
     greedy = "none fits" if s["greedy_objective"] is None else f"{1e3 * s['greedy_objective']:.3f} ms/token"
-    lines.append(f"solver: chose {s['chosen']}; ILP {s['status']}, gap {gap}, {s['solve_seconds']:.1f} s, "
+    lines.append(f"solver: chose {s['chosen']} ({1e3 * s['objective']:.3f} ms/token with the ILP's flash read prices); "
+                 f"ILP {s['status']}, gap {gap}, {s['solve_seconds']:.1f} s, "
                  f"{s['groups_per_layer']} groups/layer of {s['group_size']} neurons ({s['binaries']} binaries); "
                  f"greedy {greedy}")
     names = list(t)

@@ -3,16 +3,22 @@
 A neuron is one FFN row of the gate and up matrices plus the matching column of down, in the
 formats the engine holds them (down is kept neuron-major, requantized to q8_0 when stored in
 a block format, as `kernels.transpose_down` does). Its expected cost per token on a tier is
-linear in its activation probability p (the profile's activation frequency):
+linear in p, how often the engine computes it (the share of tokens the predictors select it in,
+or without predictors the profile's activation frequency):
 
     gpu    p * bytes / gpu.bytes_per_s
     ram    p * bytes / ram.bytes_per_s
-    flash  p * (1-p)^k * read_seconds(bundle) + p * bytes / ram.bytes_per_s
+    flash  p * (1-p)^k * c_l + p * bytes / ram.bytes_per_s
 
 where k is the window (LLM in a Flash): a flash neuron active in any of the last k tokens is
 still in the RAM window cache, so a token reads it from flash only if it was idle for k tokens
-(activations assumed independent across tokens). The window cache costs RAM: a flash neuron
-holds (1 - (1-p)^k) * bytes of it in expectation. A layer whose work runs on both GPU and CPU
+(activations assumed independent across tokens). c_l is what one such miss costs in layer l: the
+flash store packs a layer's records back to back and the reader reads the misses of a layer in
+runs, joined through gaps cheaper to read than another request (`miss_reads`), so a miss costs
+more where misses are rare than where they are dense. The ILP prices c_l at the layer's expected
+miss density (`expected_miss_density`); `evaluate` also prices the chosen plan at its own
+(`Usage.predicted_seconds`, the plan's predicted speed). The window cache costs RAM: a flash neuron
+holds (1 - (1-p)^k) * its record's bytes of it in expectation. A layer whose work runs on both GPU and CPU
 (its attention on one, any of its FFN neurons on the other) pays one synchronisation. Dense
 parts (attention, norms, embeddings, output head, predictors, KV cache, scratch) are placed
 first: every byte of them is read every token, so no neuron byte is worth more fast memory.
@@ -22,9 +28,14 @@ same wherever its weights live.
 A layer's predictor (float32 W1 [r, d] and W2 [n_ff, r]) runs where its FFN input is made,
 on the device of the layer's attention; it is a matrix-vector product, so it costs its bytes at
 that device's rate like the other dense parts (2 FLOPs per 4 bytes: bandwidth-bound).
+With a flash tier the offloading engine (`hetinfer.offload`) runs the plan: its flash I/O buffers
+(`flash_io_bytes`) are RAM of the dense parts, and each layer costs `hw.ram.offload_layer_seconds`
+more (its predictor call, window-cache step, read planning) plus the look-ahead's second
+evaluation of the next layer's predictor.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,9 +43,18 @@ import numpy as np
 from hetinfer.config import DEFAULT_KV, ModelConfig
 from hetinfer.errors import HetinferError
 from hetinfer.kernels.cuda import TILE_BYTES
-from hetinfer.placement.hardware import FLASH_BLOCK, Hardware, format_size
+from hetinfer.placement.hardware import FLASH_BLOCK, FlashTier, Hardware, format_size
 from hetinfer.tensors import BLOCK_FORMATS, FLOAT_FORMATS
 from hetinfer.tiers import FLASH, GPU, RAM, TIERS  # noqa: F401  (re-exported: a neuron's tier code)
+
+# The offloading engine's flash I/O buffers, RAM whenever a plan has a flash tier (`flash_io_bytes`): the
+# reader's staging buffers (a token's reads and the look-ahead's) and the FFN's scratch records (prompt passes,
+# tokens whose flash set overflows the window cache), which `offload.deploy.tiered_ffn` sizes to add up to
+# FLASH_IO_BYTES; without a window cache (k = 0) also the two slot pools the layers share for look-ahead reads,
+# FLASH_POOL_BYTES each (`offload.deploy.cache_capacity`).
+FLASH_IO_BYTES = 4 << 20
+FLASH_POOL_BYTES = 2 << 20
+FLASH_MAX_READ = 128 << 10  # the reader's longest request; longer spans are split into pieces read in parallel
 
 
 class PlacementError(HetinferError):
@@ -86,6 +106,7 @@ class ModelSizes:
     embed_bytes: int
     embed_row_bytes: int  # one token's embedding lookup
     head_bytes: int  # output head + final norm (on the GPU a copy of the embeddings when tied)
+    record_bytes: np.ndarray  # int64 [n_layers]: one neuron's record in the flash store (and its window-cache slot)
     scratch_bytes: int  # activations, logits and attention scores on each device that runs layers
     gpu_decode_bytes: int  # the GPU kernels' temporaries: rows decoded from the stored format, per call
     tied: bool
@@ -102,12 +123,13 @@ def model_sizes(config: ModelConfig, formats: WeightFormats, n_ctx: int,
     c, f = config, formats
     d, q_dim, kv_dim = c.d_model, c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
     neuron = row_bytes(d, f.ffn_gate) + row_bytes(d, f.ffn_up) + row_bytes(d, neuron_down_format(f.ffn_down))
+    record = store_record_bytes((f.ffn_gate, f.ffn_up, neuron_down_format(f.ffn_down)), d)
     attn = (q_dim + 2 * kv_dim) * row_bytes(d, f.attn) + d * row_bytes(q_dim, f.attn)
     norms_biases = 2 * d * 4 + ((q_dim + 2 * kv_dim) * 4 if c.attn_bias else 0)
     head_format = f.embed if c.tied_embeddings else f.head
     return _sizes(c, n_ctx, predictor_bytes, np.full(c.n_layers, neuron), np.full(c.n_layers, attn + norms_biases),
                   c.vocab_size * row_bytes(d, f.embed), row_bytes(d, f.embed),
-                  c.vocab_size * row_bytes(d, head_format) + d * 4, kv_dtype)
+                  c.vocab_size * row_bytes(d, head_format) + d * 4, np.full(c.n_layers, record), kv_dtype)
 
 
 def weight_sizes(config: ModelConfig, weights, n_ctx: int, predictor_bytes: int | list[int] = 0,
@@ -116,14 +138,26 @@ def weight_sizes(config: ModelConfig, weights, n_ctx: int, predictor_bytes: int 
     d = config.d_model
     neuron = [L.gate.row_bytes + L.up.row_bytes + row_bytes(d, neuron_down_format(L.down.qtype))
               for L in weights.layers]
+    record = [store_record_bytes((L.gate.qtype, L.up.qtype, neuron_down_format(L.down.qtype)), d)
+              for L in weights.layers]
     layer = [L.wq.nbytes + L.wk.nbytes + L.wv.nbytes + L.wo.nbytes + 4 * (L.attn_norm.numel() + L.ffn_norm.numel())
              + sum(4 * b.numel() for b in (L.bq, L.bk, L.bv) if b is not None) for L in weights.layers]
     return _sizes(config, n_ctx, predictor_bytes, np.array(neuron), np.array(layer), weights.embed.nbytes,
-                  weights.embed.row_bytes, weights.output.nbytes + 4 * weights.output_norm.numel(), kv_dtype)
+                  weights.embed.row_bytes, weights.output.nbytes + 4 * weights.output_norm.numel(), np.array(record),
+                  kv_dtype)
+
+
+def store_record_bytes(qtypes: tuple[str, str, str], d_model: int) -> int:
+    """Bytes of one neuron's record in the flash store: gate row | up row | neuron-major down column, in
+    `qtypes`, padded to 8 bytes (`offload.store.record_layout`, imported here because the store imports
+    this module)."""
+    from hetinfer.offload.store import record_layout
+
+    return record_layout(qtypes, d_model)[1]
 
 
 def _sizes(c: ModelConfig, n_ctx: int, predictor_bytes, neuron, layer, embed: int, embed_row: int,
-           head: int, kv_dtype: str) -> ModelSizes:
+           head: int, record, kv_dtype: str) -> ModelSizes:
     pred = np.broadcast_to(np.asarray(predictor_bytes, dtype=np.int64), (c.n_layers,)).copy()
     return ModelSizes(
         neuron_bytes=np.asarray(neuron, dtype=np.int64),
@@ -133,6 +167,7 @@ def _sizes(c: ModelConfig, n_ctx: int, predictor_bytes, neuron, layer, embed: in
         embed_bytes=int(embed),
         embed_row_bytes=int(embed_row),
         head_bytes=int(head),
+        record_bytes=np.asarray(record, dtype=np.int64),
         scratch_bytes=4 * (c.vocab_size + 3 * c.n_ff + 8 * c.d_model + c.n_heads * n_ctx),
         gpu_decode_bytes=gpu_decode_bytes(c),
         tied=c.tied_embeddings,
@@ -164,10 +199,19 @@ class DensePlacement:
     seconds: float  # expected time per token spent on dense parts
     predictor_seconds: float  # the predictors' share of `seconds`
     fixed_seconds: float  # its share of the engine's fixed per-layer work (hw.ram.layer_seconds per layer)
+    io_bytes: int  # the offloading engine's flash I/O buffers (`flash_io_bytes` with a flash tier), in ram_bytes
+    offload_seconds: float  # its share of the offloading engine's own per-layer work (0 without a flash tier)
 
 
-def place_dense(sizes: ModelSizes, hw: Hardware) -> DensePlacement:
-    """Output head, then layers in order, onto the GPU while they fit; everything else in RAM.
+def flash_io_bytes(window_tokens: int) -> int:
+    """RAM of the offloading engine's flash I/O buffers for a window cache of `window_tokens` (see FLASH_IO_BYTES)."""
+    return FLASH_IO_BYTES + (2 * FLASH_POOL_BYTES if window_tokens == 0 else 0)
+
+
+def place_dense(sizes: ModelSizes, hw: Hardware, window_tokens: int = 5) -> DensePlacement:
+    """Output head, then layers in order, onto the GPU while they fit; everything else in RAM. With a
+    flash tier, the offloading engine's I/O buffers in RAM (for a window cache of `window_tokens`) and its
+    per-layer work (`offload_seconds`).
 
     Raises PlacementError naming the minimum RAM when the dense parts do not fit."""
     n = len(sizes.layer_bytes)
@@ -182,30 +226,34 @@ def place_dense(sizes: ModelSizes, hw: Hardware) -> DensePlacement:
         attn_on_gpu = np.cumsum(per_layer) <= free  # a prefix of the layers
         gpu_bytes = hw.gpu.capacity_bytes - free + int(per_layer[attn_on_gpu].sum())
     head_in_ram = not head_on_gpu and not sizes.tied  # a tied head on the CPU reads the embeddings
+    io_bytes = flash_io_bytes(window_tokens) if hw.flash is not None else 0
     ram_bytes = (sizes.embed_bytes + sizes.scratch_bytes + (sizes.head_bytes if head_in_ram else 0)
-                 + int(per_layer[~attn_on_gpu].sum()))
+                 + int(per_layer[~attn_on_gpu].sum()) + io_bytes)
     if ram_bytes > hw.ram.capacity_bytes:
         on_gpu = f" besides the {format_size(gpu_bytes)} the GPU holds" if gpu_bytes else ""
+        io = ", flash I/O buffers" if io_bytes else ""
         raise PlacementError(
             f"the RAM budget {format_size(hw.ram.capacity_bytes)} is too small for the dense parts (attention, norms, "
-            f"embeddings, output head, predictors, KV cache for {sizes.n_ctx} tokens, scratch): they need at least "
+            f"embeddings, output head, predictors, KV cache for {sizes.n_ctx} tokens, scratch{io}): they need at least "
             f"{format_size(ram_bytes)} of RAM{on_gpu}; raise --ram to {format_size(ram_bytes)} or more"
             + (", give the GPU more memory" if hw.gpu is not None else "") + " or plan a shorter --ctx")
     gpu_bw = hw.gpu.bytes_per_s if hw.gpu is not None else 1.0
     ram_bw = hw.ram.bytes_per_s
     rate = np.where(attn_on_gpu, gpu_bw, ram_bw)
     fixed = n * hw.ram.layer_seconds
+    # the offloading engine (CPU): per layer its own work, and layer l's input predicts layer l+1's set (look-ahead)
+    offload = n * hw.ram.offload_layer_seconds + sizes.predictor_bytes[1:].sum() / ram_bw if io_bytes else 0.0
     seconds = (sizes.head_bytes / (gpu_bw if head_on_gpu else ram_bw) + sizes.embed_row_bytes / ram_bw
-               + (sizes.layer_bytes / rate).sum() + fixed)
+               + (sizes.layer_bytes / rate).sum() + fixed + offload)
     return DensePlacement(head_on_gpu, attn_on_gpu, gpu_bytes, ram_bytes, float(seconds),
-                          float((sizes.predictor_bytes / rate).sum()), float(fixed))
+                          float((sizes.predictor_bytes / rate).sum()), float(fixed), io_bytes, float(offload))
 
 
 @dataclass
 class Problem:
     """One placement problem: per-neuron costs on every tier and the bytes left for neurons."""
 
-    freq: np.ndarray  # float64 [n_layers, n_ff]: activation probability per token
+    freq: np.ndarray  # float64 [n_layers, n_ff]: probability the engine computes the neuron in a token
     sizes: ModelSizes
     hw: Hardware
     dense: DensePlacement
@@ -213,7 +261,8 @@ class Problem:
     tiers: tuple[int, ...]  # tier codes present, fastest first
     seconds: np.ndarray  # float64 [3, n_layers, n_ff]: expected seconds per token per tier (inf: absent)
     window: np.ndarray  # float64 [n_layers, n_ff]: expected RAM window-cache bytes if on flash
-    bundle_bytes: np.ndarray  # int64 [n_layers]: flash bytes of one neuron, padded to FLASH_BLOCK
+    misses: np.ndarray  # float64 [n_layers, n_ff]: probability a token reads the neuron if on flash, p (1-p)^k
+    miss_seconds: np.ndarray  # float64 [n_layers]: the ILP's price of one miss (at the expected miss density)
     free: np.ndarray  # int64 [3]: bytes each tier has for neurons after the dense parts
     sync_s: float  # one GPU/CPU synchronisation
     min_gpu: np.ndarray  # int64 [n_layers]: GPU neurons a CPU-attention layer needs to use the GPU at all (0: any)
@@ -221,20 +270,22 @@ class Problem:
 
 def build_problem(freq: np.ndarray, config: ModelConfig, sizes: ModelSizes, hw: Hardware,
                   window_tokens: int = 5) -> Problem:
-    """Place the dense parts, then price every neuron on every tier present (`freq`: activation
-    probability [n_layers, n_ff]; `window_tokens`: k of the flash window cache)."""
+    """Place the dense parts, then price every neuron on every tier present (`freq`: probability
+    [n_layers, n_ff] the engine computes each neuron in a token; `window_tokens`: k of the flash
+    window cache)."""
     freq = np.asarray(freq, dtype=np.float64)
     if freq.shape != (config.n_layers, config.n_ff):
         raise PlacementError(f"profile has shape {freq.shape}, the model needs ({config.n_layers}, {config.n_ff})")
     if not np.isfinite(freq).all() or freq.min() < 0 or freq.max() > 1:
         raise PlacementError("activation frequencies must lie in [0, 1]; the profile is corrupt, re-run the profiler")
-    dense = place_dense(sizes, hw)
+    dense = place_dense(sizes, hw, window_tokens)
     b = sizes.neuron_bytes[:, None].astype(np.float64)
-    bundle = -(-sizes.neuron_bytes // FLASH_BLOCK) * FLASH_BLOCK
     seconds = np.full((3,) + freq.shape, np.inf)
     seconds[RAM] = freq * b / hw.ram.bytes_per_s
-    miss = (1.0 - freq) ** window_tokens
-    window = (1.0 - miss) * b
+    idle = (1.0 - freq) ** window_tokens  # not used in the last k tokens: not in the window cache
+    window = (1.0 - idle) * sizes.record_bytes[:, None]
+    misses = freq * idle
+    miss_seconds = np.zeros(config.n_layers)
     free = np.zeros(3, dtype=np.int64)
     free[RAM] = hw.ram.capacity_bytes - dense.ram_bytes
     tiers = [RAM]
@@ -243,8 +294,9 @@ def build_problem(freq: np.ndarray, config: ModelConfig, sizes: ModelSizes, hw: 
         free[GPU] = hw.gpu.capacity_bytes - dense.gpu_bytes
         tiers.insert(0, GPU)
     if hw.flash is not None:
-        reads = np.array([hw.flash.read_seconds(int(n)) for n in bundle])[:, None]
-        seconds[FLASH] = freq * miss * reads + seconds[RAM]
+        density = expected_miss_density(freq, misses, sizes.neuron_bytes, free[RAM] + free[GPU])
+        miss_seconds = np.array([miss_reads(q, r, hw.flash)[0] for q, r in zip(density, sizes.record_bytes)])
+        seconds[FLASH] = misses * miss_seconds[:, None] + seconds[RAM]
         free[FLASH] = hw.flash.capacity_bytes
         tiers.append(FLASH)
     sync_s = hw.sync_seconds(config.d_model) if GPU in tiers else 0.0
@@ -256,16 +308,63 @@ def build_problem(freq: np.ndarray, config: ModelConfig, sizes: ModelSizes, hw: 
         gain = np.sort(seconds[RAM] - seconds[GPU], axis=1)[:, ::-1].cumsum(axis=1)
         for layer in np.flatnonzero(~dense.attn_on_gpu):
             min_gpu[layer] = np.searchsorted(gain[layer], sync_s) + 1  # n_ff + 1: never worth it
-    return Problem(freq, sizes, hw, dense, window_tokens, tuple(tiers), seconds, window, bundle, free, sync_s, min_gpu)
+    return Problem(freq, sizes, hw, dense, window_tokens, tuple(tiers), seconds, window, misses, miss_seconds, free,
+                   sync_s, min_gpu)
+
+
+def expected_miss_density(freq: np.ndarray, misses: np.ndarray, neuron_bytes: np.ndarray,
+                          fast_bytes: int) -> np.ndarray:
+    """float64 [n_layers]: each layer's expected misses per flash record and token if the neurons that do not
+    fit in `fast_bytes` were, in equal numbers per layer, each layer's coldest (at least its coldest one).
+    The ILP prices a miss at this density, fixed before it knows the plan."""
+    n_layers, n_ff = freq.shape
+    fit = int(max(fast_bytes, 0) // max(float(neuron_bytes.mean()), 1.0))
+    n_flash = int(np.clip(-(-(n_layers * n_ff - fit) // n_layers), 1, n_ff))
+    coldest = np.argsort(freq, axis=1, kind="stable")[:, :n_flash]
+    return np.take_along_axis(misses, coldest, axis=1).mean(axis=1)
+
+
+def miss_reads(q: float, record_bytes: int, flash: FlashTier,
+               max_read: int = FLASH_MAX_READ) -> tuple[float, float, float]:
+    """(seconds, bytes, requests) of flash reads per missed record, for a layer whose records (`record_bytes`
+    R each, packed back to back) each miss a token with probability q, independently, read as
+    `offload.reader.plan_reads` plans it.
+
+    Between two misses lie g records with probability q (1-q)^g. The reader joins two misses into one
+    request when the gap is under a 4 KiB block (their aligned spans touch) or when reading it costs less
+    than a second request: read_seconds((g+2) R + w) <= 2 read_seconds(R + w), with w = 4096 - gcd(R, 4096)
+    the expected alignment padding of a request. So a miss opens a request with probability
+    s = (1-q)^(g*+1), g* the longest joined gap; per miss the reader reads R (1 + (1-s) E[g | g <= g*]) + s w
+    bytes, in requests of that over s bytes, split into pieces of at most `max_read`, each costing
+    `flash.read_seconds` of its size. q -> 0: one padded record per request; q = 1: the whole span in
+    `max_read` pieces."""
+    size, block = int(record_bytes), FLASH_BLOCK
+    q = min(max(float(q), 1e-12), 1.0)
+    pad = block - math.gcd(size, block)
+    gap = np.arange(max(1, max_read // size) + 1)  # [G] gaps in records (longer ones would exceed max_read)
+    joined = (gap * size < block) | (flash.read_seconds((gap + 2) * size + pad) <= 2 * flash.read_seconds(size + pad))
+    longest = len(gap) - 1 if joined.all() else int(np.argmin(joined)) - 1  # joined[0]: adjacent records
+    gap = gap[: longest + 1]
+    weight = (1.0 - q) ** gap  # P(gap = g | g <= longest), unnormalised
+    opens = (1.0 - q) ** (longest + 1)
+    per_miss = size * (1.0 + (1.0 - opens) * float((gap * weight).sum() / weight.sum())) + opens * pad
+    request = min(per_miss / opens, max_read) if opens > 0 else max_read
+    return per_miss * float(flash.read_seconds(request)) / request, per_miss, per_miss / request
 
 
 @dataclass
 class Usage:
-    seconds: float  # expected time per token
+    seconds: float  # expected time per token, as the ILP prices it (its objective)
+    predicted_seconds: float  # the same with each layer's flash reads priced at the plan's own miss density
     used: np.ndarray  # int64 [3]: bytes per tier, dense parts and window cache included
     neuron_bytes: np.ndarray  # int64 [3]: bytes of neurons per tier
     window_bytes: int  # RAM reserved for the flash window cache
+    layer_window_bytes: np.ndarray  # int64 [n_layers]: its share per layer (sums to window_bytes)
     split: np.ndarray  # bool [n_layers]: layer runs on both GPU and CPU
+    misses: np.ndarray  # float64 [n_layers]: expected flash records read per token
+    read_seconds: np.ndarray  # float64 [n_layers]: expected flash read time per token (predicted)
+    read_bytes: np.ndarray  # float64 [n_layers]: expected bytes read per token, gaps and alignment included
+    reads: np.ndarray  # float64 [n_layers]: expected read requests per token
 
 
 def evaluate(p: Problem, tiers: np.ndarray) -> Usage:
@@ -273,15 +372,22 @@ def evaluate(p: Problem, tiers: np.ndarray) -> Usage:
     on = [tiers == t for t in range(3)]
     count = np.stack([o.sum(axis=1) for o in on])  # [3, n_layers]
     neuron_bytes = (count * p.sizes.neuron_bytes).sum(axis=1)
-    neuron_bytes[FLASH] = int((count[FLASH] * p.bundle_bytes).sum())
-    window = int(np.ceil(p.window[on[FLASH]].sum()))
+    neuron_bytes[FLASH] = int((count[FLASH] * p.sizes.record_bytes).sum())
+    layer_window = np.ceil(np.where(on[FLASH], p.window, 0.0).sum(axis=1)).astype(np.int64)  # each layer's, rounded up
     used = neuron_bytes.copy()
     used[GPU] += p.dense.gpu_bytes
-    used[RAM] += p.dense.ram_bytes + window
+    used[RAM] += p.dense.ram_bytes + int(layer_window.sum())
     has_gpu, has_cpu = count[GPU] > 0, (count[RAM] + count[FLASH]) > 0
     split = np.where(p.dense.attn_on_gpu, has_cpu, has_gpu) if GPU in p.tiers else np.zeros_like(has_gpu)
     seconds = p.dense.seconds + sum(float(p.seconds[t][on[t]].sum()) for t in range(3) if on[t].any())
-    return Usage(seconds + p.sync_s * int(split.sum()), used, neuron_bytes, window, split)
+    seconds += p.sync_s * int(split.sum())
+    misses = np.where(on[FLASH], p.misses, 0.0).sum(axis=1)
+    reads = np.zeros((3, len(misses)))  # seconds, bytes, requests per layer
+    for layer in np.flatnonzero(count[FLASH]):
+        per_miss = miss_reads(misses[layer] / count[FLASH, layer], p.sizes.record_bytes[layer], p.hw.flash)
+        reads[:, layer] = misses[layer] * np.array(per_miss)
+    predicted = seconds + float((reads[0] - misses * p.miss_seconds).sum())
+    return Usage(seconds, predicted, used, neuron_bytes, int(layer_window.sum()), layer_window, split, misses, *reads)
 
 
 def violations(p: Problem, tiers: np.ndarray) -> list[str]:

@@ -24,7 +24,7 @@ from hetinfer.schema import MapOf, Nullable, Omittable, dataclass_schema, valida
 
 HARDWARE_FORMAT = "hetinfer.hardware"
 HARDWARE_VERSION = 1
-FLASH_BLOCK = 4096  # O_DIRECT alignment; flash bundles are padded to it so one bundle = one read
+FLASH_BLOCK = 4096  # O_DIRECT alignment: flash reads are requests of whole, aligned blocks
 
 # Used only for tiers that are not on this machine (what-if planning); always labelled "assumed".
 ASSUMED_GPU = {"bytes_per_s": 600e9, "h2d_bytes_per_s": 25e9, "sync_latency_s": 20e-6}  # PCIe 4 x16 card
@@ -60,6 +60,9 @@ class RamTier:
     # Fixed CPU time per layer and token besides reading weights: norms, rotary, residual adds and each
     # kernel call's cost (~3-5 us from Python, ~1.6 us per parallel region); 0 when not measured.
     layer_seconds: float = 0.0
+    # CPU time per layer and token the offloading engine (hetinfer.offload) adds to that: its predictor calls
+    # (the layer's and the look-ahead's), window-cache step, read planning and submission; 0 when not measured.
+    offload_layer_seconds: float = 0.0
 
 
 @dataclass
@@ -148,6 +151,7 @@ def _validate(hw: Hardware, where: str) -> None:
     positive("ram.capacity_bytes", hw.ram.capacity_bytes, allow_zero=True)
     positive("ram.bytes_per_s", hw.ram.bytes_per_s)
     positive("ram.layer_seconds", hw.ram.layer_seconds, allow_zero=True)
+    positive("ram.offload_layer_seconds", hw.ram.offload_layer_seconds, allow_zero=True)
     if hw.gpu is not None:
         positive("gpu.capacity_bytes", hw.gpu.capacity_bytes, allow_zero=True)
         for k in ("bytes_per_s", "h2d_bytes_per_s", "sync_latency_s"):
@@ -187,7 +191,7 @@ def source_keys(hw: Hardware) -> list[str]:
     if hw.gpu is not None:
         keys += ["gpu.capacity_bytes", "gpu.bytes_per_s", "gpu.h2d_bytes_per_s", "gpu.sync_latency_s"]
     if hw.flash is not None:
-        keys += ["flash.capacity_bytes", "flash.bytes_per_s"]
+        keys += ["ram.offload_layer_seconds", "flash.capacity_bytes", "flash.bytes_per_s"]
     return keys
 
 

@@ -4,14 +4,14 @@ Neurons of a layer are ranked by activation probability and cut into groups of `
 consecutive ranks (sized so the model has at most `max_binaries` binaries). One binary per
 (group, tier) and each group on exactly one tier. Prefix constraints keep hotter groups on a
 tier at least as fast as colder groups of the same layer. Capacities are in bytes: GPU neuron
-bytes; RAM neuron bytes plus the window cache of flash neurons; flash bundle bytes. Each layer
+bytes; RAM neuron bytes plus the window cache of flash neurons; flash record bytes. Each layer
 pays the sync cost when it runs on both GPU and CPU, and a layer whose attention is on the CPU
 uses the GPU only with at least `Problem.min_gpu` neurons (the indicator is its hottest group's
-GPU binary). The objective is `cost.evaluate`'s expected time per token, exactly, since group
-costs are sums of neuron costs. CBC starts from the better of the greedy and a quick ILP over
-8x coarser groups; its result is topped up neuron by neuron into capacity that group
-granularity left free; whichever of that and the neuron-level greedy is faster is returned, so
-the result is never worse than greedy.
+GPU binary). The objective is `cost.evaluate`'s expected time per token (`Usage.seconds`, flash
+misses at their fixed price), exactly, since group costs are sums of neuron costs. CBC starts
+from the better of the greedy and a quick ILP over 8x coarser groups; its result is topped up
+neuron by neuron into capacity that group granularity left free; whichever of that and the
+neuron-level greedy is faster is returned, so the result is never worse than greedy.
 """
 from __future__ import annotations
 
@@ -90,9 +90,14 @@ def _free(p: Problem, units: _Units, tiers: np.ndarray) -> np.ndarray:
     """Bytes still free on each tier (RAM net of the window cache) for units placed as `tiers`."""
     b = units.count * p.sizes.neuron_bytes[:, None]
     free = p.free.astype(np.float64) - [b[tiers == GPU].sum(), b[tiers == RAM].sum(), 0.0]
-    free[RAM] -= units.window[tiers == FLASH].sum() + (FLASH in p.tiers)  # +1: the window is rounded up to bytes
-    free[FLASH] -= (units.count * p.bundle_bytes[:, None])[tiers == FLASH].sum()
+    free[RAM] -= units.window[tiers == FLASH].sum() + _window_rounding(p)
+    free[FLASH] -= (units.count * p.sizes.record_bytes[:, None])[tiers == FLASH].sum()
     return free
+
+
+def _window_rounding(p: Problem) -> int:
+    """Bytes kept free for rounding each layer's window-cache bytes up to a whole byte (`cost.evaluate`)."""
+    return len(p.freq) if FLASH in p.tiers else 0
 
 
 def _promote(p: Problem, units: _Units, tiers: np.ndarray, target: int, layers: np.ndarray) -> None:
@@ -245,10 +250,10 @@ def _solve_ilp(p: Problem, u: _Units, start: np.ndarray | None, deadline: float,
     ram = [(x[layer, k, RAM], int(b[layer, k])) for layer in range(n_layers) for k in range(k_groups)]
     if FLASH in tiers:
         ram += [(x[layer, k, FLASH], float(u.window[layer, k])) for layer in range(n_layers) for k in range(k_groups)]
-        flash = u.count * p.bundle_bytes[:, None]
+        flash = u.count * p.sizes.record_bytes[:, None]
         prob += pulp.LpAffineExpression([(x[layer, k, FLASH], int(flash[layer, k])) for layer in range(n_layers)
                                          for k in range(k_groups)]) <= int(p.free[FLASH]), "cap_flash"
-    prob += pulp.LpAffineExpression(ram) <= int(p.free[RAM]) - (FLASH in tiers), "cap_ram"  # window rounded up
+    prob += pulp.LpAffineExpression(ram) <= int(p.free[RAM]) - _window_rounding(p), "cap_ram"
 
     with tempfile.TemporaryDirectory() as tmp:
         log = Path(tmp) / "cbc.log"

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import datetime
 
-import numpy as np
-
 from hetinfer.config import ModelConfig
 from hetinfer.placement.cost import FLASH, TIERS, Problem, evaluate
 from hetinfer.placement.ilp import Solution
@@ -24,8 +22,8 @@ def build_manifest(p: Problem, sol: Solution, config: ModelConfig, formats: dict
     on = [sol.tiers == t for t in range(3)]
     freq = p.freq
     total_act = max(float(freq.sum()), 1e-30)
-    miss = (1.0 - freq) ** p.window_tokens
     sec = [float(p.seconds[t][on[t]].sum()) if on[t].any() else 0.0 for t in range(3)]
+    sec[FLASH] += usage.predicted_seconds - usage.seconds  # reads priced at the plan's own miss density
     dense_bytes = [p.dense.gpu_bytes, p.dense.ram_bytes, 0]
     tiers = {}
     for t in p.tiers:
@@ -42,16 +40,17 @@ def build_manifest(p: Problem, sol: Solution, config: ModelConfig, formats: dict
         }
     tiers["ram"]["window_cache_bytes"] = usage.window_bytes
     if FLASH in p.tiers:
-        reads = freq[on[FLASH]] * miss[on[FLASH]]
-        tiers["flash"]["reads_per_token"] = float(reads.sum())
-        bundle = np.broadcast_to(p.bundle_bytes[:, None], freq.shape)[on[FLASH]]
-        tiers["flash"]["read_bytes_per_token"] = float((reads * bundle).sum())
+        tiers["flash"].update(
+            misses_per_token=float(usage.misses.sum()), reads_per_token=float(usage.reads.sum()),
+            read_bytes_per_token=float(usage.read_bytes.sum()), read_seconds_per_token=float(usage.read_seconds.sum()),
+            priced_miss_seconds=p.miss_seconds.tolist())
     layers = []
     for layer in range(freq.shape[0]):
-        row = {"attention": "gpu" if p.dense.attn_on_gpu[layer] else "ram", "split": bool(usage.split[layer])}
+        row = {"attention": "gpu" if p.dense.attn_on_gpu[layer] else "ram", "split": bool(usage.split[layer]),
+               "window_cache_bytes": int(usage.layer_window_bytes[layer])}
         for t in p.tiers:
             m = on[t][layer]
-            per_neuron = p.bundle_bytes[layer] if t == FLASH else p.sizes.neuron_bytes[layer]
+            per_neuron = p.sizes.record_bytes[layer] if t == FLASH else p.sizes.neuron_bytes[layer]
             row[TIERS[t]] = int(m.sum())
             row[f"{TIERS[t]}_bytes"] = int(m.sum() * per_neuron)
             row[f"{TIERS[t]}_activation_share"] = float(freq[layer][m].sum() / max(freq[layer].sum(), 1e-30))
@@ -64,7 +63,7 @@ def build_manifest(p: Problem, sol: Solution, config: ModelConfig, formats: dict
         "assumptions": assumptions,
         "inputs": inputs,
         "model": {"config": config.to_dict(), "formats": formats, "n_ctx": p.sizes.n_ctx,
-                  "neuron_bytes": p.sizes.neuron_bytes.tolist(), "flash_bundle_bytes": p.bundle_bytes.tolist(),
+                  "neuron_bytes": p.sizes.neuron_bytes.tolist(), "record_bytes": p.sizes.record_bytes.tolist(),
                   "layer_dense_bytes": p.sizes.layer_bytes.tolist(), "kv_bytes_per_layer": p.sizes.kv_bytes,
                   "kv_dtype": p.sizes.kv_dtype},
         "profile": {"source": None, "model": None, "tokens": 0, "sparsity": None, "synthesis": None} | profile,
@@ -75,7 +74,8 @@ def build_manifest(p: Problem, sol: Solution, config: ModelConfig, formats: dict
         "hardware": p.hw.to_dict(),
         "window_tokens": p.window_tokens,
         "dense": {"head": "gpu" if p.dense.head_on_gpu else "ram", "embeddings": "ram",
-                  "seconds_per_token": p.dense.seconds, "fixed_seconds_per_token": p.dense.fixed_seconds},
+                  "seconds_per_token": p.dense.seconds, "fixed_seconds_per_token": p.dense.fixed_seconds,
+                  "flash_io_bytes": p.dense.io_bytes, "offload_seconds_per_token": p.dense.offload_seconds},
         "tiers": tiers,
         "layers": layers,
         "sync": {"seconds": p.sync_s, "split_layers": int(usage.split.sum()),
@@ -84,5 +84,6 @@ def build_manifest(p: Problem, sol: Solution, config: ModelConfig, formats: dict
                    "ilp_objective": sol.ilp_seconds, "greedy_objective": sol.greedy_seconds,
                    "mip_gap": sol.mip_gap, "solve_seconds": sol.solve_seconds, "group_size": sol.group_size,
                    "groups_per_layer": sol.groups, "binaries": sol.binaries},
-        "predicted": {"seconds_per_token": usage.seconds, "tok_s": 1.0 / usage.seconds},
+        "predicted": {"seconds_per_token": usage.predicted_seconds, "tok_s": 1.0 / usage.predicted_seconds,
+                      "ffn_density": float(freq.mean())},
     }

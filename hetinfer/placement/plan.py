@@ -26,7 +26,7 @@ from hetinfer.schema import NUMBER, MapOf, Nullable, Omittable, validate
 from hetinfer.tiers import FLASH, GPU, RAM, TIERS
 
 PLAN_FORMAT = "hetinfer.plan"
-PLAN_VERSION = 1
+PLAN_VERSION = 2  # 2: per-layer window-cache bytes, flash priced by packed records (docs/formats/plan.md)
 MANIFEST = "plan.json"
 _ARRAY = re.compile(r"tiers\.[0-9a-f]{16}\.npy")
 
@@ -100,6 +100,11 @@ class Plan:
         """RAM reserved for flash neurons read in the last `window_tokens` tokens; the engine caps its cache here."""
         return self.manifest["tiers"]["ram"]["window_cache_bytes"]
 
+    @property
+    def layer_window_cache_bytes(self) -> np.ndarray:
+        """int64 [n_layers]: each layer's share of `window_cache_bytes`, as placement sized it."""
+        return np.array([row["window_cache_bytes"] for row in self.manifest["layers"]], dtype=np.int64)
+
 
 def save_plan(path: str | Path, manifest: dict, tiers: np.ndarray) -> None:
     """Write the array under its hash, then swap in the manifest; stale arrays are removed after."""
@@ -146,6 +151,8 @@ def load_plan(path: str | Path) -> Plan:
     except ArtifactError as e:
         raise PlanError(str(e)) from None
     spec, layers = manifest["arrays"]["tiers"], manifest["layers"]
+    window = [row.get("window_cache_bytes") for row in layers]
+    window_total = manifest["tiers"]["ram"].get("window_cache_bytes")
     if not _ARRAY.fullmatch(spec["file"]):
         raise PlanError(f"{d / MANIFEST}: `arrays.tiers.file` must name a tiers.<hash>.npy file in the plan; {fix}")
     try:
@@ -170,4 +177,7 @@ def load_plan(path: str | Path) -> Plan:
         for t in (GPU, RAM, FLASH):
             if row.get(TIERS[t], 0) != int((tiers[i] == t).sum()):
                 raise PlanError(f"{d / MANIFEST}: layer {i} {TIERS[t]} count disagrees with the tier array; {redo}")
+    if not all(type(b) is int and b >= 0 for b in window) or sum(window) != window_total:
+        raise PlanError(f"{d / MANIFEST}: the layers' window_cache_bytes are not whole bytes adding up to "
+                        f"tiers.ram.window_cache_bytes; {redo}")
     return Plan(manifest, tiers)

@@ -1,8 +1,9 @@
 """Measure this machine: `detect` builds a `Hardware` from probes of the kernels and the disk.
 
 The CPU and GPU probes time `hetinfer.kernels.sparse_ffn` on random weights (and, for the
-per-layer cost, random layers of the planned model's shape); the flash probe reads a scratch
-file with O_DIRECT at several read sizes and depths. Each result is cached as JSON under
+per-layer costs, random layers of the planned model's shape, through the engine and through the
+offloading engine); the flash probe reads a scratch file with O_DIRECT at several read sizes and
+depths. Each result is cached as JSON under
 ~/.cache/hetinfer/, keyed by what it depends on (host, format, width, threads, the kernels'
 source), so planning again on the same machine costs nothing.
 """
@@ -15,8 +16,10 @@ import os
 import platform
 import shutil
 import statistics
+import tempfile
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -40,9 +43,10 @@ def detect(gpu_mem: int | None = None, ram: int | None = None, flash_dir: str | 
     gpu_mem: bytes of GPU memory to use (0 disables the GPU; given without a CUDA device it adds
     a GPU with assumed speeds, for what-if planning). ram: bytes of RAM to use. flash_dir: a
     directory on the disk to serve flash neurons from; its free space is the capacity and its
-    read speed is probed once per device and cached. qtype, d_model: the FFN weight format and
-    width the kernel probes run (cached per format and width); config, attn_qtype: the model whose
-    layer shape the per-layer probe runs (`measure_cpu_layer_seconds`), when known.
+    read speed is probed once per device and cached, and measured here (not with `base`), the
+    offloading engine's per-layer work (`measure_offload_layer_seconds`). qtype, d_model: the FFN
+    weight format and width the kernel probes run (cached per format and width); config, attn_qtype:
+    the model whose layer shape the per-layer probes run (`measure_cpu_layer_seconds`), when known.
     """
     if base is None:
         rate = measure_cpu_bytes_per_s(qtype, d_model)
@@ -56,7 +60,7 @@ def detect(gpu_mem: int | None = None, ram: int | None = None, flash_dir: str | 
     else:
         hw = Hardware(ram=base.ram, gpu=base.gpu, flash=base.flash, sources=dict(base.sources))
     if ram is not None:
-        hw.ram = RamTier(ram, hw.ram.bytes_per_s, hw.ram.layer_seconds)
+        hw.ram = replace(hw.ram, capacity_bytes=ram)
         hw.sources["ram.capacity_bytes"] = "flag"
     if gpu_mem is not None:
         if gpu_mem == 0:
@@ -72,6 +76,9 @@ def detect(gpu_mem: int | None = None, ram: int | None = None, flash_dir: str | 
     if flash_dir is not None:
         hw.flash = flash_tier(flash_dir)
         hw.sources.update({"flash.capacity_bytes": "measured", "flash.bytes_per_s": "measured"})
+        if base is None:
+            hw.ram.offload_layer_seconds = measure_offload_layer_seconds(config.n_ff if config else 1536)
+            hw.sources["ram.offload_layer_seconds"] = "measured"
     return hw
 
 
@@ -143,9 +150,8 @@ def _layer_probe(shape: list | None, bytes_per_s: float | None, steps: int = 32)
     n_layers = 8 if shape is None else int(np.clip(LAYER_PROBE_BYTES // (dense_bytes + ffn_bytes), 2, 256))
     cfg.n_layers = n_layers
 
-    def w(rows: int, cols: int, qtype: str) -> QTensor:  # 64 random rows tiled: real bytes, quick to make
-        small = quantize(rng.standard_normal((min(rows, 64), cols), dtype=np.float32) * 0.1, qtype)
-        return QTensor(qtype, (rows, cols), np.tile(small.data, (-(-rows // 64), 1))[:rows])
+    def w(rows: int, cols: int, qtype: str) -> QTensor:
+        return _tiled_matrix(rng, rows, cols, qtype)
 
     layers = [LayerWeights(torch.ones(d), w(H * hd, d, attn), w(KV * hd, d, attn), w(KV * hd, d, attn),
                            w(d, H * hd, attn), torch.ones(d), w(n_ff, d, ffn_q), w(n_ff, d, ffn_q), w(d, n_ff, ffn_q))
@@ -177,6 +183,89 @@ def _layer_probe(shape: list | None, bytes_per_s: float | None, steps: int = 32)
     if shape is not None:  # what reading the layer at the probed rate leaves
         per_layer = max(0.0, per_layer - (dense_bytes + ffn_bytes * len(active) / n_ff) / bytes_per_s)
     return {"layer_seconds": per_layer, "layers": n_layers}
+
+
+def _tiled_matrix(rng: np.random.Generator, rows: int, cols: int, qtype: str) -> QTensor:
+    """A random [rows, cols] matrix in `qtype`: 64 random rows tiled (real bytes, quick to make)."""
+    small = quantize(rng.standard_normal((min(rows, 64), cols), dtype=np.float32) * 0.1, qtype)
+    return QTensor(qtype, (rows, cols), np.tile(small.data, (-(-rows // 64), 1))[:rows])
+
+
+def measure_offload_layer_seconds(n_ff: int = 1536, cache_dir: Path | None = None) -> float:
+    """CPU time per layer and token the offloading engine (`offload.ffn.TieredFFN`, as `offload.deploy`
+    builds it) spends beyond one `sparse_ffn` call over the same rows: its predictor calls (the layer's
+    and the look-ahead's), turning ids into store positions, the window-cache step, planning, issuing
+    and gathering reads, and the look-ahead. Timed on random layers with `n_ff` neurons (the planned
+    model's) of width 64, so the bytes computed and read take no measurable time (the cost model prices
+    them apart), half of each layer's records resident and half read through the page cache into a window
+    cache that holds them all, active sets from `offload.trace`. Probed once per (host, threads, engine and
+    kernel source, n_ff) and cached."""
+    from hetinfer import kernels
+    from hetinfer.offload import cache, ffn, reader, store
+
+    key = {"device": "cpu", "host": platform.node(), "threads": kernels.get_threads(), "n_ff": n_ff,
+           "source": _source_hash(kernels.cpu, kernels.simd, ffn, cache, reader, store)}
+    return _cached_probe(f"offload-layer-probe-{n_ff}", key, lambda: _offload_probe(n_ff),
+                         cache_dir)["offload_layer_seconds"]
+
+
+def _offload_probe(n_ff: int, n_layers: int = 8, steps: int = 32, rounds: int = 3) -> dict:
+    from hetinfer import kernels
+    from hetinfer.config import ModelConfig
+    from hetinfer.loader import Model
+    from hetinfer.model import LayerWeights, Weights
+    from hetinfer.offload.deploy import tiered_ffn
+    from hetinfer.offload.store import build_store
+    from hetinfer.offload.trace import Trace, TraceConfig
+    from hetinfer.profiler.predictors import Predictors
+    from hetinfer.tiers import FLASH, RAM
+
+    rng = np.random.default_rng(0)
+    d = 64
+    cfg = ModelConfig(arch="llama", n_layers=n_layers, d_model=d, n_ff=n_ff, n_heads=2, n_kv_heads=1, head_dim=32,
+                      vocab_size=64, context_length=64)
+    attn = _tiled_matrix(rng, d, d, "q8_0")
+    layers = [LayerWeights(torch.ones(d), attn, attn, attn, attn, torch.ones(d), _tiled_matrix(rng, n_ff, d, "q8_0"),
+                           _tiled_matrix(rng, n_ff, d, "q8_0"), _tiled_matrix(rng, d, n_ff, "q8_0"))
+              for _ in range(n_layers)]
+    model = Model("offload-probe", cfg, Weights(attn, torch.ones(d), attn, layers), None, None, {}, "offload-probe")
+    down_t = [kernels.transpose_down(L.down) for L in layers]
+    predictors = Predictors({}, [torch.randn(1, d)] * n_layers, [torch.randn(n_ff, 1)] * n_layers,
+                            torch.zeros(n_layers))  # rank 1: the calls without their bytes
+    trace = Trace(TraceConfig(n_layers, n_ff, density=0.5, hot_share=0.3))
+    sets = [[trace.active(layer, t) for layer in range(n_layers)] for t in range((2 + rounds) * steps)]
+    h = torch.randn(1, d)
+    resident = np.full(n_layers, n_ff // 2)
+    tiers = np.where(np.arange(n_ff) < n_ff // 2, RAM, FLASH).astype(np.uint8)[None].repeat(n_layers, axis=0)
+
+    def plain(layer: int, token: int) -> None:
+        kernels.sparse_ffn(layers[layer].gate, layers[layer].up, down_t[layer], sets[token][layer], h, cfg.activation)
+
+    def run(hook, first: int, tokens: int) -> float:
+        t = time.perf_counter()
+        for token in range(first, first + tokens):
+            for layer in range(n_layers):
+                hook(layer, token)
+        return time.perf_counter() - t
+
+    kernels.warmup()
+    saved = kernels.MIN_BYTES_PER_THREAD
+    kernels.MIN_BYTES_PER_THREAD = 1  # all threads, as on real weights
+    with tempfile.TemporaryDirectory(prefix="hetinfer-offload-probe-") as tmp:
+        engine = tiered_ffn(build_store(model, Path(tmp) / "store", tiers, progress=False), None,
+                            lambda layer, x: (predictors.rows(layer, x), sets[engine.token][layer])[1], resident,
+                            n_ff - resident, 5, cfg.activation, direct=False)  # page cache: no disk time
+        try:
+            run(lambda layer, token: engine(layer, h), 0, 2 * steps)  # warm: records verified, cache filled
+            run(plain, 0, steps)
+            timed = [(run(lambda layer, token: engine(layer, h), first, steps), run(plain, first, steps))
+                     for first in range(2 * steps, (2 + rounds) * steps, steps)]
+        finally:
+            engine.reader.close()
+            kernels.MIN_BYTES_PER_THREAD = saved
+    tiered, base = (min(t) / (steps * n_layers) for t in zip(*timed))
+    return {"offload_layer_seconds": max(0.0, tiered - base), "tiered_seconds": tiered, "plain_seconds": base,
+            "layers": n_layers}
 
 
 def measure_gpu(qtype: str = "q4_0", d_model: int = 4096, cache_dir: Path | None = None,

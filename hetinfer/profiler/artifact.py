@@ -208,6 +208,11 @@ class Profile:
         """Raise ArtifactError unless this profile was made for `model` (same fingerprint)."""
         check_fingerprint(self.manifest, model, f"profile {self.path or ''}".strip(), "hetinfer profile")
 
+    @property
+    def has_samples(self) -> bool:
+        """Whether the profile kept FFN inputs (`samples`): profiles made with --samples 0 did not."""
+        return self._samples is not None or "samples.safetensors" in self.manifest.get("files", {})
+
     def samples(self) -> tuple[np.ndarray, np.ndarray]:
         """(inputs float32 [n_layers, S, d] post-norm FFN inputs, sequence int64 [S] calibration sequence ids)."""
         if self._samples is None:

@@ -110,6 +110,16 @@ class Predictors:
         w1, w2_t = self._kernel_weights[layer]
         return kernels.predict_rows(w1, w2_t, h, float(self.threshold[layer]))
 
+    def selection_frequency(self, inputs: np.ndarray, chunk: int = 2048) -> np.ndarray:
+        """float64 [n_layers, n_ff]: the share of FFN inputs (float32 [n_layers, S, d], e.g.
+        `Profile.samples()[0]`) for which `mask` selects each neuron: how often the engine computes it."""
+        count = np.zeros((len(self.w1), self.w2[0].shape[0]))
+        with torch.no_grad():
+            for layer in range(len(self.w1)):
+                for lo in range(0, inputs.shape[1], chunk):
+                    count[layer] += self.mask(layer, torch.from_numpy(inputs[layer, lo:lo + chunk])).sum(0).numpy()
+        return count / max(inputs.shape[1], 1)
+
     def check_model(self, model) -> None:
         check_fingerprint(self.manifest, model, f"predictors {self.path or ''}".strip(), MADE_BY)
 
