@@ -102,7 +102,7 @@ def test_rewriting_a_plan_replaces_its_array(tmp_path):
     (lambda d: _edit(d, lambda m: m["layers"][0].update(ram=-1)), "layer 0 ram count disagrees"),
     (lambda d: _edit(d, lambda m: m["layers"][1].update(window_cache_bytes=m["layers"][1]["window_cache_bytes"] + 1)),
      "window_cache_bytes are not whole bytes adding up"),
-    (lambda d: _edit(d, lambda m: m["layers"][1].pop("window_cache_bytes")), "missing or bad field"),
+    (lambda d: _edit(d, lambda m: m["layers"][1].pop("window_cache_bytes")), "window_cache_bytes` is missing"),
     (lambda d: _edit(d, lambda m: m["model"]["config"].update(n_ff=256)), "the model needs uint8"),
     (lambda d: next(d.glob("tiers.*.npy")).write_bytes(b"x"), "do not match the manifest's sha256"),
     (lambda d: next(d.glob("tiers.*.npy")).unlink(), "tier array unreadable"),
@@ -188,8 +188,15 @@ def test_with_predictors_neurons_are_priced_by_how_often_the_predictors_select_t
     inputs = rng.standard_normal((4, 300, SMALL.d_model), dtype=np.float32)
     w1 = [torch.from_numpy(rng.standard_normal((8, SMALL.d_model), dtype=np.float32)) for _ in range(4)]
     w2 = [torch.from_numpy(rng.standard_normal((SMALL.n_ff, 8), dtype=np.float32)) for _ in range(4)]
-    Predictors({"model": {"config": SMALL.to_dict(), "fingerprint": "random", "path": None}}, w1, w2,
-               torch.full((4,), 25.0)).save(str(tmp_path / "predictors"))
+    from dataclasses import asdict
+
+    from hetinfer.profiler.predictors import TrainOptions
+
+    manifest = {"hetinfer_version": "test", "created": "2026-12-04T00:00:00+00:00", "layers": [0, 1, 2, 3],
+                "model": {"config": SMALL.to_dict(), "fingerprint": "random", "path": "random"},
+                "profile": {"path": None, "created": None, "tokens": 0}, "options": asdict(TrainOptions()),
+                "report": [], "summary": {}}
+    Predictors(manifest, w1, w2, torch.full((4,), 25.0)).save(str(tmp_path / "predictors"))
     selected = np.stack([(predict_logits(w1[i], w2[i], torch.from_numpy(inputs[i])) > 25.0).double().mean(0).numpy()
                          for i in range(4)])  # [4, n_ff] the direct count
     profiles["prof"] = StubProfile(SMALL, synth.power_law(4, 512, 1.0, 0.95), inputs)
