@@ -93,6 +93,7 @@ def prepare(opts: PrepareOptions) -> Path:
         _place(place, plan_dir, [opts.window] if opts.window is not None else AUTO_WINDOWS)
     plan = _check_plan(plan_dir, wanted)
 
+    from hetinfer.offload.gpu import gpu_identity
     from hetinfer.offload.store import build_store, open_store
     from hetinfer.profiler.artifact import load_profile
 
@@ -119,6 +120,7 @@ def prepare(opts: PrepareOptions) -> Path:
         "kv": opts.kv,
         "window": plan.manifest["window_tokens"],
         "ram_budget_bytes": plan.manifest["tiers"]["ram"]["capacity_bytes"],
+        "gpu": gpu_identity() if plan.manifest["hardware"].get("gpu") else None,
     }
     atomic_write_json(out / MANIFEST, manifest)
     return out / MANIFEST
@@ -306,24 +308,25 @@ def cache_capacity(plan, record_bytes: list[int]) -> np.ndarray:
 
 
 def open_session(dep: Deployment, n_ctx: int | None = None, every_neuron: bool = False, direct: bool | None = None,
-                 lookahead: bool = True, threads: int | None = None, kv: str | None = None):
+                 lookahead: bool = True, threads: int | None = None, kv: str | None = None,
+                 device: str | None = None):
     """A Session whose FFN executes the deployment's plan (`every_neuron`: the exact mode, --sparsity 0), with
-    a KV cache of element type `kv` (default: the one the plan counted)."""
+    a KV cache of element type `kv` (default: the one the plan counted); `device`: where GPU-tier neurons
+    run (see `gpu.resolve_device`)."""
     from hetinfer.generate import Session
     from hetinfer.offload.ffn import TieredFFN
+    from hetinfer.offload.gpu import open_executor
     from hetinfer.offload.reader import FlashReader
     from hetinfer.placement.hardware import Hardware
 
     counts = tier_counts(dep.plan)
-    if counts[:, 0].any():
-        raise DeploymentError(f"{dep.path} was planned with GPU-tier neurons, which this engine does not run yet; "
-                              f"{REDO} with --gpu-mem 0")
+    gpu = open_executor(dep, counts[:, 0], device)
     hw = Hardware.from_dict(dep.plan.manifest["hardware"], f"{dep.path}: plan hardware")
     reader = FlashReader(dep.store.data_path, hw.flash, threads=threads, direct=direct)
     select = (lambda layer, h: None) if every_neuron else dep.predictors.rows
-    ffn = TieredFFN(dep.store, reader, select, counts[:, 0] + counts[:, 1],
+    ffn = TieredFFN(dep.store, reader, select, counts[:, 1],
                     cache_capacity(dep.plan, [L.record_bytes for L in dep.store.layers]), dep.manifest["window"],
-                    dep.model.config.activation, lookahead=lookahead)
+                    dep.model.config.activation, lookahead=lookahead, gpu=gpu)
     session = Session(dep.model, n_ctx=n_ctx or dep.manifest["ctx"], ffn=ffn, kv=kv or dep.plan.kv_dtype)
     from hetinfer.info import component_bytes
 
