@@ -5,6 +5,9 @@ the same torch code on its own thread); tests marked cuda run it on a GPU when o
 Unit tests use random-weight models (test_store.random_model)."""
 from __future__ import annotations
 
+import json
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -16,6 +19,7 @@ from hetinfer.offload.ffn import TieredFFN
 from hetinfer.offload.gpu import GPUExecutor, GPUMemoryError, resolve_device
 from hetinfer.offload.reader import FlashReader
 from hetinfer.offload.store import build_store
+from test_deploy import _prepare
 from test_offload import _logits
 from test_store import random_model
 
@@ -119,6 +123,40 @@ def test_gpu_tier_is_held_in_the_stored_format(tmp_path, device):
     assert Wg.shape == (10, 64) and Wg.device.type == device
     assert np.array_equal(Wg.data.cpu().numpy(), store.views(store.read_records(1, 0, 10))[0].data)
     ex.close()
+
+
+@pytest.mark.slow
+@no_cuda
+def test_prepare_with_gpu_mem_runs_on_the_stand_in_only_when_asked(tmp_path, offline, model_path, capsys):
+    """`prepare --gpu-mem` on a machine without CUDA plans for a what-if GPU; `run` refuses the deployment
+    (one line naming --gpu-mem 0 and --device cpu), `--device cuda` is refused too, and `--device cpu` runs
+    the GPU tier on the stand-in: with every neuron (f32 store) its greedy text is the dense engine's."""
+    from hetinfer.cli import main
+    from hetinfer.offload.deploy import tier_counts
+    from hetinfer.placement import load_plan
+
+    out, flash = tmp_path / "dep", tmp_path / "flash"
+    flash.mkdir()
+    assert main(_prepare(out, flash, offline, "--gpu-mem", "260MiB", "--weights", "f32")) == 0
+    m = json.loads((out / "deployment.json").read_text())
+    n_gpu = tier_counts(load_plan(out / m["plan"]))[:, 0]
+    assert m["gpu"] is None and n_gpu.sum() > 0
+    prompt = ["-p", "The capital of France is", "-n", "8", "--temperature", "0"]
+    run = ["run", str(out), *prompt, "--sparsity", "0"]
+    capsys.readouterr()
+    for extra, want in (([], "--gpu-mem 0.*--device cpu"), (["--device", "cuda"], "--device cuda: no CUDA device")):
+        assert main(run + extra) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error:"), err
+        assert re.search(want, err[0]), err[0]
+    stats = tmp_path / "stats.json"
+    assert main(run + ["--device", "cpu", "--verbose", "--stats-json", str(stats)]) == 0
+    got = capsys.readouterr()
+    assert "[GPU tier" in got.err and "on the GPU; this engine runs them in RAM" in got.err
+    s = json.loads(stats.read_text())
+    assert s["gpu_neurons_per_token"] == n_gpu.sum() and s["transfers_per_token"] == 2 * (n_gpu > 0).sum()
+    assert main(["generate", "-m", model_path, "--weights", "f32", *prompt]) == 0
+    assert got.out == capsys.readouterr().out and got.out.strip()
 
 
 def test_no_cuda_refuses_a_gpu_plan_unless_the_stand_in_is_asked_for():
