@@ -13,8 +13,9 @@ torch releases the GIL inside its operators, so neither side waits for the inter
 other computes. On CUDA the worker issues its copies and kernels on its own stream from pinned host
 buffers (asynchronous copies), so nothing queues behind the default stream. Each layer moves data
 once each way: the input h and the GPU part's positions packed into one host-to-device copy, the
-partial output y in one device-to-host copy; the sum is taken on the host, where the residual add
-that follows runs (this engine keeps attention, the KV cache and the output head in RAM).
+partial output y in one device-to-host copy; the sum is taken on the host and returned on h's device,
+where the residual add that follows runs (the host, while deployments keep attention, the KV cache
+and the output head in RAM; an h on another device costs one more copy each way).
 
 Without a GPU the same executor runs on a second torch CPU "device" (`device="cpu"`, the
 stand-in): the same thread, the same torch code (`kernels/cuda.py`), the same packing and
@@ -99,6 +100,7 @@ class GPUJob:
     future: Future
     t0: float  # when submit began
     decode: bool
+    out: torch.device  # where the sum goes: h's device, where the residual add that follows runs
     cpu_work: bool = True  # the CPU side has neurons of this layer too
     start: float = 0.0  # set by the worker: when it picked the job up
     gpu_s: float = 0.0  # and its busy time
@@ -142,7 +144,8 @@ class GPUExecutor:
         below n_gpu[layer]) for one token, or every GPU-tier neuron (positions None, any T). h and the
         positions are packed into one staging buffer, copied to the device in one transfer."""
         t0 = time.perf_counter()
-        h = h.detach().to("cpu", torch.float32).contiguous()
+        out = h.device
+        h = h.detach().to("cpu", torch.float32).contiguous()  # a copy only where a layer's attention ran elsewhere
         decode = positions is not None
         n = len(positions) if decode else 0
         nin = self._rows_at + 8 * n if decode else h.numel() * 4
@@ -151,15 +154,16 @@ class GPUExecutor:
         packed[: h.numel() * 4] = h.numpy().reshape(-1).view(np.uint8)
         if decode:
             packed[self._rows_at : nin] = np.asarray(positions, np.int64).view(np.uint8)
-        job = GPUJob(layer, None, t0, decode, bool(cpu_work))
+        job = GPUJob(layer, None, t0, decode, out, bool(cpu_work))
         job.future = self.pool.submit(self._run, job, nin, tuple(h.shape), n)
         return job
 
     def join(self, job: GPUJob, y_cpu: torch.Tensor) -> torch.Tensor:
-        """y_cpu + the GPU part's output, on the host once both are done; records the layer's times."""
+        """y_cpu + the GPU part's output, summed on the host once both are done and returned on h's device;
+        records the layer's times."""
         t1 = time.perf_counter()
         y_gpu = job.future.result()
-        y = y_cpu + y_gpu.view(y_cpu.shape)
+        y = (y_cpu.to("cpu") + y_gpu.view(y_cpu.shape)).to(job.out)
         t2 = time.perf_counter()
         st = self.stats
         if job.decode:
