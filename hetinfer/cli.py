@@ -38,6 +38,9 @@ def add_engine_args(p: argparse.ArgumentParser, session: bool = True) -> None:
         p.add_argument("--weights", choices=("native", "f16", "f32"), default="native",
                        help="weight format the kernels read: native keeps the file's (GGUF block formats stay "
                             "quantized), f16/f32 convert once at load (default native)")
+        p.add_argument("--device", metavar="DEVICE",
+                       help="where a deployment's GPU-tier neurons run: cuda or cuda:N (default when a CUDA device "
+                            "is present), or cpu: the CPU stand-in that runs the GPU side's code on the CPU (for testing)")
     from hetinfer.sparse import add_sparse_args
 
     add_sparse_args(p)
@@ -89,6 +92,9 @@ def open_session(args: argparse.Namespace):
         if args.model:
             raise HetinferError(f"give a deployment ({deploy}) or -m MODEL, not both: the deployment names its model")
         return _open_deployment(args, deploy)
+    if args.device is not None:
+        raise HetinferError(f"--device {args.device} applies to a deployment's GPU tier (hetinfer run/chat/serve DEPLOY "
+                            "after `hetinfer prepare --gpu-mem SIZE`); a model given with -m runs on the CPU")
     model = load_model(args.model, weights=args.weights)
     ffn = engine_ffn(model, args.sparsity, args.profile, args.predictors)
     prepare_kernels(getattr(args, "verbose", False))
@@ -103,7 +109,7 @@ def _open_deployment(args: argparse.Namespace, path: str):
                             "it takes")
     dep = deploy.load_deployment(path, weights=None if args.weights == "native" else args.weights)
     prepare_kernels(getattr(args, "verbose", False))
-    return deploy.open_session(dep, n_ctx=args.ctx, every_neuron=args.sparsity == 0, kv=args.kv)
+    return deploy.open_session(dep, n_ctx=args.ctx, every_neuron=args.sparsity == 0, kv=args.kv, device=args.device)
 
 
 def prepare_kernels(verbose: bool) -> None:
@@ -143,6 +149,12 @@ def report(session, args: argparse.Namespace) -> None:
                   file=sys.stderr)
         if session.stats.finish_reason == "length":
             print(f"[answer cut at -n {args.max_tokens} tokens; raise -n for a longer one]", file=sys.stderr)
+        if "gpu_s_per_token" in stats:
+            print(f"[GPU tier {stats['gpu_neurons_per_token']:.0f} neurons/token | per token: GPU side "
+                  f"{stats['gpu_s_per_token'] * 1e3:.2f} ms, CPU side {stats['gpu_cpu_side_s_per_token'] * 1e3:.2f} ms, "
+                  f"wall {stats['gpu_wall_s_per_token'] * 1e3:.2f} ms ({stats['gpu_overlap']:.0%} of the shorter side "
+                  f"hidden), {stats['transfers_per_token']:.0f} transfers ({stats['transfer_s_per_token'] * 1e3:.2f} ms)]",
+                  file=sys.stderr)
     if args.stats_json:
         atomic_write_json(args.stats_json, stats, indent=2)
 

@@ -92,6 +92,7 @@ def prepare(opts: PrepareOptions) -> Path:
         _place(place, plan_dir, [opts.window] if opts.window is not None else AUTO_WINDOWS)
     plan = _check_plan(plan_dir, wanted)
 
+    from hetinfer.offload.gpu import gpu_identity
     from hetinfer.offload.store import build_store, open_store
     from hetinfer.profiler.artifact import load_profile
 
@@ -118,6 +119,7 @@ def prepare(opts: PrepareOptions) -> Path:
         "kv": opts.kv,
         "window": plan.manifest["window_tokens"],
         "ram_budget_bytes": plan.manifest["tiers"]["ram"]["capacity_bytes"],
+        "gpu": gpu_identity() if plan.manifest["hardware"].get("gpu") else None,
     }
     atomic_write_json(out / MANIFEST, manifest)
     return out / MANIFEST
@@ -305,8 +307,8 @@ def cache_capacity(plan, record_bytes: list[int]) -> np.ndarray:
 
 
 def tiered_ffn(store, curve, select, resident: np.ndarray, capacity: np.ndarray, window: int, activation: str,
-               threads: int | None = None, direct: bool | None = None, lookahead: bool = True):
-    """The engine's TieredFFN over `store`, reading its records file through a FlashReader (`curve`: the
+               threads: int | None = None, direct: bool | None = None, lookahead: bool = True, gpu=None):
+    """The engine's TieredFFN over `store` (and `gpu`, the GPU tier's executor, if any), reading its records file through a FlashReader (`curve`: the
     plan's FlashTier, or None), with the flash I/O buffers the plan counted: the reader's staging
     (STAGING_KEPT buffers) and the FFN's scratch add up to `placement.cost.FLASH_IO_BYTES`, and reads
     are split at FLASH_MAX_READ, as the cost model prices them."""
@@ -318,25 +320,25 @@ def tiered_ffn(store, curve, select, resident: np.ndarray, capacity: np.ndarray,
     reader = FlashReader(store.data_path, curve, threads=threads, direct=direct, max_read=FLASH_MAX_READ,
                          staging_bytes=staging)
     return TieredFFN(store, reader, select, resident, capacity, window, activation,
-                     scratch_bytes=FLASH_IO_BYTES - STAGING_KEPT * staging, lookahead=lookahead)
+                     scratch_bytes=FLASH_IO_BYTES - STAGING_KEPT * staging, lookahead=lookahead, gpu=gpu)
 
 
 def open_session(dep: Deployment, n_ctx: int | None = None, every_neuron: bool = False, direct: bool | None = None,
-                 lookahead: bool = True, threads: int | None = None, kv: str | None = None):
+                 lookahead: bool = True, threads: int | None = None, kv: str | None = None,
+                 device: str | None = None):
     """A Session whose FFN executes the deployment's plan (`every_neuron`: the exact mode, --sparsity 0), with
-    a KV cache of element type `kv` (default: the one the plan counted)."""
+    a KV cache of element type `kv` (default: the one the plan counted); `device`: where GPU-tier neurons
+    run (see `gpu.resolve_device`)."""
     from hetinfer.generate import Session
     from hetinfer.placement.hardware import Hardware
 
     counts = tier_counts(dep.plan)
-    if counts[:, 0].any():
-        raise DeploymentError(f"{dep.path} was planned with GPU-tier neurons, which this engine does not run yet; "
-                              f"{REDO} with --gpu-mem 0")
+    gpu = open_executor(dep, counts[:, 0], device)
     hw = Hardware.from_dict(dep.plan.manifest["hardware"], f"{dep.path}: plan hardware")
     select = (lambda layer, h: None) if every_neuron else dep.predictors.rows
-    ffn = tiered_ffn(dep.store, hw.flash, select, counts[:, 0] + counts[:, 1],
+    ffn = tiered_ffn(dep.store, hw.flash, select, counts[:, 1],
                      cache_capacity(dep.plan, [L.record_bytes for L in dep.store.layers]), dep.manifest["window"],
-                     dep.model.config.activation, threads=threads, direct=direct, lookahead=lookahead)
+                     dep.model.config.activation, threads=threads, direct=direct, lookahead=lookahead, gpu=gpu)
     session = Session(dep.model, n_ctx=n_ctx or dep.manifest["ctx"], ffn=ffn, kv=kv or dep.plan.kv_dtype)
     from hetinfer.info import component_bytes
 

@@ -7,6 +7,10 @@ uint8 [n_resident + capacity, record_bytes]: its resident records (the store's f
 read once at start) followed by the window cache's slots, so a single `kernels.sparse_ffn` call
 over `Store.views(buffer)` computes resident and cached neurons together, in place.
 
+With a GPU tier (`offload/gpu.py`) the store's first positions of each layer live on the device
+instead: the active set splits at n_gpu, the GPU executor computes its part on its own thread
+while this one computes the RAM and flash part, and the two partial outputs are summed.
+
 Look-ahead (Deja Vu): while layer l computes, layer l+1's predicted set, taken from layer l's
 input (the residual stream changes little from one layer to the next), is already being read.
 Prompts (T > 1) compute every neuron, reading each layer's flash records once per prompt chunk.
@@ -23,6 +27,7 @@ import torch
 
 from hetinfer import kernels
 from hetinfer.offload.cache import WindowCache
+from hetinfer.offload.gpu import GPUExecutor
 from hetinfer.offload.reader import FlashReader
 from hetinfer.offload.store import Store
 
@@ -74,10 +79,11 @@ class _Layer:
     slots: np.ndarray  # uint8 [capacity, record_bytes]: the window cache's slots (a view into buf, or a shared pool)
     slot_views: tuple | None  # views over `slots` when they are not part of buf (a second kernel call)
     cache: WindowCache
-    n_resident: int  # records [0, n_resident) of the store's layer live in RAM
+    n_resident: int  # records [first, first + n_resident) of the store's layer live in RAM
     flash_base: int  # byte offset of the first flash position in the records file
     n_flash: int
     position: np.ndarray  # int64 [n_ff]: neuron id -> store position
+    first: int = 0  # positions below it are the GPU tier's (GPUExecutor)
     prefetch: Future | None = None
     prefetched: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))  # flash ids being read
 
@@ -85,13 +91,15 @@ class _Layer:
 class TieredFFN:
     """An engine FFN `(layer, h) -> y` over a store whose first `resident[l]` records of each layer
     are held in RAM and the rest are read from flash through a window cache of `capacity[l]` records.
+    With `gpu`, the first `gpu.n_gpu[l]` records are the GPU tier's and the RAM ones follow them.
 
     `select(layer, h)`: neuron ids to compute (sorted int64), or None for every neuron. `scratch_bytes`:
     the buffer of records read for one call beyond the cache (overflow, prompts), processed in passes."""
 
     def __init__(self, store: Store, reader: FlashReader, select: Selector, resident: np.ndarray,
-                 capacity: np.ndarray, window: int, activation: str, scratch_bytes: int, lookahead: bool = True):
-        self.store, self.reader, self.select, self.act = store, reader, select, activation
+                 capacity: np.ndarray, window: int, activation: str, scratch_bytes: int, lookahead: bool = True,
+                 gpu: GPUExecutor | None = None):
+        self.store, self.reader, self.select, self.act, self.gpu = store, reader, select, activation, gpu
         self.window, self.lookahead = window, lookahead
         self.n_ff = len(store.layers[0].order)
         self.stats = OffloadStats()
@@ -106,14 +114,16 @@ class TieredFFN:
         self.pools = [np.empty((rows, rb), np.uint8) for _ in range(2 if shared else 0)]
         self.layers: list[_Layer] = []
         for i, L in enumerate(store.layers):
+            first = 0 if gpu is None else int(gpu.n_gpu[i])
             n_res, cap = int(resident[i]), int(capacity[i])
+            n_flash = self.n_ff - first - n_res
             buf = np.empty((n_res + (0 if shared else cap), L.record_bytes), np.uint8)
             if n_res:
-                buf[:n_res] = store.read_records(i, 0, n_res)
+                buf[:n_res] = store.read_records(i, first, first + n_res)
             slots = self.pools[i % 2][:cap, : L.record_bytes] if shared else buf[n_res:]
             self.layers.append(_Layer(buf, store.views(buf), slots, store.views(slots) if shared else None,
-                                      WindowCache(self.n_ff - n_res, cap, window, slots), n_res,
-                                      L.offset + n_res * L.record_bytes, self.n_ff - n_res, L.position))
+                                      WindowCache(n_flash, cap, window, slots), n_res,
+                                      L.offset + (first + n_res) * L.record_bytes, n_flash, L.position, first))
 
     # -- bytes, for memory accounting and /health ------------------------------------------------
 
@@ -132,8 +142,10 @@ class TieredFFN:
                "scratch": self.scratch.nbytes, **dense}
         flash = {"ffn_flash": sum(s.n_flash * r for s, r in zip(self.layers, rb))}
         active = max(st.selected, 1)
-        tiers = {"gpu": {"bytes": 0, "activation_share": 0.0, "components": {}},
-                 "ram": {"bytes": sum(ram.values()), "activation_share": (st.selected - st.misses) / active,
+        on_gpu = 0 if self.gpu is None else self.gpu.stats.neurons
+        gpu = {} if self.gpu is None else {"ffn_gpu": self.gpu.nbytes}
+        tiers = {"gpu": {"bytes": sum(gpu.values()), "activation_share": on_gpu / active, "components": gpu},
+                 "ram": {"bytes": sum(ram.values()), "activation_share": (st.selected - st.misses - on_gpu) / active,
                          "components": ram},
                  "flash": {"bytes": sum(flash.values()), "activation_share": st.misses / active, "components": flash}}
         return {"engine": "offloaded", "tiers": tiers, "cache_hit_rate": st.hits / max(st.flash_active, 1),
@@ -155,6 +167,12 @@ class TieredFFN:
             self._prefetch(layer + 1, h)
         t2 = time.perf_counter()
         pos = np.arange(self.n_ff, dtype=np.int64) if ids is None else np.sort(s.position[ids])
+        n_selected = len(pos)
+        job = None
+        if s.first:  # the GPU tier's part starts first and runs beside the rest
+            g = np.searchsorted(pos, s.first)
+            job = self.gpu.submit(layer, h, pos[:g], cpu_work=g < len(pos)) if g else None
+            pos = pos[g:] - s.first
         split = np.searchsorted(pos, s.n_resident)
         flash = pos[split:] - s.n_resident  # flash-local ids, sorted
         if s.prefetch is not None:  # the look-ahead reads land in slots this step may count as hits
@@ -162,7 +180,7 @@ class TieredFFN:
             s.prefetch.result()
             self.stats.io_wait_s += time.perf_counter() - w0
             s.prefetch = None
-            self.store.verify(layer, s.n_resident + s.prefetched, s.slots, s.cache.slot_of(s.prefetched))
+            self.store.verify(layer, s.first + s.n_resident + s.prefetched, s.slots, s.cache.slot_of(s.prefetched))
         # neurons the look-ahead read for this token came from flash too, though the cache now holds them
         fetched = int(np.count_nonzero(np.isin(s.prefetched, flash, assume_unique=True)))
         s.prefetched = s.prefetched[:0]
@@ -179,10 +197,12 @@ class TieredFFN:
             y += kernels.sparse_ffn(*s.slot_views, slot_rows, h, self.act)
         if not fit.all():  # a token whose flash set exceeds the cache: the rest from scratch, in passes
             y = y + self._from_flash(layer, step.miss_ids[~fit], h)
+        if job is not None:
+            y = self.gpu.join(job, y)
         t4 = time.perf_counter()
         st = self.stats
         st.layer_calls += 1
-        st.selected += len(pos)
+        st.selected += n_selected
         st.flash_active += len(flash)
         missed = len(step.miss_ids) + fetched
         st.misses += missed
@@ -201,7 +221,7 @@ class TieredFFN:
         if ids is None:
             flash = np.arange(s.n_flash, dtype=np.int64)
         else:
-            pos = np.sort(s.position[ids])
+            pos = np.sort(s.position[ids]) - s.first
             flash = pos[np.searchsorted(pos, s.n_resident):] - s.n_resident
         slots = s.cache.admit(flash, self.token)  # present ones are kept for this token; -1: no read needed or no room
         ok = slots >= 0
@@ -214,7 +234,7 @@ class TieredFFN:
         before = self.reader.stats.wait_s
         self.reader.read_into(s.flash_base, s.buf.shape[1], flash_ids, dst, dst_rows)
         self.stats.io_wait_s += self.reader.stats.wait_s - before
-        self.store.verify(layer, s.n_resident + flash_ids, dst, dst_rows)
+        self.store.verify(layer, s.first + s.n_resident + flash_ids, dst, dst_rows)
 
     def _from_flash(self, layer: int, flash_ids: np.ndarray, h: torch.Tensor) -> torch.Tensor:
         """sum over `flash_ids` of their FFN terms, read into the scratch buffer a pass at a time."""
@@ -233,6 +253,7 @@ class TieredFFN:
         """Every neuron for T tokens: resident records in place, flash records streamed once (in passes)."""
         s, n = self.layers[layer], len(self.scratch)
         rb, st, r = s.buf.shape[1], self.stats, self.reader.stats
+        job = self.gpu.submit(layer, h) if s.first else None  # every GPU-tier neuron, beside the rest
         y = torch.zeros(h.shape[0], h.shape[1])
         for lo in range(0, s.n_resident, n):  # in passes: each dequantizes its down columns to float32
             _prompt_terms(self.store.views(s.buf[lo : min(lo + n, s.n_resident)]), h, self.act, y)
@@ -243,17 +264,20 @@ class TieredFFN:
             self.reader.read_into(s.flash_base, rb, part, buf, np.arange(len(part), dtype=np.int64))
             st.prompt_flash_bytes += r.bytes - b0
             st.prompt_flash_reads += r.requests - q0
-            self.store.verify(layer, s.n_resident + part, buf)
+            self.store.verify(layer, s.first + s.n_resident + part, buf)
             _prompt_terms(self.store.views(buf), h, self.act, y)
-        return y
+        return y if job is None else self.gpu.join(job, y)
 
     def reset_stats(self) -> None:
         r = self.reader.stats
         self.stats = OffloadStats(reader_bytes0=r.bytes, reader_reads0=r.requests)
+        if self.gpu is not None:
+            self.gpu.reset_stats()
 
     def report(self) -> dict:
-        """Per-token figures since the last reset (see OffloadStats.per_token)."""
-        return self.stats.per_token(self.reader.stats, self.n_ff)
+        """Per-token figures since the last reset (see OffloadStats.per_token and GPUStats.per_token)."""
+        out = self.stats.per_token(self.reader.stats, self.n_ff)
+        return out if self.gpu is None else {**out, **self.gpu.stats.per_token(self.stats.tokens)}
 
 
 def _prompt_terms(views: tuple, h: torch.Tensor, act: str, y: torch.Tensor) -> None:

@@ -28,7 +28,7 @@ import torch
 
 from hetinfer.atomic import atomic_write_json, temp_path
 from hetinfer.placement.hardware import (ASSUMED_GPU, FLASH_BLOCK, FlashTier, GpuTier, Hardware, HardwareError,
-                                         RamTier, source_keys)
+                                         RamTier, format_size, source_keys)
 from hetinfer.tensors import FORMATS, QTensor, quantize
 
 PROBE_VERSION = 1
@@ -71,6 +71,10 @@ def detect(gpu_mem: int | None = None, ram: int | None = None, flash_dir: str | 
             hw.sources.update({k: "assumed" for k in source_keys(hw) if k.startswith("gpu.")})
             hw.sources["gpu.capacity_bytes"] = "flag"
         else:
+            if base is None and gpu_mem > hw.gpu.capacity_bytes:  # measured here: capacity is what is free now
+                raise HardwareError(f"--gpu-mem {format_size(gpu_mem)} is more than the {format_size(hw.gpu.capacity_bytes)}"
+                                    f" free on {torch.cuda.get_device_name()}; lower --gpu-mem to at most "
+                                    f"{format_size(hw.gpu.capacity_bytes)}, or free the GPU's memory")
             hw.gpu = GpuTier(gpu_mem, hw.gpu.bytes_per_s, hw.gpu.h2d_bytes_per_s, hw.gpu.sync_latency_s)
             hw.sources["gpu.capacity_bytes"] = "flag"
     if flash_dir is not None:

@@ -1,0 +1,363 @@
+"""The GPU tier: a plan's GPU-tier neurons held on a device and computed there while the CPU
+computes the rest of the layer (PowerInfer's hybrid execution, issue #16).
+
+Layer l's GPU-tier neurons are its store positions [0, n_gpu[l]) (the store orders tiers gpu, ram,
+flash). They are copied to the device once, in their stored format (`kernels.to_cuda` of the
+records' views: the bytes the plan counted). Per token and layer `TieredFFN` splits the active
+positions at n_gpu: `submit` hands the GPU part to this executor and returns at once, the calling
+thread computes the RAM and flash part, and `join` adds the two partial outputs.
+
+How both sides run at once in Python: the GPU side runs on this executor's one worker thread, the
+CPU side on the calling thread. The CPU kernels are numba functions compiled with `nogil=True` and
+torch releases the GIL inside its operators, so neither side waits for the interpreter while the
+other computes. On CUDA the worker issues its copies and kernels on its own stream from pinned host
+buffers (asynchronous copies), so nothing queues behind the default stream. Each layer moves data
+once each way: the input h and the GPU part's positions packed into one host-to-device copy, the
+partial output y in one device-to-host copy; the sum is taken on the host and returned on h's device,
+where the residual add that follows runs (the host, while deployments keep attention, the KV cache
+and the output head in RAM; an h on another device costs one more copy each way).
+
+Without a GPU the same executor runs on a second torch CPU "device" (`device="cpu"`, the
+stand-in): the same thread, the same torch code (`kernels/cuda.py`), the same packing and
+counting of transfers (copies between separate host buffers), so CI tests the split, the merge and
+the bookkeeping on every commit.
+
+Overlap is measured per layer: the CPU side's time (from `submit` returning to `join`), the GPU
+side's (its worker, copies and synchronisation included) and the layer's wall time; the time
+hidden is cpu + gpu - wall (`GPUStats.per_token`).
+"""
+from __future__ import annotations
+
+import sys
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import psutil
+import torch
+
+from hetinfer import kernels
+from hetinfer.errors import HetinferError
+from hetinfer.kernels import cuda
+from hetinfer.placement.hardware import format_size
+
+GPU_ONLY_FIX = "re-plan without a GPU (`hetinfer prepare ... --gpu-mem 0`)"
+
+
+class GPUMemoryError(HetinferError):
+    """The GPU tier does not fit on the device; the message says by how much to lower --gpu-mem."""
+
+
+@dataclass
+class GPUStats:
+    """Decode-step counters since the last reset (prompts counted apart); per-layer arrays [n_layers]."""
+
+    gpu_s: np.ndarray  # GPU side: the worker's busy time, from picking the job up to the result on the host
+    wait_s: np.ndarray  # from submit to the worker picking the job up (thread hand-off, the GIL)
+    cpu_s: np.ndarray  # CPU side: the calling thread's time from submit returning to join
+    wall_s: np.ndarray  # the layer's wall time from submit to the sum
+    calls: int = 0  # layer calls with GPU work
+    split: int = 0  # of those, with CPU work too
+    neurons: int = 0  # GPU-tier neurons computed
+    h2d: int = 0  # host-to-device copies and their bytes
+    h2d_bytes: int = 0
+    d2h: int = 0
+    d2h_bytes: int = 0
+    transfer_s: float = 0.0  # time the copies took (CUDA events; host copy time on the stand-in)
+    prompt_s: float = 0.0  # GPU side time while prefilling
+
+    @classmethod
+    def empty(cls, n_layers: int) -> "GPUStats":
+        return cls(*(np.zeros(n_layers) for _ in range(4)))
+
+    def per_token(self, tokens: int) -> dict:
+        """The GPU figures of `--verbose` and `--stats-json` for `tokens` decoded tokens."""
+        t = max(tokens, 1)
+        gpu, wait, cpu, wall = (float(a.sum()) for a in (self.gpu_s, self.wait_s, self.cpu_s, self.wall_s))
+        hidden = min(max(0.0, gpu + cpu - wall), gpu, cpu)
+        return {
+            "gpu_neurons_per_token": self.neurons / t,
+            "gpu_s_per_token": gpu / t,
+            "gpu_wait_s_per_token": wait / t,
+            "gpu_cpu_side_s_per_token": cpu / t,
+            "gpu_wall_s_per_token": wall / t,
+            "gpu_overlap": hidden / min(gpu, cpu) if min(gpu, cpu) > 0 else 0.0,
+            "gpu_split_layers_per_token": self.split / t,
+            "transfers_per_token": (self.h2d + self.d2h) / t,
+            "transfer_bytes_per_token": (self.h2d_bytes + self.d2h_bytes) / t,
+            "transfer_s_per_token": self.transfer_s / t,
+            "gpu_layer_ms": {k: [round(1e3 * float(v) / t, 4) for v in a]
+                             for k, a in (("gpu", self.gpu_s), ("cpu", self.cpu_s), ("wall", self.wall_s))},
+        }
+
+
+@dataclass
+class GPUJob:
+    """One layer's GPU part in flight (`GPUExecutor.submit`)."""
+
+    layer: int
+    future: Future
+    t0: float  # when submit began
+    decode: bool
+    out: torch.device  # where the sum goes: h's device, where the residual add that follows runs
+    cpu_work: bool = True  # the CPU side has neurons of this layer too
+    start: float = 0.0  # set by the worker: when it picked the job up
+    gpu_s: float = 0.0  # and its busy time
+
+
+class GPUExecutor:
+    """Layer l's store positions [0, n_gpu[l]) on `device` ("cuda", "cuda:N", or "cpu" for the
+    stand-in), computed on a worker thread by `submit`/`join`."""
+
+    def __init__(self, store, n_gpu: np.ndarray, device: str | torch.device, activation: str):
+        self.device = torch.device(device)
+        self.is_cuda = self.device.type == "cuda"
+        self.act, self.d = activation, store.d_model
+        self.n_gpu = np.asarray(n_gpu, np.int64)
+        self.neuron_bytes = sum(_part_bytes(store))
+        self.stats = GPUStats.empty(len(self.n_gpu))
+        check_fits(self.nbytes, self.device)
+        self.weights = _load(store, self.n_gpu, self.device, self.neuron_bytes)
+        self.stream = torch.cuda.Stream(self.device) if self.is_cuda else None
+        self.events = [torch.cuda.Event(enable_timing=True) for _ in range(4)] if self.is_cuda else None
+        self._in = self._dev_in = self._out = None  # staging buffers, grown on demand (`_staging`)
+        self._rows_at = -(-4 * self.d // 8) * 8  # byte offset of the positions after h in the packed input
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hetinfer-gpu")
+
+    @property
+    def nbytes(self) -> int:
+        """Device bytes of the GPU tier's neurons (what the plan counted)."""
+        return int(self.n_gpu.sum()) * self.neuron_bytes
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
+
+    def reset_stats(self) -> None:
+        self.stats = GPUStats.empty(len(self.n_gpu))
+
+    # -- the two calls TieredFFN makes -----------------------------------------------------------
+
+    def submit(self, layer: int, h: torch.Tensor, positions: np.ndarray | None = None,
+               cpu_work: bool = True) -> GPUJob:
+        """Start layer `layer`'s GPU part for h [T, d] on the host: the given positions (sorted int64,
+        below n_gpu[layer]) for one token, or every GPU-tier neuron (positions None, any T). h and the
+        positions are packed into one staging buffer, copied to the device in one transfer."""
+        t0 = time.perf_counter()
+        out = h.device
+        h = h.detach().to("cpu", torch.float32).contiguous()  # a copy only where a layer's attention ran elsewhere
+        decode = positions is not None
+        n = len(positions) if decode else 0
+        nin = self._rows_at + 8 * n if decode else h.numel() * 4
+        self._staging(nin, h.numel() * 4)
+        packed = self._in[:nin].numpy()
+        packed[: h.numel() * 4] = h.numpy().reshape(-1).view(np.uint8)
+        if decode:
+            packed[self._rows_at : nin] = np.asarray(positions, np.int64).view(np.uint8)
+        job = GPUJob(layer, None, t0, decode, out, bool(cpu_work))
+        job.future = self.pool.submit(self._run, job, nin, tuple(h.shape), n)
+        return job
+
+    def join(self, job: GPUJob, y_cpu: torch.Tensor) -> torch.Tensor:
+        """y_cpu + the GPU part's output, summed on the host once both are done and returned on h's device;
+        records the layer's times."""
+        t1 = time.perf_counter()
+        y_gpu = job.future.result()
+        y = (y_cpu.to("cpu") + y_gpu.view(y_cpu.shape)).to(job.out)
+        t2 = time.perf_counter()
+        st = self.stats
+        if job.decode:
+            st.gpu_s[job.layer] += job.gpu_s
+            st.wait_s[job.layer] += job.start - job.t0
+            st.cpu_s[job.layer] += t1 - job.t0
+            st.wall_s[job.layer] += t2 - job.t0
+            st.calls += 1
+            st.split += job.cpu_work
+        else:
+            st.prompt_s += job.gpu_s
+        return y
+
+    # -- the worker ------------------------------------------------------------------------------
+
+    def _run(self, job: GPUJob, nin: int, shape: tuple[int, int], n: int) -> torch.Tensor:
+        """On the worker thread: copy the packed input in, compute, copy y out, wait for the device."""
+        job.start = time.perf_counter()
+        if self.is_cuda:
+            with torch.cuda.device(self.device), torch.cuda.stream(self.stream):
+                y = self._compute(job, nin, shape, n)
+                self.stream.synchronize()
+            e = self.events
+            if job.decode:
+                self.stats.transfer_s += (e[0].elapsed_time(e[1]) + e[2].elapsed_time(e[3])) / 1e3
+        else:
+            y = self._compute(job, nin, shape, n)
+        job.gpu_s = time.perf_counter() - job.start
+        return y
+
+    def _compute(self, job: GPUJob, nin: int, shape: tuple[int, int], n: int) -> torch.Tensor:
+        st, e = self.stats, self.events
+        T, d = shape
+        c0 = self._mark(0)
+        dev = self._dev_in[:nin]
+        dev.copy_(self._in[:nin], non_blocking=True)  # the one host-to-device copy
+        c1 = self._mark(1)
+        x = dev[: T * d * 4].view(torch.float32).view(T, d)
+        Wg, Wu, Wd_t = self.weights[job.layer]
+        if job.decode:
+            rows = dev[self._rows_at : nin].view(torch.int64)
+            y = kernels.sparse_ffn(Wg, Wu, Wd_t, rows, x, self.act)
+            st.neurons += n
+        else:
+            y = _all_rows(Wg, Wu, Wd_t, x, self.act)
+        c2 = self._mark(2)
+        out = self._out[: T * d]
+        out.copy_(y.reshape(-1), non_blocking=True)  # the one device-to-host copy
+        c3 = self._mark(3)
+        if job.decode:  # per-token figures; a prompt's transfers are its own
+            st.h2d, st.h2d_bytes, st.d2h, st.d2h_bytes = st.h2d + 1, st.h2d_bytes + nin, st.d2h + 1, st.d2h_bytes + 4 * d
+            if e is None:  # the stand-in: the copies' host time
+                st.transfer_s += (c1 - c0) + (c3 - c2)
+        return out
+
+    def _mark(self, i: int) -> float:
+        if self.events is not None:
+            self.events[i].record(self.stream)
+            return 0.0
+        return time.perf_counter()
+
+    def _staging(self, nin: int, nout: int) -> None:
+        """Grow the staging buffers (host input bytes, device input bytes, host output float32) to hold
+        nin / nout bytes; host buffers are pinned on CUDA so the copies are asynchronous."""
+        if self._in is None or self._in.numel() < nin:
+            nin = max(nin, 2 * (self._in.numel() if self._in is not None else 0), self._rows_at + 8 * int(self.n_gpu.max()))
+            self._in = torch.empty(nin, dtype=torch.uint8, pin_memory=self.is_cuda)
+            self._dev_in = torch.empty(nin, dtype=torch.uint8, device=self.device)
+        if self._out is None or self._out.numel() * 4 < nout:
+            self._out = torch.empty(max(nout // 4, 2 * (self._out.numel() if self._out is not None else 0)),
+                                    dtype=torch.float32, pin_memory=self.is_cuda)
+
+
+def _all_rows(Wg, Wu, Wd_t, x: torch.Tensor, act: str) -> torch.Tensor:
+    """y [T, d]: every neuron's FFN term for T tokens (prompts), down rows decoded to float32 a tile at a
+    time, as the CPU's prompt path multiplies them."""
+    a = kernels.gate_up(Wg, Wu, x, act)  # [T, n]
+    y = torch.zeros(x.shape, device=x.device)
+    n, d = Wd_t.shape
+    step = max(1, cuda.TILE_BYTES // (4 * d))
+    for lo in range(0, n, step):
+        rows = torch.arange(lo, min(lo + step, n), device=x.device)
+        y += a[:, lo : lo + len(rows)] @ cuda.decode_rows(Wd_t, rows, torch.float32)
+    return y
+
+
+def _part_bytes(store) -> list[int]:
+    """Bytes of a neuron's gate, up and down_t rows as the device holds them (the record without pad)."""
+    from hetinfer.placement.cost import row_bytes
+
+    return [row_bytes(store.d_model, q) for q in store.qtypes]
+
+
+def device_free_bytes(device: torch.device) -> int:
+    """Memory free on `device` now: the GPU's, or the host's for the CPU stand-in."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    return int(psutil.virtual_memory().available)
+
+
+def check_fits(nbytes: int, device: torch.device) -> None:
+    """GPUMemoryError before loading when the GPU tier cannot fit in what the device has free."""
+    free = device_free_bytes(device)
+    if nbytes > free:
+        raise GPUMemoryError(f"the GPU tier's neurons need {format_size(nbytes)} but {_name(device)} has "
+                             f"{format_size(free)} free; lower --gpu-mem by at least {format_size(nbytes - free)} "
+                             f"(`hetinfer prepare ... --gpu-mem SIZE`) or free the GPU's memory")
+
+
+def _load(store, n_gpu: np.ndarray, device: torch.device, neuron_bytes: int) -> list:
+    """Per layer (gate, up, down_t) GPUTensors of positions [0, n_gpu[l]), or None for a layer with none."""
+    out = []
+    for layer, n in enumerate(n_gpu):
+        if not n:
+            out.append(None)
+            continue
+        try:
+            out.append(tuple(kernels.to_cuda(W, device) for W in store.views(store.read_records(layer, 0, int(n)))))
+        except torch.cuda.OutOfMemoryError:
+            left = int(n_gpu[layer:].sum()) * neuron_bytes
+            raise GPUMemoryError(f"out of memory on {_name(device)} loading the GPU tier (layer {layer}'s neurons, "
+                                 f"{format_size(left)} still to load); lower --gpu-mem by at least "
+                                 f"{format_size(left)} (`hetinfer prepare ... --gpu-mem SIZE`)") from None
+    return out
+
+
+def _name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "the CPU stand-in"
+
+
+# ---------------------------------------------------------------------------------------------
+# choosing the device, and what a deployment records of it
+# ---------------------------------------------------------------------------------------------
+
+
+def resolve_device(requested: str | None, gpu_neurons: int, where: str) -> torch.device | None:
+    """The device a deployment's GPU tier runs on, None when it has no GPU-tier neurons.
+
+    requested: --device (None: CUDA when present; "cpu": the CPU stand-in; "cuda[:N]": CUDA or an
+    error). A plan with GPU-tier neurons and no CUDA device is refused unless the stand-in is asked for."""
+    if requested is not None and requested != "cpu" and not requested.startswith("cuda"):
+        raise HetinferError(f"--device {requested}: use cuda, cuda:N or cpu (the CPU stand-in)")
+    if requested is not None and requested.startswith("cuda") and not torch.cuda.is_available():
+        raise HetinferError(f"--device {requested}: no CUDA device is visible (torch {torch.__version__}, built for "
+                            f"CUDA {torch.version.cuda or 'none'}); install a CUDA build of torch on a machine with "
+                            "an NVIDIA GPU, or use --device cpu")
+    if not gpu_neurons:
+        return None
+    if requested is None:
+        if not torch.cuda.is_available():
+            raise HetinferError(f"{where} was planned with {gpu_neurons:,} GPU-tier neurons but this machine has no "
+                                f"CUDA device; {GPU_ONLY_FIX}, or pass --device cpu to run them on the CPU stand-in")
+        return torch.device("cuda")
+    return torch.device(requested)
+
+
+def open_executor(dep, n_gpu: np.ndarray, device: str | None) -> GPUExecutor | None:
+    """The GPU side of deployment `dep` (n_gpu: GPU-tier neurons per layer) on the device --device names,
+    after the checks `resolve_device` and `check_same_gpu` make; None when the plan has no GPU tier."""
+    dev = resolve_device(device, int(np.sum(n_gpu)), str(dep.path))
+    if dev is None:
+        return None
+    m = dep.plan.manifest
+    check_same_gpu(dep.manifest.get("gpu"), m["hardware"].get("sources", {}).get("gpu.bytes_per_s") == "assumed",
+                   dev, str(dep.path))
+    attn = [i for i, row in enumerate(m["layers"]) if row["attention"] == "gpu"]
+    if attn or dep.plan.head_on_gpu:
+        extra = sum(m["model"]["layer_dense_bytes"][i] + m["model"]["kv_bytes_per_layer"] for i in attn)
+        print(f"note: the plan puts {len(attn)} layers' attention{' and the output head' if dep.plan.head_on_gpu else ''}"
+              f" on the GPU; this engine runs them in RAM ({format_size(extra)} of attention and KV cache, more "
+              "than the plan's RAM budget counted), only the FFN's GPU tier runs on the GPU", file=sys.stderr)
+    return GPUExecutor(dep.store, n_gpu, dev, dep.model.config.activation)
+
+
+def gpu_identity() -> dict | None:
+    """What a deployment records of the GPU it was planned on: name and total memory (None: no CUDA)."""
+    if not torch.cuda.is_available():
+        return None
+    props = torch.cuda.get_device_properties(0)
+    return {"name": props.name, "total_bytes": int(props.total_memory)}
+
+
+def check_same_gpu(planned: dict | None, assumed: bool, device: torch.device, where: str) -> None:
+    """Warn (stderr) when a deployment runs on another GPU than the one it was planned on (`planned`:
+    its `gpu_identity`), or was planned for a what-if GPU with assumed speeds: its split may not fit
+    or be the fast one here."""
+    if device.type != "cuda":
+        return
+    props = torch.cuda.get_device_properties(device)
+    here = f"{props.name} ({format_size(props.total_memory)})"
+    fix = "re-plan on this machine with `hetinfer prepare ... --gpu-mem SIZE`"
+    if assumed or planned is None:
+        print(f"warning: {where} was planned without a CUDA device (a what-if GPU with assumed speeds); it runs on "
+              f"{here}: {fix} to place neurons by measured speeds", file=sys.stderr)
+    elif planned.get("name") != props.name or planned.get("total_bytes") != props.total_memory:
+        print(f"warning: {where} was planned on {planned.get('name')} ({format_size(planned.get('total_bytes', 0))}) "
+              f"and runs on {here}; its GPU/CPU split may not fit or be the fast one here: {fix}", file=sys.stderr)
