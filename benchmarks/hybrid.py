@@ -44,9 +44,8 @@ from hetinfer import kernels  # noqa: E402
 from hetinfer.config import ModelConfig  # noqa: E402
 from hetinfer.loader import Model  # noqa: E402
 from hetinfer.model import LayerWeights, Transformer, Weights, vec  # noqa: E402
-from hetinfer.offload.ffn import TieredFFN  # noqa: E402
+from hetinfer.offload.deploy import tiered_ffn  # noqa: E402
 from hetinfer.offload.gpu import GPUExecutor  # noqa: E402
-from hetinfer.offload.reader import FlashReader  # noqa: E402
 from hetinfer.offload.store import build_store  # noqa: E402
 from hetinfer.offload.trace import Trace, TraceConfig  # noqa: E402
 from hetinfer.placement import probe  # noqa: E402
@@ -187,9 +186,8 @@ def run_shape(args: argparse.Namespace, device: torch.device, workdir: str) -> d
         else:
             g = {"hybrid": n_gpu, "cpu_only": np.zeros(L, np.int64), "gpu_only": np.full(L, n_ff)}[name]
             ex = GPUExecutor(store, g, device, cfg.activation) if g.any() else None
-            ffn = TieredFFN(store, FlashReader(store.data_path, None, threads=2),
-                            lambda layer, h: sets[max(ffn.token, 0)][layer], n_ff - g, np.zeros(L, np.int64), 0,
-                            cfg.activation, lookahead=False, gpu=ex)
+            ffn = tiered_ffn(store, None, lambda layer, h: sets[max(ffn.token, 0)][layer], n_ff - g,
+                             np.zeros(L, np.int64), 0, cfg.activation, threads=2, lookahead=False, gpu=ex)
             s = decode(model, ffn, args.warm, args.tokens, ffn.reset_stats)
             r = ffn.report()
             gpu_side = r.get("gpu_s_per_token", 0.0)

@@ -15,9 +15,9 @@ import torch
 from hetinfer import kernels
 from hetinfer.errors import HetinferError
 from hetinfer.offload import gpu as gpu_mod
+from hetinfer.offload.deploy import tiered_ffn
 from hetinfer.offload.ffn import TieredFFN
 from hetinfer.offload.gpu import GPUExecutor, GPUMemoryError, resolve_device
-from hetinfer.offload.reader import FlashReader
 from hetinfer.offload.store import build_store
 from test_deploy import _prepare
 from test_offload import _logits
@@ -35,8 +35,8 @@ def hybrid(model, store, n_gpu, n_ram, capacity, device="cpu", window=2, select=
     n_gpu, n_ram = (np.broadcast_to(np.asarray(a, np.int64), (L,)) for a in (n_gpu, n_ram))
     cap = np.minimum(np.broadcast_to(np.asarray(capacity), (L,)), n_ff - n_gpu - n_ram)
     gpu = GPUExecutor(store, n_gpu, device, model.config.activation)
-    return TieredFFN(store, FlashReader(store.data_path, None, threads=2), select or (lambda layer, h: None), n_ram,
-                     cap, window, model.config.activation, gpu=gpu)
+    return tiered_ffn(store, None, select or (lambda layer, h: None), n_ram, cap, window, model.config.activation,
+                      threads=2, gpu=gpu)
 
 
 @pytest.mark.slow

@@ -330,6 +330,7 @@ def open_session(dep: Deployment, n_ctx: int | None = None, every_neuron: bool =
     a KV cache of element type `kv` (default: the one the plan counted); `device`: where GPU-tier neurons
     run (see `gpu.resolve_device`)."""
     from hetinfer.generate import Session
+    from hetinfer.offload.gpu import open_executor
     from hetinfer.placement.hardware import Hardware
 
     counts = tier_counts(dep.plan)
