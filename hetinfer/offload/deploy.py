@@ -83,7 +83,7 @@ def prepare(opts: PrepareOptions) -> Path:
     _load_predictors(predictors, model)
 
     plan_dir = out / "plan"
-    place = ["place", *common, "--profile", str(profile), "--predictors", str(predictors), "--flash-dir",
+    place = ["place", "-m", model_path, "--profile", str(profile), "--predictors", str(predictors), "--flash-dir",
              opts.flash_dir, "--ctx", str(opts.ctx), "--kv", opts.kv]
     place += [f for flag, v in (("--ram", opts.ram), ("--gpu-mem", opts.gpu_mem)) if v is not None for f in (flag, str(v))]
     wanted = {"ram": opts.ram, "gpu_mem": opts.gpu_mem, "ctx": min(opts.ctx, model.config.context_length),
