@@ -306,9 +306,17 @@ def cache_capacity(plan, record_bytes: list[int]) -> np.ndarray:
 
 
 def open_session(dep: Deployment, n_ctx: int | None = None, every_neuron: bool = False, direct: bool | None = None,
-                 lookahead: bool = True, threads: int | None = None, kv: str | None = None):
+                 lookahead: bool = True, threads: int | None = None, kv: str | None = None,
+                 resident: np.ndarray | None = None, capacity: np.ndarray | None = None, select=None):
     """A Session whose FFN executes the deployment's plan (`every_neuron`: the exact mode, --sparsity 0), with
-    a KV cache of element type `kv` (default: the one the plan counted)."""
+    a KV cache of element type `kv` (default: the one the plan counted).
+
+    The overrides make the baselines of benchmarks/offload.py configurations of this same engine:
+    `resident` (int [n_layers]) records per layer held in RAM instead of the plan's RAM tier (zeros:
+    all flash; n_ff: all RAM), `capacity` (int [n_layers]) window-cache slots instead of the plan's
+    (zeros: no window cache), `select(layer, h) -> ids | None` the active sets instead of the
+    predictors (a synthetic trace; needed when `dep.predictors` is None), `direct=False` reads
+    through the page cache."""
     from hetinfer.generate import Session
     from hetinfer.offload.ffn import TieredFFN
     from hetinfer.offload.reader import FlashReader
@@ -320,9 +328,14 @@ def open_session(dep: Deployment, n_ctx: int | None = None, every_neuron: bool =
                               f"{REDO} with --gpu-mem 0")
     hw = Hardware.from_dict(dep.plan.manifest["hardware"], f"{dep.path}: plan hardware")
     reader = FlashReader(dep.store.data_path, hw.flash, threads=threads, direct=direct)
-    select = (lambda layer, h: None) if every_neuron else dep.predictors.rows
-    ffn = TieredFFN(dep.store, reader, select, counts[:, 0] + counts[:, 1],
-                    cache_capacity(dep.plan, [L.record_bytes for L in dep.store.layers]), dep.manifest["window"],
+    if select is None:
+        select = (lambda layer, h: None) if every_neuron else dep.predictors.rows
+    if resident is None:
+        resident = counts[:, 0] + counts[:, 1]
+    if capacity is None:
+        capacity = cache_capacity(dep.plan, [L.record_bytes for L in dep.store.layers])
+    capacity = np.minimum(capacity, dep.model.config.n_ff - np.asarray(resident))  # no slots for resident neurons
+    ffn = TieredFFN(dep.store, reader, select, resident, capacity, dep.manifest["window"],
                     dep.model.config.activation, lookahead=lookahead)
     session = Session(dep.model, n_ctx=n_ctx or dep.manifest["ctx"], ffn=ffn, kv=kv or dep.plan.kv_dtype)
     from hetinfer.info import component_bytes
