@@ -190,12 +190,12 @@ def run_hetinfer(spec: dict) -> dict:
     def prefill(ids: list[int]) -> torch.Tensor:
         for s in range(0, len(ids), PREFILL_CHUNK):
             logits = tr.forward(ids[s : s + PREFILL_CHUNK], cache, ffn)
-        if ffn is not None:
+        if ffn is not None:  # decode's figures only
             ffn.reset_stats()
-            reads[0] = ffn.reader.snapshot()
+            reads_before["stats"] = ffn.reader.snapshot()
         return logits
 
-    reads = [None]
+    reads_before = {}
     r = timed_decode(prefill, lambda tok: tr.forward([tok], cache, ffn), spec["prompt"], spec["tokens"],
                      spec["forced"])
     per_position = 2 * cache.k[:, :1].nbytes  # keys and values of one position, all layers
@@ -207,7 +207,7 @@ def run_hetinfer(spec: dict) -> dict:
     del parts["ffn"]
     r["model_bytes_held"] = sum(parts.values()) + kv + ffn.resident_bytes()
     r["offload"] = ffn.report()
-    done = ffn.reader.snapshot() - reads[0]
+    done = ffn.reader.snapshot() - reads_before["stats"]
     r["read_sizes"] = {str(k): v for k, v in sorted(done.sizes.items())}  # read size (pow2 bucket) -> reads
     r["reader_threads"] = ffn.reader.threads
     r["reader_method"] = ffn.reader.method
@@ -277,8 +277,7 @@ def trace_deployment(spec: dict):
 @dataclass
 class Run:
     label: str
-    limit: int | None
-    result: dict  # the child's, plus peak_memory_bytes, memory_limit_bytes, failed
+    result: dict  # the child's, plus peak_memory_bytes, memory_limit_bytes, wall_s (and failed, when it did)
 
 
 class Runner:
@@ -311,7 +310,7 @@ class Runner:
                       file=sys.stderr)
         result.update(peak_memory_bytes=res.peak_bytes, memory_limit_bytes=limit if use else None,
                       wall_s=res.seconds)
-        self.runs.append(Run(label, limit, result))
+        self.runs.append(Run(label, result))
         tok = result.get("tok_s")
         print(f"  {label}: {'-' if tok is None else f'{tok:.2f}'} tok/s over {result.get('tokens', '-')} tokens, "
               f"peak {res.peak_bytes / MiB:.0f} MiB" + (f" of {limit / MiB:.0f} MiB" if limit and use else "")
