@@ -615,7 +615,7 @@ def scale_run(runner: Runner) -> list[dict]:
     throughput = disk_throughput(flash, [runs["offloaded"]])
     from hetinfer.placement import load_plan
 
-    extra = {"budget": "dense + KV + 1 GiB", "predicted_tok_s": load_plan(plan_dir).manifest["predicted"]["tok_s"],
+    extra = {"budget": "dense + KV + 1 GiB", "window": WINDOW, "predicted_tok_s": load_plan(plan_dir).manifest["predicted"]["tok_s"],
              "disk_bytes_per_s": {str(k): v for k, v in throughput.items()},
              "note": (f"SYNTHETIC: random Q4_0 weights, active sets from offload.trace (density {trace_cfg.density}, "
                       f"{trace_cfg.hot_fraction:.0%} of neurons serve {trace_cfg.hot_share:.0%} of activations, "
@@ -736,12 +736,12 @@ def records_table(records: list[dict]) -> str:
     ratio = lambda a, b: "-" if a is None or not b else f"{a / b:.2f}x"  # noqa: E731
     rows = []
     for r in records:
-        rows.append([r["model"], f(r["ram_budget_bytes"] / MiB, "{:.0f}"), r["regime"], f(r["tok_s"]),
+        rows.append([r["model"], f(r["ram_budget_bytes"] / MiB, "{:.0f}"), r["regime"], r["window"], f(r["tok_s"]),
                      ratio(r["tok_s"], r["naive_tok_s"]), ratio(r["tok_s"], r["layer_cache_tok_s"]),
                      ratio(r["tok_s"], r["page_cache_tok_s"]), ratio(r["tok_s"], r["llamacpp_limited_tok_s"]),
                      f(r["dense_ram_tok_s"]), f(r["bound_tok_s"]), ratio(r["tok_s"], r["bound_tok_s"]),
                      ratio(r["flash_bytes_per_token"], r["ideal_flash_bytes_per_token"]), f(r["predicted_tok_s"])])
-    return table(["model", "budget MiB", "regime", "tok/s", "vs naive", "vs layer cache", "vs page cache",
+    return table(["model", "budget MiB", "regime", "window", "tok/s", "vs naive", "vs layer cache", "vs page cache",
                   "vs llama.cpp mmap", "dense RAM tok/s", "bound tok/s", "of bound", "flash / ideal bytes",
                   "predicted tok/s"], rows)
 
