@@ -72,8 +72,7 @@ from benchmarks._util import machine, table  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "wikitext-2" / "valid.txt"
 CTX = 512  # context every engine is sized for: prompt + generated tokens fit, the KV cache stays small
-WINDOW = 5  # window-cache tokens (prepare's default) of the 7B plan
-WINDOWS = (5, 3, 1, 0)  # SmolLM2: the longest that fits each budget (see smollm2_deployments)
+WINDOW = 5  # window-cache tokens of the 7B plan (LLM in a Flash's); SmolLM2's: prepare picks them
 REGIMES = ("quality", "high_sparsity")
 SHARES = (0.25, 0.5)  # of the FFN bytes, beyond the dense parts, for SmolLM2
 SPARSE_DENSITY = 0.15  # the high_sparsity regime's predicted density (train-predictors --density)
@@ -486,30 +485,18 @@ def smollm2_predictors(cache: Path, model_path: str, s: Settings) -> dict:
 
 
 def smollm2_deployments(cache: Path, model_path: str, predictors: dict, budgets: dict) -> dict:
-    """{(regime, share): (deployment dir, window)}: `hetinfer prepare --ram BUDGET --profile --predictors`
-    with the longest window (of WINDOWS) whose cache the budget holds. The placement reserves each
-    flash neuron's expected window occupancy, 1 - (1 - p)^k of its bytes, and SmolLM2's neurons fire
-    on 35-75% of tokens, so below the whole FFN a long window may not fit at all."""
+    """{(regime, share): (deployment dir, window)}: `hetinfer prepare --ram BUDGET --profile --predictors`,
+    which picks the window-cache length its cost model predicts fastest at that budget."""
     from hetinfer.offload.deploy import MANIFEST, PrepareOptions, prepare
-    from hetinfer.placement.cost import PlacementError
 
     flash = cache / "flash"
     flash.mkdir(parents=True, exist_ok=True)
     deps = {}
     for (regime, share), budget in budgets.items():
         out = cache / f"{regime}-{share:.0%}".rstrip("%")
-        made = json.loads((out / MANIFEST).read_text())["window"] if (out / MANIFEST).exists() else None
-        for window in sorted(WINDOWS, key=lambda w: w != made):  # the window that fitted last time first
-            try:
-                prepare(PrepareOptions(output=str(out), flash_dir=str(flash), model=model_path, ram=budget, ctx=CTX,
-                                       profile=str(cache / "profile"), predictors=predictors[regime].path,
-                                       window=window))
-                deps[(regime, share)] = (out, window)
-                break
-            except PlacementError as e:
-                print(f"  {regime} {share:.0%}: window {window} does not fit ({e})", file=sys.stderr)
-        else:
-            raise SystemExit(f"no window in {WINDOWS} fits the {regime} {share:.0%} budget ({budget} bytes)")
+        prepare(PrepareOptions(output=str(out), flash_dir=str(flash), model=model_path, ram=budget, ctx=CTX,
+                               profile=str(cache / "profile"), predictors=predictors[regime].path))
+        deps[(regime, share)] = (out, json.loads((out / MANIFEST).read_text())["window"])
     return deps
 
 

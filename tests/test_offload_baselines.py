@@ -28,7 +28,7 @@ def _decode(dep, steps: int = 3, **overrides):
 def test_open_session_overrides_configure_the_baselines(tmp_path, offline):
     out, flash = tmp_path / "dep", tmp_path / "flash"
     flash.mkdir()
-    # -t reaches the steps that take it, not place; window 1: the longest whose cache fits this budget
+    # -t reaches the steps that take it, not place; window 1: a window cache for `capacity` to override
     assert main(_prepare(out, flash, offline, "-t", "1", "--window", "1")) == 0
     dep = load_deployment(out)
     cfg, record = dep.model.config, dep.store.record_bytes
