@@ -19,7 +19,7 @@ the same active sets.
 
 Configurations (all but llama.cpp are the same engine, `offload.deploy.open_session`):
   hetinfer offloaded  the deployment's plan: RAM-tier neurons resident, flash neurons read through the
-                      window cache with look-ahead, O_DIRECT; regimes `quality` (default predictors) and
+                      window cache (the length prepare picks; 0: look-ahead pools only), O_DIRECT; regimes `quality` (default predictors) and
                       `high_sparsity` (predictors trained with --density 0.15: on SmolLM2 this measures
                       the I/O path, not quality)
   naive streaming     all-flash (resident 0), every neuron, no window cache, O_DIRECT reads of whole
@@ -37,8 +37,10 @@ Configurations (all but llama.cpp are the same engine, `offload.deploy.open_sess
                       throughput for the read sizes the run used (flash probe, measured in this run))
 
 Models and budgets (model bytes: dense parts, KV cache, RAM-tier neurons, window cache, predictors):
-  SmolLM2-135M Q4_1: dense parts + KV cache (context 512) + 25%, and + 50%, of the FFN bytes;
-                     deployments made by `hetinfer prepare --ram BUDGET`.
+  SmolLM2-135M Q4_1: dense parts + KV cache (context 512, f32) + 25%, and + 50%, of the FFN bytes, the
+                     dense parts as `hetinfer place` counts them, the regime's predictors included (so
+                     each regime has its own budget, and every configuration of a record gets it), the
+                     FFN bytes in the store's format; deployments by `hetinfer prepare --ram BUDGET`.
   7B scale run:      SYNTHETIC. A Llama-2-7B-shaped GGUF (32 layers, d 4096, FFN 11008, Q4_0, random
                      weights, SmolLM2's tokenizer so vocab 49152), written once; budget dense parts +
                      KV cache (context 512) + 1 GiB. Random weights have no activation structure, so
