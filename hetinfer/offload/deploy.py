@@ -82,7 +82,7 @@ def prepare(opts: PrepareOptions) -> Path:
     _load_predictors(predictors, model)
 
     plan_dir = out / "plan"
-    place = ["place", *common, "--profile", str(profile), "--predictors", str(predictors), "--flash-dir",
+    place = ["place", "-m", model_path, "--profile", str(profile), "--predictors", str(predictors), "--flash-dir",
              opts.flash_dir, "--ctx", str(opts.ctx), "--kv", opts.kv]
     place += [f for flag, v in (("--ram", opts.ram), ("--gpu-mem", opts.gpu_mem)) if v is not None for f in (flag, str(v))]
     wanted = {"ram": opts.ram, "gpu_mem": opts.gpu_mem, "ctx": min(opts.ctx, model.config.context_length),
@@ -325,10 +325,18 @@ def tiered_ffn(store, curve, select, resident: np.ndarray, capacity: np.ndarray,
 
 def open_session(dep: Deployment, n_ctx: int | None = None, every_neuron: bool = False, direct: bool | None = None,
                  lookahead: bool = True, threads: int | None = None, kv: str | None = None,
-                 device: str | None = None):
+                 device: str | None = None, resident: np.ndarray | None = None, capacity: np.ndarray | None = None,
+                 select=None):
     """A Session whose FFN executes the deployment's plan (`every_neuron`: the exact mode, --sparsity 0), with
     a KV cache of element type `kv` (default: the one the plan counted); `device`: where GPU-tier neurons
-    run (see `gpu.resolve_device`)."""
+    run (see `gpu.resolve_device`).
+
+    The overrides make the baselines of benchmarks/offload.py configurations of this same engine:
+    `resident` (int [n_layers]) records per layer held in RAM instead of the plan's RAM tier (zeros:
+    all flash; n_ff: all RAM), `capacity` (int [n_layers]) window-cache slots instead of the plan's
+    (zeros: no window cache), `select(layer, h) -> ids | None` the active sets instead of the
+    predictors (a synthetic trace; needed when `dep.predictors` is None), `direct=False` reads
+    through the page cache."""
     from hetinfer.generate import Session
     from hetinfer.offload.gpu import open_executor
     from hetinfer.placement.hardware import Hardware
@@ -336,9 +344,14 @@ def open_session(dep: Deployment, n_ctx: int | None = None, every_neuron: bool =
     counts = tier_counts(dep.plan)
     gpu = open_executor(dep, counts[:, 0], device)
     hw = Hardware.from_dict(dep.plan.manifest["hardware"], f"{dep.path}: plan hardware")
-    select = (lambda layer, h: None) if every_neuron else dep.predictors.rows
-    ffn = tiered_ffn(dep.store, hw.flash, select, counts[:, 1],
-                     cache_capacity(dep.plan, [L.record_bytes for L in dep.store.layers]), dep.manifest["window"],
+    if select is None:
+        select = (lambda layer, h: None) if every_neuron else dep.predictors.rows
+    if resident is None:
+        resident = counts[:, 1]
+    if capacity is None:
+        capacity = cache_capacity(dep.plan, [L.record_bytes for L in dep.store.layers])
+    capacity = np.minimum(capacity, dep.model.config.n_ff - counts[:, 0] - np.asarray(resident))  # no slots for resident neurons
+    ffn = tiered_ffn(dep.store, hw.flash, select, resident, capacity, dep.manifest["window"],
                      dep.model.config.activation, threads=threads, direct=direct, lookahead=lookahead, gpu=gpu)
     session = Session(dep.model, n_ctx=n_ctx or dep.manifest["ctx"], ffn=ffn, kv=kv or dep.plan.kv_dtype)
     from hetinfer.info import component_bytes
