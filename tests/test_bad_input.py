@@ -69,6 +69,6 @@ def test_prompt_longer_than_context(model_path):
 
 def test_stats_json_to_a_directory_leaves_nothing_behind(model_path, tmp_path):
     err = run_cli("generate", "-m", model_path, "-p", "hi", "-n", "1", "--stats-json", str(tmp_path))
-    assert f"cannot write {tmp_path}: it is a directory; give a file path" in err
+    assert f"{tmp_path} is a directory; give the path of a file" in err and err.count("\n") <= 1
     assert list(tmp_path.parent.glob(f"{tmp_path.name}*")) == [tmp_path] and list(tmp_path.iterdir()) == []
     assert not list(tmp_path.parent.glob(f".{tmp_path.name}.*"))
