@@ -6,7 +6,6 @@ import importlib
 import json
 import sys
 import time
-from pathlib import Path
 
 from hetinfer.argtypes import SEED, THREADS, Parser, float_in, int_in, output_file, text
 from hetinfer.atomic import atomic_write_json, check_writable

@@ -8,7 +8,7 @@ import torch
 
 from hetinfer.offload.deploy import tiered_ffn
 from hetinfer.offload.ffn import TieredFFN
-from hetinfer.offload.store import build_store, open_store
+from hetinfer.offload.store import build_store
 
 pytestmark = pytest.mark.slow
 

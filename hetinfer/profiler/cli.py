@@ -6,9 +6,7 @@ import argparse
 import time
 
 from hetinfer.argtypes import SEED, THREADS, IntList, float_in, int_in, output_dir, output_file
-from hetinfer.data import DEFAULT_EVAL_DATA, DEFAULT_PROFILE_DATA
-from hetinfer.errors import HetinferError
-from hetinfer.profiler.evaluate import MIN_SCORED_TOKENS
+from hetinfer.data import DEFAULT_PROFILE_DATA
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:

@@ -5,7 +5,7 @@ import argparse
 import os
 import sys
 
-from hetinfer.argtypes import SIZE, Parser, int_in
+from hetinfer.argtypes import SIZE, Parser, Size, int_in
 from hetinfer.cli import add_model_args, open_session
 from hetinfer.errors import HetinferError
 
@@ -28,7 +28,7 @@ def add_parser(subparsers) -> None:
                    help="max_tokens of requests that give none (default 512, capped by the context)")
     p.add_argument("--memory-budget", type=SIZE, metavar="SIZE",
                    help="refuse to start if the model would need more RAM than SIZE (e.g. 2GiB, 512MB)")
-    p.add_argument("--max-body", metavar="SIZE", default="1MiB",
+    p.add_argument("--max-body", type=Size(lo=1024), metavar="SIZE", default="1MiB",
                    help="largest request body accepted; larger ones are answered 413 unread (default 1MiB, "
                         "about 250k tokens of English)")
     p.add_argument("--allow-host", action="append", default=[], metavar="NAME",
@@ -60,9 +60,6 @@ def run(args: argparse.Namespace) -> int:
     from hetinfer.placement.hardware import format_size
     from hetinfer.tiers import RAM, TIERS
 
-    max_body = parse_size(args.max_body)
-    if max_body < 1024:
-        raise HetinferError(f"--max-body {args.max_body} is too small for any request; give at least 1KiB")
     session = open_session(args)
     summary = placement_summary(session)
     ram = summary["tiers"][TIERS[RAM]]["bytes"]
@@ -75,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"warning: serving on {args.host} without --api-key: anyone who can reach it can use it", file=sys.stderr)
     name = args.name or model_id(session.model.path)
     app = create_app(session, name, api_key=api_key, max_queue=args.max_queue, default_max_tokens=args.max_tokens,
-                     max_body=max_body, allowed_hosts={args.host, *args.allow_host})
+                     max_body=args.max_body, allowed_hosts={args.host, *args.allow_host})
     print(f"hetinfer: serving {name} at http://{args.host}:{args.port}/v1 (context {session.n_ctx} tokens, "
           f"queue {args.max_queue}{', API key required' if api_key else ''})", file=sys.stderr)
     if args.verbose:
