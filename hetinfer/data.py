@@ -91,8 +91,13 @@ def read_text(src: Source) -> str:
 def read_chats(src: Source, tokenizer) -> list[str]:
     """Prompts rendered through the model's chat template, one per MT-Bench turn or `messages` record."""
     records = []
-    with open(src.path, encoding="utf-8", errors="replace") as fh:
-        for n, line in enumerate(fh, 1):
+    with open(src.path, "rb") as fh:
+        for n, raw in enumerate(fh, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise HetinferError(f"{src.path}:{n}: bytes that are not UTF-8 ({e.reason} at byte {e.start}); "
+                                    "chat data must be UTF-8 text") from None
             if not line.strip():
                 continue
             try:

@@ -69,6 +69,7 @@ def prepare(opts: PrepareOptions) -> Path:
     model_path = os.path.abspath(resolve_model_path(opts.model))
     model = load_model(model_path, weights=opts.weights)
     common = ["-m", model_path] + (["-t", str(opts.threads)] if opts.threads else [])
+    _check_ram(opts, model)
 
     profile = Path(opts.profile) if opts.profile else out / "profile"
     if opts.profile is None and not _valid(lambda: _load_profile(profile, model), "profile", profile):
@@ -123,6 +124,19 @@ def prepare(opts: PrepareOptions) -> Path:
     }
     atomic_write_json(out / MANIFEST, manifest)
     return out / MANIFEST
+
+
+def _check_ram(opts: PrepareOptions, model) -> None:
+    """Refuse a --ram below what the dense parts need before minutes of profiling (the place step checks
+    again, with the predictors trained here); no check when a GPU may hold dense parts."""
+    if opts.ram is None or opts.gpu_mem:
+        return
+    from hetinfer.placement.cost import check_dense_ram, cpu_dense_ram_bytes, predictor_sizes, weight_sizes
+
+    pred = predictor_sizes(_load_predictors(Path(opts.predictors), model)) if opts.predictors else 0
+    sizes = weight_sizes(model.config, model.weights, min(opts.ctx, model.config.context_length), pred, opts.kv)
+    windows = [opts.window] if opts.window is not None else AUTO_WINDOWS
+    check_dense_ram(sizes, opts.ram, min(cpu_dense_ram_bytes(sizes, True, k) for k in windows), True)
 
 
 def _place(argv: list[str], plan_dir: Path, windows) -> None:

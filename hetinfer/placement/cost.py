@@ -208,6 +208,34 @@ def flash_io_bytes(window_tokens: int) -> int:
     return FLASH_IO_BYTES + (2 * FLASH_POOL_BYTES if window_tokens == 0 else 0)
 
 
+def _dense_ram_bytes(sizes: ModelSizes, attn_on_gpu: np.ndarray, head_in_ram: bool, io_bytes: int) -> int:
+    """RAM of the dense parts: embeddings, scratch, the head unless elsewhere, the layers whose attention
+    is not on the GPU (with their predictor and KV cache), and the flash I/O buffers."""
+    per_layer = sizes.layer_bytes + sizes.kv_bytes
+    return (sizes.embed_bytes + sizes.scratch_bytes + (sizes.head_bytes if head_in_ram else 0)
+            + int(per_layer[~attn_on_gpu].sum()) + io_bytes)
+
+
+def cpu_dense_ram_bytes(sizes: ModelSizes, flash: bool, window_tokens: int) -> int:
+    """RAM the dense parts need without a GPU (with a flash tier: its I/O buffers for `window_tokens`)."""
+    return _dense_ram_bytes(sizes, np.zeros(len(sizes.layer_bytes), bool), not sizes.tied,
+                            flash_io_bytes(window_tokens) if flash else 0)
+
+
+def check_dense_ram(sizes: ModelSizes, budget: int, need: int, flash: bool, gpu_bytes: int = 0,
+                    gpu: bool = False) -> None:
+    """PlacementError naming the minimum --ram when the dense parts (`need` bytes of RAM) exceed `budget`."""
+    if need <= budget:
+        return
+    on_gpu = f" besides the {format_size(gpu_bytes)} the GPU holds" if gpu_bytes else ""
+    io = ", flash I/O buffers" if flash else ""
+    raise PlacementError(
+        f"the RAM budget {format_size(budget)} is too small for the dense parts (attention, norms, "
+        f"embeddings, output head, predictors, KV cache for {sizes.n_ctx} tokens, scratch{io}): they need at least "
+        f"{format_size(need)} of RAM{on_gpu}; raise --ram to {format_size(need)} or more"
+        + (", give the GPU more memory" if gpu else "") + " or plan a shorter --ctx")
+
+
 def place_dense(sizes: ModelSizes, hw: Hardware, window_tokens: int = 5) -> DensePlacement:
     """Output head, then layers in order, onto the GPU while they fit; everything else in RAM. With a
     flash tier, the offloading engine's I/O buffers in RAM (for a window cache of `window_tokens`) and its
@@ -227,16 +255,8 @@ def place_dense(sizes: ModelSizes, hw: Hardware, window_tokens: int = 5) -> Dens
         gpu_bytes = hw.gpu.capacity_bytes - free + int(per_layer[attn_on_gpu].sum())
     head_in_ram = not head_on_gpu and not sizes.tied  # a tied head on the CPU reads the embeddings
     io_bytes = flash_io_bytes(window_tokens) if hw.flash is not None else 0
-    ram_bytes = (sizes.embed_bytes + sizes.scratch_bytes + (sizes.head_bytes if head_in_ram else 0)
-                 + int(per_layer[~attn_on_gpu].sum()) + io_bytes)
-    if ram_bytes > hw.ram.capacity_bytes:
-        on_gpu = f" besides the {format_size(gpu_bytes)} the GPU holds" if gpu_bytes else ""
-        io = ", flash I/O buffers" if io_bytes else ""
-        raise PlacementError(
-            f"the RAM budget {format_size(hw.ram.capacity_bytes)} is too small for the dense parts (attention, norms, "
-            f"embeddings, output head, predictors, KV cache for {sizes.n_ctx} tokens, scratch{io}): they need at least "
-            f"{format_size(ram_bytes)} of RAM{on_gpu}; raise --ram to {format_size(ram_bytes)} or more"
-            + (", give the GPU more memory" if hw.gpu is not None else "") + " or plan a shorter --ctx")
+    ram_bytes = _dense_ram_bytes(sizes, attn_on_gpu, head_in_ram, io_bytes)
+    check_dense_ram(sizes, hw.ram.capacity_bytes, ram_bytes, io_bytes > 0, gpu_bytes, hw.gpu is not None)
     gpu_bw = hw.gpu.bytes_per_s if hw.gpu is not None else 1.0
     ram_bw = hw.ram.bytes_per_s
     rate = np.where(attn_on_gpu, gpu_bw, ram_bw)
