@@ -3,6 +3,7 @@ O_DIRECT fallback, counters."""
 from __future__ import annotations
 
 import errno
+import mmap
 import os
 from collections import Counter
 from pathlib import Path
@@ -103,11 +104,12 @@ def test_read_span_any_alignment(records_file):
 # ------------------------------------------------------------------------------------ planning
 
 
-def covers(plan: list[tuple[int, int]], positions: np.ndarray, rb: int, base: int, max_read: int) -> None:
+def covers(plan: list[tuple[int, int]], positions: np.ndarray, rb: int, base: int, max_read: int,
+           align: int = FLASH_BLOCK) -> None:
     """The plan's invariants: aligned, ascending, disjoint, capped, and every record's bytes inside."""
     off = np.array([o for o, _ in plan], dtype=np.int64)
     size = np.array([s for _, s in plan], dtype=np.int64)
-    assert (off % FLASH_BLOCK == 0).all() and (size % FLASH_BLOCK == 0).all()
+    assert (off % align == 0).all() and (size % align == 0).all()
     assert (size > 0).all() and (size <= max_read).all()
     assert (off[1:] >= off[:-1] + size[:-1]).all()
     covered = np.zeros(int(off[-1] + size[-1]) if len(plan) else 0, dtype=bool)
@@ -171,7 +173,18 @@ def test_plan_covers_random_sets():
         positions = np.sort(rng.choice(n, int(rng.integers(1, n + 1)), replace=False))
         curve = [None, NVME, flat_curve_to_64k()][int(rng.integers(3))]
         max_read = int(rng.choice([4096, 16384, 1 << 20]))
-        covers(plan_reads(positions, rb, base, curve, max_read), positions, rb, base, max_read)
+        align = int(rng.choice([512, 2048, FLASH_BLOCK]))
+        covers(plan_reads(positions, rb, base, curve, max_read, align), positions, rb, base, max_read, align)
+
+
+def test_plan_finer_alignment_reads_fewer_bytes_in_as_many_requests():
+    # lone 9000-byte records: 4 KiB blocks read 12 or 16 KiB of each, 512-byte blocks 9216 or 9728
+    positions = np.arange(0, 20000, 400)
+    page = plan_reads(positions, 9000, 0, NVME, 1 << 20)
+    fine = plan_reads(positions, 9000, 0, NVME, 1 << 20, align=512)
+    covers(fine, positions, 9000, 0, 1 << 20, 512)
+    assert len(fine) == len(page) == len(positions)
+    assert {s for _, s in fine} <= {9216, 9728} and {s for _, s in page} <= {12288, 16384}
 
 
 def test_plan_rejects_unaligned_max_read():
@@ -242,19 +255,20 @@ def test_counters_add_up(records_file):
                 reader.submit(BASE, RB, positions, dst, np.arange(len(positions))).result()
             else:
                 reader.read_into(BASE, RB, positions, dst, np.arange(len(positions)))
-            plan = plan_reads(positions, RB, BASE, NVME, 16384)
+            plan = plan_reads(positions, RB, BASE, NVME, 16384, reader.align)
             delta = reader.snapshot() - before
             read = sum(min(o + s, len(data)) - o for o, s in plan)  # a read past the file's end is short
             assert (delta.requests, delta.bytes, delta.requested_bytes) == (len(plan), read, len(positions) * RB)
             assert delta.sizes == Counter(1 << (s - 1).bit_length() for _, s in plan)  # sizes up to a power of 2
             requests, nbytes, asked = requests + len(plan), nbytes + read, asked + len(positions) * RB
         before = reader.snapshot()
-        reader.read_span(100, 40000)  # blocks [0, 40960) in 16 KiB pieces
+        reader.read_span(100, 40000)  # blocks [0, 40960) (4 KiB; 40448 with 512 B) in 16 KiB pieces
+        span = -(-40100 // reader.align) * reader.align
         delta = reader.snapshot() - before
-        assert (delta.requests, delta.bytes, delta.requested_bytes) == (3, 40960, 40000)
+        assert (delta.requests, delta.bytes, delta.requested_bytes) == (3, span, 40000)
         assert dict(delta.sizes) == {16384: 2, 8192: 1}
         total = reader.snapshot()
-        assert (total.requests, total.bytes, total.requested_bytes) == (requests + 3, nbytes + 40960, asked + 40000)
+        assert (total.requests, total.bytes, total.requested_bytes) == (requests + 3, nbytes + span, asked + 40000)
         assert total.wait_s > 0
         assert (live.requests, live.bytes, live.requested_bytes, live.sizes) == \
             (total.requests, total.bytes, total.requested_bytes, total.sizes)
@@ -314,3 +328,26 @@ def test_reads_a_built_store_like_the_store_does(tmp_path):
             reader.read_into(lay.offset, store.record_bytes, positions, dst, np.arange(len(positions)))
             store.verify(layer, positions, dst)
             np.testing.assert_array_equal(dst, store.read_records(layer, 0, n_ff)[positions])
+
+
+def test_reads_at_the_finest_alignment_the_file_accepts(records_file):
+    path, data = records_file
+    with FlashReader(path, NVME, direct=False) as reader:
+        assert reader.align == FLASH_BLOCK  # buffered reads move whole pages
+    with FlashReader(path, NVME) as reader:
+        if reader.method != "o_direct":
+            pytest.skip(f"{path}: this filesystem refuses O_DIRECT")
+        assert reader.align in (512, 1024, 2048, FLASH_BLOCK)
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+        try:  # a read of one unit at an offset of one unit is accepted; half a unit is refused
+            buf = mmap.mmap(-1, FLASH_BLOCK)
+            assert os.preadv(fd, [memoryview(buf)[:reader.align]], reader.align) == reader.align
+            if reader.align > 512:
+                with pytest.raises(OSError):
+                    os.preadv(fd, [memoryview(buf)[:reader.align // 2]], reader.align // 2)
+        finally:
+            os.close(fd)
+        positions = np.array([3, 40, 41, 300])
+        dst = np.zeros((4, RB), np.uint8)
+        reader.read_into(BASE, RB, positions, dst, np.arange(4))
+        np.testing.assert_array_equal(dst, expected(data, positions))

@@ -2,9 +2,10 @@
 
 The engine asks for a sorted set of record positions of one layer (records packed back to back,
 position p at byte `base + p * record_bytes`) and rows of a destination array to put them in (the
-window cache's slots). `plan_reads` turns the set into few 4 KiB-aligned requests: one per run of
-adjacent records, neighbours merged when reading the gap costs less than a separate request on
-the measured read curve, long requests split at `max_read` so the threads share them; a dense set
+window cache's slots). `plan_reads` turns the set into few aligned requests: one per run of
+adjacent records (aligned to the finest block the file's reads allow: `placement.probe.read_alignment`,
+512 B with O_DIRECT on many disks), neighbours merged when reading the gap costs less than a separate
+request on the measured read curve, long requests split at `max_read` so the threads share them; a dense set
 becomes whole-span reads on its own. `FlashReader` issues the requests with `os.preadv` through a
 thread pool (each thread loops over a batch) into page-aligned staging buffers, then gathers the
 asked records into the destination in one numpy copy.
@@ -29,7 +30,7 @@ import numpy as np
 
 from hetinfer.offload.store import StoreError
 from hetinfer.placement.hardware import FLASH_BLOCK, FlashTier
-from hetinfer.placement.probe import open_uncached
+from hetinfer.placement.probe import open_uncached, read_alignment
 
 DEFAULT_MERGE_GAP = 16 << 10  # without a read curve: read through gaps up to this many bytes
 DEFAULT_THREADS = 8  # without a read curve: reads in flight
@@ -61,8 +62,8 @@ class ReadStats:
 
 
 def plan_reads(positions: np.ndarray, record_bytes: int, base: int, curve: FlashTier | None,
-               max_read: int) -> list[tuple[int, int]]:
-    """4 KiB-aligned (offset, nbytes) requests, ascending and disjoint, covering every asked record.
+               max_read: int, align: int = FLASH_BLOCK) -> list[tuple[int, int]]:
+    """`align`-aligned (offset, nbytes) requests, ascending and disjoint, covering every asked record.
 
     positions: sorted int [n] record positions relative to `base`. Adjacent records start as one
     request; two neighbouring requests (sizes a and b, gap g) merge when
@@ -72,20 +73,20 @@ def plan_reads(positions: np.ndarray, record_bytes: int, base: int, curve: Flash
     merges no more than merging one by one would. Requests longer than `max_read` (a multiple of
     4 KiB) are split into equal aligned pieces of at most `max_read`.
     """
-    off, size = _plan(np.asarray(positions, dtype=np.int64), record_bytes, base, curve, max_read)
+    off, size = _plan(np.asarray(positions, dtype=np.int64), record_bytes, base, curve, max_read, align)
     return list(zip(off.tolist(), size.tolist()))
 
 
 def _plan(positions: np.ndarray, record_bytes: int, base: int, curve: FlashTier | None,
-          max_read: int) -> tuple[np.ndarray, np.ndarray]:
+          max_read: int, align: int) -> tuple[np.ndarray, np.ndarray]:
     """`plan_reads` as two int64 arrays [r]: offsets and sizes."""
     if max_read <= 0 or max_read % FLASH_BLOCK:
         raise ValueError(f"max_read must be a positive multiple of {FLASH_BLOCK}, got {max_read}")
     if positions.size == 0:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
     start = base + positions * record_bytes
-    lo = start // FLASH_BLOCK * FLASH_BLOCK  # [n] each record's aligned span
-    hi = -(-(start + record_bytes) // FLASH_BLOCK) * FLASH_BLOCK
+    lo = start // align * align  # [n] each record's aligned span
+    hi = -(-(start + record_bytes) // align) * align
     first = np.empty(positions.size, dtype=bool)  # record opens a run of touching aligned spans
     first[0] = True
     np.greater(lo[1:], hi[:-1], out=first[1:])
@@ -104,7 +105,7 @@ def _plan(positions: np.ndarray, record_bytes: int, base: int, curve: FlashTier 
     if n.max() <= max_read:
         return req_lo, n
     pieces = -(-n // max_read)  # [r] equal aligned pieces, each <= max_read, the last the remainder
-    step = -(-n // (pieces * FLASH_BLOCK)) * FLASH_BLOCK
+    step = -(-n // (pieces * align)) * align
     req = np.repeat(np.arange(n.size), pieces)
     k = np.arange(req.size) - np.repeat(np.cumsum(pieces) - pieces, pieces)
     off = req_lo[req] + k * step[req]
@@ -140,6 +141,7 @@ class FlashReader:
         self.path, self.curve, self.max_read, self.staging_bytes = str(path), curve, max_read, staging_bytes
         self.threads = max(1, threads if threads is not None else best_threads(curve))
         self.method, self._fd = _open(self.path, direct)
+        self.align = read_alignment(self._fd, self.method)  # offsets and sizes of reads are multiples of it
         self.file_bytes = os.fstat(self._fd).st_size
         self._pool = ThreadPoolExecutor(max(1, self.threads - 1), thread_name_prefix="hetinfer-read")
         self._submitted = ThreadPoolExecutor(1, thread_name_prefix="hetinfer-read-submit")
@@ -197,8 +199,8 @@ class FlashReader:
         if nbytes == 0:
             return np.zeros(0, np.uint8)
         t = time.perf_counter()
-        lo = offset // FLASH_BLOCK * FLASH_BLOCK
-        hi = -(-(offset + nbytes) // FLASH_BLOCK) * FLASH_BLOCK
+        lo = offset // self.align * self.align
+        hi = -(-(offset + nbytes) // self.align) * self.align
         buf = mmap.mmap(-1, hi - lo)
         off = np.arange(lo, hi, self.max_read, dtype=np.int64)
         size = np.minimum(self.max_read, hi - off)
@@ -264,7 +266,7 @@ class FlashReader:
         """Plan, read in rounds of at most `staging_bytes`, and gather the records into dst."""
         if positions.size == 0:
             return
-        off, size = _plan(positions, record_bytes, base, self.curve, self.max_read)
+        off, size = _plan(positions, record_bytes, base, self.curve, self.max_read, self.align)
         stage = np.cumsum(size) - size  # [r] where each request lands when all are laid end to end
         start = base + positions * record_bytes
         req = np.searchsorted(off, start, side="right") - 1

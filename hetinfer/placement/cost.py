@@ -43,7 +43,7 @@ import numpy as np
 from hetinfer.config import DEFAULT_KV, ModelConfig
 from hetinfer.errors import HetinferError
 from hetinfer.kernels.cuda import TILE_BYTES
-from hetinfer.placement.hardware import FLASH_BLOCK, FlashTier, Hardware, format_size
+from hetinfer.placement.hardware import FlashTier, Hardware, format_size
 from hetinfer.tensors import BLOCK_FORMATS, FLOAT_FORMATS
 from hetinfer.tiers import FLASH, GPU, RAM, TIERS  # noqa: F401  (re-exported: a neuron's tier code)
 
@@ -351,14 +351,14 @@ def miss_reads(q: float, record_bytes: int, flash: FlashTier,
     `offload.reader.plan_reads` plans it.
 
     Between two misses lie g records with probability q (1-q)^g. The reader joins two misses into one
-    request when the gap is under a 4 KiB block (their aligned spans touch) or when reading it costs less
-    than a second request: read_seconds((g+2) R + w) <= 2 read_seconds(R + w), with w = 4096 - gcd(R, 4096)
-    the expected alignment padding of a request. So a miss opens a request with probability
+    request when the gap is under an aligned block B (`flash.align`: their aligned spans touch) or when
+    reading it costs less than a second request: read_seconds((g+2) R + w) <= 2 read_seconds(R + w), with
+    w = B - gcd(R, B) the expected alignment padding of a request. So a miss opens a request with probability
     s = (1-q)^(g*+1), g* the longest joined gap; per miss the reader reads R (1 + (1-s) E[g | g <= g*]) + s w
     bytes, in requests of that over s bytes, split into pieces of at most `max_read`, each costing
     `flash.read_seconds` of its size. q -> 0: one padded record per request; q = 1: the whole span in
     `max_read` pieces."""
-    size, block = int(record_bytes), FLASH_BLOCK
+    size, block = int(record_bytes), flash.align
     q = min(max(float(q), 1e-12), 1.0)
     pad = block - math.gcd(size, block)
     gap = np.arange(max(1, max_read // size) + 1)  # [G] gaps in records (longer ones would exceed max_read)

@@ -24,7 +24,8 @@ from hetinfer.schema import MapOf, Nullable, Omittable, dataclass_schema, valida
 
 HARDWARE_FORMAT = "hetinfer.hardware"
 HARDWARE_VERSION = 1
-FLASH_BLOCK = 4096  # O_DIRECT alignment: flash reads are requests of whole, aligned blocks
+FLASH_BLOCK = 4096  # a page: store sections start at its multiples, buffered reads move whole ones, and
+# O_DIRECT accepts reads aligned to it on every device (many accept 512 B: FlashTier.align)
 
 # Used only for tiers that are not on this machine (what-if planning); always labelled "assumed".
 ASSUMED_GPU = {"bytes_per_s": 600e9, "h2d_bytes_per_s": 25e9, "sync_latency_s": 20e-6}  # PCIe 4 x16 card
@@ -73,6 +74,7 @@ class FlashTier:
     concurrency: list[int]  # reads in flight
     bytes_per_s: list[list[float]]  # aggregate throughput [read size][concurrency]
     method: str  # "o_direct", "fadvise" (O_DIRECT refused) or "assumed"
+    align: int = FLASH_BLOCK  # read offsets and sizes are multiples of it (O_DIRECT: the device's logical block)
 
     def read_seconds(self, nbytes: int | np.ndarray) -> float | np.ndarray:
         """Seconds one read of `nbytes` costs when reads are issued at the best measured concurrency
@@ -161,6 +163,8 @@ def _validate(hw: Hardware, where: str) -> None:
         positive("flash.capacity_bytes", f.capacity_bytes, allow_zero=True)
         if not f.read_sizes or list(f.read_sizes) != sorted(set(f.read_sizes)) or min(f.read_sizes) <= 0:
             raise HardwareError(f"{where}: flash.read_sizes must be distinct positive sizes in ascending order")
+        if f.align not in (512, 1024, 2048, FLASH_BLOCK):
+            raise HardwareError(f"{where}: flash.align must be 512, 1024, 2048 or {FLASH_BLOCK} bytes, got {f.align!r}")
         if not f.concurrency or min(f.concurrency) <= 0:
             raise HardwareError(f"{where}: flash.concurrency must list positive numbers of reads in flight")
         if len(f.bytes_per_s) != len(f.read_sizes) or any(len(r) != len(f.concurrency) for r in f.bytes_per_s):

@@ -356,7 +356,7 @@ def flash_tier(flash_dir: str, cache_dir: Path | None = None) -> FlashTier:
     if not d.is_dir():
         raise HardwareError(
             f"--flash-dir {flash_dir}: not a directory; create it on the disk that should hold flash neurons")
-    curve = _cached_probe(f"flash-probe-{os.stat(d).st_dev:x}", None, lambda: probe_flash(d), cache_dir)
+    curve = _cached_probe(f"flash-probe-{os.stat(d).st_dev:x}", {"fields": "align"}, lambda: probe_flash(d), cache_dir)
     return FlashTier(capacity_bytes=shutil.disk_usage(d).free, dir=str(d.resolve()), **curve)
 
 
@@ -389,12 +389,13 @@ def _cached_probe(name: str, key: dict | None, probe, cache_dir: Path | None) ->
 
 def probe_flash(directory: Path, file_bytes: int = 128 << 20, cell_seconds: float = 0.15,
                 read_sizes: tuple[int, ...] = (4096, 16384, 65536, 262144, 1048576),
-                concurrency: tuple[int, ...] = (1, 4, 16)) -> dict:
+                concurrency: tuple[int, ...] = (1, 4, 16, 32)) -> dict:
     """Random-read throughput of a temp file in `directory` per read size and reads in flight.
 
     Reads bypass the page cache with O_DIRECT into page-aligned (mmap) buffers; where O_DIRECT is
     refused (tmpfs, some network filesystems) the cached pages are dropped with
-    posix_fadvise(DONTNEED) before every read instead. ~15 cells x `cell_seconds`.
+    posix_fadvise(DONTNEED) before every read instead. ~20 cells x `cell_seconds`; `align` is
+    `read_alignment`'s.
     """
     path = temp_path(Path(directory) / "hetinfer-probe")  # found and removed by a later probe if this one is killed
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -410,11 +411,35 @@ def probe_flash(directory: Path, file_bytes: int = 128 << 20, cell_seconds: floa
         try:
             table = [[_read_rate(rfd, method, file_bytes, size, c, cell_seconds) for c in concurrency]
                      for size in read_sizes]
+            align = read_alignment(rfd, method)
         finally:
             os.close(rfd)
     finally:
         Path(path).unlink(missing_ok=True)
-    return {"read_sizes": list(read_sizes), "concurrency": list(concurrency), "bytes_per_s": table, "method": method}
+    return {"read_sizes": list(read_sizes), "concurrency": list(concurrency), "bytes_per_s": table, "method": method,
+            "align": align}
+
+
+def read_alignment(fd: int, method: str) -> int:
+    """The finest granularity reads of `fd` may have: with O_DIRECT the device's logical block (512 B on
+    many disks, 4 KiB on others), found by trying reads of 512, 1024 and 2048 bytes at those offsets;
+    a page for buffered reads, which move whole pages. Reads finer than a page move fewer bytes for the
+    same I/O operation: a 9 KiB record is one 9 KiB read, not 12 or 16 KiB of pages."""
+    if method != "o_direct":
+        return FLASH_BLOCK
+    buf = mmap.mmap(-1, FLASH_BLOCK)
+    view = memoryview(buf)
+    try:
+        for align in (512, 1024, 2048):
+            try:
+                os.preadv(fd, [view[:align]], align)
+                return align
+            except OSError:
+                continue
+    finally:
+        view.release()
+        buf.close()
+    return FLASH_BLOCK
 
 
 def open_uncached(path: str) -> tuple[str, int]:
