@@ -55,6 +55,7 @@ Artefacts (profile, predictors, plans, stores, the 7B file) are kept in --cache-
 from __future__ import annotations
 
 import argparse
+import gc
 import hashlib
 import json
 import os
@@ -293,6 +294,13 @@ class Runner:
     def run(self, label: str, spec: dict, limit: int | None, files: list[str]) -> dict:
         """The child's result for `spec` under `limit` bytes (None: uncapped); `files`: the model and
         store files whose cached pages are dropped when the kernel's drop_caches is refused."""
+        gc.collect()  # a model this process loaded stays mapped until its reference cycles are collected,
+        # and pages mapped here can be neither dropped nor charged to the child: its peak would miss them
+        with open("/proc/self/maps") as f:
+            mapped = sorted({line.split()[-1] for line in f if line.split()[-1] in files})
+        if mapped:
+            raise SystemExit(f"the benchmark process still maps {', '.join(mapped)}: its pages would escape the "
+                             "children's memory limits; release the model before running configurations")
         self.drop_method = drop_page_cache(files)
         with tempfile.TemporaryDirectory(prefix="hetinfer-bench-") as tmp:
             out = Path(tmp) / "result.json"
@@ -323,7 +331,11 @@ def overhead(result: dict) -> int:
     """An engine's fixed memory: its uncapped peak minus the model bytes it held."""
     if result.get("failed"):
         raise SystemExit(f"the uncapped reference run failed ({result['failed']}), so no limits can be set")
-    return max(0, result["peak_memory_bytes"] - result["model_bytes_held"])
+    if result["peak_memory_bytes"] < result["model_bytes_held"]:
+        raise SystemExit(f"an uncapped run peaked at {result['peak_memory_bytes'] / MiB:.0f} MiB, below the "
+                         f"{result['model_bytes_held'] / MiB:.0f} MiB of model it held: its pages were charged to "
+                         "another cgroup (mapped by another process?), so no limit can be derived from it")
+    return result["peak_memory_bytes"] - result["model_bytes_held"]
 
 
 def prompt_ids(tokenizer, n: int) -> list[int]:
@@ -403,6 +415,8 @@ def smollm2(runner: Runner) -> list[dict]:
     budgets = {(regime, share): model_budget(model, predictors[regime], share) for regime in REGIMES for share in SHARES}
     deps = smollm2_deployments(cache, path, predictors, budgets)
     prompt = prompt_ids(model.tokenizer, s.prompt_tokens)
+    no_predictors = model_budget(model, None, 0)
+    del model  # its file stays mapped while it lives, and mapped pages escape the children's limits
     files = lambda key: [path, store_path(deps[key][0])]  # noqa: E731
     base = {"model": path, "ctx": CTX, "prompt": prompt, "config_dict": cfg.to_dict()}
     het = lambda key, **kw: {**base, "engine": "hetinfer", "config": "offload", "deploy": str(deps[key][0]),  # noqa: E731
@@ -425,7 +439,6 @@ def smollm2(runner: Runner) -> list[dict]:
                                  het((regime, SHARES[-1]), resident="ram", capacity=0, forced=forced), None,
                                  files((regime, SHARES[-1])))
               for regime in REGIMES}
-    no_predictors = model_budget(model, None, 0)
     all_runs = {}
     for key, budget in budgets.items():
         regime, share = key
