@@ -12,6 +12,7 @@ Decoder: rms_norm, attention_decode (RoPE + KV-cache write + attention for one n
          attention_block (a decode step's whole attention half of a layer, in one call)
 Sparse:  gather_matvec (selected output rows), scatter_axpy (y += a @ Wd_t[rows]),
          sparse_ffn (one token's FFN over the active neurons, neuron-major down projection),
+         threshold_ffn (one token's FFN over the neurons whose |act(g) * u| passes a threshold, chosen inside),
          predict_rows (the neurons a low-rank predictor picks for one token)
 Setup:   transpose_down (neuron-major down, once at load), convert, to_cuda, set_threads, warmup
 """
@@ -438,6 +439,33 @@ def sparse_ffn(Wg: QTensor, Wu: QTensor, Wd_t: QTensor, rows, x: torch.Tensor, a
     return (torch.from_numpy(y), torch.from_numpy(h)) if return_act else torch.from_numpy(y)
 
 
+def threshold_ffn(Wg: QTensor, Wu: QTensor, Wd_t: QTensor, x: torch.Tensor, act: str,
+                  threshold: float) -> tuple[torch.Tensor, int]:
+    """One token's FFN over the neurons whose |h_i| > `threshold`, h_i = act(Wg[i] x) * (Wu[i] x): every
+    gate and up row, the down row (Wd_t, neuron-major) of only the kept neurons, chosen inside the call.
+    x [d] or [1, d] -> (y of x's shape, how many neurons were kept)."""
+    if act not in cpu.ACT:
+        raise ValueError(f"unknown activation {act!r}; known: {', '.join(ACTIVATIONS)}")
+    if _is_cuda(Wg):
+        return cuda.threshold_ffn(Wg, Wu, Wd_t, x, act, threshold)
+    n_ff, d = Wg.shape
+    if Wu.shape != (n_ff, d) or Wd_t.shape != (n_ff, d):
+        raise ValueError(f"gate {Wg.shape}, up {Wu.shape} and transposed down {Wd_t.shape} must all be [n_ff, d]; "
+                         "transpose the down projection with transpose_down()")
+    fg, ug, ng, _ = _info(Wg)
+    fu, uu, nu, _ = _info(Wu)
+    fd, ud, nd, _ = _info(Wd_t)
+    if fg != fu:
+        raise ValueError(f"gate ({Wg.qtype}) and up ({Wu.qtype}) must share one format")
+    xn = _x2d(Wg, x)
+    if xn.shape[0] != 1:
+        raise ValueError(f"threshold_ffn takes one token, got {xn.shape[0]}")
+    y = np.empty(d, np.float32)
+    kept = cpu.threshold_ffn(fg, ug, uu, fd, ud, xn, cpu.ACT[act], np.float32(threshold), y,
+                             _parts(ng + nu + nd // 2))  # about half the down rows read
+    return torch.from_numpy(y.reshape(x.shape)), kept
+
+
 def predict_rows(W1: QTensor, W2_t: QTensor, h: torch.Tensor, threshold: float) -> np.ndarray:
     """The FFN neurons a low-rank predictor picks for one token, in one call: the ids i (int64,
     ascending) with (W2 @ relu(W1 @ h))[i] > threshold, for W1 [r, d], h [d] or [1, d] and W2 [n_ff, r]
@@ -672,6 +700,7 @@ def _compile_all() -> None:
         gather_matvec(W, rows, x)
         scatter_axpy(W, rows, torch.ones(2), torch.zeros(64))
         sparse_ffn(W, W, W, rows, x, "silu")
+        threshold_ffn(W, W, W, x, "silu", 0.5)
     predict_rows(quantize(w, "f32"), quantize(rng.standard_normal((8, 40)).astype(np.float32), "f32"), x, 0.0)
     rms_norm(x, x[0], 1e-5)
     Wq, Wkv = (quantize(rng.standard_normal((n, 64)).astype(np.float32), "q8_0") for n in (64, 32))
