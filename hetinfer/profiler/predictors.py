@@ -110,6 +110,14 @@ class Predictors:
         w1, w2_t = self._kernel_weights[layer]
         return kernels.predict_rows(w1, w2_t, h, float(self.threshold[layer]))
 
+    def density(self) -> np.ndarray:
+        """float64 [n_layers]: the share of neurons each layer's predictor selected on its validation
+        samples (the training report); 1 for a layer without one (threshold -inf: every neuron)."""
+        d = np.ones(len(self.w1))
+        for r in self.manifest.get("report", []):
+            d[r["layer"]] = r["density"]
+        return d
+
     def selection_frequency(self, inputs: np.ndarray, chunk: int = 2048) -> np.ndarray:
         """float64 [n_layers, n_ff]: the share of FFN inputs (float32 [n_layers, S, d], e.g.
         `Profile.samples()[0]`) for which `mask` selects each neuron: how often the engine computes it."""
