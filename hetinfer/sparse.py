@@ -32,7 +32,7 @@ from hetinfer.argtypes import float_in
 from hetinfer.errors import HetinferError
 from hetinfer.placement.probe import FFNCosts, measure_ffn_costs
 from hetinfer.profiler.artifact import load_profile
-from hetinfer.profiler.predictors import load_predictors
+from hetinfer.profiler.predictors import Predictors, load_predictors
 from hetinfer.profiler.runner import FloatWeights
 
 Rule = Callable[[int, torch.Tensor, torch.Tensor | None], torch.Tensor]  # (layer, h, act) -> bool mask [T, n_ff]
@@ -71,17 +71,17 @@ class SparseFFN:
     """An engine FFN `(layer, h) -> out` that computes only the neurons `rule` selects.
 
     `needs_act`: the rule reads the activations (threshold, topk), so gate/up are computed densely.
-    `rows`: for rules that do not (predictors), the same choice for one token as row ids, which is
-    what the kernels backend decodes with. `thresholds` [n_layers]: the rule is |act| > thresholds[layer],
-    which the kernels backend applies inside one `threshold_ffn` call per token. `dense`: after
-    `step_aside`, the layers that run the dense kernel (kernels backend)."""
+    The kernels backend decodes one token in one kernel call per layer where the rule is one of the
+    engine's: `thresholds` [n_layers], the rule |act| > thresholds[layer] (`threshold_ffn`), or
+    `predictors`, whose choice the rule is (`predicted_ffn`). `dense`: after `step_aside`, the layers
+    that run the dense kernel (kernels backend)."""
 
     def __init__(self, model, rule: Rule, needs_act: bool, backend: str = "kernels", weights=None, name: str = "",
-                 rows: Callable[[int, torch.Tensor], np.ndarray] | None = None, thresholds: np.ndarray | None = None):
+                 thresholds: np.ndarray | None = None, predictors: Predictors | None = None):
         if backend not in ("kernels", "torch"):
             raise ValueError(f"backend must be kernels or torch, got {backend!r}")
         self.model, self.rule, self.needs_act, self.backend, self.name = model, rule, needs_act, backend, name
-        self.rows = rows
+        self.predictors = predictors
         cfg = model.config
         self.act_name = cfg.activation
         self.n_ff = cfg.n_ff
@@ -146,14 +146,14 @@ class SparseFFN:
             y = torch.zeros(h.shape[1])
             kernels.scatter_axpy(self._down_t[layer], rows, act[0, rows], y)
             return y[None]
-        if self.rows is not None:
-            rows = self.rows(layer, h)
-            self.meter.count(layer, len(rows))
-        else:
-            mask = self.rule(layer, h, None)
-            self.meter.record(layer, mask)
-            rows = mask[0].nonzero()[:, 0]
-        return kernels.sparse_ffn(L.gate, L.up, self._down_t[layer], rows, h, self.act_name)
+        if self.predictors is not None:
+            W1, W2_t, threshold = self.predictors.kernel_weights(layer)
+            y, n = kernels.predicted_ffn(W1, W2_t, threshold, L.gate, L.up, self._down_t[layer], h, self.act_name)
+            self.meter.count(layer, n)
+            return y
+        mask = self.rule(layer, h, None)
+        self.meter.record(layer, mask)
+        return kernels.sparse_ffn(L.gate, L.up, self._down_t[layer], mask[0].nonzero()[:, 0], h, self.act_name)
 
 
 def threshold_ffn(model, profile, sparsity: float, backend: str = "kernels", weights=None) -> SparseFFN:
@@ -188,7 +188,7 @@ def predictor_ffn(model, predictors, backend: str = "kernels", weights=None) -> 
     """Compute the rows the per-layer predictors select (their calibrated thresholds)."""
     predictors.check_model(model)
     return SparseFFN(model, lambda layer, h, act: predictors.mask(layer, h), False, backend, weights, "predictor",
-                     predictors.rows)
+                     predictors=predictors)
 
 
 def add_sparse_args(p: argparse.ArgumentParser) -> None:

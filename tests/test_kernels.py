@@ -726,6 +726,31 @@ def test_predict_rows(rank):
         kernels.predict_rows(W1, W2_t, rand_x(2, 96), thr)
 
 
+@pytest.mark.parametrize("qtype", FORMATS)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_predicted_ffn_is_predict_rows_then_sparse_ffn(qtype, threads, monkeypatch):
+    """One call, the same arithmetic as its two calls (bit for bit), at thresholds that keep some,
+    none and all of the neurons."""
+    monkeypatch.setattr(kernels, "MIN_BYTES_PER_THREAD", 1)  # split even these small matrices among the threads
+    W1, W2_t = rand_q(16, 64, "f32", 1), rand_q(16, 224, "f32", 2)
+    Wg, Wu, Wd_t = rand_q(224, 64, qtype, 5), rand_q(224, 64, qtype, 6), kernels.transpose_down(rand_q(64, 224, qtype, 7))
+    x = rand_x(1, 64)
+    try:
+        kernels.set_threads(threads)
+        for thr in (0.0, 1e30, -1e30):
+            rows = kernels.predict_rows(W1, W2_t, x, thr)
+            y, n = kernels.predicted_ffn(W1, W2_t, thr, Wg, Wu, Wd_t, x, "silu")
+            assert n == len(rows) and torch.equal(y, kernels.sparse_ffn(Wg, Wu, Wd_t, rows, x, "silu"))
+            assert torch.equal(kernels.predicted_ffn(W1, W2_t, thr, Wg, Wu, Wd_t, x[0], "silu")[0], y[0])
+        assert 0 < len(kernels.predict_rows(W1, W2_t, x, 0.0)) < 224
+    finally:
+        kernels.set_threads()
+    with pytest.raises(ValueError, match="do not fit one FFN"):
+        kernels.predicted_ffn(W1, rand_q(16, 96, "f32"), 0.0, Wg, Wu, Wd_t, x, "silu")
+    with pytest.raises(ValueError, match="one token"):
+        kernels.predicted_ffn(W1, W2_t, 0.0, Wg, Wu, Wd_t, rand_x(2, 64), "silu")
+
+
 def one_by_one_attention(x, L, biases, kc, vc, pos, cos, sin, interleaved, eps=1e-5):
     """What attention_block does, as separate kernel calls."""
     h = kernels.rms_norm(x, L["attn_norm"], eps)

@@ -157,7 +157,7 @@ def test_chat_with_predictor_mode(model, real_profile, tmp_path):
     tr.forward(model.tokenizer.encode("Caches keep recent data close."), tr.new_cache(32),
                lambda i, h: seen.append(h) or tr.dense_ffn(i, h))
     h = seen[0][-1:]
-    rows, mask = ffn.rows(0, h), preds.mask(0, h)[0]
+    rows, mask = preds.rows(0, h), preds.mask(0, h)[0]
     near = (preds.logits(0, h)[0] - preds.threshold[0]).abs() < 1e-5
     got = torch.zeros_like(mask)
     got[torch.from_numpy(rows)] = True

@@ -618,3 +618,17 @@ def predict_rows(fmt1, w1, fmt2, w2_t, x, threshold, rows, nchunks1, nchunks2):
             rows[n] = i
             n += 1
     return n
+
+
+@njit(error_model="numpy", cache=True, nogil=True)
+def predicted_ffn(fmt1, w1, fmt2, w2_t, threshold, fmt, wg, wu, fmt_d, wd_t, x, act, y, nchunks1, nchunks2,
+                  most_parts, neuron_bytes, min_bytes):
+    """One token's FFN over the neurons a low-rank predictor picks (`predict_rows`, then `sparse_ffn`
+    over them), in one call from Python; returns how many. The FFN is split into parts as the
+    wrappers' `_parts` would for that many neurons: one per `min_bytes` of their rows, 1 to most_parts."""
+    rows = np.empty(wg.shape[0], np.int64)
+    n = predict_rows(fmt1, w1, fmt2, w2_t, x, threshold, rows, nchunks1, nchunks2)
+    parts = n * neuron_bytes // min_bytes
+    sparse_ffn(fmt, wg, wu, fmt_d, wd_t, rows[:n], x, act, y, np.empty(n, np.float32),
+               1 if parts < 2 else min(most_parts, parts))
+    return n
