@@ -2,10 +2,12 @@
 
 The CPU and GPU probes time `hetinfer.kernels.sparse_ffn` on random weights (and, for the
 per-layer costs, random layers of the planned model's shape, through the engine and through the
-offloading engine); the flash probe reads a scratch file with O_DIRECT at several read sizes and
-depths. Each result is cached as JSON under
-~/.cache/hetinfer/, keyed by what it depends on (host, format, width, threads, the kernels'
-source), so planning again on the same machine costs nothing.
+offloading engine); the FFN probe (`measure_ffn_costs`) times the dense, sparse and threshold FFN
+kernels and a predictor's call on layers of a model's shape, which decides where the sparse modes
+step aside to the dense kernel; the flash probe reads a scratch file with O_DIRECT at several read
+sizes and depths. Each result is cached as JSON under ~/.cache/hetinfer/, keyed by what it depends
+on (host, format, width, threads, the kernels' source), so planning again on the same machine
+costs nothing.
 """
 from __future__ import annotations
 
@@ -319,7 +321,8 @@ class FFNCosts:
     sparse_s: tuple[float, ...]  # kernels.sparse_ffn over that share of the neurons
     threshold_s: tuple[float, ...]  # kernels.threshold_ffn keeping that share
     ranks: tuple[int, ...]
-    predict_s: tuple[float, ...]  # kernels.predict_rows at that rank
+    predict_s: tuple[float, ...]  # kernels.predict_rows at that rank (a call of its own: predictor mode's
+    # predicted_ffn runs it inside the sparse FFN's call, so the sum errs a few microseconds towards dense)
 
     def crossover(self, path: str, extra_s: float = 0.0) -> float:
         """The share of neurons up to which `path` ("sparse" or "threshold"), plus `extra_s` per call, is
