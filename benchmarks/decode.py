@@ -1,7 +1,7 @@
 """End-to-end greedy decode: hetinfer's dense engine on the kernels vs llama.cpp, same GGUF, one run.
 
     python benchmarks/decode.py [--model PATH] [--threads 2] [--tokens 128] [--reps 3] [--weights native]
-                                [--kv f32] [--prompt-tokens 64] [--predictors DIR]
+                                [--kv f32] [--prompt-tokens 64] [--profile PROFILE] [--predictors DIR]
 
 A `--prompt-tokens` prompt (64; thousands to decode at a long context), then `--tokens` greedy
 tokens; decode tok/s excludes the prompt (reported separately) and the kernels' compile time (warmup, reported separately). Runs are interleaved
@@ -12,10 +12,15 @@ hetinfer modes:
   oracle 50%       per token and layer, only the half of the FFN neurons with the largest |act(g) * u| of
                    the dense run (recorded beforehand, so a perfect, free predictor); one fused sparse_ffn call
                    on gate/up rows plus the neuron-major q8_0 down copy.
-  threshold 50%    computes the gate for all neurons, keeps the half with the largest |act(gate)|, then up
-                   and down only for those (gate GEMV + gather_matvec + scatter_axpy): no predictor needed.
+  threshold 50%    the engine's threshold mode (`--sparsity 0.5 --profile`): per layer, neurons whose
+                   |act(g) * u| passes the profiled threshold, one fused threshold_ffn call (every gate and up
+                   row, the kept neurons' down rows). "(fused kernel)": on every layer; "(engine)": as
+                   generate runs it, layers where this machine's probe finds the kernel slower than dense
+                   stepped aside to dense_ffn (how many: the last column). Thresholds from --profile, or
+                   from PROFILE_TOKENS tokens of WikiText-2 (the first 70% of valid.txt) profiled here.
   predictor        with --predictors DIR (from `hetinfer train-predictors`): the engine's predictor mode, the
-                   rows its low-rank predictors pick (one predict_rows call per layer), then sparse_ffn.
+                   rows its low-rank predictors pick (one predict_rows call per layer), then sparse_ffn;
+                   "(every layer)" and "(engine)" as for threshold mode.
 Sparse modes are teacher-forced on the dense run's tokens, so "top-1 = dense" is the per-step
 agreement of their greedy choice with the dense engine (the quality cost of skipping).
 """
@@ -35,9 +40,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks._util import machine, table  # noqa: E402
 from hetinfer import kernels  # noqa: E402
 from hetinfer.loader import default_model_path, load_model  # noqa: E402
-from hetinfer.kernels.reference import act as np_act  # noqa: E402
+from hetinfer.data import calibration_sequences, parse_source  # noqa: E402
+from hetinfer.profiler.artifact import load_profile  # noqa: E402
+from hetinfer.profiler.collect import ProfileOptions, profile_sequences  # noqa: E402
 from hetinfer.profiler.predictors import load_predictors  # noqa: E402
-from hetinfer.sparse import predictor_ffn  # noqa: E402
+from hetinfer.sparse import predictor_ffn, threshold_density, threshold_ffn  # noqa: E402
+
+DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data")
+PROFILE_TOKENS = 8192
 
 PROMPT = ("Memory hierarchies trade capacity for speed: registers, caches, main memory and flash each hold more "
           "than the level above and answer more slowly. Large language models stress every level at once, "
@@ -98,19 +108,13 @@ class OracleFFN:
         return kernels.sparse_ffn(L.gate, L.up, self.down_t[layer], rows, h, self.act)
 
 
-class ThresholdFFN:
-    """Full gate, then up and down for the `keep` fraction of neurons with the largest |act(gate)|."""
-
-    def __init__(self, tr, keep: float, down_t):
-        self.tr, self.keep, self.down_t, self.act = tr, keep, down_t, tr.cfg.activation
-
-    def __call__(self, layer: int, h: torch.Tensor) -> torch.Tensor:
-        L = self.tr.w.layers[layer]
-        g = np_act(self.act, kernels.linear(L.gate, h)[0].numpy())
-        k = int(round(self.keep * len(g)))
-        rows = np.argpartition(-np.abs(g), k)[:k]
-        a = torch.from_numpy((g[rows] * kernels.gather_matvec(L.up, rows, h[0]).numpy()).astype(np.float32))
-        return kernels.scatter_axpy(self.down_t[layer], rows, a, torch.zeros(h.shape[1])).view(1, -1)
+def quick_profile(model):
+    """Thresholds for threshold mode when no --profile is given: PROFILE_TOKENS calibration tokens."""
+    text = os.path.join(DATA, "wikitext-2", "valid.txt")
+    if not os.path.exists(text):
+        sys.exit(f"shared data not found at {text}: pass --profile PROFILE, or clone the project next to ../shared")
+    seqs, sources = calibration_sequences([parse_source(f"{text}[:0.7]")], model.tokenizer, PROFILE_TOKENS)
+    return profile_sequences(model, seqs, ProfileOptions(samples=256), sources)
 
 
 def main() -> None:
@@ -123,6 +127,7 @@ def main() -> None:
     p.add_argument("--kv", default="f32", choices=["f32", "f16"],
                    help="hetinfer's KV-cache element type (llama.cpp's cache is f16, its default)")
     p.add_argument("--prompt-tokens", type=int, default=64, help="prompt length: decode starts at this position")
+    p.add_argument("--profile", metavar="PROFILE", help="threshold mode's per-layer thresholds (default: profiled here)")
     p.add_argument("--predictors", metavar="DIR", help="also time predictor mode with these predictors")
     args = p.parse_args()
     path = args.model or default_model_path()
@@ -144,22 +149,33 @@ def main() -> None:
     het_decode = functools.partial(_het_decode, kv=args.kv)
     het_decode(tr, prompt, 8)  # first-call effects (page-in, allocator) outside the timed runs
     dense_tokens = het_decode(tr, prompt, args.tokens, ffn=oracle.record)[-1]  # records the oracle sets
-    thresh = ThresholdFFN(tr, 0.5, oracle.down_t)
+    profile = load_profile(args.profile) if args.profile else quick_profile(model)
+    fused = threshold_ffn(model, profile, 0.5)
+    engine_thresh = threshold_ffn(model, profile, 0.5)
+    engine_thresh.step_aside(threshold_density(profile, 0.5), "threshold")  # as engine_ffn does, probe included
     forced = dense_tokens[:-1]  # sparse modes are teacher-forced on the dense tokens: top-1 agreement per step
 
     def oracle_run():
         oracle.i = 0
         return het_decode(tr, prompt, args.tokens, oracle.replay, forced)
 
+    dense_mode = f"hetinfer dense ({args.weights}, kv {args.kv})"
     modes = {
         "llama.cpp": lambda: llama_decode(llm, prompt, args.tokens),
-        f"hetinfer dense ({args.weights}, kv {args.kv})": lambda: het_decode(tr, prompt, args.tokens),
+        dense_mode: lambda: het_decode(tr, prompt, args.tokens),
         "hetinfer oracle 50%": oracle_run,
-        "hetinfer threshold 50%": lambda: het_decode(tr, prompt, args.tokens, thresh, forced),
+        "hetinfer threshold 50% (fused kernel)": lambda: het_decode(tr, prompt, args.tokens, fused, forced),
+        "hetinfer threshold 50% (engine)": lambda: het_decode(tr, prompt, args.tokens, engine_thresh, forced),
     }
+    stepped = {"hetinfer threshold 50% (fused kernel)": fused, "hetinfer threshold 50% (engine)": engine_thresh}
     if args.predictors:
-        predicted = predictor_ffn(model, load_predictors(args.predictors, model))
-        modes["hetinfer predictor"] = lambda: het_decode(tr, prompt, args.tokens, predicted, forced)
+        preds = load_predictors(args.predictors, model)
+        predicted = predictor_ffn(model, preds)
+        engine_pred = predictor_ffn(model, preds)
+        engine_pred.step_aside(preds.density(), "sparse", [w.shape[0] for w in preds.w1])
+        modes["hetinfer predictor (every layer)"] = lambda: het_decode(tr, prompt, args.tokens, predicted, forced)
+        modes["hetinfer predictor (engine)"] = lambda: het_decode(tr, prompt, args.tokens, engine_pred, forced)
+        stepped.update({"hetinfer predictor (every layer)": predicted, "hetinfer predictor (engine)": engine_pred})
     times = {m: [] for m in modes}
     tokens = {}
     for _ in range(args.reps):
@@ -173,20 +189,24 @@ def main() -> None:
           f"greedy, {n_prompt}-token prompt, {args.tokens} tokens; median of {args.reps} interleaved runs; "
           f"kernel compile/load {compile_s:.2f} s (excluded)")
     med = {m: np.median(np.array(t), axis=0) for m, t in times.items()}  # (prefill, decode, decode CPU) s
-    base = med["llama.cpp"]
+    base, dense = med["llama.cpp"], med[dense_mode]
     rows = []
     for m in modes:
         pre, dec, cpu = med[m]
         same = np.mean(np.array(tokens[m][1:]) == np.array(dense_tokens[1:])) if m.startswith("hetinfer") else None
+        ffn = stepped.get(m)
         rows.append([m, f"{n_prompt / pre:.0f}", f"{args.tokens / dec:.1f}", f"{base[1] / dec:.2f}x",
-                     f"{1e3 * cpu / args.tokens:.2f}", f"{base[2] / cpu:.2f}x", "-" if same is None else f"{same:.0%}"])
-    print(table(["engine", "prefill tok/s", "decode tok/s", "vs llama.cpp", "CPU ms/token", "vs llama.cpp (CPU)",
-                 "top-1 = dense"], rows))
+                     f"{dense[1] / dec:.2f}x", f"{1e3 * cpu / args.tokens:.2f}", f"{base[2] / cpu:.2f}x",
+                     "-" if same is None else f"{same:.0%}", "-" if ffn is None else f"{ffn.meter.overall():.0%}",
+                     "-" if ffn is None else f"{ffn.stepped_aside}/{len(ffn.dense)}"])
+    print(table(["engine", "prefill tok/s", "decode tok/s", "vs llama.cpp", "vs dense", "CPU ms/token",
+                 "vs llama.cpp (CPU)", "top-1 = dense", "FFN density", "layers dense"], rows))
     print("CPU ms/token: process CPU time (all threads) per decoded token; with 1 thread it is insensitive to "
           "other load on the machine, with more it also counts spin-waiting threads")
-    print("targets: dense >= 0.80x, 50% of FFN neurons skipped >= 1.20x llama.cpp")
-    if args.predictors:
-        print(f"predictor mode ({args.predictors}): FFN density {predicted.meter.overall():.1%}")
+    print("targets: dense >= 0.80x, 50% of FFN neurons skipped >= 1.20x llama.cpp; threshold 50% >= 1.05x dense, "
+          "predictor (engine) >= 1.00x dense (issue 18)")
+    print(f"thresholds: {args.profile or f'{PROFILE_TOKENS} WikiText-2 tokens profiled here'}"
+          + (f"; predictors: {args.predictors}" if args.predictors else ""))
     print(f"llama.cpp greedy tokens equal hetinfer dense: {np.mean(np.array(tokens['llama.cpp']) == np.array(dense_tokens)):.0%}"
           f"; load average at end {os.getloadavg()[0]:.2f}")
 

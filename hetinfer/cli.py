@@ -129,11 +129,17 @@ def report(session, args: argparse.Namespace) -> None:
     meter = getattr(session.ffn, "meter", None)
     if meter is not None:
         stats["ffn_density"] = round(meter.overall(), 4)  # fraction of FFN neurons computed so far
+    stepped = getattr(session.ffn, "stepped_aside", None)
+    if stepped is not None:
+        stats["ffn_dense_layers"] = stepped  # layers where the sparse path is slower here: the dense kernel runs
     offload = getattr(session.ffn, "report", None)
     if offload is not None:
         stats.update(offload())
     if args.verbose:
         sparse = f" | FFN density {stats['ffn_density']:.1%}" if "ffn_density" in stats else ""
+        if stepped is not None:
+            sparse += (f" | {stepped} of {len(session.ffn.dense)} layers stepped aside to the dense FFN "
+                       "(the sparse path is slower there on this machine)")
         print(
             f"\n[prompt {stats['prompt_tokens']} tok, {stats['prompt_tok_s']:.1f} tok/s | "
             f"generated {stats['gen_tokens']} tok, {stats['gen_tok_s']:.1f} tok/s | "

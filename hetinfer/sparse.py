@@ -8,10 +8,16 @@ Rules (each per token, per layer):
 - predictor: a per-layer low-rank predictor reads h and picks the rows; only those rows of
   gate, up and down are computed (Deja Vu / PowerInfer).
 
-Backends: "kernels" runs the engine's kernels on the stored weights (one token: `sparse_ffn` /
-`scatter_axpy` over the selected rows only; prompts: dense gate/up, masked down); "torch" is the
-batched float32 reference the evaluation uses (masks applied to dense products; the same
-numbers, since an unselected neuron contributes exactly nothing either way).
+Backends: "kernels" runs the engine's kernels on the stored weights (one token: `threshold_ffn`,
+which picks and computes in one call, or `sparse_ffn` over the predicted rows; prompts: dense
+gate/up, masked down); "torch" is the batched float32 reference the evaluation uses (masks applied
+to dense products; the same numbers, since an unselected neuron contributes exactly nothing either way).
+
+Stepping aside: skipping neurons only pays below some share of them, which depends on the machine
+(the neuron-major down copy is q8_0, and a float axpy per neuron costs more than the dense kernel's
+integer dot). `engine_ffn` measures it with the kernels' probe (`placement.probe.measure_ffn_costs`,
+cached per host) and a layer whose rule is expected to keep more neurons than that runs the dense
+kernel instead: the output of selecting every neuron there.
 """
 from __future__ import annotations
 
@@ -24,8 +30,9 @@ import torch
 from hetinfer import kernels
 from hetinfer.argtypes import float_in
 from hetinfer.errors import HetinferError
+from hetinfer.placement.probe import FFNCosts, measure_ffn_costs
 from hetinfer.profiler.artifact import load_profile
-from hetinfer.profiler.predictors import load_predictors
+from hetinfer.profiler.predictors import Predictors, load_predictors
 from hetinfer.profiler.runner import FloatWeights
 
 Rule = Callable[[int, torch.Tensor, torch.Tensor | None], torch.Tensor]  # (layer, h, act) -> bool mask [T, n_ff]
@@ -43,10 +50,10 @@ class DensityMeter:
         self.selected[layer] += float(mask.sum())
         self.tokens[layer] += mask.shape[0]
 
-    def count(self, layer: int, n_selected: int) -> None:
-        """One token that selected `n_selected` neurons."""
+    def count(self, layer: int, n_selected: int, tokens: int = 1) -> None:
+        """`tokens` tokens that selected `n_selected` neurons in all."""
         self.selected[layer] += n_selected
-        self.tokens[layer] += 1
+        self.tokens[layer] += tokens
 
     def per_layer(self) -> np.ndarray:
         """Fraction of FFN neurons computed, per layer."""
@@ -64,24 +71,53 @@ class SparseFFN:
     """An engine FFN `(layer, h) -> out` that computes only the neurons `rule` selects.
 
     `needs_act`: the rule reads the activations (threshold, topk), so gate/up are computed densely.
-    `rows`: for rules that do not (predictors), the same choice for one token as row ids, which is
-    what the kernels backend decodes with."""
+    The kernels backend decodes one token in one kernel call per layer where the rule is one of the
+    engine's: `thresholds` [n_layers], the rule |act| > thresholds[layer] (`threshold_ffn`), or
+    `predictors`, whose choice the rule is (`predicted_ffn`). `dense`: after `step_aside`, the layers
+    that run the dense kernel (kernels backend)."""
 
     def __init__(self, model, rule: Rule, needs_act: bool, backend: str = "kernels", weights=None, name: str = "",
-                 rows: Callable[[int, torch.Tensor], np.ndarray] | None = None):
+                 thresholds: np.ndarray | None = None, predictors: Predictors | None = None):
         if backend not in ("kernels", "torch"):
             raise ValueError(f"backend must be kernels or torch, got {backend!r}")
         self.model, self.rule, self.needs_act, self.backend, self.name = model, rule, needs_act, backend, name
-        self.rows = rows
+        self.predictors = predictors
         cfg = model.config
         self.act_name = cfg.activation
+        self.n_ff = cfg.n_ff
         self.meter = DensityMeter(cfg.n_layers, cfg.n_ff)
+        self.thresholds = None if thresholds is None else [float(t) for t in thresholds]
+        self.dense = np.zeros(cfg.n_layers, bool)
         if backend == "torch" and weights is None:
             weights = FloatWeights(model)
         self.weights = weights
         # The neuron-major down projections, made at load (a requantization: ~5 ms per SmolLM2 layer), not
         # during the first decoded token.
         self._down_t = [kernels.transpose_down(L.down) for L in model.weights.layers] if backend == "kernels" else []
+
+    def step_aside(self, density: np.ndarray, path: str, ranks: list[int] | None = None,
+                   costs: FFNCosts | None = None) -> None:
+        """Run the dense kernel on each layer whose expected share of neurons computed, `density`
+        [n_layers], is above the crossover where `path` ("sparse" or "threshold") stops beating it, the
+        sparse side also paying for a predictor of the layer's rank in `ranks` if given: by `costs`, or
+        by default the kernels' probe for each layer's shape and formats (measured once per host)."""
+        if self.backend != "kernels":
+            raise ValueError("only the kernels backend steps aside; the torch backend is the rule's reference")
+        n = len(self.dense)
+        per_layer = [costs or self.measured_costs(layer) for layer in range(n)]
+        extra = [0.0 if ranks is None else c.predict_seconds(r) for c, r in zip(per_layer, ranks or [0] * n)]
+        self.dense = np.array([d > c.crossover(path, e) for d, c, e in zip(density, per_layer, extra)])
+
+    def measured_costs(self, layer: int) -> FFNCosts:
+        """The kernels' one-token FFN costs on this machine for `layer`'s shape and formats (probed once per host)."""
+        L = self.model.weights.layers[layer]
+        return measure_ffn_costs(self.n_ff, self.model.config.d_model, L.gate.qtype, L.down.qtype,
+                                 self._down_t[layer].qtype, self.act_name)
+
+    @property
+    def stepped_aside(self) -> int:
+        """How many layers run the dense kernel."""
+        return int(self.dense.sum())
 
     def __call__(self, layer: int, h: torch.Tensor) -> torch.Tensor:
         if self.backend == "torch":
@@ -90,11 +126,18 @@ class SparseFFN:
             self.meter.record(layer, mask)
             return self.weights.ffn_out(layer, act * mask)
         L = self.model.weights.layers[layer]
+        if self.dense[layer]:
+            self.meter.count(layer, self.n_ff * h.shape[0], h.shape[0])
+            return kernels.dense_ffn(L.gate, L.up, L.down, h, self.act_name)
         if h.shape[0] > 1:  # a prompt: dense gate/up, masked down (prefill is compute-bound anyway)
             act = kernels.gate_up(L.gate, L.up, h, self.act_name)
             mask = self.rule(layer, h, act)
             self.meter.record(layer, mask)
             return kernels.linear(L.down, act * mask)
+        if self.thresholds is not None:
+            y, kept = kernels.threshold_ffn(L.gate, L.up, self._down_t[layer], h, self.act_name, self.thresholds[layer])
+            self.meter.count(layer, kept)
+            return y
         if self.needs_act:
             act = kernels.gate_up(L.gate, L.up, h, self.act_name)
             mask = self.rule(layer, h, act)
@@ -103,22 +146,31 @@ class SparseFFN:
             y = torch.zeros(h.shape[1])
             kernels.scatter_axpy(self._down_t[layer], rows, act[0, rows], y)
             return y[None]
-        if self.rows is not None:
-            rows = self.rows(layer, h)
-            self.meter.count(layer, len(rows))
-        else:
-            mask = self.rule(layer, h, None)
-            self.meter.record(layer, mask)
-            rows = mask[0].nonzero()[:, 0]
-        return kernels.sparse_ffn(L.gate, L.up, self._down_t[layer], rows, h, self.act_name)
+        if self.predictors is not None:
+            W1, W2_t, threshold = self.predictors.kernel_weights(layer)
+            y, n = kernels.predicted_ffn(W1, W2_t, threshold, L.gate, L.up, self._down_t[layer], h, self.act_name)
+            self.meter.count(layer, n)
+            return y
+        mask = self.rule(layer, h, None)
+        self.meter.record(layer, mask)
+        return kernels.sparse_ffn(L.gate, L.up, self._down_t[layer], mask[0].nonzero()[:, 0], h, self.act_name)
 
 
 def threshold_ffn(model, profile, sparsity: float, backend: str = "kernels", weights=None) -> SparseFFN:
     """Keep neurons with |act| above the profile's per-layer threshold for `sparsity` (any value in [0, 1))."""
     profile.check_model(model)
-    t = torch.from_numpy(profile.thresholds(sparsity))
+    thresholds = profile.thresholds(sparsity)
+    t = torch.from_numpy(thresholds)
     return SparseFFN(model, lambda layer, h, act: act.abs() > t[layer], True, backend, weights,
-                     f"threshold {sparsity:g}")
+                     f"threshold {sparsity:g}", thresholds=thresholds)
+
+
+def threshold_density(profile, sparsity: float) -> np.ndarray:
+    """float64 [n_layers]: the share of neurons each layer's threshold for `sparsity` keeps on the profiled
+    tokens (at a profiled level; elsewhere 1 - sparsity, what the interpolated quantile keeps)."""
+    if np.any(np.abs(profile.levels - sparsity) < 1e-6):
+        return profile.activation_frequency(sparsity).mean(axis=1, dtype=np.float64)
+    return np.full(profile.n_layers, 1.0 - sparsity)
 
 
 def topk_ffn(model, keep: float, backend: str = "torch", weights=None) -> SparseFFN:
@@ -136,7 +188,7 @@ def predictor_ffn(model, predictors, backend: str = "kernels", weights=None) -> 
     """Compute the rows the per-layer predictors select (their calibrated thresholds)."""
     predictors.check_model(model)
     return SparseFFN(model, lambda layer, h, act: predictors.mask(layer, h), False, backend, weights, "predictor",
-                     predictors.rows)
+                     predictors=predictors)
 
 
 def add_sparse_args(p: argparse.ArgumentParser) -> None:
@@ -177,14 +229,27 @@ def ffn_mode(sparsity: float | None = None, profile: str | None = None, predicto
 
 
 def engine_ffn(model, sparsity: float | None = None, profile: str | None = None, predictors: str | None = None,
-               backend: str = "kernels", weights=None, mode: str | None = None) -> SparseFFN | None:
+               backend: str = "kernels", weights=None, mode: str | None = None,
+               costs: FFNCosts | None = None) -> SparseFFN | None:
     """The FFN for `Session(model, ffn=...)` or `evaluate` from the sparse flags (see `ffn_mode`);
-    None means dense. `weights`: the torch backend's FloatWeights, to share one copy."""
+    None means dense. `weights`: the torch backend's FloatWeights, to share one copy. With the kernels
+    backend, threshold and predictor modes step aside (`SparseFFN.step_aside`) where this machine's
+    kernel costs (`costs`, by default measured by the kernels' probe) say the sparse path loses: a
+    threshold layer by the share its profiled threshold keeps, a predictor layer by the density its
+    predictor showed in training plus the predictor's own call (skipped too when the layer runs dense)."""
     mode = ffn_mode(sparsity, profile, predictors, mode)
     if mode == "dense":
         return None
     if mode == "oracle":
         return topk_ffn(model, 1.0 - sparsity, backend, weights)
     if mode == "threshold":
-        return threshold_ffn(model, load_profile(profile), sparsity, backend, weights)
-    return predictor_ffn(model, load_predictors(predictors), backend, weights)
+        prof = load_profile(profile)
+        ffn = threshold_ffn(model, prof, sparsity, backend, weights)
+        if backend == "kernels":
+            ffn.step_aside(threshold_density(prof, sparsity), "threshold", costs=costs)
+        return ffn
+    preds = load_predictors(predictors)
+    ffn = predictor_ffn(model, preds, backend, weights)
+    if backend == "kernels":
+        ffn.step_aside(preds.density(), "sparse", [w.shape[0] for w in preds.w1], costs)
+    return ffn

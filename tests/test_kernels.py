@@ -214,6 +214,63 @@ def test_sparse_ffn(qtype, act, rows):
     assert torch.equal(kernels.sparse_ffn(Wg, Wu, Wd_t, rows, x[0], act), y[0])
 
 
+def keeping(h: np.ndarray, share: float) -> float:
+    """A threshold on |h| that keeps `share` of its values, halfway between two of them (none: above
+    them all; all: below zero)."""
+    a = np.sort(np.abs(h))
+    k = round(share * len(a))
+    return float(a[-1] + 1) if k == 0 else -1.0 if k == len(a) else float(a[-k - 1] + a[-k]) / 2
+
+
+@pytest.mark.parametrize("qtype", FORMATS)
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("share", [0.0, 0.5, 1.0], ids=["none", "half", "all"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_threshold_ffn(qtype, act, share, threads, monkeypatch):
+    """The fused threshold FFN against the reference: the same neurons kept, y within the bound of
+    test_sparse_ffn over them; on one thread bit-identical to the calls it replaces (gate_up, the mask,
+    scatter_axpy over the kept rows), on several within float32 summation of the per-thread partial sums.
+    224 neurons: several groups of cpu.DECIDE, and on two threads a partial one each."""
+    monkeypatch.setattr(kernels, "MIN_BYTES_PER_THREAD", 1)  # split even these small matrices among the threads
+    for cols in cols_for(qtype):
+        Wg, Wu, Wd = rand_q(224, cols, qtype, 5), rand_q(224, cols, qtype, 6), rand_q(cols, 224, qtype, 7)
+        Wd_t = kernels.transpose_down(Wd)
+        x = rand_x(1, cols)
+        threshold = keeping(ref.gate_up(Wg, Wu, x.numpy(), act)[0], share)
+        try:
+            kernels.set_threads(threads)
+            y, kept = kernels.threshold_ffn(Wg, Wu, Wd_t, x, act, threshold)
+            assert torch.equal(kernels.threshold_ffn(Wg, Wu, Wd_t, x[0], act, threshold)[0], y[0])
+            h = kernels.gate_up(Wg, Wu, x, act)[0]
+            r = (h.abs() > threshold).nonzero()[:, 0]
+            before = kernels.scatter_axpy(Wd_t, r, h[r], torch.zeros(cols))  # on one thread too
+        finally:
+            kernels.set_threads()
+        want_y, rows = ref.threshold_ffn(Wg, Wu, Wd_t, x.numpy(), act, threshold)
+        assert kept == len(rows) and y.shape == x.shape
+        assert kept == round(share * 224) or (0 < share < 1 and act == "relu" and 0 < kept < 224)  # relu: ties at 0
+        _, want_h = ref.sparse_ffn(Wg, Wu, Wd_t, rows, x.numpy(), act)
+        g, u = ref.gather_matvec(Wg, rows, x.numpy()[0]), ref.gather_matvec(Wu, rows, x.numpy()[0])
+        bound_h = 1.2 * (bound_linear(Wg, x.numpy()[0], rows) * np.abs(u) + np.abs(ref.act(act, g)) * bound_linear(Wu, x.numpy()[0], rows))
+        assert_close(y[0], want_y, (bound_h + 3 * np.abs(want_h)) @ np.abs(Wd_t.dequantize(rows)))
+        if threads == 1:
+            assert torch.equal(y[0], before)
+        else:
+            torch.testing.assert_close(y[0], before, rtol=0, atol=1e-5 * float(before.abs().max()) + 1e-30)
+
+
+def test_threshold_ffn_rejects_bad_input():
+    W, Wd = rand_q(96, 64, "q4_1"), rand_q(64, 96, "q8_0")
+    with pytest.raises(ValueError, match="activation"):
+        kernels.threshold_ffn(W, W, W, rand_x(64), "tanh", 0.0)
+    with pytest.raises(ValueError, match="transpose_down"):
+        kernels.threshold_ffn(W, W, Wd, rand_x(64), "silu", 0.0)
+    with pytest.raises(ValueError, match="one token"):
+        kernels.threshold_ffn(W, W, W, rand_x(2, 64), "silu", 0.0)
+    with pytest.raises(ValueError, match="share one format"):
+        kernels.threshold_ffn(W, rand_q(96, 64, "q8_0"), W, rand_x(64), "silu", 0.0)
+
+
 def bundled(*Ws):
     """Views of `Ws` (same row count) into one array of records, each holding row i of every matrix
     side by side and padded to 64 bytes: the neuron bundles of a flash store, held in RAM."""
@@ -667,6 +724,31 @@ def test_predict_rows(rank):
         kernels.predict_rows(W1, rand_q(rank + 1, 200, "f32"), h, thr)
     with pytest.raises(ValueError, match="one token"):
         kernels.predict_rows(W1, W2_t, rand_x(2, 96), thr)
+
+
+@pytest.mark.parametrize("qtype", FORMATS)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_predicted_ffn_is_predict_rows_then_sparse_ffn(qtype, threads, monkeypatch):
+    """One call, the same arithmetic as its two calls (bit for bit), at thresholds that keep some,
+    none and all of the neurons."""
+    monkeypatch.setattr(kernels, "MIN_BYTES_PER_THREAD", 1)  # split even these small matrices among the threads
+    W1, W2_t = rand_q(16, 64, "f32", 1), rand_q(16, 224, "f32", 2)
+    Wg, Wu, Wd_t = rand_q(224, 64, qtype, 5), rand_q(224, 64, qtype, 6), kernels.transpose_down(rand_q(64, 224, qtype, 7))
+    x = rand_x(1, 64)
+    try:
+        kernels.set_threads(threads)
+        for thr in (0.0, 1e30, -1e30):
+            rows = kernels.predict_rows(W1, W2_t, x, thr)
+            y, n = kernels.predicted_ffn(W1, W2_t, thr, Wg, Wu, Wd_t, x, "silu")
+            assert n == len(rows) and torch.equal(y, kernels.sparse_ffn(Wg, Wu, Wd_t, rows, x, "silu"))
+            assert torch.equal(kernels.predicted_ffn(W1, W2_t, thr, Wg, Wu, Wd_t, x[0], "silu")[0], y[0])
+        assert 0 < len(kernels.predict_rows(W1, W2_t, x, 0.0)) < 224
+    finally:
+        kernels.set_threads()
+    with pytest.raises(ValueError, match="do not fit one FFN"):
+        kernels.predicted_ffn(W1, rand_q(16, 96, "f32"), 0.0, Wg, Wu, Wd_t, x, "silu")
+    with pytest.raises(ValueError, match="one token"):
+        kernels.predicted_ffn(W1, W2_t, 0.0, Wg, Wu, Wd_t, rand_x(2, 64), "silu")
 
 
 def one_by_one_attention(x, L, biases, kc, vc, pos, cos, sin, interleaved, eps=1e-5):

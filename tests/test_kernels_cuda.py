@@ -163,13 +163,20 @@ def check_sparse_ffn(Qg, Qu, Qd_t, rows, x, act, device):
     y, h = kernels.sparse_ffn(Wg, Wu, Wd_t, rows, x.to(device), act, return_act=True)
     xn = x.numpy().reshape(-1)
     want_y, want_h = ref.sparse_ffn(Qg, Qu, Qd_t, rows, xn, act, q8=False)
+    bound_h, bound_y, rtol = sparse_bounds(Qg, Qu, Qd_t, rows, xn, act)
+    check(h, want_h, bound_h, rtol)
+    assert y.shape == x.shape
+    check(y.reshape(-1), want_y, bound_y, rtol)
+
+
+def sparse_bounds(Qg, Qu, Qd_t, rows, xn, act):
+    """(bound of h, bound of y, rtol) for one token's FFN over `rows`."""
+    want_h = ref.sparse_ffn(Qg, Qu, Qd_t, rows, xn, act, q8=False)[1]
     g, u = ref.gather_matvec(Qg, rows, xn, q8=False), ref.gather_matvec(Qu, rows, xn, q8=False)
     bound_g, bound_u = absw(Qg, rows) @ np.abs(xn), absw(Qu, rows) @ np.abs(xn)
     bound_h = 1.2 * (bound_g * np.abs(u) + np.abs(ref.act(act, g)) * bound_u)  # act's slope <= 1.2
-    rtol = max(RTOL[Qg.qtype], RTOL[Qd_t.qtype])
-    check(h, want_h, bound_h + np.abs(want_h), rtol)
-    assert y.shape == x.shape
-    check(y.reshape(-1), want_y, (bound_h + 3 * np.abs(want_h)) @ absw(Qd_t, rows), rtol)
+    return (bound_h + np.abs(want_h), (bound_h + 3 * np.abs(want_h)) @ absw(Qd_t, rows),
+            max(RTOL[Qg.qtype], RTOL[Qd_t.qtype]))
 
 
 @pytest.mark.parametrize("qtype", FORMATS)
@@ -180,6 +187,23 @@ def test_sparse_ffn(qtype, act, rows, device, tiles):
     Qd_t = kernels.transpose_down(rand_q(64, 96, qtype, 7))  # q8_0 for block formats, as the engine holds it
     check_sparse_ffn(Qg, Qu, Qd_t, ROW_SETS[rows], rand_x(1, 64), act, device)
     check_sparse_ffn(Qg, Qu, Qd_t, ROW_SETS[rows], rand_x(64), act, device)
+
+
+@pytest.mark.parametrize("qtype", FORMATS)
+@pytest.mark.parametrize("share", [0.0, 0.5, 1.0], ids=["none", "half", "all"])
+def test_threshold_ffn(qtype, share, device):
+    """The neurons whose |act(g) * u| passes the threshold, and y over them as in test_sparse_ffn."""
+    Qg, Qu = rand_q(96, 64, qtype, 5), rand_q(96, 64, qtype, 6)
+    Qd_t = kernels.transpose_down(rand_q(64, 96, qtype, 7))
+    x = rand_x(1, 64)
+    a = np.sort(np.abs(ref.gate_up(Qg, Qu, x.numpy(), "silu", q8=False)[0]))
+    threshold = {0.0: float(a[-1] + 1), 1.0: -1.0}.get(share, float(a[47] + a[48]) / 2)
+    y, kept = kernels.threshold_ffn(*(kernels.to_cuda(Q, device) for Q in (Qg, Qu, Qd_t)), x.to(device), "silu",
+                                    threshold)
+    want_y, rows = ref.threshold_ffn(Qg, Qu, Qd_t, x.numpy(), "silu", threshold, q8=False)
+    assert kept == len(rows) == round(96 * share) and y.shape == x.shape
+    _, bound_y, rtol = sparse_bounds(Qg, Qu, Qd_t, rows, x.numpy()[0], "silu")
+    check(y.reshape(-1), want_y, bound_y, rtol)
 
 
 def test_predict_rows(device):

@@ -8,12 +8,23 @@ import torch
 
 import hetinfer.profiler
 from hetinfer.errors import HetinferError
+from hetinfer import kernels
 from hetinfer.generate import Session
+from hetinfer.placement.probe import FFNCosts
 from hetinfer.profiler.collect import ProfileOptions, profile_sequences
 from hetinfer.profiler.runner import FloatWeights
 from hetinfer.sampling import SamplingParams
-from hetinfer.sparse import SparseFFN, engine_ffn, ffn_mode, threshold_ffn, topk_ffn
+from hetinfer.sparse import SparseFFN, engine_ffn, ffn_mode, predictor_ffn, threshold_density, threshold_ffn, topk_ffn
 from test_profiler import tiny_model
+
+
+def costs(sparse: float, threshold: float, predict_16: float = 0.0, predict_64: float = 0.0) -> FFNCosts:
+    """A probe result with the dense FFN at 1 s, whose crossovers are `sparse` and `threshold` (1: never
+    step aside), a predictor call taking `predict_16` s at rank 16 and `predict_64` at rank 64."""
+    return FFNCosts(1.0, (0.0, 1.0), (0.0, 1.0 / sparse), (0.0, 1.0 / threshold), (16, 64), (predict_16, predict_64))
+
+
+NEVER = costs(1.0, 1.0)  # the sparse paths always win: no layer steps aside
 
 
 def rules(d, n_ff):
@@ -72,7 +83,7 @@ def real_profile(model, tmp_path_factory):
 
 @pytest.mark.slow
 def test_generate_with_threshold_mode(model, real_profile):
-    ffn = engine_ffn(model, sparsity=0.5, profile=real_profile)
+    ffn = engine_ffn(model, sparsity=0.5, profile=real_profile, costs=NEVER)
     s = Session(model, n_ctx=128, ffn=ffn)
     text = "".join(s.complete("The quick brown fox", SamplingParams(temperature=0, max_tokens=6)))
     assert text and s.stats.gen_tokens == 6
@@ -133,7 +144,8 @@ def test_chat_with_predictor_mode(model, real_profile, tmp_path):
 
     preds, _ = train_predictors(model, load_profile(real_profile), TrainOptions(ranks=(16,), epochs=2, density=0.4), layers=[0])
     preds.save(str(tmp_path / "p"))
-    ffn = engine_ffn(model, predictors=str(tmp_path / "p"))
+    ffn = engine_ffn(model, predictors=str(tmp_path / "p"), costs=costs(0.8, 0.5))
+    assert ffn.dense.tolist() == [False] + [True] * 29  # untrained layers select every neuron: dense is faster
     s = Session(model, n_ctx=256, ffn=ffn)
     text = "".join(s.chat([{"role": "user", "content": "Say hi."}], SamplingParams(temperature=0, max_tokens=4)))
     assert text and s.stats.gen_tokens >= 1
@@ -145,8 +157,112 @@ def test_chat_with_predictor_mode(model, real_profile, tmp_path):
     tr.forward(model.tokenizer.encode("Caches keep recent data close."), tr.new_cache(32),
                lambda i, h: seen.append(h) or tr.dense_ffn(i, h))
     h = seen[0][-1:]
-    rows, mask = ffn.rows(0, h), preds.mask(0, h)[0]
+    rows, mask = preds.rows(0, h), preds.mask(0, h)[0]
     near = (preds.logits(0, h)[0] - preds.threshold[0]).abs() < 1e-5
     got = torch.zeros_like(mask)
     got[torch.from_numpy(rows)] = True
     assert 0 < len(rows) < model.config.n_ff and torch.equal(got[~near], mask[~near])
+
+
+def test_crossover_is_where_the_probed_lines_meet_the_dense_time():
+    c = FFNCosts(2.0, (0.25, 0.5, 0.75, 1.0), (0.5, 1.0, 1.5, 2.0), (1.6, 1.8, 2.0, 2.2), (16, 64), (0.1, 0.4))
+    assert c.crossover("sparse") == pytest.approx(1.0) and c.crossover("threshold") == pytest.approx(0.75)
+    assert c.predict_seconds(32) == pytest.approx(0.2) and c.crossover("sparse", 0.2) == pytest.approx(0.9)
+    assert c.crossover("threshold", 2.0) == 0.0  # loses even at no neurons
+    with pytest.raises(ValueError, match="sparse or threshold"):
+        c.crossover("dense")
+
+
+def test_layers_step_aside_exactly_above_the_measured_crossover():
+    """A layer runs the dense kernel iff its expected density is above the probe's crossover for its path
+    (the predictor's call counted on the sparse side), and then gives the dense FFN and counts every neuron."""
+    m = tiny_model(seed=4, n_layers=6)
+    rule, needs_act = rules(64, 96)["act"]
+    ffn = SparseFFN(m, rule, needs_act, "kernels", thresholds=np.full(6, 0.02, np.float32))
+    density = np.array([0.1, 0.49, 0.5, 0.51, 0.9, 1.0])
+    ffn.step_aside(density, "threshold", costs=costs(0.8, 0.5))
+    assert ffn.dense.tolist() == [False, False, False, True, True, True] and ffn.stepped_aside == 3
+    ffn.step_aside(density, "sparse", costs=costs(0.8, 0.5))
+    assert ffn.dense.tolist() == [False, False, False, False, True, True]
+    # a rank-16 predictor costing 0.4 s of the dense 1 s: the crossover moves to 0.8 * (1 - 0.4) = 0.48
+    ffn.step_aside(density, "sparse", ranks=[16] * 6, costs=costs(0.8, 0.5, predict_16=0.4, predict_64=1.0))
+    assert ffn.dense.tolist() == [False, True, True, True, True, True]
+    h = torch.randn(1, 64)
+    assert torch.equal(ffn(3, h), m.transformer.dense_ffn(3, h)) and ffn.meter.per_layer()[3] == 1.0
+    assert ffn(0, h).shape == (1, 64) and ffn.meter.per_layer()[0] < 1.0
+    with pytest.raises(ValueError, match="kernels backend"):
+        SparseFFN(m, rule, needs_act, "torch").step_aside(density, "sparse", costs=NEVER)
+
+
+def test_step_aside_uses_the_kernels_probe_by_default(monkeypatch, tmp_path):
+    """Without injected costs, the crossover comes from the kernels' own probe (cached per host)."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    m = tiny_model(seed=5, n_layers=2)
+    ffn = SparseFFN(m, *rules(64, 96)["act"], "kernels", thresholds=np.zeros(2, np.float32))
+    c = ffn.measured_costs(0)
+    assert c.dense_s > 0 and len(c.sparse_s) == len(c.threshold_s) == len(c.densities)
+    assert list(tmp_path.glob("hetinfer/cpu-ffn-probe-*.json"))
+    ffn.step_aside(np.array([0.0, 1.0]), "threshold")
+    assert ffn.dense.tolist() == [0.0 > c.crossover("threshold"), 1.0 > c.crossover("threshold")]
+
+
+def greedy(model, ffn, n: int, forced: list[int] | None = None) -> tuple[list[int], list[torch.Tensor]]:
+    """(n + 1 greedy tokens after a prompt, each step's logits); with `forced`, those tokens are fed instead."""
+    tr = model.transformer
+    cache = tr.new_cache(128)
+    logits = [tr.forward(model.tokenizer.encode("The history of the printing press"), cache, ffn)]
+    out = [int(logits[-1].argmax())]
+    for i in range(n):
+        logits.append(tr.forward([forced[i] if forced else out[-1]], cache, ffn))
+        out.append(int(logits[-1].argmax()))
+    return out, logits
+
+
+@pytest.mark.slow
+def test_greedy_text_of_each_mode_is_unchanged(model, real_profile):
+    """On SmolLM2, 24 greedy tokens. Threshold mode through the fused kernel, on one thread: the tokens of
+    the path it replaced (gate_up, the torch mask, scatter_axpy), bit for bit. On two threads its per-thread
+    partial sums split the neurons by range where scatter_axpy split the kept ones by count: only the
+    summation order differs, but a neuron within rounding of its threshold then flips, and flips compound
+    over 30 layers, so the old path's own text already depended on the thread count. Teacher-forced on the
+    one-thread tokens, the new kernel on two threads stays as close to the old path on two threads as
+    that path is to itself on one (median logit difference over the steps, relative to the logits' range;
+    measured 0.028 for each). A mode whose layers all step aside gives the dense engine's tokens exactly."""
+    from hetinfer.profiler.artifact import load_profile
+
+    prof = load_profile(real_profile)
+    ffn = threshold_ffn(model, prof, 0.5)
+    t = torch.from_numpy(prof.thresholds(0.5))
+
+    def before(layer: int, h: torch.Tensor) -> torch.Tensor:
+        if h.shape[0] > 1:
+            return ffn(layer, h)
+        L = model.weights.layers[layer]
+        act = kernels.gate_up(L.gate, L.up, h, "silu")
+        rows = (act.abs() > t[layer])[0].nonzero()[:, 0]
+        return kernels.scatter_axpy(ffn._down_t[layer], rows, act[0, rows], torch.zeros(h.shape[1]))[None]
+
+    def apart(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+        return float(np.median([float((x - y).abs().max() / (x.max() - x.min())) for x, y in zip(a, b)]))
+
+    try:
+        kernels.set_threads(1)
+        one, one_logits = greedy(model, before, 24)
+        assert greedy(model, ffn, 24)[0] == one
+        kernels.set_threads(2)
+        old_logits = greedy(model, before, 24, forced=one)[1]
+        new_logits = greedy(model, ffn, 24, forced=one)[1]
+    finally:
+        kernels.set_threads()
+    assert apart(new_logits, old_logits) <= 1.5 * apart(old_logits, one_logits)
+    assert 0.3 < ffn.meter.overall() < 0.7
+    np.testing.assert_allclose(threshold_density(prof, 0.5), 0.5, atol=0.05)
+    dense = greedy(model, None, 24)[0]
+    ffn.step_aside(threshold_density(prof, 0.5), "threshold", costs=costs(0.8, 0.3))
+    assert ffn.stepped_aside == 30 and greedy(model, ffn, 24)[0] == dense
+    from hetinfer.profiler.predictors import TrainOptions, train_predictors
+
+    preds, _ = train_predictors(model, prof, TrainOptions(ranks=(16,), epochs=1, density=0.4), layers=[0, 1])
+    pf = predictor_ffn(model, preds)
+    pf.step_aside(preds.density(), "sparse", [w.shape[0] for w in preds.w1], costs(0.3, 0.3))
+    assert pf.stepped_aside == 30 and greedy(model, pf, 24)[0] == dense

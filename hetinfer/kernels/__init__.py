@@ -12,7 +12,9 @@ Decoder: rms_norm, attention_decode (RoPE + KV-cache write + attention for one n
          attention_block (a decode step's whole attention half of a layer, in one call)
 Sparse:  gather_matvec (selected output rows), scatter_axpy (y += a @ Wd_t[rows]),
          sparse_ffn (one token's FFN over the active neurons, neuron-major down projection),
-         predict_rows (the neurons a low-rank predictor picks for one token)
+         threshold_ffn (one token's FFN over the neurons whose |act(g) * u| passes a threshold, chosen inside),
+         predict_rows (the neurons a low-rank predictor picks for one token),
+         predicted_ffn (sparse_ffn over predict_rows' choice, in one call)
 Setup:   transpose_down (neuron-major down, once at load), convert, to_cuda, set_threads, warmup
 """
 from __future__ import annotations
@@ -438,6 +440,33 @@ def sparse_ffn(Wg: QTensor, Wu: QTensor, Wd_t: QTensor, rows, x: torch.Tensor, a
     return (torch.from_numpy(y), torch.from_numpy(h)) if return_act else torch.from_numpy(y)
 
 
+def threshold_ffn(Wg: QTensor, Wu: QTensor, Wd_t: QTensor, x: torch.Tensor, act: str,
+                  threshold: float) -> tuple[torch.Tensor, int]:
+    """One token's FFN over the neurons whose |h_i| > `threshold`, h_i = act(Wg[i] x) * (Wu[i] x): every
+    gate and up row, the down row (Wd_t, neuron-major) of only the kept neurons, chosen inside the call.
+    x [d] or [1, d] -> (y of x's shape, how many neurons were kept)."""
+    if act not in cpu.ACT:
+        raise ValueError(f"unknown activation {act!r}; known: {', '.join(ACTIVATIONS)}")
+    if _is_cuda(Wg):
+        return cuda.threshold_ffn(Wg, Wu, Wd_t, x, act, threshold)
+    n_ff, d = Wg.shape
+    if Wu.shape != (n_ff, d) or Wd_t.shape != (n_ff, d):
+        raise ValueError(f"gate {Wg.shape}, up {Wu.shape} and transposed down {Wd_t.shape} must all be [n_ff, d]; "
+                         "transpose the down projection with transpose_down()")
+    fg, ug, ng, _ = _info(Wg)
+    fu, uu, nu, _ = _info(Wu)
+    fd, ud, nd, _ = _info(Wd_t)
+    if fg != fu:
+        raise ValueError(f"gate ({Wg.qtype}) and up ({Wu.qtype}) must share one format")
+    xn = _x2d(Wg, x)
+    if xn.shape[0] != 1:
+        raise ValueError(f"threshold_ffn takes one token, got {xn.shape[0]}")
+    y = np.empty(d, np.float32)
+    kept = cpu.threshold_ffn(fg, ug, uu, fd, ud, xn, cpu.ACT[act], np.float32(threshold), y,
+                             _parts(ng + nu + nd // 2))  # about half the down rows read
+    return torch.from_numpy(y.reshape(x.shape)), kept
+
+
 def predict_rows(W1: QTensor, W2_t: QTensor, h: torch.Tensor, threshold: float) -> np.ndarray:
     """The FFN neurons a low-rank predictor picks for one token, in one call: the ids i (int64,
     ascending) with (W2 @ relu(W1 @ h))[i] > threshold, for W1 [r, d], h [d] or [1, d] and W2 [n_ff, r]
@@ -458,6 +487,37 @@ def predict_rows(W1: QTensor, W2_t: QTensor, h: torch.Tensor, threshold: float) 
     rows = np.empty(W2_t.shape[1], np.int64)
     n = cpu.predict_rows(f1, u1, f2, u2, xn, np.float32(threshold), rows, _chunks(n1), _parts(n2 // 2))  # ~half read
     return rows[:n]
+
+
+def predicted_ffn(W1: QTensor, W2_t: QTensor, threshold: float, Wg: QTensor, Wu: QTensor, Wd_t: QTensor,
+                  x: torch.Tensor, act: str) -> tuple[torch.Tensor, int]:
+    """`sparse_ffn` over the rows `predict_rows(W1, W2_t, x, threshold)` picks, in one call (predictor
+    mode's decode step: one crossing into the kernels per layer, not two). x [d] or [1, d] -> (y of x's
+    shape, how many neurons were computed)."""
+    if act not in cpu.ACT:
+        raise ValueError(f"unknown activation {act!r}; known: {', '.join(ACTIVATIONS)}")
+    if _is_cuda(Wg) or _is_cuda(W1):
+        rows = predict_rows(W1, W2_t, x, threshold)
+        return sparse_ffn(Wg, Wu, Wd_t, rows, x, act), len(rows)
+    n_ff, d = Wg.shape
+    if Wu.shape != (n_ff, d) or Wd_t.shape != (n_ff, d) or W2_t.shape != (W1.shape[0], n_ff) or W1.shape[1] != d:
+        raise ValueError(f"predictor {W1.shape} and transposed {W2_t.shape}, gate {Wg.shape}, up {Wu.shape} and "
+                         f"transposed down {Wd_t.shape} do not fit one FFN ([r, d], [r, n_ff], three [n_ff, d])")
+    fg, ug, _, _ = _info(Wg)
+    fu, uu, _, _ = _info(Wu)
+    fd, ud, _, _ = _info(Wd_t)
+    f1, u1, n1, _ = _info(W1)
+    f2, u2, n2, _ = _info(W2_t)
+    if fg != fu:
+        raise ValueError(f"gate ({Wg.qtype}) and up ({Wu.qtype}) must share one format")
+    xn = _x2d(Wg, x)
+    if xn.shape[0] != 1:
+        raise ValueError(f"predicted_ffn takes one token, got {xn.shape[0]}")
+    y = np.empty(d, np.float32)
+    n = cpu.predicted_ffn(f1, u1, f2, u2, np.float32(threshold), fg, ug, uu, fd, ud, xn, cpu.ACT[act], y,
+                          _chunks(n1), _parts(n2 // 2), _threads, ug.shape[1] * 2 + ud.shape[1],
+                          MIN_BYTES_PER_THREAD)
+    return torch.from_numpy(y.reshape(x.shape)), n
 
 
 # ---------------------------------------------------------------------------------------------
@@ -672,7 +732,11 @@ def _compile_all() -> None:
         gather_matvec(W, rows, x)
         scatter_axpy(W, rows, torch.ones(2), torch.zeros(64))
         sparse_ffn(W, W, W, rows, x, "silu")
-    predict_rows(quantize(w, "f32"), quantize(rng.standard_normal((8, 40)).astype(np.float32), "f32"), x, 0.0)
+        threshold_ffn(W, W, W, x, "silu", 0.5)
+    W1, W2_t = quantize(w, "f32"), quantize(rng.standard_normal((8, 40)).astype(np.float32), "f32")
+    predict_rows(W1, W2_t, x, 0.0)
+    Wf = quantize(rng.standard_normal((40, 64)).astype(np.float32), "q4_1")
+    predicted_ffn(W1, W2_t, 0.0, Wf, Wf, Wf, x, "silu")
     rms_norm(x, x[0], 1e-5)
     Wq, Wkv = (quantize(rng.standard_normal((n, 64)).astype(np.float32), "q8_0") for n in (64, 32))
     for interleaved, kv in ((False, torch.float32), (True, torch.float32), (False, torch.float16)):

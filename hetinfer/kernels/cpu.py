@@ -19,7 +19,8 @@ from numba import njit, prange
 
 from hetinfer.kernels.simd import (BF16, F16, F32, Q4_0, Q4_1, Q8_0, axpy_bf16, axpy_f16, axpy_f32, axpy_q4_0,
                                    axpy_q4_1, axpy_q8_0, dot_bf16, dot_f16, dot_f32, elem_bf16, elem_f16, elem_f32,
-                                   f32_from_bits, from_kv, quantize_block, to_kv, xdot_q4_0, xdot_q4_1, xdot_q8_0)
+                                   f32_from_bits, from_kv, prefetch_row, quantize_block, to_kv, xdot_q4_0, xdot_q4_1,
+                                   xdot_q8_0)
 
 FMT = {"f32": F32, "f16": F16, "bf16": BF16, "q8_0": Q8_0, "q4_0": Q4_0, "q4_1": Q4_1}
 ACT = {"silu": 0, "relu": 1, "gelu": 2}
@@ -332,6 +333,72 @@ def sparse_ffn(fmt, wg, wu, fmt_d, wd_t, rows, x, act, y, h, nchunks):
     return -1
 
 
+# Neurons a thread decides on at a time. The kept ones' down rows are hinted into the cache as they are
+# chosen and added into y after the next group has been decided, by when they have arrived (added at
+# once, or hinted only a row ahead, the run waited on them).
+DECIDE = 32
+
+
+@njit(inline="always")
+def _add_group(fmt, w, ids, coef, g, m, y):
+    """y += coef[g, k] * w[ids[g, k]] for k < m, in that order."""
+    for k in range(m):
+        _rowaxpy(fmt, w, ids[g, k], coef[g, k], y, ids[g, k])
+
+
+@njit(inline="always")
+def _threshold_rows(fmt, wg, wu, fmt_d, wd_t, x, xq, xs, act, threshold, y, lo, hi):
+    """Neurons lo..hi-1: gate and up rows of each, then the down rows of those with |h| > threshold
+    added into y in ascending order; returns how many were kept."""
+    pf = _ahead(wg)
+    ids = np.empty((2, DECIDE), np.int64)  # two groups: the one being decided, the one being added
+    coef = np.empty((2, DECIDE), np.float32)
+    kept = m_last = 0
+    for start in range(lo, hi, DECIDE):
+        g = (start - lo) // DECIDE % 2
+        m = 0
+        for i in range(start, min(start + DECIDE, hi)):
+            nxt = i + pf if i + pf < hi else i
+            h = _act(act, _rowdot(fmt, wg, i, x, xq, xs, 0, nxt)) * _rowdot(fmt, wu, i, x, xq, xs, 0, nxt)
+            if abs(h) > threshold:
+                ids[g, m], coef[g, m] = i, h
+                prefetch_row(wd_t, i * wd_t.strides[0], wd_t.shape[1])
+                m += 1
+        _add_group(fmt_d, wd_t, ids, coef, 1 - g, m_last, y)
+        kept, m_last = kept + m, m
+    _add_group(fmt_d, wd_t, ids, coef, (hi - 1 - lo) // DECIDE % 2, m_last, y)
+    return kept
+
+
+@njit(parallel=_PRANGE_ONLY, error_model="numpy", cache=True, nogil=True)
+def threshold_ffn(fmt, wg, wu, fmt_d, wd_t, x, act, threshold, y, nchunks):
+    """One token's FFN over the neurons whose |h_i| > threshold, h_i = act(wg[i] @ x) * (wu[i] @ x):
+    y = sum of h_i * wd_t[i] over them (y overwritten); returns how many neurons were kept.
+
+    Each thread reads the gate and up rows of its range of neurons once and adds the down rows of the
+    kept ones into its own partial y (see sparse_ffn), so only the kept neurons' down rows are read.
+    """
+    n = min(wg.shape[0], wu.shape[0], wd_t.shape[0])
+    for j in range(y.shape[0]):
+        y[j] = 0
+    xq, xs = _prep(fmt, x)
+    if nchunks == 1:
+        return _threshold_rows(fmt, wg, wu, fmt_d, wd_t, x, xq, xs, act, threshold, y, 0, n)
+    part = np.empty((nchunks, y.shape[0]), np.float32)
+    kept = np.empty(nchunks, np.int64)
+    for c in prange(nchunks):
+        lo, hi = _chunk(c, nchunks, n)
+        acc = np.zeros(y.shape[0], np.float32)  # thread-local, see sparse_ffn
+        kept[c] = _threshold_rows(fmt, wg, wu, fmt_d, wd_t, x, xq, xs, act, threshold, acc, lo, hi)
+        part[c] = acc
+    total = 0
+    for c in range(nchunks):
+        total += kept[c]
+        for j in range(y.shape[0]):
+            y[j] += part[c, j]
+    return total
+
+
 @njit(inline="always")
 def _dequant_rows(fmt, w, rows, out, lo, hi):
     pf = _ahead(w)
@@ -550,4 +617,18 @@ def predict_rows(fmt1, w1, fmt2, w2_t, x, threshold, rows, nchunks1, nchunks2):
         if logits[i] > threshold:
             rows[n] = i
             n += 1
+    return n
+
+
+@njit(error_model="numpy", cache=True, nogil=True)
+def predicted_ffn(fmt1, w1, fmt2, w2_t, threshold, fmt, wg, wu, fmt_d, wd_t, x, act, y, nchunks1, nchunks2,
+                  most_parts, neuron_bytes, min_bytes):
+    """One token's FFN over the neurons a low-rank predictor picks (`predict_rows`, then `sparse_ffn`
+    over them), in one call from Python; returns how many. The FFN is split into parts as the
+    wrappers' `_parts` would for that many neurons: one per `min_bytes` of their rows, 1 to most_parts."""
+    rows = np.empty(wg.shape[0], np.int64)
+    n = predict_rows(fmt1, w1, fmt2, w2_t, x, threshold, rows, nchunks1, nchunks2)
+    parts = n * neuron_bytes // min_bytes
+    sparse_ffn(fmt, wg, wu, fmt_d, wd_t, rows[:n], x, act, y, np.empty(n, np.float32),
+               1 if parts < 2 else min(most_parts, parts))
     return n

@@ -169,3 +169,13 @@ def sparse_ffn(Wg: GPUTensor, Wu: GPUTensor, Wd_t: GPUTensor, rows: np.ndarray |
     y = torch.zeros(Wd_t.shape[1], device=x.device)
     _axpy(Wd_t, r, h, y)
     return y.reshape(x.shape), h
+
+
+def threshold_ffn(Wg: GPUTensor, Wu: GPUTensor, Wd_t: GPUTensor, x: torch.Tensor, act: str,
+                  threshold: float) -> tuple[torch.Tensor, int]:
+    """(y with x's shape, neurons kept) for one token; see `hetinfer.kernels.threshold_ffn`."""
+    h = gate_up(Wg, Wu, x.reshape(-1), act)
+    r = (h.abs() > threshold).nonzero()[:, 0]
+    y = torch.zeros(Wd_t.shape[1], device=x.device)
+    _axpy(Wd_t, r, h[r], y)
+    return y.reshape(x.shape), r.numel()

@@ -90,6 +90,15 @@ def sparse_ffn(Wg: QTensor, Wu: QTensor, Wd_t: QTensor, rows: np.ndarray, x: np.
     return h @ _w(Wd_t, rows), h
 
 
+def threshold_ffn(Wg: QTensor, Wu: QTensor, Wd_t: QTensor, x: np.ndarray, act_name: str, threshold: float,
+                  q8: bool = True):
+    """FFN output of one token [d] over the neurons whose |act(g) * u| exceeds `threshold`, and their ids."""
+    x = _x(Wg, np.reshape(x, -1), q8)
+    h = act(act_name, _w(Wg) @ x) * (_w(Wu) @ x)
+    rows = np.flatnonzero(np.abs(h) > threshold)
+    return h[rows] @ _w(Wd_t, rows), rows
+
+
 def transpose_down(W: QTensor, qtype: str) -> QTensor:
     """W^T stored as `qtype` (dequantize, transpose, quantize)."""
     return quantize(np.ascontiguousarray(W.dequantize().T), qtype)

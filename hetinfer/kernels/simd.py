@@ -366,6 +366,27 @@ def _make_axpy(fmt: int):
     return axpy
 
 
+@intrinsic
+def prefetch_row(typingctx, w, woff, nbytes):
+    """Hint the `nbytes` bytes of w from byte `woff` into the cache (a row read soon, at an address no
+    prefetcher can guess)."""
+    sig = types.void(w, types.intp, types.intp)
+
+    def codegen(context, b, sig, args):
+        p = _ptr(context, b, sig.args[0], args[0], args[1], True)
+        fnty = ir.FunctionType(ir.VoidType(), [_I8.as_pointer(), _I32, _I32, _I32])
+        fn = cgutils.get_or_insert_function(b.module, fnty, "llvm.prefetch.p0")
+
+        def line(i, _):
+            b.call(fn, [b.gep(p, [i]), ir.Constant(_I32, 0), ir.Constant(_I32, 3), ir.Constant(_I32, 1)])
+            return []
+
+        _for(b, ir.Constant(_I64, 0), b.add(args[2], ir.Constant(_I64, 63)), 64, [], line)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
 def _make_elem(fmt: int):
     """Scalar load of one float-format weight at a byte offset (row tails when cols % 32 != 0)."""
 

@@ -2,10 +2,12 @@
 
 The CPU and GPU probes time `hetinfer.kernels.sparse_ffn` on random weights (and, for the
 per-layer costs, random layers of the planned model's shape, through the engine and through the
-offloading engine); the flash probe reads a scratch file with O_DIRECT at several read sizes and
-depths. Each result is cached as JSON under
-~/.cache/hetinfer/, keyed by what it depends on (host, format, width, threads, the kernels'
-source), so planning again on the same machine costs nothing.
+offloading engine); the FFN probe (`measure_ffn_costs`) times the dense, sparse and threshold FFN
+kernels and a predictor's call on layers of a model's shape, which decides where the sparse modes
+step aside to the dense kernel; the flash probe reads a scratch file with O_DIRECT at several read
+sizes and depths. Each result is cached as JSON under ~/.cache/hetinfer/, keyed by what it depends
+on (host, format, width, threads, the kernels' source), so planning again on the same machine
+costs nothing.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ import statistics
 import tempfile
 import threading
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -300,6 +302,108 @@ def measure_gpu(qtype: str = "q4_0", d_model: int = 4096, cache_dir: Path | None
         small.to("cuda", non_blocking=True).cpu()
         trips.append(time.perf_counter() - t)
     return GpuTier(int(free), gemv, h2d, statistics.median(trips))
+
+
+# The FFN probe times one-token calls on layers of the model's shape, enough of them to stream about this
+# many bytes per round, so that each call finds its layer evicted from the caches, as decode does.
+FFN_PROBE_BYTES = 64 << 20
+FFN_PROBE_DENSITIES = (0.25, 0.5, 0.75, 1.0)  # shares of neurons the sparse FFN probes compute
+FFN_PROBE_RANKS = (16, 64)  # predictor ranks the probe times
+
+
+@dataclass(frozen=True)
+class FFNCosts:
+    """Seconds of one token's FFN call on a layer of a model's shape on this machine (`measure_ffn_costs`):
+    the dense kernel, the sparse ones at each probed share of neurons, a predictor's at each probed rank."""
+
+    dense_s: float  # kernels.dense_ffn
+    densities: tuple[float, ...]
+    sparse_s: tuple[float, ...]  # kernels.sparse_ffn over that share of the neurons
+    threshold_s: tuple[float, ...]  # kernels.threshold_ffn keeping that share
+    ranks: tuple[int, ...]
+    predict_s: tuple[float, ...]  # kernels.predict_rows at that rank (a call of its own: predictor mode's
+    # predicted_ffn runs it inside the sparse FFN's call, so the sum errs a few microseconds towards dense)
+
+    def crossover(self, path: str, extra_s: float = 0.0) -> float:
+        """The share of neurons up to which `path` ("sparse" or "threshold"), plus `extra_s` per call, is
+        faster than the dense kernel: where the least-squares line through its probed times meets the
+        dense time, within [0, 1]."""
+        if path not in ("sparse", "threshold"):
+            raise ValueError(f"path must be sparse or threshold, got {path!r}")
+        slope, at_zero = np.polyfit(self.densities, self.sparse_s if path == "sparse" else self.threshold_s, 1)
+        budget = self.dense_s - extra_s - at_zero
+        if slope <= 0:
+            return 1.0 if budget > 0 else 0.0
+        return float(np.clip(budget / slope, 0.0, 1.0))
+
+    def predict_seconds(self, rank: int) -> float:
+        """A predictor call's seconds at `rank`, on the line through the probed ranks."""
+        slope, at_zero = np.polyfit(self.ranks, self.predict_s, 1)
+        return max(0.0, float(at_zero + slope * rank))
+
+
+def measure_ffn_costs(n_ff: int, d_model: int, qtype: str, down_qtype: str, down_t_qtype: str, act: str,
+                      cache_dir: Path | None = None) -> FFNCosts:
+    """One-token FFN seconds of the kernels on this machine for a layer of `n_ff` neurons of width `d_model`,
+    gate and up stored as `qtype`, the down projection as `down_qtype` and its neuron-major copy as
+    `down_t_qtype`: what decides whether a sparse FFN mode beats the dense kernel. Probed once per (host,
+    threads, kernel source, shape) and cached."""
+    from hetinfer import kernels
+
+    shape = [n_ff, d_model, qtype, down_qtype, down_t_qtype, act]
+    key = {"device": "cpu", "host": platform.node(), "threads": kernels.get_threads(),
+           "kernels": _source_hash(kernels.cpu, kernels.simd), "shape": shape}
+    name = "cpu-ffn-probe-" + hashlib.sha256(json.dumps(shape).encode()).hexdigest()[:8]
+    d = _cached_probe(name, key, lambda: _ffn_probe(*shape), cache_dir)
+    return FFNCosts(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+def _ffn_probe(n_ff: int, d: int, qtype: str, down_qtype: str, down_t_qtype: str, act: str, rounds: int = 5) -> dict:
+    """Best seconds of each probed call over `rounds` interleaved rounds, each call once on every layer per
+    round: a stretch of interference from other processes slows every kind of call alike, and the
+    quiet rounds count."""
+    from hetinfer import kernels
+
+    rng = np.random.default_rng(0)
+
+    def layer() -> tuple[QTensor, QTensor, QTensor, QTensor]:
+        """Gate, up, down and neuron-major down of one random layer."""
+        return (_tiled_matrix(rng, n_ff, d, qtype), _tiled_matrix(rng, n_ff, d, qtype),
+                _tiled_matrix(rng, d, n_ff, down_qtype), _tiled_matrix(rng, n_ff, d, down_t_qtype))
+
+    first = layer()
+    n_layers = int(np.clip(FFN_PROBE_BYTES // sum(W.nbytes for W in first), 2, 64))
+    gate, up, down, down_t = zip(first, *(layer() for _ in range(n_layers - 1)))
+    x = torch.randn(1, d)
+    kernels.warmup()
+
+    def keeping(i: int, k: int) -> float:
+        """A threshold on |act(g) * u| that keeps k of layer i's neurons."""
+        h = np.sort(kernels.gate_up(gate[i], up[i], x, act)[0].abs().numpy())
+        return float(h[n_ff - k - 1]) if k < n_ff else -1.0
+
+    calls = {"dense": lambda i: kernels.dense_ffn(gate[i], up[i], down[i], x, act)}
+    for density in FFN_PROBE_DENSITIES:
+        k = round(density * n_ff)
+        rows = [np.sort(rng.choice(n_ff, k, replace=False)) for _ in range(n_layers)]
+        thr = [keeping(i, k) for i in range(n_layers)]
+        calls[("sparse", density)] = lambda i, r=rows: kernels.sparse_ffn(gate[i], up[i], down_t[i], r[i], x, act)
+        calls[("threshold", density)] = lambda i, t=thr: kernels.threshold_ffn(gate[i], up[i], down_t[i], x, act, t[i])
+    for rank in FFN_PROBE_RANKS:
+        w1 = [quantize(rng.standard_normal((rank, d), dtype=np.float32), "f32") for _ in range(n_layers)]
+        w2_t = [quantize(rng.standard_normal((rank, n_ff), dtype=np.float32), "f32") for _ in range(n_layers)]
+        calls[("predict", rank)] = lambda i, a=w1, b=w2_t: kernels.predict_rows(a[i], b[i], x, 0.0)
+    best = dict.fromkeys(calls, float("inf"))
+    for _ in range(rounds):
+        for name, call in calls.items():
+            for i in range(n_layers):  # each call on the layer read least recently
+                t = time.perf_counter()
+                call(i)
+                best[name] = min(best[name], time.perf_counter() - t)
+    return {"dense_s": best["dense"], "densities": list(FFN_PROBE_DENSITIES),
+            "sparse_s": [best[("sparse", p)] for p in FFN_PROBE_DENSITIES],
+            "threshold_s": [best[("threshold", p)] for p in FFN_PROBE_DENSITIES],
+            "ranks": list(FFN_PROBE_RANKS), "predict_s": [best[("predict", r)] for r in FFN_PROBE_RANKS]}
 
 
 def _probe_weights(qtype: str, d_model: int, nbytes: int) -> tuple[QTensor, QTensor, QTensor]:

@@ -90,7 +90,7 @@ class Predictors:
     w2: list[torch.Tensor]  # [n_ff, r_l]
     threshold: torch.Tensor  # [n_layers]
     path: str | None = None
-    _kernel_weights: list | None = field(default=None, repr=False, compare=False)  # (W1, W2) QTensors, made at first use
+    _kernel_weights: list | None = field(default=None, repr=False, compare=False)  # see kernel_weights, made at first use
 
     def logits(self, layer: int, h: torch.Tensor) -> torch.Tensor:
         return predict_logits(self.w1[layer], self.w2[layer], h)
@@ -103,12 +103,24 @@ class Predictors:
         """The ids of `mask` for one token h [1, d], ascending, from one kernel call (decode's path;
         float32 sums in another order than torch's, so a logit within ~1e-6 of the threshold may fall
         on the other side)."""
+        w1, w2_t, threshold = self.kernel_weights(layer)
+        return kernels.predict_rows(w1, w2_t, h, threshold)
+
+    def kernel_weights(self, layer: int) -> tuple[QTensor, QTensor, float]:
+        """(W1 [r, d], W2 transposed [r, n_ff], threshold) of `layer` as `kernels.predict_rows` takes them."""
         if self._kernel_weights is None:
             self._kernel_weights = [(QTensor("f32", tuple(a.shape), a.numpy()),
-                                     QTensor("f32", (b.shape[1], b.shape[0]), np.ascontiguousarray(b.numpy().T)))
-                                    for a, b in zip(self.w1, self.w2)]
-        w1, w2_t = self._kernel_weights[layer]
-        return kernels.predict_rows(w1, w2_t, h, float(self.threshold[layer]))
+                                     QTensor("f32", (b.shape[1], b.shape[0]), np.ascontiguousarray(b.numpy().T)), float(t))
+                                    for a, b, t in zip(self.w1, self.w2, self.threshold)]
+        return self._kernel_weights[layer]
+
+    def density(self) -> np.ndarray:
+        """float64 [n_layers]: the share of neurons each layer's predictor selected on its validation
+        samples (the training report); 1 for a layer without one (threshold -inf: every neuron)."""
+        d = np.ones(len(self.w1))
+        for r in self.manifest.get("report", []):
+            d[r["layer"]] = r["density"]
+        return d
 
     def selection_frequency(self, inputs: np.ndarray, chunk: int = 2048) -> np.ndarray:
         """float64 [n_layers, n_ff]: the share of FFN inputs (float32 [n_layers, S, d], e.g.
