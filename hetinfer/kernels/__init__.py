@@ -411,6 +411,20 @@ def scatter_axpy(Wd_t: QTensor, rows, a: torch.Tensor, y: torch.Tensor) -> torch
     return y
 
 
+def _ffn_parts(Wg: QTensor, Wu: QTensor, Wd_t: QTensor, act: str) -> tuple[tuple, tuple, tuple]:
+    """The kernels' (format, bytes, row count, ...) of gate, up and neuron-major down, checked to make one
+    FFN ([n_ff, d] each, gate and up in one format) with a known activation."""
+    if act not in cpu.ACT:
+        raise ValueError(f"unknown activation {act!r}; known: {', '.join(ACTIVATIONS)}")
+    n_ff, d = Wg.shape
+    if Wu.shape != (n_ff, d) or Wd_t.shape != (n_ff, d):
+        raise ValueError(f"gate {Wg.shape}, up {Wu.shape} and transposed down {Wd_t.shape} must all be [n_ff, d]; "
+                         "transpose the down projection with transpose_down()")
+    if Wg.qtype != Wu.qtype:
+        raise ValueError(f"gate ({Wg.qtype}) and up ({Wu.qtype}) must share one format")
+    return _info(Wg), _info(Wu), _info(Wd_t)
+
+
 def sparse_ffn(Wg: QTensor, Wu: QTensor, Wd_t: QTensor, rows, x: torch.Tensor, act: str,
                return_act: bool = False):
     """One token's FFN over the active neurons `rows`: sum_i act(g_i) u_i Wd_t[i] with g_i = Wg[i] x,
@@ -421,15 +435,8 @@ def sparse_ffn(Wg: QTensor, Wu: QTensor, Wd_t: QTensor, rows, x: torch.Tensor, a
     if _is_cuda(Wg):
         y, h = cuda.sparse_ffn(Wg, Wu, Wd_t, rows, x, act)
         return (y, h) if return_act else y
-    n_ff, d = Wg.shape
-    if Wu.shape != (n_ff, d) or Wd_t.shape != (n_ff, d):
-        raise ValueError(f"gate {Wg.shape}, up {Wu.shape} and transposed down {Wd_t.shape} must all be [n_ff, d]; "
-                         "transpose the down projection with transpose_down()")
-    fg, ug, _, _ = _info(Wg)
-    fu, uu, _, _ = _info(Wu)
-    fd, ud, _, _ = _info(Wd_t)
-    if fg != fu:
-        raise ValueError(f"gate ({Wg.qtype}) and up ({Wu.qtype}) must share one format")
+    (fg, ug, _, _), (_, uu, _, _), (fd, ud, _, _) = _ffn_parts(Wg, Wu, Wd_t, act)
+    n_ff = Wg.shape[0]
     r = _rows(rows)
     xn = _x2d(Wg, x)
     if xn.shape[0] != 1:
@@ -449,15 +456,8 @@ def threshold_ffn(Wg: QTensor, Wu: QTensor, Wd_t: QTensor, x: torch.Tensor, act:
         raise ValueError(f"unknown activation {act!r}; known: {', '.join(ACTIVATIONS)}")
     if _is_cuda(Wg):
         return cuda.threshold_ffn(Wg, Wu, Wd_t, x, act, threshold)
-    n_ff, d = Wg.shape
-    if Wu.shape != (n_ff, d) or Wd_t.shape != (n_ff, d):
-        raise ValueError(f"gate {Wg.shape}, up {Wu.shape} and transposed down {Wd_t.shape} must all be [n_ff, d]; "
-                         "transpose the down projection with transpose_down()")
-    fg, ug, ng, _ = _info(Wg)
-    fu, uu, nu, _ = _info(Wu)
-    fd, ud, nd, _ = _info(Wd_t)
-    if fg != fu:
-        raise ValueError(f"gate ({Wg.qtype}) and up ({Wu.qtype}) must share one format")
+    (fg, ug, ng, _), (_, uu, nu, _), (fd, ud, nd, _) = _ffn_parts(Wg, Wu, Wd_t, act)
+    d = Wg.shape[1]
     xn = _x2d(Wg, x)
     if xn.shape[0] != 1:
         raise ValueError(f"threshold_ffn takes one token, got {xn.shape[0]}")
@@ -500,16 +500,12 @@ def predicted_ffn(W1: QTensor, W2_t: QTensor, threshold: float, Wg: QTensor, Wu:
         rows = predict_rows(W1, W2_t, x, threshold)
         return sparse_ffn(Wg, Wu, Wd_t, rows, x, act), len(rows)
     n_ff, d = Wg.shape
-    if Wu.shape != (n_ff, d) or Wd_t.shape != (n_ff, d) or W2_t.shape != (W1.shape[0], n_ff) or W1.shape[1] != d:
-        raise ValueError(f"predictor {W1.shape} and transposed {W2_t.shape}, gate {Wg.shape}, up {Wu.shape} and "
-                         f"transposed down {Wd_t.shape} do not fit one FFN ([r, d], [r, n_ff], three [n_ff, d])")
-    fg, ug, _, _ = _info(Wg)
-    fu, uu, _, _ = _info(Wu)
-    fd, ud, _, _ = _info(Wd_t)
+    if W2_t.shape != (W1.shape[0], n_ff) or W1.shape[1] != d:
+        raise ValueError(f"predictor {W1.shape} and transposed {W2_t.shape} do not fit one FFN with gate {Wg.shape} "
+                         f"([r, d] and [r, n_ff])")
+    (fg, ug, _, _), (_, uu, _, _), (fd, ud, _, _) = _ffn_parts(Wg, Wu, Wd_t, act)
     f1, u1, n1, _ = _info(W1)
     f2, u2, n2, _ = _info(W2_t)
-    if fg != fu:
-        raise ValueError(f"gate ({Wg.qtype}) and up ({Wu.qtype}) must share one format")
     xn = _x2d(Wg, x)
     if xn.shape[0] != 1:
         raise ValueError(f"predicted_ffn takes one token, got {xn.shape[0]}")
