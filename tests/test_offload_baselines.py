@@ -28,12 +28,7 @@ def _decode(dep, steps: int = 3, **overrides):
 def test_open_session_overrides_configure_the_baselines(tmp_path, offline):
     out, flash = tmp_path / "dep", tmp_path / "flash"
     flash.mkdir()
-    # -t reaches the steps that take it, not place; window 1: a window cache for `capacity` to override.
-    # SmolLM2's neurons fire on most tokens, so a window-1 flash neuron saves little RAM: only budgets a
-    # little above the dense parts' (114-119 MiB here) hold both flash neurons and their window cache.
-    args = _prepare(out, flash, offline, "-t", "1", "--window", "1")
-    args[args.index("--ram") + 1] = "116MiB"
-    assert main(args) == 0
+    assert main(_prepare(out, flash, offline, "-t", "1")) == 0  # -t reaches the steps that take it, not place
     dep = load_deployment(out)
     cfg, record = dep.model.config, dep.store.record_bytes
     none, whole = np.zeros(cfg.n_layers, np.int64), np.full(cfg.n_layers, cfg.n_ff, np.int64)
@@ -49,7 +44,7 @@ def test_open_session_overrides_configure_the_baselines(tmp_path, offline):
     torch.testing.assert_close(resident, streamed, rtol=0, atol=1e-4)  # placement moves bytes, not arithmetic
 
     ids = np.arange(0, cfg.n_ff, 3)
-    traced, r, _ = _decode(dep, resident=none, capacity=whole, select=lambda layer, h: ids)
+    traced, r, _ = _decode(dep, resident=none, capacity=whole, select=lambda layer, h: ids, window=1)
     assert r["ffn_density"] == pytest.approx(len(ids) / cfg.n_ff)
     assert r["cache_hit_rate"] == pytest.approx(2 / 3)  # the first token reads the set, the next two find it
 

@@ -340,7 +340,7 @@ def tiered_ffn(store, curve, select, resident: np.ndarray, capacity: np.ndarray,
 def open_session(dep: Deployment, n_ctx: int | None = None, every_neuron: bool = False, direct: bool | None = None,
                  lookahead: bool = True, threads: int | None = None, kv: str | None = None,
                  device: str | None = None, resident: np.ndarray | None = None, capacity: np.ndarray | None = None,
-                 select=None):
+                 select=None, window: int | None = None):
     """A Session whose FFN executes the deployment's plan (`every_neuron`: the exact mode, --sparsity 0), with
     a KV cache of element type `kv` (default: the one the plan counted); `device`: where GPU-tier neurons
     run (see `gpu.resolve_device`).
@@ -349,8 +349,8 @@ def open_session(dep: Deployment, n_ctx: int | None = None, every_neuron: bool =
     `resident` (int [n_layers]) records per layer held in RAM instead of the plan's RAM tier (zeros:
     all flash; n_ff: all RAM), `capacity` (int [n_layers]) window-cache slots instead of the plan's
     (zeros: no window cache), `select(layer, h) -> ids | None` the active sets instead of the
-    predictors (a synthetic trace; needed when `dep.predictors` is None), `direct=False` reads
-    through the page cache."""
+    predictors (a synthetic trace; needed when `dep.predictors` is None), `window` tokens a flash neuron
+    stays in the window cache instead of the plan's, `direct=False` reads through the page cache."""
     from hetinfer.generate import Session
     from hetinfer.offload.gpu import open_executor
     from hetinfer.placement.hardware import Hardware
@@ -365,7 +365,8 @@ def open_session(dep: Deployment, n_ctx: int | None = None, every_neuron: bool =
     if capacity is None:
         capacity = cache_capacity(dep.plan, [L.record_bytes for L in dep.store.layers])
     capacity = np.minimum(capacity, dep.model.config.n_ff - counts[:, 0] - np.asarray(resident))  # no slots for resident neurons
-    ffn = tiered_ffn(dep.store, hw.flash, select, resident, capacity, dep.manifest["window"],
+    ffn = tiered_ffn(dep.store, hw.flash, select, resident, capacity,
+                     dep.manifest["window"] if window is None else window,
                      dep.model.config.activation, threads=threads, direct=direct, lookahead=lookahead, gpu=gpu)
     session = Session(dep.model, n_ctx=n_ctx or dep.manifest["ctx"], ffn=ffn, kv=kv or dep.plan.kv_dtype)
     from hetinfer.info import component_bytes

@@ -28,12 +28,13 @@ import numpy as np
 import psutil
 import torch
 
-from hetinfer.atomic import atomic_write_json, temp_path
+from hetinfer.atomic import atomic_write_json, remove_stale, temp_path
 from hetinfer.placement.hardware import (ASSUMED_GPU, FLASH_BLOCK, FlashTier, GpuTier, Hardware, HardwareError,
                                          RamTier, format_size, source_keys)
 from hetinfer.tensors import FORMATS, QTensor, quantize
 
 PROBE_VERSION = 1
+PROBE_FILE = "hetinfer-probe"  # the flash probe's scratch file, beside the flash tier's data
 PROBE_DENSITIES = (0.1, 0.3, 1.0)  # shares of neurons the compute probes run sparse_ffn over
 
 
@@ -460,6 +461,7 @@ def flash_tier(flash_dir: str, cache_dir: Path | None = None) -> FlashTier:
     if not d.is_dir():
         raise HardwareError(
             f"--flash-dir {flash_dir}: not a directory; create it on the disk that should hold flash neurons")
+    remove_stale(d, PROBE_FILE)  # a probe killed mid-way leaves its file, and a cached curve runs no new probe
     curve = _cached_probe(f"flash-probe-{os.stat(d).st_dev:x}", {"fields": "align"}, lambda: probe_flash(d), cache_dir)
     return FlashTier(capacity_bytes=shutil.disk_usage(d).free, dir=str(d.resolve()), **curve)
 
@@ -501,7 +503,7 @@ def probe_flash(directory: Path, file_bytes: int = 128 << 20, cell_seconds: floa
     posix_fadvise(DONTNEED) before every read instead. ~20 cells x `cell_seconds`; `align` is
     `read_alignment`'s.
     """
-    path = temp_path(Path(directory) / "hetinfer-probe")  # found and removed by a later probe if this one is killed
+    path = temp_path(Path(directory) / PROBE_FILE)  # found and removed later (flash_tier) if this one is killed
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         chunk = 1 << 20
