@@ -59,6 +59,7 @@ import gc
 import hashlib
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -112,6 +113,10 @@ QUICK = Settings(prompt_tokens=64, tokens=16, slow_tokens=8, big_prompt_tokens=8
 
 def child_main(spec_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
+    if "prepare" in spec:  # the deployments, made here so the parent never maps the model (smollm2_deployments)
+        deps = prepare_deployments(**spec["prepare"])
+        Path(spec["out"]).write_text(json.dumps([[*key, str(out), window] for key, (out, window) in deps.items()]))
+        return
     import torch
 
     from hetinfer import kernels
@@ -501,16 +506,29 @@ def smollm2_predictors(cache: Path, model_path: str, s: Settings) -> dict:
 
 def smollm2_deployments(cache: Path, model_path: str, predictors: dict, budgets: dict) -> dict:
     """{(regime, share): (deployment dir, window)}: `hetinfer prepare --ram BUDGET --profile --predictors`,
-    which picks the window-cache length its cost model predicts fastest at that budget."""
+    which picks the window-cache length its cost model predicts fastest at that budget. Made in a child
+    process: prepare's steps map the model file, and a page this process maps escapes the runs' limits."""
+    with tempfile.TemporaryDirectory(prefix="hetinfer-bench-") as tmp:
+        spec, out = Path(tmp) / "spec.json", Path(tmp) / "deployments.json"
+        spec.write_text(json.dumps({"out": str(out), "prepare": {
+            "cache": str(cache), "model_path": model_path,
+            "predictors": {regime: p.path for regime, p in predictors.items()},
+            "budgets": [[regime, share, budget] for (regime, share), budget in budgets.items()]}}))
+        subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", str(spec)], check=True)
+        return {(regime, share): (Path(path), window) for regime, share, path, window in json.loads(out.read_text())}
+
+
+def prepare_deployments(cache: str, model_path: str, predictors: dict, budgets: list) -> dict:
+    """`smollm2_deployments`' work, in the child: predictors {regime: dir}, budgets [[regime, share, bytes]]."""
     from hetinfer.offload.deploy import MANIFEST, PrepareOptions, prepare
 
-    flash = cache / "flash"
+    flash = Path(cache) / "flash"
     flash.mkdir(parents=True, exist_ok=True)
     deps = {}
-    for (regime, share), budget in budgets.items():
-        out = cache / f"{regime}-{share:.0%}".rstrip("%")
+    for regime, share, budget in budgets:
+        out = Path(cache) / f"{regime}-{share:.0%}".rstrip("%")
         prepare(PrepareOptions(output=str(out), flash_dir=str(flash), model=model_path, ram=budget, ctx=CTX,
-                               profile=str(cache / "profile"), predictors=predictors[regime].path))
+                               profile=str(Path(cache) / "profile"), predictors=predictors[regime]))
         deps[(regime, share)] = (out, json.loads((out / MANIFEST).read_text())["window"])
     return deps
 
