@@ -88,6 +88,7 @@ class SparseFFN:
         self.meter = DensityMeter(cfg.n_layers, cfg.n_ff)
         self.thresholds = None if thresholds is None else [float(t) for t in thresholds]
         self.dense = np.zeros(cfg.n_layers, bool)
+        self._costs: dict[tuple[str, str, str], FFNCosts] = {}  # measured_costs by a layer's formats
         if backend == "torch" and weights is None:
             weights = FloatWeights(model)
         self.weights = weights
@@ -109,10 +110,13 @@ class SparseFFN:
         self.dense = np.array([d > c.crossover(path, e) for d, c, e in zip(density, per_layer, extra)])
 
     def measured_costs(self, layer: int) -> FFNCosts:
-        """The kernels' one-token FFN costs on this machine for `layer`'s shape and formats (probed once per host)."""
+        """The kernels' one-token FFN costs on this machine for `layer`'s shape and formats (probed once per
+        host; read from the probe's cache once per distinct formats, not once per layer)."""
         L = self.model.weights.layers[layer]
-        return measure_ffn_costs(self.n_ff, self.model.config.d_model, L.gate.qtype, L.down.qtype,
-                                 self._down_t[layer].qtype, self.act_name)
+        key = (L.gate.qtype, L.down.qtype, self._down_t[layer].qtype)
+        if key not in self._costs:
+            self._costs[key] = measure_ffn_costs(self.n_ff, self.model.config.d_model, *key, self.act_name)
+        return self._costs[key]
 
     @property
     def stepped_aside(self) -> int:
