@@ -248,9 +248,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from hetinfer.info import describe
+    from hetinfer.info import describe, describe_memory
 
-    print(describe(args.model, as_json=args.json))
+    if args.memory:
+        print(describe_memory(args.model, as_json=args.json, n_ctx=args.ctx, kv=args.kv, tokens=args.tokens))
+    else:
+        print(describe(args.model, as_json=args.json))
     return 0
 
 
@@ -299,6 +302,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="architecture, tensor types and memory needs of a model")
     p.add_argument("-m", "--model", help="GGUF file or Hugging Face checkpoint directory (default: SmolLM2-135M-Instruct)")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--memory", action="store_true",
+                   help="decode a few tokens and report the resident memory: the model's bytes, the KV cache and "
+                        "the runtime's own overhead (libraries, heap), i.e. what a box needs")
+    p.add_argument("--ctx", type=int_in(1), default=512, help="with --memory: context to size the KV cache for (default 512)")
+    p.add_argument("--kv", choices=tuple(KV_DTYPES), default=DEFAULT_KV, help=f"with --memory: KV cache element type (default {DEFAULT_KV})")
+    p.add_argument("--tokens", type=int_in(1), default=16, help="with --memory: tokens to decode (default 16)")
     p.set_defaults(run=cmd_info)
 
     for mod in SUBCOMMAND_MODULES:

@@ -1,7 +1,11 @@
-"""`hetinfer info`: what a model is made of and how much memory each part needs."""
+"""`hetinfer info`: what a model is made of and how much memory each part needs, and with
+`--memory`, what a decode of it really holds: the model's bytes beside the runtime's own."""
 from __future__ import annotations
 
 import json
+import os
+import re
+from collections import defaultdict
 
 from hetinfer.loader import load_model
 
@@ -64,4 +68,108 @@ def describe(path: str | None, as_json: bool = False, n_ctx: int = 4096) -> str:
         f"    {'kv cache':<12} {mib(kv)}  (float32, {info['kv_cache_context']} tokens)",
         f"  memory needed {mib(info['memory_needed_bytes']).strip()}  (one FFN neuron = {info['ffn_neuron_bytes']} bytes)",
     ]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# --memory: measured resident memory of a decode
+# ---------------------------------------------------------------------------------------------
+
+MEMORY_PROMPT = "The capital of France is"
+
+
+def mapped_rss(smaps: str = "/proc/self/smaps") -> dict[str, int]:
+    """Resident bytes per mapped path of this process ("" for anonymous memory, "[heap]" and the like
+    as the kernel names them), from /proc/self/smaps: what the kernel charges the process for."""
+    out: dict[str, int] = defaultdict(int)
+    path = ""
+    header = re.compile(r"^[0-9a-f]+-[0-9a-f]+ \S+ \S+ \S+ \S+\s*(.*)$")
+    with open(smaps) as f:
+        for line in f:
+            m = header.match(line)
+            if m:
+                path = m.group(1).strip()
+            elif line.startswith("Rss:"):
+                out[path] += int(line.split()[1]) * 1024
+    return dict(out)
+
+
+def _library(path: str) -> str:
+    """The package a mapped file belongs to: "torch", "numba" (with llvmlite), ... for site-packages,
+    "python" for the interpreter's own, "system" for the rest."""
+    m = re.search(r"(?:site|dist)-packages/([^/]+)", path)
+    if m:
+        name = m.group(1).split(".")[0].split("-")[0]
+        return "numba" if name == "llvmlite" else name.lstrip("_")
+    return "python" if re.search(r"python3|libpython", path) else "system"
+
+
+def runtime_memory(path: str | None, n_ctx: int = 512, kv: str = "f32", tokens: int = 16) -> dict:
+    """Resident memory of this process after a greedy dense decode of `tokens` tokens (every weight and
+    kernel touched), split into the model file's mapped bytes, the KV cache and the runtime's overhead
+    (libraries by package, heap and anonymous memory less the KV cache); plus what a box needs for a
+    full context. Run it in a fresh process: whatever the process loaded before counts as overhead.
+    Resident memory is what the process maps; a memory cgroup also charges the page cache of files it
+    read without mapping them (Python sources at import), so a limit needs a little more."""
+    from hetinfer.generate import Session
+    from hetinfer.sampling import SamplingParams
+
+    model = load_model(path)
+    session = Session(model, n_ctx=n_ctx, kv=kv)
+    for _ in session.complete(MEMORY_PROMPT, SamplingParams(temperature=0, max_tokens=tokens)):
+        pass
+    rss = mapped_rss()
+    files = ({os.path.realpath(os.path.join(model.path, f)) for f in os.listdir(model.path)}
+             if os.path.isdir(model.path) else {os.path.realpath(model.path)})
+    cache = session.cache
+    position_bytes = 2 * cache.k[:, :1].nbytes  # keys and values of one position, all layers
+    kv_written = position_bytes * cache.pos
+    libraries: dict[str, int] = defaultdict(int)
+    model_bytes = anonymous = 0
+    for p, b in rss.items():
+        if p in files or os.path.realpath(p) in files:
+            model_bytes += b
+        elif p.startswith("/") and os.sep in p:
+            libraries[_library(p)] += b
+        else:
+            anonymous += b
+    heap = max(anonymous - kv_written, 0)
+    overhead = sum(libraries.values()) + heap
+    small = [k for k, v in libraries.items() if v < 1 << 20]  # one line for the packages under 1 MiB
+    if small:
+        libraries["other"] = sum(libraries.pop(k) for k in small) + libraries.get("other", 0)
+    full_kv = position_bytes * session.n_ctx
+    return {
+        "model": model.path,
+        "tokens": tokens,
+        "context": session.n_ctx,
+        "kv": kv,
+        "resident_bytes": sum(rss.values()),
+        "model_file_bytes": model_bytes,
+        "kv_cache_written_bytes": kv_written,
+        "overhead_bytes": overhead,
+        "overhead_components": {"heap_and_anonymous": heap,
+                                **{f"files_{k}": v for k, v in sorted(libraries.items(), key=lambda kv_: -kv_[1])}},
+        "kv_cache_full_bytes": full_kv,
+        "box_needs_bytes": model_bytes + full_kv + overhead,
+    }
+
+
+def describe_memory(path: str | None, as_json: bool = False, n_ctx: int = 512, kv: str = "f32", tokens: int = 16) -> str:
+    """`hetinfer info --memory`: `runtime_memory` as a table (or JSON)."""
+    r = runtime_memory(path, n_ctx, kv, tokens)
+    if as_json:
+        return json.dumps(r, indent=2)
+    mib = lambda b: f"{b / 2**20:8.1f} MiB"  # noqa: E731
+    lines = [f"resident memory after a dense decode of {r['tokens']} tokens ({r['model']}, context {r['context']}, "
+             f"KV {r['kv']}):",
+             f"  model file (mapped)     {mib(r['model_file_bytes'])}",
+             f"  KV cache (written)      {mib(r['kv_cache_written_bytes'])}",
+             f"  runtime overhead        {mib(r['overhead_bytes'])}"]
+    lines += [f"    {k.replace('files_', 'files of ').replace('_', ' '):<21} {mib(v)}"
+              for k, v in r["overhead_components"].items() if v >= 1 << 20]
+    lines += [f"  total resident          {mib(r['resident_bytes'])}",
+              f"  a box needs about       {mib(r['box_needs_bytes'])}  (model + KV cache at {r['context']} tokens "
+              f"{r['kv_cache_full_bytes'] / 2**20:.1f} MiB + overhead; an offloaded deployment: its --ram plus the "
+              f"overhead)"]
     return "\n".join(lines)

@@ -67,6 +67,39 @@ def test_info_json(model_path):
     assert info["bytes"]["ffn"] == 30 * 3 * 1536 * 360
 
 
+def test_info_memory_splits_a_decode_into_model_kv_and_overhead(model_path):
+    """`info --memory` decodes in a fresh process and accounts for every resident byte: the model file's
+    pages (every weight read by the decode), the KV positions written, and the runtime's own overhead
+    by what holds it; a box needs model + full KV cache + overhead."""
+    p = subprocess.run([sys.executable, "-m", "hetinfer.cli", "info", "-m", model_path, "--memory", "--json",
+                        "--tokens", "3", "--ctx", "256", "--kv", "f16"], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    r = json.loads(p.stdout)
+    size = os.path.getsize(model_path)
+    assert 0.8 * size <= r["model_file_bytes"] <= size + (64 << 10)  # whole pages
+    position = 2 * 30 * 3 * 64 * 2  # keys and values, 30 layers, 3 kv heads of 64, float16
+    assert r["kv_cache_written_bytes"] % position == 0 and 6 * position <= r["kv_cache_written_bytes"] <= 8 * position
+    assert r["kv_cache_full_bytes"] == 256 * position
+    assert sum(r["overhead_components"].values()) == r["overhead_bytes"]
+    assert r["model_file_bytes"] + r["kv_cache_written_bytes"] + r["overhead_bytes"] == r["resident_bytes"]
+    assert r["overhead_components"]["files_torch"] > 0 and r["overhead_components"]["heap_and_anonymous"] > 0
+    assert r["box_needs_bytes"] == r["model_file_bytes"] + r["kv_cache_full_bytes"] + r["overhead_bytes"]
+
+
+def test_mapped_rss_sums_resident_bytes_per_mapping(tmp_path):
+    from hetinfer.info import mapped_rss
+
+    smaps = tmp_path / "smaps"
+    smaps.write_text(
+        "7f00-7f10 r--p 00000000 fd:01 123    /opt/site-packages/torch/lib/libtorch_cpu.so\n"
+        "Size:                 64 kB\nRss:                  12 kB\n"
+        "7f10-7f20 rw-p 00000000 00:00 0 \nRss:                   8 kB\n"
+        "7f20-7f30 r--s 00000000 fd:01 456    /models/a model.gguf\nRss:                 100 kB\n"
+        "7f30-7f40 rw-p 00000000 00:00 0                          [heap]\nRss:                   4 kB\n"
+        "7f40-7f50 r--p 00001000 fd:01 123    /opt/site-packages/torch/lib/libtorch_cpu.so\nRss:    20 kB\n")
+    assert mapped_rss(str(smaps)) == {"/opt/site-packages/torch/lib/libtorch_cpu.so": 32 * 1024, "": 8 * 1024,
+                                      "/models/a model.gguf": 100 * 1024, "[heap]": 4 * 1024}
+
 def test_generate_flags_for_weights_and_threshold_sparsity(model, model_path, tmp_path):
     """--weights f32 gives the float engine's text; --sparsity/--profile runs the threshold FFN and reports its
     density and how many layers stepped aside to the dense kernel; a missing --profile is a one-line error."""
