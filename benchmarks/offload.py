@@ -117,14 +117,17 @@ def child_main(spec_path: str) -> None:
         deps = prepare_deployments(**spec["prepare"])
         Path(spec["out"]).write_text(json.dumps([[*key, str(out), window] for key, (out, window) in deps.items()]))
         return
-    import torch
+    if spec["engine"] == "llama.cpp":  # nothing of hetinfer's runtime (torch, numba) is loaded: it is charged
+        result = run_llama(spec)
+    else:
+        import torch
 
-    from hetinfer import kernels
+        from hetinfer import kernels
 
-    torch.set_num_threads(spec["threads"])
-    kernels.set_threads(spec["threads"])
-    kernels.warmup()  # loads the kernels the parent compiled
-    result = run_llama(spec) if spec["engine"] == "llama.cpp" else run_hetinfer(spec)
+        torch.set_num_threads(spec["threads"])
+        kernels.set_threads(spec["threads"])
+        kernels.warmup()  # loads the kernels the parent compiled
+        result = run_hetinfer(spec)
     Path(spec["out"]).write_text(json.dumps(result))
 
 
