@@ -75,6 +75,26 @@ def test_predicted_sets_read_only_missing_records(model, tmp_path):
             assert r["cache_hit_rate"] == 1 and r["flash_bytes_per_token"] == 0
 
 
+def test_all_resident_layers_skip_the_cache_and_count_the_same(model, tmp_path):
+    """Layers with no flash neuron compute straight from their resident records (no cache step, no second
+    kernel call): the output is the in-RAM sparse FFN's and the counters see no flash activity."""
+    from hetinfer import kernels
+
+    cfg = model.config
+    tiers = np.ones((cfg.n_layers, cfg.n_ff), np.uint8)
+    store = build_store(model, tmp_path / "s.store", tiers, None, progress=False)
+    ids = np.sort(np.random.default_rng(2).permutation(cfg.n_ff)[: cfg.n_ff // 2])
+    ffn = _engine(model, store, cfg.n_ff, 0, 0, select=lambda layer, h: ids)
+    h = torch.randn(1, cfg.d_model)
+    for layer in range(cfg.n_layers):
+        L = model.weights.layers[layer]
+        want = kernels.sparse_ffn(L.gate, L.up, kernels.transpose_down(L.down), ids, h, cfg.activation)
+        torch.testing.assert_close(ffn(layer, h), want, rtol=1e-5, atol=1e-5)
+    r = ffn.report()
+    assert r["ffn_density"] == pytest.approx(len(ids) / cfg.n_ff)
+    assert r["flash_bytes_per_token"] == r["ideal_flash_bytes_per_token"] == r["cache_hit_rate"] == 0
+    assert ffn.stats.layer_calls == cfg.n_layers and ffn.stats.flash_active == ffn.stats.misses == 0
+
 def test_native_every_neuron_matches_dense_up_to_the_format(model, model_f32, tmp_path, wikitext_eval):
     """Native SmolLM2 (Q4_1 gate/up, q8_0 neuron-major down), every neuron: all-flash and all-RAM give the
     same greedy text (placement moves bytes, not arithmetic), and next-token top-1 agrees with the exact

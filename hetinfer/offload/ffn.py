@@ -175,6 +175,10 @@ class TieredFFN:
             pos = pos[g:] - s.first
         split = np.searchsorted(pos, s.n_resident)
         flash = pos[split:] - s.n_resident  # flash-local ids, sorted
+        if s.n_flash == 0:  # every neuron this side computes is resident: no cache to consult
+            t3 = time.perf_counter()
+            y = kernels.sparse_ffn(*s.views, pos, h, self.act)
+            return self._done(layer, job, y, n_selected, 0, 0, t0, t1, t2, t3)
         if s.prefetch is not None:  # the look-ahead reads land in slots this step may count as hits
             w0 = time.perf_counter()
             s.prefetch.result()
@@ -194,21 +198,27 @@ class TieredFFN:
             y = kernels.sparse_ffn(*s.views, np.concatenate((pos[:split], s.n_resident + slot_rows)), h, self.act)
         else:
             y = kernels.sparse_ffn(*s.views, pos[:split], h, self.act)
-            y += kernels.sparse_ffn(*s.slot_views, slot_rows, h, self.act)
+            if len(slot_rows):
+                y += kernels.sparse_ffn(*s.slot_views, slot_rows, h, self.act)
         if not fit.all():  # a token whose flash set exceeds the cache: the rest from scratch, in passes
             y = y + self._from_flash(layer, step.miss_ids[~fit], h)
+        return self._done(layer, job, y, n_selected, len(flash), len(step.miss_ids) + fetched, t0, t1, t2, t3)
+
+    def _done(self, layer: int, job, y: torch.Tensor, n_selected: int, n_flash: int, missed: int,
+              t0: float, t1: float, t2: float, t3: float) -> torch.Tensor:
+        """y with the GPU tier's part added (if one ran), after counting the step: `n_flash` flash-tier
+        neurons computed, `missed` of them read from flash for it; t0..t3 as __call__ took them."""
         if job is not None:
             y = self.gpu.join(job, y)
         t4 = time.perf_counter()
         st = self.stats
         st.layer_calls += 1
         st.selected += n_selected
-        st.flash_active += len(flash)
-        missed = len(step.miss_ids) + fetched
+        st.flash_active += n_flash
         st.misses += missed
-        st.hits += len(flash) - missed
-        st.ideal_flash_bytes += missed * s.buf.shape[1]
-        st.predict_s += (t1 - t0) + (t2 - t1)
+        st.hits += n_flash - missed
+        st.ideal_flash_bytes += missed * self.layers[layer].buf.shape[1]
+        st.predict_s += t2 - t0
         st.compute_s += t4 - t3
         return y
 
