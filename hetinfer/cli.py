@@ -250,8 +250,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_info(args: argparse.Namespace) -> int:
     from hetinfer.info import describe, describe_memory
 
+    if args.deploy and args.model:
+        raise HetinferError(f"give a deployment ({args.deploy}) or -m MODEL, not both: the deployment names its model")
+    if args.deploy and not args.memory:
+        raise HetinferError(f"info takes a deployment ({args.deploy}) only with --memory; for its model: "
+                            "hetinfer info -m MODEL")
     if args.memory:
-        print(describe_memory(args.model, as_json=args.json, n_ctx=args.ctx, kv=args.kv, tokens=args.tokens))
+        print(describe_memory(args.deploy or args.model, as_json=args.json, n_ctx=args.ctx, kv=args.kv,
+                              tokens=args.tokens))
     else:
         print(describe(args.model, as_json=args.json))
     return 0
@@ -300,13 +306,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_eval)
 
     p = sub.add_parser("info", help="architecture, tensor types and memory needs of a model")
+    p.add_argument("deploy", nargs="?", metavar="DEPLOY",
+                   help="with --memory: a deployment from `hetinfer prepare`, measured with its own engine")
     p.add_argument("-m", "--model", help="GGUF file or Hugging Face checkpoint directory (default: SmolLM2-135M-Instruct)")
     p.add_argument("--json", action="store_true")
     p.add_argument("--memory", action="store_true",
                    help="decode a few tokens and report the resident memory: the model's bytes, the KV cache and "
                         "the runtime's own overhead (libraries, heap), i.e. what a box needs")
-    p.add_argument("--ctx", type=int_in(1), default=512, help="with --memory: context to size the KV cache for (default 512)")
-    p.add_argument("--kv", choices=tuple(KV_DTYPES), default=DEFAULT_KV, help=f"with --memory: KV cache element type (default {DEFAULT_KV})")
+    p.add_argument("--ctx", type=int_in(1), help="with --memory: context to size the KV cache for (default: a "
+                   "deployment's own, else 512)")
+    p.add_argument("--kv", choices=tuple(KV_DTYPES), help=f"with --memory: KV cache element type (default: a "
+                   f"deployment's own, else {DEFAULT_KV})")
     p.add_argument("--tokens", type=int_in(1), default=16, help="with --memory: tokens to decode (default 16)")
     p.set_defaults(run=cmd_info)
 

@@ -104,36 +104,50 @@ def _library(path: str) -> str:
     return "python" if re.search(r"python3|libpython", path) else "system"
 
 
-def runtime_memory(path: str | None, n_ctx: int = 512, kv: str = "f32", tokens: int = 16) -> dict:
-    """Resident memory of this process after a greedy dense decode of `tokens` tokens (every weight and
-    kernel touched), split into the model file's mapped bytes, the KV cache and the runtime's overhead
-    (libraries by package, heap and anonymous memory less the KV cache); plus what a box needs for a
-    full context. Run it in a fresh process: whatever the process loaded before counts as overhead.
-    Resident memory is what the process maps; a memory cgroup also charges the page cache of files it
-    read without mapping them (Python sources at import), so a limit needs a little more."""
+def runtime_memory(path: str | None, n_ctx: int | None = None, kv: str | None = None, tokens: int = 16) -> dict:
+    """Resident memory of this process after a greedy decode of `tokens` tokens (every weight and kernel
+    touched) of a model, or of a deployment from `hetinfer prepare` (its own engine, predictors and RAM
+    tier), split into the model's data (the model file's mapped pages, and a deployment's FFN records,
+    window cache and I/O buffers), the KV cache and the runtime's overhead (libraries by package, heap
+    and anonymous memory less the model data held there); plus what a box needs for a full context.
+    `n_ctx` and `kv` default to a deployment's own, and to 512 tokens and DEFAULT_KV for a model.
+    Run it in a fresh process: whatever the process loaded before counts as overhead. Resident memory
+    is what the process maps; a memory cgroup also charges the page cache of files it read without
+    mapping them (Python sources at import), so a limit needs a little more."""
+    from hetinfer.config import DEFAULT_KV
     from hetinfer.generate import Session
+    from hetinfer.offload.deploy import is_deployment, load_deployment, open_session
     from hetinfer.sampling import SamplingParams
 
-    model = load_model(path)
-    session = Session(model, n_ctx=n_ctx, kv=kv)
+    engine_bytes, budget = 0, None
+    if is_deployment(path):
+        dep = load_deployment(path)
+        session = open_session(dep, n_ctx=n_ctx, kv=kv)
+        model, engine_bytes, budget = dep.model, session.ffn.resident_bytes(), dep.manifest["ram_budget_bytes"]
+        data_files = {os.path.realpath(p) for p in _files_under(dep.predictors.path)} if dep.predictors else set()
+    else:
+        model = load_model(path)
+        session = Session(model, n_ctx=n_ctx or 512, kv=kv or DEFAULT_KV)
+        data_files = set()
     for _ in session.complete(MEMORY_PROMPT, SamplingParams(temperature=0, max_tokens=tokens)):
         pass
     rss = mapped_rss()
-    files = ({os.path.realpath(os.path.join(model.path, f)) for f in os.listdir(model.path)}
-             if os.path.isdir(model.path) else {os.path.realpath(model.path)})
+    model_files = {os.path.realpath(p) for p in _files_under(model.path)}
     cache = session.cache
     position_bytes = 2 * cache.k[:, :1].nbytes  # keys and values of one position, all layers
     kv_written = position_bytes * cache.pos
     libraries: dict[str, int] = defaultdict(int)
     model_bytes = anonymous = 0
     for p, b in rss.items():
-        if p in files or os.path.realpath(p) in files:
+        real = os.path.realpath(p) if p.startswith("/") else p
+        if real in model_files or real in data_files:
             model_bytes += b
-        elif p.startswith("/") and os.sep in p:
+        elif p.startswith("/"):
             libraries[_library(p)] += b
         else:
             anonymous += b
-    heap = max(anonymous - kv_written, 0)
+    held = min(anonymous, kv_written + engine_bytes)  # model data in anonymous memory: KV cache, engine buffers
+    heap = anonymous - held
     overhead = sum(libraries.values()) + heap
     small = [k for k, v in libraries.items() if v < 1 << 20]  # one line for the packages under 1 MiB
     if small:
@@ -141,35 +155,50 @@ def runtime_memory(path: str | None, n_ctx: int = 512, kv: str = "f32", tokens: 
     full_kv = position_bytes * session.n_ctx
     return {
         "model": model.path,
+        "deployment": path if budget is not None else None,
+        "ram_budget_bytes": budget,
         "tokens": tokens,
         "context": session.n_ctx,
-        "kv": kv,
+        "kv": cache.dtype,
         "resident_bytes": sum(rss.values()),
         "model_file_bytes": model_bytes,
+        "engine_buffers_bytes": engine_bytes,
         "kv_cache_written_bytes": kv_written,
         "overhead_bytes": overhead,
         "overhead_components": {"heap_and_anonymous": heap,
                                 **{f"files_{k}": v for k, v in sorted(libraries.items(), key=lambda kv_: -kv_[1])}},
         "kv_cache_full_bytes": full_kv,
-        "box_needs_bytes": model_bytes + full_kv + overhead,
+        "box_needs_bytes": model_bytes + engine_bytes + full_kv + overhead,
     }
 
 
-def describe_memory(path: str | None, as_json: bool = False, n_ctx: int = 512, kv: str = "f32", tokens: int = 16) -> str:
+def _files_under(path: str) -> list[str]:
+    """`path` itself, or every file below it if it is a directory (a checkpoint, a predictor set)."""
+    if not os.path.isdir(path):
+        return [path]
+    return [os.path.join(d, f) for d, _, names in os.walk(path) for f in names]
+
+
+def describe_memory(path: str | None, as_json: bool = False, n_ctx: int | None = None, kv: str | None = None,
+                    tokens: int = 16) -> str:
     """`hetinfer info --memory`: `runtime_memory` as a table (or JSON)."""
     r = runtime_memory(path, n_ctx, kv, tokens)
     if as_json:
         return json.dumps(r, indent=2)
     mib = lambda b: f"{b / 2**20:8.1f} MiB"  # noqa: E731
-    lines = [f"resident memory after a dense decode of {r['tokens']} tokens ({r['model']}, context {r['context']}, "
+    what = f"deployment {r['deployment']}" if r["deployment"] else r["model"]
+    lines = [f"resident memory after a greedy decode of {r['tokens']} tokens ({what}, context {r['context']}, "
              f"KV {r['kv']}):",
-             f"  model file (mapped)     {mib(r['model_file_bytes'])}",
-             f"  KV cache (written)      {mib(r['kv_cache_written_bytes'])}",
-             f"  runtime overhead        {mib(r['overhead_bytes'])}"]
+             f"  model files (mapped)    {mib(r['model_file_bytes'])}"]
+    if r["deployment"]:
+        lines.append(f"  FFN records and caches  {mib(r['engine_buffers_bytes'])}  (RAM tier, window cache, scratch)")
+    lines += [f"  KV cache (written)      {mib(r['kv_cache_written_bytes'])}",
+              f"  runtime overhead        {mib(r['overhead_bytes'])}"]
     lines += [f"    {k.replace('files_', 'files of ').replace('_', ' '):<21} {mib(v)}"
               for k, v in r["overhead_components"].items() if v >= 1 << 20]
+    budget = (f"; the deployment was planned for --ram {r['ram_budget_bytes'] / 2**20:.1f} MiB"
+              if r["deployment"] else "; an offloaded deployment: its --ram plus the overhead")
     lines += [f"  total resident          {mib(r['resident_bytes'])}",
-              f"  a box needs about       {mib(r['box_needs_bytes'])}  (model + KV cache at {r['context']} tokens "
-              f"{r['kv_cache_full_bytes'] / 2**20:.1f} MiB + overhead; an offloaded deployment: its --ram plus the "
-              f"overhead)"]
+              f"  a box needs about       {mib(r['box_needs_bytes'])}  (model data + KV cache at {r['context']} "
+              f"tokens {r['kv_cache_full_bytes'] / 2**20:.1f} MiB + overhead{budget})"]
     return "\n".join(lines)

@@ -84,6 +84,12 @@ def test_info_memory_splits_a_decode_into_model_kv_and_overhead(model_path):
     assert r["model_file_bytes"] + r["kv_cache_written_bytes"] + r["overhead_bytes"] == r["resident_bytes"]
     assert r["overhead_components"]["files_torch"] > 0 and r["overhead_components"]["heap_and_anonymous"] > 0
     assert r["box_needs_bytes"] == r["model_file_bytes"] + r["kv_cache_full_bytes"] + r["overhead_bytes"]
+    assert r["deployment"] is None and r["engine_buffers_bytes"] == 0
+    # a deployment only with --memory, and not beside -m
+    for argv, says in ((["info", str(model_path) + ".nodeploy"], "only with --memory"),
+                       (["info", "somewhere", "-m", model_path, "--memory"], "not both")):
+        p = subprocess.run([sys.executable, "-m", "hetinfer.cli", *argv], capture_output=True, text=True, timeout=300)
+        assert p.returncode == 2 and says in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
 
 
 def test_mapped_rss_sums_resident_bytes_per_mapping(tmp_path):
