@@ -91,7 +91,7 @@ class Settings:
     tokens: int = 128  # decoded by hetinfer's configurations and llama.cpp in RAM
     slow_tokens: int = 128  # naive streaming, layer cache and llama.cpp under the limit (the slowest)
     big_prompt_tokens: int = 32  # the 7B run: every configuration prefills every neuron of 6.7B parameters
-    big_tokens: int = 16
+    big_tokens: int = 128  # as the SmolLM2 runs: the window cache warms up in its first tokens
     big_slow_tokens: int = 4
     profile_tokens: int = 50_000  # calibration tokens for SmolLM2's profile
     profile_args: tuple[str, ...] = ()  # further `hetinfer profile` flags
