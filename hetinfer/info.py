@@ -108,7 +108,7 @@ def runtime_memory(path: str | None, n_ctx: int | None = None, kv: str | None = 
     """Resident memory of this process after a greedy decode of `tokens` tokens (every weight and kernel
     touched) of a model, or of a deployment from `hetinfer prepare` (its own engine, predictors and RAM
     tier), split into the model's data (the model file's mapped pages, and a deployment's FFN records,
-    window cache and I/O buffers), the KV cache and the runtime's overhead (libraries by package, heap
+    window cache and scratch), the KV cache and the runtime's overhead (libraries by package, heap
     and anonymous memory less the model data held there); plus what a box needs for a full context.
     `n_ctx` and `kv` default to a deployment's own, and to 512 tokens and DEFAULT_KV for a model.
     Run it in a fresh process: whatever the process loaded before counts as overhead. Resident memory

@@ -102,7 +102,6 @@ class TieredFFN:
         self.store, self.reader, self.select, self.act, self.gpu = store, reader, select, activation, gpu
         self.window, self.lookahead = window, lookahead
         self.n_ff = len(store.layers[0].order)
-        self.stats = OffloadStats()
         self.dense_bytes: dict[str, int] = {}  # set by whoever builds the session (deploy.open_session)
         self.token = -1
         rb = max(L.record_bytes for L in store.layers)
@@ -118,12 +117,15 @@ class TieredFFN:
             n_res, cap = int(resident[i]), int(capacity[i])
             n_flash = self.n_ff - first - n_res
             buf = np.empty((n_res + (0 if shared else cap), L.record_bytes), np.uint8)
-            if n_res:
-                buf[:n_res] = store.read_records(i, first, first + n_res)
+            if n_res:  # straight into place through the reader: no page cache, no second copy at start-up
+                rows = np.arange(n_res, dtype=np.int64)
+                reader.read_into(L.offset + first * L.record_bytes, L.record_bytes, rows, buf, rows)
+                store.verify(i, first + rows, buf)
             slots = self.pools[i % 2][:cap, : L.record_bytes] if shared else buf[n_res:]
             self.layers.append(_Layer(buf, store.views(buf), slots, store.views(slots) if shared else None,
                                       WindowCache(n_flash, cap, window, slots), n_res,
                                       L.offset + (first + n_res) * L.record_bytes, n_flash, L.position, first))
+        self.reset_stats()  # the RAM tier's reads above are start-up, not any token's
 
     # -- bytes, for memory accounting and /health ------------------------------------------------
 
