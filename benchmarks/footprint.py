@@ -1,13 +1,15 @@
 """Total memory: how small a memory cgroup each engine keeps its speed in (issue 20).
 
-    python benchmarks/footprint.py [--limits 600,500,400,300,250,200,150] [--tokens 128] [--json] [--timeout 60]
+    python benchmarks/footprint.py [--limits 600,500,400,300,250,200,150] [--tokens 128] [--reps 3] [--json]
+                                   [--timeout 60]
 
 Edge boxes and laptops count total memory, not model bytes. Each engine decodes SmolLM2-135M Q4_1
 (greedy, a 64-token prompt of held-out WikiText-2, `--tokens` tokens, context 512, 2 threads) in a
 child process inside a cgroup v1 memory cgroup (benchmarks/_cgroup.py: the child joins it before it
 execs, so every library it loads is charged; the page cache is dropped before each run), first
 uncapped, then under each limit in `--limits` (MB, 10^6 bytes, as the issue's table) from the largest
-down. Total memory = what the cgroup charges: process memory plus the page cache it causes (the mapped
+down, `--reps` times each (median tok/s, largest peak: one run's speed varies by 10-20% on a small VM).
+Total memory = what the cgroup charges: process memory plus the page cache it causes (the mapped
 model, the libraries' files). Peak = the cgroup's memory.max_usage_in_bytes. An engine that fails a
 limit (OOM-killed, or slower than `--timeout` s for the whole run) is not run at smaller ones.
 
@@ -71,14 +73,22 @@ def specs(tokens: int, cache_dir: Path, threads: int) -> tuple[dict, list[str], 
     return out, [path, ob.store_path(dep)], notes
 
 
-def series(runner: ob.Runner, label: str, spec: dict, limits: list[int], files: list[str]) -> list[dict]:
-    """The engine uncapped, then at each limit (descending) until one fails."""
+def series(runner: ob.Runner, label: str, spec: dict, limits: list[int], files: list[str], reps: int) -> list[dict]:
+    """The engine uncapped, then at each limit (descending) until one fails: per limit the median tok/s
+    and the largest peak of `reps` runs (one failed run fails the limit)."""
     rows = []
     for limit in [None, *sorted(limits, reverse=True)]:
-        r = runner.run(f"{label} {'uncapped' if limit is None else f'{limit / MB:.0f} MB'}", spec, limit, files)
-        rows.append({"limit_bytes": limit, "tok_s": r.get("tok_s"), "peak_bytes": r["peak_memory_bytes"],
-                     "failed": r.get("failed")})
-        if r.get("failed"):
+        runs = []
+        for _ in range(reps):
+            runs.append(runner.run(f"{label} {'uncapped' if limit is None else f'{limit / MB:.0f} MB'}", spec, limit,
+                                   files))
+            if runs[-1].get("failed"):
+                break
+        failed = next((r["failed"] for r in runs if r.get("failed")), None)
+        rows.append({"limit_bytes": limit, "tok_s": None if failed else float(np.median([r["tok_s"] for r in runs])),
+                     "peak_bytes": max(r["peak_memory_bytes"] for r in runs), "failed": failed,
+                     "runs_tok_s": [r.get("tok_s") for r in runs]})
+        if failed:
             break
     return rows
 
@@ -103,6 +113,7 @@ def main() -> None:
     p.add_argument("--limits", default="600,500,400,300,250,200,150",
                    help="memory limits in MB (10^6 bytes), comma-separated (default 600,500,400,300,250,200,150)")
     p.add_argument("--tokens", type=int, default=128, help="greedy tokens per run (default 128)")
+    p.add_argument("--reps", type=int, default=3, help="runs per engine and limit, median tok/s (default 3)")
     p.add_argument("--timeout", type=float, default=60.0,
                    help="seconds a run may take before it counts as failed (default 60)")
     p.add_argument("--json", action="store_true", help="print the records as JSON instead of tables")
@@ -114,8 +125,8 @@ def main() -> None:
         limits = [int(float(x) * MB) for x in args.limits.split(",") if x.strip()]
     except ValueError:
         p.error(f"--limits must be numbers of MB separated by commas, got {args.limits!r}")
-    if not limits or min(limits) <= 0 or args.tokens < 1 or args.timeout <= 0:
-        p.error("--limits must be positive MB, --tokens at least 1 and --timeout positive")
+    if not limits or min(limits) <= 0 or args.tokens < 1 or args.reps < 1 or args.timeout <= 0:
+        p.error("--limits must be positive MB, --tokens and --reps at least 1 and --timeout positive")
     if not ob.DATA.exists():
         print(f"skipped: {ob.DATA} not found (the benchmark's prompt text)", file=sys.stderr)
         return
@@ -131,9 +142,9 @@ def main() -> None:
     engines, files, notes = specs(args.tokens, args.cache_dir, args.threads)
     records = []
     for label, spec in engines.items():
-        rows = series(runner, label, spec, limits, files)
+        rows = series(runner, label, spec, limits, files, args.reps)
         kept = smallest_kept(rows)
-        records.append({"engine": label, "tokens": args.tokens, "uncapped_tok_s": rows[0]["tok_s"],
+        records.append({"engine": label, "tokens": args.tokens, "reps": args.reps, "uncapped_tok_s": rows[0]["tok_s"],
                         "reference_tok_s": reference_speed(rows),
                         "uncapped_peak_bytes": rows[0]["peak_bytes"], "smallest_limit_kept_bytes": kept,
                         "note": notes.get(label, ""), "runs": rows})
@@ -149,6 +160,7 @@ def main() -> None:
         return
     print(f"machine: {machine()}")
     print(f"SmolLM2-135M-Instruct Q4_1, {args.tokens} greedy tokens after a 64-token prompt, context {ob.CTX}, "
+          f"median of {args.reps} runs per cell, "
           f"{args.threads} threads; cgroup v1 limits, page cache dropped before each run "
           f"({runner.drop_method}); {elapsed / 60:.1f} min in all")
     cols = ["uncapped"] + [f"{x / MB:.0f} MB" for x in sorted(limits, reverse=True)]
