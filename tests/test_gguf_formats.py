@@ -107,3 +107,50 @@ def test_k_quant_converted_once_to_f16(tmp_path):
     ref = gguf.quants.dequantize(blocks, T.Q4_K).reshape(4, 256)
     assert qt.qtype == "f16" and qt.shape == (4, 256)
     np.testing.assert_allclose(qt.dequantize(), ref, rtol=1e-3, atol=1e-4)
+
+
+def _library_view(path):
+    from hetinfer.gguf_file import _field_value
+
+    r = gguf.GGUFReader(path)
+    return {k: _field_value(f) for k, f in r.fields.items()}, list(r.tensors), r.data_offset, r.alignment
+
+
+@pytest.mark.parametrize("which", ["real", "mixed"])
+def test_lean_reader_reads_what_the_gguf_library_reads(which, model_path, tmp_path):
+    """hetinfer's own header reader (it keeps no numpy view per metadata item) against gguf.GGUFReader: every
+    metadata value with its Python type, every tensor's type, shape, offset, size, element type and bytes;
+    on SmolLM2's file and on one with K-quant, integer, float64 and float16 tensors, booleans, non-ASCII
+    strings and an array of arrays."""
+    from hetinfer.gguf_file import read_gguf
+
+    path = model_path
+    if which == "mixed":
+        path = str(tmp_path / "mixed.gguf")
+        w = gguf.GGUFWriter(path, "llama")
+        w.add_uint32("test.u32", 7)
+        w.add_bool("test.flag", True)
+        w.add_float64("test.f64", 0.25)
+        w.add_array("test.nested", [[1, 2], [3]])
+        w.add_array("test.strings", ["a", "ü", ""])
+        rng = np.random.default_rng(0)
+        w.add_tensor("k.weight", rng.integers(0, 256, size=(4, 144), dtype=np.uint8), raw_dtype=T.Q4_K)
+        w.add_tensor("i.weight", np.arange(12, dtype=np.int32).reshape(3, 4))
+        w.add_tensor("d.weight", rng.standard_normal((2, 8)))
+        w.add_tensor("h.weight", rng.standard_normal((5, 32)).astype(np.float16))
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+    fields, tensors, start, alignment = read_gguf(path)
+    want_fields, want_tensors, want_start, want_alignment = _library_view(path)
+    assert (start, alignment) == (want_start, want_alignment)
+    if which == "mixed":  # gguf's contents() flattens an array of arrays; the lean reader keeps its shape
+        assert fields.pop("test.nested") == [[1, 2], [3]] and want_fields.pop("test.nested") == [1, 2, 3]
+    assert fields == want_fields and [type(v) for v in fields.values()] == [type(v) for v in want_fields.values()]
+    assert len(tensors) == len(want_tensors)
+    for got, want in zip(tensors, want_tensors):
+        assert (got.name, got.tensor_type, got.data_offset, got.n_bytes) == (want.name, want.tensor_type,
+                                                                              int(want.data_offset), int(want.n_bytes))
+        assert got.shape == tuple(int(d) for d in want.shape) and got.data.dtype == want.data.dtype
+        assert np.array_equal(got.data.reshape(-1), np.asarray(want.data).reshape(-1))
