@@ -208,8 +208,7 @@ def run_hetinfer(spec: dict) -> dict:
     reads_before = {}
     r = timed_decode(prefill, lambda tok: tr.forward([tok], cache, ffn), spec["prompt"], spec["tokens"],
                      spec["forced"])
-    per_position = 2 * cache.k[:, :1].nbytes  # keys and values of one position, all layers
-    kv = per_position * cache.pos
+    kv = model.config.kv_cache_bytes(cache.pos, cache.dtype)
     if ffn is None:
         r["model_bytes_held"] = os.path.getsize(spec["model"]) + kv
         return r

@@ -206,16 +206,10 @@ def read_gguf(path: str) -> tuple[dict, list[GGUFTensor], int, int]:
         if kind == 9:
             sub, count = struct.unpack_from("<IQ", buf, at)
             at += 12
-            if sub == 8:
+            if sub in (8, 9):  # strings and arrays have sizes of their own: one at a time
                 out = []
                 for _ in range(count):
-                    v, at = string(at)
-                    out.append(v)
-                return out, at
-            if sub == 9:
-                out = []
-                for _ in range(count):
-                    v, at = value(9, at)
+                    v, at = value(sub, at)
                     out.append(v)
                 return out, at
             dt = np.dtype(_VALUE_DTYPES[sub]).newbyteorder("<")

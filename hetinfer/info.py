@@ -134,8 +134,7 @@ def runtime_memory(path: str | None, n_ctx: int | None = None, kv: str | None = 
     rss = mapped_rss()
     model_files = {os.path.realpath(p) for p in _files_under(model.path)}
     cache = session.cache
-    position_bytes = 2 * cache.k[:, :1].nbytes  # keys and values of one position, all layers
-    kv_written = position_bytes * cache.pos
+    kv_written = model.config.kv_cache_bytes(cache.pos, cache.dtype)
     libraries: dict[str, int] = defaultdict(int)
     model_bytes = anonymous = 0
     for p, b in rss.items():
@@ -152,7 +151,7 @@ def runtime_memory(path: str | None, n_ctx: int | None = None, kv: str | None = 
     small = [k for k, v in libraries.items() if v < 1 << 20]  # one line for the packages under 1 MiB
     if small:
         libraries["other"] = sum(libraries.pop(k) for k in small) + libraries.get("other", 0)
-    full_kv = position_bytes * session.n_ctx
+    full_kv = model.config.kv_cache_bytes(session.n_ctx, cache.dtype)
     return {
         "model": model.path,
         "deployment": path if budget is not None else None,
