@@ -29,7 +29,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from hetinfer.offload.store import StoreError
-from hetinfer.placement.hardware import FLASH_BLOCK, FlashTier
+from hetinfer.placement.hardware import FLASH_BLOCK, FLASH_SPAN_PIECE, FlashTier
 from hetinfer.placement.probe import open_uncached, read_alignment
 
 DEFAULT_MERGE_GAP = 16 << 10  # without a read curve: read through gaps up to this many bytes
@@ -145,6 +145,7 @@ class FlashReader:
         self.file_bytes = os.fstat(self._fd).st_size
         self._pool = ThreadPoolExecutor(max(1, self.threads - 1), thread_name_prefix="hetinfer-read")
         self._submitted = ThreadPoolExecutor(1, thread_name_prefix="hetinfer-read-submit")
+        self._spans: ThreadPoolExecutor | None = None  # submit_span's pieces, made on first use
         self._lock = threading.Lock()
         self.stats = ReadStats()  # cumulative, updated in place under self._lock
         self._staging: list[mmap.mmap] = []
@@ -189,6 +190,29 @@ class FlashReader:
         self._submitted.submit(run)
         return future
 
+    def submit_span(self, offset: int, nbytes: int, dst: mmap.mmap) -> "SpanRead":
+        """Read the file's bytes [offset, offset + nbytes) into dst[0:nbytes] in the background, in one
+        piece per reader thread (each at most FLASH_SPAN_PIECE), straight into `dst` with no staging (the
+        streaming engine's whole-layer reads). offset and nbytes: multiples of `align`; dst: page-aligned
+        (an mmap), untouched until the returned SpanRead's wait()."""
+        self._check_open()
+        if offset % self.align or nbytes % self.align or nbytes <= 0 or len(dst) < nbytes:
+            raise ValueError(f"a span read needs an offset and size that are multiples of {self.align} and a "
+                             f"buffer that holds it, got {offset}, {nbytes} into {len(dst)} bytes")
+        if offset + nbytes > -(-self.file_bytes // self.align) * self.align:
+            raise FlashReadError(f"{self.path}: bytes [{offset}, {offset + nbytes}) are not inside the file "
+                                 f"({self.file_bytes} bytes); the store is truncated or belongs to another file")
+        if self._spans is None:
+            self._spans = ThreadPoolExecutor(self.threads, thread_name_prefix="hetinfer-span")
+        step = min(FLASH_SPAN_PIECE, -(-nbytes // (self.threads * self.align)) * self.align)
+        off = np.arange(offset, offset + nbytes, step, dtype=np.int64)
+        size = np.minimum(step, offset + nbytes - off)
+        view = memoryview(dst)
+        futures = [self._spans.submit(self._read_batch, view, [o], [n], [o - offset])
+                   for o, n in zip(off.tolist(), size.tolist())]
+        self._count(size, int(size.sum()), int(size.sum()))
+        return SpanRead(futures, self._add_wait)
+
     def read_span(self, offset: int, nbytes: int) -> np.ndarray:
         """uint8 [nbytes]: the file's bytes [offset, offset + nbytes), any alignment (start-up loads of
         the RAM tier, prefill), read in `max_read` pieces by all threads into a new aligned buffer."""
@@ -217,6 +241,8 @@ class FlashReader:
             return
         self._submitted.shutdown(wait=True)
         self._pool.shutdown(wait=True)
+        if self._spans is not None:
+            self._spans.shutdown(wait=True)
         os.close(self._fd)
         self._fd = -1
         self._staging.clear()
@@ -356,6 +382,25 @@ class FlashReader:
             self._staging.append(buf)
             self._staging.sort(key=len, reverse=True)
             del self._staging[STAGING_KEPT:]  # unmapped when the last view goes
+
+
+class SpanRead:
+    """A submitted span read: wait() blocks until every piece is in (adding the time blocked to the
+    reader's wait_s) and re-raises a piece's FlashReadError."""
+
+    def __init__(self, futures: list[Future], on_wait):
+        self._futures, self._on_wait = futures, on_wait
+
+    def done(self) -> bool:
+        return all(f.done() for f in self._futures)
+
+    def wait(self) -> None:
+        t = time.perf_counter()
+        try:
+            for f in self._futures:
+                f.result()
+        finally:
+            self._on_wait(time.perf_counter() - t)
 
 
 class _TimedFuture(Future):
