@@ -1,5 +1,6 @@
 """Placement core: byte sizes, the cost model, the ILP against brute force, and capacity
 properties over random profiles and budgets (hypothesis)."""
+import dataclasses
 import itertools
 
 import numpy as np
@@ -12,6 +13,7 @@ from hetinfer.placement import ilp, synth
 from hetinfer.offload.reader import plan_reads
 from hetinfer.placement.cost import (FLASH, FLASH_IO_BYTES, FLASH_MAX_READ, FLASH_POOL_BYTES, GPU, RAM,
                                      PlacementError, WeightFormats, build_problem, evaluate, miss_reads, model_sizes,
+                                     span_seconds, streams_flash,
                                      place_dense, row_bytes, violations, weight_sizes)
 from hetinfer.placement.hardware import ASSUMED_FLASH, FLASH_BLOCK, FlashTier, GpuTier, Hardware, RamTier
 
@@ -28,7 +30,8 @@ def flash(capacity: int) -> FlashTier:
     return FlashTier(capacity, "/nvme", method="assumed", **ASSUMED_FLASH)
 
 
-def tiny_problem(freq, gpu_neurons=None, ram_neurons=0.0, flash_neurons=None, sync=2e-6, ram_bw=1e9, gpu_bw=2e10):
+def tiny_problem(freq, gpu_neurons=None, ram_neurons=0.0, flash_neurons=None, sync=2e-6, ram_bw=1e9, gpu_bw=2e10,
+                 window_tokens=2):
     """A problem whose tiers hold the dense parts plus the given number of neurons' bytes each
     (GPU: None = no GPU; negative = less than the dense parts, so attention spills to RAM)."""
     freq = np.asarray(freq, dtype=np.float64)
@@ -40,8 +43,8 @@ def tiny_problem(freq, gpu_neurons=None, ram_neurons=0.0, flash_neurons=None, sy
         dense_gpu = sizes.scratch_bytes + sizes.gpu_decode_bytes + sizes.head_bytes + cfg.n_layers * (int(sizes.layer_bytes[0]) + sizes.kv_bytes)
         gpu = GpuTier(int(dense_gpu + gpu_neurons * b), gpu_bw, 1e10, sync)
     fl = None if flash_neurons is None else flash(int(flash_neurons * sizes.record_bytes[0]))
-    ram = place_dense(sizes, Hardware(ram=RamTier(1 << 40, ram_bw), gpu=gpu, flash=fl)).ram_bytes + int(ram_neurons * b)
-    return build_problem(freq, cfg, sizes, Hardware(ram=RamTier(ram, ram_bw), gpu=gpu, flash=fl), window_tokens=2)
+    ram = place_dense(sizes, Hardware(ram=RamTier(1 << 40, ram_bw), gpu=gpu, flash=fl), window_tokens).ram_bytes + int(ram_neurons * b)
+    return build_problem(freq, cfg, sizes, Hardware(ram=RamTier(ram, ram_bw), gpu=gpu, flash=fl), window_tokens)
 
 
 # ------------------------------------------------------------------------------------------ sizes
@@ -412,3 +415,45 @@ def test_rescale_keeps_each_layers_curve():
     assert out.shape == (4, 1000)
     assert out[0].max() == 1.0 and out[0].min() == 0.0 and out[0].mean() == pytest.approx(0.5, abs=1e-3)
     assert out[3] == pytest.approx(np.full(1000, 0.2))
+
+
+# This VM's flash probe (virtio disk, O_DIRECT, 2026-12-06): IOPS-bound, 4 KiB reads ~100 MB/s at best.
+PROBED = FlashTier(1 << 40, "/flash", read_sizes=[4096, 16384, 65536, 262144, 1048576], concurrency=[1, 4, 16, 32],
+                   bytes_per_s=[[5.2e7, 1.07e8, 9.5e7, 9.6e7], [2.5e8, 4.0e8, 5.5e8, 6.2e8], [6.5e8, 1.05e9, 1.36e9, 1.33e9],
+                                [1.04e9, 1.21e9, 1.77e9, 1.51e9], [1.8e9, 1.68e9, 2.05e9, 1.72e9]], method="o_direct")
+
+
+def test_span_seconds_reads_in_pieces_of_at_most_a_mebibyte():
+    assert span_seconds(1 << 20, PROBED) == pytest.approx(PROBED.read_seconds(1 << 20))
+    assert span_seconds(3 << 19, PROBED) == pytest.approx(2 * PROBED.read_seconds(3 << 18))  # 1.5 MiB: 2 pieces
+    assert span_seconds(4 << 20, PROBED) == pytest.approx(4 * PROBED.read_seconds(1 << 20))
+
+
+def test_streams_flash_where_the_reader_would_read_the_span_anyway():
+    n, rb = np.array([1400, 0, 1200]), np.array([1336, 1336, 1336])  # SmolLM2's records, a layer all in RAM
+    assert streams_flash(0, 0.8, n, rb, PROBED)  # dense sets: the span costs what merged reads cost
+    assert streams_flash(0, 0.1, n, rb, PROBED)  # 10%: on this IOPS-bound disk the gaps are merged anyway
+    assert not streams_flash(0, 1e-4, n, rb, PROBED)  # a record now and then: reading the span wastes time
+    assert not streams_flash(1, 0.8, n, rb, PROBED)  # a window cache keeps records across tokens
+    assert not streams_flash(0, 0.8, n * 2, rb, PROBED)  # 3.6 MB spans do not fit a look-ahead pool
+    assert not streams_flash(0, 0.8, np.zeros(3, np.int64), rb, PROBED)  # no flash tier
+
+
+def test_a_streamed_plan_prices_whole_span_reads():
+    freq = np.full((2, 4096), 0.95)
+    p = tiny_problem(freq, ram_neurons=1024, flash_neurons=10_000, window_tokens=0)
+    p = dataclasses.replace(p, hw=dataclasses.replace(p.hw, flash=dataclasses.replace(PROBED, capacity_bytes=1 << 30)),
+                            dense=dataclasses.replace(p.dense, offload_seconds=1e-3))
+    tiers = np.full(freq.shape, FLASH, dtype=np.uint8)
+    tiers[0, :1024] = RAM
+    u = evaluate(p, tiers)
+    assert u.streamed
+    for layer, n in enumerate((3072, 4096)):
+        span = n * int(p.sizes.record_bytes[layer])
+        assert [u.read_seconds[layer], u.read_bytes[layer], u.reads[layer]] == pytest.approx(
+            [span_seconds(span, p.hw.flash), span, 1])
+    misses = np.where(tiers == FLASH, p.misses, 0).sum(axis=1)
+    # the records engine's own work (offload_seconds), which a streaming engine does not do, is not priced
+    assert u.predicted_seconds == pytest.approx(
+        u.seconds + (u.read_seconds - misses * p.miss_seconds).sum() - p.dense.offload_seconds)
+    assert not evaluate(dataclasses.replace(p, window_tokens=2), tiers).streamed

@@ -282,7 +282,9 @@ def report(manifest: dict, path: str) -> str:
         lines.append(f"flash window cache {format_size(t['ram']['window_cache_bytes'])} and I/O buffers "
                      f"{format_size(manifest['dense']['flash_io_bytes'])} of RAM; per token expected "
                      f"{f['misses_per_token']:.1f} records missing from the window, read in {f['reads_per_token']:.1f} "
-                     f"requests of {format_size(f['read_bytes_per_token'])} in all")
+                     f"requests of {format_size(f['read_bytes_per_token'])} in all"
+                     + (" (whole flash spans streamed ahead: cheaper than the records on this disk)"
+                        if f.get("streamed") else ""))
     lines.append(f"neurons computed per token: {manifest['predicted']['ffn_density']:.1%} "
                  f"(frequencies from the {manifest['inputs']['frequencies']})")
     pred = manifest["predictors"]

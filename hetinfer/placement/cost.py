@@ -31,7 +31,8 @@ that device's rate like the other dense parts (2 FLOPs per 4 bytes: bandwidth-bo
 With a flash tier the offloading engine (`hetinfer.offload`) runs the plan: its flash I/O buffers
 (`flash_io_bytes`) are RAM of the dense parts, and each layer costs `hw.ram.offload_layer_seconds`
 more (its predictor call, window-cache step, read planning) plus the look-ahead's second
-evaluation of the next layer's predictor.
+evaluation of the next layer's predictor; an engine that streams whole flash spans (`streams_flash`)
+does none of that work, and its reads are priced as the spans.
 """
 from __future__ import annotations
 
@@ -43,7 +44,7 @@ import numpy as np
 from hetinfer.config import DEFAULT_KV, ModelConfig
 from hetinfer.errors import HetinferError
 from hetinfer.kernels.cuda import TILE_BYTES
-from hetinfer.placement.hardware import FlashTier, Hardware, format_size
+from hetinfer.placement.hardware import FLASH_SPAN_PIECE, FlashTier, Hardware, format_size
 from hetinfer.tensors import BLOCK_FORMATS, FLOAT_FORMATS
 from hetinfer.tiers import FLASH, GPU, RAM, TIERS  # noqa: F401  (re-exported: a neuron's tier code)
 
@@ -206,6 +207,30 @@ class DensePlacement:
 def flash_io_bytes(window_tokens: int) -> int:
     """RAM of the offloading engine's flash I/O buffers for a window cache of `window_tokens` (see FLASH_IO_BYTES)."""
     return FLASH_IO_BYTES + (2 * FLASH_POOL_BYTES if window_tokens == 0 else 0)
+
+
+def span_seconds(nbytes: int, flash: FlashTier) -> float:
+    """Seconds to read `nbytes` contiguous bytes as the streaming engine does (`offload.stream`): in
+    pieces of at most FLASH_SPAN_PIECE, issued together."""
+    pieces = max(1, -(-int(nbytes) // FLASH_SPAN_PIECE))
+    return pieces * float(flash.read_seconds(nbytes / pieces))
+
+
+def streams_flash(window_tokens: int, q: float, n_flash: np.ndarray, record_bytes: np.ndarray,
+                  flash: FlashTier) -> bool:
+    """Whether the offloading engine reads whole flash spans ahead (`offload.stream`) instead of each token's
+    predicted records: only without a window cache (k = 0), when every layer's flash records fit one of its
+    look-ahead pools (FLASH_POOL_BYTES, alignment included), and when reading the spans costs no more than
+    reading the expected misses (`q` per flash record and token) as `miss_reads` prices them. On an
+    IOPS-bound disk the reader merges a dense set's gaps anyway, and the span needs no prediction to start."""
+    n_flash, record_bytes = np.asarray(n_flash, np.int64), np.asarray(record_bytes, np.int64)
+    span = n_flash * record_bytes
+    if window_tokens != 0 or not span.any() or span.max() + 2 * flash.align > FLASH_POOL_BYTES:
+        return False
+    on = n_flash > 0
+    spans = sum(span_seconds(b, flash) for b in span[on])
+    records = sum(n * q * miss_reads(q, r, flash)[0] for n, r in zip(n_flash[on], record_bytes[on]))
+    return bool(spans <= records)
 
 
 def _dense_ram_bytes(sizes: ModelSizes, attn_on_gpu: np.ndarray, head_in_ram: bool, io_bytes: int) -> int:
@@ -385,6 +410,7 @@ class Usage:
     read_seconds: np.ndarray  # float64 [n_layers]: expected flash read time per token (predicted)
     read_bytes: np.ndarray  # float64 [n_layers]: expected bytes read per token, gaps and alignment included
     reads: np.ndarray  # float64 [n_layers]: expected read requests per token
+    streamed: bool  # the engine reads whole flash spans ahead (`streams_flash`) rather than predicted records
 
 
 def evaluate(p: Problem, tiers: np.ndarray) -> Usage:
@@ -403,11 +429,20 @@ def evaluate(p: Problem, tiers: np.ndarray) -> Usage:
     seconds += p.sync_s * int(split.sum())
     misses = np.where(on[FLASH], p.misses, 0.0).sum(axis=1)
     reads = np.zeros((3, len(misses)))  # seconds, bytes, requests per layer
+    q = float(misses.sum()) / max(int(count[FLASH].sum()), 1)
+    streamed = FLASH in p.tiers and streams_flash(p.window_tokens, q, count[FLASH], p.sizes.record_bytes, p.hw.flash)
     for layer in np.flatnonzero(count[FLASH]):
+        if streamed:
+            span = int(count[FLASH, layer] * p.sizes.record_bytes[layer])
+            reads[:, layer] = span_seconds(span, p.hw.flash), span, -(-span // FLASH_SPAN_PIECE)
+            continue
         per_miss = miss_reads(misses[layer] / count[FLASH, layer], p.sizes.record_bytes[layer], p.hw.flash)
         reads[:, layer] = misses[layer] * np.array(per_miss)
     predicted = seconds + float((reads[0] - misses * p.miss_seconds).sum())
-    return Usage(seconds, predicted, used, neuron_bytes, int(layer_window.sum()), layer_window, split, misses, *reads)
+    if streamed:  # no window-cache step, read planning, gathering or look-ahead predictor: not that engine's work
+        predicted -= p.dense.offload_seconds
+    return Usage(seconds, predicted, used, neuron_bytes, int(layer_window.sum()), layer_window, split, misses, *reads,
+                 streamed)
 
 
 def violations(p: Problem, tiers: np.ndarray) -> list[str]:

@@ -23,7 +23,8 @@ def build_manifest(p: Problem, sol: Solution, config: ModelConfig, formats: dict
     freq = p.freq
     total_act = max(float(freq.sum()), 1e-30)
     sec = [float(p.seconds[t][on[t]].sum()) if on[t].any() else 0.0 for t in range(3)]
-    sec[FLASH] += usage.predicted_seconds - usage.seconds  # reads priced at the plan's own miss density
+    offload = 0.0 if usage.streamed else p.dense.offload_seconds  # a streaming engine does not do that work
+    sec[FLASH] += usage.predicted_seconds - usage.seconds + p.dense.offload_seconds - offload  # reads as the engine reads
     dense_bytes = [p.dense.gpu_bytes, p.dense.ram_bytes, 0]
     tiers = {}
     for t in p.tiers:
@@ -43,6 +44,7 @@ def build_manifest(p: Problem, sol: Solution, config: ModelConfig, formats: dict
         tiers["flash"].update(
             misses_per_token=float(usage.misses.sum()), reads_per_token=float(usage.reads.sum()),
             read_bytes_per_token=float(usage.read_bytes.sum()), read_seconds_per_token=float(usage.read_seconds.sum()),
+            streamed=bool(usage.streamed),
             priced_miss_seconds=p.miss_seconds.tolist())
     layers = []
     for layer in range(freq.shape[0]):
@@ -74,8 +76,9 @@ def build_manifest(p: Problem, sol: Solution, config: ModelConfig, formats: dict
         "hardware": p.hw.to_dict(),
         "window_tokens": p.window_tokens,
         "dense": {"head": "gpu" if p.dense.head_on_gpu else "ram", "embeddings": "ram",
-                  "seconds_per_token": p.dense.seconds, "fixed_seconds_per_token": p.dense.fixed_seconds,
-                  "flash_io_bytes": p.dense.io_bytes, "offload_seconds_per_token": p.dense.offload_seconds},
+                  "seconds_per_token": p.dense.seconds - p.dense.offload_seconds + offload,
+                  "fixed_seconds_per_token": p.dense.fixed_seconds, "flash_io_bytes": p.dense.io_bytes,
+                  "offload_seconds_per_token": offload},
         "tiers": tiers,
         "layers": layers,
         "sync": {"seconds": p.sync_s, "split_layers": int(usage.split.sum()),
