@@ -19,11 +19,13 @@ the same active sets.
 
 Configurations (all but llama.cpp are the same engine, `offload.deploy.open_session`):
   hetinfer offloaded  the deployment's plan: RAM-tier neurons resident, flash neurons read through the
-                      window cache (the length prepare picks; 0: look-ahead pools only), O_DIRECT; regimes `quality` (default predictors) and
+                      window cache (the length prepare picks; 0: look-ahead pools only, or whole flash
+                      spans streamed ahead where the plan says so), O_DIRECT; regimes `quality` (default predictors) and
                       `high_sparsity` (predictors trained with --density 0.15: on SmolLM2 this measures
                       the I/O path, not quality)
   naive streaming     all-flash (resident 0), every neuron, no window cache, O_DIRECT reads of whole
-                      layers (what AirLLM and LLM in a Flash's baseline do)
+                      layers, streamed ahead while earlier layers compute where the pools hold a layer
+                      (what AirLLM, with its prefetching, and LLM in a Flash's baseline do)
   layer cache         whole layers' FFN resident for the first layers that fit the budget, the rest
                       streamed, every neuron, no window cache
   page cache          the plan's RAM tier and active sets, no window cache, buffered reads: the

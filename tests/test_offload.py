@@ -6,19 +6,22 @@ import numpy as np
 import pytest
 import torch
 
+from hetinfer import kernels
 from hetinfer.offload.deploy import tiered_ffn
 from hetinfer.offload.ffn import TieredFFN
 from hetinfer.offload.store import build_store
+from hetinfer.placement.hardware import FLASH_BLOCK
 
 pytestmark = pytest.mark.slow
 
 
-def _engine(model, store, resident, capacity, window: int, select=None, direct=None) -> TieredFFN:
+def _engine(model, store, resident, capacity, window: int, select=None, direct=None,
+            stream_pool_bytes: int = 0) -> TieredFFN:
     n_ff = model.config.n_ff
     resident = np.broadcast_to(np.asarray(resident), (model.config.n_layers,))
     cap = np.minimum(np.broadcast_to(np.asarray(capacity), resident.shape), n_ff - resident)
     return tiered_ffn(store, None, select or (lambda layer, h: None), resident, cap, window, model.config.activation,
-                      threads=4, direct=direct)
+                      threads=4, direct=direct, stream_pool_bytes=stream_pool_bytes)
 
 
 def _logits(model, ffn, prompt: list[int], steps: int) -> torch.Tensor:
@@ -120,3 +123,41 @@ def test_native_every_neuron_matches_dense_up_to_the_format(model, model_f32, tm
     exact, dense = top1(model_f32, None), top1(model, None)
     offload = top1(model, _engine(model, store, 0, cfg.n_ff, 5))
     assert (offload == exact).float().mean() >= (dense == exact).float().mean() - 0.02
+
+
+def test_streamed_spans_give_the_dense_logits_and_read_whole_spans(model_f32, tmp_path):
+    """Streaming whole flash spans (window 0): all-flash and mixed splits reproduce the dense engine's logits
+    over a prompt and decoded tokens, and a predicted set reads every layer's whole flash span once per token
+    while counting only the set's records as needed."""
+    m, cfg = model_f32, model_f32.config
+    rng = np.random.default_rng(3)
+    tiers = np.where(rng.random((cfg.n_layers, cfg.n_ff)) < 0.5, 1, 2).astype(np.uint8)
+    store = build_store(m, tmp_path / "s.store", tiers, None, weights="f32", progress=False)
+    pool = cfg.n_ff * store.record_bytes + 2 * FLASH_BLOCK
+    prompt = m.tokenizer.encode("Streamed spans must lose nothing either,")
+    want = _logits(m, None, prompt, 5)
+    mixed = rng.integers(0, cfg.n_ff + 1, cfg.n_layers)
+    for resident in (np.zeros(cfg.n_layers, np.int64), mixed):
+        ffn = _engine(m, store, resident, 0, 0, stream_pool_bytes=pool)
+        got = _logits(m, ffn, prompt, 5)
+        assert ffn.stream is not None and (got - want).abs().max() <= 1e-4
+
+    ids = np.sort(rng.permutation(cfg.n_ff)[: cfg.n_ff // 4])
+    resident = np.full(cfg.n_layers, cfg.n_ff // 2)
+    ffn = _engine(m, store, resident, 0, 0, select=lambda layer, h: ids, stream_pool_bytes=pool)
+    h = torch.randn(1, cfg.d_model)
+    L = m.weights.layers[7]
+    want = kernels.sparse_ffn(L.gate, L.up, kernels.transpose_down(L.down), ids, h, cfg.activation)
+    for _ in range(2):
+        ffn.reset_stats()
+        for layer in range(cfg.n_layers):
+            y = ffn(layer, h)
+            if layer == 7:  # summed in two parts (resident, span): float32 rounding apart
+                torch.testing.assert_close(y, want, rtol=1e-4, atol=1e-4)
+    r = ffn.report()
+    in_flash = sum(int((L.position[ids] >= cfg.n_ff // 2).sum()) for L in store.layers)
+    assert r["ideal_flash_bytes_per_token"] == in_flash * store.record_bytes
+    span = (cfg.n_ff - cfg.n_ff // 2) * store.record_bytes
+    assert cfg.n_layers * span <= r["flash_bytes_per_token"] <= cfg.n_layers * (span + 2 * FLASH_BLOCK)
+    with pytest.raises(ValueError, match="window 0"):
+        _engine(m, store, resident, 0, 2, stream_pool_bytes=pool)

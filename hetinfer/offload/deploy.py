@@ -320,12 +320,29 @@ def cache_capacity(plan, record_bytes: list[int]) -> np.ndarray:
     return np.minimum(pool // record_bytes, tier_counts(plan)[:, 2])
 
 
+def plan_streams(plan, window: int, n_flash: np.ndarray, record_bytes: list[int]) -> bool:
+    """Whether the engine streams whole flash spans (`placement.cost.streams_flash`) for `n_flash` [n_layers]
+    flash records per layer and a window cache of `window` tokens, at the plan's own expected miss density
+    (misses per token over flash neurons), as the plan priced it."""
+    from hetinfer.placement.cost import streams_flash
+    from hetinfer.placement.hardware import Hardware
+
+    flash = plan.manifest["tiers"].get("flash")
+    if not flash or "misses_per_token" not in flash or not np.any(n_flash):
+        return False
+    q = flash["misses_per_token"] / max(flash["neurons"], 1)
+    hw = Hardware.from_dict(plan.manifest["hardware"], "plan hardware")
+    return streams_flash(window, q, n_flash, np.asarray(record_bytes), hw.flash)
+
+
 def tiered_ffn(store, curve, select, resident: np.ndarray, capacity: np.ndarray, window: int, activation: str,
-               threads: int | None = None, direct: bool | None = None, lookahead: bool = True, gpu=None):
+               threads: int | None = None, direct: bool | None = None, lookahead: bool = True, gpu=None,
+               stream_pool_bytes: int = 0):
     """The engine's TieredFFN over `store` (and `gpu`, the GPU tier's executor, if any), reading its records file through a FlashReader (`curve`: the
     plan's FlashTier, or None), with the flash I/O buffers the plan counted: the reader's staging
     (STAGING_KEPT buffers) and the FFN's scratch add up to `placement.cost.FLASH_IO_BYTES`, and reads
-    are split at FLASH_MAX_READ, as the cost model prices them."""
+    are split at FLASH_MAX_READ, as the cost model prices them. `stream_pool_bytes` > 0 streams whole flash
+    spans through two pools of that size (`TieredFFN`), the look-ahead pools a plan without a window counts."""
     from hetinfer.offload.ffn import TieredFFN
     from hetinfer.offload.reader import STAGING_KEPT, FlashReader
     from hetinfer.placement.cost import FLASH_IO_BYTES, FLASH_MAX_READ
@@ -334,13 +351,14 @@ def tiered_ffn(store, curve, select, resident: np.ndarray, capacity: np.ndarray,
     reader = FlashReader(store.data_path, curve, threads=threads, direct=direct, max_read=FLASH_MAX_READ,
                          staging_bytes=staging)
     return TieredFFN(store, reader, select, resident, capacity, window, activation,
-                     scratch_bytes=FLASH_IO_BYTES - STAGING_KEPT * staging, lookahead=lookahead, gpu=gpu)
+                     scratch_bytes=FLASH_IO_BYTES - STAGING_KEPT * staging, lookahead=lookahead, gpu=gpu,
+                     stream_pool_bytes=stream_pool_bytes)
 
 
 def open_session(dep: Deployment, n_ctx: int | None = None, every_neuron: bool = False, direct: bool | None = None,
                  lookahead: bool = True, threads: int | None = None, kv: str | None = None,
                  device: str | None = None, resident: np.ndarray | None = None, capacity: np.ndarray | None = None,
-                 select=None, window: int | None = None):
+                 select=None, window: int | None = None, stream: bool | None = None):
     """A Session whose FFN executes the deployment's plan (`every_neuron`: the exact mode, --sparsity 0), with
     a KV cache of element type `kv` (default: the one the plan counted); `device`: where GPU-tier neurons
     run (see `gpu.resolve_device`).
@@ -350,9 +368,11 @@ def open_session(dep: Deployment, n_ctx: int | None = None, every_neuron: bool =
     all flash; n_ff: all RAM), `capacity` (int [n_layers]) window-cache slots instead of the plan's
     (zeros: no window cache), `select(layer, h) -> ids | None` the active sets instead of the
     predictors (a synthetic trace; needed when `dep.predictors` is None), `window` tokens a flash neuron
-    stays in the window cache instead of the plan's, `direct=False` reads through the page cache."""
+    stays in the window cache instead of the plan's, `direct=False` reads through the page cache, `stream`
+    whether to stream whole flash spans (default: as the plan priced it, `plan_streams`)."""
     from hetinfer.generate import Session
     from hetinfer.offload.gpu import open_executor
+    from hetinfer.placement.cost import FLASH_POOL_BYTES
     from hetinfer.placement.hardware import Hardware
 
     counts = tier_counts(dep.plan)
@@ -365,9 +385,13 @@ def open_session(dep: Deployment, n_ctx: int | None = None, every_neuron: bool =
     if capacity is None:
         capacity = cache_capacity(dep.plan, [L.record_bytes for L in dep.store.layers])
     capacity = np.minimum(capacity, dep.model.config.n_ff - counts[:, 0] - np.asarray(resident))  # no slots for resident neurons
-    ffn = tiered_ffn(dep.store, hw.flash, select, resident, capacity,
-                     dep.manifest["window"] if window is None else window,
-                     dep.model.config.activation, threads=threads, direct=direct, lookahead=lookahead, gpu=gpu)
+    window = dep.manifest["window"] if window is None else window
+    if stream is None:
+        record_bytes = [L.record_bytes for L in dep.store.layers]
+        stream = plan_streams(dep.plan, window, dep.model.config.n_ff - counts[:, 0] - np.asarray(resident), record_bytes)
+    ffn = tiered_ffn(dep.store, hw.flash, select, resident, capacity, window, dep.model.config.activation,
+                     threads=threads, direct=direct, lookahead=lookahead, gpu=gpu,
+                     stream_pool_bytes=FLASH_POOL_BYTES if stream else 0)
     session = Session(dep.model, n_ctx=n_ctx or dep.manifest["ctx"], ffn=ffn, kv=kv or dep.plan.kv_dtype)
     from hetinfer.info import component_bytes
 

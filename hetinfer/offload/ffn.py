@@ -13,6 +13,9 @@ while this one computes the RAM and flash part, and the two partial outputs are 
 
 Look-ahead (Deja Vu): while layer l computes, layer l+1's predicted set, taken from layer l's
 input (the residual stream changes little from one layer to the next), is already being read.
+Streaming (`stream_pool_bytes`, plans without a window cache whose flash sets are dense): the
+layers' whole flash spans are read ahead in decode order through `offload.stream.SpanStream`
+instead, and each token's predicted set computes from the span in place.
 Prompts (T > 1) compute every neuron, reading each layer's flash records once per prompt chunk.
 """
 from __future__ import annotations
@@ -30,6 +33,7 @@ from hetinfer.offload.cache import WindowCache
 from hetinfer.offload.gpu import GPUExecutor
 from hetinfer.offload.reader import FlashReader
 from hetinfer.offload.store import Store
+from hetinfer.offload.stream import Span, SpanStream
 
 Selector = Callable[[int, torch.Tensor], "np.ndarray | None"]  # (layer, h [1, d]) -> neuron ids, None: every one
 
@@ -94,11 +98,17 @@ class TieredFFN:
     With `gpu`, the first `gpu.n_gpu[l]` records are the GPU tier's and the RAM ones follow them.
 
     `select(layer, h)`: neuron ids to compute (sorted int64), or None for every neuron. `scratch_bytes`:
-    the buffer of records read for one call beyond the cache (overflow, prompts), processed in passes."""
+    the buffer of records read for one call beyond the cache (overflow, prompts), processed in passes.
+    `stream_pool_bytes` (window 0 only): stream every layer's flash span through two pools of that
+    many bytes instead of reading predicted sets into the window cache's slots."""
 
     def __init__(self, store: Store, reader: FlashReader, select: Selector, resident: np.ndarray,
                  capacity: np.ndarray, window: int, activation: str, scratch_bytes: int, lookahead: bool = True,
-                 gpu: GPUExecutor | None = None):
+                 gpu: GPUExecutor | None = None, stream_pool_bytes: int = 0):
+        if stream_pool_bytes and window:
+            raise ValueError("streaming whole spans replaces the window cache: it needs window 0")
+        if stream_pool_bytes:
+            capacity = np.zeros_like(np.asarray(capacity))
         self.store, self.reader, self.select, self.act, self.gpu = store, reader, select, activation, gpu
         self.window, self.lookahead = window, lookahead
         self.n_ff = len(store.layers[0].order)
@@ -125,13 +135,16 @@ class TieredFFN:
             self.layers.append(_Layer(buf, store.views(buf), slots, store.views(slots) if shared else None,
                                       WindowCache(n_flash, cap, window, slots), n_res,
                                       L.offset + (first + n_res) * L.record_bytes, n_flash, L.position, first))
+        spans = {i: Span(s.flash_base, s.n_flash, s.buf.shape[1]) for i, s in enumerate(self.layers) if s.n_flash}
+        self.stream = SpanStream(reader, spans, 2, stream_pool_bytes) if stream_pool_bytes else None
         self.reset_stats()  # the RAM tier's reads above are start-up, not any token's
 
     # -- bytes, for memory accounting and /health ------------------------------------------------
 
     def resident_bytes(self) -> int:
         """RAM this FFN holds: resident records, cache slots and the scratch buffer."""
-        return sum(s.buf.nbytes for s in self.layers) + sum(p.nbytes for p in self.pools) + self.scratch.nbytes
+        return (sum(s.buf.nbytes for s in self.layers) + sum(p.nbytes for p in self.pools) + self.scratch.nbytes
+                + (self.stream.nbytes if self.stream else 0))
 
     def placement_summary(self) -> dict:
         """Bytes per tier and the share of this run's FFN activations each served (the server's /health);
@@ -140,7 +153,7 @@ class TieredFFN:
         rb = [s.buf.shape[1] for s in self.layers]
         ram = {"ffn_resident": sum(s.n_resident * r for s, r in zip(self.layers, rb)),
                "window_cache": sum((s.buf.shape[0] - s.n_resident) * r for s, r in zip(self.layers, rb))
-               + sum(p.nbytes for p in self.pools),
+               + sum(p.nbytes for p in self.pools) + (self.stream.nbytes if self.stream else 0),
                "scratch": self.scratch.nbytes, **dense}
         flash = {"ffn_flash": sum(s.n_flash * r for s, r in zip(self.layers, rb))}
         active = max(st.selected, 1)
@@ -165,7 +178,7 @@ class TieredFFN:
         t0 = time.perf_counter()
         ids = self.select(layer, h)
         t1 = time.perf_counter()
-        if self.lookahead and layer + 1 < len(self.layers):
+        if self.lookahead and self.stream is None and layer + 1 < len(self.layers):
             self._prefetch(layer + 1, h)
         t2 = time.perf_counter()
         pos = np.arange(self.n_ff, dtype=np.int64) if ids is None else np.sort(s.position[ids])
@@ -181,6 +194,8 @@ class TieredFFN:
             t3 = time.perf_counter()
             y = kernels.sparse_ffn(*s.views, pos, h, self.act)
             return self._done(layer, job, y, n_selected, 0, 0, t0, t1, t2, t3)
+        if self.stream is not None:
+            return self._streamed(layer, job, pos[:split], flash, h, n_selected, t0, t1, t2)
         if s.prefetch is not None:  # the look-ahead reads land in slots this step may count as hits
             w0 = time.perf_counter()
             s.prefetch.result()
@@ -223,6 +238,21 @@ class TieredFFN:
         st.predict_s += t2 - t0
         st.compute_s += t4 - t3
         return y
+
+    def _streamed(self, layer: int, job, resident: np.ndarray, flash: np.ndarray, h: torch.Tensor,
+                  n_selected: int, t0: float, t1: float, t2: float) -> torch.Tensor:
+        """The step of a streamed layer: resident rows in place, flash ones from the layer's span."""
+        s = self.layers[layer]
+        w0 = time.perf_counter()
+        span = self.stream.get(layer)  # uint8 [n_flash, record_bytes]
+        self.stats.io_wait_s += time.perf_counter() - w0
+        self.store.verify(layer, s.first + s.n_resident + flash, span, flash)
+        t3 = time.perf_counter()
+        y = kernels.sparse_ffn(*self.store.views(span), flash, h, self.act)
+        if len(resident):
+            y += kernels.sparse_ffn(*s.views, resident, h, self.act)
+        self.stream.release(layer)
+        return self._done(layer, job, y, n_selected, len(flash), len(flash), t0, t1, t2, t3)
 
     def _prefetch(self, layer: int, h: torch.Tensor) -> None:
         """Start reading `layer`'s predicted flash records that its cache lacks (look-ahead)."""
@@ -269,6 +299,13 @@ class TieredFFN:
         y = torch.zeros(h.shape[0], h.shape[1])
         for lo in range(0, s.n_resident, n):  # in passes: each dequantizes its down columns to float32
             _prompt_terms(self.store.views(s.buf[lo : min(lo + n, s.n_resident)]), h, self.act, y)
+        if self.stream is not None and s.n_flash:  # the span the stream reads for decode holds them all
+            span = self.stream.get(layer)
+            self.store.verify(layer, s.first + s.n_resident + np.arange(s.n_flash), span)
+            for lo in range(0, s.n_flash, n):
+                _prompt_terms(self.store.views(span[lo : lo + n]), h, self.act, y)
+            self.stream.release(layer)
+            return y if job is None else self.gpu.join(job, y)
         for lo in range(0, s.n_flash, n):
             part = np.arange(lo, min(lo + n, s.n_flash), dtype=np.int64)
             buf = self.scratch[: len(part), :rb]
