@@ -31,7 +31,7 @@ def flash(capacity: int) -> FlashTier:
 
 
 def tiny_problem(freq, gpu_neurons=None, ram_neurons=0.0, flash_neurons=None, sync=2e-6, ram_bw=1e9, gpu_bw=2e10,
-                 window_tokens=2):
+                 window_tokens=2, flash_tier: FlashTier | None = None):
     """A problem whose tiers hold the dense parts plus the given number of neurons' bytes each
     (GPU: None = no GPU; negative = less than the dense parts, so attention spills to RAM)."""
     freq = np.asarray(freq, dtype=np.float64)
@@ -43,6 +43,8 @@ def tiny_problem(freq, gpu_neurons=None, ram_neurons=0.0, flash_neurons=None, sy
         dense_gpu = sizes.scratch_bytes + sizes.gpu_decode_bytes + sizes.head_bytes + cfg.n_layers * (int(sizes.layer_bytes[0]) + sizes.kv_bytes)
         gpu = GpuTier(int(dense_gpu + gpu_neurons * b), gpu_bw, 1e10, sync)
     fl = None if flash_neurons is None else flash(int(flash_neurons * sizes.record_bytes[0]))
+    if fl is not None and flash_tier is not None:
+        fl = dataclasses.replace(flash_tier, capacity_bytes=fl.capacity_bytes)
     ram = place_dense(sizes, Hardware(ram=RamTier(1 << 40, ram_bw), gpu=gpu, flash=fl), window_tokens).ram_bytes + int(ram_neurons * b)
     return build_problem(freq, cfg, sizes, Hardware(ram=RamTier(ram, ram_bw), gpu=gpu, flash=fl), window_tokens)
 
@@ -440,10 +442,13 @@ def test_streams_flash_where_the_reader_would_read_the_span_anyway():
 
 
 def test_a_streamed_plan_prices_whole_span_reads():
+    """Streaming is decided before the solve: a window-0 problem on an IOPS-bound disk whose layers fit a pool
+    holds only the two pools as I/O buffers, does none of the records engine's work, and reads every flash record
+    every token at its share of the span; the plan's prediction prices each layer's actual span."""
     freq = np.full((2, 4096), 0.95)
-    p = tiny_problem(freq, ram_neurons=1024, flash_neurons=10_000, window_tokens=0)
-    p = dataclasses.replace(p, hw=dataclasses.replace(p.hw, flash=dataclasses.replace(PROBED, capacity_bytes=1 << 30)),
-                            dense=dataclasses.replace(p.dense, offload_seconds=1e-3))
+    p = tiny_problem(freq, ram_neurons=1024, flash_neurons=10_000, window_tokens=0, flash_tier=PROBED)
+    assert p.streamed and p.dense.io_bytes == 2 * FLASH_POOL_BYTES and p.dense.offload_seconds == 0
+    assert (p.misses == 1).all()
     tiers = np.full(freq.shape, FLASH, dtype=np.uint8)
     tiers[0, :1024] = RAM
     u = evaluate(p, tiers)
@@ -452,8 +457,6 @@ def test_a_streamed_plan_prices_whole_span_reads():
         span = n * int(p.sizes.record_bytes[layer])
         assert [u.read_seconds[layer], u.read_bytes[layer], u.reads[layer]] == pytest.approx(
             [span_seconds(span, p.hw.flash), span, 1])
-    misses = np.where(tiers == FLASH, p.misses, 0).sum(axis=1)
-    # the records engine's own work (offload_seconds), which a streaming engine does not do, is not priced
-    assert u.predicted_seconds == pytest.approx(
-        u.seconds + (u.read_seconds - misses * p.miss_seconds).sum() - p.dense.offload_seconds)
-    assert not evaluate(dataclasses.replace(p, window_tokens=2), tiers).streamed
+    assert u.predicted_seconds == pytest.approx(u.seconds + (u.read_seconds - np.array([3072, 4096]) * p.miss_seconds).sum())
+    records = tiny_problem(freq, ram_neurons=1024, flash_neurons=10_000, window_tokens=2, flash_tier=PROBED)
+    assert not records.streamed and records.dense.io_bytes == FLASH_IO_BYTES and not evaluate(records, tiers).streamed

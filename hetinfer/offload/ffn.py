@@ -98,7 +98,8 @@ class TieredFFN:
     With `gpu`, the first `gpu.n_gpu[l]` records are the GPU tier's and the RAM ones follow them.
 
     `select(layer, h)`: neuron ids to compute (sorted int64), or None for every neuron. `scratch_bytes`:
-    the buffer of records read for one call beyond the cache (overflow, prompts), processed in passes.
+    the buffer of records read for one call beyond the cache (overflow, prompts), processed in passes (a
+    prompt's passes are that many records wherever they live).
     `stream_pool_bytes` (window 0 only): stream every layer's flash span through two pools of that
     many bytes instead of reading predicted sets into the window cache's slots."""
 
@@ -115,7 +116,8 @@ class TieredFFN:
         self.dense_bytes: dict[str, int] = {}  # set by whoever builds the session (deploy.open_session)
         self.token = -1
         rb = max(L.record_bytes for L in store.layers)
-        self.scratch = np.empty((max(1, scratch_bytes // rb), rb), np.uint8)
+        self.pass_rows = max(1, scratch_bytes // rb)  # records per prompt pass, however they are held
+        self.scratch = np.empty((0 if stream_pool_bytes else self.pass_rows, rb), np.uint8)  # streaming: the pools
         # With window 0 no record outlives its token, so layers of one parity share a slot pool: layer l
         # computes from its pool while layer l+1's look-ahead reads fill the other.
         shared = window == 0
@@ -137,6 +139,8 @@ class TieredFFN:
                                       L.offset + (first + n_res) * L.record_bytes, n_flash, L.position, first))
         spans = {i: Span(s.flash_base, s.n_flash, s.buf.shape[1]) for i, s in enumerate(self.layers) if s.n_flash}
         self.stream = SpanStream(reader, spans, 2, stream_pool_bytes) if stream_pool_bytes else None
+        if self.stream is not None:
+            reader.release_staging()  # the RAM tier's start-up reads were the last staged ones
         self.reset_stats()  # the RAM tier's reads above are start-up, not any token's
 
     # -- bytes, for memory accounting and /health ------------------------------------------------
@@ -292,8 +296,9 @@ class TieredFFN:
         return y[None]
 
     def _prompt(self, layer: int, h: torch.Tensor) -> torch.Tensor:
-        """Every neuron for T tokens: resident records in place, flash records streamed once (in passes)."""
-        s, n = self.layers[layer], len(self.scratch)
+        """Every neuron for T tokens: resident records in place, flash records streamed once, in passes of the
+        same records whichever tier holds them (so the float sums, and the logits, do not depend on the plan)."""
+        s, n = self.layers[layer], self.pass_rows
         rb, st, r = s.buf.shape[1], self.stats, self.reader.stats
         job = self.gpu.submit(layer, h) if s.first else None  # every GPU-tier neuron, beside the rest
         y = torch.zeros(h.shape[0], h.shape[1])

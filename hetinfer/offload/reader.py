@@ -235,6 +235,12 @@ class FlashReader:
             self._add_wait(time.perf_counter() - t)
         return np.frombuffer(buf, np.uint8)[offset - lo:offset - lo + nbytes]
 
+    def release_staging(self) -> None:
+        """Unmap the staging buffers kept for reuse (a streaming engine, done with its start-up reads, stages
+        nothing more)."""
+        with self._lock:
+            self._staging.clear()
+
     def close(self) -> None:
         """Finish submitted reads, stop the threads, close the file; idempotent."""
         if self._fd < 0:

@@ -44,7 +44,7 @@ import numpy as np
 from hetinfer.config import DEFAULT_KV, ModelConfig
 from hetinfer.errors import HetinferError
 from hetinfer.kernels.cuda import TILE_BYTES
-from hetinfer.placement.hardware import FLASH_SPAN_PIECE, FlashTier, Hardware, format_size
+from hetinfer.placement.hardware import FLASH_BLOCK, FLASH_SPAN_PIECE, FlashTier, Hardware, format_size
 from hetinfer.tensors import BLOCK_FORMATS, FLOAT_FORMATS
 from hetinfer.tiers import FLASH, GPU, RAM, TIERS  # noqa: F401  (re-exported: a neuron's tier code)
 
@@ -204,8 +204,11 @@ class DensePlacement:
     offload_seconds: float  # its share of the offloading engine's own per-layer work (0 without a flash tier)
 
 
-def flash_io_bytes(window_tokens: int) -> int:
-    """RAM of the offloading engine's flash I/O buffers for a window cache of `window_tokens` (see FLASH_IO_BYTES)."""
+def flash_io_bytes(window_tokens: int, streamed: bool = False) -> int:
+    """RAM of the offloading engine's flash I/O buffers for a window cache of `window_tokens` (see FLASH_IO_BYTES);
+    an engine that streams whole spans (`streams_flash`) needs only its two pools."""
+    if streamed:
+        return 2 * FLASH_POOL_BYTES
     return FLASH_IO_BYTES + (2 * FLASH_POOL_BYTES if window_tokens == 0 else 0)
 
 
@@ -225,7 +228,7 @@ def streams_flash(window_tokens: int, q: float, n_flash: np.ndarray, record_byte
     IOPS-bound disk the reader merges a dense set's gaps anyway, and the span needs no prediction to start."""
     n_flash, record_bytes = np.asarray(n_flash, np.int64), np.asarray(record_bytes, np.int64)
     span = n_flash * record_bytes
-    if window_tokens != 0 or not span.any() or span.max() + 2 * flash.align > FLASH_POOL_BYTES:
+    if window_tokens != 0 or not span.any() or span.max() + 2 * FLASH_BLOCK > FLASH_POOL_BYTES:
         return False
     on = n_flash > 0
     spans = sum(span_seconds(b, flash) for b in span[on])
@@ -261,10 +264,10 @@ def check_dense_ram(sizes: ModelSizes, budget: int, need: int, flash: bool, gpu_
         + (", give the GPU more memory" if gpu else "") + " or plan a shorter --ctx")
 
 
-def place_dense(sizes: ModelSizes, hw: Hardware, window_tokens: int = 5) -> DensePlacement:
+def place_dense(sizes: ModelSizes, hw: Hardware, window_tokens: int = 5, streamed: bool = False) -> DensePlacement:
     """Output head, then layers in order, onto the GPU while they fit; everything else in RAM. With a
-    flash tier, the offloading engine's I/O buffers in RAM (for a window cache of `window_tokens`) and its
-    per-layer work (`offload_seconds`).
+    flash tier, the offloading engine's I/O buffers in RAM (for a window cache of `window_tokens`, or for
+    streaming whole spans) and its per-layer work (`offload_seconds`; none when `streamed`).
 
     Raises PlacementError naming the minimum RAM when the dense parts do not fit."""
     n = len(sizes.layer_bytes)
@@ -279,7 +282,7 @@ def place_dense(sizes: ModelSizes, hw: Hardware, window_tokens: int = 5) -> Dens
         attn_on_gpu = np.cumsum(per_layer) <= free  # a prefix of the layers
         gpu_bytes = hw.gpu.capacity_bytes - free + int(per_layer[attn_on_gpu].sum())
     head_in_ram = not head_on_gpu and not sizes.tied  # a tied head on the CPU reads the embeddings
-    io_bytes = flash_io_bytes(window_tokens) if hw.flash is not None else 0
+    io_bytes = flash_io_bytes(window_tokens, streamed) if hw.flash is not None else 0
     ram_bytes = _dense_ram_bytes(sizes, attn_on_gpu, head_in_ram, io_bytes)
     check_dense_ram(sizes, hw.ram.capacity_bytes, ram_bytes, io_bytes > 0, gpu_bytes, hw.gpu is not None)
     gpu_bw = hw.gpu.bytes_per_s if hw.gpu is not None else 1.0
@@ -288,6 +291,7 @@ def place_dense(sizes: ModelSizes, hw: Hardware, window_tokens: int = 5) -> Dens
     fixed = n * hw.ram.layer_seconds
     # the offloading engine (CPU): per layer its own work, and layer l's input predicts layer l+1's set (look-ahead)
     offload = n * hw.ram.offload_layer_seconds + sizes.predictor_bytes[1:].sum() / ram_bw if io_bytes else 0.0
+    offload = 0.0 if streamed else offload  # streaming: no window-cache step, read planning or look-ahead predictor
     seconds = (sizes.head_bytes / (gpu_bw if head_on_gpu else ram_bw) + sizes.embed_row_bytes / ram_bw
                + (sizes.layer_bytes / rate).sum() + fixed + offload)
     return DensePlacement(head_on_gpu, attn_on_gpu, gpu_bytes, ram_bytes, float(seconds),
@@ -306,11 +310,13 @@ class Problem:
     tiers: tuple[int, ...]  # tier codes present, fastest first
     seconds: np.ndarray  # float64 [3, n_layers, n_ff]: expected seconds per token per tier (inf: absent)
     window: np.ndarray  # float64 [n_layers, n_ff]: expected RAM window-cache bytes if on flash
-    misses: np.ndarray  # float64 [n_layers, n_ff]: probability a token reads the neuron if on flash, p (1-p)^k
-    miss_seconds: np.ndarray  # float64 [n_layers]: the ILP's price of one miss (at the expected miss density)
+    misses: np.ndarray  # float64 [n_layers, n_ff]: probability a token reads the neuron if on flash, p (1-p)^k (streamed: 1)
+    miss_seconds: np.ndarray  # float64 [n_layers]: the ILP's price of one miss (at the expected miss density;
+    # streamed: a record's share of its layer's whole span read)
     free: np.ndarray  # int64 [3]: bytes each tier has for neurons after the dense parts
     sync_s: float  # one GPU/CPU synchronisation
     min_gpu: np.ndarray  # int64 [n_layers]: GPU neurons a CPU-attention layer needs to use the GPU at all (0: any)
+    streamed: bool = False  # the engine streams whole flash spans (`streams_flash`, decided before the solve)
 
 
 def build_problem(freq: np.ndarray, config: ModelConfig, sizes: ModelSizes, hw: Hardware,
@@ -338,9 +344,19 @@ def build_problem(freq: np.ndarray, config: ModelConfig, sizes: ModelSizes, hw: 
         seconds[GPU] = freq * b / hw.gpu.bytes_per_s
         free[GPU] = hw.gpu.capacity_bytes - dense.gpu_bytes
         tiers.insert(0, GPU)
+    streamed = False
     if hw.flash is not None:
         density = expected_miss_density(freq, misses, sizes.neuron_bytes, free[RAM] + free[GPU])
         miss_seconds = np.array([miss_reads(q, r, hw.flash)[0] for q, r in zip(density, sizes.record_bytes)])
+        # Streaming is decided before the solve, for whole layers (any plan's flash part then fits a pool), at
+        # the expected miss density; it frees the records engine's buffers for neurons.
+        streamed = streams_flash(window_tokens, float(density.mean()), np.full(config.n_layers, config.n_ff),
+                                 sizes.record_bytes, hw.flash)
+        if streamed:
+            dense = place_dense(sizes, hw, window_tokens, streamed=True)
+            free[RAM] = hw.ram.capacity_bytes - dense.ram_bytes
+            misses = np.ones_like(freq)  # every flash record is read every token
+            miss_seconds = np.array([span_seconds(config.n_ff * r, hw.flash) / config.n_ff for r in sizes.record_bytes])
         seconds[FLASH] = misses * miss_seconds[:, None] + seconds[RAM]
         free[FLASH] = hw.flash.capacity_bytes
         tiers.append(FLASH)
@@ -354,7 +370,7 @@ def build_problem(freq: np.ndarray, config: ModelConfig, sizes: ModelSizes, hw: 
         for layer in np.flatnonzero(~dense.attn_on_gpu):
             min_gpu[layer] = np.searchsorted(gain[layer], sync_s) + 1  # n_ff + 1: never worth it
     return Problem(freq, sizes, hw, dense, window_tokens, tuple(tiers), seconds, window, misses, miss_seconds, free,
-                   sync_s, min_gpu)
+                   sync_s, min_gpu, streamed)
 
 
 def expected_miss_density(freq: np.ndarray, misses: np.ndarray, neuron_bytes: np.ndarray,
@@ -429,8 +445,7 @@ def evaluate(p: Problem, tiers: np.ndarray) -> Usage:
     seconds += p.sync_s * int(split.sum())
     misses = np.where(on[FLASH], p.misses, 0.0).sum(axis=1)
     reads = np.zeros((3, len(misses)))  # seconds, bytes, requests per layer
-    q = float(misses.sum()) / max(int(count[FLASH].sum()), 1)
-    streamed = FLASH in p.tiers and streams_flash(p.window_tokens, q, count[FLASH], p.sizes.record_bytes, p.hw.flash)
+    streamed = p.streamed and bool(count[FLASH].any())
     for layer in np.flatnonzero(count[FLASH]):
         if streamed:
             span = int(count[FLASH, layer] * p.sizes.record_bytes[layer])
@@ -439,8 +454,6 @@ def evaluate(p: Problem, tiers: np.ndarray) -> Usage:
         per_miss = miss_reads(misses[layer] / count[FLASH, layer], p.sizes.record_bytes[layer], p.hw.flash)
         reads[:, layer] = misses[layer] * np.array(per_miss)
     predicted = seconds + float((reads[0] - misses * p.miss_seconds).sum())
-    if streamed:  # no window-cache step, read planning, gathering or look-ahead predictor: not that engine's work
-        predicted -= p.dense.offload_seconds
     return Usage(seconds, predicted, used, neuron_bytes, int(layer_window.sum()), layer_window, split, misses, *reads,
                  streamed)
 

@@ -23,8 +23,7 @@ def build_manifest(p: Problem, sol: Solution, config: ModelConfig, formats: dict
     freq = p.freq
     total_act = max(float(freq.sum()), 1e-30)
     sec = [float(p.seconds[t][on[t]].sum()) if on[t].any() else 0.0 for t in range(3)]
-    offload = 0.0 if usage.streamed else p.dense.offload_seconds  # a streaming engine does not do that work
-    sec[FLASH] += usage.predicted_seconds - usage.seconds + p.dense.offload_seconds - offload  # reads as the engine reads
+    sec[FLASH] += usage.predicted_seconds - usage.seconds  # reads priced at the plan's own miss density
     dense_bytes = [p.dense.gpu_bytes, p.dense.ram_bytes, 0]
     tiers = {}
     for t in p.tiers:
@@ -76,9 +75,8 @@ def build_manifest(p: Problem, sol: Solution, config: ModelConfig, formats: dict
         "hardware": p.hw.to_dict(),
         "window_tokens": p.window_tokens,
         "dense": {"head": "gpu" if p.dense.head_on_gpu else "ram", "embeddings": "ram",
-                  "seconds_per_token": p.dense.seconds - p.dense.offload_seconds + offload,
-                  "fixed_seconds_per_token": p.dense.fixed_seconds, "flash_io_bytes": p.dense.io_bytes,
-                  "offload_seconds_per_token": offload},
+                  "seconds_per_token": p.dense.seconds, "fixed_seconds_per_token": p.dense.fixed_seconds,
+                  "flash_io_bytes": p.dense.io_bytes, "offload_seconds_per_token": p.dense.offload_seconds},
         "tiers": tiers,
         "layers": layers,
         "sync": {"seconds": p.sync_s, "split_layers": int(usage.split.sum()),
