@@ -329,8 +329,9 @@ class TieredFFN:
             self.gpu.reset_stats()
 
     def report(self) -> dict:
-        """Per-token figures since the last reset (see OffloadStats.per_token and GPUStats.per_token)."""
-        out = self.stats.per_token(self.reader.stats, self.n_ff)
+        """Per-token figures since the last reset (see OffloadStats.per_token and GPUStats.per_token), and how flash
+        records are read: `spans` (streamed whole, `offload.stream`) or `records` (predicted sets)."""
+        out = {**self.stats.per_token(self.reader.stats, self.n_ff), "flash_reads": "spans" if self.stream else "records"}
         return out if self.gpu is None else {**out, **self.gpu.stats.per_token(self.stats.tokens)}
 
 
