@@ -57,6 +57,7 @@ Artefacts (profile, predictors, plans, stores, the 7B file) are kept in --cache-
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import hashlib
 import json
@@ -116,7 +117,8 @@ QUICK = Settings(prompt_tokens=64, tokens=16, slow_tokens=8, big_prompt_tokens=8
 def child_main(spec_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
     if "prepare" in spec:  # the deployments, made here so the parent never maps the model (smollm2_deployments)
-        deps = prepare_deployments(**spec["prepare"])
+        with contextlib.redirect_stdout(sys.stderr):  # the steps' reports; stdout is --json's
+            deps = prepare_deployments(**spec["prepare"])
         Path(spec["out"]).write_text(json.dumps([[*key, str(out), window] for key, (out, window) in deps.items()]))
         return
     if spec["engine"] == "llama.cpp":  # nothing of hetinfer's runtime (torch, numba) is loaded: it is charged
@@ -554,7 +556,8 @@ def _hetinfer(argv: list[str]) -> None:
 
     print(f"hetinfer {' '.join(argv)}", file=sys.stderr)
     args = build_parser().parse_args(argv)
-    args.run(args)
+    with contextlib.redirect_stdout(sys.stderr):  # its report; stdout is --json's
+        args.run(args)
 
 
 def store_path(dep: Path) -> str:
