@@ -174,6 +174,11 @@ def test_place_json_reports_the_solve_and_every_tier(tmp_path, profiles, capsys)
     plan = load_plan(tmp_path / "plan")
     assert plan.manifest["inputs"]["profile"] == "measured" and plan.manifest["profile"]["tokens"] == 1000
     assert plan.manifest["inputs"]["predictors"] == "none" and plan.manifest["predictors"]["layer_bytes"] == [0] * 4
+    # planned for computing every neuron: each one priced as used every token
+    assert place("--profile", "prof", "--hardware", tmp_path / "hw.json", "--qtype", "q8_0", "--every-neuron", "--window", "0", "--ram", "64MiB",
+                 "-o", tmp_path / "every", "--json", "--time-limit", "10", "--max-binaries", "600") == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["frequencies"] == "every neuron" and out["ffn_density"] == 1.0
 
 
 def test_with_predictors_neurons_are_priced_by_how_often_the_predictors_select_them(tmp_path, profiles, capsys):
@@ -283,6 +288,7 @@ def test_too_small_a_budget_for_the_dense_parts_says_the_minimum(tmp_path, profi
     (["--power-law", "1", "-o", "x"], "--power-law needs the model"),
     (["--power-law", "1"], "-o PLAN is required"),
     (["--power-law", "1", "-o", "x", "--predictors", "p", "--predictor-bytes", "1M"], "not both"),
+    (["--power-law", "1", "-o", "x", "--every-neuron", "--predictor-bytes", "1M"], "without predictors"),
 ])
 def test_place_argument_errors(tmp_path, argv, message):
     save_hardware(machine(), tmp_path / "hw.json")
@@ -472,5 +478,14 @@ def test_the_engines_flash_io_buffers_are_what_the_plan_counts(tmp_path):
         pools = sum(p.nbytes for p in ffn.pools)
         assert len(ffn.pools) == 2 and 0 < pools <= 2 * FLASH_POOL_BYTES
         assert STAGING_KEPT * ffn.reader.staging_bytes + ffn.scratch.nbytes + pools <= flash_io_bytes(0)
+    finally:
+        ffn.reader.close()
+    # streaming whole spans: the two pools are all the engine holds (no staging kept, no scratch)
+    ffn = tiered_ffn(store, None, lambda layer, h: None, np.full(3, 40), slots, 0, "silu",
+                     stream_pool_bytes=FLASH_POOL_BYTES)
+    try:
+        torch.testing.assert_close(ffn(1, h), kernels.sparse_ffn(*every, np.arange(96), h, "silu"), rtol=1e-5, atol=1e-5)
+        assert ffn.scratch.nbytes == 0 and not ffn.reader._staging and not any(p.nbytes for p in ffn.pools)
+        assert ffn.resident_bytes() - sum(s.buf.nbytes for s in ffn.layers) == flash_io_bytes(0, streamed=True)
     finally:
         ffn.reader.close()

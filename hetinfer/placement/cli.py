@@ -59,6 +59,9 @@ def add_parser(subparsers) -> None:
     m.add_argument("--predictors", metavar="DIR",
                    help="predictors from `hetinfer train-predictors`: each layer's is placed, byte for byte, with "
                         "the layer's attention (checked against -m MODEL)")
+    m.add_argument("--every-neuron", action="store_true",
+                   help="plan for computing every FFN neuron, without predictors (exact output): each neuron is "
+                        "priced as used every token, and no predictor takes RAM")
     m.add_argument("--predictor-bytes", type=SIZE, metavar="SIZE",
                    help="what-if without a predictor artefact (e.g. --model-shape): bytes of each layer's predictor")
     h = p.add_argument_group("machine")
@@ -126,6 +129,9 @@ def _check_args(args: argparse.Namespace) -> None:
         raise PlacementError("give exactly one of --profile PROFILE or --power-law EXPONENT")
     if args.model and args.model_shape:
         raise PlacementError("give -m MODEL or --model-shape CONFIG_JSON, not both")
+    if args.every_neuron and (args.predictors or args.predictor_bytes is not None):
+        raise PlacementError("--every-neuron plans without predictors: drop --predictors/--predictor-bytes, or "
+                             "--every-neuron to plan for them")
     if args.predictors and args.predictor_bytes is not None:
         raise PlacementError("give --predictors DIR or --predictor-bytes SIZE, not both: the artefact's size is "
                              "measured")
@@ -191,10 +197,13 @@ def _predictor_bytes(args: argparse.Namespace, config: ModelConfig, predictors, 
 def _frequencies(args: argparse.Namespace, config: ModelConfig, profile, predictors, inputs: dict,
                  assumptions: list[str]) -> tuple[np.ndarray, dict]:
     """How often the engine computes each neuron [n_layers, n_ff], and the manifest's description of the
-    profile: with predictors and a measured profile of this model, the share of the profile's stored FFN
+    profile: with --every-neuron, always; with predictors and a measured profile of this model, the share of the profile's stored FFN
     inputs the predictors select each neuron for (what the engine computes); otherwise the profile's
     activation frequency at --sparsity (rescaled if its shape differs) or a power law."""
     freq, info = _profile_frequencies(args, config, profile, inputs, assumptions)
+    if args.every_neuron:
+        inputs["frequencies"] = "every neuron"
+        return np.ones_like(freq, dtype=np.float64), info
     inputs["frequencies"] = "profile"
     if predictors is None or inputs["profile"] != "measured":
         return freq, info
@@ -286,7 +295,8 @@ def report(manifest: dict, path: str) -> str:
                      + (" (whole flash spans streamed ahead: cheaper than the records on this disk)"
                         if f.get("streamed") else ""))
     lines.append(f"neurons computed per token: {manifest['predicted']['ffn_density']:.1%} "
-                 f"(frequencies from the {manifest['inputs']['frequencies']})")
+                 + ("(every neuron: no predictors)" if manifest["inputs"]["frequencies"] == "every neuron"
+                    else f"(frequencies from the {manifest['inputs']['frequencies']})"))
     pred = manifest["predictors"]
     if pred["bytes"]:
         source = f", {pred['source']}" if pred["source"] else ""
