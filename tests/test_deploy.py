@@ -22,8 +22,60 @@ RAM = "110MiB"
 
 
 def _prepare(out: Path, flash: Path, offline: Path, *extra: str) -> list[str]:
+    """A prepare with the offline predictors (`--neurons predicted`: whether a plan without them would be faster
+    depends on the machine's disk, and these tests exercise the predictors' pipeline)."""
     return ["prepare", "-o", str(out), "--flash-dir", str(flash), "--ram", RAM, "--ctx", "512",
-            "--profile", str(offline / "profile"), "--predictors", str(offline / "predictors"), *extra]
+            "--profile", str(offline / "profile"), "--predictors", str(offline / "predictors"), "--neurons", "predicted",
+            *extra]
+
+
+def test_prepare_every_neuron_plans_without_predictors(tmp_path, offline, capsys):
+    """`--neurons every`: no predictors trained or named, the plan prices every neuron as used every token, and
+    the deployment computes every neuron; it cannot be combined with --predictors."""
+    out, flash = tmp_path / "dep", tmp_path / "flash"
+    flash.mkdir()
+    argv = ["prepare", "-o", str(out), "--flash-dir", str(flash), "--ram", RAM, "--ctx", "512",
+            "--profile", str(offline / "profile"), "--neurons", "every"]
+    assert main(argv) == 0
+    m = json.loads((out / "deployment.json").read_text())
+    plan = json.loads((out / m["plan"] / "plan.json").read_text())
+    assert m["predictors"] is None and not (out / "predictors").exists()
+    assert plan["inputs"]["frequencies"] == "every neuron" and plan["predictors"]["source"] is None
+    assert plan["predicted"]["ffn_density"] == 1.0 and plan["window_tokens"] == 0
+    stats = tmp_path / "stats.json"
+    capsys.readouterr()
+    assert main(["run", str(out), "-p", "The capital of France is", "-n", "6", "--temperature", "0",
+                 "--stats-json", str(stats)]) == 0
+    assert json.loads(stats.read_text())["ffn_density"] == 1.0 and capsys.readouterr().out.strip()
+    assert main([*argv, "--predictors", str(offline / "predictors")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and err.count("\n") == 1 and "--neurons" in err
+
+
+def test_auto_keeps_the_trial_predicted_fastest(tmp_path, monkeypatch):
+    """prepare's place step: one plan per trial, the fastest renamed into place, the others removed."""
+    from hetinfer.offload import deploy
+    from hetinfer.placement.cost import PlacementError
+
+    speed = {"window 0": 20.0, "window 1": None, "every neuron, window 0": 31.0}  # None: that plan does not fit
+
+    def step(title, argv):
+        name = title.split(", ", 1)[1]
+        if speed[name] is None:
+            raise PlacementError("does not fit")
+        Path(argv[-1]).mkdir()
+        (Path(argv[-1]) / "name").write_text(name)
+
+    class Plan:
+        def __init__(self, path):
+            self.manifest = {"predicted": {"tok_s": speed[(Path(path) / "name").read_text()]}}
+
+    monkeypatch.setattr(deploy, "_step", step)
+    monkeypatch.setattr("hetinfer.placement.load_plan", Plan)
+    plan_dir = tmp_path / "plan"
+    deploy._place(["place"], plan_dir, [(name, []) for name in speed])
+    assert (plan_dir / "name").read_text() == "every neuron, window 0"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plan"]
 
 
 def test_prepare_then_run_greedy_matches_every_neuron_reference(tmp_path, offline, capsys):

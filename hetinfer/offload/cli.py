@@ -34,6 +34,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--tokens", type=int_in(1), default=100_000, help="calibration tokens for the profile (default 100000)")
     p.add_argument("--profile", metavar="PROFILE", help="use this profile instead of profiling")
     p.add_argument("--predictors", metavar="DIR", help="use these predictors instead of training them")
+    p.add_argument("--neurons", choices=("auto", "predicted", "every"), default="auto",
+                   help="which FFN neurons a token computes: `predicted` by the predictors, `every` one (no "
+                        "predictors: exact output, and their RAM holds neurons instead), or `auto`: plan both "
+                        "and keep the one predicted faster (default)")
     p.add_argument("--window", type=int_in(0), default=None,
                    help="tokens a flash neuron stays in the RAM window cache (default: the one of 0, 1, 2, 5 "
                         "whose plan is predicted fastest)")
@@ -59,6 +63,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     path = prepare(PrepareOptions(
         output=args.output, flash_dir=args.flash_dir, model=args.model, ram=args.ram, gpu_mem=args.gpu_mem,
         ctx=args.ctx, kv=args.kv, data=args.data or [], tokens=args.tokens, profile=args.profile,
-        predictors=args.predictors, window=args.window, weights=args.weights, threads=args.threads))
+        predictors=args.predictors, window=args.window, weights=args.weights, threads=args.threads,
+        every_neuron={"auto": None, "predicted": False, "every": True}[args.neurons]))
     print(f"deployment ready: {path.parent}\n  hetinfer run {path.parent} -p \"...\"   or   hetinfer chat {path.parent}")
     return 0

@@ -58,6 +58,7 @@ class PrepareOptions:
     window: int | None = None  # tokens a flash neuron stays in the RAM window cache; None: the best of AUTO_WINDOWS
     weights: str = "native"  # format the store keeps gate/up in (native: as in the model file; f32: exact mode)
     threads: int | None = None
+    every_neuron: bool | None = None  # True: no predictors, every neuron computed; False: predictors; None: weigh both
 
 
 def prepare(opts: PrepareOptions) -> Path:
@@ -65,6 +66,9 @@ def prepare(opts: PrepareOptions) -> Path:
     from hetinfer.loader import load_model, resolve_model_path
 
     out = Path(opts.output)
+    if opts.every_neuron and opts.predictors:
+        raise DeploymentError("--neurons every plans without predictors: drop --predictors, or ask for "
+                              "--neurons predicted or auto")
     _check_outputs(out, Path(opts.flash_dir))
     model_path = os.path.abspath(resolve_model_path(opts.model))
     model = load_model(model_path, weights=opts.weights)
@@ -77,21 +81,29 @@ def prepare(opts: PrepareOptions) -> Path:
         _step("1/4 profile", ["profile", *common, *data, "--tokens", str(opts.tokens), "-o", str(profile)])
     _load_profile(profile, model)
 
-    predictors = Path(opts.predictors) if opts.predictors else out / "predictors"
-    if opts.predictors is None and not _valid(lambda: _load_predictors(predictors, model), "predictors", predictors):
-        _step("2/4 predictors", ["train-predictors", *common, "--profile", str(profile), "-o", str(predictors)])
-    _load_predictors(predictors, model)
+    predictors = None if opts.every_neuron else Path(opts.predictors) if opts.predictors else out / "predictors"
+    if predictors is not None:
+        if opts.predictors is None and not _valid(lambda: _load_predictors(predictors, model), "predictors", predictors):
+            _step("2/4 predictors", ["train-predictors", *common, "--profile", str(profile), "-o", str(predictors)])
+        _load_predictors(predictors, model)
 
     plan_dir = out / "plan"
-    place = ["place", "-m", model_path, "--profile", str(profile), "--predictors", str(predictors), "--flash-dir",
-             opts.flash_dir, "--ctx", str(opts.ctx), "--kv", opts.kv]
+    place = ["place", "-m", model_path, "--profile", str(profile), "--flash-dir", opts.flash_dir, "--ctx",
+             str(opts.ctx), "--kv", opts.kv]
     place += [f for flag, v in (("--ram", opts.ram), ("--gpu-mem", opts.gpu_mem)) if v is not None for f in (flag, str(v))]
+    # with predictors, also weigh a plan that computes every neuron (None: prepare picks; True: that plan only)
+    trials = [] if predictors is None else [(f"window {k}", ["--predictors", str(predictors), "--window", str(k)])
+                                            for k in ([opts.window] if opts.window is not None else AUTO_WINDOWS)]
+    if opts.every_neuron is not False and opts.window in (None, 0):
+        trials.append(("every neuron, window 0", ["--every-neuron", "--window", "0"]))
     wanted = {"ram": opts.ram, "gpu_mem": opts.gpu_mem, "ctx": min(opts.ctx, model.config.context_length),
-              "kv": opts.kv, "window": opts.window, "predictors": os.path.abspath(predictors),
+              "kv": opts.kv, "window": opts.window, "predictors": predictors and os.path.abspath(predictors),
               "flash_dir": os.path.abspath(opts.flash_dir)}
     if not _valid(lambda: _check_plan(plan_dir, wanted), "plan", plan_dir):
-        _place(place, plan_dir, [opts.window] if opts.window is not None else AUTO_WINDOWS)
+        _place(place, plan_dir, trials)
     plan = _check_plan(plan_dir, wanted)
+    if plan.manifest["predictors"]["source"] is None:
+        predictors = None  # the plan computes every neuron: run/chat/serve load no predictors
 
     from hetinfer.offload.gpu import gpu_identity
     from hetinfer.offload.store import build_store, open_store
@@ -112,7 +124,7 @@ def prepare(opts: PrepareOptions) -> Path:
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "model": {"path": _rel(model_path, out), "fingerprint": model.fingerprint},
         "profile": _rel(profile, out),
-        "predictors": _rel(predictors, out),
+        "predictors": predictors and _rel(predictors, out),
         "plan": _rel(plan_dir, out),
         "store": _rel(store_path, out),
         "weights": opts.weights,
@@ -139,34 +151,35 @@ def _check_ram(opts: PrepareOptions, model) -> None:
     check_dense_ram(sizes, opts.ram, min(cpu_dense_ram_bytes(sizes, True, k) for k in windows), True)
 
 
-def _place(argv: list[str], plan_dir: Path, windows) -> None:
-    """`hetinfer place` once per window-cache length, keeping the plan predicted fastest: a window costs
-    RAM that could hold neurons instead, worth it when neurons are active in few tokens (ReLU models), not
-    when most are active in most tokens (SmolLM2's predictors keep ~80%: the window would hold them all)."""
+def _place(argv: list[str], plan_dir: Path, trials: list[tuple[str, list[str]]]) -> None:
+    """`hetinfer place` once per trial (a name and its flags: a window-cache length with the predictors, or every
+    neuron without them), keeping the plan predicted fastest. A window costs RAM that could hold neurons
+    instead, worth it when neurons are active in few tokens (ReLU models), not when most are active in most
+    tokens (SmolLM2's predictors keep ~80%: the window would hold them all); predictors cost RAM too, worth it
+    unless the flash tier is read in whole spans anyway (an IOPS-bound disk at high density)."""
     from hetinfer.placement import load_plan
     from hetinfer.placement.cost import PlacementError
 
     best, error = None, None
-    for k in windows:
-        trial = plan_dir.parent / f".{plan_dir.name}.window{k}"
+    dirs = [plan_dir.parent / f".{plan_dir.name}.trial{i}" for i in range(len(trials))]
+    for (name, flags), trial in zip(trials, dirs):
         try:
-            _step(f"3/4 place, window {k}", [*argv, "--window", str(k), "-o", str(trial)])
+            _step(f"3/4 place, {name}", [*argv, *flags, "-o", str(trial)])
         except PlacementError as e:
             error = e
             continue
         tok_s = load_plan(trial).manifest["predicted"]["tok_s"]
         if best is None or tok_s > best[0]:
-            best = (tok_s, trial)
+            best = (tok_s, trial, name)
     if best is None:
         raise error
-    if len(windows) > 1:
-        print(f"[3/4 place] window {best[1].name.rsplit('window', 1)[1]} predicted fastest "
-              f"({best[0]:.1f} tok/s)", file=sys.stderr)
+    if len(trials) > 1:
+        print(f"[3/4 place] {best[2]} predicted fastest ({best[0]:.1f} tok/s)", file=sys.stderr)
     if plan_dir.exists():
         shutil.rmtree(plan_dir)
     best[1].rename(plan_dir)
-    for k in windows:
-        shutil.rmtree(plan_dir.parent / f".{plan_dir.name}.window{k}", ignore_errors=True)
+    for d in dirs:
+        shutil.rmtree(d, ignore_errors=True)
 
 
 def _check_outputs(out: Path, flash_dir: Path) -> None:
@@ -227,7 +240,9 @@ def _check_plan(path: Path, wanted: dict):
             "ctx": m["model"]["n_ctx"], "kv": plan.kv_dtype, "window": m["window_tokens"],
             "predictors": m["predictors"]["source"],
             "flash_dir": os.path.abspath((hw.get("flash") or {}).get("dir", ""))}
-    diff = [k for k in wanted if have[k] != wanted[k] and not (k == "window" and wanted[k] is None)]
+    # a plan that computes every neuron was weighed against these predictors (or asked for without any)
+    diff = [k for k in wanted if have[k] != wanted[k] and not (k == "window" and wanted[k] is None)
+            and not (k == "predictors" and have[k] is None and m["window_tokens"] == 0)]
     if diff:
         raise ArtifactError(f"{path}: made for another {', '.join(diff)}")
     return plan
@@ -275,7 +290,8 @@ def load_deployment(path: str | Path, weights: str | None = None) -> Deployment:
     try:
         model_path = _resolve(d, m["model"]["path"])
         fp = m["model"]["fingerprint"]
-        parts = {k: _resolve(d, m[k]) for k in ("profile", "predictors", "plan", "store")}
+        parts = {k: _resolve(d, m[k]) for k in ("profile", "plan", "store")}
+        parts["predictors"] = m["predictors"] and _resolve(d, m["predictors"])  # None: every neuron is computed
         stored_weights = m["weights"]
     except (KeyError, TypeError) as e:
         raise DeploymentError(f"{d / MANIFEST}: missing or bad field {e}; {REDO}") from None
@@ -290,7 +306,7 @@ def load_deployment(path: str | Path, weights: str | None = None) -> Deployment:
     if plan.config.to_dict() != model.config.to_dict():
         raise DeploymentError(f"{parts['plan']}: the plan is for another model; {REDO}")
     store = open_store(parts["store"], model)
-    predictors = _load_predictors(Path(parts["predictors"]), model)
+    predictors = parts["predictors"] and _load_predictors(Path(parts["predictors"]), model)
     return Deployment(d, m, model, plan, store, predictors)
 
 
@@ -382,8 +398,8 @@ def open_session(dep: Deployment, n_ctx: int | None = None, every_neuron: bool =
     counts = tier_counts(dep.plan)
     gpu = open_executor(dep, counts[:, 0], device)
     hw = Hardware.from_dict(dep.plan.manifest["hardware"], f"{dep.path}: plan hardware")
-    if select is None:
-        select = (lambda layer, h: None) if every_neuron else dep.predictors.rows
+    if select is None:  # a deployment without predictors computes every neuron
+        select = (lambda layer, h: None) if every_neuron or dep.predictors is None else dep.predictors.rows
     if resident is None:
         resident = counts[:, 1]
     if capacity is None:
