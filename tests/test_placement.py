@@ -15,7 +15,7 @@ from hetinfer.placement.cost import (FLASH, FLASH_IO_BYTES, FLASH_MAX_READ, FLAS
                                      PlacementError, WeightFormats, build_problem, evaluate, miss_reads, model_sizes,
                                      span_seconds, streams_flash,
                                      place_dense, row_bytes, violations, weight_sizes)
-from hetinfer.placement.hardware import ASSUMED_FLASH, FLASH_BLOCK, FlashTier, GpuTier, Hardware, RamTier
+from hetinfer.placement.hardware import ASSUMED_FLASH, FLASH_BLOCK, STREAM_PIECES, FlashTier, GpuTier, Hardware, RamTier
 
 LLAMA2_70B = ModelConfig(arch="llama", n_layers=80, d_model=8192, n_ff=28672, n_heads=64, n_kv_heads=8, head_dim=128,
                          vocab_size=32000, context_length=4096, name="llama-2-70b")
@@ -425,10 +425,9 @@ PROBED = FlashTier(1 << 40, "/flash", read_sizes=[4096, 16384, 65536, 262144, 10
                                 [1.04e9, 1.21e9, 1.77e9, 1.51e9], [1.8e9, 1.68e9, 2.05e9, 1.72e9]], method="o_direct")
 
 
-def test_span_seconds_reads_in_pieces_of_at_most_a_mebibyte():
-    assert span_seconds(1 << 20, PROBED) == pytest.approx(PROBED.read_seconds(1 << 20))
-    assert span_seconds(3 << 19, PROBED) == pytest.approx(2 * PROBED.read_seconds(3 << 18))  # 1.5 MiB: 2 pieces
-    assert span_seconds(4 << 20, PROBED) == pytest.approx(4 * PROBED.read_seconds(1 << 20))
+def test_span_seconds_is_stream_pieces_requests_at_once():
+    for nbytes in (1 << 20, 3 << 19, 4 << 20):
+        assert span_seconds(nbytes, PROBED) == pytest.approx(STREAM_PIECES * PROBED.read_seconds(nbytes / STREAM_PIECES))
 
 
 def test_streams_flash_where_the_reader_would_read_the_span_anyway():
@@ -456,7 +455,7 @@ def test_a_streamed_plan_prices_whole_span_reads():
     for layer, n in enumerate((3072, 4096)):
         span = n * int(p.sizes.record_bytes[layer])
         assert [u.read_seconds[layer], u.read_bytes[layer], u.reads[layer]] == pytest.approx(
-            [span_seconds(span, p.hw.flash), span, 1])
+            [span_seconds(span, p.hw.flash), span, STREAM_PIECES])
     assert u.predicted_seconds == pytest.approx(u.seconds + (u.read_seconds - np.array([3072, 4096]) * p.miss_seconds).sum())
     records = tiny_problem(freq, ram_neurons=1024, flash_neurons=10_000, window_tokens=2, flash_tier=PROBED)
     assert not records.streamed and records.dense.io_bytes == FLASH_IO_BYTES and not evaluate(records, tiers).streamed

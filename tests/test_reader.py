@@ -353,24 +353,28 @@ def test_reads_at_the_finest_alignment_the_file_accepts(records_file):
         np.testing.assert_array_equal(dst, expected(data, positions))
 
 
-def test_submit_span_reads_straight_into_the_buffer(records_file):
+def test_read_span_into_reads_straight_into_the_buffer(records_file):
     """Aligned spans land byte for byte in the page-aligned buffer (the last one past the end of the file
-    rounded up to the alignment), counted as requests; misaligned calls and spans past the file refuse."""
+    rounded up to the alignment), one request each; misaligned calls and spans past the file refuse."""
     path, data = records_file
-    with FlashReader(path, NVME, threads=3) as reader:
+    with FlashReader(path, NVME) as reader:
         a = reader.align
         end = -(-len(data) // a) * a
         buf = mmap.mmap(-1, end)
         for offset, nbytes in ((0, a), (a, 5 * a), (BASE, end - BASE), (0, end)):
             before = reader.snapshot()
-            reader.submit_span(offset, nbytes, buf).wait()
+            reader.read_span_into(offset, nbytes, buf)
             got = np.frombuffer(buf, np.uint8, min(nbytes, len(data) - offset))
             assert got.tobytes() == data[offset:offset + len(got)]
             done = reader.snapshot() - before
-            assert done.bytes == nbytes and 1 <= done.requests <= 3 and done.wait_s >= 0
+            assert done.bytes == len(got) and done.requests == 1 and sum(done.sizes.values()) == 1
         with pytest.raises(ValueError, match="multiples"):
-            reader.submit_span(1, a, buf)
+            reader.read_span_into(1, a, buf)
         with pytest.raises(ValueError, match="multiples"):
-            reader.submit_span(0, 2 * end, buf)
+            reader.read_span_into(0, 2 * end, buf)
+        with pytest.raises(ValueError, match="multiples"):
+            reader.read_span_into(0, a, buf, at=end)
+        reader.read_span_into(BASE, 2 * a, buf, at=a)  # a piece of a span, into its place in the buffer
+        assert bytes(buf[a:3 * a]) == data[BASE:BASE + 2 * a]
         with pytest.raises(FlashReadError, match="not inside the file"):
-            reader.submit_span(end, a, buf)
+            reader.read_span_into(end, a, buf)

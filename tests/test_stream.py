@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from hetinfer.offload.reader import FlashReader
+from hetinfer.offload.reader import FlashReader, FlashReadError
 from hetinfer.offload.stream import Span, SpanStream
 from hetinfer.placement.hardware import FLASH_BLOCK
 
@@ -56,3 +56,20 @@ def test_one_layer_uses_one_pool(spans_file):
             assert stream.get(2).tobytes() == expected(data, spans[2])
             stream.release(2)
         assert len(stream.pools) == 1
+
+
+def test_a_failed_read_raises_on_the_engines_thread_and_close_stops_the_readers(spans_file, tmp_path):
+    path, data, spans = spans_file
+    short = tmp_path / "short.bin"
+    short.write_bytes(data[: 28 * FLASH_BLOCK])  # layers 3 and 4 now lie past the end of the file
+    with FlashReader(str(short), None) as reader:
+        stream = SpanStream(reader, spans, 2, 20 * FLASH_BLOCK)
+        for layer in (0, 1, 2):
+            assert stream.get(layer).tobytes() == expected(data, spans[layer])
+            stream.release(layer)
+        with pytest.raises(FlashReadError, match="not inside the file"):
+            stream.get(3)
+        with pytest.raises(FlashReadError):  # read again, fails again
+            stream.get(3)
+        stream.close()
+        assert not any(t.is_alive() for t in stream._threads)

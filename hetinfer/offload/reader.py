@@ -29,7 +29,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from hetinfer.offload.store import StoreError
-from hetinfer.placement.hardware import FLASH_BLOCK, FLASH_SPAN_PIECE, FlashTier
+from hetinfer.placement.hardware import FLASH_BLOCK, FlashTier
 from hetinfer.placement.probe import open_uncached, read_alignment
 
 DEFAULT_MERGE_GAP = 16 << 10  # without a read curve: read through gaps up to this many bytes
@@ -145,7 +145,6 @@ class FlashReader:
         self.file_bytes = os.fstat(self._fd).st_size
         self._pool = ThreadPoolExecutor(max(1, self.threads - 1), thread_name_prefix="hetinfer-read")
         self._submitted = ThreadPoolExecutor(1, thread_name_prefix="hetinfer-read-submit")
-        self._spans: ThreadPoolExecutor | None = None  # submit_span's pieces, made on first use
         self._lock = threading.Lock()
         self.stats = ReadStats()  # cumulative, updated in place under self._lock
         self._staging: list[mmap.mmap] = []
@@ -190,28 +189,35 @@ class FlashReader:
         self._submitted.submit(run)
         return future
 
-    def submit_span(self, offset: int, nbytes: int, dst: mmap.mmap) -> "SpanRead":
-        """Read the file's bytes [offset, offset + nbytes) into dst[0:nbytes] in the background, in one
-        piece per reader thread (each at most FLASH_SPAN_PIECE), straight into `dst` with no staging (the
-        streaming engine's whole-layer reads). offset and nbytes: multiples of `align`; dst: page-aligned
-        (an mmap), untouched until the returned SpanRead's wait()."""
+    def read_span_into(self, offset: int, nbytes: int, dst: mmap.mmap, at: int = 0, count: bool = True) -> None:
+        """Read the file's bytes [offset, offset + nbytes) into dst[at:at + nbytes] with one request on the
+        calling thread, straight into `dst` with no staging (the streaming engine's span pieces, each read by
+        a thread of its own). offset, nbytes and at: multiples of `align`; dst: page-aligned (an mmap).
+        `count=False`: the caller counted the request already (`note_requests`, when it issued it)."""
         self._check_open()
-        if offset % self.align or nbytes % self.align or nbytes <= 0 or len(dst) < nbytes:
-            raise ValueError(f"a span read needs an offset and size that are multiples of {self.align} and a "
-                             f"buffer that holds it, got {offset}, {nbytes} into {len(dst)} bytes")
+        if offset % self.align or nbytes % self.align or at % self.align or nbytes <= 0 or len(dst) < at + nbytes:
+            raise ValueError(f"a span read needs an offset, size and place that are multiples of {self.align} and "
+                             f"a buffer that holds it, got {offset}, {nbytes} at {at} into {len(dst)} bytes")
         if offset + nbytes > -(-self.file_bytes // self.align) * self.align:
             raise FlashReadError(f"{self.path}: bytes [{offset}, {offset + nbytes}) are not inside the file "
                                  f"({self.file_bytes} bytes); the store is truncated or belongs to another file")
-        if self._spans is None:
-            self._spans = ThreadPoolExecutor(self.threads, thread_name_prefix="hetinfer-span")
-        step = min(FLASH_SPAN_PIECE, -(-nbytes // (self.threads * self.align)) * self.align)
-        off = np.arange(offset, offset + nbytes, step, dtype=np.int64)
-        size = np.minimum(step, offset + nbytes - off)
         view = memoryview(dst)
-        futures = [self._spans.submit(self._read_batch, view, [o], [n], [o - offset])
-                   for o, n in zip(off.tolist(), size.tolist())]
-        self._count(size, int(size.sum()), int(size.sum()))
-        return SpanRead(futures, self._add_wait)
+        try:
+            got = self._read_batch(view, [offset], [nbytes], [at])
+        finally:
+            view.release()
+        if count:
+            self.note_requests([nbytes], got)
+
+    def note_requests(self, sizes: list[int], got: int) -> None:
+        """Count requests of `sizes` bytes that returned `got` bytes in all (plain ints: no numpy, for threads
+        that share the GIL with the engine's)."""
+        with self._lock:
+            s = self.stats
+            s.requests += len(sizes)
+            s.bytes += got
+            s.requested_bytes += sum(sizes)
+            s.sizes.update(1 << (n - 1).bit_length() for n in sizes)
 
     def read_span(self, offset: int, nbytes: int) -> np.ndarray:
         """uint8 [nbytes]: the file's bytes [offset, offset + nbytes), any alignment (start-up loads of
@@ -247,8 +253,6 @@ class FlashReader:
             return
         self._submitted.shutdown(wait=True)
         self._pool.shutdown(wait=True)
-        if self._spans is not None:
-            self._spans.shutdown(wait=True)
         os.close(self._fd)
         self._fd = -1
         self._staging.clear()
@@ -388,25 +392,6 @@ class FlashReader:
             self._staging.append(buf)
             self._staging.sort(key=len, reverse=True)
             del self._staging[STAGING_KEPT:]  # unmapped when the last view goes
-
-
-class SpanRead:
-    """A submitted span read: wait() blocks until every piece is in (adding the time blocked to the
-    reader's wait_s) and re-raises a piece's FlashReadError."""
-
-    def __init__(self, futures: list[Future], on_wait):
-        self._futures, self._on_wait = futures, on_wait
-
-    def done(self) -> bool:
-        return all(f.done() for f in self._futures)
-
-    def wait(self) -> None:
-        t = time.perf_counter()
-        try:
-            for f in self._futures:
-                f.result()
-        finally:
-            self._on_wait(time.perf_counter() - t)
 
 
 class _TimedFuture(Future):

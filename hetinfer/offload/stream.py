@@ -4,19 +4,24 @@ When the reader would read a layer's whole flash span anyway (its predicted set 
 the read planner merges every gap, as on an IOPS-bound disk at SmolLM2's densities), waiting for
 the predictor before reading only adds latency. `SpanStream` instead reads the flash spans of the
 streamed layers in their decode order, cyclically (the next token's first layers while this token's
-last ones compute), into a ring of page-aligned pools, each span in a few large O_DIRECT pieces
-straight into its pool: no staging copy, no gather, and the disk always has the next layers queued.
+last ones compute), into a ring of page-aligned pools, each span in STREAM_PIECES O_DIRECT requests
+straight into its pool by reading threads of the stream's own: no staging copy, no gather, the disk
+always has the next layers queued, and the engine's thread only queues a freed pool's pieces (the
+reading threads run almost no Python, so they hardly contend with the engine for the GIL).
 The FFN computes the token's predicted set from the pool in place.
 """
 from __future__ import annotations
 
 import mmap
+import queue
+import threading
 from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
 
-from hetinfer.offload.reader import FlashReader, SpanRead
+from hetinfer.offload.reader import FlashReader
+from hetinfer.placement.hardware import STREAM_PIECES
 
 
 @dataclass(frozen=True)
@@ -29,7 +34,8 @@ class Span:
 
 
 class SpanStream:
-    """Reads `spans` (layer -> Span) in ascending layer order, cyclically, `len(pools)` layers ahead.
+    """Reads `spans` (layer -> Span) in ascending layer order, cyclically, `len(pools)` layers ahead, each in
+    STREAM_PIECES pieces read by as many threads.
 
     get(layer) -> uint8 [n, record_bytes]: the layer's records, waiting for their read; release(layer)
     frees its pool for the next span in the cycle. Asking for a layer other than the next one in the
@@ -45,9 +51,18 @@ class SpanStream:
         if need > pool_bytes:
             raise ValueError(f"a streamed span needs {need} bytes, more than a pool's {pool_bytes}")
         self.pools = [mmap.mmap(-1, pool_bytes) for _ in range(min(n_pools, len(self.order)))]
+        self._read = [threading.Event() for _ in self.pools]  # set: the pool's span is in (or failed)
+        self._left = [0] * len(self.pools)  # pieces of the pool's span still being read
+        self._lock = threading.Lock()
+        self._error: list[BaseException | None] = [None] * len(self.pools)
         self._free = list(range(len(self.pools)))
-        self._queue: deque[tuple[int, int, SpanRead]] = deque()  # (layer, pool, read), in cycle order
+        self._queue: deque[tuple[int, int]] = deque()  # (layer, pool) submitted, in cycle order
         self._next = 0  # index into `order` of the next span to submit
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._threads = [threading.Thread(target=self._work, name="hetinfer-span", daemon=True)
+                         for _ in range(STREAM_PIECES if self.pools else 0)]
+        for t in self._threads:
+            t.start()
 
     @property
     def nbytes(self) -> int:
@@ -56,11 +71,14 @@ class SpanStream:
     def get(self, layer: int) -> np.ndarray:
         if not self._queue or self._queue[0][0] != layer:
             self._restart(layer)
-        _, pool, read = self._queue[0]
-        read.wait()
+        pool = self._queue[0][1]
+        self._read[pool].wait()
+        if self._error[pool] is not None:
+            error, self._error[pool] = self._error[pool], None
+            self._restart(layer)  # the next get reads the span again
+            raise error
         s, (lo, _) = self.spans[layer], self._aligned[layer]
-        at = s.start - lo
-        return np.frombuffer(self.pools[pool], np.uint8, s.n * s.record_bytes, at).reshape(s.n, s.record_bytes)
+        return np.frombuffer(self.pools[pool], np.uint8, s.n * s.record_bytes, s.start - lo).reshape(s.n, s.record_bytes)
 
     def release(self, layer: int) -> None:
         if self._queue and self._queue[0][0] == layer:
@@ -69,8 +87,29 @@ class SpanStream:
 
     def drain(self) -> None:
         """Wait for the reads in flight (their pools stay queued)."""
-        for _, _, read in self._queue:
-            read.wait()
+        for _, pool in self._queue:
+            self._read[pool].wait()
+
+    def close(self) -> None:
+        """Finish the reads in flight and stop the reading threads; idempotent."""
+        self.drain()
+        for t in self._threads:
+            if t.is_alive():
+                self._jobs.put(None)
+        for t in self._threads:
+            t.join()
+
+    def _work(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            pool, offset, nbytes, at = job
+            try:
+                self.reader.read_span_into(offset, nbytes, self.pools[pool], at, count=False)
+            except BaseException as e:  # handed to get(), on the engine's thread
+                self._error[pool] = e
+            with self._lock:
+                self._left[pool] -= 1
+                if self._left[pool] == 0:
+                    self._read[pool].set()
 
     def _restart(self, layer: int) -> None:
         self.drain()
@@ -84,5 +123,14 @@ class SpanStream:
             layer = self.order[self._next]
             self._next = (self._next + 1) % len(self.order)
             pool = self._free.pop(0)
+            self._read[pool].clear()
+            self._error[pool] = None
+            self._queue.append((layer, pool))
             lo, hi = self._aligned[layer]
-            self._queue.append((layer, pool, self.reader.submit_span(lo, hi - lo, self.pools[pool])))
+            step = -(-(hi - lo) // (STREAM_PIECES * self.reader.align)) * self.reader.align
+            pieces = [(at, min(step, hi - lo - at)) for at in range(0, hi - lo, step)]
+            self._left[pool] = len(pieces)
+            sizes = [n for _, n in pieces]  # counted as issued, so a token's figures hold its own reads
+            self.reader.note_requests(sizes, min(sum(sizes), self.reader.file_bytes - lo))
+            for at, n in pieces:
+                self._jobs.put((pool, lo + at, n, at))

@@ -44,7 +44,7 @@ import numpy as np
 from hetinfer.config import DEFAULT_KV, ModelConfig
 from hetinfer.errors import HetinferError
 from hetinfer.kernels.cuda import TILE_BYTES
-from hetinfer.placement.hardware import FLASH_BLOCK, FLASH_SPAN_PIECE, FlashTier, Hardware, format_size
+from hetinfer.placement.hardware import FLASH_BLOCK, STREAM_PIECES, FlashTier, Hardware, format_size
 from hetinfer.tensors import BLOCK_FORMATS, FLOAT_FORMATS
 from hetinfer.tiers import FLASH, GPU, RAM, TIERS  # noqa: F401  (re-exported: a neuron's tier code)
 
@@ -214,9 +214,8 @@ def flash_io_bytes(window_tokens: int, streamed: bool = False) -> int:
 
 def span_seconds(nbytes: int, flash: FlashTier) -> float:
     """Seconds to read `nbytes` contiguous bytes as the streaming engine does (`offload.stream`): in
-    pieces of at most FLASH_SPAN_PIECE, issued together."""
-    pieces = max(1, -(-int(nbytes) // FLASH_SPAN_PIECE))
-    return pieces * float(flash.read_seconds(nbytes / pieces))
+    STREAM_PIECES equal requests at once."""
+    return STREAM_PIECES * float(flash.read_seconds(int(nbytes) / STREAM_PIECES))
 
 
 def streams_flash(window_tokens: int, q: float, n_flash: np.ndarray, record_bytes: np.ndarray,
@@ -449,7 +448,7 @@ def evaluate(p: Problem, tiers: np.ndarray) -> Usage:
     for layer in np.flatnonzero(count[FLASH]):
         if streamed:
             span = int(count[FLASH, layer] * p.sizes.record_bytes[layer])
-            reads[:, layer] = span_seconds(span, p.hw.flash), span, -(-span // FLASH_SPAN_PIECE)
+            reads[:, layer] = span_seconds(span, p.hw.flash), span, STREAM_PIECES
             continue
         per_miss = miss_reads(misses[layer] / count[FLASH, layer], p.sizes.record_bytes[layer], p.hw.flash)
         reads[:, layer] = misses[layer] * np.array(per_miss)
