@@ -33,6 +33,21 @@ def _logits(model, ffn, prompt: list[int], steps: int) -> torch.Tensor:
     return torch.stack(out)
 
 
+def _tokens(ffn, model, ids: np.ndarray, at: int, n: int, tol: float):
+    """Run `n` tokens through every layer of `ffn` on one random input, checking layer `at`'s output against
+    the in-RAM sparse FFN over `ids`; yields after each token (its figures are in ffn.report())."""
+    h = torch.randn(1, model.config.d_model)
+    L = model.weights.layers[at]
+    want = kernels.sparse_ffn(L.gate, L.up, kernels.transpose_down(L.down), ids, h, model.config.activation)
+    for token in range(n):
+        ffn.reset_stats()
+        for layer in range(model.config.n_layers):
+            y = ffn(layer, h)
+            if layer == at:
+                torch.testing.assert_close(y, want, rtol=tol, atol=tol)
+        yield token
+
+
 def test_every_neuron_gives_the_dense_logits_for_any_placement(model_f32, tmp_path):
     """f32 store, every neuron active: all-flash, all-RAM and random per-layer RAM/flash splits, windows and
     cache sizes (including none, and one too small for a token, so the scratch path runs) reproduce the
@@ -54,22 +69,12 @@ def test_every_neuron_gives_the_dense_logits_for_any_placement(model_f32, tmp_pa
 def test_predicted_sets_read_only_missing_records(model, tmp_path):
     """Native SmolLM2, all-flash, a fixed active set per layer: the first token reads the set, the next
     tokens find it in the window cache (no flash reads), and the output equals the in-RAM sparse FFN."""
-    from hetinfer import kernels
-
     cfg = model.config
     tiers = np.full((cfg.n_layers, cfg.n_ff), 2, np.uint8)
     store = build_store(model, tmp_path / "s.store", tiers, None, progress=False)
     ids = np.sort(np.random.default_rng(1).permutation(cfg.n_ff)[: cfg.n_ff // 3])
     ffn = _engine(model, store, 0, cfg.n_ff, 2, select=lambda layer, h: ids)
-    h = torch.randn(1, cfg.d_model)
-    L = model.weights.layers[4]
-    want = kernels.sparse_ffn(L.gate, L.up, kernels.transpose_down(L.down), ids, h, cfg.activation)
-    for token in range(3):
-        ffn.reset_stats()
-        for layer in range(cfg.n_layers):
-            y = ffn(layer, h)
-            if layer == 4:
-                torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
+    for token in _tokens(ffn, model, ids, 4, 3, 1e-5):
         r = ffn.report()
         assert r["ffn_density"] == pytest.approx(len(ids) / cfg.n_ff)
         if token == 0:
@@ -81,8 +86,6 @@ def test_predicted_sets_read_only_missing_records(model, tmp_path):
 def test_all_resident_layers_skip_the_cache_and_count_the_same(model, tmp_path):
     """Layers with no flash neuron compute straight from their resident records (no cache step, no second
     kernel call): the output is the in-RAM sparse FFN's and the counters see no flash activity."""
-    from hetinfer import kernels
-
     cfg = model.config
     tiers = np.ones((cfg.n_layers, cfg.n_ff), np.uint8)
     store = build_store(model, tmp_path / "s.store", tiers, None, progress=False)
@@ -145,15 +148,8 @@ def test_streamed_spans_give_the_dense_logits_and_read_whole_spans(model_f32, tm
     ids = np.sort(rng.permutation(cfg.n_ff)[: cfg.n_ff // 4])
     resident = np.full(cfg.n_layers, cfg.n_ff // 2)
     ffn = _engine(m, store, resident, 0, 0, select=lambda layer, h: ids, stream_pool_bytes=pool)
-    h = torch.randn(1, cfg.d_model)
-    L = m.weights.layers[7]
-    want = kernels.sparse_ffn(L.gate, L.up, kernels.transpose_down(L.down), ids, h, cfg.activation)
-    for _ in range(2):
-        ffn.reset_stats()
-        for layer in range(cfg.n_layers):
-            y = ffn(layer, h)
-            if layer == 7:  # summed in two parts (resident, span): float32 rounding apart
-                torch.testing.assert_close(y, want, rtol=1e-4, atol=1e-4)
+    for _ in _tokens(ffn, m, ids, 7, 2, 1e-4):  # summed in two parts (resident, span): float32 rounding apart
+        pass
     r = ffn.report()
     in_flash = sum(int((L.position[ids] >= cfg.n_ff // 2).sum()) for L in store.layers)
     assert r["ideal_flash_bytes_per_token"] == in_flash * store.record_bytes
