@@ -297,7 +297,8 @@ class TieredFFN:
 
     def _prompt(self, layer: int, h: torch.Tensor) -> torch.Tensor:
         """Every neuron for T tokens: resident records in place, flash records streamed once, in passes of the
-        same records whichever tier holds them (so the float sums, and the logits, do not depend on the plan)."""
+        same size whichever tier holds them (a layer all in RAM and the same layer all on flash sum in the same
+        order, so their logits agree exactly)."""
         s, n = self.layers[layer], self.pass_rows
         rb, st, r = s.buf.shape[1], self.stats, self.reader.stats
         job = self.gpu.submit(layer, h) if s.first else None  # every GPU-tier neuron, beside the rest
