@@ -341,15 +341,14 @@ def plan_streams(plan, window: int, n_flash: np.ndarray, record_bytes: list[int]
     flash records per layer and a window cache of `window` tokens: as the plan decided (`tiers.flash.streamed`,
     which sized its I/O buffers for it), or for a plan written before that field, as the cost model decides at
     the plan's own expected miss density (misses per token over flash neurons)."""
-    from hetinfer.placement.cost import FLASH_POOL_BYTES, streams_flash
-    from hetinfer.placement.hardware import FLASH_BLOCK, Hardware
+    from hetinfer.placement.cost import spans_fit_pools, streams_flash
+    from hetinfer.placement.hardware import Hardware
 
     flash = plan.manifest["tiers"].get("flash")
     if not flash or "misses_per_token" not in flash or not np.any(n_flash) or window:
         return False
     if "streamed" in flash:  # decided for whole layers, so any split of them fits the pools
-        fits = (np.asarray(n_flash) * np.asarray(record_bytes)).max() + 2 * FLASH_BLOCK <= FLASH_POOL_BYTES
-        return bool(flash["streamed"] and fits)
+        return bool(flash["streamed"]) and spans_fit_pools(n_flash, record_bytes)
     q = flash["misses_per_token"] / max(flash["neurons"], 1)
     hw = Hardware.from_dict(plan.manifest["hardware"], "plan hardware")
     return streams_flash(window, q, n_flash, np.asarray(record_bytes), hw.flash)

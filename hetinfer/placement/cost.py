@@ -218,6 +218,13 @@ def span_seconds(nbytes: int, flash: FlashTier) -> float:
     return STREAM_PIECES * float(flash.read_seconds(int(nbytes) / STREAM_PIECES))
 
 
+def spans_fit_pools(n_flash: np.ndarray, record_bytes: np.ndarray) -> bool:
+    """Whether every layer's `n_flash` records of `record_bytes` fit one look-ahead pool (FLASH_POOL_BYTES),
+    with a block of alignment at either end, as the streaming engine reads them."""
+    span = np.asarray(n_flash, np.int64) * np.asarray(record_bytes, np.int64)
+    return bool(span.max(initial=0) + 2 * FLASH_BLOCK <= FLASH_POOL_BYTES)
+
+
 def streams_flash(window_tokens: int, q: float, n_flash: np.ndarray, record_bytes: np.ndarray,
                   flash: FlashTier) -> bool:
     """Whether the offloading engine reads whole flash spans ahead (`offload.stream`) instead of each token's
@@ -227,7 +234,7 @@ def streams_flash(window_tokens: int, q: float, n_flash: np.ndarray, record_byte
     IOPS-bound disk the reader merges a dense set's gaps anyway, and the span needs no prediction to start."""
     n_flash, record_bytes = np.asarray(n_flash, np.int64), np.asarray(record_bytes, np.int64)
     span = n_flash * record_bytes
-    if window_tokens != 0 or not span.any() or span.max() + 2 * FLASH_BLOCK > FLASH_POOL_BYTES:
+    if window_tokens != 0 or not span.any() or not spans_fit_pools(n_flash, record_bytes):
         return False
     on = n_flash > 0
     spans = sum(span_seconds(b, flash) for b in span[on])
@@ -289,8 +296,9 @@ def place_dense(sizes: ModelSizes, hw: Hardware, window_tokens: int = 5, streame
     rate = np.where(attn_on_gpu, gpu_bw, ram_bw)
     fixed = n * hw.ram.layer_seconds
     # the offloading engine (CPU): per layer its own work, and layer l's input predicts layer l+1's set (look-ahead)
-    offload = n * hw.ram.offload_layer_seconds + sizes.predictor_bytes[1:].sum() / ram_bw if io_bytes else 0.0
-    offload = 0.0 if streamed else offload  # streaming: no window-cache step, read planning or look-ahead predictor
+    offload = 0.0  # streaming does none of it: no window-cache step, read planning or look-ahead predictor
+    if io_bytes and not streamed:
+        offload = n * hw.ram.offload_layer_seconds + sizes.predictor_bytes[1:].sum() / ram_bw
     seconds = (sizes.head_bytes / (gpu_bw if head_on_gpu else ram_bw) + sizes.embed_row_bytes / ram_bw
                + (sizes.layer_bytes / rate).sum() + fixed + offload)
     return DensePlacement(head_on_gpu, attn_on_gpu, gpu_bytes, ram_bytes, float(seconds),
