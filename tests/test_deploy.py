@@ -50,6 +50,10 @@ def test_prepare_every_neuron_plans_without_predictors(tmp_path, offline, capsys
     assert main([*argv, "--predictors", str(offline / "predictors")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error:") and err.count("\n") == 1 and "--neurons" in err
+    other = tmp_path / "other"
+    assert main([*argv[:2], str(other), *argv[3:], "--window", "2"]) == 2  # nothing to cache across tokens
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and err.count("\n") == 1 and "--window" in err and not other.exists()
 
 
 def test_auto_keeps_the_trial_predicted_fastest(tmp_path, monkeypatch):

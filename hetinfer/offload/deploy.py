@@ -69,6 +69,9 @@ def prepare(opts: PrepareOptions) -> Path:
     if opts.every_neuron and opts.predictors:
         raise DeploymentError("--neurons every plans without predictors: drop --predictors, or ask for "
                               "--neurons predicted or auto")
+    if opts.every_neuron and opts.window:
+        raise DeploymentError(f"--neurons every computes every neuron each token, so a window cache of {opts.window} "
+                              "tokens would hold them all: drop --window (or give 0)")
     _check_outputs(out, Path(opts.flash_dir))
     model_path = os.path.abspath(resolve_model_path(opts.model))
     model = load_model(model_path, weights=opts.weights)
