@@ -450,6 +450,25 @@ def test_auto_threads_follow_the_cores_other_processes_leave_free(monkeypatch):
         kernels.set_threads()
 
 
+def test_every_thread_runs_probes_on_the_set_count_while_others_are_busy(monkeypatch):
+    """A probe measures (and keys its cache by) the machine's thread count, not what auto mode chose while a
+    solver's child process was busy; afterwards auto mode goes on choosing."""
+    n = kernels.set_threads()
+    if n < 2:
+        pytest.skip("one core: nothing to fall back from")
+    try:
+        fake_load(monkeypatch, n + 3.0)
+        assert kernels.get_threads() == 1 and kernels.max_threads() == n
+        with kernels.every_thread() as threads:
+            monkeypatch.setattr(kernels, "_checked", -1e9)
+            assert threads == n and kernels.get_threads() == n and kernels.numba.get_num_threads() == n
+        assert kernels.get_threads() == 1
+        monkeypatch.setattr(kernels, "_checked", -1e9)
+        assert kernels.get_threads() == 1  # still auto: re-chosen from the load
+    finally:
+        kernels.set_threads()
+
+
 def test_results_do_not_depend_on_how_many_cores_are_free(monkeypatch):
     """Sums split into parts (sparse FFN, attention spans) are split as set_threads allows, whatever
     runs them: the same bits with every core free and with one, so text never depends on the load."""

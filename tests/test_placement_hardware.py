@@ -143,7 +143,7 @@ def test_cpu_probe_times_the_kernels_on_the_stored_format_and_is_cached(tmp_path
     assert 1e8 < rate < 1e12
     assert ("q4_1", "q8_0", 576) in widths  # gate/up as stored, down as kernels.transpose_down holds it
     entry = json.loads((tmp_path / "cpu-probe-q4_1-576.json").read_text())
-    assert entry["key"]["qtype"] == "q4_1" and entry["key"]["threads"] == kernels.get_threads()
+    assert entry["key"]["qtype"] == "q4_1" and entry["key"]["threads"] == kernels.max_threads()
     assert entry["densities"] == list(probe.PROBE_DENSITIES) and len(entry["rates"]) == len(entry["densities"])
     assert entry["bytes_per_s"] == rate and min(entry["rates"]) <= rate <= max(entry["rates"])
 
@@ -154,6 +154,37 @@ def test_cpu_probe_times_the_kernels_on_the_stored_format_and_is_cached(tmp_path
         (tmp_path / "cpu-probe-q4_1-576.json").write_text(json.dumps({**entry, "key": {**entry["key"], field: stale}}))
         probe.measure_cpu_bytes_per_s("q4_1", 576, cache_dir=tmp_path)
         assert widths, f"a probe cached with another {field} was reused"
+
+
+def test_a_probe_runs_on_every_thread_and_is_reused_while_other_processes_are_busy(tmp_path, monkeypatch):
+    """After a solver's child process kept the cores busy, auto mode runs kernels on fewer threads; a probe
+    still measures on every thread, so its cached result (keyed by that count) is found again, not re-probed
+    for 1 thread (a second, and 256 MiB of probe layers, in each `prepare` trial)."""
+    from hetinfer import kernels
+    from tests.test_kernels import fake_load
+
+    n = kernels.set_threads()
+    if n < 2:
+        pytest.skip("one core: nothing to fall back from")
+    seen = []
+    real = kernels.sparse_ffn
+
+    def counting(*args, **kw):
+        seen.append(kernels.get_threads())
+        return real(*args, **kw)
+
+    monkeypatch.setattr(kernels, "sparse_ffn", counting)
+    try:
+        rate = probe.measure_cpu_bytes_per_s("q4_1", 576, cache_dir=tmp_path)
+        fake_load(monkeypatch, n + 3.0)
+        assert kernels.get_threads() == 1
+        seen.clear()
+        assert probe.measure_cpu_bytes_per_s("q4_1", 576, cache_dir=tmp_path) == rate and not seen
+        (tmp_path / "cpu-probe-q4_1-576.json").unlink()
+        probe.measure_cpu_bytes_per_s("q4_1", 576, cache_dir=tmp_path)
+        assert seen and set(seen) == {n}
+    finally:
+        kernels.set_threads()
 
 
 def test_layer_probe_times_the_engine_and_is_cached(tmp_path, monkeypatch):

@@ -19,6 +19,7 @@ Setup:   transpose_down (neuron-major down, once at load), convert, to_cuda, set
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import subprocess
@@ -91,6 +92,26 @@ def get_threads() -> int:
         torch.set_num_threads(_counts[1])  # torch's results do not depend on it (tests/test_generation.py)
         _applied.counts = _counts
     return _active
+
+
+def max_threads() -> int:
+    """The most threads a kernel uses (set_threads' count), whatever other processes leave free right now."""
+    return _threads
+
+
+@contextlib.contextmanager
+def every_thread():
+    """Run on max_threads(), not re-chosen meanwhile: a probe measures the machine, not the moment (after a
+    solver's child process, auto mode would run the probe, and key its result, on fewer threads)."""
+    global _auto
+    auto, active = _auto, _active
+    _auto = False
+    _run_on(_threads)
+    try:
+        yield _threads
+    finally:
+        _auto = auto
+        _run_on(active)
 
 
 def _run_on(n: int) -> None:

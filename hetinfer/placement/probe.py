@@ -95,7 +95,7 @@ def measure_cpu_bytes_per_s(qtype: str = "q4_0", d_model: int = 4096, cache_dir:
     from hetinfer import kernels
 
     key = {"device": "cpu", "host": platform.node(), "qtype": qtype, "d_model": d_model,
-           "threads": kernels.get_threads(), "kernels": _source_hash(kernels.cpu, kernels.simd)}
+           "threads": kernels.max_threads(), "kernels": _source_hash(kernels.cpu, kernels.simd)}
 
     def probe() -> dict:
         kernels.warmup()
@@ -125,7 +125,7 @@ def measure_cpu_layer_seconds(config=None, attn_qtype: str = "q8_0", ffn_qtype: 
     model source, shape) and cached."""
     from hetinfer import kernels, model
 
-    key = {"device": "cpu", "host": platform.node(), "threads": kernels.get_threads(),
+    key = {"device": "cpu", "host": platform.node(), "threads": kernels.max_threads(),
            "kernels": _source_hash(kernels.cpu, kernels.simd), "model": _source_hash(model)}
     shape = None
     if config is not None and bytes_per_s and sum(_layer_bytes(config, attn_qtype, ffn_qtype)) <= LAYER_PROBE_BYTES:
@@ -210,7 +210,7 @@ def measure_offload_layer_seconds(n_ff: int = 1536, cache_dir: Path | None = Non
     from hetinfer import kernels
     from hetinfer.offload import cache, ffn, reader, store
 
-    key = {"device": "cpu", "host": platform.node(), "threads": kernels.get_threads(), "n_ff": n_ff,
+    key = {"device": "cpu", "host": platform.node(), "threads": kernels.max_threads(), "n_ff": n_ff,
            "source": _source_hash(kernels.cpu, kernels.simd, ffn, cache, reader, store)}
     return _cached_probe(f"offload-layer-probe-{n_ff}", key, lambda: _offload_probe(n_ff),
                          cache_dir)["offload_layer_seconds"]
@@ -352,7 +352,7 @@ def measure_ffn_costs(n_ff: int, d_model: int, qtype: str, down_qtype: str, down
     from hetinfer import kernels
 
     shape = [n_ff, d_model, qtype, down_qtype, down_t_qtype, act]
-    key = {"device": "cpu", "host": platform.node(), "threads": kernels.get_threads(),
+    key = {"device": "cpu", "host": platform.node(), "threads": kernels.max_threads(),
            "kernels": _source_hash(kernels.cpu, kernels.simd), "shape": shape}
     name = "cpu-ffn-probe-" + hashlib.sha256(json.dumps(shape).encode()).hexdigest()[:8]
     d = _cached_probe(name, key, lambda: _ffn_probe(*shape), cache_dir)
@@ -488,7 +488,10 @@ def _cached_probe(name: str, key: dict | None, probe, cache_dir: Path | None) ->
         d = None
     if isinstance(d, dict) and d.pop("version", None) == PROBE_VERSION and d.pop("key", None) == key:
         return d
-    d = probe()
+    from hetinfer import kernels
+
+    with kernels.every_thread():
+        d = probe()
     atomic_write_json(path, {"version": PROBE_VERSION, "key": key, **d}, indent=None)
     return d
 
