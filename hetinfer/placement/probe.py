@@ -28,6 +28,7 @@ import numpy as np
 import psutil
 import torch
 
+from hetinfer import heap
 from hetinfer.atomic import atomic_write_json, remove_stale, temp_path
 from hetinfer.placement.hardware import (ASSUMED_GPU, FLASH_BLOCK, FlashTier, GpuTier, Hardware, HardwareError,
                                          RamTier, format_size, source_keys)
@@ -492,6 +493,7 @@ def _cached_probe(name: str, key: dict | None, probe, cache_dir: Path | None) ->
 
     with kernels.every_thread():
         d = probe()
+    heap.trim()  # the probe's arrays are gone; give their pages back before the caller's next step
     atomic_write_json(path, {"version": PROBE_VERSION, "key": key, **d}, indent=None)
     return d
 
