@@ -38,7 +38,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks._util import machine, table  # noqa: E402
-from hetinfer import kernels  # noqa: E402
+from hetinfer import heap, kernels  # noqa: E402
 from hetinfer.loader import default_model_path, load_model  # noqa: E402
 from hetinfer.data import calibration_sequences, parse_source  # noqa: E402
 from hetinfer.profiler.artifact import load_profile  # noqa: E402
@@ -136,6 +136,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     compile_s = kernels.warmup()
     model = load_model(path, weights=args.weights)
+    heap.freeze()  # as `hetinfer generate` does once the model is loaded
     tr = model.transformer
     n_prompt = args.prompt_tokens
     prompt = model.tokenizer.encode(PROMPT * (n_prompt // 40 + 2))[:n_prompt]

@@ -189,6 +189,7 @@ def run_llama(spec: dict) -> dict:
 def run_hetinfer(spec: dict) -> dict:
     import torch
 
+    from hetinfer import heap
     from hetinfer.generate import PREFILL_CHUNK, Session
     from hetinfer.info import component_bytes
 
@@ -199,6 +200,7 @@ def run_hetinfer(spec: dict) -> dict:
         session = Session(model, n_ctx=spec["ctx"])
     else:
         session, model = offload_session(spec)
+    heap.freeze()  # as `hetinfer run` does once the model is loaded
     tr, cache, ffn = model.transformer, session.cache, session.ffn
 
     def prefill(ids: list[int]) -> torch.Tensor:

@@ -7,6 +7,7 @@ import json
 import sys
 import time
 
+from hetinfer import heap
 from hetinfer.argtypes import SEED, THREADS, Parser, float_in, int_in, output_file, text
 from hetinfer.atomic import atomic_write_json, check_writable
 from hetinfer.config import DEFAULT_KV, KV_DTYPES
@@ -97,7 +98,9 @@ def open_session(args: argparse.Namespace):
     model = load_model(args.model, weights=args.weights)
     ffn = engine_ffn(model, args.sparsity, args.profile, args.predictors)
     prepare_kernels(getattr(args, "verbose", False))
-    return Session(model, n_ctx=args.ctx, ffn=ffn, kv=args.kv or DEFAULT_KV)
+    session = Session(model, n_ctx=args.ctx, ffn=ffn, kv=args.kv or DEFAULT_KV)
+    heap.freeze()  # the model lives until the command exits
+    return session
 
 
 def _open_deployment(args: argparse.Namespace, path: str):
@@ -108,7 +111,9 @@ def _open_deployment(args: argparse.Namespace, path: str):
                             "it takes")
     dep = deploy.load_deployment(path, weights=None if args.weights == "native" else args.weights)
     prepare_kernels(getattr(args, "verbose", False))
-    return deploy.open_session(dep, n_ctx=args.ctx, every_neuron=args.sparsity == 0, kv=args.kv, device=args.device)
+    session = deploy.open_session(dep, n_ctx=args.ctx, every_neuron=args.sparsity == 0, kv=args.kv, device=args.device)
+    heap.freeze()
+    return session
 
 
 def prepare_kernels(verbose: bool) -> None:
