@@ -26,7 +26,8 @@ Configurations (all but llama.cpp are the same engine, `offload.deploy.open_sess
   naive streaming     all-flash (resident 0), every neuron, no window cache, O_DIRECT reads of whole
                       layers, streamed ahead while earlier layers compute where the pools hold a layer
                       (what AirLLM, with its prefetching, and LLM in a Flash's baseline do)
-  layer cache         whole layers' FFN resident for the first layers that fit the budget, the rest
+  layer cache         whole layers' FFN resident for the first layers that fit the budget (less the
+                      dense parts and, on SmolLM2, the two pools the rest streams through), the rest
                       streamed, every neuron, no window cache
   page cache          the plan's RAM tier and active sets, no window cache, buffered reads: the
                       kernel's page cache (given what is left of the limit) is the flash cache
@@ -418,6 +419,7 @@ def record(model: str, budget: int, regime: str, runs: dict, bound_run: dict, th
 def smollm2(runner: Runner) -> list[dict]:
     from hetinfer.loader import default_model_path, load_model
     from hetinfer.placement import load_plan
+    from hetinfer.placement.cost import flash_io_bytes
 
     s = runner.s
     path = default_model_path()
@@ -428,7 +430,8 @@ def smollm2(runner: Runner) -> list[dict]:
     budgets = {(regime, share): model_budget(model, predictors[regime], share) for regime in REGIMES for share in SHARES}
     deps = smollm2_deployments(cache, path, predictors, budgets)
     prompt = prompt_ids(model.tokenizer, s.prompt_tokens)
-    no_predictors = model_budget(model, None, 0)
+    # the layer cache's bytes for whole layers: no predictors, and the two pools its flash layers stream through
+    layer_cache_dense = model_budget(model, None, 0) + flash_io_bytes(0, streamed=True)
     del model  # its file stays mapped while it lives, and mapped pages escape the children's limits
     files = lambda key: [path, store_path(deps[key][0])]  # noqa: E731
     base = {"model": path, "ctx": CTX, "prompt": prompt, "config_dict": cfg.to_dict()}
@@ -462,7 +465,7 @@ def smollm2(runner: Runner) -> list[dict]:
         runs["page_cache"] = runner.run(f"{name} page cache", het(key, capacity=0, direct=False, forced=forced),
                                         het_over + budget, files(key))
         runs["layer_cache"] = runner.run(
-            f"{name} layer cache", het(key, resident=layer_cache_resident(cfg, rb, budget - no_predictors), capacity=0,
+            f"{name} layer cache", het(key, resident=layer_cache_resident(cfg, rb, budget - layer_cache_dense), capacity=0,
                                        select="every", tokens=s.slow_tokens, forced=forced),
             het_over + budget, files(key))
         runs["llamacpp_limited"] = runner.run(f"{name} llama.cpp mmap", llama(s.slow_tokens), llama_over + budget, [path])
