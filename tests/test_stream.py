@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from hetinfer.offload.reader import FlashReader, FlashReadError
-from hetinfer.offload.stream import Span, SpanStream
+from hetinfer.offload.stream import PIECE_CHOICES, PieceTuner, Span, SpanStream
 from hetinfer.placement.hardware import FLASH_BLOCK
 
 RB = 1336
@@ -30,16 +30,83 @@ def expected(data: bytes, s: Span) -> bytes:
 
 @pytest.mark.parametrize("n_pools", [1, 2, 3])
 def test_cycles_through_the_layers_in_order_and_restarts_out_of_order(spans_file, n_pools):
+    """The same bytes whatever the piece count, including while the tuner changes it between cycles."""
     path, data, spans = spans_file
     with FlashReader(path, None, threads=2) as reader:
-        stream = SpanStream(reader, spans, n_pools, 20 * FLASH_BLOCK)
-        order = [0, 1, 2, 3, 4] * 3 + [3, 4, 0, 2, 2, 1]  # three tokens, then layers out of the cycle's order
+        stream = SpanStream(reader, spans, n_pools, 20 * FLASH_BLOCK, PieceTuner(cycles=1, retune=2))
+        order = [0, 1, 2, 3, 4] * 9 + [3, 4, 0, 2, 2, 1]  # nine tokens, then layers out of the cycle's order
+        used = set()
         for layer in order:
             got = stream.get(layer)
             assert got.shape == (spans[layer].n, RB) and got.tobytes() == expected(data, spans[layer])
+            used.add(stream.tuner.pieces)
             stream.release(layer)
+        assert used == set(PIECE_CHOICES)
         assert stream.nbytes == n_pools * 20 * FLASH_BLOCK
         stream.drain()
+
+
+def test_reads_each_span_in_the_tuners_pieces(spans_file):
+    path, _, spans = spans_file
+    for pieces in PIECE_CHOICES:
+        with FlashReader(path, None, threads=2) as reader:
+            tuner = PieceTuner(choices=(pieces,))
+            stream = SpanStream(reader, {3: spans[3]}, 1, 20 * FLASH_BLOCK, tuner)  # 17 blocks
+            stream.get(3)
+            assert reader.stats.requests == pieces
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _run(tuner: PieceTuner, clock: FakeClock, seconds: dict[int, float], cycles: int) -> list[int]:
+    """`cycles` decode cycles, each taking `seconds[pieces]` at the tuner's current choice; the choices seen."""
+    seen = []
+    for _ in range(cycles):
+        seen.append(tuner.pieces)
+        tuner.cycle()
+        clock.now += seconds[tuner.pieces]
+    return seen
+
+
+@pytest.mark.parametrize("fastest", PIECE_CHOICES)
+def test_the_tuner_settles_on_the_fastest_choice_and_times_them_again_later(fastest):
+    clock = FakeClock()
+    tuner = PieceTuner(cycles=3, retune=20, clock=clock)
+    seconds = {c: 0.010 if c == fastest else 0.015 for c in PIECE_CHOICES}
+    _run(tuner, clock, seconds, 25)
+    assert tuner.pieces == fastest
+    assert all(len(t) == 3 for t in tuner.times.values())
+    assert tuner.choices[0] == max(PIECE_CHOICES)  # the count the cost model prices is tried first
+    seen = _run(tuner, clock, seconds, 30)  # past `retune`: every choice is timed again, then the same one kept
+    assert set(seen) == set(PIECE_CHOICES) and seen[-1] == fastest
+
+
+def test_the_tuner_times_only_whole_decode_cycles():
+    """A cycle with a prompt pass or a restart in it is not timed, nor the first after a change of choice
+    (its first spans were queued the old way), so a long prompt cannot make a choice look slow."""
+    clock = FakeClock()
+    tuner = PieceTuner(choices=(4, 1), cycles=2, retune=100, clock=clock)
+    tuner.cycle()
+    clock.now += 5.0
+    tuner.untimed()  # a prompt in this cycle
+    tuner.cycle()
+    clock.now += 0.020
+    tuner.cycle()
+    clock.now += 0.020
+    tuner.cycle()
+    assert tuner.times[4] == pytest.approx([0.020, 0.020]) and tuner.pieces == 1
+    clock.now += 9.0  # the first cycle after the change: not timed
+    tuner.cycle()
+    for _ in range(2):
+        clock.now += 0.010
+        tuner.cycle()
+    assert tuner.times[1] == pytest.approx([0.010, 0.010]) and tuner.pieces == 1
 
 
 def test_refuses_a_span_larger_than_a_pool(spans_file):

@@ -307,6 +307,7 @@ class TieredFFN:
             _prompt_terms(self.store.views(s.buf[lo : min(lo + n, s.n_resident)]), h, self.act, y)
         if self.stream is not None and s.n_flash:  # the span the stream reads for decode holds them all
             span = self.stream.get(layer)
+            self.stream.tuner.untimed()  # a prompt's pass is not a decode token's
             self.store.verify(layer, s.first + s.n_resident + np.arange(s.n_flash), span)
             for lo in range(0, s.n_flash, n):
                 _prompt_terms(self.store.views(span[lo : lo + n]), h, self.act, y)

@@ -9,12 +9,18 @@ straight into its pool by reading threads of the stream's own: no staging copy, 
 always has the next layers queued, and the engine's thread only queues a freed pool's pieces (the
 reading threads run almost no Python, so they hardly contend with the engine for the GIL).
 The FFN computes the token's predicted set from the pool in place.
+
+How many requests a span is read in is chosen by timing (`PieceTuner`): more pieces in flight read faster
+from a disk that needs queue depth, but each costs the CPU a system call, a thread wake-up and a turn at
+the GIL, which a stream already ahead of compute pays for nothing.
 """
 from __future__ import annotations
 
 import mmap
 import queue
+import statistics
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass
 
@@ -33,16 +39,74 @@ class Span:
     record_bytes: int
 
 
+# The piece counts PieceTuner tries, the first until it has timed them all: STREAM_PIECES, the count the cost
+# model prices (`placement.cost.span_seconds`), then fewer.
+PIECE_CHOICES = tuple(sorted({STREAM_PIECES, 2, 1}, reverse=True))
+TUNE_CYCLES = 4  # decode cycles (tokens) timed per choice
+RETUNE_CYCLES = 512  # cycles after which the choices are timed again (the context grows, other load comes and goes)
+
+
+class PieceTuner:
+    """How many pieces the stream reads each span in: each of `choices` in turn for `cycles` decode cycles (a
+    token's pass over the streamed layers, timed from one request of the first streamed layer to the next),
+    then the one with the fastest median cycle until `retune` more cycles have passed. A cycle broken by a
+    restart or a prompt, or begun before a change of choice took effect, is not timed."""
+
+    def __init__(self, choices: tuple[int, ...] = PIECE_CHOICES, cycles: int = TUNE_CYCLES,
+                 retune: int = RETUNE_CYCLES, clock=time.perf_counter):
+        self.choices, self.cycles, self.retune, self.clock = choices, cycles, retune, clock
+        self.times: dict[int, list[float]] = {c: [] for c in choices}
+        self.pieces = choices[0]
+        self._trial = 0  # index of the choice being timed; len(choices): settled
+        self._settled = 0  # cycles since the choice was made
+        self._start: float | None = None
+
+    def cycle(self) -> None:
+        """A decode cycle begins (and the one before it ends)."""
+        now = self.clock()
+        start, self._start = self._start, now
+        if start is not None:
+            self._record(now - start)  # a change of choice un-times the cycle beginning now
+
+    def untimed(self) -> None:
+        """The current cycle is not a decode token's (a restart, a prompt)."""
+        self._start = None
+
+    def _record(self, seconds: float) -> None:
+        if self._trial == len(self.choices):
+            self._settled += 1
+            if self._settled >= self.retune:
+                self.times = {c: [] for c in self.choices}
+                self._trial = 0
+                self._set(self.choices[0])
+            return
+        times = self.times[self.choices[self._trial]]
+        times.append(seconds)
+        if len(times) == self.cycles:
+            self._trial += 1
+            done = self._trial == len(self.choices)
+            self._settled = 0
+            self._set(min(self.choices, key=lambda c: statistics.median(self.times[c])) if done
+                      else self.choices[self._trial])
+
+    def _set(self, pieces: int) -> None:
+        if pieces != self.pieces:
+            self.pieces = pieces
+            self._start = None  # spans already queued were cut the old way: the next cycle is mixed
+
+
 class SpanStream:
     """Reads `spans` (layer -> Span) in ascending layer order, cyclically, `len(pools)` layers ahead, each in
-    STREAM_PIECES pieces read by as many threads.
+    `tuner.pieces` pieces (at most STREAM_PIECES) read by as many threads.
 
     get(layer) -> uint8 [n, record_bytes]: the layer's records, waiting for their read; release(layer)
     frees its pool for the next span in the cycle. Asking for a layer other than the next one in the
     cycle (a new prompt, a skipped layer) restarts the cycle there after the reads in flight finish."""
 
-    def __init__(self, reader: FlashReader, spans: dict[int, Span], n_pools: int, pool_bytes: int):
+    def __init__(self, reader: FlashReader, spans: dict[int, Span], n_pools: int, pool_bytes: int,
+                 tuner: PieceTuner | None = None):
         self.reader, self.spans = reader, dict(sorted(spans.items()))
+        self.tuner = tuner or PieceTuner()
         self.order = list(self.spans)
         a = reader.align
         self._aligned = {layer: (s.start // a * a, -(-(s.start + s.n * s.record_bytes) // a) * a)
@@ -71,6 +135,8 @@ class SpanStream:
     def get(self, layer: int) -> np.ndarray:
         if not self._queue or self._queue[0][0] != layer:
             self._restart(layer)
+        elif layer == self.order[0]:
+            self.tuner.cycle()
         pool = self._queue[0][1]
         self._read[pool].wait()
         if self._error[pool] is not None:
@@ -112,6 +178,7 @@ class SpanStream:
                     self._read[pool].set()
 
     def _restart(self, layer: int) -> None:
+        self.tuner.untimed()
         self.drain()
         self._free = list(range(len(self.pools)))
         self._queue.clear()
@@ -127,7 +194,7 @@ class SpanStream:
             self._error[pool] = None
             self._queue.append((layer, pool))
             lo, hi = self._aligned[layer]
-            step = -(-(hi - lo) // (STREAM_PIECES * self.reader.align)) * self.reader.align
+            step = -(-(hi - lo) // (self.tuner.pieces * self.reader.align)) * self.reader.align
             pieces = [(at, min(step, hi - lo - at)) for at in range(0, hi - lo, step)]
             self._left[pool] = len(pieces)
             sizes = [n for _, n in pieces]  # counted as issued, so a token's figures hold its own reads

@@ -26,7 +26,9 @@ HARDWARE_FORMAT = "hetinfer.hardware"
 HARDWARE_VERSION = 1
 FLASH_BLOCK = 4096  # a page: store sections start at its multiples, buffered reads move whole ones, and
 # O_DIRECT accepts reads aligned to it on every device (many accept 512 B: FlashTier.align)
-STREAM_PIECES = 4  # a streamed flash span is read in this many requests at once (`offload.stream`)
+# A streamed flash span is read in up to this many requests at once, as the cost model prices it (`offload.stream`
+# reads in fewer where timing shows the reads' CPU cost outweighs their speed)
+STREAM_PIECES = 4
 
 # Used only for tiers that are not on this machine (what-if planning); always labelled "assumed".
 ASSUMED_GPU = {"bytes_per_s": 600e9, "h2d_bytes_per_s": 25e9, "sync_latency_s": 20e-6}  # PCIe 4 x16 card
