@@ -440,6 +440,42 @@ def test_streams_flash_where_the_reader_would_read_the_span_anyway():
     assert not streams_flash(0, 0.8, np.zeros(3, np.int64), rb, PROBED)  # no flash tier
 
 
+def test_a_streamed_plan_gathers_its_flash_neurons_into_few_layers_spread_apart():
+    """Each layer with flash neurons costs a streaming engine ram.stream_layer_seconds: with every neuron computed
+    (all layers alike) the ILP fills as few layers as the flash neurons need, and spread_streamed spaces them
+    evenly over the cycle, so each layer's span is read while the layers before it compute."""
+    freq = np.ones((8, 8192))
+    p = tiny_problem(freq, ram_neurons=5.5 * 8192 - FLASH_IO_BYTES / 204, flash_neurons=10**6, window_tokens=0,
+                     flash_tier=PROBED)  # streaming frees FLASH_IO_BYTES: RAM for 5.5 layers' neurons
+    assert p.streamed
+    spread = ilp.solve(p, group_size=256)
+    assert (spread.tiers == FLASH).any(axis=1).all()  # free to spread: every layer streams a share
+    p.hw.ram.stream_layer_seconds = 1e-3
+    sol = ilp.solve(p, group_size=256)
+    n_flash = (sol.tiers == FLASH).sum(axis=1)
+    streamed = np.flatnonzero(n_flash)
+    assert len(streamed) == 3 and sorted(n_flash[streamed])[1] >= 8000  # 2.5 layers' worth: two whole, one half
+    assert streamed.tolist() == [1, 4, 6]  # evenly apart among 8
+    u = evaluate(p, sol.tiers)
+    assert u.stream_seconds == pytest.approx(3e-3) and u.seconds < evaluate(p, spread.tiers).seconds
+    p.hw.ram.stream_layer_seconds = 0.0
+    assert evaluate(p, sol.tiers).seconds == pytest.approx(u.seconds - 3e-3)
+
+
+def test_spread_streamed_moves_only_interchangeable_layers():
+    """Layers the cost model prices differently keep their rows: only identical layers trade places."""
+    freq = np.ones((8, 8192))
+    freq[0] = 0.5  # layer 0 differs from the rest
+    p = tiny_problem(freq, ram_neurons=8192, flash_neurons=10**6, window_tokens=0, flash_tier=PROBED)
+    assert p.streamed
+    tiers = np.full(freq.shape, RAM, dtype=np.uint8)
+    tiers[[0, 5, 6, 7], 100:] = FLASH  # layer 0 and the last three stream
+    out = ilp.spread_streamed(p, tiers)
+    assert (out[0] == tiers[0]).all()
+    assert np.flatnonzero((out[1:] == FLASH).any(axis=1)).tolist() == [1, 3, 5]  # of layers 1-7: evenly apart
+    assert evaluate(p, out).seconds == pytest.approx(evaluate(p, tiers).seconds)
+
+
 def test_a_streamed_plan_prices_whole_span_reads():
     """Streaming is decided before the solve: a window-0 problem on an IOPS-bound disk whose layers fit a pool
     holds only the two pools as I/O buffers, does none of the records engine's work, and reads every flash record

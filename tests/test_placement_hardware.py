@@ -39,7 +39,7 @@ def test_flash_read_time_interpolates_the_measured_curve():
 
 
 def test_hardware_json_roundtrip_and_sources(tmp_path):
-    hw = Hardware(ram=RamTier(64 << 30, 4e10, 6e-5, 2e-4), gpu=GpuTier(24 << 30, 6e11, 2.5e10, 2e-5),
+    hw = Hardware(ram=RamTier(64 << 30, 4e10, 6e-5, 2e-4, 1.5e-4), gpu=GpuTier(24 << 30, 6e11, 2.5e10, 2e-5),
                   flash=FlashTier(1 << 40, "/nvme", method="assumed", **ASSUMED_FLASH))
     path = tmp_path / "hw.json"
     save_hardware(hw, path)
@@ -47,7 +47,7 @@ def test_hardware_json_roundtrip_and_sources(tmp_path):
     assert back.ram == hw.ram and back.gpu == hw.gpu and back.flash == hw.flash
     assert back.tiers == ("gpu", "ram", "flash")
     assert set(back.sources.values()) == {"file"}
-    assert {"flash.bytes_per_s", "ram.offload_layer_seconds"} <= set(back.sources)
+    assert {"flash.bytes_per_s", "ram.offload_layer_seconds", "ram.stream_layer_seconds"} <= set(back.sources)
     assert back.sync_seconds(8192) == pytest.approx(2e-5 + 2 * 8192 * 4 / 2.5e10)
 
 
@@ -60,6 +60,7 @@ def test_hardware_json_roundtrip_and_sources(tmp_path):
     (lambda d: d["ram"].update(capacity_bytes=-1), "ram.capacity_bytes must be a non-negative number"),
     (lambda d: d["ram"].update(layer_seconds=-1e-5), "ram.layer_seconds must be a non-negative number"),
     (lambda d: d["ram"].update(offload_layer_seconds=-1e-5), "ram.offload_layer_seconds must be a non-negative"),
+    (lambda d: d["ram"].update(stream_layer_seconds=float("nan")), "ram.stream_layer_seconds must be a non-negative"),
     (lambda d: d["gpu"].pop("sync_latency_s"), "sync_latency_s"),
     (lambda d: d["flash"].update(read_sizes=[65536, 4096]), "ascending"),
     (lambda d: d["flash"].update(bytes_per_s=[[1e9]]), r"\[len\(read_sizes\)\]\[len\(concurrency\)\]"),
@@ -242,17 +243,24 @@ def test_layer_probe_on_the_models_own_shape(tmp_path, monkeypatch):
 
 def test_offload_layer_probe_times_the_tiered_engine_and_is_cached(tmp_path, monkeypatch):
     """The offloading engine's own per-layer time comes from `TieredFFN` calls (as `offload.deploy` builds
-    it) less a plain `sparse_ffn` over the same rows, is cached per n_ff, and is re-probed when the
-    engine's code changes."""
+    it) less a plain `sparse_ffn` over the same rows, the streaming engine's from a streamed `TieredFFN` less
+    one call over every row; both are cached per n_ff and re-probed when the engine's code changes."""
     from hetinfer.offload import ffn
 
-    calls = []
+    calls, streamed = [], []
     real = ffn.TieredFFN.__call__
-    monkeypatch.setattr(ffn.TieredFFN, "__call__", lambda self, layer, h: calls.append(layer) or real(self, layer, h))
+
+    def counting(self, layer, h):
+        (streamed if self.stream is not None else calls).append(layer)
+        return real(self, layer, h)
+
+    monkeypatch.setattr(ffn.TieredFFN, "__call__", counting)
     seconds = probe.measure_offload_layer_seconds(256, cache_dir=tmp_path)
-    assert calls and set(calls) == set(range(8))
+    assert calls and set(calls) == set(range(8)) and set(streamed) == set(range(8))
     entry = json.loads((tmp_path / "offload-layer-probe-256.json").read_text())
     assert entry["offload_layer_seconds"] == seconds == max(0.0, entry["tiered_seconds"] - entry["plain_seconds"])
+    stream = probe.measure_stream_layer_seconds(256, cache_dir=tmp_path)
+    assert stream == max(0.0, entry["streamed_seconds"] - entry["plain_every_seconds"]) and 0 <= stream < 1
     assert entry["key"]["n_ff"] == 256 and entry["key"]["source"] and 0 <= seconds < 1
     calls.clear()
     assert probe.measure_offload_layer_seconds(256, cache_dir=tmp_path) == seconds and not calls

@@ -32,7 +32,9 @@ With a flash tier the offloading engine (`hetinfer.offload`) runs the plan: its 
 (`flash_io_bytes`) are RAM of the dense parts, and each layer costs `hw.ram.offload_layer_seconds`
 more (its predictor call, window-cache step, read planning) plus the look-ahead's second
 evaluation of the next layer's predictor; an engine that streams whole flash spans (`streams_flash`)
-does none of that work, and its reads are priced as the spans.
+does none of that work, and its reads are priced as the spans; it costs `hw.ram.stream_layer_seconds` per
+layer with flash neurons instead (a second kernel call, the pool's hand-back, the reads' system calls), so
+its flash neurons are worth gathering into few layers.
 """
 from __future__ import annotations
 
@@ -434,6 +436,7 @@ class Usage:
     read_bytes: np.ndarray  # float64 [n_layers]: expected bytes read per token, gaps and alignment included
     reads: np.ndarray  # float64 [n_layers]: expected read requests per token
     streamed: bool  # the engine reads whole flash spans ahead (`streams_flash`) rather than predicted records
+    stream_seconds: float  # streamed: the engine's fixed work on layers with flash neurons (in `seconds`)
 
 
 def evaluate(p: Problem, tiers: np.ndarray) -> Usage:
@@ -450,9 +453,11 @@ def evaluate(p: Problem, tiers: np.ndarray) -> Usage:
     split = np.where(p.dense.attn_on_gpu, has_cpu, has_gpu) if GPU in p.tiers else np.zeros_like(has_gpu)
     seconds = p.dense.seconds + sum(float(p.seconds[t][on[t]].sum()) for t in range(3) if on[t].any())
     seconds += p.sync_s * int(split.sum())
+    streamed = p.streamed and bool(count[FLASH].any())
+    stream_seconds = p.hw.ram.stream_layer_seconds * int((count[FLASH] > 0).sum()) if streamed else 0.0
+    seconds += stream_seconds
     misses = np.where(on[FLASH], p.misses, 0.0).sum(axis=1)
     reads = np.zeros((3, len(misses)))  # seconds, bytes, requests per layer
-    streamed = p.streamed and bool(count[FLASH].any())
     for layer in np.flatnonzero(count[FLASH]):
         if streamed:
             span = int(count[FLASH, layer] * p.sizes.record_bytes[layer])
@@ -462,7 +467,7 @@ def evaluate(p: Problem, tiers: np.ndarray) -> Usage:
         reads[:, layer] = misses[layer] * np.array(per_miss)
     predicted = seconds + float((reads[0] - misses * p.miss_seconds).sum())
     return Usage(seconds, predicted, used, neuron_bytes, int(layer_window.sum()), layer_window, split, misses, *reads,
-                 streamed)
+                 streamed, stream_seconds)
 
 
 def violations(p: Problem, tiers: np.ndarray) -> list[str]:

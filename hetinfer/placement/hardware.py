@@ -67,6 +67,10 @@ class RamTier:
     # CPU time per layer and token the offloading engine (hetinfer.offload) adds to that: its predictor calls
     # (the layer's and the look-ahead's), window-cache step, read planning and submission; 0 when not measured.
     offload_layer_seconds: float = 0.0
+    # CPU time per layer and token a streamed layer (one with flash neurons, in a plan that streams whole flash
+    # spans) costs the offloading engine besides its rows' compute: a second kernel call, handing its pool back,
+    # its reads' system calls and thread wake-ups; 0 when not measured.
+    stream_layer_seconds: float = 0.0
 
 
 @dataclass
@@ -157,6 +161,7 @@ def _validate(hw: Hardware, where: str) -> None:
     positive("ram.bytes_per_s", hw.ram.bytes_per_s)
     positive("ram.layer_seconds", hw.ram.layer_seconds, allow_zero=True)
     positive("ram.offload_layer_seconds", hw.ram.offload_layer_seconds, allow_zero=True)
+    positive("ram.stream_layer_seconds", hw.ram.stream_layer_seconds, allow_zero=True)
     if hw.gpu is not None:
         positive("gpu.capacity_bytes", hw.gpu.capacity_bytes, allow_zero=True)
         for k in ("bytes_per_s", "h2d_bytes_per_s", "sync_latency_s"):
@@ -198,7 +203,7 @@ def source_keys(hw: Hardware) -> list[str]:
     if hw.gpu is not None:
         keys += ["gpu.capacity_bytes", "gpu.bytes_per_s", "gpu.h2d_bytes_per_s", "gpu.sync_latency_s"]
     if hw.flash is not None:
-        keys += ["ram.offload_layer_seconds", "flash.capacity_bytes", "flash.bytes_per_s"]
+        keys += ["ram.offload_layer_seconds", "ram.stream_layer_seconds", "flash.capacity_bytes", "flash.bytes_per_s"]
     return keys
 
 

@@ -5,7 +5,8 @@ consecutive ranks (sized so the model has at most `max_binaries` binaries). One 
 (group, tier) and each group on exactly one tier. Prefix constraints keep hotter groups on a
 tier at least as fast as colder groups of the same layer. Capacities are in bytes: GPU neuron
 bytes; RAM neuron bytes plus the window cache of flash neurons; flash record bytes. Each layer
-pays the sync cost when it runs on both GPU and CPU, and a layer whose attention is on the CPU
+pays the sync cost when it runs on both GPU and CPU (and, streamed, its fixed streaming cost when its
+coldest group is on flash), and a layer whose attention is on the CPU
 uses the GPU only with at least `Problem.min_gpu` neurons (the indicator is its hottest group's
 GPU binary). The objective is `cost.evaluate`'s expected time per token (`Usage.seconds`, flash
 misses at their fixed price), exactly, since group costs are sums of neuron costs. CBC starts
@@ -175,8 +176,34 @@ def solve(p: Problem, max_binaries: int = 20000, group_size: int | None = None, 
     if not scored:
         raise PlacementError(_no_fit_message(p))
     chosen = min(scored, key=lambda k: (scored[k], k != "ilp"))
-    return Solution(candidates[chosen], scored[chosen], scored.get("greedy"), scored.get("ilp"), chosen, status, gap,
+    return Solution(spread_streamed(p, candidates[chosen]), scored[chosen], scored.get("greedy"), scored.get("ilp"), chosen, status, gap,
                     solve_seconds, g, groups.count.shape[1], groups.count.size * len(p.tiers))
+
+
+def spread_streamed(p: Problem, tiers: np.ndarray) -> np.ndarray:
+    """`tiers` with the rows of interchangeable layers (identical in everything the cost model prices) permuted
+    so that, among them, the layers with flash neurons lie evenly apart: same cost, but a streamed plan's
+    reads then overlap the compute of the layers between (`offload.stream` reads a layer's span once the pool
+    of the streamed layer two before it is free), where neighbouring streamed layers would wait on each other."""
+    if not p.streamed:
+        return tiers
+    groups: dict[bytes, list[int]] = {}
+    for layer in range(len(tiers)):
+        key = b"".join(np.ascontiguousarray(a).tobytes() for a in (
+            p.freq[layer], p.seconds[:, layer], p.window[layer], p.misses[layer], p.sizes.neuron_bytes[layer],
+            p.sizes.record_bytes[layer], p.dense.attn_on_gpu[layer], p.min_gpu[layer]))
+        groups.setdefault(key, []).append(layer)
+    out = tiers.copy()
+    for layers in groups.values():
+        flash = [int((tiers[layer] == FLASH).sum()) for layer in layers]
+        m = sum(n > 0 for n in flash)
+        if m in (0, len(layers)):
+            continue
+        slots = [layers[int((i + 0.5) * len(layers) / m)] for i in range(m)]
+        order = [layer for _, layer in sorted(zip(flash, layers), key=lambda t: -t[0])]  # most flash first
+        for dst, src in zip(slots + [layer for layer in layers if layer not in slots], order):
+            out[dst] = tiers[src]
+    return out
 
 
 def _warm_start(p: Problem, neurons: _Units, groups: _Units, g: int, order: np.ndarray, deadline: float,
@@ -229,6 +256,8 @@ def _solve_ilp(p: Problem, u: _Units, start: np.ndarray | None, deadline: float,
                 if k + 1 < k_groups:
                     prob += (pulp.lpSum(x[layer, k, t] for t in tiers[:j + 1])
                              >= pulp.lpSum(x[layer, k + 1, t] for t in tiers[:j + 1])), f"prefix_{layer}_{k}_{j}"
+        if FLASH in tiers and p.streamed:  # a streamed layer's fixed work iff its coldest group is on flash
+            objective[x[layer, k_groups - 1, FLASH]] += p.hw.ram.stream_layer_seconds * us
         if GPU in tiers and p.dense.attn_on_gpu[layer]:  # split unless its coldest group is on the GPU
             constant += p.sync_s * us
             objective[x[layer, k_groups - 1, GPU]] -= p.sync_s * us

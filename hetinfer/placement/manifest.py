@@ -23,7 +23,7 @@ def build_manifest(p: Problem, sol: Solution, config: ModelConfig, formats: dict
     freq = p.freq
     total_act = max(float(freq.sum()), 1e-30)
     sec = [float(p.seconds[t][on[t]].sum()) if on[t].any() else 0.0 for t in range(3)]
-    sec[FLASH] += usage.predicted_seconds - usage.seconds  # reads priced at the plan's own miss density
+    sec[FLASH] += usage.predicted_seconds - usage.seconds + usage.stream_seconds  # reads at the plan's own density
     dense_bytes = [p.dense.gpu_bytes, p.dense.ram_bytes, 0]
     tiers = {}
     for t in p.tiers:
@@ -43,7 +43,8 @@ def build_manifest(p: Problem, sol: Solution, config: ModelConfig, formats: dict
         tiers["flash"].update(
             misses_per_token=float(usage.misses.sum()), reads_per_token=float(usage.reads.sum()),
             read_bytes_per_token=float(usage.read_bytes.sum()), read_seconds_per_token=float(usage.read_seconds.sum()),
-            streamed=bool(usage.streamed),
+            streamed=bool(usage.streamed), streamed_layers=int(on[FLASH].any(axis=1).sum()) if usage.streamed else 0,
+            stream_seconds_per_token=usage.stream_seconds,
             priced_miss_seconds=p.miss_seconds.tolist())
     layers = []
     for layer in range(freq.shape[0]):

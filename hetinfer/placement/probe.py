@@ -48,8 +48,8 @@ def detect(gpu_mem: int | None = None, ram: int | None = None, flash_dir: str | 
     a GPU with assumed speeds, for what-if planning). ram: bytes of RAM to use. flash_dir: a
     directory on the disk to serve flash neurons from; its free space is the capacity and its
     read speed is probed once per device and cached, and measured here (not with `base`), the
-    offloading engine's per-layer work (`measure_offload_layer_seconds`). qtype, d_model: the FFN
-    weight format and width the kernel probes run (cached per format and width); config, attn_qtype:
+    offloading engine's per-layer work (`measure_offload_layer_seconds`, `measure_stream_layer_seconds`).
+    qtype, d_model: the FFN weight format and width the kernel probes run (cached per format and width); config, attn_qtype:
     the model whose layer shape the per-layer probes run (`measure_cpu_layer_seconds`), when known.
     """
     if base is None:
@@ -85,8 +85,10 @@ def detect(gpu_mem: int | None = None, ram: int | None = None, flash_dir: str | 
         hw.flash = flash_tier(flash_dir)
         hw.sources.update({"flash.capacity_bytes": "measured", "flash.bytes_per_s": "measured"})
         if base is None:
-            hw.ram.offload_layer_seconds = measure_offload_layer_seconds(config.n_ff if config else 1536)
-            hw.sources["ram.offload_layer_seconds"] = "measured"
+            n_ff = config.n_ff if config else 1536
+            hw.ram.offload_layer_seconds = measure_offload_layer_seconds(n_ff)
+            hw.ram.stream_layer_seconds = measure_stream_layer_seconds(n_ff)
+            hw.sources.update({"ram.offload_layer_seconds": "measured", "ram.stream_layer_seconds": "measured"})
     return hw
 
 
@@ -208,13 +210,25 @@ def measure_offload_layer_seconds(n_ff: int = 1536, cache_dir: Path | None = Non
     them apart), half of each layer's records resident and half read through the page cache into a window
     cache that holds them all, active sets from `offload.trace`. Probed once per (host, threads, engine and
     kernel source, n_ff) and cached."""
+    return _offload_costs(n_ff, cache_dir)["offload_layer_seconds"]
+
+
+def measure_stream_layer_seconds(n_ff: int = 1536, cache_dir: Path | None = None) -> float:
+    """CPU time per streamed layer and token (a layer with flash neurons, in a plan that streams whole flash
+    spans, `offload.stream`) beyond one `sparse_ffn` call over all its rows: the second kernel call over the
+    pool, handing the pool back and queueing its reads, the reading threads' wake-ups and system calls.
+    Timed as `measure_offload_layer_seconds` is, every neuron computed, half of each layer's records streamed
+    through the page cache; probed with it and cached with it."""
+    return _offload_costs(n_ff, cache_dir)["stream_layer_seconds"]
+
+
+def _offload_costs(n_ff: int, cache_dir: Path | None) -> dict:
     from hetinfer import kernels
-    from hetinfer.offload import cache, ffn, reader, store
+    from hetinfer.offload import cache, ffn, reader, store, stream
 
     key = {"device": "cpu", "host": platform.node(), "threads": kernels.max_threads(), "n_ff": n_ff,
-           "source": _source_hash(kernels.cpu, kernels.simd, ffn, cache, reader, store)}
-    return _cached_probe(f"offload-layer-probe-{n_ff}", key, lambda: _offload_probe(n_ff),
-                         cache_dir)["offload_layer_seconds"]
+           "source": _source_hash(kernels.cpu, kernels.simd, ffn, cache, reader, store, stream)}
+    return _cached_probe(f"offload-layer-probe-{n_ff}", key, lambda: _offload_probe(n_ff), cache_dir)
 
 
 def _offload_probe(n_ff: int, n_layers: int = 8, steps: int = 32, rounds: int = 3) -> dict:
@@ -225,6 +239,7 @@ def _offload_probe(n_ff: int, n_layers: int = 8, steps: int = 32, rounds: int = 
     from hetinfer.offload.deploy import tiered_ffn
     from hetinfer.offload.store import build_store
     from hetinfer.offload.trace import Trace, TraceConfig
+    from hetinfer.placement.cost import FLASH_POOL_BYTES
     from hetinfer.profiler.predictors import Predictors
     from hetinfer.tiers import FLASH, RAM
 
@@ -259,21 +274,33 @@ def _offload_probe(n_ff: int, n_layers: int = 8, steps: int = 32, rounds: int = 
     kernels.warmup()
     saved = kernels.MIN_BYTES_PER_THREAD
     kernels.MIN_BYTES_PER_THREAD = 1  # all threads, as on real weights
+    every = np.arange(n_ff)
+
+    def plain_every(layer: int, token: int) -> None:
+        kernels.sparse_ffn(layers[layer].gate, layers[layer].up, down_t[layer], every, h, cfg.activation)
+
     with tempfile.TemporaryDirectory(prefix="hetinfer-offload-probe-") as tmp:
-        engine = tiered_ffn(build_store(model, Path(tmp) / "store", tiers, progress=False), None,
-                            lambda layer, x: (predictors.rows(layer, x), sets[engine.token][layer])[1], resident,
-                            n_ff - resident, 5, cfg.activation, direct=False)  # page cache: no disk time
+        records = build_store(model, Path(tmp) / "store", tiers, progress=False)
+        engine = tiered_ffn(records, None, lambda layer, x: (predictors.rows(layer, x), sets[engine.token][layer])[1],
+                            resident, n_ff - resident, 5, cfg.activation, direct=False)  # page cache: no disk time
+        streamed = tiered_ffn(records, None, lambda layer, x: None, resident, np.zeros(n_layers, np.int64), 0,
+                              cfg.activation, direct=False, stream_pool_bytes=FLASH_POOL_BYTES)
         try:
             run(lambda layer, token: engine(layer, h), 0, 2 * steps)  # warm: records verified, cache filled
+            run(lambda layer, token: streamed(layer, h), 0, 2 * steps)  # and the stream's piece count chosen
             run(plain, 0, steps)
-            timed = [(run(lambda layer, token: engine(layer, h), first, steps), run(plain, first, steps))
+            timed = [(run(lambda layer, token: engine(layer, h), first, steps), run(plain, first, steps),
+                      run(lambda layer, token: streamed(layer, h), first, steps), run(plain_every, first, steps))
                      for first in range(2 * steps, (2 + rounds) * steps, steps)]
         finally:
-            engine.reader.close()
+            streamed.stream.close()
+            for e in (engine, streamed):
+                e.reader.close()
             kernels.MIN_BYTES_PER_THREAD = saved
-    tiered, base = (min(t) / (steps * n_layers) for t in zip(*timed))
+    tiered, base, stream, every_base = (min(t) / (steps * n_layers) for t in zip(*timed))
     return {"offload_layer_seconds": max(0.0, tiered - base), "tiered_seconds": tiered, "plain_seconds": base,
-            "layers": n_layers}
+            "stream_layer_seconds": max(0.0, stream - every_base), "streamed_seconds": stream,
+            "plain_every_seconds": every_base, "layers": n_layers}
 
 
 def measure_gpu(qtype: str = "q4_0", d_model: int = 4096, cache_dir: Path | None = None,
