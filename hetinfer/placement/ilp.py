@@ -176,8 +176,8 @@ def solve(p: Problem, max_binaries: int = 20000, group_size: int | None = None, 
     if not scored:
         raise PlacementError(_no_fit_message(p))
     chosen = min(scored, key=lambda k: (scored[k], k != "ilp"))
-    return Solution(spread_streamed(p, candidates[chosen]), scored[chosen], scored.get("greedy"), scored.get("ilp"), chosen, status, gap,
-                    solve_seconds, g, groups.count.shape[1], groups.count.size * len(p.tiers))
+    return Solution(spread_streamed(p, candidates[chosen]), scored[chosen], scored.get("greedy"), scored.get("ilp"),
+                    chosen, status, gap, solve_seconds, g, groups.count.shape[1], groups.count.size * len(p.tiers))
 
 
 def spread_streamed(p: Problem, tiers: np.ndarray) -> np.ndarray:
