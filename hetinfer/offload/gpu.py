@@ -274,19 +274,28 @@ def check_fits(nbytes: int, device: torch.device) -> None:
 
 
 def _load(store, n_gpu: np.ndarray, device: torch.device, neuron_bytes: int) -> list:
-    """Per layer (gate, up, down_t) GPUTensors of positions [0, n_gpu[l]), or None for a layer with none."""
+    """Per layer (gate, up, down_t) GPUTensors of positions [0, n_gpu[l]), or None for a layer with none. The
+    records are read as the RAM tier's are (`FlashReader`, O_DIRECT where the filesystem allows it), so the
+    GPU tier's bytes pass through no page cache on their way: within a memory limit they would crowd out
+    what RAM is for."""
+    from hetinfer.offload.reader import FlashReader
+
     out = []
-    for layer, n in enumerate(n_gpu):
-        if not n:
-            out.append(None)
-            continue
-        try:
-            out.append(tuple(kernels.to_cuda(W, device) for W in store.views(store.read_records(layer, 0, int(n)))))
-        except torch.cuda.OutOfMemoryError:
-            left = int(n_gpu[layer:].sum()) * neuron_bytes
-            raise GPUMemoryError(f"out of memory on {_name(device)} loading the GPU tier (layer {layer}'s neurons, "
-                                 f"{format_size(left)} still to load); lower --gpu-mem by at least "
-                                 f"{format_size(left)} (`hetinfer prepare ... --gpu-mem SIZE`)") from None
+    with FlashReader(store.data_path, None) as reader:
+        for layer, n in enumerate(int(n) for n in n_gpu):
+            if not n:
+                out.append(None)
+                continue
+            lay = store.layers[layer]
+            records = reader.read_span(lay.offset, n * lay.record_bytes).reshape(n, lay.record_bytes)
+            store.verify(layer, np.arange(n), records)
+            try:
+                out.append(tuple(kernels.to_cuda(W, device) for W in store.views(records)))
+            except torch.cuda.OutOfMemoryError:
+                left = int(n_gpu[layer:].sum()) * neuron_bytes
+                raise GPUMemoryError(f"out of memory on {_name(device)} loading the GPU tier (layer {layer}'s "
+                                     f"neurons, {format_size(left)} still to load); lower --gpu-mem by at least "
+                                     f"{format_size(left)} (`hetinfer prepare ... --gpu-mem SIZE`)") from None
     return out
 
 

@@ -221,9 +221,8 @@ class FlashReader:
 
     def read_span(self, offset: int, nbytes: int) -> np.ndarray:
         """uint8 [nbytes]: the file's bytes [offset, offset + nbytes), any alignment, read in `max_read`
-        pieces by all threads into a new aligned buffer (the engine reads its RAM tier with `read_into` and
-        streams with `read_span_into`; the GPU tier's start-up load, still a buffered `Store.read_records`,
-        is this method's place)."""
+        pieces by all threads into a new aligned buffer (the GPU tier's start-up load; the engine reads its
+        RAM tier with `read_into` and streams with `read_span_into`)."""
         self._check_open()
         if offset < 0 or nbytes < 0 or offset + nbytes > self.file_bytes:
             raise FlashReadError(f"{self.path}: bytes [{offset}, {offset + nbytes}) are not inside the file "

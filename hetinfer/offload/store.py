@@ -117,7 +117,7 @@ class Store:
 
     def read_records(self, layer: int, start: int, stop: int) -> np.ndarray:
         """uint8 [stop - start, record_bytes]: positions [start, stop) of `layer` by one buffered read,
-        verified (for loading the RAM tier at start-up, and for tests)."""
+        verified: the plain reading the tests compare `offload.reader.FlashReader` and the engine against."""
         lay = self.layers[layer]
         if not 0 <= start <= stop <= len(lay.order):
             raise ValueError(f"positions [{start}, {stop}) are outside layer {layer}'s 0..{len(lay.order)}")
