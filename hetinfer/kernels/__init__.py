@@ -56,7 +56,7 @@ _auto = True  # set_threads() without a count: as many of those as other process
 _active = 1  # the threads kernels run on now (auto: re-chosen every CHECK_SECONDS)
 _checked = -1.0  # time.monotonic() of the last choice
 _sample: tuple[float, float | None, float] | None = None  # (wall, busy CPU seconds of our cores, our CPU seconds)
-_torch_threads = torch.get_num_threads()  # torch's own count (its default: the physical cores), the most auto gives it
+_torch_threads = torch.get_num_threads()  # torch's own count (its default: the physical cores), what auto gives it
 _counts = (1, 1)  # the (numba, torch) thread counts for _active
 _applied = threading.local()  # the _counts last set in the calling thread
 # Seconds between readings of what other processes take: a core that gets busy costs a fraction of a
@@ -67,10 +67,11 @@ CHECK_SECONDS = 0.25
 def set_threads(n: int | None = None) -> int:
     """Threads the CPU kernels and torch's ops (the prompt's matrix products and attention) use;
     returns the count. `n`: exactly that many (`-t`, benchmarks). None: up to every core this
-    process may run on (torch: up to its own default), as many as other processes leave free,
-    re-chosen while generating (see `threads_for`): a parallel region waits for its slowest thread,
+    process may run on (torch: up to its own default), the kernels on as many as other processes leave
+    free, re-chosen while generating (see `threads_for`): a parallel region waits for its slowest thread,
     and a thread sharing its core with a busy process is often descheduled, so beside a busy core
-    fewer threads compute faster (BENCHMARKS.md, contention)."""
+    fewer threads compute faster (BENCHMARKS.md, contention). torch's count stays: its results may
+    depend on it."""
     global _threads, _auto, _checked, _sample
     _auto = n is None
     n = len(_cores()) if n is None else int(n)
@@ -117,7 +118,9 @@ def every_thread():
 def _run_on(n: int) -> None:
     """Run on `n` threads from now on (each thread applies the new counts at its next get_threads)."""
     global _active, _counts
-    counts = (n, min(_torch_threads, n) if _auto else n)
+    # torch keeps one count while auto mode moves numba's: its matrix products may split a sum among its
+    # threads, so a prompt's logits would depend on the load (numba's sums are split by _threads instead)
+    counts = (n, min(_torch_threads, _threads) if _auto else n)
     if counts != _counts:
         _counts = counts
     _active = n
