@@ -90,7 +90,7 @@ def get_threads() -> int:
         _run_on(_choose_threads())
     if getattr(_applied, "counts", None) is not _counts:  # both are per thread: set in each thread that computes
         numba.set_num_threads(_counts[0])
-        torch.set_num_threads(_counts[1])  # torch's results do not depend on it (tests/test_generation.py)
+        torch.set_num_threads(_counts[1])  # auto mode keeps it fixed: a product's sums may be split by it
         _applied.counts = _counts
     return _active
 
@@ -121,7 +121,7 @@ def _run_on(n: int) -> None:
     # torch keeps one count while auto mode moves numba's: its matrix products may split a sum among its
     # threads, so a prompt's logits would depend on the load (numba's sums are split by _threads instead)
     counts = (n, min(_torch_threads, _threads) if _auto else n)
-    if counts != _counts:
+    if counts != _counts:  # the same object while unchanged: threads compare it by identity (get_threads)
         _counts = counts
     _active = n
 

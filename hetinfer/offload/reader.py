@@ -209,14 +209,14 @@ class FlashReader:
         if count:
             self.note_requests([nbytes], got)
 
-    def note_requests(self, sizes: list[int], got: int) -> None:
-        """Count requests of `sizes` bytes that returned `got` bytes in all (plain ints: no numpy, for threads
-        that share the GIL with the engine's)."""
+    def note_requests(self, sizes: list[int], got: int, requested: int | None = None) -> None:
+        """Count requests of `sizes` bytes that returned `got` bytes in all, asked for `requested` bytes (default:
+        the requests' own); plain ints, no numpy, for threads that share the GIL with the engine's."""
         with self._lock:
             s = self.stats
             s.requests += len(sizes)
             s.bytes += got
-            s.requested_bytes += sum(sizes)
+            s.requested_bytes += sum(sizes) if requested is None else requested
             s.sizes.update(1 << (n - 1).bit_length() for n in sizes)
 
     def read_span(self, offset: int, nbytes: int) -> np.ndarray:
@@ -237,7 +237,7 @@ class FlashReader:
         size = np.minimum(self.max_read, hi - off)
         try:
             got = self._read_requests(buf, off, size, off - lo)
-            self._count(size, got, nbytes)
+            self.note_requests(size.tolist(), got, nbytes)
         finally:
             self._add_wait(time.perf_counter() - t)
         return np.frombuffer(buf, np.uint8)[offset - lo:offset - lo + nbytes]
@@ -323,7 +323,7 @@ class FlashReader:
             finally:
                 self._give_staging(buf)
             i0 = i1
-        self._count(size, got, positions.size * record_bytes)
+        self.note_requests(size.tolist(), got, int(positions.size) * record_bytes)
 
     def _read_requests(self, buf: mmap.mmap, off: np.ndarray, size: np.ndarray, at: np.ndarray) -> int:
         """Read request i (`size[i]` bytes at file offset `off[i]`) into buf[at[i]:]; the calling thread
@@ -367,15 +367,6 @@ class FlashReader:
                                      f"{self.file_bytes} bytes it had when opened; the store was truncated: rebuild it")
             got_all += got
         return got_all
-
-    def _count(self, size: np.ndarray, got: int, requested: int) -> None:
-        buckets, counts = np.unique(np.left_shift(1, np.ceil(np.log2(size)).astype(np.int64)), return_counts=True)
-        with self._lock:
-            s = self.stats
-            s.requests += int(size.size)
-            s.bytes += got
-            s.requested_bytes += requested
-            s.sizes.update(dict(zip(buckets.tolist(), counts.tolist())))
 
     def _add_wait(self, seconds: float) -> None:
         with self._lock:

@@ -197,8 +197,8 @@ def _predictor_bytes(args: argparse.Namespace, config: ModelConfig, predictors, 
 def _frequencies(args: argparse.Namespace, config: ModelConfig, profile, predictors, inputs: dict,
                  assumptions: list[str]) -> tuple[np.ndarray, dict]:
     """How often the engine computes each neuron [n_layers, n_ff], and the manifest's description of the
-    profile: with --every-neuron, always; with predictors and a measured profile of this model, the share of the profile's stored FFN
-    inputs the predictors select each neuron for (what the engine computes); otherwise the profile's
+    profile: with --every-neuron, always; with predictors and a measured profile of this model, the share of
+    the profile's stored FFN inputs the predictors select each neuron for (what the engine computes); otherwise the profile's
     activation frequency at --sparsity (rescaled if its shape differs) or a power law."""
     freq, info = _profile_frequencies(args, config, profile, inputs, assumptions)
     if args.every_neuron:

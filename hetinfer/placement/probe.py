@@ -49,8 +49,9 @@ def detect(gpu_mem: int | None = None, ram: int | None = None, flash_dir: str | 
     directory on the disk to serve flash neurons from; its free space is the capacity and its
     read speed is probed once per device and cached, and measured here (not with `base`), the
     offloading engine's per-layer work (`measure_offload_layer_seconds`, `measure_stream_layer_seconds`).
-    qtype, d_model: the FFN weight format and width the kernel probes run (cached per format and width); config, attn_qtype:
-    the model whose layer shape the per-layer probes run (`measure_cpu_layer_seconds`), when known.
+    qtype, d_model: the FFN weight format and width the kernel probes run (cached per format and width);
+    config, attn_qtype: the model whose layer shape the per-layer probes run (`measure_cpu_layer_seconds`),
+    when known.
     """
     if base is None:
         rate = measure_cpu_bytes_per_s(qtype, d_model)
