@@ -227,7 +227,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from hetinfer.data import parse_source
     from hetinfer.loader import load_model
-    from hetinfer.profiler.evaluate import MIN_SCORED_TOKENS, eval_windows, evaluate, summary_table
+    from hetinfer.data import MIN_SCORED_TOKENS
+    from hetinfer.profiler.evaluate import eval_windows, evaluate, summary_table
     from hetinfer.profiler.runner import FloatWeights
     from hetinfer.sparse import engine_ffn, ffn_mode
 
@@ -271,8 +272,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from hetinfer.data import DEFAULT_EVAL_DATA
-    from hetinfer.profiler.evaluate import MIN_SCORED_TOKENS
+    from hetinfer.data import DEFAULT_EVAL_DATA, MIN_SCORED_TOKENS
     from hetinfer.sparse import MODES
 
     ap = Parser(prog="hetinfer", description="Sparse, tiered LLM inference across GPU, RAM and flash.")

@@ -21,6 +21,7 @@ from hetinfer.tokenizer import check_unicode
 PACKAGED = os.path.join(os.path.dirname(__file__), "calibration")  # shipped data; licenses in its README.md
 DEFAULT_PROFILE_DATA = (os.path.join(PACKAGED, "wikitext-2.txt") + "[:0.8]", os.path.join(PACKAGED, "mt-bench.jsonl"))
 DEFAULT_EVAL_DATA = (os.path.join(PACKAGED, "wikitext-2.txt") + "[0.8:]",)  # text the default profile never saw
+MIN_SCORED_TOKENS = 32  # fewer scored predictions make a perplexity too noisy to report (eval)
 
 _SLICE = re.compile(r"^(?P<path>.+)\[(?P<start>[0-9.]*):(?P<end>[0-9.]*)\]$")
 

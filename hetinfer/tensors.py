@@ -4,12 +4,18 @@
 into a memory-mapped file), the format, and the logical shape (rows = output features,
 cols = input features, like `torch.nn.Linear.weight`). Kernels read the bytes directly;
 `dequantize` exists for references, tests and formats the kernels do not handle.
+`GPUTensor` is the same stored bytes on a torch device (`kernels.to_cuda`); it is defined here,
+without importing torch, so that a CPU run can tell the two apart and never load torch.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import torch
 
 # Block formats: (weights per block, bytes per block). Layouts follow ggml:
 #   q8_0: f16 d, int8 q[32]                      w = d * q
@@ -135,3 +141,30 @@ def quantize(w: np.ndarray, qtype: str) -> QTensor:
         out[..., 2:4] = lo.astype(np.float16).view(np.uint8)
         out[..., 4:] = q[..., :16] | (q[..., 16:] << 4)
     return QTensor(qtype, (rows, cols), out.reshape(rows, -1))
+
+
+# A GPUTensor's rows are decoded this many bytes (of the compute dtype) at a time (`cuda.TILE_BYTES`): bounds a
+# call's temporaries (a 70B model's FFN matrix decoded whole to f16 would take 470 MB); the cost model counts them.
+GPU_TILE_BYTES = 32 << 20
+
+
+@dataclass(frozen=True, eq=False)
+class GPUTensor:
+    """A [rows, cols] weight on a torch device in its stored format: `data` is uint8 [rows, row_bytes]
+    of GGUF blocks for q8_0/q4_0/q4_1, a float32/float16/bfloat16 [rows, cols] tensor for f32/f16/bf16."""
+
+    qtype: str
+    shape: tuple[int, int]
+    data: torch.Tensor
+
+    @property
+    def device(self) -> torch.device:
+        return self.data.device
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype products are taken in: f16 for block formats (GPUs multiply it at full speed),
+        the stored dtype for float formats."""
+        import torch  # only a GPUTensor's owner has loaded it
+
+        return torch.float16 if self.qtype in BLOCK_FORMATS else self.data.dtype

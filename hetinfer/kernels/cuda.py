@@ -15,37 +15,14 @@ Activations are float32 tensors on the weight's device, and so are the results.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from hetinfer.tensors import BLOCK_FORMATS, QTensor
+from hetinfer.tensors import BLOCK_FORMATS, GPU_TILE_BYTES, GPUTensor, QTensor
 
-# Rows are decoded this many bytes (of the compute dtype) at a time: bounds a call's temporaries
-# (a 70B model's FFN matrix decoded whole to f16 would take 470 MB).
-TILE_BYTES = 32 << 20
-
-
-@dataclass(frozen=True, eq=False)
-class GPUTensor:
-    """A [rows, cols] weight on a torch device in its stored format: `data` is uint8 [rows, row_bytes]
-    of GGUF blocks for q8_0/q4_0/q4_1, a float32/float16/bfloat16 [rows, cols] tensor for f32/f16/bf16."""
-
-    qtype: str
-    shape: tuple[int, int]
-    data: torch.Tensor
-
-    @property
-    def device(self) -> torch.device:
-        return self.data.device
-
-    @property
-    def compute_dtype(self) -> torch.dtype:
-        """The dtype products are taken in: f16 for block formats (GPUs multiply it at full speed),
-        the stored dtype for float formats."""
-        return torch.float16 if self.qtype in BLOCK_FORMATS else self.data.dtype
+TILE_BYTES = GPU_TILE_BYTES  # rows decoded at a time (the tests patch it small)
 
 
 def to_cuda(W: QTensor, device: str | torch.device = "cuda") -> GPUTensor:
@@ -179,3 +156,11 @@ def threshold_ffn(Wg: GPUTensor, Wu: GPUTensor, Wd_t: GPUTensor, x: torch.Tensor
     y = torch.zeros(Wd_t.shape[1], device=x.device)
     _axpy(Wd_t, r, h[r], y)
     return y.reshape(x.shape), r.numel()
+
+
+def predict_rows(W1: GPUTensor, W2_t: GPUTensor, h: torch.Tensor, threshold: float) -> np.ndarray:
+    """The neurons the predictor picks for one token; see `hetinfer.kernels.predict_rows`."""
+    z = torch.relu(linear(W1, h)).reshape(-1)
+    logits = scatter_axpy(W2_t, torch.arange(W2_t.shape[0], device=z.device), z,
+                          torch.zeros(W2_t.shape[1], device=z.device))
+    return (logits > threshold).nonzero()[:, 0].cpu().numpy()

@@ -393,12 +393,15 @@ def open_session(dep: Deployment, n_ctx: int | None = None, every_neuron: bool =
     stays in the window cache instead of the plan's, `direct=False` reads through the page cache, `stream`
     whether to stream whole flash spans (default: as the plan priced it, `plan_streams`)."""
     from hetinfer.generate import Session
-    from hetinfer.offload.gpu import open_executor
     from hetinfer.placement.cost import FLASH_POOL_BYTES
     from hetinfer.placement.hardware import Hardware
 
     counts = tier_counts(dep.plan)
-    gpu = open_executor(dep, counts[:, 0], device)
+    gpu = None
+    if device is not None or counts[:, 0].any():  # the GPU tier loads torch: a plan without one never does
+        from hetinfer.offload.gpu import open_executor
+
+        gpu = open_executor(dep, counts[:, 0], device)
     hw = Hardware.from_dict(dep.plan.manifest["hardware"], f"{dep.path}: plan hardware")
     if select is None:  # a deployment without predictors computes every neuron
         select = (lambda layer, h: None) if every_neuron or dep.predictors is None else dep.predictors.rows

@@ -24,12 +24,8 @@ from hetinfer.placement import synth
 from hetinfer.placement.cost import (PlacementError, WeightFormats, build_problem, model_sizes, predictor_sizes,
                                      weight_sizes)
 from hetinfer.placement.hardware import Hardware, format_size, load_hardware
-from hetinfer.placement.probe import detect
-from hetinfer.placement.ilp import solve
-from hetinfer.placement.manifest import build_manifest
 from hetinfer.placement.plan import save_plan
 from hetinfer.profiler.artifact import load_profile
-from hetinfer.profiler.predictors import load_predictors
 from hetinfer.tensors import FORMATS
 
 
@@ -87,6 +83,11 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # the solver (PuLP), the probes and the predictors (torch) load with the command, not with the CLI's parser
+    from hetinfer.placement.ilp import solve
+    from hetinfer.placement.manifest import build_manifest
+    from hetinfer.profiler.predictors import load_predictors
+
     if not args.dry_run:
         _check_args(args)
     model = None
@@ -140,6 +141,8 @@ def _check_args(args: argparse.Namespace) -> None:
 def _machine(args: argparse.Namespace, qtype: str, d_model: int, config=None, attn_qtype: str | None = None) -> Hardware:
     """The --hardware description or this machine (kernels probed on `qtype` rows of `d_model`, the
     per-layer time on layers shaped like `config`'s when given), with the flags."""
+    from hetinfer.placement.probe import detect
+
     base = load_hardware(args.hardware) if args.hardware else None
     return detect(gpu_mem=args.gpu_mem, ram=args.ram, flash_dir=args.flash_dir, base=base, qtype=qtype,
                   d_model=d_model, config=config, attn_qtype=attn_qtype)

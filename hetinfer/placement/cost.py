@@ -45,9 +45,8 @@ import numpy as np
 
 from hetinfer.config import DEFAULT_KV, ModelConfig
 from hetinfer.errors import HetinferError
-from hetinfer.kernels.cuda import TILE_BYTES
 from hetinfer.placement.hardware import FLASH_BLOCK, STREAM_PIECES, FlashTier, Hardware, format_size
-from hetinfer.tensors import BLOCK_FORMATS, FLOAT_FORMATS
+from hetinfer.tensors import BLOCK_FORMATS, FLOAT_FORMATS, GPU_TILE_BYTES
 from hetinfer.tiers import FLASH, GPU, RAM, TIERS  # noqa: F401  (re-exported: a neuron's tier code)
 
 # The offloading engine's flash I/O buffers, RAM whenever a plan has a flash tier (`flash_io_bytes`): the
@@ -143,10 +142,10 @@ def weight_sizes(config: ModelConfig, weights, n_ctx: int, predictor_bytes: int 
               for L in weights.layers]
     record = [store_record_bytes((L.gate.qtype, L.up.qtype, neuron_down_format(L.down.qtype)), d)
               for L in weights.layers]
-    layer = [L.wq.nbytes + L.wk.nbytes + L.wv.nbytes + L.wo.nbytes + 4 * (L.attn_norm.numel() + L.ffn_norm.numel())
-             + sum(4 * b.numel() for b in (L.bq, L.bk, L.bv) if b is not None) for L in weights.layers]
+    layer = [L.wq.nbytes + L.wk.nbytes + L.wv.nbytes + L.wo.nbytes + L.attn_norm.nbytes + L.ffn_norm.nbytes
+             + sum(b.nbytes for b in (L.bq, L.bk, L.bv) if b is not None) for L in weights.layers]
     return _sizes(config, n_ctx, predictor_bytes, np.array(neuron), np.array(layer), weights.embed.nbytes,
-                  weights.embed.row_bytes, weights.output.nbytes + 4 * weights.output_norm.numel(), np.array(record),
+                  weights.embed.row_bytes, weights.output.nbytes + weights.output_norm.nbytes, np.array(record),
                   kv_dtype)
 
 
@@ -181,9 +180,9 @@ def _sizes(c: ModelConfig, n_ctx: int, predictor_bytes, neuron, layer, embed: in
 
 def gpu_decode_bytes(c: ModelConfig) -> int:
     """Bound on the GPU kernels' per-call temporaries: they decode a matrix's rows in float16 tiles of at
-    most `kernels.cuda.TILE_BYTES` (via float32), under five tiles' worth at once."""
+    most `GPU_TILE_BYTES` (via float32), under five tiles' worth at once."""
     largest = c.d_model * max(c.vocab_size, c.n_ff, c.n_heads * c.head_dim)
-    return 5 * min(TILE_BYTES, 2 * largest)
+    return 5 * min(GPU_TILE_BYTES, 2 * largest)
 
 
 def predictor_sizes(predictors) -> list[int]:

@@ -16,7 +16,6 @@ from hetinfer.data import Window
 from hetinfer.model import FFN
 from hetinfer.profiler.runner import FloatWeights, LayerRunner, Packed
 
-MIN_SCORED_TOKENS = 32  # fewer scored predictions make a perplexity too noisy to report
 
 
 @dataclass
