@@ -33,7 +33,6 @@ import sys
 import time
 
 import numpy as np
-import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -94,14 +93,14 @@ class OracleFFN:
         self.down_t = [kernels.transpose_down(L.down) for L in tr.w.layers]
         self.act = tr.cfg.activation
 
-    def record(self, layer: int, h: torch.Tensor) -> torch.Tensor:
+    def record(self, layer: int, h: np.ndarray) -> np.ndarray:
         L = self.tr.w.layers[layer]
         a = kernels.gate_up(L.gate, L.up, h, self.act)
         k = int(round(self.keep * a.shape[1]))
-        self.sets.append(np.sort(np.argpartition(-a[0].abs().numpy(), k)[:k]))
+        self.sets.append(np.sort(np.argpartition(-np.abs(a[0]), k)[:k]))
         return kernels.linear(L.down, a)
 
-    def replay(self, layer: int, h: torch.Tensor) -> torch.Tensor:
+    def replay(self, layer: int, h: np.ndarray) -> np.ndarray:
         L = self.tr.w.layers[layer]
         rows = self.sets[self.i]
         self.i += 1
@@ -133,7 +132,6 @@ def main() -> None:
     path = args.model or default_model_path()
 
     kernels.set_threads(args.threads)
-    torch.set_num_threads(args.threads)
     compile_s = kernels.warmup()
     model = load_model(path, weights=args.weights)
     heap.freeze()  # as `hetinfer generate` does once the model is loaded

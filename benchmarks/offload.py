@@ -122,14 +122,11 @@ def child_main(spec_path: str) -> None:
             deps = prepare_deployments(**spec["prepare"])
         Path(spec["out"]).write_text(json.dumps([[*key, str(out), window] for key, (out, window) in deps.items()]))
         return
-    if spec["engine"] == "llama.cpp":  # nothing of hetinfer's runtime (torch, numba) is loaded: it is charged
+    if spec["engine"] == "llama.cpp":  # nothing of hetinfer's runtime (numba, numpy) is loaded: it is charged
         result = run_llama(spec)
-    else:
-        import torch
-
+    else:  # hetinfer's CPU runtime, as `hetinfer run` loads it (not torch)
         from hetinfer import kernels
 
-        torch.set_num_threads(spec["threads"])
         kernels.set_threads(spec["threads"])
         kernels.warmup()  # loads the kernels the parent compiled
         result = run_hetinfer(spec)
@@ -188,8 +185,6 @@ def run_llama(spec: dict) -> dict:
 
 
 def run_hetinfer(spec: dict) -> dict:
-    import torch
-
     from hetinfer import heap
     from hetinfer.generate import PREFILL_CHUNK, Session
     from hetinfer.info import component_bytes
@@ -204,7 +199,7 @@ def run_hetinfer(spec: dict) -> dict:
     heap.freeze()  # as `hetinfer run` does once the model is loaded
     tr, cache, ffn = model.transformer, session.cache, session.ffn
 
-    def prefill(ids: list[int]) -> torch.Tensor:
+    def prefill(ids: list[int]) -> np.ndarray:
         for s in range(0, len(ids), PREFILL_CHUNK):
             logits = tr.forward(ids[s : s + PREFILL_CHUNK], cache, ffn)
         if ffn is not None:  # decode's figures only

@@ -6,7 +6,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
-import torch
+import numpy as np
 
 from hetinfer.config import DEFAULT_KV
 from hetinfer.errors import HetinferError
@@ -53,7 +53,7 @@ class Session:
         self.cache = model.transformer.new_cache(self.n_ctx, kv)  # kv: "f32" or "f16" (`--kv`)
         self.ffn = ffn
         self.stats = Stats()
-        self._prompt: tuple[list[int], torch.Tensor] | None = None  # the last prompt and the logits after it
+        self._prompt: tuple[list[int], np.ndarray] | None = None  # the last prompt and the logits after it
         self._exact = 0  # leading cached positions computed in whole PREFILL_CHUNK chunks by a prefill
 
     def reset(self) -> None:
@@ -126,7 +126,7 @@ class Session:
                 yield final[len(emitted):]
         stats.gen_seconds = time.perf_counter() - t0
 
-    def _prefill(self, ids: list[int]) -> tuple[torch.Tensor, int]:
+    def _prefill(self, ids: list[int]) -> tuple[np.ndarray, int]:
         """Logits after `ids`, and how many of its tokens came from the cache, bit-identical to
         prefilling `ids` in an empty cache.
 

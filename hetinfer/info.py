@@ -15,7 +15,7 @@ def component_bytes(model) -> dict[str, int]:
     w = model.weights
     attn = sum(L.wq.nbytes + L.wk.nbytes + L.wv.nbytes + L.wo.nbytes for L in w.layers)
     ffn = sum(L.gate.nbytes + L.up.nbytes + L.down.nbytes for L in w.layers)
-    norms = sum(L.attn_norm.numel() + L.ffn_norm.numel() for L in w.layers) * 4 + w.output_norm.numel() * 4
+    norms = sum(L.attn_norm.nbytes + L.ffn_norm.nbytes for L in w.layers) + w.output_norm.nbytes  # float32
     out = {"embedding": w.embed.nbytes, "attention": attn, "ffn": ffn, "norms": norms}
     out["output_head"] = 0 if w.output is w.embed else w.output.nbytes
     return out

@@ -22,20 +22,23 @@ kernel instead: the output of selecting every neuron there.
 from __future__ import annotations
 
 import argparse
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
-import torch
 
 from hetinfer import kernels
 from hetinfer.argtypes import float_in
 from hetinfer.errors import HetinferError
-from hetinfer.placement.probe import FFNCosts, measure_ffn_costs
-from hetinfer.profiler.artifact import load_profile
-from hetinfer.profiler.predictors import Predictors, load_predictors
-from hetinfer.profiler.runner import FloatWeights
 
-Rule = Callable[[int, torch.Tensor, torch.Tensor | None], torch.Tensor]  # (layer, h, act) -> bool mask [T, n_ff]
+if TYPE_CHECKING:
+    import torch
+
+    from hetinfer.placement.probe import FFNCosts
+    from hetinfer.profiler.predictors import Predictors
+
+# (layer, h, act) -> bool mask [T, n_ff]. Rules are torch references (the evaluation's); torch, the profile's
+# and the predictors' modules load only when a sparse mode is asked for, so a dense run never loads torch.
+Rule = Callable[[int, "torch.Tensor", "torch.Tensor | None"], "torch.Tensor"]
 
 
 class DensityMeter:
@@ -90,6 +93,8 @@ class SparseFFN:
         self.dense = np.zeros(cfg.n_layers, bool)
         self._costs: dict[tuple[str, str, str], FFNCosts] = {}  # measured_costs by a layer's formats
         if backend == "torch" and weights is None:
+            from hetinfer.profiler.runner import FloatWeights
+
             weights = FloatWeights(model)
         self.weights = weights
         # The neuron-major down projections, made at load (a requantization: ~5 ms per SmolLM2 layer), not
@@ -115,6 +120,8 @@ class SparseFFN:
         L = self.model.weights.layers[layer]
         key = (L.gate.qtype, L.down.qtype, self._down_t[layer].qtype)
         if key not in self._costs:
+            from hetinfer.placement.probe import measure_ffn_costs
+
             self._costs[key] = measure_ffn_costs(self.n_ff, self.model.config.d_model, *key, self.act_name)
         return self._costs[key]
 
@@ -123,19 +130,23 @@ class SparseFFN:
         """How many layers run the dense kernel."""
         return int(self.dense.sum())
 
-    def __call__(self, layer: int, h: torch.Tensor) -> torch.Tensor:
-        if self.backend == "torch":
-            act = self.weights.gate_up(layer, h).float()
-            mask = self.rule(layer, h, act)
+    def __call__(self, layer: int, h: np.ndarray) -> np.ndarray:
+        if self.backend == "torch":  # h: a torch tensor (the batched runner) or a numpy array (Transformer.forward)
+            import torch
+
+            ht = torch.as_tensor(h)
+            act = self.weights.gate_up(layer, ht).float()
+            mask = self.rule(layer, ht, act)
             self.meter.record(layer, mask)
-            return self.weights.ffn_out(layer, act * mask)
+            y = self.weights.ffn_out(layer, act * mask)
+            return y if isinstance(h, torch.Tensor) else y.numpy()
         L = self.model.weights.layers[layer]
         if self.dense[layer]:
             self.meter.count(layer, self.n_ff * h.shape[0], h.shape[0])
             return kernels.dense_ffn(L.gate, L.up, L.down, h, self.act_name)
         if h.shape[0] > 1:  # a prompt: dense gate/up, masked down (prefill is compute-bound anyway)
             act = kernels.gate_up(L.gate, L.up, h, self.act_name)
-            mask = self.rule(layer, h, act)
+            mask = self._mask(layer, h, act)
             self.meter.record(layer, mask)
             return kernels.linear(L.down, act * mask)
         if self.thresholds is not None:
@@ -144,10 +155,10 @@ class SparseFFN:
             return y
         if self.needs_act:
             act = kernels.gate_up(L.gate, L.up, h, self.act_name)
-            mask = self.rule(layer, h, act)
+            mask = self._mask(layer, h, act)
             self.meter.record(layer, mask)
-            rows = mask[0].nonzero()[:, 0]
-            y = torch.zeros(h.shape[1])
+            rows = np.flatnonzero(mask[0])
+            y = np.zeros(h.shape[1], np.float32)
             kernels.scatter_axpy(self._down_t[layer], rows, act[0, rows], y)
             return y[None]
         if self.predictors is not None:
@@ -155,17 +166,25 @@ class SparseFFN:
             y, n = kernels.predicted_ffn(W1, W2_t, threshold, L.gate, L.up, self._down_t[layer], h, self.act_name)
             self.meter.count(layer, n)
             return y
-        mask = self.rule(layer, h, None)
+        mask = self._mask(layer, h, None)
         self.meter.record(layer, mask)
-        return kernels.sparse_ffn(L.gate, L.up, self._down_t[layer], mask[0].nonzero()[:, 0], h, self.act_name)
+        return kernels.sparse_ffn(L.gate, L.up, self._down_t[layer], np.flatnonzero(mask[0]), h, self.act_name)
+
+    def _mask(self, layer: int, h: np.ndarray, act: np.ndarray | None) -> np.ndarray:
+        """The rule's bool mask [T, n_ff] for the kernels backend: the threshold rule on the arrays, other
+        rules (torch references: top-k, predictors) through zero-copy torch views."""
+        if self.thresholds is not None:
+            return np.abs(act) > self.thresholds[layer]
+        import torch
+
+        return self.rule(layer, torch.from_numpy(h), None if act is None else torch.from_numpy(act)).numpy()
 
 
 def threshold_ffn(model, profile, sparsity: float, backend: str = "kernels", weights=None) -> SparseFFN:
     """Keep neurons with |act| above the profile's per-layer threshold for `sparsity` (any value in [0, 1))."""
     profile.check_model(model)
     thresholds = profile.thresholds(sparsity)
-    t = torch.from_numpy(thresholds)
-    return SparseFFN(model, lambda layer, h, act: act.abs() > t[layer], True, backend, weights,
+    return SparseFFN(model, lambda layer, h, act: act.abs() > float(thresholds[layer]), True, backend, weights,
                      f"threshold {sparsity:g}", thresholds=thresholds)
 
 
@@ -182,6 +201,8 @@ def topk_ffn(model, keep: float, backend: str = "torch", weights=None) -> Sparse
     k = max(1, round(keep * model.config.n_ff))
 
     def rule(layer: int, h: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
+        import torch
+
         idx = act.abs().topk(k, dim=1).indices
         return torch.zeros(act.shape, dtype=torch.bool).scatter_(1, idx, True)
 
@@ -246,6 +267,9 @@ def engine_ffn(model, sparsity: float | None = None, profile: str | None = None,
         return None
     if mode == "oracle":
         return topk_ffn(model, 1.0 - sparsity, backend, weights)
+    from hetinfer.profiler.artifact import load_profile
+    from hetinfer.profiler.predictors import load_predictors
+
     if mode == "threshold":
         prof = load_profile(profile)
         ffn = threshold_ffn(model, prof, sparsity, backend, weights)

@@ -8,6 +8,12 @@ import pytest
 DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
 
 
+# `python -c TORCH_FREE_CLI ARGS` runs `hetinfer ARGS` and exits 3 if it imported torch: a CPU run must not
+# load it (its libraries cost a decode ~200 MiB, issue #20).
+TORCH_FREE_CLI = ("import sys\nfrom hetinfer.cli import main\nrc = main(sys.argv[1:])\n"
+                  "sys.exit(rc if rc else 3 if 'torch' in sys.modules else 0)")
+
+
 def data_path(*parts: str) -> str:
     path = os.path.join(DATA, *parts)
     if not os.path.exists(path):

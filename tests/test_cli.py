@@ -4,18 +4,20 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
-import torch
 
+from conftest import TORCH_FREE_CLI
 from hetinfer.cli import build_parser, open_session
 from hetinfer.generate import Session
 from hetinfer.sampling import SamplingParams
 
 
 def test_generate_streams_greedy_text_and_writes_stats(model, model_path, tmp_path):
+    """...and never imports torch (exit 3 if it did)."""
     stats = tmp_path / "stats.json"
     p = subprocess.run(
-        [sys.executable, "-m", "hetinfer.cli", "generate", "-m", model_path, "-p", "The capital of France is",
+        [sys.executable, "-c", TORCH_FREE_CLI, "generate", "-m", model_path, "-p", "The capital of France is",
          "-n", "8", "--temperature", "0", "--verbose", "--stats-json", str(stats)],
         capture_output=True, text=True, timeout=300,
     )
@@ -82,7 +84,8 @@ def test_info_memory_splits_a_decode_into_model_kv_and_overhead(model_path):
     assert r["kv_cache_full_bytes"] == 256 * position
     assert sum(r["overhead_components"].values()) == r["overhead_bytes"]
     assert r["model_file_bytes"] + r["kv_cache_written_bytes"] + r["overhead_bytes"] == r["resident_bytes"]
-    assert r["overhead_components"]["files_torch"] > 0 and r["overhead_components"]["heap_and_anonymous"] > 0
+    assert r["overhead_components"]["files_numba"] > 0 and r["overhead_components"]["heap_and_anonymous"] > 0
+    assert "files_torch" not in r["overhead_components"]  # a CPU decode does not load torch
     assert r["box_needs_bytes"] == r["model_file_bytes"] + r["kv_cache_full_bytes"] + r["overhead_bytes"]
     assert r["deployment"] is None and r["engine_buffers_bytes"] == 0
     # a deployment only with --memory, and not beside -m
@@ -152,10 +155,10 @@ def test_kv_flag_sizes_the_session_cache(model_path):
     """--kv f16 --ctx 256: the session's cache is float16, and the placement `serve` reports counts its bytes;
     without --kv it is float32."""
     args = build_parser().parse_args(["generate", "-m", model_path, "-p", "x", "--ctx", "256"])
-    assert open_session(args).cache.k.dtype == torch.float32
+    assert open_session(args).cache.k.dtype == np.float32
     args.kv = "f16"
     session = open_session(args)
-    assert session.cache.k.dtype == session.cache.v.dtype == torch.float16
+    assert session.cache.k.dtype == session.cache.v.dtype == np.float16
     nbytes = session.cache.k.nbytes + session.cache.v.nbytes
     assert nbytes == session.model.config.kv_cache_bytes(256, "f16") == session.model.config.kv_cache_bytes(256) // 2
     pytest.importorskip("fastapi")

@@ -694,37 +694,58 @@ def test_attention_decode_refuses_other_caches():
     for kc, vc in ((torch.zeros(4, 2, 32, dtype=torch.float16), torch.zeros(4, 2, 32)),
                    (torch.zeros(4, 2, 32, dtype=torch.bfloat16), torch.zeros(4, 2, 32, dtype=torch.bfloat16)),
                    (torch.zeros(4, 32, 2, dtype=torch.float16).transpose(1, 2), torch.zeros(4, 2, 32, dtype=torch.float16))):
-        with pytest.raises(ValueError, match="float32 or float16 tensors"):
+        with pytest.raises(ValueError, match="float32 or float16 arrays"):
             kernels.attention_decode(q, k, v, kc, vc, 1, cos, sin, False)
+
+
+@pytest.mark.parametrize("kv", [np.float32, np.float16])
+@pytest.mark.parametrize("interleaved,pos,T", [(False, 0, 1), (False, 0, 7), (True, 5, 7), (False, 30, 10)])
+def test_attention_prompt(kv, interleaved, pos, T):
+    """A prompt's chunk of T tokens after `pos` cached ones: k and v written to the cache at pos..pos+T-1
+    (v exactly as numpy rounds it, k within one step of the float64 rotation), nothing else touched, and
+    each token's attention equal to the float64 reference's over the positions up to its own."""
+    n_ctx, KV, H, hd = 40, 3, 9, 64
+    rng = np.random.default_rng(pos + T)
+    kc = rng.standard_normal((n_ctx, KV, hd), dtype=np.float32).astype(kv)
+    vc = rng.standard_normal((n_ctx, KV, hd), dtype=np.float32).astype(kv)
+    q, k, v = (rng.standard_normal((T, n), dtype=np.float32) for n in (H * hd, KV * hd, KV * hd))
+    ang = np.outer(np.arange(pos, pos + T) + 0.5, rng.uniform(0, 1, hd // 2))
+    cos, sin = np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
+    kc0, vc0 = kc.copy(), vc.copy()
+    out = kernels.attention_prompt(q, k, v, kc, vc, pos, cos, sin, interleaved)
+    assert out.shape == (T, H * hd) and type(out) is np.ndarray
+    new = slice(pos, pos + T)
+    want_k = ref.rope(k.reshape(T, KV, hd), cos[:, None], sin[:, None], interleaved)
+    assert np.all(np.abs(kc[new].astype(np.float64) - want_k) <= np.spacing(np.abs(want_k).astype(kv)) + 1e-6)
+    assert np.array_equal(vc[new], v.reshape(T, KV, hd).astype(kv))
+    others = np.r_[0:pos, pos + T:n_ctx]
+    assert np.array_equal(kc[others], kc0[others]) and np.array_equal(vc[others], vc0[others])
+    for t in range(T):
+        qr = ref.rope(q[t].reshape(H, hd), cos[t], sin[t], interleaved)
+        want = ref.attention(qr, kc[: pos + t + 1], vc[: pos + t + 1])
+        np.testing.assert_allclose(out[t], want.reshape(-1), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="outside the cache"):
+        kernels.attention_prompt(q, k, v, kc, vc, n_ctx - T + 1, cos, sin, interleaved)
 
 
 @pytest.mark.slow
 def test_attention_decode_matches_model_attention(model):
-    """The engine's torch attention path (SDPA) and the fused kernel agree on a real layer."""
-    import hetinfer.model as hm
-
+    """The engine's prompt attention (`attention_prompt`, a one-token chunk) and the fused decode kernel
+    agree on a real layer."""
     tr, L = model.transformer, model.weights.layers[2]
     ids = model.tokenizer.encode("Memory hierarchies trade capacity for speed.")
-    h = rand_x(1, 576, seed=9)
+    h = rand_x(1, 576, seed=9).numpy()
     outs = []
-    for fused in (False, True):
+    for attend in (kernels.attention_prompt, kernels.attention_decode):
         cache = tr.new_cache(64)
         tr.forward(ids, cache)
         pos = cache.pos
         cos, sin = tr._rope(pos, 1)
         q, k, v = kernels.linears((L.wq, L.wk, L.wv), h)
-        if fused:
-            outs.append(kernels.attention_decode(q, k, v, cache.k[2], cache.v[2], pos, cos, sin, tr.interleaved))
-        else:
-            cfg = model.config
-            qr = tr._apply_rope(q.view(1, cfg.n_heads, cfg.head_dim), cos, sin)
-            kr = tr._apply_rope(k.view(1, cfg.n_kv_heads, cfg.head_dim), cos, sin)
-            cache.k[2, pos] = kr[0]
-            cache.v[2, pos] = v.view(cfg.n_kv_heads, cfg.head_dim)
-            o = hm.F.scaled_dot_product_attention(qr.transpose(0, 1), cache.k[2, : pos + 1].transpose(0, 1),
-                                                  cache.v[2, : pos + 1].transpose(0, 1), enable_gqa=True)
-            outs.append(o.transpose(0, 1).reshape(1, -1))
-    torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-5)
+        if attend is kernels.attention_decode:
+            cos, sin = cos[0], sin[0]
+        outs.append(attend(q, k, v, cache.k[2], cache.v[2], pos, cos, sin, tr.interleaved))
+    np.testing.assert_allclose(outs[1], outs[0], rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("rank", [8, 62])  # below and not a multiple of one 32-block
@@ -852,9 +873,10 @@ def test_attention_block_on_real_layer(model):
     cache = tr.new_cache(64)
     tr.forward(model.tokenizer.encode("Memory hierarchies trade capacity for speed."), cache)
     pos = cache.pos
-    cos, sin = (t[0, 0] for t in tr._rope(pos, 1))
+    cos, sin = (t[0] for t in tr._rope(pos, 1))
     x = rand_x(1, model.config.d_model, seed=11)
-    kc, vc = cache.k[5].clone(), cache.v[5].clone()
+    k5, v5 = torch.from_numpy(cache.k[5]), torch.from_numpy(cache.v[5])
+    kc, vc = k5.clone(), v5.clone()
     want = one_by_one_attention(x, L, None, kc, vc, pos, cos, sin, tr.interleaved, model.config.norm_eps)
-    got = run_attention_block(x, L, None, cache.k[5], cache.v[5], pos, cos, sin, tr.interleaved, model.config.norm_eps)
-    assert_same_block(got, want, torch.stack((cache.k[5], cache.v[5]))[:, : pos + 1], torch.stack((kc, vc))[:, : pos + 1])
+    got = run_attention_block(x, L, None, k5, v5, pos, cos, sin, tr.interleaved, model.config.norm_eps)
+    assert_same_block(got, want, torch.stack((k5, v5))[:, : pos + 1], torch.stack((kc, vc))[:, : pos + 1])

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from hetinfer.cli import main
 from hetinfer.offload.deploy import load_deployment, open_session, tier_counts
@@ -41,7 +40,7 @@ def test_open_session_overrides_configure_the_baselines(tmp_path, offline):
     ram, r, resident = _decode(dep, resident=whole, every_neuron=True)  # the plan's cache gets no slots: none left
     assert all(s.n_resident == cfg.n_ff and s.cache.capacity == 0 for s in ram.layers)
     assert r["flash_bytes_per_token"] == 0
-    torch.testing.assert_close(resident, streamed, rtol=0, atol=1e-4)  # placement moves bytes, not arithmetic
+    np.testing.assert_allclose(resident, streamed, rtol=0, atol=1e-4)  # placement moves bytes, not arithmetic
 
     ids = np.arange(0, cfg.n_ff, 3)
     traced, r, _ = _decode(dep, resident=none, capacity=whole, select=lambda layer, h: ids, window=1)

@@ -43,7 +43,7 @@ def test_kernel_path_matches_float32_reference(kind, real, request):
     ref = SparseFFN(m, rule, needs_act, "torch")
     eng = SparseFFN(m, rule, needs_act, "kernels")
     g = torch.Generator().manual_seed(2)
-    h = torch.randn(6, d, generator=g)
+    h = torch.randn(6, d, generator=g).numpy()  # what the engine hands an FFN
     for layer in (0, 1):
         want = ref(layer, h)
         assert 0.05 < ref.meter.per_layer()[layer] < 0.95  # a real selection, neither none nor all
@@ -51,10 +51,10 @@ def test_kernel_path_matches_float32_reference(kind, real, request):
         for t in range(len(h)):
             got = eng(layer, h[t: t + 1])
             tol = 2e-2 if real else 1e-4
-            assert (got - want[t]).abs().max() <= tol * want[t].abs().max()
+            assert np.abs(got - want[t]).max() <= tol * np.abs(want[t]).max()
         # a prompt: dense gate/up, masked down (the real model's native blocks take x, and the masked
         # activations, in 8 bits like llama.cpp: measured 0.8% of the largest output, so the one-token bound)
-        torch.testing.assert_close(eng(layer, h), want, atol=tol * float(want.abs().max()), rtol=1e-3)
+        np.testing.assert_allclose(eng(layer, h), want, atol=tol * float(np.abs(want).max()), rtol=1e-3)
     # the "act" rule selects from activations, which 8-bit x moves slightly on the real model (measured 0.05%)
     np.testing.assert_allclose(eng.meter.selected, 2 * ref.meter.selected, rtol=1e-2 if real else 1e-7)
     assert eng.meter.tokens[:2].tolist() == [12, 12] and not eng.meter.tokens[2:].any()
@@ -206,7 +206,7 @@ def test_step_aside_uses_the_kernels_probe_by_default(monkeypatch, tmp_path):
     assert ffn.dense.tolist() == [0.0 > c.crossover("threshold"), 1.0 > c.crossover("threshold")]
 
 
-def greedy(model, ffn, n: int, forced: list[int] | None = None) -> tuple[list[int], list[torch.Tensor]]:
+def greedy(model, ffn, n: int, forced: list[int] | None = None) -> tuple[list[int], list[np.ndarray]]:
     """(n + 1 greedy tokens after a prompt, each step's logits); with `forced`, those tokens are fed instead."""
     tr = model.transformer
     cache = tr.new_cache(128)
@@ -232,18 +232,18 @@ def test_greedy_text_of_each_mode_is_unchanged(model, real_profile):
 
     prof = load_profile(real_profile)
     ffn = threshold_ffn(model, prof, 0.5)
-    t = torch.from_numpy(prof.thresholds(0.5))
+    t = prof.thresholds(0.5)
 
-    def before(layer: int, h: torch.Tensor) -> torch.Tensor:
+    def before(layer: int, h: np.ndarray) -> np.ndarray:
         if h.shape[0] > 1:
             return ffn(layer, h)
         L = model.weights.layers[layer]
         act = kernels.gate_up(L.gate, L.up, h, "silu")
-        rows = (act.abs() > t[layer])[0].nonzero()[:, 0]
-        return kernels.scatter_axpy(ffn._down_t[layer], rows, act[0, rows], torch.zeros(h.shape[1]))[None]
+        rows = np.flatnonzero(np.abs(act[0]) > t[layer])
+        return kernels.scatter_axpy(ffn._down_t[layer], rows, act[0, rows], np.zeros(h.shape[1], np.float32))[None]
 
-    def apart(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
-        return float(np.median([float((x - y).abs().max() / (x.max() - x.min())) for x, y in zip(a, b)]))
+    def apart(a: list[np.ndarray], b: list[np.ndarray]) -> float:
+        return float(np.median([float(np.abs(x - y).max() / (x.max() - x.min())) for x, y in zip(a, b)]))
 
     try:
         kernels.set_threads(1)

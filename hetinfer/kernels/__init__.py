@@ -3,8 +3,10 @@
 Weights are `QTensor`s in their stored format (f32, f16, bf16, q8_0, q4_0, q4_1), read in
 place by the CPU kernels (`cpu.py`, numba; their inner vector steps in `simd.py`), or
 `GPUTensor`s: the same stored bytes on a GPU, the rows a call needs decoded by torch (`cuda.py`,
-made by `to_cuda`). Activations are float32
-torch tensors; results are new torch tensors (`scatter_axpy` updates `y` in place).
+made by `to_cuda`). Activations are float32 numpy arrays and results are new numpy arrays
+(`scatter_axpy` updates `y` in place); a CPU run never imports torch (it would cost a decode
+~200 MiB of memory). torch tensors are accepted too and give torch tensors back, and `GPUTensor`
+weights take and give torch tensors on their device (`cuda.py` and torch load on first use).
 `reference.py` holds the plain numpy versions.
 
 Dense:   linear, linears (several matrices, one x), gate_up (act(gate x) * up x), dense_ffn, embedding
@@ -31,22 +33,21 @@ from pathlib import Path
 
 import numba
 import numpy as np
-import torch
+import psutil
 
-from hetinfer.tensors import BLOCK_FORMATS, FLOAT_FORMATS, QTensor, quantize
+from hetinfer.tensors import BLOCK_FORMATS, FLOAT_FORMATS, GPUTensor, QTensor, quantize
 
 if "NUMBA_THREADING_LAYER" not in os.environ:
     # OpenMP wakes its threads in ~1.5 us; the default workqueue layer needs ~140 us per parallel call.
     numba.config.THREADING_LAYER = "omp"
 
-from hetinfer.kernels import cpu, cuda, simd  # noqa: E402  (after the threading layer is chosen)
-from hetinfer.kernels.cuda import GPUTensor  # noqa: E402
+from hetinfer.kernels import cpu, simd  # noqa: E402  (after the threading layer is chosen)
 
 ACTIVATIONS = tuple(cpu.ACT)
 # Below this many weight bytes per thread a kernel runs on fewer threads: waking a thread costs ~1.5 us.
 MIN_BYTES_PER_THREAD = 16 << 10
 # Up to GEMV_MAX_T tokens the stored rows are read once and dotted with each token's x; past it,
-# tiles of TILE_BYTES float32 bytes are dequantized for torch's GEMM. Measured on SmolLM2 (2 threads),
+# tiles of TILE_BYTES float32 bytes are dequantized for numpy's GEMM (BLAS). Measured on SmolLM2 (2 threads),
 # the crossover lies at 16-32 tokens: a 5-token prompt took 44 ms through the GEMM, 23 ms here.
 GEMV_MAX_T = 16
 TILE_BYTES = 8 << 20
@@ -56,7 +57,8 @@ _auto = True  # set_threads() without a count: as many of those as other process
 _active = 1  # the threads kernels run on now (auto: re-chosen every CHECK_SECONDS)
 _checked = -1.0  # time.monotonic() of the last choice
 _sample: tuple[float, float | None, float] | None = None  # (wall, busy CPU seconds of our cores, our CPU seconds)
-_torch_threads = torch.get_num_threads()  # torch's own count (its default: the physical cores), what auto gives it
+# torch's count in auto mode, where torch is loaded (training, evaluation, the GPU tier): its default, the physical cores
+_torch_threads = psutil.cpu_count(logical=False) or 1
 _counts = (1, 1)  # the (numba, torch) thread counts for _active
 _applied = threading.local()  # the _counts last set in the calling thread
 # Seconds between readings of what other processes take: a core that gets busy costs a fraction of a
@@ -90,8 +92,10 @@ def get_threads() -> int:
         _run_on(_choose_threads())
     if getattr(_applied, "counts", None) is not _counts:  # both are per thread: set in each thread that computes
         numba.set_num_threads(_counts[0])
-        torch.set_num_threads(_counts[1])  # auto mode keeps it fixed: a product's sums may be split by it
-        _applied.counts = _counts
+        _applied.counts, _applied.torch = _counts, False
+    if not _applied.torch and "torch" in sys.modules:  # torch loaded by then: its count too
+        sys.modules["torch"].set_num_threads(_counts[1])  # auto mode keeps it fixed: a product's sums may be split by it
+        _applied.torch = True
     return _active
 
 
@@ -218,21 +222,43 @@ def _info(W: QTensor) -> tuple:
 _F32 = np.dtype(np.float32)
 
 
-def _np(x: torch.Tensor | np.ndarray) -> np.ndarray:
-    """A C-contiguous float32 numpy view (zero-copy for contiguous float32 CPU tensors and arrays)."""
-    if type(x) is torch.Tensor:
+def _np(x) -> np.ndarray:
+    """A C-contiguous float32 numpy view (zero-copy for contiguous float32 arrays and CPU tensors)."""
+    if type(x) is np.ndarray:
+        if x.dtype is _F32 and x.flags.c_contiguous:
+            return x
+        return np.ascontiguousarray(x, dtype=np.float32)
+    if _is_torch(x):
         try:
             xn = x.numpy()  # raises for tensors that need grad, live on a GPU or have no numpy dtype
         except (RuntimeError, TypeError):
             return x.detach().cpu().float().contiguous().numpy()
-    else:
-        xn = x
-    if type(xn) is np.ndarray and xn.dtype is _F32 and xn.flags.c_contiguous:
-        return xn
-    return np.ascontiguousarray(xn, dtype=np.float32)
+        if xn.dtype is _F32 and xn.flags.c_contiguous:
+            return xn
+        x = xn
+    return np.ascontiguousarray(x, dtype=np.float32)
 
 
-def _x2d(W: QTensor, x: torch.Tensor | np.ndarray) -> np.ndarray:
+def _is_torch(x) -> bool:
+    """Whether x is a torch tensor (checked without importing torch: a caller holding one has loaded it)."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(x, torch.Tensor)
+
+
+def _like(x, out: np.ndarray):
+    """A CPU kernel's result `out` in the kind of array its input `x` is: numpy for numpy (the engine),
+    a torch tensor (zero-copy) for a torch tensor."""
+    return out if type(x) is np.ndarray or not _is_torch(x) else sys.modules["torch"].from_numpy(out)
+
+
+def _cuda():
+    """The GPU kernels (`cuda.py`), imported with torch on first use."""
+    from hetinfer.kernels import cuda
+
+    return cuda
+
+
+def _x2d(W: QTensor, x) -> np.ndarray:
     xn = _np(x)
     shape = xn.shape
     if shape[-1] != W.shape[1]:
@@ -247,10 +273,8 @@ def _rows(rows) -> np.ndarray:
     """Row ids as a 1-D int64 array (any order, may be empty). The kernels check the range: each returns
     -1, or the position of the first id outside the matrix, before computing anything (`_check`)."""
     r = rows
-    if type(r) is torch.Tensor and r.dtype is torch.int64 and not r.requires_grad and r.device.type == "cpu":
-        r = r.numpy()
     if not (type(r) is np.ndarray and r.dtype is _I64 and r.ndim == 1 and r.flags.c_contiguous):
-        if isinstance(r, torch.Tensor):
+        if _is_torch(r):
             r = r.detach().cpu().numpy()
         r = np.asarray(r)
         if r.ndim != 1 or (r.size and r.dtype.kind not in "iu"):
@@ -292,40 +316,41 @@ def _is_cuda(W) -> bool:
 # ---------------------------------------------------------------------------------------------
 
 
-def linear(W: QTensor, x: torch.Tensor) -> torch.Tensor:
+def linear(W: QTensor, x: np.ndarray) -> np.ndarray:
     """x [T, in] -> x @ W^T [T, out]. Decode and short prompts (T <= GEMV_MAX_T) read the stored
-    format directly; longer prompts dequantize row tiles and use torch's GEMM."""
+    format directly; longer prompts dequantize row tiles and use numpy's GEMM."""
     if _is_cuda(W):
-        return cuda.linear(W, x)
+        return _cuda().linear(W, x)
     xn = _x2d(W, x)
     if xn.shape[0] > GEMV_MAX_T:
-        return _gemm(W, xn)
+        return _like(x, _gemm(W, _q8(xn) if W.qtype in BLOCK_FORMATS else xn))
     fmt, u8, nbytes, _ = _info(W)
     out = np.empty((xn.shape[0], u8.shape[0]), np.float32)
     cpu.matvec(fmt, (u8,), xn, (out,), _chunks(nbytes))
-    return torch.from_numpy(out)
+    return _like(x, out)
 
 
-def linears(Ws: tuple[QTensor, ...] | list[QTensor], x: torch.Tensor) -> list[torch.Tensor]:
+def linears(Ws: tuple[QTensor, ...] | list[QTensor], x: np.ndarray) -> list[np.ndarray]:
     """[x @ W^T for W in Ws] in one kernel call when the weights share format and input size (q/k/v)."""
     W0 = Ws[0]
     if _is_cuda(W0):
-        return [cuda.linear(W, x) for W in Ws]
+        return [_cuda().linear(W, x) for W in Ws]
     xn = _x2d(W0, x)
     T = xn.shape[0]
     if T > GEMV_MAX_T:
-        return [_gemm(W, xn) for W in Ws]
+        xq = _q8(xn) if any(W.qtype in BLOCK_FORMATS for W in Ws) else None  # quantized once for them all
+        return [_like(x, _gemm(W, xq if W.qtype in BLOCK_FORMATS else xn)) for W in Ws]
     fmt, u8, _, _ = _info(W0)
     ws, outs, nbytes = [], [], 0
     for W in Ws:  # a plain loop: per call, generator expressions cost more than these small GEMVs
         f, w, n, _ = _info(W)  # cached on W: the first one again costs a dict lookup
         if f != fmt or w.shape[1] != u8.shape[1] or w.flags.c_contiguous != u8.flags.c_contiguous:
-            return [linear(W, xn) for W in Ws]
+            return [linear(W, x) for W in Ws]
         ws.append(w)
         outs.append(np.empty((T, w.shape[0]), np.float32))
         nbytes += n
     cpu.matvec(fmt, tuple(ws), xn, tuple(outs), _chunks(nbytes))
-    return [torch.from_numpy(o) for o in outs]
+    return [_like(x, o) for o in outs]
 
 
 def _q8(xn: np.ndarray) -> np.ndarray:
@@ -336,66 +361,63 @@ def _q8(xn: np.ndarray) -> np.ndarray:
     return (xq * xs[..., :1]).reshape(T, cols)
 
 
-def _view(a: np.ndarray) -> torch.Tensor:
-    """A torch view of weights that may be a read-only memory map; torch only reads it here, so its
-    warning about non-writable arrays does not apply."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", "The given NumPy array is not writable")
-        return torch.from_numpy(a)
-
-
-def _gemm(W: QTensor, xn: np.ndarray) -> torch.Tensor:
-    """Prefill: dequantize `TILE_BYTES` of rows at a time, multiply with torch. Block formats take x
-    quantized to 8 bits as in decode, so a token's result does not depend on the path."""
-    x = torch.from_numpy(_q8(xn) if W.qtype in BLOCK_FORMATS else xn)
+def _gemm(W: QTensor, x: np.ndarray) -> np.ndarray:
+    """Prefill: dequantize `TILE_BYTES` of rows at a time, multiply with numpy (BLAS). Block formats take x
+    quantized to 8 bits as in decode (`_q8`, done by the caller, once for the matrices sharing x), so a
+    token's result does not depend on the path."""
     if W.qtype == "f32":
-        return x @ _view(np.ascontiguousarray(W.data)).T
+        return x @ W.data.T
     rows, cols = W.shape
-    out = torch.empty(x.shape[0], rows)
+    out = np.empty((x.shape[0], rows), np.float32)
     step = max(1, TILE_BYTES // (4 * cols))
     tile = np.empty((min(step, rows), cols), np.float32)
     fmt, w = cpu.FMT[W.qtype], _u8(W)
     for lo in range(0, rows, step):
         ids = np.arange(lo, min(lo + step, rows), dtype=np.int64)
         t = tile[: len(ids)]
-        cpu.dequantize_rows(fmt, w, ids, t, _chunks(len(ids) * W.row_bytes))
-        out[:, lo : lo + len(ids)] = x @ torch.from_numpy(t).T
+        # on the calling thread: BLAS's threads spin a while after each product, and numba's, after a
+        # parallel region; the two pools alternating on the same cores made prefill 4x slower
+        cpu.dequantize_rows(fmt, w, ids, t, 1)
+        out[:, lo : lo + len(ids)] = x @ t.T
     return out
 
 
-def gate_up(Wg: QTensor, Wu: QTensor, x: torch.Tensor, act: str) -> torch.Tensor:
+def gate_up(Wg: QTensor, Wu: QTensor, x: np.ndarray, act: str) -> np.ndarray:
     """act(x @ Wg^T) * (x @ Wu^T) [T, n_ff]: the dense FFN's first half, fused (one pass, one call)."""
     if act not in cpu.ACT:
         raise ValueError(f"unknown activation {act!r}; known: {', '.join(ACTIVATIONS)}")
     if _is_cuda(Wg):
-        return cuda.gate_up(Wg, Wu, x, act)
+        return _cuda().gate_up(Wg, Wu, x, act)
     xn = _x2d(Wg, x)
     fg, ug, ng, _ = _info(Wg)
     fu, uu, nu, _ = _info(Wu)
     if xn.shape[0] > GEMV_MAX_T or fg != fu:
-        g, u = linear(Wg, xn), linear(Wu, xn)
-        return _torch_act(act, g) * u
+        g, u = linears((Wg, Wu), xn)
+        return _like(x, _act(act, g) * u)
     h = np.empty((xn.shape[0], ug.shape[0]), np.float32)
     cpu.gate_up(fg, ug, uu, xn, cpu.ACT[act], h, _chunks(ng + nu))
-    return torch.from_numpy(h)
+    return _like(x, h)
 
 
-def _torch_act(act: str, g: torch.Tensor) -> torch.Tensor:
+def _act(act: str, g: np.ndarray) -> np.ndarray:
+    """The activation over a prompt's gate products, in float32 (decode applies it inside the kernels)."""
     if act == "silu":
-        return torch.nn.functional.silu(g)
+        return g / (np.float32(1.0) + np.exp(-g))
     if act == "relu":
-        return torch.relu(g)
-    return torch.nn.functional.gelu(g, approximate="tanh")
+        return np.maximum(g, np.float32(0.0))
+    c = np.float32(np.sqrt(2.0 / np.pi))
+    return np.float32(0.5) * g * (np.float32(1.0) + np.tanh(c * (g + np.float32(0.044715) * g * g * g)))
 
 
-def embedding(W: QTensor, ids: torch.Tensor) -> torch.Tensor:
-    """Rows of W for token ids, float32 [T, cols] (bit-exact dequantization)."""
+def embedding(W: QTensor, ids) -> np.ndarray:
+    """Rows of W for token ids (a list, or an integer array or tensor), float32 [T, cols] (bit-exact
+    dequantization); a torch tensor of ids gives a torch tensor."""
     if _is_cuda(W):
-        return cuda.embedding(W, ids)
+        return _cuda().embedding(W, ids)
     r = _rows(ids)
-    out = torch.empty(len(r), W.shape[1])
-    _check(cpu.dequantize_rows(cpu.FMT[W.qtype], _u8(W), r, out.numpy(), 1), r, W.shape[0])
-    return out
+    out = np.empty((len(r), W.shape[1]), np.float32)
+    _check(cpu.dequantize_rows(cpu.FMT[W.qtype], _u8(W), r, out, 1), r, W.shape[0])
+    return _like(ids, out)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -403,22 +425,22 @@ def embedding(W: QTensor, ids: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 
 
-def gather_matvec(W: QTensor, rows, x: torch.Tensor) -> torch.Tensor:
+def gather_matvec(W: QTensor, rows, x: np.ndarray) -> np.ndarray:
     """x @ W[rows]^T: only the selected output rows ([cols] -> [len(rows)], [T, cols] -> [T, len(rows)])."""
     if _is_cuda(W):
-        return cuda.gather_matvec(W, rows, x)
+        return _cuda().gather_matvec(W, rows, x)
     fmt, u8, _, _ = _info(W)
     r = _rows(rows)
     xn = _x2d(W, x)
     out = np.empty((xn.shape[0], r.shape[0]), np.float32)
     _check(cpu.gather_matvec(fmt, u8, r, xn, out, _chunks(r.shape[0] * u8.shape[1])), r, u8.shape[0])
-    return torch.from_numpy(out if x.ndim == 2 else out[0])
+    return _like(x, out if x.ndim == 2 else out[0])
 
 
-def scatter_axpy(Wd_t: QTensor, rows, a: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def scatter_axpy(Wd_t: QTensor, rows, a: np.ndarray, y: np.ndarray) -> np.ndarray:
     """y += sum_i a[i] * Wd_t[rows[i]] in place (Wd_t: the down projection, neuron-major [n_ff, d]); returns y."""
     if _is_cuda(Wd_t):
-        return cuda.scatter_axpy(Wd_t, rows, a, y)
+        return _cuda().scatter_axpy(Wd_t, rows, a, y)
     fmt, u8, _, _ = _info(Wd_t)
     r = _rows(rows)
     an = _np(a)
@@ -426,9 +448,9 @@ def scatter_axpy(Wd_t: QTensor, rows, a: torch.Tensor, y: torch.Tensor) -> torch
         an = an.reshape(-1)
     if an.shape[0] != r.shape[0]:
         raise ValueError(f"{an.shape[0]} coefficients for {r.shape[0]} rows")
-    if y.dtype is not torch.float32 or not y.is_contiguous() or y.numel() != Wd_t.shape[1]:
-        raise ValueError(f"y must be a contiguous float32 tensor of {Wd_t.shape[1]} values, got {tuple(y.shape)} {y.dtype}")
-    yn = y.detach().numpy()
+    yn = _host(y)
+    if yn is None or yn.dtype is not _F32 or not yn.flags.c_contiguous or yn.size != Wd_t.shape[1]:
+        raise ValueError(f"y must be a contiguous float32 array of {Wd_t.shape[1]} values, got {tuple(y.shape)} {y.dtype}")
     _check(cpu.scatter_axpy(fmt, u8, r, an, yn if yn.ndim == 1 else yn.reshape(-1),
                             _parts(r.shape[0] * u8.shape[1])),
            r, u8.shape[0])
@@ -449,7 +471,7 @@ def _ffn_parts(Wg: QTensor, Wu: QTensor, Wd_t: QTensor, act: str) -> tuple[tuple
     return _info(Wg), _info(Wu), _info(Wd_t)
 
 
-def sparse_ffn(Wg: QTensor, Wu: QTensor, Wd_t: QTensor, rows, x: torch.Tensor, act: str,
+def sparse_ffn(Wg: QTensor, Wu: QTensor, Wd_t: QTensor, rows, x: np.ndarray, act: str,
                return_act: bool = False):
     """One token's FFN over the active neurons `rows`: sum_i act(g_i) u_i Wd_t[i] with g_i = Wg[i] x,
     u_i = Wu[i] x, reading each neuron's gate, up and down rows once. x [d] or [1, d] -> y of x's shape;
@@ -457,7 +479,7 @@ def sparse_ffn(Wg: QTensor, Wu: QTensor, Wd_t: QTensor, rows, x: torch.Tensor, a
     if act not in cpu.ACT:
         raise ValueError(f"unknown activation {act!r}; known: {', '.join(ACTIVATIONS)}")
     if _is_cuda(Wg):
-        y, h = cuda.sparse_ffn(Wg, Wu, Wd_t, rows, x, act)
+        y, h = _cuda().sparse_ffn(Wg, Wu, Wd_t, rows, x, act)
         return (y, h) if return_act else y
     (fg, ug, _, _), (_, uu, _, _), (fd, ud, _, _) = _ffn_parts(Wg, Wu, Wd_t, act)
     n_ff = Wg.shape[0]
@@ -468,18 +490,18 @@ def sparse_ffn(Wg: QTensor, Wu: QTensor, Wd_t: QTensor, rows, x: torch.Tensor, a
     y, h = np.empty(x.shape, np.float32), np.empty(r.shape[0], np.float32)
     _check(cpu.sparse_ffn(fg, ug, uu, fd, ud, r, xn, cpu.ACT[act], y if y.ndim == 1 else y.reshape(-1), h,
                           _parts(r.shape[0] * (ug.shape[1] * 2 + ud.shape[1]))), r, n_ff)
-    return (torch.from_numpy(y), torch.from_numpy(h)) if return_act else torch.from_numpy(y)
+    return (_like(x, y), _like(x, h)) if return_act else _like(x, y)
 
 
-def threshold_ffn(Wg: QTensor, Wu: QTensor, Wd_t: QTensor, x: torch.Tensor, act: str,
-                  threshold: float) -> tuple[torch.Tensor, int]:
+def threshold_ffn(Wg: QTensor, Wu: QTensor, Wd_t: QTensor, x: np.ndarray, act: str,
+                  threshold: float) -> tuple[np.ndarray, int]:
     """One token's FFN over the neurons whose |h_i| > `threshold`, h_i = act(Wg[i] x) * (Wu[i] x): every
     gate and up row, the down row (Wd_t, neuron-major) of only the kept neurons, chosen inside the call.
     x [d] or [1, d] -> (y of x's shape, how many neurons were kept)."""
     if act not in cpu.ACT:
         raise ValueError(f"unknown activation {act!r}; known: {', '.join(ACTIVATIONS)}")
     if _is_cuda(Wg):
-        return cuda.threshold_ffn(Wg, Wu, Wd_t, x, act, threshold)
+        return _cuda().threshold_ffn(Wg, Wu, Wd_t, x, act, threshold)
     (fg, ug, ng, _), (_, uu, nu, _), (fd, ud, nd, _) = _ffn_parts(Wg, Wu, Wd_t, act)
     d = Wg.shape[1]
     xn = _x2d(Wg, x)
@@ -488,10 +510,10 @@ def threshold_ffn(Wg: QTensor, Wu: QTensor, Wd_t: QTensor, x: torch.Tensor, act:
     y = np.empty(d, np.float32)
     kept = cpu.threshold_ffn(fg, ug, uu, fd, ud, xn, cpu.ACT[act], np.float32(threshold), y,
                              _parts(ng + nu + nd // 2))  # about half the down rows read
-    return torch.from_numpy(y.reshape(x.shape)), kept
+    return _like(x, y.reshape(x.shape)), kept
 
 
-def predict_rows(W1: QTensor, W2_t: QTensor, h: torch.Tensor, threshold: float) -> np.ndarray:
+def predict_rows(W1: QTensor, W2_t: QTensor, h: np.ndarray, threshold: float) -> np.ndarray:
     """The FFN neurons a low-rank predictor picks for one token, in one call: the ids i (int64,
     ascending) with (W2 @ relu(W1 @ h))[i] > threshold, for W1 [r, d], h [d] or [1, d] and W2 [n_ff, r]
     given transposed, W2_t [r, n_ff] (only the rows of the hidden units the ReLU keeps are read).
@@ -499,10 +521,7 @@ def predict_rows(W1: QTensor, W2_t: QTensor, h: torch.Tensor, threshold: float) 
     if W2_t.shape[0] != W1.shape[0]:
         raise ValueError(f"predictor matrices {W1.shape} and transposed {W2_t.shape} do not chain ([r, d], [r, n_ff])")
     if _is_cuda(W1):
-        z = torch.relu(cuda.linear(W1, h)).reshape(-1)
-        logits = cuda.scatter_axpy(W2_t, torch.arange(W2_t.shape[0], device=z.device), z,
-                                   torch.zeros(W2_t.shape[1], device=z.device))
-        return (logits > threshold).nonzero()[:, 0].cpu().numpy()
+        return _cuda().predict_rows(W1, W2_t, h, threshold)
     xn = _x2d(W1, h)
     if xn.shape[0] != 1:
         raise ValueError(f"predict_rows takes one token, got {xn.shape[0]}")
@@ -514,7 +533,7 @@ def predict_rows(W1: QTensor, W2_t: QTensor, h: torch.Tensor, threshold: float) 
 
 
 def predicted_ffn(W1: QTensor, W2_t: QTensor, threshold: float, Wg: QTensor, Wu: QTensor, Wd_t: QTensor,
-                  x: torch.Tensor, act: str) -> tuple[torch.Tensor, int]:
+                  x: np.ndarray, act: str) -> tuple[np.ndarray, int]:
     """`sparse_ffn` over the rows `predict_rows(W1, W2_t, x, threshold)` picks, in one call (predictor
     mode's decode step: one crossing into the kernels per layer, not two). x [d] or [1, d] -> (y of x's
     shape, how many neurons were computed)."""
@@ -537,7 +556,7 @@ def predicted_ffn(W1: QTensor, W2_t: QTensor, threshold: float, Wg: QTensor, Wu:
     n = cpu.predicted_ffn(f1, u1, f2, u2, np.float32(threshold), fg, ug, uu, fd, ud, xn, cpu.ACT[act], y,
                           _chunks(n1), _parts(n2 // 2), _threads, ug.shape[1] * 2 + ud.shape[1],
                           MIN_BYTES_PER_THREAD)
-    return torch.from_numpy(y.reshape(x.shape)), n
+    return _like(x, y.reshape(x.shape)), n
 
 
 # ---------------------------------------------------------------------------------------------
@@ -545,20 +564,19 @@ def predicted_ffn(W1: QTensor, W2_t: QTensor, threshold: float, Wg: QTensor, Wu:
 # ---------------------------------------------------------------------------------------------
 
 
-def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
-    """x / sqrt(mean(x^2, -1) + eps) * w for x [T, d] (one call instead of five torch ops)."""
+def rms_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
+    """x / sqrt(mean(x^2, -1) + eps) * w for x [T, d] (one call instead of five array ops)."""
     xn = _np(x)
     out = np.empty_like(xn)
     if xn.ndim == 2:
         cpu.rms_norm(xn, _np(w), eps, out)
     else:
         cpu.rms_norm(xn.reshape(-1, xn.shape[-1]), _np(w), eps, out.reshape(-1, xn.shape[-1]))
-    return torch.from_numpy(out)
+    return _like(x, out)
 
 
-def attention_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                     v_cache: torch.Tensor, pos: int, cos: torch.Tensor, sin: torch.Tensor,
-                     interleaved: bool) -> torch.Tensor:
+def attention_decode(q: np.ndarray, k: np.ndarray, v: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray,
+                     pos: int, cos: np.ndarray, sin: np.ndarray, interleaved: bool) -> np.ndarray:
     """Attention of one new token at position `pos`, fused: RoPE (cos/sin [hd/2]) on q and k,
     k and v written to this layer's cache [n_ctx, n_kv_heads, hd] at `pos`, softmax attention over
     positions 0..pos with grouped kv heads. q [1, H*hd], k/v [1, KV*hd] -> [1, H*hd]. The cache is
@@ -572,18 +590,72 @@ def attention_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache:
     out = np.empty((H, hd), np.float32)
     cpu.attention_decode(qn, kn, vn, kc, vc, pos, _np(cos).reshape(-1), _np(sin).reshape(-1), interleaved, out,
                          _attention_chunks(pos, H * hd))
-    return torch.from_numpy(out.reshape(1, -1))
+    return _like(q, out.reshape(1, -1))
 
 
-def _kv_cache(k_cache: torch.Tensor, v_cache: torch.Tensor, pos: int) -> tuple[np.ndarray, np.ndarray]:
+def attention_prompt(q: np.ndarray, k: np.ndarray, v: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray,
+                     pos: int, cos: np.ndarray, sin: np.ndarray, interleaved: bool) -> np.ndarray:
+    """Attention of T new tokens at positions pos..pos+T-1 (a prompt's chunk), as `attention_decode` does
+    it for one: RoPE (cos/sin [T, hd/2]) on q and k, k and v written to this layer's cache at those
+    positions (rounded to a float16 cache's dtype), causal softmax attention over 0..pos+T-1 with grouped
+    kv heads, in float32 array operations (matrix products by BLAS). q [T, H*hd], k/v [T, KV*hd] ->
+    [T, H*hd], of q's kind."""
+    qn, kn, vn = _np(q), _np(k), _np(v)
+    kc, vc = _kv_cache(k_cache, v_cache, pos)
+    if kc.dtype == np.uint16:  # written here through numpy's float16 rounding, as the decode kernel rounds
+        kc, vc = kc.view(np.float16), vc.view(np.float16)
+    T, (KV, hd), S = qn.shape[0], kc.shape[1:], pos + qn.shape[0]
+    if kn.shape != (T, KV * hd) or vn.shape != (T, KV * hd) or qn.shape[1] % (KV * hd):
+        raise ValueError(f"q {qn.shape}, k {kn.shape}, v {vn.shape} do not fit the cache's {KV} kv heads of {hd}")
+    if S > kc.shape[0]:
+        raise ValueError(f"positions up to {S - 1} are outside the cache (0..{kc.shape[0] - 1})")
+    H = qn.shape[1] // hd
+    G = H // KV
+    cos, sin = _np(cos)[:, None, :], _np(sin)[:, None, :]  # [T, 1, hd/2]: one rotation for every head
+    kc[pos:S] = _rope(kn.reshape(T, KV, hd), cos, sin, interleaved)
+    vc[pos:S] = vn.reshape(T, KV, hd)
+    qr = _rope(qn.reshape(T, H, hd), cos, sin, interleaved) * np.float32(1.0 / np.sqrt(hd))
+    keys = np.ascontiguousarray(kc[:S].transpose(1, 0, 2), np.float32)  # [KV, S, hd]; a float16 cache widened
+    vals = np.ascontiguousarray(vc[:S].transpose(1, 0, 2), np.float32)
+    qg = qr.reshape(T, KV, G, hd).transpose(1, 2, 0, 3).reshape(KV, G * T, hd)  # query head h reads kv head h // G
+    scores = (qg @ keys.transpose(0, 2, 1)).reshape(KV, G, T, S)
+    scores += np.where(np.arange(S) > pos + np.arange(T)[:, None], np.float32(-np.inf), np.float32(0))  # causal
+    scores -= scores.max(-1, keepdims=True)
+    np.exp(scores, out=scores)
+    scores /= scores.sum(-1, keepdims=True)
+    out = scores.reshape(KV, G * T, S) @ vals  # [KV, G*T, hd]
+    return _like(q, out.reshape(KV, G, T, hd).transpose(2, 0, 1, 3).reshape(T, H * hd))
+
+
+def _rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, interleaved: bool) -> np.ndarray:
+    """x [..., hd] rotated in pairs (2j, 2j+1) if interleaved (GGUF llama layout), else (j, j + hd/2) (HF)."""
+    half = x.shape[-1] // 2
+    a, b = (x[..., 0::2], x[..., 1::2]) if interleaved else (x[..., :half], x[..., half:])
+    ra, rb = a * cos - b * sin, a * sin + b * cos
+    return np.stack((ra, rb), -1).reshape(x.shape) if interleaved else np.concatenate((ra, rb), -1)
+
+
+def _host(a) -> np.ndarray | None:
+    """a numpy array, or the numpy view of a torch CPU tensor; None for anything else (a GPU or bfloat16 tensor)."""
+    if type(a) is np.ndarray:
+        return a
+    if _is_torch(a) and a.device.type == "cpu":
+        try:
+            return a.numpy()
+        except (TypeError, RuntimeError):  # no numpy dtype (bfloat16), or needs grad
+            return None
+    return None
+
+
+def _kv_cache(k_cache: np.ndarray, v_cache: np.ndarray, pos: int) -> tuple[np.ndarray, np.ndarray]:
     """A layer's cache as the numpy arrays the kernels write (a float16 cache as its uint16 bits, which
     the kernels convert: numba has no float16), once checked to hold position `pos`."""
-    if not (k_cache.is_contiguous() and v_cache.is_contiguous() and k_cache.dtype == v_cache.dtype
-            and k_cache.dtype in (torch.float32, torch.float16)):
-        raise ValueError("the KV cache must be contiguous float32 or float16 tensors [n_ctx, n_kv_heads, head_dim], "
+    kc, vc = _host(k_cache), _host(v_cache)
+    if not (kc is not None and vc is not None and kc.flags.c_contiguous and vc.flags.c_contiguous
+            and kc.dtype == vc.dtype and kc.dtype in (np.float32, np.float16)):
+        raise ValueError("the KV cache must be contiguous float32 or float16 arrays [n_ctx, n_kv_heads, head_dim], "
                          f"both of one dtype (got {k_cache.dtype} and {v_cache.dtype})")
-    kc, vc = k_cache.numpy(), v_cache.numpy()
-    if k_cache.dtype is torch.float16:
+    if kc.dtype == np.float16:
         kc, vc = kc.view(np.uint16), vc.view(np.uint16)
     if not 0 <= pos < kc.shape[0]:
         raise ValueError(f"position {pos} is outside the cache (0..{kc.shape[0] - 1})")
@@ -595,16 +667,17 @@ def _attention_chunks(pos: int, q_size: int) -> int:
     return _fixed_split(pos + 1 if (pos + 1) * q_size >= 1 << 16 else 1)
 
 
-def attention_block(x: torch.Tensor, attn_norm: torch.Tensor, Wq: QTensor, Wk: QTensor, Wv: QTensor, Wo: QTensor,
-                    biases: tuple | None, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: int, cos: torch.Tensor,
-                    sin: torch.Tensor, interleaved: bool, eps: float, ffn_norm: torch.Tensor) -> torch.Tensor:
+def attention_block(x: np.ndarray, attn_norm: np.ndarray, Wq: QTensor, Wk: QTensor, Wv: QTensor, Wo: QTensor,
+                    biases: tuple | None, k_cache: np.ndarray, v_cache: np.ndarray, pos: int, cos: np.ndarray,
+                    sin: np.ndarray, interleaved: bool, eps: float, ffn_norm: np.ndarray) -> np.ndarray:
     """The attention half of a decoder layer for one token, in one kernel call: x [1, d] += Wo @
     attention_decode(q, k, v) with q/k/v = Wq/Wk/Wv @ rms_norm(x, attn_norm) (+ biases (bq, bk, bv)),
     x updated in place; returns rms_norm(x, ffn_norm), the FFN's input. The same arithmetic as those
     calls made one by one (which is what runs for GPU weights or q/k/v of different formats), equal
     to float32 rounding: the fastmath sums of the norms and the attention may be vectorized in
     another order once compiled together."""
-    cpu_ok = not _is_cuda(Wq) and not _is_cuda(Wo) and x.dtype is torch.float32 and x.is_contiguous()
+    xn = _host(x)
+    cpu_ok = not _is_cuda(Wq) and not _is_cuda(Wo) and xn is not None and xn.dtype is _F32 and xn.flags.c_contiguous
     if cpu_ok:
         fq, uq, nq, _ = _info(Wq)
         fk, uk, nk, _ = _info(Wk)
@@ -617,7 +690,6 @@ def attention_block(x: torch.Tensor, attn_norm: torch.Tensor, Wq: QTensor, Wk: Q
             q, k, v = q + biases[0], k + biases[1], v + biases[2]
         x += linear(Wo, attention_decode(q, k, v, k_cache, v_cache, pos, cos, sin, interleaved))
         return rms_norm(x, ffn_norm, eps)
-    xn = x.detach().numpy()
     if xn.shape != (1, Wq.shape[1]) or Wo.shape[0] != Wq.shape[1]:
         raise ValueError(f"x {tuple(x.shape)} must be [1, {Wq.shape[1]}] and the output projection {Wo.shape} must map back to it")
     kc, vc = _kv_cache(k_cache, v_cache, pos)
@@ -630,13 +702,13 @@ def attention_block(x: torch.Tensor, attn_norm: torch.Tensor, Wq: QTensor, Wk: Q
     cpu.attention_block(xn, _np(attn_norm), _np(ffn_norm), eps, fq, uq, uk, uv, fo, uo, bq, bk, bv, kc, vc, pos,
                         _np(cos).reshape(-1), _np(sin).reshape(-1), interleaved, h, _chunks(nq + nk + nv),
                         _attention_chunks(pos, Wq.shape[0]), _chunks(no))
-    return torch.from_numpy(h)
+    return _like(x, h)
 
 
 _NO_BIAS = np.empty(0, np.float32)
 
 
-def dense_ffn(Wg: QTensor, Wu: QTensor, Wd: QTensor, h: torch.Tensor, act: str) -> torch.Tensor:
+def dense_ffn(Wg: QTensor, Wu: QTensor, Wd: QTensor, h: np.ndarray, act: str) -> np.ndarray:
     """Wd @ (act(Wg @ h) * (Wu @ h)): the whole dense FFN in one kernel call (`gate_up`, then `linear`)."""
     if act not in cpu.ACT:
         raise ValueError(f"unknown activation {act!r}; known: {', '.join(ACTIVATIONS)}")
@@ -648,11 +720,11 @@ def dense_ffn(Wg: QTensor, Wu: QTensor, Wd: QTensor, h: torch.Tensor, act: str) 
     fg, ug, ng, _ = _info(Wg)
     fu, uu, nu, _ = _info(Wu)
     if xn.shape[0] > GEMV_MAX_T or fg != fu:
-        return linear(Wd, gate_up(Wg, Wu, xn, act))
+        return _like(h, linear(Wd, gate_up(Wg, Wu, xn, act)))
     fd, ud, nd, _ = _info(Wd)
     y = np.empty((xn.shape[0], ud.shape[0]), np.float32)
     cpu.dense_ffn(fg, ug, uu, fd, ud, xn, cpu.ACT[act], y, _chunks(ng + nu), _chunks(nd))
-    return torch.from_numpy(y)
+    return _like(h, y)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -673,10 +745,22 @@ def transpose_down(W_down: QTensor, qtype: str | None = None) -> QTensor:
     return quantize(np.ascontiguousarray(W_down.dequantize().T), qtype)
 
 
-def to_cuda(W: QTensor, device: str | torch.device = "cuda") -> GPUTensor:
+HOST = "cpu"  # where numpy arrays live; a torch device (even torch's "cpu", the GPU tier's stand-in) is another
+
+
+def to_device(x, device):
+    """x moved to `device`: HOST gives a numpy array, a torch device a tensor there (zero-copy between
+    numpy and a torch CPU tensor)."""
+    if device == HOST:
+        return x if type(x) is np.ndarray else x.detach().cpu().numpy()
+    torch = sys.modules["torch"]  # a device other than the host: its weights loaded torch
+    return (torch.from_numpy(x) if type(x) is np.ndarray else x).to(device)
+
+
+def to_cuda(W: QTensor, device="cuda") -> GPUTensor:
     """The GPU form of a weight that every function here accepts: its stored bytes copied once to
-    `device`, decoded per call only for the rows used (see `cuda.py`)."""
-    return cuda.to_cuda(W, device)
+    `device` (a torch device or its name), decoded per call only for the rows used (see `cuda.py`)."""
+    return _cuda().to_cuda(W, device)
 
 
 def convert(W: QTensor, weights: str) -> QTensor:
@@ -739,7 +823,7 @@ def _cache_stamp() -> Path | None:
 def _compile_all() -> None:
     rng = np.random.default_rng(0)
     w = rng.standard_normal((8, 64)).astype(np.float32)
-    x = torch.from_numpy(rng.standard_normal((1, 64)).astype(np.float32))
+    x = rng.standard_normal((1, 64)).astype(np.float32)
     rows = np.array([3, 1], np.int64)
     for qtype in tuple(FLOAT_FORMATS) + tuple(BLOCK_FORMATS):
         W = quantize(w, qtype)
@@ -748,9 +832,9 @@ def _compile_all() -> None:
         gate_up(W, W, x, "silu")
         Wf = quantize(rng.standard_normal((32, 64)).astype(np.float32), qtype)
         dense_ffn(Wf, Wf, quantize(rng.standard_normal((64, 32)).astype(np.float32), qtype), x, "silu")
-        embedding(W, torch.tensor([1]))
+        embedding(W, [1])
         gather_matvec(W, rows, x)
-        scatter_axpy(W, rows, torch.ones(2), torch.zeros(64))
+        scatter_axpy(W, rows, np.ones(2, np.float32), np.zeros(64, np.float32))
         sparse_ffn(W, W, W, rows, x, "silu")
         threshold_ffn(W, W, W, x, "silu", 0.5)
     W1, W2_t = quantize(w, "f32"), quantize(rng.standard_normal((8, 40)).astype(np.float32), "f32")
@@ -759,8 +843,9 @@ def _compile_all() -> None:
     predicted_ffn(W1, W2_t, 0.0, Wf, Wf, Wf, x, "silu")
     rms_norm(x, x[0], 1e-5)
     Wq, Wkv = (quantize(rng.standard_normal((n, 64)).astype(np.float32), "q8_0") for n in (64, 32))
-    for interleaved, kv in ((False, torch.float32), (True, torch.float32), (False, torch.float16)):
-        attention_decode(torch.ones(1, 128), torch.ones(1, 64), torch.ones(1, 64), torch.zeros(4, 2, 32, dtype=kv),
-                         torch.zeros(4, 2, 32, dtype=kv), 1, torch.ones(16), torch.zeros(16), interleaved)
-        attention_block(x.clone(), x[0], Wq, Wkv, Wkv, Wq, None, torch.zeros(4, 1, 32, dtype=kv),
-                        torch.zeros(4, 1, 32, dtype=kv), 1, torch.ones(16), torch.zeros(16), interleaved, 1e-5, x[0])
+    one, zero = np.ones(16, np.float32), np.zeros(16, np.float32)
+    for interleaved, kv in ((False, np.float32), (True, np.float32), (False, np.float16)):
+        attention_decode(np.ones((1, 128), np.float32), np.ones((1, 64), np.float32), np.ones((1, 64), np.float32),
+                         np.zeros((4, 2, 32), kv), np.zeros((4, 2, 32), kv), 1, one, zero, interleaved)
+        attention_block(x.copy(), x[0], Wq, Wkv, Wkv, Wq, None, np.zeros((4, 1, 32), kv), np.zeros((4, 1, 32), kv), 1,
+                        one, zero, interleaved, 1e-5, x[0])

@@ -23,19 +23,20 @@ from __future__ import annotations
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
-import torch
 
 from hetinfer import kernels
 from hetinfer.offload.cache import WindowCache
-from hetinfer.offload.gpu import GPUExecutor
 from hetinfer.offload.reader import FlashReader
 from hetinfer.offload.store import Store
 from hetinfer.offload.stream import Span, SpanStream
 
-Selector = Callable[[int, torch.Tensor], "np.ndarray | None"]  # (layer, h [1, d]) -> neuron ids, None: every one
+if TYPE_CHECKING:  # the GPU tier imports torch: only deployments with one load it
+    from hetinfer.offload.gpu import GPUExecutor
+
+Selector = Callable[[int, np.ndarray], "np.ndarray | None"]  # (layer, h [1, d]) -> neuron ids, None: every one
 
 
 @dataclass
@@ -172,7 +173,7 @@ class TieredFFN:
 
     # -- the hook --------------------------------------------------------------------------------
 
-    def __call__(self, layer: int, h: torch.Tensor) -> torch.Tensor:
+    def __call__(self, layer: int, h: np.ndarray) -> np.ndarray:
         if h.shape[0] > 1:
             return self._prompt(layer, h)
         if layer == 0:
@@ -225,8 +226,8 @@ class TieredFFN:
             y = y + self._from_flash(layer, step.miss_ids[~fit], h)
         return self._done(layer, job, y, n_selected, len(flash), len(step.miss_ids) + fetched, t0, t1, t2, t3)
 
-    def _done(self, layer: int, job, y: torch.Tensor, n_selected: int, n_flash: int, missed: int,
-              t0: float, t1: float, t2: float, t3: float) -> torch.Tensor:
+    def _done(self, layer: int, job, y: np.ndarray, n_selected: int, n_flash: int, missed: int,
+              t0: float, t1: float, t2: float, t3: float) -> np.ndarray:
         """y with the GPU tier's part added (if one ran), after counting the step: `n_flash` flash-tier
         neurons computed, `missed` of them read from flash for it; t0..t3 as __call__ took them."""
         if job is not None:
@@ -243,8 +244,8 @@ class TieredFFN:
         st.compute_s += t4 - t3
         return y
 
-    def _streamed(self, layer: int, job, resident: np.ndarray, flash: np.ndarray, h: torch.Tensor,
-                  n_selected: int, t0: float, t1: float, t2: float) -> torch.Tensor:
+    def _streamed(self, layer: int, job, resident: np.ndarray, flash: np.ndarray, h: np.ndarray,
+                  n_selected: int, t0: float, t1: float, t2: float) -> np.ndarray:
         """The step of a streamed layer: resident rows in place, flash ones from the layer's span."""
         s = self.layers[layer]
         w0 = time.perf_counter()
@@ -258,7 +259,7 @@ class TieredFFN:
         self.stream.release(layer)
         return self._done(layer, job, y, n_selected, len(flash), len(flash), t0, t1, t2, t3)
 
-    def _prefetch(self, layer: int, h: torch.Tensor) -> None:
+    def _prefetch(self, layer: int, h: np.ndarray) -> None:
         """Start reading `layer`'s predicted flash records that its cache lacks (look-ahead)."""
         s = self.layers[layer]
         if s.n_flash == 0 or s.cache.capacity == 0:
@@ -282,11 +283,11 @@ class TieredFFN:
         self.stats.io_wait_s += self.reader.stats.wait_s - before
         self.store.verify(layer, s.first + s.n_resident + flash_ids, dst, dst_rows)
 
-    def _from_flash(self, layer: int, flash_ids: np.ndarray, h: torch.Tensor) -> torch.Tensor:
+    def _from_flash(self, layer: int, flash_ids: np.ndarray, h: np.ndarray) -> np.ndarray:
         """sum over `flash_ids` of their FFN terms, read into the scratch buffer a pass at a time."""
         s, n = self.layers[layer], len(self.scratch)
         rb = s.buf.shape[1]
-        y = torch.zeros(h.shape[-1])
+        y = np.zeros(h.shape[-1], np.float32)
         for lo in range(0, len(flash_ids), n):
             part = flash_ids[lo : lo + n]
             rows = np.arange(len(part), dtype=np.int64)
@@ -295,14 +296,14 @@ class TieredFFN:
             y += kernels.sparse_ffn(*self.store.views(buf), rows, h, self.act).reshape(-1)
         return y[None]
 
-    def _prompt(self, layer: int, h: torch.Tensor) -> torch.Tensor:
+    def _prompt(self, layer: int, h: np.ndarray) -> np.ndarray:
         """Every neuron for T tokens: resident records in place, flash records streamed once, in passes of the
         same size whichever tier holds them (a layer all in RAM and the same layer all on flash sum in the same
         order, so their logits agree exactly)."""
         s, n = self.layers[layer], self.pass_rows
         rb, st, r = s.buf.shape[1], self.stats, self.reader.stats
         job = self.gpu.submit(layer, h) if s.first else None  # every GPU-tier neuron, beside the rest
-        y = torch.zeros(h.shape[0], h.shape[1])
+        y = np.zeros(h.shape, np.float32)
         for lo in range(0, s.n_resident, n):  # in passes: each dequantizes its down columns to float32
             _prompt_terms(self.store.views(s.buf[lo : min(lo + n, s.n_resident)]), h, self.act, y)
         if self.stream is not None and s.n_flash:  # the span the stream reads for decode holds them all
@@ -337,8 +338,8 @@ class TieredFFN:
         return out if self.gpu is None else {**out, **self.gpu.stats.per_token(self.stats.tokens)}
 
 
-def _prompt_terms(views: tuple, h: torch.Tensor, act: str, y: torch.Tensor) -> None:
+def _prompt_terms(views: tuple, h: np.ndarray, act: str, y: np.ndarray) -> None:
     """y [T, d] += the FFN terms of every neuron in `views` (gate, up, down_t over the same records)."""
     g, u, d_t = views
     a = kernels.gate_up(g, u, h, act)  # [T, n]
-    y += a @ torch.from_numpy(d_t.dequantize())  # [T, n] @ [n, d]
+    y += a @ d_t.dequantize()  # [T, n] @ [n, d]

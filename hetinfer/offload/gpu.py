@@ -100,7 +100,7 @@ class GPUJob:
     future: Future
     t0: float  # when submit began
     decode: bool
-    out: torch.device  # where the sum goes: h's device, where the residual add that follows runs
+    out: object  # where the sum goes: h's device (kernels.HOST for a numpy h), where the residual add that follows runs
     cpu_work: bool = True  # the CPU side has neurons of this layer too
     start: float = 0.0  # set by the worker: when it picked the job up
     gpu_s: float = 0.0  # and its busy time
@@ -138,32 +138,32 @@ class GPUExecutor:
 
     # -- the two calls TieredFFN makes -----------------------------------------------------------
 
-    def submit(self, layer: int, h: torch.Tensor, positions: np.ndarray | None = None,
+    def submit(self, layer: int, h: np.ndarray, positions: np.ndarray | None = None,
                cpu_work: bool = True) -> GPUJob:
         """Start layer `layer`'s GPU part for h [T, d] on the host: the given positions (sorted int64,
         below n_gpu[layer]) for one token, or every GPU-tier neuron (positions None, any T). h and the
         positions are packed into one staging buffer, copied to the device in one transfer."""
         t0 = time.perf_counter()
-        out = h.device
-        h = h.detach().to("cpu", torch.float32).contiguous()  # a copy only where a layer's attention ran elsewhere
+        out = kernels.HOST if type(h) is np.ndarray else h.device
+        h = np.ascontiguousarray(kernels.to_device(h, kernels.HOST), np.float32)  # a copy only where a layer's attention ran elsewhere
         decode = positions is not None
         n = len(positions) if decode else 0
-        nin = self._rows_at + 8 * n if decode else h.numel() * 4
-        self._staging(nin, h.numel() * 4)
+        nin = self._rows_at + 8 * n if decode else h.nbytes
+        self._staging(nin, h.nbytes)
         packed = self._in[:nin].numpy()
-        packed[: h.numel() * 4] = h.numpy().reshape(-1).view(np.uint8)
+        packed[: h.nbytes] = h.reshape(-1).view(np.uint8)
         if decode:
             packed[self._rows_at : nin] = np.asarray(positions, np.int64).view(np.uint8)
         job = GPUJob(layer, None, t0, decode, out, bool(cpu_work))
         job.future = self.pool.submit(self._run, job, nin, tuple(h.shape), n)
         return job
 
-    def join(self, job: GPUJob, y_cpu: torch.Tensor) -> torch.Tensor:
+    def join(self, job: GPUJob, y_cpu: np.ndarray) -> np.ndarray:
         """y_cpu + the GPU part's output, summed on the host once both are done and returned on h's device;
         records the layer's times."""
         t1 = time.perf_counter()
         y_gpu = job.future.result()
-        y = (y_cpu.to("cpu") + y_gpu.view(y_cpu.shape)).to(job.out)
+        y = kernels.to_device(kernels.to_device(y_cpu, kernels.HOST) + y_gpu.numpy().reshape(y_cpu.shape), job.out)
         t2 = time.perf_counter()
         st = self.stats
         if job.decode:

@@ -26,7 +26,6 @@ from pathlib import Path
 
 import numpy as np
 import psutil
-import torch
 
 from hetinfer import heap
 from hetinfer.atomic import atomic_write_json, remove_stale, temp_path
@@ -37,6 +36,22 @@ from hetinfer.tensors import FORMATS, QTensor, quantize
 PROBE_VERSION = 1
 PROBE_FILE = "hetinfer-probe"  # the flash probe's scratch file, beside the flash tier's data
 PROBE_DENSITIES = (0.1, 0.3, 1.0)  # shares of neurons the compute probes run sparse_ffn over
+
+
+def _torch():
+    """torch, imported for the GPU probes only: a CPU probe runs the engine's numpy path."""
+    import torch
+
+    return torch
+
+
+def _cuda_available() -> bool:
+    return _torch().cuda.is_available()
+
+
+def _randn(*shape: int) -> np.ndarray:
+    """A probe's input activations: float32 normal samples, as the engine passes them."""
+    return np.random.default_rng(0).standard_normal(shape, dtype=np.float32)
 
 
 def detect(gpu_mem: int | None = None, ram: int | None = None, flash_dir: str | None = None,
@@ -59,7 +74,7 @@ def detect(gpu_mem: int | None = None, ram: int | None = None, flash_dir: str | 
                                   measure_cpu_layer_seconds(config, attn_qtype or qtype, qtype, rate)))
         hw.sources.update({"ram.capacity_bytes": "measured", "ram.bytes_per_s": "measured",
                            "ram.layer_seconds": "measured"})
-        if torch.cuda.is_available():
+        if _cuda_available():
             hw.gpu = measure_gpu(qtype, d_model)
             hw.sources.update({k: "measured" for k in source_keys(hw) if k.startswith("gpu.")})
     else:
@@ -78,7 +93,7 @@ def detect(gpu_mem: int | None = None, ram: int | None = None, flash_dir: str | 
         else:
             if base is None and gpu_mem > hw.gpu.capacity_bytes:  # measured here: capacity is what is free now
                 raise HardwareError(f"--gpu-mem {format_size(gpu_mem)} is more than the {format_size(hw.gpu.capacity_bytes)}"
-                                    f" free on {torch.cuda.get_device_name()}; lower --gpu-mem to at most "
+                                    f" free on {_torch().cuda.get_device_name()}; lower --gpu-mem to at most "
                                     f"{format_size(hw.gpu.capacity_bytes)}, or free the GPU's memory")
             hw.gpu = GpuTier(gpu_mem, hw.gpu.bytes_per_s, hw.gpu.h2d_bytes_per_s, hw.gpu.sync_latency_s)
             hw.sources["gpu.capacity_bytes"] = "flag"
@@ -104,7 +119,7 @@ def measure_cpu_bytes_per_s(qtype: str = "q4_0", d_model: int = 4096, cache_dir:
     def probe() -> dict:
         kernels.warmup()
         weights = _probe_weights(qtype, d_model, 64 << 20)
-        return _sparse_ffn_rates(*weights, torch.randn(1, d_model), lambda: None, sum(W.row_bytes for W in weights))
+        return _sparse_ffn_rates(*weights, _randn(1, d_model), lambda: None, sum(W.row_bytes for W in weights))
 
     return _cached_probe(f"cpu-probe-{qtype}-{d_model}", key, probe, cache_dir)["bytes_per_s"]
 
@@ -164,15 +179,16 @@ def _layer_probe(shape: list | None, bytes_per_s: float | None, steps: int = 32)
     def w(rows: int, cols: int, qtype: str) -> QTensor:
         return _tiled_matrix(rng, rows, cols, qtype)
 
-    layers = [LayerWeights(torch.ones(d), w(H * hd, d, attn), w(KV * hd, d, attn), w(KV * hd, d, attn),
-                           w(d, H * hd, attn), torch.ones(d), w(n_ff, d, ffn_q), w(n_ff, d, ffn_q), w(d, n_ff, ffn_q))
+    one = np.ones(d, np.float32)
+    layers = [LayerWeights(one, w(H * hd, d, attn), w(KV * hd, d, attn), w(KV * hd, d, attn),
+                           w(d, H * hd, attn), one, w(n_ff, d, ffn_q), w(n_ff, d, ffn_q), w(d, n_ff, ffn_q))
               for _ in range(n_layers)]
     embed = w(cfg.vocab_size, d, "q8_0")
-    tr = Transformer(cfg, Weights(embed, torch.ones(d), embed, layers))
+    tr = Transformer(cfg, Weights(embed, one, embed, layers))
     down_t = [kernels.transpose_down(L.down) for L in layers]
     active = np.arange(0, n_ff, 2)
 
-    def ffn(i: int, h: torch.Tensor) -> torch.Tensor:
+    def ffn(i: int, h: np.ndarray) -> np.ndarray:
         return kernels.sparse_ffn(layers[i].gate, layers[i].up, down_t[i], active, h, cfg.activation)
 
     kernels.warmup()
@@ -249,16 +265,18 @@ def _offload_probe(n_ff: int, n_layers: int = 8, steps: int = 32, rounds: int = 
     cfg = ModelConfig(arch="llama", n_layers=n_layers, d_model=d, n_ff=n_ff, n_heads=2, n_kv_heads=1, head_dim=32,
                       vocab_size=64, context_length=64)
     attn = _tiled_matrix(rng, d, d, "q8_0")
-    layers = [LayerWeights(torch.ones(d), attn, attn, attn, attn, torch.ones(d), _tiled_matrix(rng, n_ff, d, "q8_0"),
+    one = np.ones(d, np.float32)
+    layers = [LayerWeights(one, attn, attn, attn, attn, one, _tiled_matrix(rng, n_ff, d, "q8_0"),
                            _tiled_matrix(rng, n_ff, d, "q8_0"), _tiled_matrix(rng, d, n_ff, "q8_0"))
               for _ in range(n_layers)]
-    model = Model("offload-probe", cfg, Weights(attn, torch.ones(d), attn, layers), None, None, {}, "offload-probe")
+    model = Model("offload-probe", cfg, Weights(attn, one, attn, layers), None, None, {}, "offload-probe")
     down_t = [kernels.transpose_down(L.down) for L in layers]
+    torch = _torch()  # the predictors' class holds torch tensors
     predictors = Predictors({}, [torch.randn(1, d)] * n_layers, [torch.randn(n_ff, 1)] * n_layers,
                             torch.zeros(n_layers))  # rank 1: the calls without their bytes
     trace = Trace(TraceConfig(n_layers, n_ff, density=0.5, hot_share=0.3))
     sets = [[trace.active(layer, t) for layer in range(n_layers)] for t in range((2 + rounds) * steps)]
-    h = torch.randn(1, d)
+    h = _randn(1, d)
     resident = np.full(n_layers, n_ff // 2)
     tiers = np.where(np.arange(n_ff) < n_ff // 2, RAM, FLASH).astype(np.uint8)[None].repeat(n_layers, axis=0)
 
@@ -310,6 +328,7 @@ def measure_gpu(qtype: str = "q4_0", d_model: int = 4096, cache_dir: Path | None
     pinned host-to-device bandwidth and one round trip."""
     from hetinfer import kernels
 
+    torch = _torch()
     free, _ = torch.cuda.mem_get_info()
     # "weights": the GPU kernels' weight layout; probes of the earlier dense f16 copies lack it and re-probe
     key = {"device": torch.cuda.get_device_name(), "host": platform.node(), "qtype": qtype, "d_model": d_model,
@@ -404,12 +423,12 @@ def _ffn_probe(n_ff: int, d: int, qtype: str, down_qtype: str, down_t_qtype: str
     first = layer()
     n_layers = int(np.clip(FFN_PROBE_BYTES // sum(W.nbytes for W in first), 2, 64))
     gate, up, down, down_t = zip(first, *(layer() for _ in range(n_layers - 1)))
-    x = torch.randn(1, d)
+    x = _randn(1, d)
     kernels.warmup()
 
     def keeping(i: int, k: int) -> float:
         """A threshold on |act(g) * u| that keeps k of layer i's neurons."""
-        h = np.sort(kernels.gate_up(gate[i], up[i], x, act)[0].abs().numpy())
+        h = np.sort(np.abs(kernels.gate_up(gate[i], up[i], x, act)[0]))
         return float(h[n_ff - k - 1]) if k < n_ff else -1.0
 
     calls = {"dense": lambda i: kernels.dense_ffn(gate[i], up[i], down[i], x, act)}
@@ -451,7 +470,7 @@ def _probe_weights(qtype: str, d_model: int, nbytes: int) -> tuple[QTensor, QTen
     return tuple(QTensor(W.qtype, (64 * reps, d_model), np.tile(W.data, (reps, 1))) for W in small)
 
 
-def _sparse_ffn_rates(Wg, Wu, Wd, x: torch.Tensor, sync, per_neuron: int, seconds: float = 0.15) -> dict:
+def _sparse_ffn_rates(Wg, Wu, Wd, x, sync, per_neuron: int, seconds: float = 0.15) -> dict:
     """Stored neuron bytes per second of `kernels.sparse_ffn` over random ascending row sets at each
     of PROBE_DENSITIES (best of repeated calls: brief interference from other processes does not
     count), and over all of them: total bytes / total time."""
@@ -463,7 +482,7 @@ def _sparse_ffn_rates(Wg, Wu, Wd, x: torch.Tensor, sync, per_neuron: int, second
     for density in PROBE_DENSITIES:
         rows = np.sort(rng.choice(n, max(1, round(density * n)), replace=False))
         if isinstance(Wg, kernels.GPUTensor):  # row ids on the device before timing
-            rows = torch.from_numpy(rows).to(Wg.device)
+            rows = _torch().from_numpy(rows).to(Wg.device)
         best = _best_seconds(lambda r=rows: (kernels.sparse_ffn(Wg, Wu, Wd, r, x, "silu"), sync()), seconds)
         rates.append(len(rows) * per_neuron / best)
         total_bytes, total_s = total_bytes + len(rows) * per_neuron, total_s + best

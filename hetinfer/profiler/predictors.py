@@ -92,8 +92,8 @@ class Predictors:
     path: str | None = None
     _kernel_weights: list | None = field(default=None, repr=False, compare=False)  # see kernel_weights, made at first use
 
-    def logits(self, layer: int, h: torch.Tensor) -> torch.Tensor:
-        return predict_logits(self.w1[layer], self.w2[layer], h)
+    def logits(self, layer: int, h: torch.Tensor | np.ndarray) -> torch.Tensor:
+        return predict_logits(self.w1[layer], self.w2[layer], torch.as_tensor(h))
 
     def mask(self, layer: int, h: torch.Tensor) -> torch.Tensor:
         """bool [T, n_ff]: the neurons to compute for h [T, d]."""

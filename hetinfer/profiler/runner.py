@@ -15,9 +15,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from hetinfer.model import ACT, FFN, rms_norm
+from hetinfer.model import FFN, rms_norm
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+ACT = {"silu": F.silu, "relu": F.relu, "gelu": lambda x: F.gelu(x, approximate="tanh")}
 
 
 @dataclass
@@ -53,10 +54,10 @@ class FloatWeights:
                 self._layers.clear()
             L = self.model.weights.layers[i]
             self._layers[i] = FloatLayer(
-                attn_norm=L.attn_norm, ffn_norm=L.ffn_norm,
+                attn_norm=torch.from_numpy(L.attn_norm), ffn_norm=torch.from_numpy(L.ffn_norm),
                 wqkv=torch.cat([self._t(L.wq), self._t(L.wk), self._t(L.wv)]), wo=self._t(L.wo),
                 gate=self._t(L.gate), up=self._t(L.up), down=self._t(L.down),
-                bqkv=None if L.bq is None else torch.cat([L.bq, L.bk, L.bv]),
+                bqkv=None if L.bq is None else torch.from_numpy(np.concatenate([L.bq, L.bk, L.bv])),
             )
         return self._layers[i]
 
@@ -168,7 +169,7 @@ class LayerRunner:
         H, KV, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         for g in self.packed.groups:
             B, T = g.index.shape
-            freqs = torch.outer(torch.arange(T, dtype=torch.float32), tr.inv_freq)
+            freqs = torch.outer(torch.arange(T, dtype=torch.float32), torch.from_numpy(tr.inv_freq))
             cis = torch.polar(torch.ones_like(freqs), freqs)[:, None, :]  # [T, 1, hd/2]
             per = max(1, self.chunk // T)  # sequences per batch: about `chunk` tokens
             for b0 in range(0, B, per):
