@@ -97,7 +97,7 @@ def open_session(args: argparse.Namespace):
                             "after `hetinfer prepare --gpu-mem SIZE`); a model given with -m runs on the CPU")
     model = load_model(args.model, weights=args.weights)
     ffn = engine_ffn(model, args.sparsity, args.profile, args.predictors)
-    prepare_kernels(getattr(args, "verbose", False))
+    prepare_kernels(getattr(args, "verbose", False), dense_only=ffn is None)
     session = Session(model, n_ctx=args.ctx, ffn=ffn, kv=args.kv or DEFAULT_KV)
     heap.freeze()  # the model lives until the command exits
     return session
@@ -116,15 +116,16 @@ def _open_deployment(args: argparse.Namespace, path: str):
     return session
 
 
-def prepare_kernels(verbose: bool) -> None:
+def prepare_kernels(verbose: bool, dense_only: bool = False) -> None:
     """Compile the CPU kernels, or load them from numba's on-disk cache, before the first prompt, so its
-    timing is the model's; the first run on a machine compiles for about a minute, and says so."""
+    timing is the model's; the first run on a machine compiles for about a minute, and says so.
+    `dense_only`: a dense session loads only the kernels it calls (see `kernels.warmup`)."""
     from hetinfer import kernels
 
     if not kernels.compiled():
         print("compiling the CPU kernels (first run on this machine only; about a minute on a 2-core VM)...",
               file=sys.stderr, flush=True)
-    seconds = kernels.warmup()
+    seconds = kernels.warmup(dense_only)
     if verbose:
         print(f"[kernels ready in {seconds:.1f} s]", file=sys.stderr)
 

@@ -13,6 +13,8 @@ accumulating in float64 (measured: below 1e-7 of the bound's scale).
 Embedding rows are bit-exact. A wrong nibble order, scale or offset breaks these by orders of
 magnitude.
 """
+import subprocess
+import sys
 import threading
 
 import numpy as np
@@ -500,6 +502,25 @@ def test_results_do_not_depend_on_how_many_cores_are_free(monkeypatch):
 def test_warmup_reports_seconds():
     s = kernels.warmup()
     assert isinstance(s, float) and s >= 0
+
+
+def test_dense_warmup_loads_only_the_dense_kernels():
+    """`warmup(dense_only=True)` in a fresh process (the cache is compiled): the dense kernels are loaded, the
+    sparse ones are not, and one called afterwards loads from numba's cache, never compiling in-process."""
+    code = """
+import numpy as np
+from hetinfer import kernels
+from hetinfer.kernels import cpu
+from hetinfer.tensors import quantize
+kernels.warmup(dense_only=True)
+print(len(cpu.dense_ffn.signatures) > 0, len(cpu.attention_block.signatures) > 0, len(cpu.sparse_ffn.signatures))
+W = quantize(np.ones((8, 64), np.float32), "q4_1")
+kernels.sparse_ffn(W, W, W, np.array([1, 3]), np.ones((1, 64), np.float32), "silu")
+print(len(cpu.sparse_ffn.signatures), cpu.sparse_ffn.stats.cache_hits and not cpu.sparse_ffn.stats.cache_misses)
+"""
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.split() == ["True", "True", "0", "1", "True"], p.stdout
 
 
 def test_convert():

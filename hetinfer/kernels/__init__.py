@@ -772,8 +772,10 @@ def convert(W: QTensor, weights: str) -> QTensor:
     return quantize(W.dequantize(), weights)
 
 
-def warmup() -> float:
+def warmup(dense_only: bool = False) -> float:
     """Compile (or load from the on-disk cache) every CPU kernel; returns the seconds it took.
+    `dense_only`: load only those a dense decode and prompt call; any other loads from the cache when
+    first called (each loaded kernel holds numba memory: about a third of theirs is the sparse ones').
 
     Decode timings should start after this: first-call compilation is not decode speed. When the
     cache lacks this version of the kernels, a child process compiles them into it and this process
@@ -787,7 +789,7 @@ def warmup() -> float:
                                env=dict(os.environ, **{_CHILD: "1"}))
         if child.returncode != 0:  # compile here instead; the error, if it is ours, shows below
             warnings.warn(f"compiling the kernels in a child process failed (exit {child.returncode})")
-    _compile_all()
+    _compile_all(dense_only and not is_child)
     if stamp is not None and is_child:
         try:
             for old in stamp.parent.glob("hetinfer-kernels-*.ready"):
@@ -820,11 +822,17 @@ def _cache_stamp() -> Path | None:
     return Path(cpu.matvec.stats.cache_path) / f"hetinfer-kernels-{key}.ready"
 
 
-def _compile_all() -> None:
+def _compile_all(dense_only: bool = False) -> None:
     rng = np.random.default_rng(0)
     w = rng.standard_normal((8, 64)).astype(np.float32)
     x = rng.standard_normal((1, 64)).astype(np.float32)
     rows = np.array([3, 1], np.int64)
+    Wq, Wkv = (quantize(rng.standard_normal((n, 64)).astype(np.float32), "q8_0") for n in (64, 32))
+    one, zero = np.ones(16, np.float32), np.zeros(16, np.float32)
+    for interleaved, kv in ((False, np.float32), (True, np.float32), (False, np.float16)):
+        attention_block(x.copy(), x[0], Wq, Wkv, Wkv, Wq, None, np.zeros((4, 1, 32), kv), np.zeros((4, 1, 32), kv), 1,
+                        one, zero, interleaved, 1e-5, x[0])
+    rms_norm(x, x[0], 1e-5)
     for qtype in tuple(FLOAT_FORMATS) + tuple(BLOCK_FORMATS):
         W = quantize(w, qtype)
         linears((W, W, W), x)
@@ -833,19 +841,18 @@ def _compile_all() -> None:
         Wf = quantize(rng.standard_normal((32, 64)).astype(np.float32), qtype)
         dense_ffn(Wf, Wf, quantize(rng.standard_normal((64, 32)).astype(np.float32), qtype), x, "silu")
         embedding(W, [1])
+        if dense_only:
+            continue
         gather_matvec(W, rows, x)
         scatter_axpy(W, rows, np.ones(2, np.float32), np.zeros(64, np.float32))
         sparse_ffn(W, W, W, rows, x, "silu")
         threshold_ffn(W, W, W, x, "silu", 0.5)
+    if dense_only:
+        return
     W1, W2_t = quantize(w, "f32"), quantize(rng.standard_normal((8, 40)).astype(np.float32), "f32")
     predict_rows(W1, W2_t, x, 0.0)
     Wf = quantize(rng.standard_normal((40, 64)).astype(np.float32), "q4_1")
     predicted_ffn(W1, W2_t, 0.0, Wf, Wf, Wf, x, "silu")
-    rms_norm(x, x[0], 1e-5)
-    Wq, Wkv = (quantize(rng.standard_normal((n, 64)).astype(np.float32), "q8_0") for n in (64, 32))
-    one, zero = np.ones(16, np.float32), np.zeros(16, np.float32)
     for interleaved, kv in ((False, np.float32), (True, np.float32), (False, np.float16)):
         attention_decode(np.ones((1, 128), np.float32), np.ones((1, 64), np.float32), np.ones((1, 64), np.float32),
                          np.zeros((4, 2, 32), kv), np.zeros((4, 2, 32), kv), 1, one, zero, interleaved)
-        attention_block(x.copy(), x[0], Wq, Wkv, Wkv, Wq, None, np.zeros((4, 1, 32), kv), np.zeros((4, 1, 32), kv), 1,
-                        one, zero, interleaved, 1e-5, x[0])
