@@ -128,7 +128,7 @@ def child_main(spec_path: str) -> None:
         from hetinfer import kernels
 
         kernels.set_threads(spec["threads"])
-        kernels.warmup()  # loads the kernels the parent compiled
+        kernels.warmup(dense_only=spec["config"] == "dense")  # loads the kernels the parent compiled, as run/generate do
         result = run_hetinfer(spec)
     Path(spec["out"]).write_text(json.dumps(result))
 
