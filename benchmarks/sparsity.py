@@ -30,7 +30,8 @@ from hetinfer.model import ACT  # noqa: E402
 from hetinfer.profiler.artifact import load_profile  # noqa: E402
 from hetinfer.profiler.collect import ProfileOptions, profile_sequences  # noqa: E402
 from hetinfer.profiler.evaluate import eval_windows, evaluate  # noqa: E402
-from hetinfer.profiler.predictors import TrainOptions, load_predictors, train_predictors  # noqa: E402
+from hetinfer.profiler.predictors import TrainOptions, load_predictors  # noqa: E402
+from hetinfer.profiler.train import train_predictors  # noqa: E402
 from hetinfer.profiler.runner import FloatWeights, LayerRunner, Packed  # noqa: E402
 
 DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")

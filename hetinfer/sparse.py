@@ -171,10 +171,12 @@ class SparseFFN:
         return kernels.sparse_ffn(L.gate, L.up, self._down_t[layer], np.flatnonzero(mask[0]), h, self.act_name)
 
     def _mask(self, layer: int, h: np.ndarray, act: np.ndarray | None) -> np.ndarray:
-        """The rule's bool mask [T, n_ff] for the kernels backend: the threshold rule on the arrays, other
-        rules (torch references: top-k, predictors) through zero-copy torch views."""
+        """The rule's bool mask [T, n_ff] for the kernels backend: the threshold and predictor rules on the
+        arrays, another rule (a torch reference: top-k) through zero-copy torch views."""
         if self.thresholds is not None:
             return np.abs(act) > self.thresholds[layer]
+        if self.predictors is not None:
+            return self.predictors.mask(layer, h)
         import torch
 
         return self.rule(layer, torch.from_numpy(h), None if act is None else torch.from_numpy(act)).numpy()
@@ -268,7 +270,6 @@ def engine_ffn(model, sparsity: float | None = None, profile: str | None = None,
     if mode == "oracle":
         return topk_ffn(model, 1.0 - sparsity, backend, weights)
     from hetinfer.profiler.artifact import load_profile
-    from hetinfer.profiler.predictors import load_predictors
 
     if mode == "threshold":
         prof = load_profile(profile)
@@ -276,6 +277,8 @@ def engine_ffn(model, sparsity: float | None = None, profile: str | None = None,
         if backend == "kernels":
             ffn.step_aside(threshold_density(prof, sparsity), "threshold", costs=costs)
         return ffn
+    from hetinfer.profiler.predictors import load_predictors  # torch: the predictors are its tensors
+
     preds = load_predictors(predictors)
     ffn = predictor_ffn(model, preds, backend, weights)
     if backend == "kernels":

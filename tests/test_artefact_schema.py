@@ -16,7 +16,8 @@ from hetinfer.placement.hardware import hardware_schema
 from hetinfer.placement.plan import load_plan, plan_schema
 from hetinfer.profiler.artifact import PROFILE_SCHEMA, load_profile
 from hetinfer.profiler.collect import ProfileOptions, profile_sequences
-from hetinfer.profiler.predictors import PREDICTORS_SCHEMA, TrainOptions, load_predictors, train_predictors
+from hetinfer.profiler.predictors import PREDICTORS_SCHEMA, TrainOptions, load_predictors
+from hetinfer.profiler.train import train_predictors
 from hetinfer.schema import MapOf, Nullable, Omittable, dataclass_schema, mismatch
 from test_placement_plan import small_plan
 from test_profiler import random_sequences, tiny_model

@@ -118,6 +118,7 @@ def test_prepare_then_run_greedy_matches_every_neuron_reference(tmp_path, offlin
     assert p.returncode == 0, p.stderr
     r = json.loads(p.stdout)
     assert r["deployment"] == str(out) and r["ram_budget_bytes"] == 110 << 20 and r["context"] == 512
+    assert "files_torch" not in r["overhead_components"]  # its predictors run without torch
     assert 0 < r["engine_buffers_bytes"] < r["ram_budget_bytes"]
     assert 0 < r["model_file_bytes"] <= os.path.getsize(m["model"]["path"]) + (64 << 10)
     assert (r["model_file_bytes"] + r["engine_buffers_bytes"] + r["kv_cache_written_bytes"] + r["overhead_bytes"]

@@ -355,7 +355,7 @@ def smollm2_profile(model, tmp_path_factory):
 def smollm2_predictors(model, smollm2_profile, tmp_path_factory):
     """Real predictors of the default model, trained on layers 0 and 1 (the others keep rank-1 zeros)."""
     from hetinfer.profiler.artifact import load_profile
-    from hetinfer.profiler.predictors import TrainOptions, train_predictors
+    from hetinfer.profiler.train import TrainOptions, train_predictors
 
     preds, _ = train_predictors(model, load_profile(smollm2_profile), TrainOptions(ranks=(16,), epochs=2, density=0.4),
                                 layers=[0, 1])

@@ -8,8 +8,8 @@ import torch
 
 from hetinfer.errors import ArtifactError
 from hetinfer.profiler.collect import ProfileOptions, profile_sequences
-from hetinfer.profiler.predictors import (TrainOptions, calibrate, load_predictors, threshold_for_density,
-                                          train_predictors)
+from hetinfer.profiler.predictors import TrainOptions, load_predictors
+from hetinfer.profiler.train import calibrate, threshold_for_density, train_predictors
 from hetinfer.sparse import predictor_ffn
 from test_profiler import random_sequences, tiny_model
 

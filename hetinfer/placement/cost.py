@@ -188,8 +188,7 @@ def gpu_decode_bytes(c: ModelConfig) -> int:
 def predictor_sizes(predictors) -> list[int]:
     """Bytes of each layer's predictor as the engine holds it (`hetinfer.profiler.predictors.Predictors`:
     W1 and W2 at the layer's rank; the artefact's zero padding is sliced off at load)."""
-    return [w1.numel() * w1.element_size() + w2.numel() * w2.element_size()
-            for w1, w2 in zip(predictors.w1, predictors.w2, strict=True)]
+    return [w1.nbytes + w2.nbytes for w1, w2 in zip(predictors.w1, predictors.w2, strict=True)]
 
 
 @dataclass

@@ -271,9 +271,9 @@ def _offload_probe(n_ff: int, n_layers: int = 8, steps: int = 32, rounds: int = 
               for _ in range(n_layers)]
     model = Model("offload-probe", cfg, Weights(attn, one, attn, layers), None, None, {}, "offload-probe")
     down_t = [kernels.transpose_down(L.down) for L in layers]
-    torch = _torch()  # the predictors' class holds torch tensors
-    predictors = Predictors({}, [torch.randn(1, d)] * n_layers, [torch.randn(n_ff, 1)] * n_layers,
-                            torch.zeros(n_layers))  # rank 1: the calls without their bytes
+    predictors = Predictors({}, [rng.standard_normal((1, d), dtype=np.float32)] * n_layers,
+                            [rng.standard_normal((n_ff, 1), dtype=np.float32)] * n_layers,
+                            np.zeros(n_layers, np.float32))  # rank 1: the calls without their bytes
     trace = Trace(TraceConfig(n_layers, n_ff, density=0.5, hot_share=0.3))
     sets = [[trace.active(layer, t) for layer in range(n_layers)] for t in range((2 + rounds) * steps)]
     h = _randn(1, d)

@@ -60,7 +60,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from hetinfer.profiler.artifact import load_profile
-    from hetinfer.profiler.predictors import TrainOptions, report_table, train_predictors
+    from hetinfer.profiler.train import TrainOptions, report_table, train_predictors
 
     model = _open_model(args)
     profile = load_profile(args.profile, model)
