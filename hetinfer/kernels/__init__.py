@@ -402,7 +402,8 @@ def gate_up(Wg: QTensor, Wu: QTensor, x: np.ndarray, act: str) -> np.ndarray:
 def _act(act: str, g: np.ndarray) -> np.ndarray:
     """The activation over a prompt's gate products, in float32 (decode applies it inside the kernels)."""
     if act == "silu":
-        return g / (np.float32(1.0) + np.exp(-g))
+        with np.errstate(over="ignore"):  # exp(-g) = inf below g = -88: g / inf = -0, silu's limit
+            return g / (np.float32(1.0) + np.exp(-g))
     if act == "relu":
         return np.maximum(g, np.float32(0.0))
     c = np.float32(np.sqrt(2.0 / np.pi))
