@@ -114,12 +114,16 @@ def runtime_memory(path: str | None, n_ctx: int | None = None, kv: str | None = 
     Run it in a fresh process: whatever the process loaded before counts as overhead. Resident memory
     is what the process maps; a memory cgroup also charges the page cache of files it read without
     mapping them (Python sources at import), so a limit needs a little more."""
+    from hetinfer import kernels
     from hetinfer.config import DEFAULT_KV
     from hetinfer.generate import Session
     from hetinfer.offload.deploy import is_deployment, load_deployment, open_session
     from hetinfer.sampling import SamplingParams
 
     engine_bytes, budget = 0, None
+    # the kernels `run` loads (a dense model's only; compiled in a child if the cache is cold, as run does:
+    # compiling here would hold the compiler's memory)
+    kernels.warmup(dense_only=not is_deployment(path))
     if is_deployment(path):
         dep = load_deployment(path)
         session = open_session(dep, n_ctx=n_ctx, kv=kv)
