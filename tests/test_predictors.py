@@ -43,7 +43,7 @@ def trained(tmp_path_factory):
 def ffn_inputs(m, ids):
     """h of the clustered model for tokens `ids` (attention adds nothing, so h = rms_norm(embedding) * ffn_norm)."""
     E = torch.from_numpy(m.weights.embed.dequantize(np.asarray(ids)))
-    return E / torch.sqrt(E.pow(2).mean(1, keepdim=True) + m.config.norm_eps) * m.weights.layers[0].ffn_norm
+    return E / torch.sqrt(E.pow(2).mean(1, keepdim=True) + m.config.norm_eps) * torch.from_numpy(m.weights.layers[0].ffn_norm)
 
 
 def test_predictor_reaches_high_recall_on_known_active_sets(trained):
