@@ -106,10 +106,11 @@ class LayerSplitFFN:
                     for i, L in enumerate(model.weights.layers) if i in on_gpu}
         self.gpu_s = self.cpu_s = 0.0
 
-    def __call__(self, layer: int, h: torch.Tensor) -> torch.Tensor:
+    def __call__(self, layer: int, h: np.ndarray) -> np.ndarray:
         t0 = time.perf_counter()
         if layer in self.gpu:
-            y = kernels.dense_ffn(*self.gpu[layer], h.to(self.device), self.act).cpu()
+            y = kernels.to_device(kernels.dense_ffn(*self.gpu[layer], kernels.to_device(h, self.device), self.act),
+                                  kernels.HOST)
             self.gpu_s += time.perf_counter() - t0
         else:
             L = self.model.weights.layers[layer]
