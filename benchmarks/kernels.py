@@ -28,10 +28,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks._util import copy_bandwidth, machine, median_seconds, table, timings  # noqa: E402
 from hetinfer import kernels  # noqa: E402
-from hetinfer.model import TORCH_KV  # noqa: E402
 from hetinfer.tensors import FORMATS, quantize  # noqa: E402
 
 BLOCK = ("q8_0", "q4_0", "q4_1")
+
+TORCH_KV = {"f32": torch.float32, "f16": torch.float16}  # the KV cache as torch holds it, for its reference point
 
 
 def reps_for(nbytes: int) -> int:

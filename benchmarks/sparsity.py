@@ -26,7 +26,7 @@ from benchmarks._util import machine, table  # noqa: E402
 from hetinfer import sparse  # noqa: E402
 from hetinfer.data import calibration_sequences, parse_source  # noqa: E402
 from hetinfer.loader import load_model  # noqa: E402
-from hetinfer.model import ACT  # noqa: E402
+from hetinfer.profiler.runner import ACT  # noqa: E402
 from hetinfer.profiler.artifact import load_profile  # noqa: E402
 from hetinfer.profiler.collect import ProfileOptions, profile_sequences  # noqa: E402
 from hetinfer.profiler.evaluate import eval_windows, evaluate  # noqa: E402
