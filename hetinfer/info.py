@@ -120,11 +120,11 @@ def runtime_memory(path: str | None, n_ctx: int | None = None, kv: str | None = 
     from hetinfer.offload.deploy import is_deployment, load_deployment, open_session
     from hetinfer.sampling import SamplingParams
 
-    engine_bytes, budget = 0, None
+    engine_bytes, budget, deployment = 0, None, is_deployment(path)
     # the kernels `run` loads (a dense model's only; compiled in a child if the cache is cold, as run does:
     # compiling here would hold the compiler's memory)
-    kernels.warmup(dense_only=not is_deployment(path))
-    if is_deployment(path):
+    kernels.warmup(dense_only=not deployment)
+    if deployment:
         dep = load_deployment(path)
         session = open_session(dep, n_ctx=n_ctx, kv=kv)
         model, engine_bytes, budget = dep.model, session.ffn.resident_bytes(), dep.manifest["ram_budget_bytes"]

@@ -29,15 +29,16 @@ import numpy as np
 from hetinfer import kernels
 from hetinfer.argtypes import float_in
 from hetinfer.errors import HetinferError
+from hetinfer.placement.probe import FFNCosts, measure_ffn_costs
+from hetinfer.profiler.artifact import load_profile
+from hetinfer.profiler.predictors import Predictors, load_predictors
 
 if TYPE_CHECKING:
     import torch
 
-    from hetinfer.placement.probe import FFNCosts
-    from hetinfer.profiler.predictors import Predictors
-
-# (layer, h, act) -> bool mask [T, n_ff]. Rules are torch references (the evaluation's); torch, the profile's
-# and the predictors' modules load only when a sparse mode is asked for, so a dense run never loads torch.
+# (layer, h, act) -> bool mask [T, n_ff]. Rules are torch references (the evaluation's batched path); the kernels
+# backend applies the threshold and predictor rules to its numpy arrays itself (`_mask`), so only the torch
+# backend and the top-k oracle load torch.
 Rule = Callable[[int, "torch.Tensor", "torch.Tensor | None"], "torch.Tensor"]
 
 
@@ -120,8 +121,6 @@ class SparseFFN:
         L = self.model.weights.layers[layer]
         key = (L.gate.qtype, L.down.qtype, self._down_t[layer].qtype)
         if key not in self._costs:
-            from hetinfer.placement.probe import measure_ffn_costs
-
             self._costs[key] = measure_ffn_costs(self.n_ff, self.model.config.d_model, *key, self.act_name)
         return self._costs[key]
 
@@ -269,16 +268,12 @@ def engine_ffn(model, sparsity: float | None = None, profile: str | None = None,
         return None
     if mode == "oracle":
         return topk_ffn(model, 1.0 - sparsity, backend, weights)
-    from hetinfer.profiler.artifact import load_profile
-
     if mode == "threshold":
         prof = load_profile(profile)
         ffn = threshold_ffn(model, prof, sparsity, backend, weights)
         if backend == "kernels":
             ffn.step_aside(threshold_density(prof, sparsity), "threshold", costs=costs)
         return ffn
-    from hetinfer.profiler.predictors import load_predictors  # torch: the predictors are its tensors
-
     preds = load_predictors(predictors)
     ffn = predictor_ffn(model, preds, backend, weights)
     if backend == "kernels":

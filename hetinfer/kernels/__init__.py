@@ -602,9 +602,7 @@ def attention_prompt(q: np.ndarray, k: np.ndarray, v: np.ndarray, k_cache: np.nd
     kv heads, in float32 array operations (matrix products by BLAS). q [T, H*hd], k/v [T, KV*hd] ->
     [T, H*hd], of q's kind."""
     qn, kn, vn = _np(q), _np(k), _np(v)
-    kc, vc = _kv_cache(k_cache, v_cache, pos)
-    if kc.dtype == np.uint16:  # written here through numpy's float16 rounding, as the decode kernel rounds
-        kc, vc = kc.view(np.float16), vc.view(np.float16)
+    kc, vc = _kv_cache(k_cache, v_cache, pos, bits=False)  # a float16 cache written with numpy's rounding, as decode's
     T, (KV, hd), S = qn.shape[0], kc.shape[1:], pos + qn.shape[0]
     if kn.shape != (T, KV * hd) or vn.shape != (T, KV * hd) or qn.shape[1] % (KV * hd):
         raise ValueError(f"q {qn.shape}, k {kn.shape}, v {vn.shape} do not fit the cache's {KV} kv heads of {hd}")
@@ -648,15 +646,15 @@ def _host(a) -> np.ndarray | None:
     return None
 
 
-def _kv_cache(k_cache: np.ndarray, v_cache: np.ndarray, pos: int) -> tuple[np.ndarray, np.ndarray]:
-    """A layer's cache as the numpy arrays the kernels write (a float16 cache as its uint16 bits, which
-    the kernels convert: numba has no float16), once checked to hold position `pos`."""
+def _kv_cache(k_cache: np.ndarray, v_cache: np.ndarray, pos: int, bits: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """A layer's cache as numpy arrays, once checked to hold position `pos`; with `bits`, a float16 cache as
+    its uint16 bits, what the numba kernels write (they convert: numba has no float16)."""
     kc, vc = _host(k_cache), _host(v_cache)
     if not (kc is not None and vc is not None and kc.flags.c_contiguous and vc.flags.c_contiguous
             and kc.dtype == vc.dtype and kc.dtype in (np.float32, np.float16)):
         raise ValueError("the KV cache must be contiguous float32 or float16 arrays [n_ctx, n_kv_heads, head_dim], "
                          f"both of one dtype (got {k_cache.dtype} and {v_cache.dtype})")
-    if kc.dtype == np.float16:
+    if bits and kc.dtype == np.float16:
         kc, vc = kc.view(np.uint16), vc.view(np.uint16)
     if not 0 <= pos < kc.shape[0]:
         raise ValueError(f"position {pos} is outside the cache (0..{kc.shape[0] - 1})")
@@ -790,7 +788,7 @@ def warmup(dense_only: bool = False) -> float:
                                env=dict(os.environ, **{_CHILD: "1"}))
         if child.returncode != 0:  # compile here instead; the error, if it is ours, shows below
             warnings.warn(f"compiling the kernels in a child process failed (exit {child.returncode})")
-    _compile_all(dense_only and not is_child)
+    _compile_all(dense_only)
     if stamp is not None and is_child:
         try:
             for old in stamp.parent.glob("hetinfer-kernels-*.ready"):
@@ -824,36 +822,41 @@ def _cache_stamp() -> Path | None:
 
 
 def _compile_all(dense_only: bool = False) -> None:
+    """Call the CPU kernels once on tiny inputs (numba compiles, or loads from its cache, each signature at
+    its first call): those of a dense decode and prompt, then, unless `dense_only`, the sparse ones and the
+    unfused attention."""
     rng = np.random.default_rng(0)
-    w = rng.standard_normal((8, 64)).astype(np.float32)
-    x = rng.standard_normal((1, 64)).astype(np.float32)
-    rows = np.array([3, 1], np.int64)
-    Wq, Wkv = (quantize(rng.standard_normal((n, 64)).astype(np.float32), "q8_0") for n in (64, 32))
+    rand = lambda *shape: rng.standard_normal(shape).astype(np.float32)  # noqa: E731
+    x = rand(1, 64)
     one, zero = np.ones(16, np.float32), np.zeros(16, np.float32)
-    for interleaved, kv in ((False, np.float32), (True, np.float32), (False, np.float16)):
+    caches = ((False, np.float32), (True, np.float32), (False, np.float16))  # (interleaved RoPE, KV dtype)
+    formats = tuple(FLOAT_FORMATS) + tuple(BLOCK_FORMATS)
+    Wq, Wkv = quantize(rand(64, 64), "q8_0"), quantize(rand(32, 64), "q8_0")
+    for interleaved, kv in caches:
         attention_block(x.copy(), x[0], Wq, Wkv, Wkv, Wq, None, np.zeros((4, 1, 32), kv), np.zeros((4, 1, 32), kv), 1,
                         one, zero, interleaved, 1e-5, x[0])
     rms_norm(x, x[0], 1e-5)
-    for qtype in tuple(FLOAT_FORMATS) + tuple(BLOCK_FORMATS):
-        W = quantize(w, qtype)
+    for qtype in formats:
+        W = quantize(rand(8, 64), qtype)
         linears((W, W, W), x)
         linear(W, x)
         gate_up(W, W, x, "silu")
-        Wf = quantize(rng.standard_normal((32, 64)).astype(np.float32), qtype)
-        dense_ffn(Wf, Wf, quantize(rng.standard_normal((64, 32)).astype(np.float32), qtype), x, "silu")
+        Wf = quantize(rand(32, 64), qtype)
+        dense_ffn(Wf, Wf, quantize(rand(64, 32), qtype), x, "silu")
         embedding(W, [1])
-        if dense_only:
-            continue
+    if dense_only:
+        return
+    rows = np.array([3, 1], np.int64)
+    for qtype in formats:
+        W = quantize(rand(8, 64), qtype)
         gather_matvec(W, rows, x)
         scatter_axpy(W, rows, np.ones(2, np.float32), np.zeros(64, np.float32))
         sparse_ffn(W, W, W, rows, x, "silu")
         threshold_ffn(W, W, W, x, "silu", 0.5)
-    if dense_only:
-        return
-    W1, W2_t = quantize(w, "f32"), quantize(rng.standard_normal((8, 40)).astype(np.float32), "f32")
+    W1, W2_t = quantize(rand(8, 64), "f32"), quantize(rand(8, 40), "f32")
     predict_rows(W1, W2_t, x, 0.0)
-    Wf = quantize(rng.standard_normal((40, 64)).astype(np.float32), "q4_1")
+    Wf = quantize(rand(40, 64), "q4_1")
     predicted_ffn(W1, W2_t, 0.0, Wf, Wf, Wf, x, "silu")
-    for interleaved, kv in ((False, np.float32), (True, np.float32), (False, np.float16)):
+    for interleaved, kv in caches:
         attention_decode(np.ones((1, 128), np.float32), np.ones((1, 64), np.float32), np.ones((1, 64), np.float32),
                          np.zeros((4, 2, 32), kv), np.zeros((4, 2, 32), kv), 1, one, zero, interleaved)

@@ -45,10 +45,6 @@ def _torch():
     return torch
 
 
-def _cuda_available() -> bool:
-    return _torch().cuda.is_available()
-
-
 def _randn(*shape: int) -> np.ndarray:
     """A probe's input activations: float32 normal samples, as the engine passes them."""
     return np.random.default_rng(0).standard_normal(shape, dtype=np.float32)
@@ -74,7 +70,7 @@ def detect(gpu_mem: int | None = None, ram: int | None = None, flash_dir: str | 
                                   measure_cpu_layer_seconds(config, attn_qtype or qtype, qtype, rate)))
         hw.sources.update({"ram.capacity_bytes": "measured", "ram.bytes_per_s": "measured",
                            "ram.layer_seconds": "measured"})
-        if _cuda_available():
+        if _torch().cuda.is_available():
             hw.gpu = measure_gpu(qtype, d_model)
             hw.sources.update({k: "measured" for k in source_keys(hw) if k.startswith("gpu.")})
     else:
