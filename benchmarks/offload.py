@@ -222,6 +222,7 @@ def run_hetinfer(spec: dict) -> dict:
     r["read_sizes"] = {str(k): v for k, v in sorted(done.sizes.items())}  # read size (pow2 bucket) -> reads
     r["reader_threads"] = ffn.reader.threads
     r["reader_method"] = ffn.reader.method
+    r["reader_io"] = ffn.reader.io
     return r
 
 

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from hetinfer.offload.reader import DEFAULT_MERGE_GAP, FlashReader, FlashReadError, best_threads, plan_reads
+from hetinfer.offload.uring import open_ring
 from hetinfer.placement.hardware import ASSUMED_FLASH, FLASH_BLOCK, FlashTier
 
 RB = 1336  # SmolLM2 Q4_1's record: gate and up rows (360 B each) + q8_0 down column (612 B) + pad
@@ -50,17 +51,29 @@ def position_sets(rng: np.random.Generator) -> list[np.ndarray]:
     return sets
 
 
-@pytest.mark.parametrize("direct", [None, False], ids=["o_direct", "page_cache"])
+def needs_uring(reader: FlashReader, io: str) -> None:
+    """Skip where the test asks for io_uring reads and this kernel or filesystem does not give them."""
+    if io == "auto" and reader.io != "uring":
+        pytest.skip(f"no io_uring reads here (method {reader.method}): open_ring() refused, or no O_DIRECT")
+
+
+@pytest.mark.parametrize("direct,io", [(None, "threads"), (None, "auto"), (False, "auto")],
+                         ids=["o_direct_threads", "o_direct_uring", "page_cache"])
 @pytest.mark.parametrize("how", ["sync", "submit"])
 @pytest.mark.parametrize("limits", [(1 << 20, 64 << 20), (8192, 16384)], ids=["one_round", "rounds"])
-def test_read_into_matches_file(records_file, direct, how, limits):
+def test_read_into_matches_file(records_file, direct, io, how, limits):
     path, data = records_file
     max_read, staging = limits  # small limits: requests split mid-record, calls read in rounds
     rng = np.random.default_rng(1)
-    with FlashReader(path, NVME, direct=direct, max_read=max_read, staging_bytes=staging) as reader:
+    with FlashReader(path, NVME, direct=direct, max_read=max_read, staging_bytes=staging, io=io) as reader:
         if direct is None and reader.method != "o_direct":
             pytest.skip(f"{path}: this filesystem refuses O_DIRECT")
         assert reader.method == ("o_direct" if direct is None else "page_cache")
+        if direct is None:
+            needs_uring(reader, io)
+            assert reader.io == ("threads" if io == "threads" else "uring")
+        else:
+            assert reader.io == "threads"  # buffered reads keep the pool
         for positions in position_sets(rng):
             dst = np.zeros((len(positions) + 7, RB), np.uint8)
             rows = rng.permutation(len(dst))[:len(positions)]
@@ -296,11 +309,14 @@ def test_bad_calls_and_broken_files(records_file, tmp_path):
         reader.read_into(BASE, RB, np.array([1]), dst, np.arange(1))
 
 
-def test_file_truncated_after_open(tmp_path):
+@pytest.mark.parametrize("io", ["threads", "auto"])
+def test_file_truncated_after_open(tmp_path, io):
     data = np.random.default_rng(8).integers(0, 256, BASE + 100 * RB, dtype=np.uint8).tobytes()
     path = tmp_path / "f.bin"
     path.write_bytes(data)
-    with FlashReader(str(path), NVME) as reader:
+    with FlashReader(str(path), NVME, io=io) as reader:
+        if io == "auto":
+            needs_uring(reader, io)
         os.truncate(path, BASE + 50 * RB)
         dst = np.zeros((1, RB), np.uint8)
         with pytest.raises(FlashReadError, match="truncated"):
@@ -310,6 +326,70 @@ def test_file_truncated_after_open(tmp_path):
             future.result()
         reader.read_into(BASE, RB, np.array([10]), dst, np.arange(1))  # what is still there reads
         np.testing.assert_array_equal(dst, expected(data, [10]))
+
+
+def test_uring_reads_more_requests_than_its_depth(records_file):
+    """A ring of 8 entries reading 300 requests: queue and completion slots wrap around many times."""
+    path, data = records_file
+    ring = open_ring(8)
+    if ring is None:
+        pytest.skip("io_uring is not available here")
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        rng = np.random.default_rng(4)
+        off = np.sort(rng.choice(len(data) // 512, 300, replace=False)).astype(np.int64) * 512
+        size = rng.integers(1, 9, 300).astype(np.int64) * 512
+        at = np.cumsum(size) - size
+        buf = mmap.mmap(-1, int(size.sum()))
+        address = np.frombuffer(buf, np.uint8).ctypes.data
+        got, short = ring.read(fd, address, off, size, at)
+        want = [data[o:o + n] for o, n in zip(off.tolist(), size.tolist())]
+        assert got == sum(map(len, want))
+        assert [(c.index, c.got) for c in short] == [(i, len(w)) for i, w in enumerate(want) if len(w) < size[i]]
+        for o, n, a, w in zip(off.tolist(), size.tolist(), at.tolist(), want):
+            assert buf[a:a + len(w)] == w
+        buf.close()  # nothing holds on to the buffer after the reads
+    finally:
+        ring.close()
+        os.close(fd)
+
+
+def test_uring_read_errors_name_the_file_and_offset(records_file, tmp_path):
+    path, data = records_file
+    with FlashReader(path, NVME) as reader:
+        needs_uring(reader, "auto")
+        good = reader._fd
+        reader._fd = os.open(tmp_path / "w.bin", os.O_WRONLY | os.O_CREAT)  # the kernel refuses to read it: EBADF
+        try:
+            with pytest.raises(FlashReadError, match=r"reading \d+ bytes at offset \d+ failed: Bad file descriptor; "
+                                                     "check the disk") as e:
+                reader.read_into(BASE, RB, np.array([5, 900]), np.zeros((2, RB), np.uint8), np.arange(2))
+            assert path in str(e.value) and "\n" not in str(e.value)
+        finally:
+            os.close(reader._fd)
+            reader._fd = good
+    ring = open_ring()
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    try:  # O_DIRECT at file offsets that are not aligned: the kernel's EINVAL comes back per request
+        buf = mmap.mmap(-1, 8192)
+        got, short = ring.read(fd, np.frombuffer(buf, np.uint8).ctypes.data, np.array([100, 4096, 4196]),
+                               np.array([512, 512, 512]), np.array([0, 1024, 2048]))
+        assert got == 512 and buf[1024:1536] == data[4096:4608]
+        assert [(c.index, c.got, c.errno) for c in short] == [(0, 0, errno.EINVAL), (2, 0, errno.EINVAL)]
+    finally:
+        ring.close()
+        os.close(fd)
+
+
+def test_io_choice(records_file):
+    path, _ = records_file
+    with pytest.raises(ValueError, match="io must be one of auto, uring, threads"):
+        FlashReader(path, NVME, io="aio")
+    with pytest.raises(FlashReadError, match="io_uring reads are not available here .the file is not read with "
+                                             "O_DIRECT.; use io='threads'"):
+        FlashReader(path, NVME, direct=False, io="uring")
+    with FlashReader(path, NVME, io="threads") as reader:
+        assert reader.io == "threads"
 
 
 def test_reads_a_built_store_like_the_store_does(tmp_path):

@@ -29,11 +29,13 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from hetinfer.offload.store import StoreError
+from hetinfer.offload.uring import Ring, open_ring
 from hetinfer.placement.hardware import FLASH_BLOCK, FlashTier
 from hetinfer.placement.probe import open_uncached, read_alignment
 
 DEFAULT_MERGE_GAP = 16 << 10  # without a read curve: read through gaps up to this many bytes
 DEFAULT_THREADS = 8  # without a read curve: reads in flight
+IO_METHODS = ("auto", "uring", "threads")  # auto: io_uring with O_DIRECT where available, else threads
 STAGING_KEPT = 2  # staging buffers kept for reuse: the engine's read plus one look-ahead
 
 
@@ -122,7 +124,12 @@ def best_threads(curve: FlashTier | None, nbytes: int = FLASH_BLOCK) -> int:
 
 
 class FlashReader:
-    """Reads records (and plain spans) of one file with a pool of threads; thread-safe.
+    """Reads records (and plain spans) of one file through io_uring or a pool of threads; thread-safe.
+
+    `io`: "auto" issues record requests through io_uring when the file is read with O_DIRECT and
+    the kernel allows it (`self.io` says which was chosen), "threads" always through the pool,
+    "uring" refuses to open without it. `threads` is the pool's reads in flight; io_uring keeps
+    `uring.DEPTH` in flight. Span reads (`read_span_into`) are one request on the calling thread.
 
     Staging memory: a call holds one page-aligned buffer of its requests' bytes, at most
     `staging_bytes` (a larger call reads in rounds of that size), and STAGING_KEPT buffers are kept
@@ -133,7 +140,10 @@ class FlashReader:
     """
 
     def __init__(self, path: str, curve: FlashTier | None = None, threads: int | None = None,
-                 direct: bool | None = None, max_read: int = 1 << 20, staging_bytes: int = 64 << 20):
+                 direct: bool | None = None, max_read: int = 1 << 20, staging_bytes: int = 64 << 20,
+                 io: str = "auto"):
+        if io not in IO_METHODS:
+            raise ValueError(f"io must be one of {', '.join(IO_METHODS)}, got {io!r}")
         if max_read <= 0 or max_read % FLASH_BLOCK:
             raise ValueError(f"max_read must be a positive multiple of {FLASH_BLOCK}, got {max_read}")
         if staging_bytes < max_read:
@@ -148,6 +158,19 @@ class FlashReader:
         self._lock = threading.Lock()
         self.stats = ReadStats()  # cumulative, updated in place under self._lock
         self._staging: list[mmap.mmap] = []
+        self._rings: list[Ring] = []  # one per thread that has read through io_uring
+        self._local = threading.local()
+        self.io = "threads"  # how record requests are issued: "uring" or "threads"
+        if io != "threads" and self.method == "o_direct":
+            ring = open_ring()
+            if ring is not None:
+                self.io = "uring"
+                self._keep_ring(ring)
+        if io == "uring" and self.io != "uring":
+            self.close()
+            raise FlashReadError(f"{self.path}: io_uring reads are not available here ("
+                                 + ("the file is not read with O_DIRECT" if self.method != "o_direct" else
+                                    "no liburing binding, or the kernel refuses io_uring") + "); use io='threads'")
 
     # ------------------------------------------------------------------------------ public calls
 
@@ -257,6 +280,9 @@ class FlashReader:
         os.close(self._fd)
         self._fd = -1
         self._staging.clear()
+        for ring in self._rings:
+            ring.close()
+        self._rings.clear()
 
     def __enter__(self) -> "FlashReader":
         return self
@@ -326,10 +352,13 @@ class FlashReader:
         self.note_requests(size.tolist(), got, int(positions.size) * record_bytes)
 
     def _read_requests(self, buf: mmap.mmap, off: np.ndarray, size: np.ndarray, at: np.ndarray) -> int:
-        """Read request i (`size[i]` bytes at file offset `off[i]`) into buf[at[i]:]; the calling thread
-        and up to threads - 1 pool threads each loop over every threads-th request. Returns bytes read."""
-        view = memoryview(buf)
+        """Read request i (`size[i]` bytes at file offset `off[i]`) into buf[at[i]:]: through the calling
+        thread's io_uring, or the calling thread and up to threads - 1 pool threads each loop over every
+        threads-th request. Returns bytes read."""
+        if self.io == "uring":
+            return self._read_uring(buf, off, size, at)
         off, size, at = off.tolist(), size.tolist(), at.tolist()
+        view = memoryview(buf)
         n = min(self.threads, len(off))
         futures = [self._pool.submit(self._read_batch, view, off[b::n], size[b::n], at[b::n]) for b in range(1, n)]
         errors, got = [], 0
@@ -346,6 +375,32 @@ class FlashReader:
         if errors:
             raise errors[0]
         return got
+
+    def _read_uring(self, buf: mmap.mmap, off: np.ndarray, size: np.ndarray, at: np.ndarray) -> int:
+        ring = getattr(self._local, "ring", None)
+        if ring is None:
+            ring = open_ring()
+            if ring is None:
+                raise FlashReadError(f"{self.path}: io_uring refused a new ring for this thread (memlock limit?); "
+                                     "read with io='threads'")
+            self._keep_ring(ring)
+        address = np.frombuffer(buf, np.uint8).ctypes.data  # buf stays mapped until the reads are done
+        got, short = ring.read(self._fd, address, off.astype(np.int64), size.astype(np.int64), at.astype(np.int64))
+        if short:
+            with memoryview(buf) as view:
+                for c in short:
+                    o, n, a = int(off[c.index]), int(size[c.index]), int(at[c.index])
+                    if c.errno:
+                        raise FlashReadError(f"{self.path}: reading {n} bytes at offset {o} failed: "
+                                             f"{os.strerror(c.errno)}; check the disk (dmesg) and the file")
+                    if o + c.got < self.file_bytes:  # short of the end of the file: the rest as _read_batch reads it
+                        got += self._read_batch(view, [o + c.got], [n - c.got], [a + c.got])
+        return got
+
+    def _keep_ring(self, ring: Ring) -> None:
+        self._local.ring = ring
+        with self._lock:
+            self._rings.append(ring)
 
     def _read_batch(self, view: memoryview, offsets: list[int], sizes: list[int], at: list[int]) -> int:
         fd, drop, got_all = self._fd, self.method == "fadvise", 0
