@@ -365,6 +365,9 @@ def test_uring_read_errors_name_the_file_and_offset(records_file, tmp_path):
                                                      "check the disk") as e:
                 reader.read_into(BASE, RB, np.array([5, 900]), np.zeros((2, RB), np.uint8), np.arange(2))
             assert path in str(e.value) and "\n" not in str(e.value)
+            future = reader.submit(BASE, RB, np.array([5]), np.zeros((1, RB), np.uint8), np.arange(1))
+            with pytest.raises(FlashReadError, match="failed: Bad file descriptor"):
+                future.result()  # a look-ahead read's error, raised where the engine waits for it
         finally:
             os.close(reader._fd)
             reader._fd = good
