@@ -56,6 +56,18 @@ class Session:
         self._prompt: tuple[list[int], np.ndarray] | None = None  # the last prompt and the logits after it
         self._exact = 0  # leading cached positions computed in whole PREFILL_CHUNK chunks by a prefill
 
+    def close(self) -> None:
+        """Release what the FFN holds besides memory (an offloaded FFN's reading threads and store file);
+        `with Session(...) as s:` does it on leaving. The model stays usable by other sessions."""
+        if hasattr(self.ffn, "close"):
+            self.ffn.close()
+
+    def __enter__(self) -> "Session":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def reset(self) -> None:
         self.cache.truncate(0)
         self._prompt = None

@@ -127,6 +127,30 @@ def test_native_every_neuron_matches_dense_up_to_the_format(model, model_f32, tm
     assert (offload == exact).mean() >= (dense == exact).mean() - 0.02
 
 
+def test_closing_a_session_stops_its_reading_threads(model_f32, tmp_path):
+    """A session over an offloaded FFN leaves no reading threads or open store behind once closed (`with`),
+    streamed or read through the window cache, and closing twice is harmless."""
+    import threading
+
+    from hetinfer.generate import Session
+
+    m, cfg = model_f32, model_f32.config
+    tiers = np.full((cfg.n_layers, cfg.n_ff), 2, np.uint8)
+    store = build_store(m, tmp_path / "s.store", tiers, None, weights="f32", progress=False)
+    pool = cfg.n_ff * store.record_bytes + 2 * FLASH_BLOCK
+    ours = lambda: {t for t in threading.enumerate() if t.name.startswith("hetinfer-")}  # noqa: E731
+    before = ours()
+    for kw in ({"stream_pool_bytes": pool}, {}):
+        ffn = _engine(m, store, 0, cfg.n_ff if not kw else 0, 0 if kw else 2, **kw)
+        with Session(m, n_ctx=64, ffn=ffn) as session:
+            tr = session.model.transformer
+            tr.forward([int(tr.forward(m.tokenizer.encode("Close what you open."), session.cache, ffn).argmax())],
+                       session.cache, ffn)
+            assert ours() - before  # the stream's threads, the reader's look-ahead thread
+        assert not ours() - before and ffn.reader._fd < 0
+        session.close()
+
+
 def test_streamed_spans_give_the_dense_logits_and_read_whole_spans(model_f32, tmp_path):
     """Streaming whole flash spans (window 0): all-flash and mixed splits reproduce the dense engine's logits
     over a prompt and decoded tokens, and a predicted set reads every layer's whole flash span once per token

@@ -325,6 +325,15 @@ class TieredFFN:
             _prompt_terms(self.store.views(buf), h, self.act, y)
         return y if job is None else self.gpu.join(job, y)
 
+    def close(self) -> None:
+        """Stop the threads this FFN started (the span stream's readers, the GPU tier's, the reader's) and
+        close the store's file; idempotent. The FFN cannot compute afterwards."""
+        if self.stream is not None:
+            self.stream.close()
+        if self.gpu is not None:
+            self.gpu.close()
+        self.reader.close()
+
     def reset_stats(self) -> None:
         r = self.reader.stats
         self.stats = OffloadStats(reader_bytes0=r.bytes, reader_reads0=r.requests)
