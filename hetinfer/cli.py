@@ -156,7 +156,7 @@ def report(session, args: argparse.Namespace) -> None:
             how = ("whole flash spans streamed ahead" if stats["flash_reads"] == "spans"
                    else f"window cache hit rate {stats['cache_hit_rate']:.1%}")
             print(f"[flash {stats['flash_bytes_per_token'] / 2**10:.0f} KiB/token in "
-                  f"{stats['flash_reads_per_token']:.1f} reads | {how} | "
+                  f"{stats['flash_reads_per_token']:.1f} reads ({stats['flash_io']}) | {how} | "
                   f"per token: predict {stats['predict_s_per_token'] * 1e3:.2f} ms, I/O wait "
                   f"{stats['io_wait_s_per_token'] * 1e3:.2f} ms, FFN compute {stats['compute_s_per_token'] * 1e3:.2f} ms]",
                   file=sys.stderr)

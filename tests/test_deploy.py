@@ -103,6 +103,7 @@ def test_prepare_then_run_greedy_matches_every_neuron_reference(tmp_path, offlin
     assert 0 < s["ffn_density"] < 1 and s["gen_tokens"] == 12 and text.strip()
     plan = json.loads((out / m["plan"] / "plan.json").read_text())  # streaming is the plan's choice, for this disk
     assert s["flash_reads"] == ("spans" if plan["tiers"]["flash"]["streamed"] else "records")
+    assert s["flash_io"] in ("o_direct, uring", "o_direct, threads", "fadvise, threads")  # io_uring where allowed
     # every neuron (the exact mode) runs too, and a second prepare reuses everything
     assert main(["run", str(out), "-p", "The capital of France is", "-n", "4", "--temperature", "0",
                  "--sparsity", "0"]) == 0

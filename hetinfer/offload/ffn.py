@@ -342,8 +342,10 @@ class TieredFFN:
 
     def report(self) -> dict:
         """Per-token figures since the last reset (see OffloadStats.per_token and GPUStats.per_token), and how flash
-        records are read: `spans` (streamed whole, `offload.stream`) or `records` (predicted sets)."""
-        out = {**self.stats.per_token(self.reader.stats, self.n_ff), "flash_reads": "spans" if self.stream else "records"}
+        records are read: `flash_reads`, `spans` (streamed whole, `offload.stream`) or `records` (predicted sets), and
+        `flash_io`, how the reader issues record reads (`FlashReader.method` and `.io`: "o_direct, uring", ...)."""
+        out = {**self.stats.per_token(self.reader.stats, self.n_ff), "flash_reads": "spans" if self.stream else "records",
+               "flash_io": f"{self.reader.method}, {self.reader.io}"}
         return out if self.gpu is None else {**out, **self.gpu.stats.per_token(self.stats.tokens)}
 
 
