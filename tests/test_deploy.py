@@ -15,6 +15,7 @@ import pytest
 
 from conftest import TORCH_FREE_CLI
 from hetinfer.cli import main
+from hetinfer.offload.deploy import PREPARE_MIP_GAP
 
 pytestmark = pytest.mark.slow
 # SmolLM2's dense parts (~75 MiB with a 512-token f32 KV cache) + the offloading engine's flash I/O buffers
@@ -38,6 +39,8 @@ def test_prepare_every_neuron_plans_without_predictors(tmp_path, offline, capsys
     argv = ["prepare", "-o", str(out), "--flash-dir", str(flash), "--ram", RAM, "--ctx", "512",
             "--profile", str(offline / "profile"), "--neurons", "every"]
     assert main(argv) == 0
+    place = [line for line in capsys.readouterr().err.splitlines() if line.startswith("[3/4 place")]
+    assert len(place) == 1 and f"--mip-gap {PREPARE_MIP_GAP}" in place[0]  # prepare's trials stop at its looser gap
     m = json.loads((out / "deployment.json").read_text())
     plan = json.loads((out / m["plan"] / "plan.json").read_text())
     assert m["predictors"] is None and not (out / "predictors").exists()
