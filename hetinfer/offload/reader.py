@@ -170,7 +170,8 @@ class FlashReader:
             self.close()
             raise FlashReadError(f"{self.path}: io_uring reads are not available here ("
                                  + ("the file is not read with O_DIRECT" if self.method != "o_direct" else
-                                    "no liburing binding, or the kernel refuses io_uring") + "); use io='threads'")
+                                    "the kernel refuses io_uring: too old, a seccomp profile or kernel.io_uring_disabled")
+                                 + "); use io='threads'")
 
     # ------------------------------------------------------------------------------ public calls
 
