@@ -78,7 +78,7 @@ class Ring:
         self._syscall = self._libc.syscall
         self._syscall.restype = ctypes.c_long
         p = _Params()
-        fd = self._syscall(_SETUP, ctypes.c_uint(depth), ctypes.byref(p))
+        fd = self._syscall(ctypes.c_long(_SETUP), ctypes.c_uint(depth), ctypes.byref(p))
         if fd < 0:
             e = ctypes.get_errno()
             raise OSError(e, f"io_uring_setup: {os.strerror(e)}")
@@ -137,7 +137,7 @@ class Ring:
         """Submit `to_submit` queued entries and wait until `wait` completions are in the queue (one
         system call, repeated only when a signal interrupts it)."""
         while True:
-            n = self._syscall(_ENTER, ctypes.c_uint(self.fd), ctypes.c_uint(to_submit), ctypes.c_uint(wait),
+            n = self._syscall(ctypes.c_long(_ENTER), ctypes.c_uint(self.fd), ctypes.c_uint(to_submit), ctypes.c_uint(wait),
                               ctypes.c_uint(_ENTER_GETEVENTS), None, ctypes.c_size_t(0))
             if n < 0:
                 e = ctypes.get_errno()
