@@ -392,11 +392,15 @@ class FlashReader:
                 for c in short:
                     o, n, a = int(off[c.index]), int(size[c.index]), int(at[c.index])
                     if c.errno:
-                        raise FlashReadError(f"{self.path}: reading {n} bytes at offset {o} failed: "
-                                             f"{os.strerror(c.errno)}; check the disk (dmesg) and the file")
+                        raise self._failed(n, o, os.strerror(c.errno))
                     if o + c.got < self.file_bytes:  # short of the end of the file: the rest as _read_batch reads it
                         got += self._read_batch(view, [o + c.got], [n - c.got], [a + c.got])
         return got
+
+    def _failed(self, n: int, off: int, why: str) -> FlashReadError:
+        """The one-line error of a read the kernel failed (either way of issuing it)."""
+        return FlashReadError(f"{self.path}: reading {n} bytes at offset {off} failed: {why}; check the disk (dmesg) "
+                              "and the file")
 
     def _keep_ring(self, ring: Ring) -> None:
         self._local.ring = ring
@@ -416,8 +420,7 @@ class FlashReader:
                 if drop:
                     os.posix_fadvise(fd, off, n, os.POSIX_FADV_DONTNEED)
             except OSError as e:
-                raise FlashReadError(f"{self.path}: reading {n} bytes at offset {off} failed: "
-                                     f"{e.strerror or e}; check the disk (dmesg) and the file") from None
+                raise self._failed(n, off, e.strerror or str(e)) from None
             if got < min(n, self.file_bytes - off):
                 raise FlashReadError(f"{self.path}: the file ended at byte {off + got}, before the "
                                      f"{self.file_bytes} bytes it had when opened; the store was truncated: rebuild it")
