@@ -6,10 +6,17 @@ Every configuration runs in a child process inside a cgroup v1 memory cgroup tha
 creates and removes (benchmarks/_cgroup.py; the child joins it before it execs, so everything it
 loads is charged; the cgroup's memory.max_usage_in_bytes is the run's peak, page cache included),
 with the page cache dropped before each run. Each engine gets its own fixed overhead plus the same
-budget for model bytes: overhead = the engine's peak running the same prompt uncapped minus the
-model bytes it held (hetinfer: the GGUF file and the KV cache positions written; llama.cpp: the
-GGUF file and its f16 KV cache), limit = overhead + budget. Without cgroups (no root, no cgroup v1)
-the runs are not limited, the peak is the child's max RSS, and the report says so.
+budget for model bytes, limit = overhead + budget. Overhead = the least limit under which the engine,
+every weight in RAM, still decodes the same prompt at >= 90% of its uncapped speed (found by
+bisection, to 2%), minus the model bytes it held (hetinfer: its all-RAM run's dense parts, KV cache
+positions written and resident neurons; llama.cpp: the GGUF file and its KV cache). The uncapped peak
+less the model bytes (the first rule; reported as `overhead_peak_bytes`) also counts the files read
+while starting and never touched again (~100 MiB of libraries for hetinfer's runtime): a limit
+reclaims them for free, and a configuration that reads through the page cache (llama.cpp mmap,
+hetinfer's page-cache baseline) would get them as model bytes the others do not have. Every engine
+keeps its KV cache in f16 (llama.cpp's default; `prepare --kv f16`), so the budget buys the same
+bytes everywhere. Without cgroups (no root, no cgroup v1) the runs are not limited, the peak is the
+child's max RSS, the overhead is the first rule's, and the report says so.
 
 Workload: 2 threads; a prompt of held-out WikiText-2 (the last 30% of ../shared/data/wikitext-2/
 valid.txt; the first 70% calibrates the profile) and greedy decoding. The first run (dense hetinfer,
@@ -40,7 +47,7 @@ Configurations (all but llama.cpp are the same engine, `offload.deploy.open_sess
                       throughput for the read sizes the run used (flash probe, measured in this run))
 
 Models and budgets (model bytes: dense parts, KV cache, RAM-tier neurons, window cache, predictors):
-  SmolLM2-135M Q4_1: dense parts + KV cache (context 512, f32) + 25%, and + 50%, of the FFN bytes, the
+  SmolLM2-135M Q4_1: dense parts + KV cache (context 512, f16) + 25%, and + 50%, of the FFN bytes, the
                      dense parts as `hetinfer place` counts them, the regime's predictors included (so
                      each regime has its own budget, and every configuration of a record gets it), the
                      FFN bytes in the store's format; deployments by `hetinfer prepare --ram BUDGET`.
@@ -80,6 +87,8 @@ from benchmarks._util import machine, table  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "wikitext-2" / "valid.txt"
 CTX = 512  # context every engine is sized for: prompt + generated tokens fit, the KV cache stays small
+KV = "f16"  # every engine's KV cache element (llama.cpp's default), so a budget buys the same bytes in each
+KEEP = 0.9  # an engine's overhead: the least limit at which it keeps this share of its uncapped speed, less model bytes
 WINDOW = 5  # window-cache tokens of the 7B plan (LLM in a Flash's); SmolLM2's: prepare picks them
 REGIMES = ("quality", "high_sparsity")
 SHARES = (0.25, 0.5)  # of the FFN bytes, beyond the dense parts, for SmolLM2
@@ -97,6 +106,7 @@ class Settings:
     big_prompt_tokens: int = 32  # the 7B run: every configuration prefills every neuron of 6.7B parameters
     big_tokens: int = 128  # as the SmolLM2 runs: the window cache warms up in its first tokens
     big_slow_tokens: int = 4
+    big_search_tokens: int = 16  # the 7B run's overhead search (SmolLM2's decodes `tokens`)
     profile_tokens: int = 50_000  # calibration tokens for SmolLM2's profile
     profile_args: tuple[str, ...] = ()  # further `hetinfer profile` flags
     predictor_args: tuple[str, ...] = ()  # further `hetinfer train-predictors` flags (default: its defaults)
@@ -106,6 +116,7 @@ class Settings:
 
 
 QUICK = Settings(prompt_tokens=64, tokens=16, slow_tokens=8, big_prompt_tokens=8, big_tokens=4, big_slow_tokens=2,
+                 big_search_tokens=2,
                  profile_tokens=2048, profile_args=("--samples", "1024"), predictor_args=("--ranks", "32", "--epochs", "2"),
                  artefacts="smollm2-quick")  # small profile and predictors, as the tests make: plumbing, not figures
 
@@ -180,7 +191,7 @@ def run_llama(spec: dict) -> dict:
     from hetinfer.config import ModelConfig
 
     cfg = ModelConfig.from_dict(spec["config_dict"])
-    r["model_bytes_held"] = os.path.getsize(spec["model"]) + cfg.kv_cache_bytes(spec["ctx"], "f16")
+    r["model_bytes_held"] = os.path.getsize(spec["model"]) + cfg.kv_cache_bytes(spec["ctx"], KV)
     return r
 
 
@@ -193,7 +204,7 @@ def run_hetinfer(spec: dict) -> dict:
         from hetinfer.loader import load_model
 
         model = load_model(spec["model"])
-        session = Session(model, n_ctx=spec["ctx"])
+        session = Session(model, n_ctx=spec["ctx"], kv=KV)
     else:
         session, model = offload_session(spec)
     heap.freeze()  # as `hetinfer run` does once the model is loaded
@@ -301,9 +312,11 @@ class Runner:
         self.drop_method = "none"
         self.runs: list[Run] = []
 
-    def run(self, label: str, spec: dict, limit: int | None, files: list[str]) -> dict:
+    def run(self, label: str, spec: dict, limit: int | None, files: list[str], listed: bool = True,
+            timeout_s: float | None = None) -> dict:
         """The child's result for `spec` under `limit` bytes (None: uncapped); `files`: the model and
-        store files whose cached pages are dropped when the kernel's drop_caches is refused."""
+        store files whose cached pages are dropped when the kernel's drop_caches is refused. `listed`:
+        the run is a configuration of the report (not a probe of the overhead search)."""
         gc.collect()  # a model this process loaded stays mapped until its reference cycles are collected,
         # and pages mapped here can be neither dropped nor charged to the child: its peak would miss them
         with open("/proc/self/maps") as f:
@@ -318,18 +331,20 @@ class Runner:
             spec_path.write_text(json.dumps({**spec, "out": str(out), "threads": self.s.threads}))
             use = self.cgroup_problem is None
             res = run_limited([sys.executable, str(Path(__file__).resolve()), "--child", str(spec_path)],
-                              label.split()[0], limit if use else None, self.s.timeout_s, use_cgroup=use)
+                              label.split()[0], limit if use else None, timeout_s or self.s.timeout_s, use_cgroup=use)
             if res.returncode == 0 and out.exists():
                 result = json.loads(out.read_text())
             else:
                 why = ("OOM-killed" if res.oom_kills else "timed out" if res.timed_out
                        else f"exit status {res.returncode}")
                 result = {"failed": why, "tok_s": None}
-                print(f"  {label}: {why}\n" + "\n".join("    " + x for x in res.output.strip().splitlines()[-8:]),
-                      file=sys.stderr)
+                if listed:
+                    print(f"  {label}: {why}\n" + "\n".join("    " + x for x in res.output.strip().splitlines()[-8:]),
+                          file=sys.stderr)
         result.update(peak_memory_bytes=res.peak_bytes, memory_limit_bytes=limit if use else None,
                       wall_s=res.seconds)
-        self.runs.append(Run(label, result))
+        if listed:
+            self.runs.append(Run(label, result))
         tok = result.get("tok_s")
         print(f"  {label}: {'-' if tok is None else f'{tok:.2f}'} tok/s over {result.get('tokens', '-')} tokens, "
               f"peak {res.peak_bytes / MiB:.0f} MiB" + (f" of {limit / MiB:.0f} MiB" if limit and use else "")
@@ -337,8 +352,8 @@ class Runner:
         return result
 
 
-def overhead(result: dict) -> int:
-    """An engine's fixed memory: its uncapped peak minus the model bytes it held."""
+def peak_overhead(result: dict) -> int:
+    """An engine's fixed memory by the first rule: its uncapped peak minus the model bytes it held."""
     if result.get("failed"):
         raise SystemExit(f"the uncapped reference run failed ({result['failed']}), so no limits can be set")
     if result["peak_memory_bytes"] < result["model_bytes_held"]:
@@ -346,6 +361,28 @@ def overhead(result: dict) -> int:
                          f"{result['model_bytes_held'] / MiB:.0f} MiB of model it held: its pages were charged to "
                          "another cgroup (mapped by another process?), so no limit can be derived from it")
     return result["peak_memory_bytes"] - result["model_bytes_held"]
+
+
+def overhead(runner: Runner, label: str, spec: dict, files: list[str], uncapped: dict, tokens: int) -> int:
+    """An engine's fixed memory as a limit sees it: the least limit (by bisection, to 2% of the uncapped
+    peak or 4 MiB) under which `spec` (every weight in RAM; `tokens` decoded) keeps >= KEEP of the
+    `uncapped` run's tok/s, minus the model bytes that run held. Unlike the uncapped peak it leaves out
+    the pages read while starting and never used again, which a limit reclaims for free."""
+    first = peak_overhead(uncapped)
+    if runner.cgroup_problem:  # no limits to search with
+        return first
+    held, need = uncapped["model_bytes_held"], KEEP * uncapped["tok_s"]
+    lo, hi = held, uncapped["peak_memory_bytes"]  # lo: no room for the runtime at all; hi: kept its speed uncapped
+    step = max(4 * MiB, hi // 50)
+    timeout = 30 + 4 * uncapped["wall_s"]  # a run thrashing its pages is as bad as one that fails
+    while hi - lo > step:
+        mid = (lo + hi) // 2
+        r = runner.run(f"{label} at {mid / MiB:.0f} MiB (overhead search)", {**spec, "tokens": tokens}, mid, files,
+                       listed=False, timeout_s=timeout)
+        lo, hi = (lo, mid) if r.get("tok_s") and r["tok_s"] >= need else (mid, hi)
+    print(f"  {label}: overhead {(hi - held) / MiB:.0f} MiB (uncapped peak less model bytes: {first / MiB:.0f} MiB)",
+          file=sys.stderr)
+    return hi - held
 
 
 def prompt_ids(tokenizer, n: int) -> list[int]:
@@ -442,15 +479,20 @@ def smollm2(runner: Runner) -> list[dict]:
     forced = dense_ram.get("generated")
     llama_ram = runner.run("SmolLM2 llama.cpp RAM", llama(s.tokens, repack=True), None, [path])
     llama_mapped = runner.run("SmolLM2 llama.cpp mmap uncapped", llama(s.tokens), None, [path])
-    het_over, llama_over = overhead(dense_ram), overhead(llama_mapped)
+    all_ram = lambda regime: het((regime, SHARES[-1]), resident="ram", capacity=0, forced=forced)  # noqa: E731
+    bounds = {regime: runner.run(f"SmolLM2 {regime} all-RAM (bound)", all_ram(regime), None, files((regime, SHARES[-1])))
+              for regime in REGIMES}
+    # the limited configurations are the offloading engine, so its all-RAM run (the sparse kernels, pools and
+    # reader loaded) sets hetinfer's overhead
+    het_over = overhead(runner, "SmolLM2 quality all-RAM", all_ram("quality"), files(("quality", SHARES[-1])),
+                        bounds["quality"], s.tokens)
+    llama_over = overhead(runner, "SmolLM2 llama.cpp mmap", llama(s.tokens), [path], llama_mapped, s.tokens)
+    first_rule = {"overhead_peak_bytes": peak_overhead(bounds["quality"]),
+                  "llamacpp_overhead_peak_bytes": peak_overhead(llama_mapped)}
     smallest = min(budgets, key=budgets.get)
     naive = runner.run("SmolLM2 naive streaming", het(smallest, resident="flash", capacity=0, select="every",
                                                       tokens=s.slow_tokens, forced=forced),
                        het_over + budgets[smallest], files(smallest))
-    bounds = {regime: runner.run(f"SmolLM2 {regime} all-RAM (bound)",
-                                 het((regime, SHARES[-1]), resident="ram", capacity=0, forced=forced), None,
-                                 files((regime, SHARES[-1])))
-              for regime in REGIMES}
     all_runs = {}
     for key, budget in budgets.items():
         regime, share = key
@@ -473,7 +515,7 @@ def smollm2(runner: Runner) -> list[dict]:
         extra = {"budget": f"dense + KV + {share:.0%} of FFN", "window": deps[(regime, share)][1],
                  "predicted_tok_s": plan.manifest["predicted"]["tok_s"],
                  "disk_bytes_per_s": {str(k): v for k, v in throughput.items()},
-                 "note": "measures the I/O path, not quality" if regime == "high_sparsity" else ""}
+                 "note": "measures the I/O path, not quality" if regime == "high_sparsity" else "", **first_rule}
         records.append(record("SmolLM2-135M-Instruct Q4_1", budgets[(regime, share)], regime, runs, bounds[regime],
                               throughput, het_over, llama_over, extra))
     return records
@@ -486,7 +528,7 @@ def model_budget(model, predictors, ffn_share: float) -> int:
     from hetinfer.placement.cost import place_dense, predictor_sizes, weight_sizes
     from hetinfer.placement.hardware import Hardware, RamTier
 
-    sizes = weight_sizes(model.config, model.weights, CTX, predictor_sizes(predictors) if predictors else 0)
+    sizes = weight_sizes(model.config, model.weights, CTX, predictor_sizes(predictors) if predictors else 0, KV)
     dense = place_dense(sizes, Hardware(ram=RamTier(capacity_bytes=1 << 62, bytes_per_s=1.0))).ram_bytes
     return dense + int(ffn_share * model.config.n_ff * int(sizes.neuron_bytes.sum()))
 
@@ -534,7 +576,7 @@ def prepare_deployments(cache: str, model_path: str, predictors: dict, budgets: 
     deps = {}
     for regime, share, budget in budgets:
         out = Path(cache) / f"{regime}-{share:.0%}".rstrip("%")
-        prepare(PrepareOptions(output=str(out), flash_dir=str(flash), model=model_path, ram=budget, ctx=CTX,
+        prepare(PrepareOptions(output=str(out), flash_dir=str(flash), model=model_path, ram=budget, ctx=CTX, kv=KV,
                                profile=str(Path(cache) / "profile"), predictors=predictors[regime]))
         deps[(regime, share)] = (out, json.loads((out / MANIFEST).read_text())["window"])
     return deps
@@ -627,8 +669,10 @@ def scale_run(runner: Runner) -> list[dict]:
                                      "repack": repack}
     runs["llamacpp_ram"] = runner.run("7B llama.cpp RAM", llama(s.big_tokens, repack=True), None, files)
     llama_mapped = runner.run("7B llama.cpp mmap uncapped", llama(s.big_slow_tokens), None, files)
-    het_over, llama_over = overhead(runs["dense_ram"]), overhead(llama_mapped)
-    bound_run = runner.run("7B trace all-RAM (bound)", het(resident="ram", capacity=0, forced=forced), None, files)
+    all_ram = het(resident="ram", capacity=0, forced=forced)
+    bound_run = runner.run("7B trace all-RAM (bound)", all_ram, None, files)
+    het_over = overhead(runner, "7B trace all-RAM", all_ram, files, bound_run, s.big_search_tokens)
+    llama_over = overhead(runner, "7B llama.cpp mmap", llama(s.big_slow_tokens), files, llama_mapped, s.big_slow_tokens)
     runs["offloaded"] = runner.run("7B trace offloaded", het(forced=forced), het_over + budget, files)
     runs["page_cache"] = runner.run("7B trace page cache", het(capacity=0, direct=False, forced=forced),
                                     het_over + budget, files)
@@ -645,6 +689,7 @@ def scale_run(runner: Runner) -> list[dict]:
 
     extra = {"budget": "dense + KV + 1 GiB", "window": WINDOW, "predicted_tok_s": load_plan(plan_dir).manifest["predicted"]["tok_s"],
              "disk_bytes_per_s": {str(k): v for k, v in throughput.items()},
+             "overhead_peak_bytes": peak_overhead(bound_run), "llamacpp_overhead_peak_bytes": peak_overhead(llama_mapped),
              "note": (f"SYNTHETIC: random Q4_0 weights, active sets from offload.trace (density {trace_cfg.density}, "
                       f"{trace_cfg.hot_fraction:.0%} of neurons serve {trace_cfg.hot_share:.0%} of activations, "
                       f"reuse rho {trace_cfg.stay}); the plan from `place --power-law {trace.exponent:.4f}`")}
@@ -709,7 +754,7 @@ def trace_plan(model_path: Path, trace, budget: int, flash: Path, cache: Path) -
     from hetinfer.errors import ArtifactError
     from hetinfer.placement import load_plan
 
-    key = hashlib.sha256(f"{budget} {trace.exponent!r} {trace.cfg.density} {CTX} {WINDOW}".encode()).hexdigest()[:12]
+    key = hashlib.sha256(f"{budget} {trace.exponent!r} {trace.cfg.density} {CTX} {KV} {WINDOW}".encode()).hexdigest()[:12]
     out = cache / f"plan-{key}"
     try:
         load_plan(out)
@@ -717,7 +762,7 @@ def trace_plan(model_path: Path, trace, budget: int, flash: Path, cache: Path) -
     except (ArtifactError, OSError):
         pass
     argv = ["place", "-m", str(model_path), "--power-law", repr(trace.exponent), "--sparsity", repr(1.0 - trace.cfg.density),
-            "--ram", str(budget), "--gpu-mem", "0", "--flash-dir", str(flash), "--ctx", str(CTX), "--window", str(WINDOW),
+            "--ram", str(budget), "--gpu-mem", "0", "--flash-dir", str(flash), "--ctx", str(CTX), "--kv", KV, "--window", str(WINDOW),
             "-o", str(out)]
     _hetinfer(argv)
     return out
@@ -849,8 +894,9 @@ def main() -> None:
     print(records_table(records))
     print()
     for r in records:
-        print(f"{r['model']} {r['budget']} {r['regime']}: overhead hetinfer {r['overhead_bytes'] / MiB:.0f} MiB, "
-              f"llama.cpp {r['llamacpp_overhead_bytes'] / MiB:.0f} MiB; bound = 1 / max(compute "
+        print(f"{r['model']} {r['budget']} {r['regime']}: overhead hetinfer {r['overhead_bytes'] / MiB:.0f} MiB "
+              f"({r['overhead_peak_bytes'] / MiB:.0f} by uncapped peak), llama.cpp {r['llamacpp_overhead_bytes'] / MiB:.0f} "
+              f"MiB ({r['llamacpp_overhead_peak_bytes'] / MiB:.0f}); bound = 1 / max(compute "
               f"{1e3 * (r['bound_compute_s_per_token'] or 0):.1f} ms, I/O {1e3 * r['bound_io_s_per_token']:.1f} ms)"
               + (f"; {r['note']}" if r["note"] else ""))
     print("\ntargets (issue 15):")
