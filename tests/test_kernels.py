@@ -523,6 +523,31 @@ print(len(cpu.sparse_ffn.signatures), cpu.sparse_ffn.stats.cache_hits and not cp
     assert p.stdout.split() == ["True", "True", "0", "1", "True"], p.stdout
 
 
+def test_dense_warmup_loads_every_kernel_a_dense_session_calls(model_path):
+    """After `warmup(dense_only=True)` (as `generate`/`run` start), a dense session's short and long prompts and
+    its decode call no kernel signature warmup did not load (one loaded later, when numba's cache lacks it, is
+    compiled in the middle of the user's first prompt)."""
+    code = f"""
+from hetinfer import kernels
+from hetinfer.generate import Session
+from hetinfer.kernels import cpu
+from hetinfer.loader import load_model
+kernels.warmup(dense_only=True)
+loaded = lambda: {{name: len(k.signatures) for name, k in vars(cpu).items() if hasattr(k, "signatures")}}
+before = loaded()
+m = load_model({model_path!r})
+for kv in ("f32", "f16"):
+    s = Session(m, n_ctx=64, kv=kv)
+    m.transformer.forward(list(range(100, 103)), s.cache, None)
+    m.transformer.forward(list(range(200, 240)), s.cache, None)
+    m.transformer.forward([5], s.cache, None)
+print({{name: n - before[name] for name, n in loaded().items() if n != before[name]}})
+"""
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip().splitlines()[-1] == "{}", p.stdout
+
+
 def test_convert():
     W = rand_q(32, 64, "q4_1")
     assert kernels.convert(W, "native") is W

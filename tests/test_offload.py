@@ -2,6 +2,9 @@
 for any placement, window-cache behaviour seen from the engine, deployments and their bad input."""
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -180,3 +183,40 @@ def test_streamed_spans_give_the_dense_logits_and_read_whole_spans(model_f32, tm
     assert cfg.n_layers * span <= r["flash_bytes_per_token"] <= cfg.n_layers * (span + 2 * FLASH_BLOCK)
     with pytest.raises(ValueError, match="window 0"):
         _engine(m, store, resident, 0, 2, stream_pool_bytes=pool)
+
+
+def test_warmup_loads_every_kernel_the_offloaded_engine_calls(model_path, tmp_path):
+    """In a fresh process after `kernels.warmup()` (as `run DEPLOY` starts), the offloading engine's prompts (short
+    and tiled) and decode, over the window cache and streamed spans, call no kernel signature warmup did not load:
+    one loaded later is compiled in the middle of the first token when numba's cache lacks it (~10 s, and the
+    compiler's memory under the user's limit)."""
+    code = f"""
+import numpy as np
+from hetinfer import kernels
+from hetinfer.kernels import cpu
+from hetinfer.loader import load_model
+from hetinfer.offload.deploy import tiered_ffn
+from hetinfer.offload.store import build_store
+from hetinfer.placement.hardware import FLASH_BLOCK
+
+kernels.warmup()
+loaded = lambda: {{name: len(k.signatures) for name, k in vars(cpu).items() if hasattr(k, "signatures")}}
+before = loaded()
+m = load_model({model_path!r})
+cfg, tr = m.config, m.transformer
+tiers = np.where(np.arange(cfg.n_ff) < cfg.n_ff // 2, 1, 2).astype(np.uint8)[None].repeat(cfg.n_layers, 0)
+store = build_store(m, {str(tmp_path / "s.store")!r}, tiers, None, progress=False)
+resident = np.full(cfg.n_layers, cfg.n_ff // 2)
+for pool, cap in ((0, cfg.n_ff // 2), (cfg.n_ff // 2 * store.record_bytes + 2 * FLASH_BLOCK, 0)):
+    ffn = tiered_ffn(store, None, lambda layer, h: None, resident, np.full(cfg.n_layers, cap), 0 if pool else 2,
+                     cfg.activation, stream_pool_bytes=pool)
+    cache = tr.new_cache(64)
+    tr.forward(list(range(100, 103)), cache, ffn)
+    tr.forward(list(range(200, 220)), cache, ffn)
+    tr.forward([5], cache, ffn)
+    ffn.close()
+print({{name: n - before[name] for name, n in loaded().items() if n != before[name]}})
+"""
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip().splitlines()[-1] == "{}", p.stdout

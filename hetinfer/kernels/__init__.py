@@ -811,9 +811,10 @@ def compiled() -> bool:
 def _cache_stamp() -> Path | None:
     """A file beside numba's cache of the CPU kernels that the compiling child writes once every kernel
     is in it, named for numba's version and the kernel sources' modification times and sizes (what
-    numba's own cache index is keyed on, so whatever makes numba recompile also makes a new stamp)."""
+    numba's own cache index is keyed on, so whatever makes numba recompile also makes a new stamp), and
+    this module's (which signatures `_compile_all` calls, so a new one is compiled by the child too)."""
     try:
-        stats = [os.stat(m.__file__) for m in (cpu, simd)]
+        stats = [os.stat(m.__file__) for m in (cpu, simd, sys.modules[__name__])]  # the kernels, and what warmup calls
     except OSError:
         return None
     key = hashlib.sha256(repr([numba.__version__] + [(st.st_mtime_ns, st.st_size) for st in stats]).encode())
@@ -836,9 +837,11 @@ def _compile_all(dense_only: bool = False) -> None:
         attention_block(x.copy(), x[0], Wq, Wkv, Wkv, Wq, None, np.zeros((4, 1, 32), kv), np.zeros((4, 1, 32), kv), 1,
                         one, zero, interleaved, 1e-5, x[0])
     rms_norm(x, x[0], 1e-5)
+    prompt = rand(GEMV_MAX_T + 1, 64)  # longer prompts go through tiles and numpy's BLAS (`_gemm`)
     for qtype in formats:
         W = quantize(rand(8, 64), qtype)
         linears((W, W, W), x)
+        linears((W, W, W), prompt)
         linear(W, x)
         gate_up(W, W, x, "silu")
         Wf = quantize(rand(32, 64), qtype)
@@ -857,6 +860,14 @@ def _compile_all(dense_only: bool = False) -> None:
     predict_rows(W1, W2_t, x, 0.0)
     Wf = quantize(rand(40, 64), "q4_1")
     predicted_ffn(W1, W2_t, 0.0, Wf, Wf, Wf, x, "silu")
+    # the offloading engine's matrices are views into neuron records (gate | up | down_t per row), so their
+    # rows are a record apart: numba's 'A' layout, another type than the 'C' of a matrix of its own
+    rb = W.data.shape[1]
+    records = np.tile(W.data, (1, 3))
+    gate, up, down_t = (QTensor(W.qtype, W.shape, records[:, k * rb : (k + 1) * rb]) for k in range(3))
+    sparse_ffn(gate, up, down_t, rows, x, "silu")  # decode
+    gate_up(gate, up, rand(2, 64), "silu")  # a short prompt's pass
+    gate_up(gate, up, prompt, "silu")  # a longer one's, in tiles
     for interleaved, kv in caches:
         attention_decode(np.ones((1, 128), np.float32), np.ones((1, 64), np.float32), np.ones((1, 64), np.float32),
                          np.zeros((4, 2, 32), kv), np.zeros((4, 2, 32), kv), 1, one, zero, interleaved)
