@@ -594,13 +594,12 @@ def _loads(load, path: Path) -> bool:
 
 
 def _hetinfer(argv: list[str]) -> None:
-    """Run `hetinfer ARGV` in this process, as its command line would."""
-    from hetinfer.cli import build_parser
-
+    """Run `hetinfer ARGV` in a child process: the command maps the model, and a page this process still maps
+    when the configurations run escapes their limits (`Runner.run` refuses to go on)."""
     print(f"hetinfer {' '.join(argv)}", file=sys.stderr)
-    args = build_parser().parse_args(argv)
-    with contextlib.redirect_stdout(sys.stderr):  # its report; stdout is --json's
-        args.run(args)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (str(ROOT), os.environ.get("PYTHONPATH"))))}
+    subprocess.run([sys.executable, "-c", "import sys; from hetinfer.cli import main; sys.exit(main(sys.argv[1:]))",
+                    *argv], stdout=sys.stderr, env=env, check=True)  # its report to stderr: stdout is --json's
 
 
 def store_path(dep: Path) -> str:
