@@ -749,11 +749,14 @@ def write_random_gguf(path: Path, tokenizer_from: str, shape: dict = BIG_SHAPE, 
 
 
 def trace_plan(model_path: Path, trace, budget: int, flash: Path, cache: Path) -> Path:
-    """`hetinfer place --power-law` with the trace's exponent and density (made once per budget and exponent)."""
+    """`hetinfer place --power-law` with the trace's exponent and density (made once per budget, exponent and the
+    disk's read curve, which place probes once per device and caches)."""
     from hetinfer.errors import ArtifactError
     from hetinfer.placement import load_plan
+    from hetinfer.placement.probe import flash_tier
 
-    key = hashlib.sha256(f"{budget} {trace.exponent!r} {trace.cfg.density} {CTX} {KV} {WINDOW}".encode()).hexdigest()[:12]
+    disk = flash_tier(str(flash)).bytes_per_s
+    key = hashlib.sha256(f"{budget} {trace.exponent!r} {trace.cfg.density} {CTX} {KV} {WINDOW} {disk}".encode()).hexdigest()[:12]
     out = cache / f"plan-{key}"
     try:
         load_plan(out)

@@ -96,6 +96,21 @@ def test_flash_probe_reads_a_temp_file_and_removes_it(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_flash_probe_cells_are_the_median_of_passes_so_a_busy_moment_is_not_the_curve(tmp_path, monkeypatch):
+    """The disk slowed (throttled, or another reader) for one pass: its cells do not become the device's cached curve."""
+    calls = []
+
+    def rate(fd, method, file_bytes, size, threads, seconds):
+        calls.append((size, threads))
+        slow = len(calls) <= 4  # the first pass over the 2 x 2 grid
+        return (1e6 if slow else 1e8) * size / 4096 * threads
+
+    monkeypatch.setattr(probe, "_read_rate", rate)
+    curve = probe_flash(tmp_path, file_bytes=4 << 20, read_sizes=(4096, 65536), concurrency=(1, 2), passes=3)
+    assert len(calls) == 12
+    assert curve["bytes_per_s"] == [[1e8, 2e8], [16e8, 32e8]]
+
+
 def test_flash_probe_is_cached_per_device(tmp_path, monkeypatch):
     calls = []
 

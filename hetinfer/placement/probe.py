@@ -499,6 +499,9 @@ def _best_seconds(fn, seconds: float) -> float:
 # ----------------------------------------------------------------------------------- flash probe
 
 
+FLASH_PROBE_PASSES = 3  # passes over the flash probe's grid; each cell is their median
+
+
 def flash_tier(flash_dir: str, cache_dir: Path | None = None) -> FlashTier:
     """Capacity (free space) of `flash_dir` and its read curve, probed once per device and cached."""
     d = Path(flash_dir)
@@ -506,7 +509,8 @@ def flash_tier(flash_dir: str, cache_dir: Path | None = None) -> FlashTier:
         raise HardwareError(
             f"--flash-dir {flash_dir}: not a directory; create it on the disk that should hold flash neurons")
     remove_stale(d, PROBE_FILE)  # a probe killed mid-way leaves its file, and a cached curve runs no new probe
-    curve = _cached_probe(f"flash-probe-{os.stat(d).st_dev:x}", {"fields": "align"}, lambda: probe_flash(d), cache_dir)
+    curve = _cached_probe(f"flash-probe-{os.stat(d).st_dev:x}", {"fields": "align", "passes": FLASH_PROBE_PASSES},
+                          lambda: probe_flash(d), cache_dir)
     return FlashTier(capacity_bytes=shutil.disk_usage(d).free, dir=str(d.resolve()), **curve)
 
 
@@ -543,13 +547,15 @@ def _cached_probe(name: str, key: dict | None, probe, cache_dir: Path | None) ->
 
 def probe_flash(directory: Path, file_bytes: int = 128 << 20, cell_seconds: float = 0.15,
                 read_sizes: tuple[int, ...] = (4096, 16384, 65536, 262144, 1048576),
-                concurrency: tuple[int, ...] = (1, 4, 16, 32)) -> dict:
+                concurrency: tuple[int, ...] = (1, 4, 16, 32), passes: int = FLASH_PROBE_PASSES) -> dict:
     """Random-read throughput of a temp file in `directory` per read size and reads in flight.
 
     Reads bypass the page cache with O_DIRECT into page-aligned (mmap) buffers; where O_DIRECT is
     refused (tmpfs, some network filesystems) the cached pages are dropped with
-    posix_fadvise(DONTNEED) before every read instead. ~20 cells x `cell_seconds`; `align` is
-    `read_alignment`'s.
+    posix_fadvise(DONTNEED) before every read instead. Each cell is the median of `passes` passes over
+    the whole grid (~20 cells x `cell_seconds` each): the curve is cached for the device and every plan
+    made on it reads from it, so a few seconds when the disk was busy or throttled must not become it.
+    `align` is `read_alignment`'s.
     """
     path = temp_path(Path(directory) / PROBE_FILE)  # found and removed later (flash_tier) if this one is killed
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -563,8 +569,9 @@ def probe_flash(directory: Path, file_bytes: int = 128 << 20, cell_seconds: floa
             os.fsync(f.fileno())
         method, rfd = open_uncached(path)
         try:
-            table = [[_read_rate(rfd, method, file_bytes, size, c, cell_seconds) for c in concurrency]
-                     for size in read_sizes]
+            runs = [[[_read_rate(rfd, method, file_bytes, size, c, cell_seconds) for c in concurrency]
+                     for size in read_sizes] for _ in range(passes)]
+            table = np.median(np.array(runs), axis=0).tolist()
             align = read_alignment(rfd, method)
         finally:
             os.close(rfd)
