@@ -8,7 +8,7 @@ loads is charged; the cgroup's memory.max_usage_in_bytes is the run's peak, page
 with the page cache dropped before each run. Each engine gets its own fixed overhead plus the same
 budget for model bytes, limit = overhead + budget. Overhead = the least limit under which the engine,
 every weight in RAM, still decodes the same prompt at >= 90% of its uncapped speed (found by
-bisection, to 2%), minus the model bytes it held (hetinfer: its all-RAM run's dense parts, KV cache
+bisection, to 4 MiB or 2% of the uncapped peak), minus the model bytes it held (hetinfer: its all-RAM run's dense parts, KV cache
 positions written and resident neurons; llama.cpp: the GGUF file and its KV cache). The uncapped peak
 less the model bytes (the first rule; reported as `overhead_peak_bytes`) also counts the files read
 while starting and never touched again (~100 MiB of libraries for hetinfer's runtime): a limit
