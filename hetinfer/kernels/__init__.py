@@ -814,7 +814,7 @@ def _cache_stamp() -> Path | None:
     numba's own cache index is keyed on, so whatever makes numba recompile also makes a new stamp), and
     this module's (which signatures `_compile_all` calls, so a new one is compiled by the child too)."""
     try:
-        stats = [os.stat(m.__file__) for m in (cpu, simd, sys.modules[__name__])]  # the kernels, and what warmup calls
+        stats = [os.stat(f) for f in (cpu.__file__, simd.__file__, __file__)]  # the kernels, and what warmup calls
     except OSError:
         return None
     key = hashlib.sha256(repr([numba.__version__] + [(st.st_mtime_ns, st.st_size) for st in stats]).encode())
@@ -862,6 +862,7 @@ def _compile_all(dense_only: bool = False) -> None:
     predicted_ffn(W1, W2_t, 0.0, Wf, Wf, Wf, x, "silu")
     # the offloading engine's matrices are views into neuron records (gate | up | down_t per row), so their
     # rows are a record apart: numba's 'A' layout, another type than the 'C' of a matrix of its own
+    W = quantize(rand(8, 64), "q4_1")
     rb = W.data.shape[1]
     records = np.tile(W.data, (1, 3))
     gate, up, down_t = (QTensor(W.qtype, W.shape, records[:, k * rb : (k + 1) * rb]) for k in range(3))
