@@ -233,15 +233,25 @@ class FlashReader:
         if count:
             self.note_requests([nbytes], got)
 
-    def note_requests(self, sizes: list[int], got: int, requested: int | None = None) -> None:
+    def note_requests(self, sizes: list[int] | np.ndarray, got: int, requested: int | None = None) -> None:
         """Count requests of `sizes` bytes that returned `got` bytes in all, asked for `requested` bytes (default:
-        the requests' own); plain ints, no numpy, for threads that share the GIL with the engine's."""
+        the requests' own). The span threads' few requests come as a list of ints (no numpy call to hold the
+        GIL for); a call's planned requests as an int64 array, counted in a few numpy calls rather than a Python
+        step per request (a prompt pass plans hundreds)."""
+        if isinstance(sizes, np.ndarray):
+            count = np.bincount(np.frexp(sizes - 1)[1])  # [bits] requests by (n - 1).bit_length()
+            bits = np.flatnonzero(count)
+            sizes_by_power = {1 << b: c for b, c in zip(bits.tolist(), count[bits].tolist())}
+            n, total = int(sizes.size), int(sizes.sum())
+        else:
+            sizes_by_power = Counter(1 << (n - 1).bit_length() for n in sizes)
+            n, total = len(sizes), sum(sizes)
         with self._lock:
             s = self.stats
-            s.requests += len(sizes)
+            s.requests += n
             s.bytes += got
-            s.requested_bytes += sum(sizes) if requested is None else requested
-            s.sizes.update(1 << (n - 1).bit_length() for n in sizes)
+            s.requested_bytes += total if requested is None else requested
+            s.sizes.update(sizes_by_power)
 
     def read_span(self, offset: int, nbytes: int) -> np.ndarray:
         """uint8 [nbytes]: the file's bytes [offset, offset + nbytes), any alignment, read in `max_read`
@@ -261,7 +271,7 @@ class FlashReader:
         size = np.minimum(self.max_read, hi - off)
         try:
             got = self._read_requests(buf, off, size, off - lo)
-            self.note_requests(size.tolist(), got, nbytes)
+            self.note_requests(size, got, nbytes)
         finally:
             self._add_wait(time.perf_counter() - t)
         return np.frombuffer(buf, np.uint8)[offset - lo:offset - lo + nbytes]
@@ -350,7 +360,7 @@ class FlashReader:
             finally:
                 self._give_staging(buf)
             i0 = i1
-        self.note_requests(size.tolist(), got, int(positions.size) * record_bytes)
+        self.note_requests(size, got, int(positions.size) * record_bytes)
 
     def _read_requests(self, buf: mmap.mmap, off: np.ndarray, size: np.ndarray, at: np.ndarray) -> int:
         """Read request i (`size[i]` bytes at file offset `off[i]`) into buf[at[i]:]: through the calling
