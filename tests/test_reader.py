@@ -137,10 +137,13 @@ def test_plan_small_gap_merged_large_gap_not():
     assert plan_reads(np.array([0, 3]), rb, 0, None, 1 << 20) == [(0, 4 * rb)]  # 8 KiB gap <= 16 KiB
     gap_blocks = DEFAULT_MERGE_GAP // rb + 1
     assert plan_reads(np.array([0, 1 + gap_blocks]), rb, 0, None, 1 << 20) == [(0, rb), ((1 + gap_blocks) * rb, rb)]
-    # on a curve: two 4 KiB reads cost 81.92 us, a merged read of T bytes max(40.96 us, T / 1.6 GB/s)
+    # on a curve: two 4 KiB reads cost 81.92 us, a merged read of T bytes max(40.96 us, T / 1.6 GB/s), and its
+    # gap of G bytes G / 1.6 GB/s more (join_pays)
     curve = flat_curve_to_64k()
-    assert plan_reads(np.array([0, 30]), rb, 0, curve, 1 << 20) == [(0, 31 * rb)]  # 124 KiB: cheaper
-    assert plan_reads(np.array([0, 32]), rb, 0, curve, 1 << 20) == [(0, rb), (32 * rb, rb)]  # 132 KiB: dearer
+    assert plan_reads(np.array([0, 15]), rb, 0, curve, 1 << 20) == [(0, 16 * rb)]  # 40.96 + 35.84 us: cheaper
+    assert plan_reads(np.array([0, 17]), rb, 0, curve, 1 << 20) == [(0, rb), (17 * rb, rb)]  # 46.08 + 40.96: dearer
+    assert plan_reads(np.array([0, 30]), rb, 0, curve, 1 << 20) == [(0, rb), (30 * rb, rb)]  # cheaper than two
+    # reads without the gap's second charge, not with it
 
 
 def test_plan_adjacent_records_are_one_request_aligned_out():

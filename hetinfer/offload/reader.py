@@ -68,9 +68,9 @@ def plan_reads(positions: np.ndarray, record_bytes: int, base: int, curve: Flash
     """`align`-aligned (offset, nbytes) requests, ascending and disjoint, covering every asked record.
 
     positions: sorted int [n] record positions relative to `base`. Adjacent records start as one
-    request; two neighbouring requests (sizes a and b, gap g) merge when
-    `read_seconds(a + g + b) <= read_seconds(a) + read_seconds(b)` on `curve` (the throughput per read
-    size at the best measured concurrency), else when g <= DEFAULT_MERGE_GAP. Each decision looks at
+    request; two neighbouring requests (sizes a and b, gap g) merge when `curve.join_pays(a, g, b)` (one
+    read costs less than two on the curve's throughput per read size at the best measured concurrency,
+    counting the gap's bytes again at its best rate), else when g <= DEFAULT_MERGE_GAP. Each decision looks at
     the two requests before any merging, which for a curve whose throughput grows with read size
     merges no more than merging one by one would. Requests longer than `max_read` (a multiple of
     4 KiB) are split into equal aligned pieces of at most `max_read`.
@@ -99,8 +99,7 @@ def _plan(positions: np.ndarray, record_bytes: int, base: int, curve: FlashTier 
         merge = gap <= DEFAULT_MERGE_GAP
     else:
         size = run_hi - run_lo
-        one = curve.read_seconds(size)
-        merge = curve.read_seconds(size[:-1] + gap + size[1:]) <= one[:-1] + one[1:]
+        merge = curve.join_pays(size[:-1], gap, size[1:])
     req_lo = run_lo[np.append(True, ~merge)]
     req_hi = run_hi[np.append(~merge, True)]
     n = req_hi - req_lo

@@ -14,7 +14,7 @@ where k is the window (LLM in a Flash): a flash neuron active in any of the last
 still in the RAM window cache, so a token reads it from flash only if it was idle for k tokens
 (activations assumed independent across tokens). c_l is what one such miss costs in layer l: the
 flash store packs a layer's records back to back and the reader reads the misses of a layer in
-runs, joined through gaps cheaper to read than another request (`miss_reads`), so a miss costs
+runs, joined through gaps cheaper to read than another request, the gap's bytes counted twice (`miss_reads`), so a miss costs
 more where misses are rare than where they are dense. The ILP prices c_l at the layer's expected
 miss density (`expected_miss_density`); `evaluate` also prices the chosen plan at its own
 (`Usage.predicted_seconds`, the plan's predicted speed). The window cache costs RAM: a flash neuron
@@ -400,7 +400,8 @@ def miss_reads(q: float, record_bytes: int, flash: FlashTier,
 
     Between two misses lie g records with probability q (1-q)^g. The reader joins two misses into one
     request when the gap is under an aligned block B (`flash.align`: their aligned spans touch) or when
-    reading it costs less than a second request: read_seconds((g+2) R + w) <= 2 read_seconds(R + w), with
+    reading it pays (`FlashTier.join_pays(R + w, g R - w, R + w)`: one read of (g+2) R + w bytes, the g R - w
+    it reads beyond the two counted again at the disk's best rate, costs less than two of R + w), with
     w = B - gcd(R, B) the expected alignment padding of a request. So a miss opens a request with probability
     s = (1-q)^(g*+1), g* the longest joined gap; per miss the reader reads R (1 + (1-s) E[g | g <= g*]) + s w
     bytes, in requests of that over s bytes, split into pieces of at most `max_read`, each costing
@@ -410,7 +411,7 @@ def miss_reads(q: float, record_bytes: int, flash: FlashTier,
     q = min(max(float(q), 1e-12), 1.0)
     pad = block - math.gcd(size, block)
     gap = np.arange(max(1, max_read // size) + 1)  # [G] gaps in records (longer ones would exceed max_read)
-    joined = (gap * size < block) | (flash.read_seconds((gap + 2) * size + pad) <= 2 * flash.read_seconds(size + pad))
+    joined = (gap * size < block) | flash.join_pays(size + pad, np.maximum(gap * size - pad, 0), size + pad)
     longest = len(gap) - 1 if joined.all() else int(np.argmin(joined)) - 1  # joined[0]: adjacent records
     gap = gap[: longest + 1]
     weight = (1.0 - q) ** gap  # P(gap = g | g <= longest), unnormalised
