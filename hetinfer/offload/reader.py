@@ -69,9 +69,9 @@ def plan_reads(positions: np.ndarray, record_bytes: int, base: int, curve: Flash
 
     positions: sorted int [n] record positions relative to `base`. Adjacent records start as one
     request; two neighbouring requests (sizes a and b, gap g) merge when `curve.join_pays(a, g, b)` (one
-    read costs less than two on the curve's throughput per read size at the best measured concurrency,
-    counting the gap's bytes again at its best rate), else when g <= DEFAULT_MERGE_GAP. Each decision looks at
-    the two requests before any merging, which for a curve whose throughput grows with read size
+    read costs no more than two on the curve's throughput per read size at the best measured concurrency,
+    counting the gap's bytes again at its best rate), else when g <= DEFAULT_MERGE_GAP. Each decision
+    looks at the two requests before any merging, which for a curve whose throughput grows with read size
     merges no more than merging one by one would. Requests longer than `max_read` (a multiple of
     4 KiB) are split into equal aligned pieces of at most `max_read`.
     """

@@ -14,10 +14,10 @@ where k is the window (LLM in a Flash): a flash neuron active in any of the last
 still in the RAM window cache, so a token reads it from flash only if it was idle for k tokens
 (activations assumed independent across tokens). c_l is what one such miss costs in layer l: the
 flash store packs a layer's records back to back and the reader reads the misses of a layer in
-runs, joined through gaps cheaper to read than another request, the gap's bytes counted twice (`miss_reads`), so a miss costs
-more where misses are rare than where they are dense. The ILP prices c_l at the layer's expected
-miss density (`expected_miss_density`); `evaluate` also prices the chosen plan at its own
-(`Usage.predicted_seconds`, the plan's predicted speed). The window cache costs RAM: a flash neuron
+runs, joined through gaps cheaper to read than another request, the gap's bytes counted twice
+(`miss_reads`), so a miss costs more where misses are rare than where they are dense. The ILP prices
+c_l at the layer's expected miss density (`expected_miss_density`); `evaluate` also prices the chosen
+plan at its own (`Usage.predicted_seconds`, the plan's predicted speed). The window cache costs RAM: a flash neuron
 holds (1 - (1-p)^k) * its record's bytes of it in expectation. A layer whose work runs on both GPU and CPU
 (its attention on one, any of its FFN neurons on the other) pays one synchronisation. Dense
 parts (attention, norms, embeddings, output head, predictors, KV cache, scratch) are placed
@@ -400,8 +400,9 @@ def miss_reads(q: float, record_bytes: int, flash: FlashTier,
 
     Between two misses lie g records with probability q (1-q)^g. The reader joins two misses into one
     request when the gap is under an aligned block B (`flash.align`: their aligned spans touch) or when
-    reading it pays (`FlashTier.join_pays(R + w, g R - w, R + w)`: one read of (g+2) R + w bytes, the g R - w
-    it reads beyond the two counted again at the disk's best rate, costs less than two of R + w), with
+    reading it pays (`FlashTier.join_pays(R + w, g R - w, R + w)`: one read of (g+2) R + w bytes, the
+    g R - w it reads beyond the two counted again at the disk's best rate, costs no more than two of
+    R + w), with
     w = B - gcd(R, B) the expected alignment padding of a request. So a miss opens a request with probability
     s = (1-q)^(g*+1), g* the longest joined gap; per miss the reader reads R (1 + (1-s) E[g | g <= g*]) + s w
     bytes, in requests of that over s bytes, split into pieces of at most `max_read`, each costing

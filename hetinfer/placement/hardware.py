@@ -96,11 +96,11 @@ class FlashTier:
         thr = np.exp(np.interp(np.log(n), np.log(sizes), np.log(best)))
         return n / thr
 
-    def join_pays(self, a, gap, b):
+    def join_pays(self, a: int | np.ndarray, gap: int | np.ndarray, b: int | np.ndarray) -> bool | np.ndarray:
         """Whether reading requests of `a` and `b` bytes `gap` bytes apart as one read beats two (elementwise
         for arrays): the read planner's rule (`offload.reader.plan_reads`, `cost.miss_reads`).
 
-        One read of a + gap + b must cost less than the two, counting the gap's bytes once more at the
+        One read of a + gap + b must cost no more than the two, counting the gap's bytes once more at the
         disk's best measured rate: reads in flight share the disk, so bytes nobody asked for take that long
         from the other reads, besides staging memory. On a disk capped in requests rather than bytes a
         64 KiB read costs what a 4 KiB one does, and without that charge the planner read 2.1x a 7B
