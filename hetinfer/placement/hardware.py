@@ -106,8 +106,9 @@ class FlashTier:
         64 KiB read costs what a 4 KiB one does, and without that charge the planner read 2.1x a 7B
         trace's record bytes to save 8% of its disk time; with it, 1.3x for 6% (BENCHMARKS.md).
         """
-        peak = max(max(row) for row in self.bytes_per_s)
-        return self.read_seconds(a + gap + b) + np.asarray(gap) / peak <= self.read_seconds(a) + self.read_seconds(b)
+        gap = np.asarray(gap)
+        joined, alone_a, alone_b = self.read_seconds(np.stack(np.broadcast_arrays(a + gap + b, a, b)))
+        return joined + gap / max(map(max, self.bytes_per_s)) <= alone_a + alone_b
 
 
 @dataclass
