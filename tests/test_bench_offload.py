@@ -1,40 +1,67 @@
 """benchmarks/offload.py's own logic: an engine's overhead, found by bisection on the limit."""
 from benchmarks.offload import KEEP, MiB, Settings, overhead, peak_overhead
 
+LONE = 50e6  # bytes/s of a lone small read: the slack for 8 tokens at 100 tok/s is (1 - KEEP) * 0.08 s of it, 400 kB
+
 
 class LimitedEngine:
-    """A runner whose engine keeps its uncapped speed at limits >= `needs` bytes and thrashes below."""
+    """A runner whose engine keeps its pages at limits >= `needs` bytes and reads them back below (slowly:
+    10% of `speed`), decoding at `speed` (None: the kernel counts no reads); a run with `noise` set reads
+    nothing back but comes out that much slower or faster, as on a busy machine."""
 
     cgroup_problem = None
     s = Settings()
 
-    def __init__(self, needs: int, speed: float = 100.0):
-        self.needs, self.speed, self.limits = needs, speed, []
+    def __init__(self, needs: int, speed: float = 100.0, counted: bool = True, noise: float = 1.0,
+                 reread: float = 3.0):
+        self.needs, self.speed, self.counted, self.noise, self.limits = needs, speed, counted, noise, []
+        self.reread = reread  # bytes read back per byte of limit short of `needs`
 
     def run(self, label, spec, limit, files, listed=True, timeout_s=None):
         assert not listed and spec["tokens"] == 8 and timeout_s > 0  # probes: not in the report
         self.limits.append(limit)
         if limit < self.needs - 40 * MiB:
             return {"failed": "OOM-killed", "tok_s": None}
-        return {"tok_s": self.speed if limit >= self.needs else 0.1 * self.speed}
+        fits = limit >= self.needs
+        reads = 1000 + (0 if fits else int(self.reread * (self.needs - limit)))  # what it read back from storage while decoding
+        return {"tok_s": self.speed * (self.noise if fits else 0.1), "decode_read_bytes": reads if self.counted else None}
 
 
-def test_overhead_is_the_least_limit_that_keeps_the_speed_less_the_model_bytes():
-    uncapped = {"peak_memory_bytes": 400 * MiB, "model_bytes_held": 150 * MiB, "tok_s": 100.0, "wall_s": 10.0}
+def uncapped_run(counted: bool = True) -> dict:
+    return {"peak_memory_bytes": 400 * MiB, "model_bytes_held": 150 * MiB, "tok_s": 100.0, "wall_s": 10.0,
+            "decode_read_bytes": 1000 if counted else None}
+
+
+def test_overhead_is_the_least_limit_whose_decode_reads_nothing_back_less_the_model_bytes():
+    uncapped = uncapped_run()
     assert peak_overhead(uncapped) == 250 * MiB
     runner = LimitedEngine(needs=300 * MiB)
-    found = overhead(runner, "engine", {"tokens": 128}, [], uncapped, tokens=8)
+    found = overhead(runner, "engine", {"tokens": 128}, [], uncapped, 8, LONE)
     # within the search's step (2% of the peak, at least 4 MiB) above what the engine needs, never below it
     assert 150 * MiB <= found < 150 * MiB + 8 * MiB
     assert len(runner.limits) <= 7
-    # a run slower than KEEP of the uncapped speed counts as not fitting
-    slow = LimitedEngine(needs=300 * MiB, speed=KEEP * 100.0 - 1)
-    assert overhead(slow, "engine", {"tokens": 128}, [], uncapped, tokens=8) == 250 * MiB  # the uncapped peak
+    # reads back within the slack fit: up to 400 kB more than uncapped (8 tokens of 10 ms, 10% of it at 50 MB/s),
+    # here 16 MiB short of what the engine needs (but not 32)
+    near = LimitedEngine(needs=300 * MiB, reread=1 / 64)
+    assert 150 * MiB - 32 * MiB < overhead(near, "engine", {"tokens": 128}, [], uncapped, 8, LONE) <= found - 8 * MiB
+
+
+def test_a_slow_machine_does_not_move_the_overhead_where_reads_are_counted():
+    for noise in (0.5, 1.5):  # the whole machine slower or faster by half, with the pages all kept
+        runner = LimitedEngine(needs=300 * MiB, noise=noise)
+        assert 150 * MiB <= overhead(runner, "engine", {"tokens": 128}, [], uncapped_run(), 8, LONE) < 158 * MiB
+
+
+def test_without_read_counts_a_limit_fits_when_the_speed_is_kept():
+    runner = LimitedEngine(needs=300 * MiB, counted=False)
+    assert 150 * MiB <= overhead(runner, "engine", {"tokens": 128}, [], uncapped_run(False), 8, LONE) < 158 * MiB
+    # then a run slower than KEEP of the uncapped speed counts as not fitting
+    slow = LimitedEngine(needs=300 * MiB, speed=KEEP * 100.0 - 1, counted=False)
+    assert overhead(slow, "engine", {"tokens": 128}, [], uncapped_run(False), 8, LONE) == 250 * MiB  # uncapped peak
 
 
 def test_without_cgroups_the_overhead_is_the_uncapped_peaks():
     runner = LimitedEngine(needs=0)
     runner.cgroup_problem = "no cgroup v1"
-    uncapped = {"peak_memory_bytes": 400 * MiB, "model_bytes_held": 150 * MiB, "tok_s": 100.0, "wall_s": 10.0}
-    assert overhead(runner, "engine", {"tokens": 128}, [], uncapped, tokens=8) == 250 * MiB
+    assert overhead(runner, "engine", {"tokens": 128}, [], uncapped_run(), 8, LONE) == 250 * MiB
     assert runner.limits == []
