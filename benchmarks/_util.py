@@ -1,6 +1,7 @@
-"""Shared benchmark helpers: timing medians, memory bandwidth, machine description, tables."""
+"""Shared benchmark helpers: timing medians, memory bandwidth, machine description, tables and their JSON."""
 from __future__ import annotations
 
+import json
 import os
 import platform
 import time
@@ -52,3 +53,47 @@ def table(header: list[str], rows: list[list]) -> str:
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
     line = lambda r: "| " + " | ".join(c.rjust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
     return "\n".join([line(cells[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in cells[1:]])
+
+
+def _value(cell):
+    """A table cell as JSON: numbers as numbers, "1.27x" as 1.27, "85%" as 0.85, anything else as text."""
+    if isinstance(cell, (bool, int, float, np.integer, np.floating)):
+        return cell.item() if isinstance(cell, np.generic) else cell
+    text = str(cell).strip()
+    for suffix, scale in (("x", 1.0), ("%", 0.01), ("", 1.0)):
+        if suffix and not text.endswith(suffix):
+            continue
+        try:
+            return float(text[: len(text) - len(suffix)]) * scale
+        except ValueError:
+            pass
+    return text
+
+
+class Report:
+    """A benchmark's output: its notes and tables printed as they come, or with `as_json` one JSON object
+    printed by `close()`: {"notes": [...], "tables": [{"title": ..., "rows": [{column: cell}]}]}, cells as
+    numbers where they are ("1.27x" -> 1.27, "85%" -> 0.85)."""
+
+    def __init__(self, as_json: bool):
+        self.as_json = as_json
+        self.notes: list[str] = []
+        self.tables: list[dict] = []
+
+    def note(self, text: str = "") -> None:
+        if self.as_json:
+            if text:
+                self.notes.append(text.strip())
+        else:
+            print(text)
+
+    def table(self, title: str, header: list[str], rows: list[list]) -> None:
+        if self.as_json:
+            self.tables.append({"title": title, "rows": [{h: _value(c) for h, c in zip(header, r)} for r in rows]})
+        else:
+            print(title)
+            print(table(header, rows))
+
+    def close(self) -> None:
+        if self.as_json:
+            print(json.dumps({"notes": self.notes, "tables": self.tables}, indent=1))

@@ -1,6 +1,6 @@
 """Cost of the window cache's bookkeeping per layer and token (issue 15).
 
-    python benchmarks/cache.py [--tokens 512] [--reps 5]
+    python benchmarks/cache.py [--tokens 512] [--reps 5] [--json]
 
 One layer's flash neurons (SmolLM2's width: 1536 ids, 1336-byte records, the size of a Q4_1 neuron
 with its q8_0 down column), active sets from the synthetic trace (`offload/trace.py`) at 10% and 80%
@@ -19,7 +19,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks._util import machine, table  # noqa: E402
+from benchmarks._util import Report, machine  # noqa: E402
 from hetinfer.offload.cache import WindowCache  # noqa: E402
 from hetinfer.offload.trace import Trace, TraceConfig  # noqa: E402
 
@@ -42,8 +42,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=512)
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--json", action="store_true", help="print the table as JSON instead")
     args = ap.parse_args()
-    print(machine())
+    out = Report(args.json)
+    out.note(machine())
     rows = []
     # at 80% density 20% of the neurons can serve at most 25% of activations: the skew is nearly flat
     for density, hot_share in ((0.10, 0.80), (0.80, 0.24)):
@@ -57,8 +59,10 @@ def main() -> None:
                 wall, cpu = min(r[0] for r in runs), min(r[1] for r in runs)
                 rows.append([f"{density:.0%}", int(np.mean([len(s) for s in sets])), capacity,
                              "admit+step" if lookahead else "step", wall * 1e6, cpu * 1e6, runs[0][2].hit_rate])
-    print(table(["density", "ids/token", "capacity", "calls", "wall us/token", "CPU us/token", "hit rate"], rows))
-    print("(best of --reps passes over the tokens; capacity below a token's set overflows: those ids count as misses)")
+    out.table(f"Window cache (window {WINDOW}), per layer and token",
+              ["density", "ids/token", "capacity", "calls", "wall us/token", "CPU us/token", "hit rate"], rows)
+    out.note("(best of --reps passes over the tokens; capacity below a token's set overflows: those ids count as misses)")
+    out.close()
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Kernel throughput against this machine's memory bandwidth (measured in the same run).
 
-    python benchmarks/kernels.py [--threads N] [--quick]
+    python benchmarks/kernels.py [--threads N] [--quick] [--json]
 
 Tables (medians of repeated runs, compile time excluded and reported separately):
   1. dense GEMV per format and shape: GB/s of weight bytes read, % of copy bandwidth,
@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks._util import copy_bandwidth, machine, median_seconds, table, timings  # noqa: E402
+from benchmarks._util import Report, copy_bandwidth, machine, median_seconds, timings  # noqa: E402
 from hetinfer import kernels  # noqa: E402
 from hetinfer.tensors import FORMATS, quantize  # noqa: E402
 
@@ -158,37 +158,38 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=int, default=None, help="threads for the kernels (default: all available)")
     p.add_argument("--quick", action="store_true", help="SmolLM2 shapes only")
+    p.add_argument("--json", action="store_true", help="print the tables as JSON instead")
     args = p.parse_args()
     threads = kernels.set_threads(args.threads)
+    out = Report(args.json)
     t = time.perf_counter()
     compile_s = kernels.warmup()
-    print(f"machine: {machine()}; kernels use {threads} threads")
-    print(f"compile/load of all kernels (warmup): {compile_s:.2f} s (excluded below)")
+    out.note(f"machine: {machine()}; kernels use {threads} threads")
+    out.note(f"compile/load of all kernels (warmup): {compile_s:.2f} s (excluded below)")
     bw = copy_bandwidth()
-    print(f"memory bandwidth (512 MiB numpy copy, read + write): {bw:.1f} GB/s; 60% = {0.6 * bw:.1f} GB/s\n")
+    out.note(f"memory bandwidth (512 MiB numpy copy, read + write): {bw:.1f} GB/s; 60% = {0.6 * bw:.1f} GB/s\n")
 
     shapes = [(1536, 576), (576, 1536)] + ([] if args.quick else [(11008, 4096), (4096, 11008)])
-    print("Dense GEMV (T = 1), GB/s of weight bytes")
-    print(table(["shape", "format", "MiB", "1 thr us", "1 thr GB/s", f"{threads} thr us", f"{threads} thr GB/s",
-                 "% of bw", ">= 60%", "best GB/s"], dense(shapes, FORMATS, threads, bw)))
-    print("(medians; 'best' is the fastest run, what an otherwise idle machine gives: on a shared machine a "
-          "multi-threaded call waits for its slowest, possibly descheduled, thread)")
-    print()
+    out.table("Dense GEMV (T = 1), GB/s of weight bytes",
+              ["shape", "format", "MiB", "1 thr us", "1 thr GB/s", f"{threads} thr us", f"{threads} thr GB/s",
+               "% of bw", ">= 60%", "best GB/s"], dense(shapes, FORMATS, threads, bw))
+    out.note("(medians; 'best' is the fastest run, what an otherwise idle machine gives: on a shared machine a "
+             "multi-threaded call waits for its slowest, possibly descheduled, thread)")
+    out.note()
     sshapes = [(1536, 576)] + ([] if args.quick else [(11008, 4096)])
-    print(f"Sparse ops vs density (gate/up q4_1, down neuron-major q8_0, {threads} threads); "
-          "ratio = time / (density x time at 100%)")
-    print(table(["n_ff x d", "threads", "op", "rows", "us", "ratio", "<= 1.2x", "best us", "best ratio"],
-                sparse(sshapes, "q4_1", threads)))
-    print()
+    out.table(f"Sparse ops vs density (gate/up q4_1, down neuron-major q8_0, {threads} threads); "
+              "ratio = time / (density x time at 100%)",
+              ["n_ff x d", "threads", "op", "rows", "us", "ratio", "<= 1.2x", "best us", "best ratio"],
+              sparse(sshapes, "q4_1", threads))
+    out.note()
     calls = overhead(threads)
-    print(f"Per-call overhead, tiny 32x64 q4_1 matrix ({threads} threads; numba threading layer "
-          f"{numba.threading_layer()}), us")
-    print(table(["call", "us"], calls))
-    print()
-    print(f"Attention of one token over S cached positions (9 query / 3 kv heads of 64, {threads} threads)")
-    print(table(["S", "KV", "KV MiB", "us", "KV GB/s", "torch us", "torch / ours"], attention(threads, args.quick)))
-    print(f"\ntotal {time.perf_counter() - t:.0f} s; load average at end {os.getloadavg()[0]:.2f}")
-
+    out.table(f"Per-call overhead, tiny 32x64 q4_1 matrix ({threads} threads; numba threading layer "
+              f"{numba.threading_layer()}), us", ["call", "us"], calls)
+    out.note()
+    out.table(f"Attention of one token over S cached positions (9 query / 3 kv heads of 64, {threads} threads)",
+              ["S", "KV", "KV MiB", "us", "KV GB/s", "torch us", "torch / ours"], attention(threads, args.quick))
+    out.note(f"\ntotal {time.perf_counter() - t:.0f} s; load average at end {os.getloadavg()[0]:.2f}")
+    out.close()
 
 if __name__ == "__main__":
     main()

@@ -1,6 +1,6 @@
 """GPU kernels (`hetinfer/kernels/cuda.py`) against the device's memory bandwidth, measured in the same run.
 
-    python benchmarks/kernels_gpu.py [--device cuda] [--quick]
+    python benchmarks/kernels_gpu.py [--device cuda] [--quick] [--json]
 
 Weights sit on the device in their stored format (`kernels.to_cuda`); each call decodes the rows it
 uses and multiplies them in float16 (block formats) or the stored dtype. Tables, medians of repeated
@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks._util import table, timings as _timings  # noqa: E402
+from benchmarks._util import Report, timings as _timings  # noqa: E402
 from hetinfer import kernels  # noqa: E402
 from hetinfer.tensors import FORMATS, quantize  # noqa: E402
 
@@ -92,24 +92,25 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda", help="torch device (default cuda; cpu only checks this script)")
     p.add_argument("--quick", action="store_true", help="small shapes and few repetitions")
+    p.add_argument("--json", action="store_true", help="print the tables as JSON instead")
     args = p.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit("no CUDA device here: run this on a machine with a GPU (or pass --device cpu to check the script)")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (torch path; not GPU numbers)"
     quick = args.quick
+    out = Report(args.json)
     bw = copy_bandwidth(device, (64 if quick else 1024) << 20)
-    print(f"device: {name}; torch {torch.__version__}")
-    print(f"device memory bandwidth (copy, read + write): {bw:.0f} GB/s\n")
+    out.note(f"device: {name}; torch {torch.__version__}")
+    out.note(f"device memory bandwidth (copy, read + write): {bw:.0f} GB/s\n")
     shapes = [(1536, 576), (576, 1536)] + ([] if quick else [(11008, 4096), (4096, 11008), (28672, 8192)])
-    print("Dense GEMV (T = 1), GB/s of stored weight bytes")
-    print(table(["shape", "format", "MiB", "us", "GB/s", "% of bw", "best GB/s"],
-                dense(shapes, device, bw, 5 if quick else 50)))
-    print()
+    out.table("Dense GEMV (T = 1), GB/s of stored weight bytes", ["shape", "format", "MiB", "us", "GB/s", "% of bw", "best GB/s"],
+              dense(shapes, device, bw, 5 if quick else 50))
+    out.note()
     sshapes = [(1536, 576)] + ([] if quick else [(11008, 4096), (28672, 8192)])
-    print("Sparse ops vs density (gate/up q4_1, down neuron-major q8_0); ratio = time / (density x time at 100%)")
-    print(table(["n_ff x d", "op", "rows", "us", "ratio"], sparse(sshapes, device, 3 if quick else 30)))
-
+    out.table("Sparse ops vs density (gate/up q4_1, down neuron-major q8_0); ratio = time / (density x time at 100%)",
+              ["n_ff x d", "op", "rows", "us", "ratio"], sparse(sshapes, device, 3 if quick else 30))
+    out.close()
 
 if __name__ == "__main__":
     main()
