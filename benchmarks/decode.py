@@ -1,11 +1,13 @@
 """End-to-end greedy decode: hetinfer's dense engine on the kernels vs llama.cpp, same GGUF, one run.
 
     python benchmarks/decode.py [--model PATH] [--threads 2] [--tokens 128] [--reps 3] [--weights native]
-                                [--kv f32] [--prompt-tokens 64] [--profile PROFILE] [--predictors DIR]
+                                [--kv f32] [--prompt-tokens 64] [--profile PROFILE] [--predictors DIR] [--json]
 
 A `--prompt-tokens` prompt (64; thousands to decode at a long context), then `--tokens` greedy
-tokens; decode tok/s excludes the prompt (reported separately) and the kernels' compile time (warmup, reported separately). Runs are interleaved
-(llama.cpp, then each hetinfer mode, repeated) and medians are reported.
+tokens; decode tok/s excludes the prompt (reported separately) and the kernels' compile time (warmup, reported
+separately). Runs are interleaved (llama.cpp, then each hetinfer mode, repeated) and medians are reported.
+The ratios are paired: each round's ratio of two modes run seconds apart, then the median over rounds (and
+their range), so a machine whose speed drifts between rounds moves both sides of a ratio together.
 
 hetinfer modes:
   dense            every FFN neuron (the engine's dense path)
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import os
 import sys
 import time
@@ -38,6 +41,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks._util import machine, table  # noqa: E402
 from hetinfer import heap, kernels  # noqa: E402
+from hetinfer.errors import HetinferError  # noqa: E402
 from hetinfer.loader import default_model_path, load_model  # noqa: E402
 from hetinfer.data import calibration_sequences, parse_source  # noqa: E402
 from hetinfer.profiler.artifact import load_profile  # noqa: E402
@@ -128,8 +132,10 @@ def main() -> None:
     p.add_argument("--prompt-tokens", type=int, default=64, help="prompt length: decode starts at this position")
     p.add_argument("--profile", metavar="PROFILE", help="threshold mode's per-layer thresholds (default: profiled here)")
     p.add_argument("--predictors", metavar="DIR", help="also time predictor mode with these predictors")
+    p.add_argument("--json", action="store_true", help="print one record per mode as JSON instead of the table")
     args = p.parse_args()
     path = args.model or default_model_path()
+    host = machine()  # with the load average at the start
 
     kernels.set_threads(args.threads)
     compile_s = kernels.warmup()
@@ -183,25 +189,41 @@ def main() -> None:
             times[m].append((pre, dec, cpu))
             tokens[m] = toks
 
-    print(f"machine: {machine()}")
+    t = {m: np.array(v) for m, v in times.items()}  # [reps, (prefill, decode, decode CPU)] s
+    dense_mode_runs, llama_runs = t[dense_mode], t["llama.cpp"]
+    records = []
+    for m in modes:
+        pre, dec, cpu = np.median(t[m], axis=0)
+        vs_llama, vs_dense = llama_runs[:, 1] / t[m][:, 1], dense_mode_runs[:, 1] / t[m][:, 1]  # paired, per round
+        ffn = stepped.get(m)
+        records.append({
+            "mode": m, "prefill_tok_s": n_prompt / pre, "tok_s": args.tokens / dec,
+            "vs_llamacpp": float(np.median(vs_llama)), "vs_llamacpp_range": [float(vs_llama.min()), float(vs_llama.max())],
+            "vs_dense": float(np.median(vs_dense)), "vs_dense_range": [float(vs_dense.min()), float(vs_dense.max())],
+            "cpu_ms_per_token": 1e3 * cpu / args.tokens, "vs_llamacpp_cpu": float(np.median(llama_runs[:, 2] / t[m][:, 2])),
+            "top1_equal_dense": (float(np.mean(np.array(tokens[m][1:]) == np.array(dense_tokens[1:])))
+                                 if m.startswith("hetinfer") else None),
+            "ffn_density": None if ffn is None else ffn.meter.overall(),
+            "layers_dense": None if ffn is None else ffn.stepped_aside, "layers": None if ffn is None else len(ffn.dense),
+            "reps": args.reps, "tokens": args.tokens, "prompt_tokens": n_prompt, "threads": args.threads,
+            "weights": args.weights, "kv": args.kv, "model": os.path.basename(path), "machine": host})
+    if args.json:
+        print(json.dumps(records, indent=1))
+        return
+    print(f"machine: {host}")
     print(f"model: {os.path.basename(path)}; weights {args.weights}; KV cache {args.kv}; {args.threads} threads; "
           f"greedy, {n_prompt}-token prompt, {args.tokens} tokens; median of {args.reps} interleaved runs; "
           f"kernel compile/load {compile_s:.2f} s (excluded)")
-    med = {m: np.median(np.array(t), axis=0) for m, t in times.items()}  # (prefill, decode, decode CPU) s
-    base, dense = med["llama.cpp"], med[dense_mode]
-    rows = []
-    for m in modes:
-        pre, dec, cpu = med[m]
-        same = np.mean(np.array(tokens[m][1:]) == np.array(dense_tokens[1:])) if m.startswith("hetinfer") else None
-        ffn = stepped.get(m)
-        rows.append([m, f"{n_prompt / pre:.0f}", f"{args.tokens / dec:.1f}", f"{base[1] / dec:.2f}x",
-                     f"{dense[1] / dec:.2f}x", f"{1e3 * cpu / args.tokens:.2f}", f"{base[2] / cpu:.2f}x",
-                     "-" if same is None else f"{same:.0%}", "-" if ffn is None else f"{ffn.meter.overall():.0%}",
-                     "-" if ffn is None else f"{ffn.stepped_aside}/{len(ffn.dense)}"])
-    print(table(["engine", "prefill tok/s", "decode tok/s", "vs llama.cpp", "vs dense", "CPU ms/token",
+    ratio = lambda r, k: f"{r[k]:.2f}x ({r[k + '_range'][0]:.2f}-{r[k + '_range'][1]:.2f})"  # noqa: E731
+    pct = lambda v: "-" if v is None else f"{v:.0%}"  # noqa: E731
+    rows = [[r["mode"], f"{r['prefill_tok_s']:.0f}", f"{r['tok_s']:.1f}", ratio(r, "vs_llamacpp"), ratio(r, "vs_dense"),
+             f"{r['cpu_ms_per_token']:.2f}", f"{r['vs_llamacpp_cpu']:.2f}x", pct(r["top1_equal_dense"]),
+             pct(r["ffn_density"]), "-" if r["layers"] is None else f"{r['layers_dense']}/{r['layers']}"] for r in records]
+    print(table(["engine", "prefill tok/s", "decode tok/s", "vs llama.cpp (range)", "vs dense (range)", "CPU ms/token",
                  "vs llama.cpp (CPU)", "top-1 = dense", "FFN density", "layers dense"], rows))
-    print("CPU ms/token: process CPU time (all threads) per decoded token; with 1 thread it is insensitive to "
-          "other load on the machine, with more it also counts spin-waiting threads")
+    print("ratios: per round (the two runs seconds apart), median and range over the rounds; CPU ms/token: process "
+          "CPU time (all threads) per decoded token; with 1 thread it is insensitive to other load on the machine, "
+          "with more it also counts spin-waiting threads")
     print("targets: dense >= 0.80x, 50% of FFN neurons skipped >= 1.20x llama.cpp; threshold 50% >= 1.05x dense, "
           "predictor (engine) >= 1.00x dense (issue 18)")
     print(f"thresholds: {args.profile or f'{PROFILE_TOKENS} WikiText-2 tokens profiled here'}"
@@ -209,6 +231,9 @@ def main() -> None:
     print(f"llama.cpp greedy tokens equal hetinfer dense: {np.mean(np.array(tokens['llama.cpp']) == np.array(dense_tokens)):.0%}"
           f"; load average at end {os.getloadavg()[0]:.2f}")
 
-
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except HetinferError as e:  # a missing or unusable model, profile or predictors: one line, not a traceback
+        print(f"decode.py: {e}", file=sys.stderr)
+        sys.exit(2)
