@@ -153,7 +153,7 @@ def report(session, args: argparse.Namespace) -> None:
             file=sys.stderr,
         )
         if offload is not None:
-            how = ("whole flash spans streamed ahead" if stats["flash_reads"] == "spans"
+            how = (f"whole flash spans streamed ahead, {stats['span_pieces']} requests each" if stats["flash_reads"] == "spans"
                    else f"window cache hit rate {stats['cache_hit_rate']:.1%}")
             print(f"[flash {stats['flash_bytes_per_token'] / 2**10:.0f} KiB/token in "
                   f"{stats['flash_reads_per_token']:.1f} reads ({stats['flash_io']}) | {how} | "

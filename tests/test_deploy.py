@@ -16,6 +16,7 @@ import pytest
 from conftest import TORCH_FREE_CLI
 from hetinfer.cli import main
 from hetinfer.offload.deploy import PREPARE_MIP_GAP
+from hetinfer.offload.stream import PIECE_CHOICES
 
 pytestmark = pytest.mark.slow
 # SmolLM2's dense parts (~75 MiB with a 512-token f32 KV cache) + the offloading engine's flash I/O buffers
@@ -106,6 +107,7 @@ def test_prepare_then_run_greedy_matches_every_neuron_reference(tmp_path, offlin
     assert 0 < s["ffn_density"] < 1 and s["gen_tokens"] == 12 and text.strip()
     plan = json.loads((out / m["plan"] / "plan.json").read_text())  # streaming is the plan's choice, for this disk
     assert s["flash_reads"] == ("spans" if plan["tiers"]["flash"]["streamed"] else "records")
+    assert s.get("span_pieces") in (PIECE_CHOICES if s["flash_reads"] == "spans" else (None,))
     assert s["flash_io"] in ("o_direct, uring", "o_direct, threads", "fadvise, threads")  # io_uring where allowed
     # every neuron (the exact mode) runs too, and a second prepare reuses everything
     assert main(["run", str(out), "-p", "The capital of France is", "-n", "4", "--temperature", "0",

@@ -342,10 +342,13 @@ class TieredFFN:
 
     def report(self) -> dict:
         """Per-token figures since the last reset (see OffloadStats.per_token and GPUStats.per_token), and how flash
-        records are read: `flash_reads`, `spans` (streamed whole, `offload.stream`) or `records` (predicted sets), and
-        `flash_io`, how the reader issues record reads (`FlashReader.method` and `.io`: "o_direct, uring", ...)."""
+        records are read: `flash_reads`, `spans` (streamed whole, `offload.stream`; `span_pieces`: the requests
+        each span is read in now) or `records` (predicted sets), and `flash_io`, how the reader issues record reads
+        (`FlashReader.method` and `.io`: "o_direct, uring", ...)."""
         out = {**self.stats.per_token(self.reader.stats, self.n_ff), "flash_reads": "spans" if self.stream else "records",
                "flash_io": f"{self.reader.method}, {self.reader.io}"}
+        if self.stream is not None:
+            out["span_pieces"] = self.stream.tuner.pieces
         return out if self.gpu is None else {**out, **self.gpu.stats.per_token(self.stats.tokens)}
 
 

@@ -39,25 +39,33 @@ class Span:
     record_bytes: int
 
 
-# The piece counts PieceTuner tries, the first until it has timed them all: STREAM_PIECES, the count the cost
-# model prices (`placement.cost.span_seconds`), then fewer.
+# The piece counts PieceTuner tries: STREAM_PIECES, the count the cost model prices (`placement.cost.span_seconds`)
+# and the one kept unless another is clearly faster, then fewer.
 PIECE_CHOICES = tuple(sorted({STREAM_PIECES, 2, 1}, reverse=True))
 TUNE_CYCLES = 4  # decode cycles (tokens) timed per choice
 RETUNE_CYCLES = 512  # cycles after which the choices are timed again (the context grows, other load comes and goes)
+# How much faster than the first choice another must time to replace it: fewer pieces save the reads' CPU cost, a
+# few percent at most, where a wrong choice costs the disk its queue depth (up to half its rate at one piece).
+FEWER_PIECES_GAIN = 0.05
 
 
 class PieceTuner:
-    """How many pieces the stream reads each span in: each of `choices` in turn for `cycles` decode cycles (a
-    token's pass over the streamed layers, timed from one request of the first streamed layer to the next),
-    then the one with the fastest median cycle until `retune` more cycles have passed. A cycle broken by a
-    restart or a prompt, or begun before a change of choice took effect, is not timed."""
+    """How many pieces the stream reads each span in: the `choices` in turn, one timed decode cycle (a token's
+    pass over the streamed layers, timed from one request of the first streamed layer to the next) at a time,
+    in rounds that alternate direction (4 2 1, 1 2 4, ...), until each has `cycles` timings; then the first
+    choice, unless another's median cycle is FEWER_PIECES_GAIN faster (then the fastest), until `retune` more
+    cycles have passed. Taking turns, back and forth, the choices share whatever the machine's other load does
+    meanwhile, a steady drift included. A cycle broken by a restart or a prompt, or begun before a change of
+    choice took effect, is not timed."""
 
     def __init__(self, choices: tuple[int, ...] = PIECE_CHOICES, cycles: int = TUNE_CYCLES,
                  retune: int = RETUNE_CYCLES, clock=time.perf_counter):
         self.choices, self.cycles, self.retune, self.clock = choices, cycles, retune, clock
         self.times: dict[int, list[float]] = {c: [] for c in choices}
         self.pieces = choices[0]
-        self._trial = 0  # index of the choice being timed; len(choices): settled
+        rounds = [choices if r % 2 == 0 else choices[::-1] for r in range(cycles)]
+        self._schedule = [c for r in rounds for c in r]  # the choice of each timed cycle while tuning
+        self.settled = False
         self._settled = 0  # cycles since the choice was made
         self._start: float | None = None
 
@@ -73,21 +81,22 @@ class PieceTuner:
         self._start = None
 
     def _record(self, seconds: float) -> None:
-        if self._trial == len(self.choices):
+        if self.settled:
             self._settled += 1
             if self._settled >= self.retune:
                 self.times = {c: [] for c in self.choices}
-                self._trial = 0
+                self.settled = False
                 self._set(self.choices[0])
             return
-        times = self.times[self.choices[self._trial]]
-        times.append(seconds)
-        if len(times) == self.cycles:
-            self._trial += 1
-            done = self._trial == len(self.choices)
-            self._settled = 0
-            self._set(min(self.choices, key=lambda c: statistics.median(self.times[c])) if done
-                      else self.choices[self._trial])
+        self.times[self.pieces].append(seconds)
+        timed = sum(map(len, self.times.values()))
+        if timed < len(self._schedule):
+            self._set(self._schedule[timed])
+            return
+        self.settled, self._settled = True, 0
+        median = {c: statistics.median(t) for c, t in self.times.items()}
+        first, fastest = self.choices[0], min(self.choices, key=median.get)
+        self._set(fastest if median[fastest] < (1 - FEWER_PIECES_GAIN) * median[first] else first)
 
     def _set(self, pieces: int) -> None:
         if pieces != self.pieces:
