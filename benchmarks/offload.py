@@ -6,12 +6,13 @@ Every configuration runs in a child process inside a cgroup v1 memory cgroup tha
 creates and removes (benchmarks/_cgroup.py; the child joins it before it execs, so everything it
 loads is charged; the cgroup's memory.max_usage_in_bytes is the run's peak, page cache included),
 with the page cache dropped before each run. Each engine gets its own fixed overhead plus the same
-budget for model bytes, limit = overhead + budget. Overhead = the least limit under which the engine,
-every weight in RAM, decodes the same prompt reading back from storage no more than would cost it 10% of
-its uncapped decode time (found by bisection, to 4 MiB or 2% of the uncapped peak; a limit too small
+budget for model bytes, limit = overhead + budget. Overhead = the least limit under which the engine's
+configuration that runs limited (hetinfer: offloaded, at the quality regime's larger budget; llama.cpp: mmap)
+decodes the same prompt twice re-reading from storage no more than would cost it 10% of its uncapped
+decode time (found by bisection, to 4 MiB or 2% of the uncapped peak, then confirmed; a limit too small
 shows as the pages it evicted being read again, a measure the machine's other load does not move, where
-the speed it costs does), minus the model bytes it held (hetinfer: its all-RAM run's dense parts, KV cache
-positions written and resident neurons; llama.cpp: the GGUF file and its KV cache). The uncapped peak
+the speed it costs does), minus the model bytes it held (hetinfer: its dense parts, KV cache positions
+written, resident neurons and flash buffers; llama.cpp: the GGUF file and its KV cache). The uncapped peak
 less the model bytes (the first rule; reported as `overhead_peak_bytes`) also counts the files read
 while starting and never touched again (~100 MiB of libraries for hetinfer's runtime): a limit
 reclaims them for free, and a configuration that reads through the page cache (llama.cpp mmap,
@@ -91,6 +92,7 @@ DATA = ROOT.parent / "shared" / "data" / "wikitext-2" / "valid.txt"
 CTX = 512  # context every engine is sized for: prompt + generated tokens fit, the KV cache stays small
 KV = "f16"  # every engine's KV cache element (llama.cpp's default), so a budget buys the same bytes in each
 KEEP = 0.9  # an engine's overhead: the least limit whose reads back from storage cost it at most 1 - KEEP of its speed
+CONFIRM_RUNS = 8  # runs after the overhead search's bisection, stepping up until a limit fits twice
 WINDOW = 5  # window-cache tokens of the 7B plan (LLM in a Flash's); SmolLM2's: prepare picks them
 REGIMES = ("quality", "high_sparsity")
 SHARES = (0.25, 0.5)  # of the FFN bytes, beyond the dense parts, for SmolLM2
@@ -360,10 +362,10 @@ class Runner:
                       wall_s=res.seconds)
         if listed:
             self.runs.append(Run(label, result))
-        tok = result.get("tok_s")
+        tok, reread = result.get("tok_s"), reread_bytes(result) if result.get("tok_s") else None
         print(f"  {label}: {'-' if tok is None else f'{tok:.2f}'} tok/s over {result.get('tokens', '-')} tokens, "
               f"peak {res.peak_bytes / MiB:.0f} MiB" + (f" of {limit / MiB:.0f} MiB" if limit and use else "")
-              + f" ({res.seconds:.0f} s)", file=sys.stderr)
+              + ("" if reread is None else f", {reread / 1e6:.1f} MB re-read") + f" ({res.seconds:.0f} s)", file=sys.stderr)
         return result
 
 
@@ -378,41 +380,63 @@ def peak_overhead(result: dict) -> int:
     return result["peak_memory_bytes"] - result["model_bytes_held"]
 
 
+def reread_bytes(result: dict) -> int | None:
+    """Bytes a run's decode read from storage beyond its own flash reads (the offloading engine's records and
+    spans, as its reader counted them): pages its limit evicted that it needed again. None where not counted,
+    or where its flash reads go through the page cache (`fadvise`: which of them reached the disk is unknown)."""
+    if result.get("decode_read_bytes") is None or result.get("reader_method", "o_direct") != "o_direct":
+        return None
+    own = result.get("offload", {}).get("flash_bytes_per_token", 0.0) * result.get("tokens", 0)
+    return int(result["decode_read_bytes"] - own)
+
+
 def overhead(runner: Runner, label: str, spec: dict, files: list[str], uncapped: dict, tokens: int,
              lone_read_bytes_per_s: float) -> int:
-    """An engine's fixed memory as a limit sees it: the least limit (by bisection, to 2% of the uncapped
-    peak or 4 MiB) under which `spec` (every weight in RAM; `tokens` decoded) fits, minus the model bytes the
-    `uncapped` run held. Unlike the uncapped peak it leaves out the pages read while starting and never used
-    again, which a limit reclaims for free.
+    """An engine's fixed memory as a limit sees it: the least limit under which `spec` (the configuration that
+    will run limited; `tokens` decoded) fits twice, minus the model bytes the `uncapped` run held. Found by
+    bisection (to 2% of the uncapped peak or 4 MiB), then run again, a step higher whenever a run does not fit
+    (at most CONFIRM_RUNS more runs): near the edge one run re-reads nothing and the next gigabytes (the
+    kernel's reclaim picks different pages), and a limit at that edge would leave an engine thrashing in the
+    report. Unlike the
+    uncapped peak it leaves out the pages read while starting and never used again, which a limit reclaims
+    for free.
 
-    A limit fits when the decode reads from storage at most what the uncapped one did plus what would cost
-    (1 - KEEP) of its decode time were every extra byte a lone small read (`lone_read_bytes_per_s`, the flash
-    curve's smallest read, one in flight): a limit that is too small makes the engine read its evicted pages
-    back, and those reads, unlike its speed, do not move with the machine's other load. Where the kernel does
-    not count a process's reads, a limit fits when the decode keeps KEEP of the uncapped speed."""
+    A limit fits when the decode re-reads (`reread_bytes`) at most what the uncapped one did plus what would
+    cost (1 - KEEP) of its decode time were every extra byte a lone small read (`lone_read_bytes_per_s`, the
+    flash curve's smallest read, one in flight): a limit that is too small makes the engine read its evicted
+    pages back, and those reads, unlike its speed, do not move with the machine's other load. Where the kernel
+    does not count a process's reads, a limit fits when the decode keeps KEEP of the uncapped speed."""
     first = peak_overhead(uncapped)
     if runner.cgroup_problem:  # no limits to search with
         return first
     held, need = uncapped["model_bytes_held"], KEEP * uncapped["tok_s"]
-    base = uncapped.get("decode_read_bytes")
+    base = reread_bytes(uncapped)
     slack = (1 - KEEP) * tokens / uncapped["tok_s"] * lone_read_bytes_per_s
 
-    def fits(r: dict) -> bool:
+    def fits(at: int, again: bool = False) -> bool:
+        r = runner.run(f"{label} at {at / MiB:.0f} MiB (overhead search{', again' if again else ''})",
+                       {**spec, "tokens": tokens}, at, files, listed=False, timeout_s=timeout)
         if not r.get("tok_s"):
             return False
-        if base is None or r.get("decode_read_bytes") is None:
+        if base is None or reread_bytes(r) is None:
             return r["tok_s"] >= need
-        return r["decode_read_bytes"] <= base + slack
+        return reread_bytes(r) <= base + slack
 
     lo, hi = held, uncapped["peak_memory_bytes"]  # lo: no room for the runtime at all; hi: fits, uncapped
     step = max(4 * MiB, hi // 50)
     timeout = 30 + 4 * uncapped["wall_s"]  # a run thrashing its pages is as bad as one that fails
     while hi - lo > step:
         mid = (lo + hi) // 2
-        r = runner.run(f"{label} at {mid / MiB:.0f} MiB (overhead search)", {**spec, "tokens": tokens}, mid, files,
-                       listed=False, timeout_s=timeout)
-        lo, hi = (lo, mid) if fits(r) else (mid, hi)
-    rule = "reads" if base is not None else "speed"
+        lo, hi = (lo, mid) if fits(mid) else (mid, hi)
+    fitted = 1  # runs that fitted at `hi`: the bisection's answer fitted once (or is the uncapped peak)
+    for _ in range(CONFIRM_RUNS):
+        if fitted == 2 or hi >= uncapped["peak_memory_bytes"]:
+            break
+        if fits(hi, again=fitted > 0):
+            fitted += 1
+        else:
+            hi, fitted = hi + step, 0
+    rule = "re-reads" if base is not None else "speed"
     print(f"  {label}: overhead {(hi - held) / MiB:.0f} MiB by {rule} (uncapped peak less model bytes: "
           f"{first / MiB:.0f} MiB)", file=sys.stderr)
     return hi - held
@@ -479,8 +503,9 @@ def record(model: str, budget: int, regime: str, runs: dict, bound_run: dict, th
         "cache_hit_rate": stats.get("cache_hit_rate"), "io_wait_share": stats.get("io_wait_share"),
         "peak_memory_bytes": off["peak_memory_bytes"], "memory_limit_bytes": off["memory_limit_bytes"],
         "top1_agree": off.get("top1_agree"),
-        "runs": {name: {k: r.get(k) for k in ("tok_s", "tokens", "prompt_tokens", "prefill_tok_s", "peak_memory_bytes",
-                                              "memory_limit_bytes", "failed", "top1_agree")}
+        "runs": {name: {**{k: r.get(k) for k in ("tok_s", "tokens", "prompt_tokens", "prefill_tok_s", "peak_memory_bytes",
+                                                 "memory_limit_bytes", "failed", "top1_agree")},
+                        "reread_bytes": reread_bytes(r) if r.get("tok_s") else None}
                  for name, r in runs.items()},
         **extra,
     }
@@ -524,13 +549,15 @@ def smollm2(runner: Runner) -> list[dict]:
     all_ram = lambda regime: het((regime, SHARES[-1]), resident="ram", capacity=0, forced=forced)  # noqa: E731
     bounds = {regime: runner.run(f"SmolLM2 {regime} all-RAM (bound)", all_ram(regime), None, files((regime, SHARES[-1])))
               for regime in REGIMES}
-    # the limited configurations are the offloading engine, so its all-RAM run (the sparse kernels, pools and
-    # reader loaded) sets hetinfer's overhead
-    lone = lone_read_rate(deps[("quality", SHARES[-1])][0] / "plan")
-    het_over = overhead(runner, "SmolLM2 quality all-RAM", all_ram("quality"), files(("quality", SHARES[-1])),
-                        bounds["quality"], s.tokens, lone)
+    # the limited configurations are the offloading engine, so its offloaded run (reader, stream and their
+    # threads, the sparse kernels) at the larger quality budget sets hetinfer's overhead
+    key = ("quality", SHARES[-1])
+    lone = lone_read_rate(deps[key][0] / "plan")
+    offloaded = runner.run("SmolLM2 50% quality offloaded uncapped", het(key, forced=forced), None, files(key))
+    het_over = overhead(runner, "SmolLM2 50% quality offloaded", het(key, forced=forced), files(key), offloaded,
+                        s.tokens, lone)
     llama_over = overhead(runner, "SmolLM2 llama.cpp mmap", llama(s.tokens), [path], llama_mapped, s.tokens, lone)
-    first_rule = {"overhead_peak_bytes": peak_overhead(bounds["quality"]),
+    first_rule = {"overhead_peak_bytes": peak_overhead(offloaded),
                   "llamacpp_overhead_peak_bytes": peak_overhead(llama_mapped)}
     smallest = min(budgets, key=budgets.get)
     naive = runner.run("SmolLM2 naive streaming", het(smallest, resident="flash", capacity=0, select="every",
@@ -714,7 +741,8 @@ def scale_run(runner: Runner) -> list[dict]:
     all_ram = het(resident="ram", capacity=0, forced=forced)
     bound_run = runner.run("7B trace all-RAM (bound)", all_ram, None, files)
     lone = lone_read_rate(plan_dir)
-    het_over = overhead(runner, "7B trace all-RAM", all_ram, files, bound_run, s.big_search_tokens, lone)
+    offloaded = runner.run("7B trace offloaded uncapped", het(forced=forced), None, files)
+    het_over = overhead(runner, "7B trace offloaded", het(forced=forced), files, offloaded, s.big_search_tokens, lone)
     llama_over = overhead(runner, "7B llama.cpp mmap", llama(s.big_slow_tokens), files, llama_mapped, s.big_slow_tokens,
                           lone)
     runs["offloaded"] = runner.run("7B trace offloaded", het(forced=forced), het_over + budget, files)
@@ -733,7 +761,7 @@ def scale_run(runner: Runner) -> list[dict]:
 
     extra = {"budget": "dense + KV + 1 GiB", "window": WINDOW, "predicted_tok_s": load_plan(plan_dir).manifest["predicted"]["tok_s"],
              "disk_bytes_per_s": {str(k): v for k, v in throughput.items()},
-             "overhead_peak_bytes": peak_overhead(bound_run), "llamacpp_overhead_peak_bytes": peak_overhead(llama_mapped),
+             "overhead_peak_bytes": peak_overhead(offloaded), "llamacpp_overhead_peak_bytes": peak_overhead(llama_mapped),
              "note": (f"SYNTHETIC: random Q4_0 weights, active sets from offload.trace (density {trace_cfg.density}, "
                       f"{trace_cfg.hot_fraction:.0%} of neurons serve {trace_cfg.hot_share:.0%} of activations, "
                       f"reuse rho {trace_cfg.stay}); the plan from `place --power-law {trace.exponent:.4f}`")}

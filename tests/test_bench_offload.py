@@ -13,16 +13,17 @@ class LimitedEngine:
     s = Settings()
 
     def __init__(self, needs: int, speed: float = 100.0, counted: bool = True, noise: float = 1.0,
-                 reread: float = 3.0):
+                 reread: float = 3.0, edge: int = 0):
         self.needs, self.speed, self.counted, self.noise, self.limits = needs, speed, counted, noise, []
         self.reread = reread  # bytes read back per byte of limit short of `needs`
+        self.edge = edge  # limits up to this far below `needs` fit on their first run only (the kernel's luck)
 
     def run(self, label, spec, limit, files, listed=True, timeout_s=None):
         assert not listed and spec["tokens"] == 8 and timeout_s > 0  # probes: not in the report
         self.limits.append(limit)
         if limit < self.needs - 40 * MiB:
             return {"failed": "OOM-killed", "tok_s": None}
-        fits = limit >= self.needs
+        fits = limit >= self.needs or (limit >= self.needs - self.edge and self.limits.count(limit) == 1)
         reads = 1000 + (0 if fits else int(self.reread * (self.needs - limit)))  # what it read back from storage while decoding
         return {"tok_s": self.speed * (self.noise if fits else 0.1), "decode_read_bytes": reads if self.counted else None}
 
@@ -39,11 +40,18 @@ def test_overhead_is_the_least_limit_whose_decode_reads_nothing_back_less_the_mo
     found = overhead(runner, "engine", {"tokens": 128}, [], uncapped, 8, LONE)
     # within the search's step (2% of the peak, at least 4 MiB) above what the engine needs, never below it
     assert 150 * MiB <= found < 150 * MiB + 8 * MiB
-    assert len(runner.limits) <= 7
+    assert len(runner.limits) <= 8 and runner.limits.count(runner.limits[-1]) == 2  # the answer run a second time
     # reads back within the slack fit: up to 400 kB more than uncapped (8 tokens of 10 ms, 10% of it at 50 MB/s),
     # here 16 MiB short of what the engine needs (but not 32)
     near = LimitedEngine(needs=300 * MiB, reread=1 / 64)
     assert 150 * MiB - 32 * MiB < overhead(near, "engine", {"tokens": 128}, [], uncapped, 8, LONE) <= found - 8 * MiB
+
+
+def test_a_limit_that_fits_once_is_tried_again_and_raised_until_it_fits_twice():
+    runner = LimitedEngine(needs=300 * MiB, edge=12 * MiB)
+    found = overhead(runner, "engine", {"tokens": 128}, [], uncapped_run(), 8, LONE)
+    assert 150 * MiB <= found < 150 * MiB + 8 * MiB  # not a lucky limit below what the engine needs
+    assert any(288 * MiB <= limit < 300 * MiB for limit in runner.limits)  # one was tried
 
 
 def test_a_slow_machine_does_not_move_the_overhead_where_reads_are_counted():
