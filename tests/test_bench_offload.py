@@ -1,5 +1,5 @@
 """benchmarks/offload.py's own logic: an engine's overhead, found by bisection on the limit."""
-from benchmarks.offload import KEEP, MiB, Settings, overhead, peak_overhead
+from benchmarks.offload import KEEP, MiB, Settings, median_run, overhead, peak_overhead, reread_bytes
 
 LONE = 50e6  # bytes/s of a lone small read: the slack for 8 tokens at 100 tok/s is (1 - KEEP) * 0.08 s of it, 400 kB
 
@@ -24,8 +24,9 @@ class LimitedEngine:
         if limit < self.needs - 40 * MiB:
             return {"failed": "OOM-killed", "tok_s": None}
         fits = limit >= self.needs or (limit >= self.needs - self.edge and self.limits.count(limit) == 1)
-        reads = 1000 + (0 if fits else int(self.reread * (self.needs - limit)))  # what it read back from storage while decoding
-        return {"tok_s": self.speed * (self.noise if fits else 0.1), "decode_read_bytes": reads if self.counted else None}
+        reads = 1000 + (0 if fits else int(self.reread * (self.needs - limit)))  # read back from storage, decoding
+        return {"tok_s": self.speed * (self.noise if fits else 0.1),
+                "decode_read_bytes": reads if self.counted else None}
 
 
 def uncapped_run(counted: bool = True) -> dict:
@@ -73,3 +74,20 @@ def test_without_cgroups_the_overhead_is_the_uncapped_peaks():
     runner.cgroup_problem = "no cgroup v1"
     assert overhead(runner, "engine", {"tokens": 128}, [], uncapped_run(), 8, LONE) == 250 * MiB
     assert runner.limits == []
+
+
+def test_the_median_run_counts_and_a_failed_run_is_the_slowest():
+    runs = [{"tok_s": 50.0, "peak_memory_bytes": 1}, {"failed": "OOM-killed", "tok_s": None},
+            {"tok_s": 40.0, "peak_memory_bytes": 2}]
+    mid = median_run(runs)
+    assert mid["tok_s"] == 40.0 and mid["peak_memory_bytes"] == 2 and mid["tok_s_rounds"] == [50.0, None, 40.0]
+    assert median_run(runs[:1])["tok_s"] == 50.0
+
+
+def test_rereads_leave_out_the_runs_own_flash_reads_and_page_cache_runs():
+    run = {"tokens": 10, "decode_read_bytes": 5_000, "offload": {"flash_bytes_per_token": 400.0},
+           "reader_method": "o_direct"}
+    assert reread_bytes(run) == 1_000
+    assert reread_bytes({**run, "reader_method": "fadvise"}) is None  # which of its reads reached the disk is unknown
+    assert reread_bytes({"tokens": 10, "decode_read_bytes": 7}) == 7  # llama.cpp, or hetinfer all in RAM
+    assert reread_bytes({"tokens": 10, "decode_read_bytes": None}) is None

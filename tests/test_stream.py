@@ -108,7 +108,7 @@ def test_the_choices_take_turns_so_a_machine_speeding_up_favours_none():
         tuner.cycle()
         clock.now += 0.020 * (1 - 0.015 * min(i, 30))  # every choice equally fast, the machine 45% faster by the end
     assert tuner.settled and tuner.pieces == PIECE_CHOICES[0]
-    assert seen[:9] == [4, 4, 2, 2, 1, 1, 1, 2, 2]  # each timed once in turn, then back (after a change the cycle is not)
+    assert seen[:9] == [4, 4, 2, 2, 1, 1, 1, 2, 2]  # each timed once in turn, then back (not the cycle after a change)
 
 
 def test_the_tuner_times_only_whole_decode_cycles():
