@@ -395,11 +395,13 @@ def peak_overhead(result: dict) -> int:
 def reread_bytes(result: dict) -> int | None:
     """Bytes a run's decode read from storage beyond its own flash reads (the offloading engine's records and
     spans, as its reader counted them): pages its limit evicted that it needed again. None where not counted,
-    or where its flash reads go through the page cache (`fadvise`: which of them reached the disk is unknown)."""
+    or where its flash reads go through the page cache (`fadvise`: which of them reached the disk is unknown).
+    A stream counts its read-ahead as issued, so its own reads can exceed the disk's count by a span or two at
+    the ends of the decode: the difference is taken as no re-read at all."""
     if result.get("decode_read_bytes") is None or result.get("reader_method", "o_direct") != "o_direct":
         return None
     own = result.get("offload", {}).get("flash_bytes_per_token", 0.0) * result.get("tokens", 0)
-    return int(result["decode_read_bytes"] - own)
+    return max(0, int(result["decode_read_bytes"] - own))
 
 
 def overhead(runner: Runner, label: str, spec: dict, files: list[str], uncapped: dict, tokens: int,

@@ -153,8 +153,8 @@ def report(session, args: argparse.Namespace) -> None:
             file=sys.stderr,
         )
         if offload is not None:
-            how = (f"whole flash spans streamed ahead, {stats['span_pieces']} requests each" if stats["flash_reads"] == "spans"
-                   else f"window cache hit rate {stats['cache_hit_rate']:.1%}")
+            how = (f"whole flash spans streamed ahead, {stats['span_pieces']} requests each"
+                   if stats["flash_reads"] == "spans" else f"window cache hit rate {stats['cache_hit_rate']:.1%}")
             print(f"[flash {stats['flash_bytes_per_token'] / 2**10:.0f} KiB/token in "
                   f"{stats['flash_reads_per_token']:.1f} reads ({stats['flash_io']}) | {how} | "
                   f"per token: predict {stats['predict_s_per_token'] * 1e3:.2f} ms, I/O wait "

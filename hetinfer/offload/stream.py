@@ -66,7 +66,7 @@ class PieceTuner:
         rounds = [choices if r % 2 == 0 else choices[::-1] for r in range(cycles)]
         self._schedule = [c for r in rounds for c in r]  # the choice of each timed cycle while tuning
         self.settled = False
-        self._settled = 0  # cycles since the choice was made
+        self._since_settled = 0  # cycles since the choice was made
         self._start: float | None = None
 
     def cycle(self) -> None:
@@ -82,8 +82,8 @@ class PieceTuner:
 
     def _record(self, seconds: float) -> None:
         if self.settled:
-            self._settled += 1
-            if self._settled >= self.retune:
+            self._since_settled += 1
+            if self._since_settled >= self.retune:
                 self.times = {c: [] for c in self.choices}
                 self.settled = False
                 self._set(self.choices[0])
@@ -93,7 +93,7 @@ class PieceTuner:
         if timed < len(self._schedule):
             self._set(self._schedule[timed])
             return
-        self.settled, self._settled = True, 0
+        self.settled, self._since_settled = True, 0
         median = {c: statistics.median(t) for c, t in self.times.items()}
         first, fastest = self.choices[0], min(self.choices, key=median.get)
         self._set(fastest if median[fastest] < (1 - FEWER_PIECES_GAIN) * median[first] else first)
