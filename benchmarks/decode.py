@@ -5,7 +5,8 @@
 
 A `--prompt-tokens` prompt (64; thousands to decode at a long context), then `--tokens` greedy
 tokens; decode tok/s excludes the prompt (reported separately) and the kernels' compile time (warmup, reported
-separately). Runs are interleaved (llama.cpp, then each hetinfer mode, repeated) and medians are reported.
+separately). Runs are interleaved (llama.cpp, then each hetinfer mode, each round starting one mode later)
+and medians are reported.
 The ratios are paired: each round's ratio of two modes run seconds apart, then the median over rounds (and
 their range), so a machine whose speed drifts between rounds moves both sides of a ratio together.
 
@@ -183,9 +184,10 @@ def main() -> None:
         stepped.update({"hetinfer predictor (every layer)": predicted, "hetinfer predictor (engine)": engine_pred})
     times = {m: [] for m in modes}
     tokens = {}
-    for _ in range(args.reps):
-        for m, run in modes.items():
-            pre, dec, cpu, toks = run()
+    names = list(modes)
+    for r in range(args.reps):  # each round starts one mode later, so no mode always runs first or last
+        for m in names[r % len(names):] + names[: r % len(names)]:
+            pre, dec, cpu, toks = modes[m]()
             times[m].append((pre, dec, cpu))
             tokens[m] = toks
 
