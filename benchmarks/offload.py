@@ -411,9 +411,8 @@ def overhead(runner: Runner, label: str, spec: dict, files: list[str], uncapped:
     bisection (to 2% of the uncapped peak or 4 MiB), then run again, a step higher whenever a run does not fit
     (at most CONFIRM_RUNS more runs): near the edge one run re-reads nothing and the next gigabytes (the
     kernel's reclaim picks different pages), and a limit at that edge would leave an engine thrashing in the
-    report. Unlike the
-    uncapped peak it leaves out the pages read while starting and never used again, which a limit reclaims
-    for free.
+    report. Unlike the uncapped peak it leaves out the pages read while starting and never used again, which
+    a limit reclaims for free.
 
     A limit fits when the decode re-reads (`reread_bytes`) at most what the uncapped one did plus what would
     cost (1 - KEEP) of its decode time were every extra byte a lone small read (`lone_read_bytes_per_s`, the
@@ -426,19 +425,20 @@ def overhead(runner: Runner, label: str, spec: dict, files: list[str], uncapped:
     held, need = uncapped["model_bytes_held"], KEEP * uncapped["tok_s"]
     base = reread_bytes(uncapped)
     slack = (1 - KEEP) * tokens / uncapped["tok_s"] * lone_read_bytes_per_s
+    timeout = 30 + 4 * uncapped["wall_s"]  # a run thrashing its pages is as bad as one that fails
 
     def fits(at: int, again: bool = False) -> bool:
         r = runner.run(f"{label} at {at / MiB:.0f} MiB (overhead search{', again' if again else ''})",
                        {**spec, "tokens": tokens}, at, files, listed=False, timeout_s=timeout)
         if not r.get("tok_s"):
             return False
-        if base is None or reread_bytes(r) is None:
+        reread = reread_bytes(r)
+        if base is None or reread is None:
             return r["tok_s"] >= need
-        return reread_bytes(r) <= base + slack
+        return reread <= base + slack
 
     lo, hi = held, uncapped["peak_memory_bytes"]  # lo: no room for the runtime at all; hi: fits, uncapped
     step = max(4 * MiB, hi // 50)
-    timeout = 30 + 4 * uncapped["wall_s"]  # a run thrashing its pages is as bad as one that fails
     while hi - lo > step:
         mid = (lo + hi) // 2
         lo, hi = (lo, mid) if fits(mid) else (mid, hi)
