@@ -99,8 +99,9 @@ def test_prepare_then_run_greedy_matches_every_neuron_reference(tmp_path, offlin
     capsys.readouterr()
     stats = tmp_path / "stats.json"
     assert main(["run", str(out), "-p", "The capital of France is", "-n", "12", "--temperature", "0",
-                 "--stats-json", str(stats)]) == 0
-    text = capsys.readouterr().out
+                 "--stats-json", str(stats), "--verbose"]) == 0
+    captured = capsys.readouterr()
+    text = captured.out
     s = json.loads(stats.read_text())
     for key in ("flash_bytes_per_token", "flash_reads_per_token", "cache_hit_rate", "ffn_density", "io_wait_share"):
         assert key in s
@@ -108,6 +109,8 @@ def test_prepare_then_run_greedy_matches_every_neuron_reference(tmp_path, offlin
     plan = json.loads((out / m["plan"] / "plan.json").read_text())  # streaming is the plan's choice, for this disk
     assert s["flash_reads"] == ("spans" if plan["tiers"]["flash"]["streamed"] else "records")
     assert s.get("span_pieces") in (PIECE_CHOICES if s["flash_reads"] == "spans" else (None,))
+    how = f"streamed ahead, {s['span_pieces']} requests each" if s["flash_reads"] == "spans" else "window cache hit rate"
+    assert how in captured.err and f"reads ({s['flash_io']})" in captured.err  # --verbose says how flash is read
     assert s["flash_io"] in ("o_direct, uring", "o_direct, threads", "fadvise, threads")  # io_uring where allowed
     # every neuron (the exact mode) runs too, and a second prepare reuses everything
     assert main(["run", str(out), "-p", "The capital of France is", "-n", "4", "--temperature", "0",
