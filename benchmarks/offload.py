@@ -897,9 +897,9 @@ def runs_table(runs: list[Run]) -> str:
                      f(o.get("flash_bytes_per_token") and o["flash_bytes_per_token"] / MiB, "{:.2f}"),
                      f(o.get("cache_hit_rate"), "{:.1%}"), f(o.get("io_wait_share"), "{:.0%}"),
                      f(r["peak_memory_bytes"] / MiB, "{:.0f}"), f(r["memory_limit_bytes"] and r["memory_limit_bytes"] / MiB, "{:.0f}"),
-                     f(r.get("top1_agree"), "{:.0%}")])
+                     f(r.get("tok_s") and reread_bytes(r), "{:,}"), f(r.get("top1_agree"), "{:.0%}")])
     return table(["configuration", "tokens", "prefill tok/s", "decode tok/s", "FFN density", "flash MiB/token",
-                  "hit rate", "I/O wait", "peak MiB", "limit MiB", "top-1 = ref"], rows)
+                  "hit rate", "I/O wait", "peak MiB", "limit MiB", "re-read bytes", "top-1 = ref"], rows)
 
 
 def records_table(records: list[dict]) -> str:
@@ -988,6 +988,8 @@ def main() -> None:
     print(runs_table(runner.runs))
     print("peak = limit: the page cache (the mapped model, buffered reads) filled what the limit left; cgroup v1 "
           "counts it and the kernel reclaims it before anything is killed")
+    print("re-read bytes: read from storage while decoding beyond the run's own flash reads, pages its limit evicted "
+          "that it needed again (-: its flash reads go through the page cache, or the kernel counts no reads)")
     print()
     print(records_table(records))
     print()
