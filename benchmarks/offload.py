@@ -365,7 +365,7 @@ class Runner:
                       wall_s=res.seconds)
         if listed:
             self.runs.append(Run(label, result))
-        tok, reread = result.get("tok_s"), reread_bytes(result) if result.get("tok_s") else None
+        tok, reread = result.get("tok_s"), reread_bytes(result)
         print(f"  {label}: {'-' if tok is None else f'{tok:.2f}'} tok/s over {result.get('tokens', '-')} tokens, "
               f"peak {res.peak_bytes / MiB:.0f} MiB" + (f" of {limit / MiB:.0f} MiB" if limit and use else "")
               + ("" if reread is None else f", {reread / 1e6:.1f} MB re-read") + f" ({res.seconds:.0f} s)",
@@ -394,11 +394,12 @@ def peak_overhead(result: dict) -> int:
 
 def reread_bytes(result: dict) -> int | None:
     """Bytes a run's decode read from storage beyond its own flash reads (the offloading engine's records and
-    spans, as its reader counted them): pages its limit evicted that it needed again. None where not counted,
-    or where its flash reads go through the page cache (`fadvise`: which of them reached the disk is unknown).
+    spans, as its reader counted them): pages its limit evicted that it needed again. None for a failed run, where
+    not counted, or where its flash reads go through the page cache (`fadvise`: which reached the disk is unknown).
     A stream counts its read-ahead as issued, so its own reads can exceed the disk's count by a span or two at
     the ends of the decode: the difference is taken as no re-read at all."""
-    if result.get("decode_read_bytes") is None or result.get("reader_method", "o_direct") != "o_direct":
+    if (not result.get("tok_s") or result.get("decode_read_bytes") is None
+            or result.get("reader_method", "o_direct") != "o_direct"):
         return None
     own = result.get("offload", {}).get("flash_bytes_per_token", 0.0) * result.get("tokens", 0)
     return max(0, int(result["decode_read_bytes"] - own))
@@ -519,7 +520,7 @@ def record(model: str, budget: int, regime: str, runs: dict, bound_run: dict, th
         "top1_agree": off.get("top1_agree"),
         "runs": {name: {**{k: r.get(k) for k in ("tok_s", "tok_s_rounds", "tokens", "prompt_tokens", "prefill_tok_s",
                                                  "peak_memory_bytes", "memory_limit_bytes", "failed", "top1_agree")},
-                        "reread_bytes": reread_bytes(r) if r.get("tok_s") else None}
+                        "reread_bytes": reread_bytes(r)}
                  for name, r in runs.items()},
         **extra,
     }
@@ -897,7 +898,7 @@ def runs_table(runs: list[Run]) -> str:
                      f(o.get("flash_bytes_per_token") and o["flash_bytes_per_token"] / MiB, "{:.2f}"),
                      f(o.get("cache_hit_rate"), "{:.1%}"), f(o.get("io_wait_share"), "{:.0%}"),
                      f(r["peak_memory_bytes"] / MiB, "{:.0f}"), f(r["memory_limit_bytes"] and r["memory_limit_bytes"] / MiB, "{:.0f}"),
-                     f(r.get("tok_s") and reread_bytes(r), "{:,}"), f(r.get("top1_agree"), "{:.0%}")])
+                     f(reread_bytes(r), "{:,}"), f(r.get("top1_agree"), "{:.0%}")])
     return table(["configuration", "tokens", "prefill tok/s", "decode tok/s", "FFN density", "flash MiB/token",
                   "hit rate", "I/O wait", "peak MiB", "limit MiB", "re-read bytes", "top-1 = ref"], rows)
 

@@ -85,10 +85,10 @@ def test_the_median_run_counts_and_a_failed_run_is_the_slowest():
 
 
 def test_rereads_leave_out_the_runs_own_flash_reads_and_page_cache_runs():
-    run = {"tokens": 10, "decode_read_bytes": 5_000, "offload": {"flash_bytes_per_token": 400.0},
+    run = {"tokens": 10, "tok_s": 5.0, "decode_read_bytes": 5_000, "offload": {"flash_bytes_per_token": 400.0},
            "reader_method": "o_direct"}
     assert reread_bytes(run) == 1_000
     assert reread_bytes({**run, "decode_read_bytes": 3_900}) == 0  # a stream's read-ahead counted as issued
     assert reread_bytes({**run, "reader_method": "fadvise"}) is None  # which of its reads reached the disk is unknown
-    assert reread_bytes({"tokens": 10, "decode_read_bytes": 7}) == 7  # llama.cpp, or hetinfer all in RAM
-    assert reread_bytes({"tokens": 10, "decode_read_bytes": None}) is None
+    assert reread_bytes({"tokens": 10, "tok_s": 5.0, "decode_read_bytes": 7}) == 7  # llama.cpp, or hetinfer all in RAM
+    assert reread_bytes({"tokens": 10, "tok_s": 5.0, "decode_read_bytes": None}) is None

@@ -65,9 +65,13 @@ class PieceTuner:
         self.pieces = choices[0]
         rounds = [choices if r % 2 == 0 else choices[::-1] for r in range(cycles)]
         self._schedule = [c for r in rounds for c in r]  # the choice of each timed cycle while tuning
-        self.settled = False
         self._since_settled = 0  # cycles since the choice was made
         self._start: float | None = None
+
+    @property
+    def settled(self) -> bool:
+        """Every choice has been timed: the choice holds until `retune` more cycles have passed."""
+        return sum(map(len, self.times.values())) == len(self._schedule)
 
     def cycle(self) -> None:
         """A decode cycle begins (and the one before it ends)."""
@@ -85,15 +89,13 @@ class PieceTuner:
             self._since_settled += 1
             if self._since_settled >= self.retune:
                 self.times = {c: [] for c in self.choices}
-                self.settled = False
                 self._set(self.choices[0])
             return
         self.times[self.pieces].append(seconds)
-        timed = sum(map(len, self.times.values()))
-        if timed < len(self._schedule):
-            self._set(self._schedule[timed])
+        if not self.settled:
+            self._set(self._schedule[sum(map(len, self.times.values()))])
             return
-        self.settled, self._since_settled = True, 0
+        self._since_settled = 0
         median = {c: statistics.median(t) for c, t in self.times.items()}
         first, fastest = self.choices[0], min(self.choices, key=median.get)
         self._set(fastest if median[fastest] < (1 - FEWER_PIECES_GAIN) * median[first] else first)
