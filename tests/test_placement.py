@@ -13,7 +13,7 @@ from hetinfer.placement import ilp, synth
 from hetinfer.offload.reader import plan_reads
 from hetinfer.placement.cost import (FLASH, FLASH_IO_BYTES, FLASH_MAX_READ, FLASH_POOL_BYTES, GPU, RAM,
                                      PlacementError, WeightFormats, build_problem, evaluate, miss_reads, model_sizes,
-                                     span_seconds, streams_flash,
+                                     overlapped, span_seconds, streams_flash,
                                      place_dense, row_bytes, violations, weight_sizes)
 from hetinfer.placement.hardware import ASSUMED_FLASH, FLASH_BLOCK, STREAM_PIECES, FlashTier, GpuTier, Hardware, RamTier
 
@@ -228,6 +228,31 @@ def test_predicted_speed_prices_each_layers_reads_at_its_own_miss_density():
     assert u.predicted_seconds == pytest.approx(u.seconds + (u.read_seconds - misses * p.miss_seconds).sum())
 
 
+def test_overlapped_reads_hide_the_measured_share_of_the_smaller_part():
+    assert overlapped(3.0, 2.0, 0.0) == 5.0  # reads add to compute
+    assert overlapped(3.0, 2.0, 1.0) == 3.0 and overlapped(2.0, 3.0, 1.0) == 3.0  # a token takes the larger
+    assert overlapped(3.0, 2.0, 0.75) == pytest.approx(3.5) == 0.25 * 5.0 + 0.75 * 3.0
+
+
+@pytest.mark.parametrize("overlap", [0.0, 0.6, 1.0])
+def test_predicted_speed_hides_reads_behind_compute_by_the_measured_overlap(overlap):
+    freq = np.stack([np.linspace(0.05, 0.95, 64)] * 2)
+    base = tiny_problem(freq, ram_neurons=32, flash_neurons=200)
+    p = tiny_problem(freq, ram_neurons=32, flash_neurons=200,
+                     flash_tier=dataclasses.replace(base.hw.flash, overlap=overlap))
+    tiers = np.full(freq.shape, FLASH, dtype=np.uint8)
+    tiers[0, 32:] = RAM
+    additive, u = evaluate(base, tiers), evaluate(p, tiers)
+    read = p.read_seconds[tiers == FLASH].sum()
+    assert read > 0 and read == pytest.approx((p.misses * p.miss_seconds[:, None])[tiers == FLASH].sum())
+    compute = additive.seconds - read
+    assert u.seconds == pytest.approx(compute + read - overlap * min(compute, read))
+    hidden = overlap * min(compute, additive.read_seconds.sum())
+    assert u.predicted_seconds == pytest.approx(additive.predicted_seconds - hidden)
+    assert u.hidden_seconds == pytest.approx(hidden)
+    assert (u.read_seconds == additive.read_seconds).all() and (u.used == additive.used).all()
+
+
 def test_window_cache_bytes_are_split_per_layer_and_add_up():
     freq = np.random.default_rng(3).uniform(0, 1, (3, 40))
     p = tiny_problem(freq, ram_neurons=60, flash_neurons=200)
@@ -288,6 +313,21 @@ def test_ilp_equals_exact_optimum_on_enumerable_instances(seed):
     assert sol.status == "optimal"
     assert sol.ilp_seconds == pytest.approx(best, rel=1e-9)
     assert sol.greedy_seconds is None or sol.seconds <= sol.greedy_seconds
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_ilp_prices_the_overlap_of_reads_and_compute_exactly(seed):
+    """With a measured overlap the time per token is not a sum over neurons; the ILP still finds the optimum."""
+    rng = np.random.default_rng(50 + seed)
+    freq = np.round(rng.uniform(0, 1, (2, 4)) ** 2, 3)
+    nvme = flash(1 << 40)  # slowed down so that reads and compute take comparable time, either the longer
+    slow = dataclasses.replace(nvme, bytes_per_s=[[v * 5e-4 for v in row] for row in nvme.bytes_per_s],
+                               overlap=float(rng.uniform(0.3, 1.0)))
+    p = tiny_problem(freq, ram_neurons=rng.uniform(3, 6), flash_neurons=8, ram_bw=2e8, flash_tier=slow, window_tokens=1)
+    best = _brute_force(p, prefix=True)
+    sol = ilp.solve(p, group_size=1, mip_gap=0.0, time_limit=30)
+    assert sol.status == "optimal" and sol.ilp_seconds == pytest.approx(best, rel=1e-9)
+    assert sol.seconds == pytest.approx(evaluate(p, sol.tiers).seconds)
 
 
 @pytest.mark.parametrize("seed", range(4))

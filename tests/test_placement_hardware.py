@@ -285,6 +285,41 @@ def test_offload_layer_probe_times_the_tiered_engine_and_is_cached(tmp_path, mon
     assert calls
 
 
+def test_flash_overlap_probe_runs_the_streaming_engine_and_is_cached(tmp_path, monkeypatch):
+    from hetinfer.config import ModelConfig
+    from hetinfer.offload import stream
+
+    cfg = ModelConfig(arch="llama", n_layers=4, d_model=64, n_ff=256, n_heads=2, n_kv_heads=1, head_dim=32,
+                      vocab_size=64, context_length=64)
+    spans = []
+    real = stream.SpanStream.get
+
+    def counting(self, layer):
+        spans.append(layer)
+        return real(self, layer)
+
+    monkeypatch.setattr(stream.SpanStream, "get", counting)
+    curve = FlashTier(1 << 30, str(tmp_path), method="assumed", **ASSUMED_FLASH)
+    overlap = probe.measure_flash_overlap(curve, cfg, "q8_0", "q8_0", cache_dir=tmp_path)
+    assert set(spans) == {1, 3}  # every other layer streamed
+    [entry] = [json.loads(f.read_text()) for f in tmp_path.glob("flash-overlap-probe-*.json")]
+    t, c, r = entry["both_seconds"], entry["compute_seconds"], entry["read_seconds"]
+    assert overlap == entry["overlap"] == pytest.approx(min(1.0, max(0.0, (c + r - t) / min(c, r))))
+    assert 0 <= overlap <= 1 and entry["layers"] == 4 and entry["n_ff"] == 256
+    assert not [f for f in tmp_path.iterdir() if f.name.startswith(".hetinfer-overlap-probe-")]  # its store is gone
+    spans.clear()
+    assert probe.measure_flash_overlap(curve, cfg, "q8_0", "q8_0", cache_dir=tmp_path) == overlap and not spans
+
+
+def test_overlap_outside_zero_to_one_is_refused(tmp_path):
+    d = Hardware(ram=RamTier(1 << 30, 1e10), flash=FlashTier(1 << 40, "/x", method="assumed", **ASSUMED_FLASH)).to_dict()
+    del d["flash"]["overlap"]  # a description written before it was measured: reads add to compute
+    assert Hardware.from_dict(d).flash.overlap == 0.0
+    d["flash"]["overlap"] = 1.5
+    with pytest.raises(HardwareError, match=r"flash.overlap must lie in \[0, 1\]"):
+        Hardware.from_dict(d)
+
+
 def test_hardware_without_layer_seconds_still_loads(tmp_path):
     d = Hardware(ram=RamTier(1 << 30, 1e10)).to_dict()
     del d["ram"]["layer_seconds"]  # a description written before the fixed per-layer time was modelled

@@ -43,8 +43,11 @@ def small_plan(tmp_path, hw=None):
     return p, sol
 
 
-def test_plan_roundtrip_gives_the_engine_every_neurons_tier(tmp_path):
-    p, sol = small_plan(tmp_path)
+@pytest.mark.parametrize("overlap", [0.0, 0.8])
+def test_plan_roundtrip_gives_the_engine_every_neurons_tier(tmp_path, overlap):
+    hw = machine()
+    hw.flash.overlap = overlap
+    p, sol = small_plan(tmp_path, hw)
     plan = load_plan(tmp_path / "plan")
     np.testing.assert_array_equal(plan.tiers, sol.tiers)
     assert plan.config == SMALL
@@ -72,8 +75,10 @@ def test_plan_roundtrip_gives_the_engine_every_neurons_tier(tmp_path):
     assert m["model"]["record_bytes"] == [3 * 272] * 4  # q8_0 rows of 256: a multiple of 8 already
     assert m["dense"]["flash_io_bytes"] == FLASH_IO_BYTES
     parts = m["dense"]["seconds_per_token"] + m["sync"]["seconds_per_token"] + sum(
-        t["seconds_per_token"] for t in m["tiers"].values())
+        t["seconds_per_token"] for t in m["tiers"].values()) - m["tiers"]["flash"]["hidden_seconds_per_token"]
     assert parts == pytest.approx(m["predicted"]["seconds_per_token"])  # the breakdown adds up to the prediction
+    assert (m["tiers"]["flash"]["hidden_seconds_per_token"] > 0) == (overlap > 0)
+    assert m["hardware"]["flash"]["overlap"] == overlap
 
 
 def test_reading_a_plan_does_not_import_the_solver(tmp_path):

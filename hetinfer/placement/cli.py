@@ -312,6 +312,8 @@ def report(manifest: dict, path: str) -> str:
     offload = f", offloading engine {offload_ms:.2f}" if "flash" in t else ""
     parts = [f"dense {dense_ms:.2f} (predictors {pred_ms:.2f}, per-layer overhead {fixed_ms:.2f}{offload})"]
     parts += [f"{name} {1e3 * v['seconds_per_token']:.2f}" for name, v in t.items()]
+    if t.get("flash", {}).get("hidden_seconds_per_token"):
+        parts.append(f"less flash reads hidden behind compute {1e3 * t['flash']['hidden_seconds_per_token']:.2f}")
     sync = manifest["sync"]
     parts.append(f"sync {1e3 * sync['seconds_per_token']:.2f} ({sync['split_layers']} split layers)")
     lines.append(f"predicted {manifest['predicted']['tok_s']:.2f} tok/s = {ms:.2f} ms/token: {', '.join(parts)}")

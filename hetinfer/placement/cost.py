@@ -35,6 +35,8 @@ evaluation of the next layer's predictor; an engine that streams whole flash spa
 does none of that work, and its reads are priced as the spans; it costs `hw.ram.stream_layer_seconds` per
 layer with flash neurons instead (a second kernel call, the pool's hand-back, the reads' system calls), so
 its flash neurons are worth gathering into few layers.
+The engine reads ahead while it computes, so a token with C seconds of compute and R of flash reads takes
+C + R - overlap * min(C, R) (`overlapped`; `hw.flash.overlap`, measured by running the engine).
 """
 from __future__ import annotations
 
@@ -318,6 +320,7 @@ class Problem:
     seconds: np.ndarray  # float64 [3, n_layers, n_ff]: expected seconds per token per tier (inf: absent)
     window: np.ndarray  # float64 [n_layers, n_ff]: expected RAM window-cache bytes if on flash
     misses: np.ndarray  # float64 [n_layers, n_ff]: probability a token reads the neuron if on flash, p (1-p)^k (streamed: 1)
+    read_seconds: np.ndarray  # float64 [n_layers, n_ff]: the flash reads' part of seconds[FLASH], misses * miss_seconds
     miss_seconds: np.ndarray  # float64 [n_layers]: the ILP's price of one miss (at the expected miss density;
     # streamed: a record's share of its layer's whole span read)
     free: np.ndarray  # int64 [3]: bytes each tier has for neurons after the dense parts
@@ -364,7 +367,7 @@ def build_problem(freq: np.ndarray, config: ModelConfig, sizes: ModelSizes, hw: 
             free[RAM] = hw.ram.capacity_bytes - dense.ram_bytes
             misses = np.ones_like(freq)  # every flash record is read every token
             miss_seconds = np.array([span_seconds(config.n_ff * r, hw.flash) / config.n_ff for r in sizes.record_bytes])
-        seconds[FLASH] = misses * miss_seconds[:, None] + seconds[RAM]
+        seconds[FLASH] = misses * miss_seconds[:, None] + seconds[RAM]  # read, then computed as in RAM
         free[FLASH] = hw.flash.capacity_bytes
         tiers.append(FLASH)
     sync_s = hw.sync_seconds(config.d_model) if GPU in tiers else 0.0
@@ -376,8 +379,9 @@ def build_problem(freq: np.ndarray, config: ModelConfig, sizes: ModelSizes, hw: 
         gain = np.sort(seconds[RAM] - seconds[GPU], axis=1)[:, ::-1].cumsum(axis=1)
         for layer in np.flatnonzero(~dense.attn_on_gpu):
             min_gpu[layer] = np.searchsorted(gain[layer], sync_s) + 1  # n_ff + 1: never worth it
-    return Problem(freq, sizes, hw, dense, window_tokens, tuple(tiers), seconds, window, misses, miss_seconds, free,
-                   sync_s, min_gpu, streamed)
+    read_seconds = misses * miss_seconds[:, None]
+    return Problem(freq, sizes, hw, dense, window_tokens, tuple(tiers), seconds, window, misses, read_seconds,
+                   miss_seconds, free, sync_s, min_gpu, streamed)
 
 
 def expected_miss_density(freq: np.ndarray, misses: np.ndarray, neuron_bytes: np.ndarray,
@@ -426,6 +430,7 @@ def miss_reads(q: float, record_bytes: int, flash: FlashTier,
 class Usage:
     seconds: float  # expected time per token, as the ILP prices it (its objective)
     predicted_seconds: float  # the same with each layer's flash reads priced at the plan's own miss density
+    hidden_seconds: float  # the flash read time `predicted_seconds` counts as hidden behind compute (`overlapped`)
     used: np.ndarray  # int64 [3]: bytes per tier, dense parts and window cache included
     neuron_bytes: np.ndarray  # int64 [3]: bytes of neurons per tier
     window_bytes: int  # RAM reserved for the flash window cache
@@ -456,6 +461,8 @@ def evaluate(p: Problem, tiers: np.ndarray) -> Usage:
     streamed = p.streamed and bool(count[FLASH].any())
     stream_seconds = p.hw.ram.stream_layer_seconds * int((count[FLASH] > 0).sum()) if streamed else 0.0
     seconds += stream_seconds
+    read = float(p.read_seconds[on[FLASH]].sum())  # the ILP's price of the flash reads, in `seconds`
+    compute = seconds - read
     misses = np.where(on[FLASH], p.misses, 0.0).sum(axis=1)
     reads = np.zeros((3, len(misses)))  # seconds, bytes, requests per layer
     for layer in np.flatnonzero(count[FLASH]):
@@ -465,9 +472,18 @@ def evaluate(p: Problem, tiers: np.ndarray) -> Usage:
             continue
         per_miss = miss_reads(misses[layer] / count[FLASH, layer], p.sizes.record_bytes[layer], p.hw.flash)
         reads[:, layer] = misses[layer] * np.array(per_miss)
-    predicted = seconds + float((reads[0] - misses * p.miss_seconds).sum())
-    return Usage(seconds, predicted, used, neuron_bytes, int(layer_window.sum()), layer_window, split, misses, *reads,
-                 streamed, stream_seconds)
+    overlap = p.hw.flash.overlap if p.hw.flash is not None else 0.0
+    predicted = overlapped(compute, float(reads[0].sum()), overlap)
+    return Usage(overlapped(compute, read, overlap), predicted, compute + float(reads[0].sum()) - predicted, used,
+                 neuron_bytes, int(layer_window.sum()), layer_window, split, misses, *reads, streamed, stream_seconds)
+
+
+def overlapped(compute: float, read: float, overlap: float) -> float:
+    """Seconds per token of `compute` seconds of CPU work and `read` seconds of flash reads of which the engine
+    hides `overlap` (`FlashTier.overlap`) of the smaller behind the other, reading ahead while it computes:
+    compute + read - overlap * min(compute, read), which is (1 - overlap) (compute + read) + overlap * max(compute,
+    read), so the ILP can minimise it linearly (`ilp._solve_ilp`)."""
+    return compute + read - overlap * min(compute, read)
 
 
 def violations(p: Problem, tiers: np.ndarray) -> list[str]:

@@ -82,6 +82,10 @@ class FlashTier:
     bytes_per_s: list[list[float]]  # aggregate throughput [read size][concurrency]
     method: str  # "o_direct", "fadvise" (O_DIRECT refused) or "assumed"
     align: int = FLASH_BLOCK  # read offsets and sizes are multiples of it (O_DIRECT: the device's logical block)
+    # Share of the smaller of a token's flash-read time and its compute time that the engine hides by reading
+    # ahead while it computes (`cost.overlapped`): 0 reads add to compute, 1 a token takes the larger; measured
+    # by running the engine (`probe.measure_flash_overlap`), 0 when not measured.
+    overlap: float = 0.0
 
     def read_seconds(self, nbytes: int | np.ndarray) -> float | np.ndarray:
         """Seconds one read of `nbytes` costs when reads are issued at the best measured concurrency
@@ -194,6 +198,9 @@ def _validate(hw: Hardware, where: str) -> None:
         for row in f.bytes_per_s:
             for v in row:
                 positive("flash.bytes_per_s entries", v)
+        positive("flash.overlap", f.overlap, allow_zero=True)
+        if f.overlap > 1:
+            raise HardwareError(f"{where}: flash.overlap must lie in [0, 1] (a share of the time reads hide), got {f.overlap!r}")
 
 
 def load_hardware(path: str | Path) -> Hardware:
@@ -217,7 +224,8 @@ def source_keys(hw: Hardware) -> list[str]:
     if hw.gpu is not None:
         keys += ["gpu.capacity_bytes", "gpu.bytes_per_s", "gpu.h2d_bytes_per_s", "gpu.sync_latency_s"]
     if hw.flash is not None:
-        keys += ["ram.offload_layer_seconds", "ram.stream_layer_seconds", "flash.capacity_bytes", "flash.bytes_per_s"]
+        keys += ["ram.offload_layer_seconds", "ram.stream_layer_seconds", "flash.capacity_bytes", "flash.bytes_per_s",
+                 "flash.overlap"]
     return keys
 
 

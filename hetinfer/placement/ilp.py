@@ -9,7 +9,8 @@ pays the sync cost when it runs on both GPU and CPU (and, streamed, its fixed st
 coldest group is on flash), and a layer whose attention is on the CPU
 uses the GPU only with at least `Problem.min_gpu` neurons (the indicator is its hottest group's
 GPU binary). The objective is `cost.evaluate`'s expected time per token (`Usage.seconds`, flash
-misses at their fixed price), exactly, since group costs are sums of neuron costs. CBC starts
+misses at their fixed price), exactly: group costs are sums of neuron costs, and the time a token's reads
+overlap its compute (`cost.overlapped`) is linear in a variable bounded below by each. CBC starts
 from the better of the greedy and a quick ILP over 8x coarser groups; its result is topped up
 neuron by neuron into capacity that group granularity left free; whichever of that and the
 neuron-level greedy is faster is returned, so the result is never worse than greedy.
@@ -54,6 +55,7 @@ class _Units:
     seconds: np.ndarray  # float64 [3, n_layers, K]
     window: np.ndarray  # float64 [n_layers, K]
     count: np.ndarray  # int64 [n_layers, K]
+    read: np.ndarray  # float64 [n_layers, K]: the flash reads' part of seconds[FLASH]
 
 
 def group_size_for(n_layers: int, n_ff: int, n_tiers: int, max_binaries: int) -> int:
@@ -71,13 +73,14 @@ def rank_order(p: Problem) -> np.ndarray:
 
 def _neuron_units(p: Problem, order: np.ndarray) -> _Units:
     seconds = np.take_along_axis(p.seconds, order[None], axis=2)
-    return _Units(seconds, np.take_along_axis(p.window, order, axis=1), np.ones_like(order))
+    return _Units(seconds, np.take_along_axis(p.window, order, axis=1), np.ones_like(order),
+                  np.take_along_axis(p.read_seconds, order, axis=1))
 
 
 def _group_units(neurons: _Units, group_size: int) -> _Units:
     starts = np.arange(0, neurons.count.shape[1], group_size)
     return _Units(np.add.reduceat(neurons.seconds, starts, axis=2), np.add.reduceat(neurons.window, starts, axis=1),
-                  np.add.reduceat(neurons.count, starts, axis=1))
+                  np.add.reduceat(neurons.count, starts, axis=1), np.add.reduceat(neurons.read, starts, axis=1))
 
 
 def _to_neurons(tiers_units: np.ndarray, units: _Units, order: np.ndarray) -> np.ndarray:
@@ -270,7 +273,19 @@ def _solve_ilp(p: Problem, u: _Units, start: np.ndarray | None, deadline: float,
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         one = pulp.LpVariable("one", lowBound=1, upBound=1)  # carries the constant, so CBC's gap is of the whole time
-    prob += pulp.LpAffineExpression(list(objective.items()) + [(one, constant)])
+    overlap = p.hw.flash.overlap if FLASH in tiers else 0.0
+    hidden = []
+    if overlap:  # (1 - overlap) (compute + reads) + overlap * max(compute, reads): `cost.overlapped`
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            longer = pulp.LpVariable("longer", lowBound=0)  # the larger of the two
+        read = pulp.LpAffineExpression([(x[layer, k, FLASH], float(u.read[layer, k] * us))
+                                        for layer in range(n_layers) for k in range(k_groups)])
+        prob += pulp.LpAffineExpression(list(objective.items()) + [(one, constant)]) - read <= longer, "longer_compute"
+        prob += read <= longer, "longer_reads"
+        hidden = [(longer, overlap)]
+    prob += pulp.LpAffineExpression([(v, (1 - overlap) * c) for v, c in objective.items()]
+                                    + [(one, (1 - overlap) * constant)] + hidden)
 
     b = u.count * p.sizes.neuron_bytes[:, None]
     if GPU in tiers:

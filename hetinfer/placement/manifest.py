@@ -23,7 +23,8 @@ def build_manifest(p: Problem, sol: Solution, config: ModelConfig, formats: dict
     freq = p.freq
     total_act = max(float(freq.sum()), 1e-30)
     sec = [float(p.seconds[t][on[t]].sum()) if on[t].any() else 0.0 for t in range(3)]
-    sec[FLASH] += usage.predicted_seconds - usage.seconds + usage.stream_seconds  # reads at the plan's own density
+    if on[FLASH].any():  # reads at the plan's own density, and the streamed layers' fixed work
+        sec[FLASH] += float(usage.read_seconds.sum() - p.read_seconds[on[FLASH]].sum()) + usage.stream_seconds
     dense_bytes = [p.dense.gpu_bytes, p.dense.ram_bytes, 0]
     tiers = {}
     for t in p.tiers:
@@ -44,7 +45,7 @@ def build_manifest(p: Problem, sol: Solution, config: ModelConfig, formats: dict
             misses_per_token=float(usage.misses.sum()), reads_per_token=float(usage.reads.sum()),
             read_bytes_per_token=float(usage.read_bytes.sum()), read_seconds_per_token=float(usage.read_seconds.sum()),
             streamed=bool(usage.streamed), streamed_layers=int(on[FLASH].any(axis=1).sum()) if usage.streamed else 0,
-            stream_seconds_per_token=usage.stream_seconds,
+            stream_seconds_per_token=usage.stream_seconds, hidden_seconds_per_token=usage.hidden_seconds,
             priced_miss_seconds=p.miss_seconds.tolist())
     layers = []
     for layer in range(freq.shape[0]):

@@ -59,8 +59,8 @@ def detect(gpu_mem: int | None = None, ram: int | None = None, flash_dir: str | 
     a GPU with assumed speeds, for what-if planning). ram: bytes of RAM to use. flash_dir: a
     directory on the disk to serve flash neurons from; its free space is the capacity and its
     read speed is probed once per device and cached, and measured here (not with `base`), the
-    offloading engine's per-layer work (`measure_offload_layer_seconds`, `measure_stream_layer_seconds`).
-    qtype, d_model: the FFN weight format and width the kernel probes run (cached per format and width);
+    offloading engine's per-layer work (`measure_offload_layer_seconds`, `measure_stream_layer_seconds`) and,
+    with `config`, how much of its reads it hides behind compute (`measure_flash_overlap`). qtype, d_model: the FFN weight format and width the kernel probes run (cached per format and width);
     config, attn_qtype: the model whose layer shape the per-layer probes run (`measure_cpu_layer_seconds`),
     when known.
     """
@@ -101,6 +101,15 @@ def detect(gpu_mem: int | None = None, ram: int | None = None, flash_dir: str | 
             hw.ram.offload_layer_seconds = measure_offload_layer_seconds(n_ff)
             hw.ram.stream_layer_seconds = measure_stream_layer_seconds(n_ff)
             hw.sources.update({"ram.offload_layer_seconds": "measured", "ram.stream_layer_seconds": "measured"})
+        if base is None and config is not None:
+            hw.flash.overlap = measure_flash_overlap(hw.flash, config, attn_qtype or qtype, qtype)
+            hw.sources["flash.overlap"] = "measured"
+        elif base is None:
+            hw.sources["flash.overlap"] = "assumed"  # no model shape to run: reads add to compute
+        elif base.flash is not None:  # the described machine's
+            hw.flash.overlap = base.flash.overlap
+        else:
+            hw.sources["flash.overlap"] = "assumed"
     return hw
 
 
@@ -316,6 +325,106 @@ def _offload_probe(n_ff: int, n_layers: int = 8, steps: int = 32, rounds: int = 
     return {"offload_layer_seconds": max(0.0, tiered - base), "tiered_seconds": tiered, "plain_seconds": base,
             "stream_layer_seconds": max(0.0, stream - every_base), "streamed_seconds": stream,
             "plain_every_seconds": every_base, "layers": n_layers}
+
+
+# The overlap probe's layers hold at most about this many bytes of weights in RAM (and half of them on flash).
+OVERLAP_PROBE_BYTES = 128 << 20
+
+
+def measure_flash_overlap(flash: FlashTier, config, attn_qtype: str, ffn_qtype: str,
+                          cache_dir: Path | None = None) -> float:
+    """`FlashTier.overlap`: the share of the smaller of a token's compute and flash-read time that the offloading
+    engine hides by reading ahead, measured by running it. Random layers of the planned model's shape decode
+    tokens through `Transformer.forward`, every other layer's FFN streamed from a store in `flash.dir` with
+    O_DIRECT (`offload.stream`), the others computed in RAM: timed together (T), with reads that return at once
+    (C: the compute, the stream's own CPU work included, no disk), and the stream's reads alone (R); overlap = (C + R - T) / min(C, R), from the medians of interleaved runs, clipped to [0, 1]. What
+    the engine cannot hide (the CPU time reads take from compute on a small machine, layers waiting on a read
+    the look-ahead started too late) is what it measures. Probed once per (host, device, threads, engine and
+    kernel source, shape) and cached."""
+    from hetinfer import kernels, model
+    from hetinfer.offload import cache, ffn, reader, store, stream
+
+    shape = [config.d_model, config.n_ff, config.n_heads, config.n_kv_heads, config.head_dim, config.n_layers,
+             attn_qtype, ffn_qtype]
+    key = {"device": "cpu", "host": platform.node(), "threads": kernels.max_threads(),
+           "disk": os.stat(flash.dir).st_dev, "shape": shape, "bytes": OVERLAP_PROBE_BYTES,
+           "source": _source_hash(kernels.cpu, kernels.simd, model, ffn, cache, reader, store, stream)}
+    name = "flash-overlap-probe-" + hashlib.sha256(json.dumps(key).encode()).hexdigest()[:8]
+    return _cached_probe(name, key, lambda: _overlap_probe(flash, shape), cache_dir)["overlap"]
+
+
+def _overlap_probe(flash: FlashTier, shape: list, steps: int = 16, rounds: int = 5) -> dict:
+    from hetinfer import kernels
+    from hetinfer.config import ModelConfig
+    from hetinfer.loader import Model
+    from hetinfer.model import LayerWeights, Transformer, Weights
+    from hetinfer.offload.deploy import tiered_ffn
+    from hetinfer.offload.store import build_store
+    from hetinfer.placement.cost import FLASH_POOL_BYTES, store_record_bytes
+    from hetinfer.tensors import BLOCK_FORMATS
+    from hetinfer.tiers import FLASH, RAM
+
+    d, n_ff, H, KV, hd, n_layers, attn, ffn_q = shape
+    down_q = ffn_q if ffn_q not in BLOCK_FORMATS else "q8_0"
+    record = store_record_bytes((ffn_q, ffn_q, down_q), d)
+    # a streamed layer's span fits a pool, as in the plans that stream; block formats need whole blocks of neurons
+    n_ff = min(n_ff, (FLASH_POOL_BYTES - 2 * FLASH_BLOCK) // record) // 32 * 32
+    if n_ff == 0:  # no plan streams records this large
+        return {"overlap": 0.0, "layers": 0, "n_ff": 0}
+    cfg = ModelConfig(arch="llama", n_layers=2, d_model=d, n_ff=n_ff, n_heads=H, n_kv_heads=KV, head_dim=hd,
+                      vocab_size=64, context_length=steps + 1, tied_embeddings=True)
+    dense_bytes, ffn_bytes = _layer_bytes(cfg, attn, ffn_q)
+    cfg.n_layers = int(np.clip(min(n_layers, OVERLAP_PROBE_BYTES // (dense_bytes + ffn_bytes)), 2, None)) // 2 * 2
+    rng = np.random.default_rng(0)
+
+    def w(rows: int, cols: int, qtype: str) -> QTensor:
+        return _tiled_matrix(rng, rows, cols, qtype)
+
+    one = np.ones(d, np.float32)
+    layers = [LayerWeights(one, w(H * hd, d, attn), w(KV * hd, d, attn), w(KV * hd, d, attn),
+                           w(d, H * hd, attn), one, w(n_ff, d, ffn_q), w(n_ff, d, ffn_q), w(d, n_ff, ffn_q))
+              for _ in range(cfg.n_layers)]
+    embed = w(cfg.vocab_size, d, "q8_0")
+    weights = Weights(embed, one, embed, layers)
+    tr = Transformer(cfg, weights)
+    streamed = np.arange(cfg.n_layers) % 2 == 1
+    tiers = np.where(streamed[:, None], FLASH, RAM).astype(np.uint8).repeat(n_ff, axis=1)
+    resident = np.where(streamed, 0, n_ff)
+    kernels.warmup()
+    with tempfile.TemporaryDirectory(prefix=".hetinfer-overlap-probe-", dir=flash.dir) as tmp:
+        records = build_store(Model("overlap-probe", cfg, weights, None, None, {}, "overlap-probe"),
+                              Path(tmp) / "store", tiers, progress=False)
+        both, compute, reads = (tiered_ffn(records, flash, lambda layer, x: None, resident,
+                                           np.zeros(cfg.n_layers, np.int64), 0, cfg.activation, direct=None,
+                                           stream_pool_bytes=FLASH_POOL_BYTES) for _ in range(3))
+        compute.reader.read_span_into = lambda *args, **kwargs: None  # its pools are "read" at once: no disk time
+
+        def decode(engine) -> float:
+            kv = tr.new_cache()
+            tr.forward([1], kv, engine)
+            t = time.perf_counter()
+            for s in range(steps):
+                tr.forward([s % cfg.vocab_size], kv, engine)
+            return time.perf_counter() - t
+
+        def read_only(engine) -> float:
+            t = time.perf_counter()
+            for _ in range(steps):
+                for layer in np.flatnonzero(streamed):
+                    engine.stream.get(layer)
+                    engine.stream.release(layer)
+            return time.perf_counter() - t
+
+        try:
+            decode(both), decode(compute), read_only(reads)  # warm: records verified, piece counts chosen
+            timed = [(decode(both), decode(compute), read_only(reads)) for _ in range(rounds)]
+        finally:
+            for engine in (both, compute, reads):
+                engine.stream.close()
+                engine.reader.close()
+    t, c, r = (statistics.median(x) / steps for x in zip(*timed))
+    return {"overlap": float(np.clip((c + r - t) / min(c, r), 0.0, 1.0)), "both_seconds": t, "compute_seconds": c,
+            "read_seconds": r, "layers": cfg.n_layers, "n_ff": n_ff}
 
 
 def measure_gpu(qtype: str = "q4_0", d_model: int = 4096, cache_dir: Path | None = None,
