@@ -79,6 +79,10 @@ def test_plan_roundtrip_gives_the_engine_every_neurons_tier(tmp_path, overlap):
     assert parts == pytest.approx(m["predicted"]["seconds_per_token"])  # the breakdown adds up to the prediction
     assert (m["tiers"]["flash"]["hidden_seconds_per_token"] > 0) == (overlap > 0)
     assert m["hardware"]["flash"]["overlap"] == overlap
+    from hetinfer.placement.cli import report
+
+    text = report({**m, "inputs": {"frequencies": "every neuron"}}, "plan")
+    assert ("flash reads hidden behind compute" in text) == (overlap > 0)
 
 
 def test_reading_a_plan_does_not_import_the_solver(tmp_path):

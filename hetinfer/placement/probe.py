@@ -334,7 +334,8 @@ OVERLAP_PROBE_BYTES = 128 << 20
 def measure_flash_overlap(flash: FlashTier, config, attn_qtype: str, ffn_qtype: str,
                           cache_dir: Path | None = None) -> float:
     """`FlashTier.overlap`: the share of the smaller of a token's compute and flash-read time that the offloading
-    engine hides by reading ahead, measured by running it. Random layers of the planned model's shape decode
+    engine hides by reading ahead, measured by running it. Random layers of the planned model's shape, and its
+    output head (a token's last and longest step, while the stream reads the next token's first spans), decode
     tokens through `Transformer.forward`, every other layer's FFN streamed from a store in `flash.dir` with
     O_DIRECT (`offload.stream`), the others computed in RAM: timed together (T), with reads that return at once
     (C: the compute, the stream's own CPU work included, no disk), and the stream's reads alone (R); overlap = (C + R - T) / min(C, R), from the medians of interleaved runs, clipped to [0, 1]. What
@@ -345,7 +346,7 @@ def measure_flash_overlap(flash: FlashTier, config, attn_qtype: str, ffn_qtype: 
     from hetinfer.offload import cache, ffn, reader, store, stream
 
     shape = [config.d_model, config.n_ff, config.n_heads, config.n_kv_heads, config.head_dim, config.n_layers,
-             attn_qtype, ffn_qtype]
+             config.vocab_size, attn_qtype, ffn_qtype]
     key = {"device": "cpu", "host": platform.node(), "threads": kernels.max_threads(),
            "disk": os.stat(flash.dir).st_dev, "shape": shape, "bytes": OVERLAP_PROBE_BYTES,
            "source": _source_hash(kernels.cpu, kernels.simd, model, ffn, cache, reader, store, stream)}
@@ -353,7 +354,7 @@ def measure_flash_overlap(flash: FlashTier, config, attn_qtype: str, ffn_qtype: 
     return _cached_probe(name, key, lambda: _overlap_probe(flash, shape), cache_dir)["overlap"]
 
 
-def _overlap_probe(flash: FlashTier, shape: list, steps: int = 16, rounds: int = 5) -> dict:
+def _overlap_probe(flash: FlashTier, shape: list, steps: int = 32, rounds: int = 7) -> dict:
     from hetinfer import kernels
     from hetinfer.config import ModelConfig
     from hetinfer.loader import Model
@@ -364,7 +365,7 @@ def _overlap_probe(flash: FlashTier, shape: list, steps: int = 16, rounds: int =
     from hetinfer.tensors import BLOCK_FORMATS
     from hetinfer.tiers import FLASH, RAM
 
-    d, n_ff, H, KV, hd, n_layers, attn, ffn_q = shape
+    d, n_ff, H, KV, hd, n_layers, vocab, attn, ffn_q = shape
     down_q = ffn_q if ffn_q not in BLOCK_FORMATS else "q8_0"
     record = store_record_bytes((ffn_q, ffn_q, down_q), d)
     # a streamed layer's span fits a pool, as in the plans that stream; block formats need whole blocks of neurons
@@ -372,7 +373,7 @@ def _overlap_probe(flash: FlashTier, shape: list, steps: int = 16, rounds: int =
     if n_ff == 0:  # no plan streams records this large
         return {"overlap": 0.0, "layers": 0, "n_ff": 0}
     cfg = ModelConfig(arch="llama", n_layers=2, d_model=d, n_ff=n_ff, n_heads=H, n_kv_heads=KV, head_dim=hd,
-                      vocab_size=64, context_length=steps + 1, tied_embeddings=True)
+                      vocab_size=vocab, context_length=steps + 1, tied_embeddings=True)
     dense_bytes, ffn_bytes = _layer_bytes(cfg, attn, ffn_q)
     cfg.n_layers = int(np.clip(min(n_layers, OVERLAP_PROBE_BYTES // (dense_bytes + ffn_bytes)), 2, None)) // 2 * 2
     rng = np.random.default_rng(0)
