@@ -200,7 +200,8 @@ def _validate(hw: Hardware, where: str) -> None:
                 positive("flash.bytes_per_s entries", v)
         positive("flash.overlap", f.overlap, allow_zero=True)
         if f.overlap > 1:
-            raise HardwareError(f"{where}: flash.overlap must lie in [0, 1] (a share of the time reads hide), got {f.overlap!r}")
+            raise HardwareError(f"{where}: flash.overlap must lie in [0, 1] (a share of the time reads hide), "
+                                f"got {f.overlap!r}")
 
 
 def load_hardware(path: str | Path) -> Hardware:

@@ -60,9 +60,10 @@ def detect(gpu_mem: int | None = None, ram: int | None = None, flash_dir: str | 
     directory on the disk to serve flash neurons from; its free space is the capacity and its
     read speed is probed once per device and cached, and measured here (not with `base`), the
     offloading engine's per-layer work (`measure_offload_layer_seconds`, `measure_stream_layer_seconds`) and,
-    with `config`, how much of its reads it hides behind compute (`measure_flash_overlap`). qtype, d_model: the FFN weight format and width the kernel probes run (cached per format and width);
-    config, attn_qtype: the model whose layer shape the per-layer probes run (`measure_cpu_layer_seconds`),
-    when known.
+    with `config`, how much of its reads it hides behind compute (`measure_flash_overlap`).
+    qtype, d_model: the FFN weight format and width the kernel probes run (cached per format and width);
+    config, attn_qtype: the model whose layer shape the per-layer probes run (`measure_cpu_layer_seconds`,
+    `measure_flash_overlap`), when known.
     """
     if base is None:
         rate = measure_cpu_bytes_per_s(qtype, d_model)
@@ -338,7 +339,8 @@ def measure_flash_overlap(flash: FlashTier, config, attn_qtype: str, ffn_qtype: 
     output head (a token's last and longest step, while the stream reads the next token's first spans), decode
     tokens through `Transformer.forward`, every other layer's FFN streamed from a store in `flash.dir` with
     O_DIRECT (`offload.stream`), the others computed in RAM: timed together (T), with reads that return at once
-    (C: the compute, the stream's own CPU work included, no disk), and the stream's reads alone (R); overlap = (C + R - T) / min(C, R), from the medians of interleaved runs, clipped to [0, 1]. What
+    (C: the compute, the stream's own CPU work included, no disk), and the stream's reads alone (R);
+    overlap = (C + R - T) / min(C, R), from the medians of interleaved runs, clipped to [0, 1]. What
     the engine cannot hide (the CPU time reads take from compute on a small machine, layers waiting on a read
     the look-ahead started too late) is what it measures. Probed once per (host, device, threads, engine and
     kernel source, shape) and cached."""
