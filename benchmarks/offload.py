@@ -65,7 +65,11 @@ Models and budgets (model bytes: dense parts, KV cache, RAM-tier neurons, window
                      frequency array; trace ids relabelled by rank, hottest first), and the trace
                      replaces the predictor. Generated text is meaningless; only speed and bytes are.
 
-Artefacts (profile, predictors, plans, stores, the 7B file) are kept in --cache-dir and reused.
+Artefacts (profile, predictors, plans, stores, the 7B file) are kept in --cache-dir and reused, but for
+SmolLM2's plans: the cost model's check compares a plan's predicted speed with the measured one, so a full
+run probes this machine afresh (hetinfer's probe cache set aside) and re-makes them (`Settings.replan`;
+not with --quick). On a VM whose speed moves by a third from one hour to the next, a plan priced from
+probes of another hour predicts that hour's speed.
 """
 from __future__ import annotations
 
@@ -75,6 +79,7 @@ import gc
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -118,6 +123,7 @@ class Settings:
     profile_args: tuple[str, ...] = ()  # further `hetinfer profile` flags
     predictor_args: tuple[str, ...] = ()  # further `hetinfer train-predictors` flags (default: its defaults)
     artefacts: str = "smollm2"  # cache subdirectory of SmolLM2's profile, predictors and deployments
+    replan: bool = True  # probe the machine afresh and re-make SmolLM2's plans (the cost model's check)
     threads: int = 2
     timeout_s: float = 600.0
 
@@ -125,7 +131,8 @@ class Settings:
 QUICK = Settings(prompt_tokens=64, tokens=16, slow_tokens=8, rounds=1, big_prompt_tokens=8, big_tokens=4,
                  big_slow_tokens=2, big_search_tokens=2,
                  profile_tokens=2048, profile_args=("--samples", "1024"), predictor_args=("--ranks", "32", "--epochs", "2"),
-                 artefacts="smollm2-quick")  # small profile and predictors, as the tests make: plumbing, not figures
+                 artefacts="smollm2-quick", replan=False)  # small profile and predictors, as the tests make: plumbing,
+# not figures
 
 
 # ------------------------------------------------------------------------------------------------
@@ -543,7 +550,7 @@ def smollm2(runner: Runner) -> list[dict]:
     cache = runner.cache_dir / s.artefacts
     predictors = smollm2_predictors(cache, path, s)
     budgets = {(regime, share): model_budget(model, predictors[regime], share) for regime in REGIMES for share in SHARES}
-    deps = smollm2_deployments(cache, path, predictors, budgets)
+    deps = smollm2_deployments(cache, path, predictors, budgets, s.replan)
     prompt = prompt_ids(model.tokenizer, s.prompt_tokens)
     # the layer cache's bytes for whole layers: no predictors, and the two pools its flash layers stream through
     layer_cache_dense = model_budget(model, None, 0) + flash_io_bytes(0, streamed=True)
@@ -647,22 +654,25 @@ def smollm2_predictors(cache: Path, model_path: str, s: Settings) -> dict:
     return {regime: load_predictors(str(path)) for regime, path in paths.items()}
 
 
-def smollm2_deployments(cache: Path, model_path: str, predictors: dict, budgets: dict) -> dict:
+def smollm2_deployments(cache: Path, model_path: str, predictors: dict, budgets: dict, replan: bool) -> dict:
     """{(regime, share): (deployment dir, window)}: `hetinfer prepare --ram BUDGET --profile --predictors`,
     which picks the window-cache length its cost model predicts fastest at that budget. Made in a child
-    process: prepare's steps map the model file, and a page this process maps escapes the runs' limits."""
+    process: prepare's steps map the model file, and a page this process maps escapes the runs' limits.
+    `replan`: the plans are made again, from probes of the machine as it is now (a fresh probe cache)."""
     with tempfile.TemporaryDirectory(prefix="hetinfer-bench-") as tmp:
         spec, out = Path(tmp) / "spec.json", Path(tmp) / "deployments.json"
         spec.write_text(json.dumps({"out": str(out), "prepare": {
-            "cache": str(cache), "model_path": model_path,
+            "cache": str(cache), "model_path": model_path, "replan": replan,
             "predictors": {regime: p.path for regime, p in predictors.items()},
             "budgets": [[regime, share, budget] for (regime, share), budget in budgets.items()]}}))
-        subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", str(spec)], check=True)
+        env = {**os.environ, "XDG_CACHE_HOME": str(Path(tmp) / "probes")} if replan else None
+        subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", str(spec)], check=True, env=env)
         return {(regime, share): (Path(path), window) for regime, share, path, window in json.loads(out.read_text())}
 
 
-def prepare_deployments(cache: str, model_path: str, predictors: dict, budgets: list) -> dict:
-    """`smollm2_deployments`' work, in the child: predictors {regime: dir}, budgets [[regime, share, bytes]]."""
+def prepare_deployments(cache: str, model_path: str, predictors: dict, budgets: list, replan: bool) -> dict:
+    """`smollm2_deployments`' work, in the child: predictors {regime: dir}, budgets [[regime, share, bytes]];
+    `replan`: each deployment's plan removed first, and the stores no deployment uses afterwards."""
     from hetinfer.offload.deploy import MANIFEST, PrepareOptions, prepare
 
     flash = Path(cache) / "flash"
@@ -670,9 +680,16 @@ def prepare_deployments(cache: str, model_path: str, predictors: dict, budgets: 
     deps = {}
     for regime, share, budget in budgets:
         out = Path(cache) / f"{regime}-{share:.0%}".rstrip("%")
+        if replan:
+            shutil.rmtree(out / "plan", ignore_errors=True)
         prepare(PrepareOptions(output=str(out), flash_dir=str(flash), model=model_path, ram=budget, ctx=CTX, kv=KV,
                                profile=str(Path(cache) / "profile"), predictors=predictors[regime]))
         deps[(regime, share)] = (out, json.loads((out / MANIFEST).read_text())["window"])
+    if replan:
+        used = {Path(store_path(out)).parent.resolve() for out, _ in deps.values()}
+        for stale in flash.glob("*.store"):
+            if stale.resolve() not in used:
+                shutil.rmtree(stale)
     return deps
 
 

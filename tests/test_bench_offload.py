@@ -1,5 +1,10 @@
-"""benchmarks/offload.py's own logic: an engine's overhead, found by bisection on the limit."""
-from benchmarks.offload import KEEP, MiB, Settings, median_run, overhead, peak_overhead, reread_bytes
+"""benchmarks/offload.py's own logic: an engine's overhead, found by bisection on the limit; re-planning."""
+import time
+from pathlib import Path
+
+import pytest
+
+from benchmarks.offload import KEEP, MiB, Settings, median_run, overhead, peak_overhead, reread_bytes, store_path
 
 LONE = 50e6  # bytes/s of a lone small read: the slack for 8 tokens at 100 tok/s is (1 - KEEP) * 0.08 s of it, 400 kB
 
@@ -92,3 +97,23 @@ def test_rereads_leave_out_the_runs_own_flash_reads_and_page_cache_runs():
     assert reread_bytes({**run, "reader_method": "fadvise"}) is None  # which of its reads reached the disk is unknown
     assert reread_bytes({"tokens": 10, "tok_s": 5.0, "decode_read_bytes": 7}) == 7  # llama.cpp, or hetinfer all in RAM
     assert reread_bytes({"tokens": 10, "tok_s": 5.0, "decode_read_bytes": None}) is None
+
+
+@pytest.mark.slow
+def test_replanning_makes_the_plans_again_and_removes_the_stores_left_unused(tmp_path, offline, model_path):
+    """A full run re-makes SmolLM2's plans from fresh probes (the cost model's check): each deployment's plan
+    is made again, and stores of earlier plans that no deployment uses are removed."""
+    from benchmarks.offload import prepare_deployments
+    from hetinfer.placement import load_plan
+
+    (tmp_path / "profile").symlink_to(offline / "profile")
+    args = (str(tmp_path), model_path, {"quality": str(offline / "predictors")}, [["quality", 0.5, 110 * MiB]])
+    [(dep, _)] = prepare_deployments(*args, replan=False).values()
+    first = load_plan(dep / "plan").manifest["created"]
+    stale = tmp_path / "flash" / "old.store"
+    stale.mkdir()
+    (stale / "neurons.bin").write_bytes(b"x")
+    time.sleep(1)  # plans' creation times are in seconds
+    [(again, _)] = prepare_deployments(*args, replan=True).values()
+    assert again == dep and load_plan(dep / "plan").manifest["created"] > first
+    assert not stale.exists() and [p.name for p in (tmp_path / "flash").glob("*.store")] == [Path(store_path(dep)).parent.name]
