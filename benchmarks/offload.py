@@ -128,11 +128,11 @@ class Settings:
     timeout_s: float = 600.0
 
 
+# small profile and predictors, as the tests make, and the plans reused: plumbing, not figures
 QUICK = Settings(prompt_tokens=64, tokens=16, slow_tokens=8, rounds=1, big_prompt_tokens=8, big_tokens=4,
                  big_slow_tokens=2, big_search_tokens=2,
                  profile_tokens=2048, profile_args=("--samples", "1024"), predictor_args=("--ranks", "32", "--epochs", "2"),
-                 artefacts="smollm2-quick", replan=False)  # small profile and predictors, as the tests make: plumbing,
-# not figures
+                 artefacts="smollm2-quick", replan=False)
 
 
 # ------------------------------------------------------------------------------------------------

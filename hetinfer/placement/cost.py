@@ -320,13 +320,17 @@ class Problem:
     seconds: np.ndarray  # float64 [3, n_layers, n_ff]: expected seconds per token per tier (inf: absent)
     window: np.ndarray  # float64 [n_layers, n_ff]: expected RAM window-cache bytes if on flash
     misses: np.ndarray  # float64 [n_layers, n_ff]: probability a token reads the neuron if on flash, p (1-p)^k (streamed: 1)
-    read_seconds: np.ndarray  # float64 [n_layers, n_ff]: the flash reads' part of seconds[FLASH], misses * miss_seconds
     miss_seconds: np.ndarray  # float64 [n_layers]: the ILP's price of one miss (at the expected miss density;
     # streamed: a record's share of its layer's whole span read)
     free: np.ndarray  # int64 [3]: bytes each tier has for neurons after the dense parts
     sync_s: float  # one GPU/CPU synchronisation
     min_gpu: np.ndarray  # int64 [n_layers]: GPU neurons a CPU-attention layer needs to use the GPU at all (0: any)
     streamed: bool = False  # the engine streams whole flash spans (`streams_flash`, decided before the solve)
+
+    @property
+    def read_seconds(self) -> np.ndarray:
+        """float64 [n_layers, n_ff]: the flash reads' part of seconds[FLASH], as the ILP prices them."""
+        return self.misses * self.miss_seconds[:, None]
 
 
 def build_problem(freq: np.ndarray, config: ModelConfig, sizes: ModelSizes, hw: Hardware,
@@ -379,9 +383,8 @@ def build_problem(freq: np.ndarray, config: ModelConfig, sizes: ModelSizes, hw: 
         gain = np.sort(seconds[RAM] - seconds[GPU], axis=1)[:, ::-1].cumsum(axis=1)
         for layer in np.flatnonzero(~dense.attn_on_gpu):
             min_gpu[layer] = np.searchsorted(gain[layer], sync_s) + 1  # n_ff + 1: never worth it
-    read_seconds = misses * miss_seconds[:, None]
-    return Problem(freq, sizes, hw, dense, window_tokens, tuple(tiers), seconds, window, misses, read_seconds,
-                   miss_seconds, free, sync_s, min_gpu, streamed)
+    return Problem(freq, sizes, hw, dense, window_tokens, tuple(tiers), seconds, window, misses, miss_seconds, free,
+                   sync_s, min_gpu, streamed)
 
 
 def expected_miss_density(freq: np.ndarray, misses: np.ndarray, neuron_bytes: np.ndarray,

@@ -172,7 +172,7 @@ def _layer_bytes(config, attn_qtype: str, ffn_qtype: str) -> tuple[int, int]:
 def _layer_probe(shape: list | None, bytes_per_s: float | None, steps: int = 32) -> dict:
     from hetinfer import kernels
     from hetinfer.config import ModelConfig
-    from hetinfer.model import LayerWeights, Transformer, Weights
+    from hetinfer.model import Transformer
 
     rng = np.random.default_rng(0)
     d, n_ff, H, KV, hd, attn, ffn_q = shape or [64, 128, 2, 1, 32, "q8_0", "q8_0"]
@@ -182,15 +182,9 @@ def _layer_probe(shape: list | None, bytes_per_s: float | None, steps: int = 32)
     n_layers = 8 if shape is None else int(np.clip(LAYER_PROBE_BYTES // (dense_bytes + ffn_bytes), 2, 256))
     cfg.n_layers = n_layers
 
-    def w(rows: int, cols: int, qtype: str) -> QTensor:
-        return _tiled_matrix(rng, rows, cols, qtype)
-
-    one = np.ones(d, np.float32)
-    layers = [LayerWeights(one, w(H * hd, d, attn), w(KV * hd, d, attn), w(KV * hd, d, attn),
-                           w(d, H * hd, attn), one, w(n_ff, d, ffn_q), w(n_ff, d, ffn_q), w(d, n_ff, ffn_q))
-              for _ in range(n_layers)]
-    embed = w(cfg.vocab_size, d, "q8_0")
-    tr = Transformer(cfg, Weights(embed, one, embed, layers))
+    weights = _random_weights(rng, cfg, attn, ffn_q)
+    layers = weights.layers
+    tr = Transformer(cfg, weights)
     down_t = [kernels.transpose_down(L.down) for L in layers]
     active = np.arange(0, n_ff, 2)
 
@@ -216,6 +210,24 @@ def _layer_probe(shape: list | None, bytes_per_s: float | None, steps: int = 32)
     if shape is not None:  # what reading the layer at the probed rate leaves
         per_layer = max(0.0, per_layer - (dense_bytes + ffn_bytes * len(active) / n_ff) / bytes_per_s)
     return {"layer_seconds": per_layer, "layers": n_layers}
+
+
+def _random_weights(rng: np.random.Generator, cfg, attn: str, ffn: str):
+    """`hetinfer.model.Weights` of `cfg`'s shape: random attention in `attn`, FFN in `ffn`, unit norms, and a
+    q8_0 embedding that is also the (tied) output head."""
+    from hetinfer.model import LayerWeights, Weights
+
+    d, H, KV, hd, n_ff = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.n_ff
+
+    def w(rows: int, cols: int, qtype: str) -> QTensor:
+        return _tiled_matrix(rng, rows, cols, qtype)
+
+    one = np.ones(d, np.float32)
+    layers = [LayerWeights(one, w(H * hd, d, attn), w(KV * hd, d, attn), w(KV * hd, d, attn),
+                           w(d, H * hd, attn), one, w(n_ff, d, ffn), w(n_ff, d, ffn), w(d, n_ff, ffn))
+              for _ in range(cfg.n_layers)]
+    embed = w(cfg.vocab_size, d, "q8_0")
+    return Weights(embed, one, embed, layers)
 
 
 def _tiled_matrix(rng: np.random.Generator, rows: int, cols: int, qtype: str) -> QTensor:
@@ -360,7 +372,7 @@ def _overlap_probe(flash: FlashTier, shape: list, steps: int = 32, rounds: int =
     from hetinfer import kernels
     from hetinfer.config import ModelConfig
     from hetinfer.loader import Model
-    from hetinfer.model import LayerWeights, Transformer, Weights
+    from hetinfer.model import Transformer
     from hetinfer.offload.deploy import tiered_ffn
     from hetinfer.offload.store import build_store
     from hetinfer.placement.cost import FLASH_POOL_BYTES, store_record_bytes
@@ -378,17 +390,7 @@ def _overlap_probe(flash: FlashTier, shape: list, steps: int = 32, rounds: int =
                       vocab_size=vocab, context_length=steps + 1, tied_embeddings=True)
     dense_bytes, ffn_bytes = _layer_bytes(cfg, attn, ffn_q)
     cfg.n_layers = int(np.clip(min(n_layers, OVERLAP_PROBE_BYTES // (dense_bytes + ffn_bytes)), 2, None)) // 2 * 2
-    rng = np.random.default_rng(0)
-
-    def w(rows: int, cols: int, qtype: str) -> QTensor:
-        return _tiled_matrix(rng, rows, cols, qtype)
-
-    one = np.ones(d, np.float32)
-    layers = [LayerWeights(one, w(H * hd, d, attn), w(KV * hd, d, attn), w(KV * hd, d, attn),
-                           w(d, H * hd, attn), one, w(n_ff, d, ffn_q), w(n_ff, d, ffn_q), w(d, n_ff, ffn_q))
-              for _ in range(cfg.n_layers)]
-    embed = w(cfg.vocab_size, d, "q8_0")
-    weights = Weights(embed, one, embed, layers)
+    weights = _random_weights(np.random.default_rng(0), cfg, attn, ffn_q)
     tr = Transformer(cfg, weights)
     streamed = np.arange(cfg.n_layers) % 2 == 1
     tiers = np.where(streamed[:, None], FLASH, RAM).astype(np.uint8).repeat(n_ff, axis=1)
