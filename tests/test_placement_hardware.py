@@ -306,9 +306,13 @@ def test_flash_overlap_probe_runs_the_streaming_engine_and_is_cached(tmp_path, m
     t, c, r = entry["both_seconds"], entry["compute_seconds"], entry["read_seconds"]
     assert overlap == entry["overlap"] == pytest.approx(min(1.0, max(0.0, (c + r - t) / min(c, r))))
     assert 0 <= overlap <= 1 and entry["layers"] == 4 and entry["n_ff"] == 256
-    assert not [f for f in tmp_path.iterdir() if f.name.startswith(".hetinfer-overlap-probe-")]  # its store is gone
+    assert not [f for f in tmp_path.iterdir() if probe.OVERLAP_PROBE_DIR in f.name]  # its store is gone
     spans.clear()
     assert probe.measure_flash_overlap(curve, cfg, "q8_0", "q8_0", cache_dir=tmp_path) == overlap and not spans
+    killed = tmp_path / f".{probe.OVERLAP_PROBE_DIR}.tmp-999999999-0123abcd"  # left by a probe that was killed
+    (killed / "store").mkdir(parents=True)
+    probe.measure_flash_overlap(curve, cfg, "q8_0", "q8_0", cache_dir=tmp_path / "again")
+    assert not killed.exists()
 
 
 def test_overlap_outside_zero_to_one_is_refused(tmp_path):

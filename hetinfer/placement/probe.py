@@ -342,6 +342,7 @@ def _offload_probe(n_ff: int, n_layers: int = 8, steps: int = 32, rounds: int = 
 
 # The overlap probe's layers hold at most about this many bytes of weights in RAM (and half of them on flash).
 OVERLAP_PROBE_BYTES = 128 << 20
+OVERLAP_PROBE_DIR = "hetinfer-overlap-probe"  # its scratch store, beside the flash tier's data (`atomic.temp_path`)
 
 
 def measure_flash_overlap(flash: FlashTier, config, attn_qtype: str, ffn_qtype: str,
@@ -396,9 +397,11 @@ def _overlap_probe(flash: FlashTier, shape: list, steps: int = 32, rounds: int =
     tiers = np.where(streamed[:, None], FLASH, RAM).astype(np.uint8).repeat(n_ff, axis=1)
     resident = np.where(streamed, 0, n_ff)
     kernels.warmup()
-    with tempfile.TemporaryDirectory(prefix=".hetinfer-overlap-probe-", dir=flash.dir) as tmp:
+    scratch = temp_path(Path(flash.dir) / OVERLAP_PROBE_DIR)  # removed after, or by the next probe if killed
+    scratch.mkdir()
+    try:
         records = build_store(Model("overlap-probe", cfg, weights, None, None, {}, "overlap-probe"),
-                              Path(tmp) / "store", tiers, progress=False)
+                              scratch / "store", tiers, progress=False)
         both, compute, reads = (tiered_ffn(records, flash, lambda layer, x: None, resident,
                                            np.zeros(cfg.n_layers, np.int64), 0, cfg.activation, direct=None,
                                            stream_pool_bytes=FLASH_POOL_BYTES) for _ in range(3))
@@ -427,6 +430,8 @@ def _overlap_probe(flash: FlashTier, shape: list, steps: int = 32, rounds: int =
             for engine in (both, compute, reads):
                 engine.stream.close()
                 engine.reader.close()
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     t, c, r = (statistics.median(x) / steps for x in zip(*timed))
     return {"overlap": float(np.clip((c + r - t) / min(c, r), 0.0, 1.0)), "both_seconds": t, "compute_seconds": c,
             "read_seconds": r, "layers": cfg.n_layers, "n_ff": n_ff}
