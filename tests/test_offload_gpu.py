@@ -214,7 +214,7 @@ def test_gpu_mem_above_free_vram_is_refused_when_planning(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Test GPU")
     monkeypatch.setattr(probe, "measure_gpu", lambda *a, **k: GpuTier(8 << 30, 1e12, 2e10, 1e-5))
     monkeypatch.setattr(probe, "measure_cpu_bytes_per_s", lambda *a, **k: 1e10)
-    monkeypatch.setattr(probe, "measure_cpu_layer_seconds", lambda *a, **k: 0.0)
+    monkeypatch.setattr(probe, "_cpu_layer_costs", lambda *a, **k: {"layer_seconds": 0.0, "position_seconds": 0.0})
     assert probe.detect(gpu_mem=4 << 30).gpu.capacity_bytes == 4 << 30
     with pytest.raises(HardwareError, match=r"--gpu-mem 10.00 GiB is more than the 8.00 GiB free on Test GPU; "
                                             r"lower --gpu-mem to at most 8.00 GiB"):

@@ -121,6 +121,25 @@ def test_fixed_per_layer_work_is_charged_once_per_layer():
     assert fixed.seconds - bare.seconds == pytest.approx(4 * 5e-5)
 
 
+def test_attention_is_priced_at_the_mean_position_of_the_planned_context():
+    """A token attends over the KV cache: n_ctx / 2 positions at ram.position_seconds each per CPU layer, and the
+    cache's bytes to that position at the GPU's rate per GPU layer; the rest of a token does not depend on n_ctx."""
+    cfg = ModelConfig(arch="llama", n_layers=4, d_model=256, n_ff=512, n_heads=4, n_kv_heads=2, head_dim=64,
+                      vocab_size=1000, context_length=4096)
+    ram = RamTier(1 << 30, 1e10, layer_seconds=5e-5, position_seconds=1e-7)
+    short, long = (place_dense(model_sizes(cfg, WeightFormats.uniform("q4_0"), n), Hardware(ram=ram))
+                   for n in (128, 4096))
+    assert short.attention_seconds == pytest.approx(4 * 64 * 1e-7)
+    assert long.attention_seconds == pytest.approx(4 * 2048 * 1e-7)
+    assert long.seconds - short.seconds == pytest.approx(long.attention_seconds - short.attention_seconds)
+    s = model_sizes(cfg, WeightFormats.uniform("q4_0"), 4096)
+    per_layer = int(s.layer_bytes[0]) + s.kv_bytes
+    gpu = GpuTier(s.scratch_bytes + s.gpu_decode_bytes + s.head_bytes + 2 * per_layer, 1e11, 1e10, 1e-5)
+    split = place_dense(s, Hardware(ram=ram, gpu=gpu))
+    assert split.attn_on_gpu.tolist() == [True, True, False, False]
+    assert split.attention_seconds == pytest.approx(2 * s.kv_bytes / 2 / 1e11 + 2 * 2048 * 1e-7)
+
+
 def test_a_flash_tier_adds_the_engines_io_buffers_and_per_layer_work():
     """With flash the offloading engine runs: FLASH_IO_BYTES more RAM (and two look-ahead pools without a
     window cache), and per layer its own work plus the look-ahead's second evaluation of the next layer's

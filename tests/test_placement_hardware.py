@@ -1,5 +1,6 @@
 """Hardware model: sizes, the JSON description, detection flags, the flash probe and its cache."""
 import json
+import time
 
 import pytest
 import torch
@@ -61,6 +62,7 @@ def test_hardware_json_roundtrip_and_sources(tmp_path):
     (lambda d: d["ram"].update(layer_seconds=-1e-5), "ram.layer_seconds must be a non-negative number"),
     (lambda d: d["ram"].update(offload_layer_seconds=-1e-5), "ram.offload_layer_seconds must be a non-negative"),
     (lambda d: d["ram"].update(stream_layer_seconds=float("nan")), "ram.stream_layer_seconds must be a non-negative"),
+    (lambda d: d["ram"].update(position_seconds=-1e-9), "ram.position_seconds must be a non-negative"),
     (lambda d: d["gpu"].pop("sync_latency_s"), "sync_latency_s"),
     (lambda d: d["flash"].update(read_sizes=[65536, 4096]), "ascending"),
     (lambda d: d["flash"].update(bytes_per_s=[[1e9]]), r"\[len\(read_sizes\)\]\[len\(concurrency\)\]"),
@@ -82,6 +84,7 @@ def test_detect_measures_this_machine_and_applies_flags(tmp_path, monkeypatch):
     assert hw.ram.capacity_bytes == 3 << 30 and hw.sources["ram.capacity_bytes"] == "flag"
     assert hw.ram.bytes_per_s > 1e8 and hw.sources["ram.bytes_per_s"] == "measured"
     assert 1e-6 < hw.ram.layer_seconds < 1e-2 and hw.sources["ram.layer_seconds"] == "measured"
+    assert 0 <= hw.ram.position_seconds < 1e-5 and hw.sources["ram.position_seconds"] == "measured"
     assert detect(ram=1 << 30, base=hw).ram.layer_seconds == hw.ram.layer_seconds  # the flag changes capacity only
     assert (hw.gpu is not None) == torch.cuda.is_available()
     assert detect(gpu_mem=0, base=hw).gpu is None
@@ -353,3 +356,54 @@ def test_gpu_probe_times_the_cuda_kernels(tmp_path):
     assert entry["key"]["device"] == torch.cuda.get_device_name() and entry["bytes_per_s"] == gpu.bytes_per_s
     assert entry["key"]["weights"] == "stored"  # probes of dense f16 copies (before) re-probe
     assert probe.measure_gpu("q4_0", 4096, cache_dir=tmp_path, seconds=0.05).bytes_per_s == gpu.bytes_per_s
+
+
+def test_layer_probe_prices_each_position_of_the_kv_cache(tmp_path, monkeypatch):
+    """A decode step that costs 4 us more per cached position (as attention over a longer context does) shows
+    as that slope per layer in `position_seconds`, measured after a prompt of LAYER_PROBE_POSITIONS tokens, and
+    not in `layer_seconds`, which is the time at an empty context (the median of the runs)."""
+    from hetinfer import model
+
+    real = model.Transformer.forward
+    per_position = 4e-6
+
+    def slower(self, tokens, cache, ffn=None, all_logits=False):
+        if len(tokens) == 1:
+            t = time.perf_counter() + per_position * cache.pos
+            while time.perf_counter() < t:
+                pass
+        return real(self, tokens, cache, ffn, all_logits)
+
+    base = probe._cpu_layer_costs(None, "q8_0", "q8_0", None, tmp_path)
+    monkeypatch.setattr(model.Transformer, "forward", slower)
+    slow = probe._cpu_layer_costs(None, "q8_0", "q8_0", None, tmp_path / "slow")
+    per_layer = per_position / slow["layers"]
+    assert 0.9 * per_layer < slow["position_seconds"] - base["position_seconds"] < 1.2 * per_layer
+    assert slow["layer_seconds"] < base["layer_seconds"] + 0.2 * per_layer * probe.LAYER_PROBE_POSITIONS
+
+
+def test_layer_probe_runs_the_loaded_model_itself(model, tmp_path, monkeypatch):
+    """With the model loaded (`hetinfer place -m`), the per-layer probe decodes the model's own first layers,
+    as many as hold LAYER_PROBE_BYTES (its bytes and its head's at the rate subtracted), cached per model."""
+    from hetinfer import model as model_source
+    from hetinfer.placement.cost import weight_sizes
+
+    sizes = weight_sizes(model.config, model.weights, n_ctx=1)
+    layer = int(sizes.layer_bytes[0] + model.config.n_ff * sizes.neuron_bytes[0])
+    monkeypatch.setattr(probe, "LAYER_PROBE_BYTES", 3 * layer + 1)
+    seen = set()
+    real = model_source.Transformer.forward
+
+    def watching(self, *a, **k):
+        seen.add((self.cfg.n_layers, self.w.layers[0] is model.weights.layers[0], self.w.output is model.weights.output))
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(model_source.Transformer, "forward", watching)
+    costs = probe._cpu_layer_costs(model.config, "q4_1", "q4_1", 2e10, tmp_path, model)
+    assert seen == {(3, True, True)} and costs["layers"] == 3 and costs["position_seconds"] > 0
+    (entry,) = [json.loads(f.read_text()) for f in tmp_path.glob("cpu-layer-probe-*.json")]
+    assert entry["key"]["fingerprint"] == model.fingerprint and entry["key"]["layers"] == 3
+    seen.clear()
+    assert probe._cpu_layer_costs(model.config, "q4_1", "q4_1", 2e10, tmp_path, model) == costs and not seen
+    # an absurdly slow rate would explain more than the whole measured time: nothing is left
+    assert probe._cpu_layer_costs(model.config, "q4_1", "q4_1", 1.0, tmp_path, model)["layer_seconds"] == 0.0

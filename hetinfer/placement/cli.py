@@ -98,7 +98,8 @@ def run(args: argparse.Namespace) -> int:
     if args.dry_run:
         config = model.config if model else read_shape(args.model_shape) if args.model_shape else None
         hw = _machine(args, model.weights.layers[0].gate.qtype if model else args.qtype,
-                      config.d_model if config else 4096, config, model.weights.layers[0].wq.qtype if model else None)
+                      config.d_model if config else 4096, config, model.weights.layers[0].wq.qtype if model else None,
+                      model)
         print(json.dumps(hw.to_dict(), indent=2) if args.json else hardware_table(hw))
         return 0
     profile = load_profile(args.profile, model) if args.profile else None  # with -m: checks the fingerprint
@@ -106,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
 
     config, sizes, formats, inputs, assumptions, predictor_info = _model(args, model, profile, predictors)
     freq, profile_info = _frequencies(args, config, profile, predictors, inputs, assumptions)
-    hw = _machine(args, formats["ffn_gate"], config.d_model, config, formats["attn"])
+    hw = _machine(args, formats["ffn_gate"], config.d_model, config, formats["attn"], model)
     if "file" in hw.sources.values():
         assumptions.append(f"machine described by {args.hardware}, not measured here")
     assumed = sorted(k for k, v in hw.sources.items() if v == "assumed")
@@ -138,14 +139,16 @@ def _check_args(args: argparse.Namespace) -> None:
                              "measured")
 
 
-def _machine(args: argparse.Namespace, qtype: str, d_model: int, config=None, attn_qtype: str | None = None) -> Hardware:
+def _machine(args: argparse.Namespace, qtype: str, d_model: int, config=None, attn_qtype: str | None = None,
+             model=None) -> Hardware:
     """The --hardware description or this machine (kernels probed on `qtype` rows of `d_model`, the
-    per-layer time on layers shaped like `config`'s when given), with the flags."""
+    per-layer time on the loaded `model`'s own layers, or else on layers shaped like `config`'s when given),
+    with the flags."""
     from hetinfer.placement.probe import detect
 
     base = load_hardware(args.hardware) if args.hardware else None
     return detect(gpu_mem=args.gpu_mem, ram=args.ram, flash_dir=args.flash_dir, base=base, qtype=qtype,
-                  d_model=d_model, config=config, attn_qtype=attn_qtype)
+                  d_model=d_model, config=config, attn_qtype=attn_qtype, model=model)
 
 
 def _model(args: argparse.Namespace, model, profile, predictors):
@@ -308,9 +311,11 @@ def report(manifest: dict, path: str) -> str:
     ms = 1e3 * manifest["predicted"]["seconds_per_token"]
     dense_ms, pred_ms = 1e3 * manifest["dense"]["seconds_per_token"], 1e3 * pred["seconds_per_token"]
     fixed_ms = 1e3 * manifest["dense"]["fixed_seconds_per_token"]
+    attention_ms = 1e3 * manifest["dense"].get("attention_seconds_per_token", 0.0)
     offload_ms = 1e3 * manifest["dense"]["offload_seconds_per_token"]
     offload = f", offloading engine {offload_ms:.2f}" if "flash" in t else ""
-    parts = [f"dense {dense_ms:.2f} (predictors {pred_ms:.2f}, per-layer overhead {fixed_ms:.2f}{offload})"]
+    parts = [f"dense {dense_ms:.2f} (predictors {pred_ms:.2f}, per-layer overhead {fixed_ms:.2f}, attention over "
+             f"{manifest['model']['n_ctx'] // 2} positions {attention_ms:.2f}{offload})"]
     parts += [f"{name} {1e3 * v['seconds_per_token']:.2f}" for name, v in t.items()]
     if t.get("flash", {}).get("hidden_seconds_per_token"):
         parts.append(f"less flash reads hidden behind compute {1e3 * t['flash']['hidden_seconds_per_token']:.2f}")

@@ -24,7 +24,9 @@ parts (attention, norms, embeddings, output head, predictors, KV cache, scratch)
 first: every byte of them is read every token, so no neuron byte is worth more fast memory.
 Each layer also costs the engine CPU time its bytes do not account for (`hw.ram.layer_seconds`:
 norms, rotary, residuals, the cost of each kernel call, slower streaming of small matrices), the
-same wherever its weights live.
+same wherever its weights live, and attention over the KV cache at the mean position of a context
+filled from empty (`priced_position`): per position `hw.ram.position_seconds` on the CPU, the cache's
+bytes on the GPU.
 A layer's predictor (float32 W1 [r, d] and W2 [n_ff, r]) runs where its FFN input is made,
 on the device of the layer's attention; it is a matrix-vector product, so it costs its bytes at
 that device's rate like the other dense parts (2 FLOPs per 4 bytes: bandwidth-bound).
@@ -202,6 +204,7 @@ class DensePlacement:
     seconds: float  # expected time per token spent on dense parts
     predictor_seconds: float  # the predictors' share of `seconds`
     fixed_seconds: float  # its share of the engine's fixed per-layer work (hw.ram.layer_seconds per layer)
+    attention_seconds: float  # its share of attention over the KV cache, at `priced_position`
     io_bytes: int  # the offloading engine's flash I/O buffers (`flash_io_bytes` with a flash tier), in ram_bytes
     offload_seconds: float  # its share of the offloading engine's own per-layer work (0 without a flash tier)
 
@@ -297,14 +300,26 @@ def place_dense(sizes: ModelSizes, hw: Hardware, window_tokens: int = 5, streame
     ram_bw = hw.ram.bytes_per_s
     rate = np.where(attn_on_gpu, gpu_bw, ram_bw)
     fixed = n * hw.ram.layer_seconds
+    # attention over the KV cache at the mean position of a context filled from empty (`priced_position`): on the
+    # CPU its measured time per position, on the GPU the cache's bytes read at the device's rate
+    position = priced_position(sizes.n_ctx)
+    attention = float(np.where(attn_on_gpu, sizes.kv_bytes * position / sizes.n_ctx / gpu_bw,
+                               position * hw.ram.position_seconds).sum())
     # the offloading engine (CPU): per layer its own work, and layer l's input predicts layer l+1's set (look-ahead)
     offload = 0.0  # streaming does none of it: no window-cache step, read planning or look-ahead predictor
     if io_bytes and not streamed:
         offload = n * hw.ram.offload_layer_seconds + sizes.predictor_bytes[1:].sum() / ram_bw
     seconds = (sizes.head_bytes / (gpu_bw if head_on_gpu else ram_bw) + sizes.embed_row_bytes / ram_bw
-               + (sizes.layer_bytes / rate).sum() + fixed + offload)
+               + (sizes.layer_bytes / rate).sum() + fixed + attention + offload)
     return DensePlacement(head_on_gpu, attn_on_gpu, gpu_bytes, ram_bytes, float(seconds),
-                          float((sizes.predictor_bytes / rate).sum()), float(fixed), io_bytes, float(offload))
+                          float((sizes.predictor_bytes / rate).sum()), float(fixed), attention, io_bytes,
+                          float(offload))
+
+
+def priced_position(n_ctx: int) -> float:
+    """The context position a token's attention is priced at: the mean over a context filled from empty to
+    `n_ctx` tokens (a decode at position p attends over p cached keys and values)."""
+    return n_ctx / 2
 
 
 @dataclass

@@ -71,6 +71,9 @@ class RamTier:
     # spans) costs the offloading engine besides its rows' compute: a second kernel call, handing its pool back,
     # its reads' system calls and thread wake-ups; 0 when not measured.
     stream_layer_seconds: float = 0.0
+    # CPU time per layer, token and position in the KV cache: attention's scores and weighted sum over the
+    # cached keys and values, which grow with the context; 0 when not measured.
+    position_seconds: float = 0.0
 
 
 @dataclass
@@ -180,6 +183,7 @@ def _validate(hw: Hardware, where: str) -> None:
     positive("ram.layer_seconds", hw.ram.layer_seconds, allow_zero=True)
     positive("ram.offload_layer_seconds", hw.ram.offload_layer_seconds, allow_zero=True)
     positive("ram.stream_layer_seconds", hw.ram.stream_layer_seconds, allow_zero=True)
+    positive("ram.position_seconds", hw.ram.position_seconds, allow_zero=True)
     if hw.gpu is not None:
         positive("gpu.capacity_bytes", hw.gpu.capacity_bytes, allow_zero=True)
         for k in ("bytes_per_s", "h2d_bytes_per_s", "sync_latency_s"):
@@ -221,7 +225,7 @@ def save_hardware(hw: Hardware, path: str | Path) -> None:
 
 def source_keys(hw: Hardware) -> list[str]:
     """The `sources` entries a Hardware with these tiers has: one per number."""
-    keys = ["ram.capacity_bytes", "ram.bytes_per_s", "ram.layer_seconds"]
+    keys = ["ram.capacity_bytes", "ram.bytes_per_s", "ram.layer_seconds", "ram.position_seconds"]
     if hw.gpu is not None:
         keys += ["gpu.capacity_bytes", "gpu.bytes_per_s", "gpu.h2d_bytes_per_s", "gpu.sync_latency_s"]
     if hw.flash is not None:

@@ -78,6 +78,7 @@ def build_manifest(p: Problem, sol: Solution, config: ModelConfig, formats: dict
         "window_tokens": p.window_tokens,
         "dense": {"head": "gpu" if p.dense.head_on_gpu else "ram", "embeddings": "ram",
                   "seconds_per_token": p.dense.seconds, "fixed_seconds_per_token": p.dense.fixed_seconds,
+                  "attention_seconds_per_token": p.dense.attention_seconds,
                   "flash_io_bytes": p.dense.io_bytes, "offload_seconds_per_token": p.dense.offload_seconds},
         "tiers": tiers,
         "layers": layers,

@@ -52,7 +52,7 @@ def _randn(*shape: int) -> np.ndarray:
 
 def detect(gpu_mem: int | None = None, ram: int | None = None, flash_dir: str | None = None,
            base: Hardware | None = None, qtype: str = "q4_0", d_model: int = 4096, config=None,
-           attn_qtype: str | None = None) -> Hardware:
+           attn_qtype: str | None = None, model=None) -> Hardware:
     """This machine (or `base`, a loaded description) with the budget flags applied.
 
     gpu_mem: bytes of GPU memory to use (0 disables the GPU; given without a CUDA device it adds
@@ -63,14 +63,16 @@ def detect(gpu_mem: int | None = None, ram: int | None = None, flash_dir: str | 
     with `config`, how much of its reads it hides behind compute (`measure_flash_overlap`).
     qtype, d_model: the FFN weight format and width the kernel probes run (cached per format and width);
     config, attn_qtype: the model whose layer shape the per-layer probes run (`measure_cpu_layer_seconds`,
-    `measure_flash_overlap`), when known.
+    `measure_flash_overlap`), when known; model: the loaded model itself, on whose own layers and head the
+    CPU's per-layer and per-position times are measured instead (`_real_layer_probe`), when given.
     """
     if base is None:
         rate = measure_cpu_bytes_per_s(qtype, d_model)
-        hw = Hardware(ram=RamTier(psutil.virtual_memory().available, rate,
-                                  measure_cpu_layer_seconds(config, attn_qtype or qtype, qtype, rate)))
+        layer = _cpu_layer_costs(config, attn_qtype or qtype, qtype, rate, None, model)
+        hw = Hardware(ram=RamTier(psutil.virtual_memory().available, rate, layer["layer_seconds"],
+                                  position_seconds=layer["position_seconds"]))
         hw.sources.update({"ram.capacity_bytes": "measured", "ram.bytes_per_s": "measured",
-                           "ram.layer_seconds": "measured"})
+                           "ram.layer_seconds": "measured", "ram.position_seconds": "measured"})
         if _torch().cuda.is_available():
             hw.gpu = measure_gpu(qtype, d_model)
             hw.sources.update({k: "measured" for k in source_keys(hw) if k.startswith("gpu.")})
@@ -135,29 +137,63 @@ def measure_cpu_bytes_per_s(qtype: str = "q4_0", d_model: int = 4096, cache_dir:
 # SmolLM2's shape here: 64 MiB gave 50 us per layer, 256 MiB 86 us, the real model 104 us at the same
 # positions); a model whose one layer is larger than this is probed on the tiny model instead.
 LAYER_PROBE_BYTES = 256 << 20
+LAYER_PROBE_POSITIONS = 512  # the per-layer probe's long context: decode steps after a prompt this long
+LAYER_PROBE_CONTEXT = LAYER_PROBE_POSITIONS + 5 * 32 + 2  # its KV caches: the prompt and five runs of 32 steps
 
 
 def measure_cpu_layer_seconds(config=None, attn_qtype: str = "q8_0", ffn_qtype: str = "q8_0",
                               bytes_per_s: float | None = None, cache_dir: Path | None = None) -> float:
     """The engine's CPU time per layer and token that reading the layer's bytes at `bytes_per_s` does
-    not account for: norms, rotary, residuals, each kernel call, and the slower streaming of small
-    matrices. Timed on one-token decode steps through `Transformer.forward`, the FFN one `sparse_ffn`
-    call per layer over half the neurons as in the sparse engines. With `config` (and the weight
-    formats) the layers are random ones of that model's shape, enough of them to stream
+    not account for, at an empty context: norms, rotary, residuals, each kernel call, and the slower
+    streaming of small matrices. Timed on one-token decode steps through `Transformer.forward`, the FFN
+    one `sparse_ffn` call per layer over half the neurons as in the sparse engines. With `config` (and
+    the weight formats) the layers are random ones of that model's shape, enough of them to stream
     LAYER_PROBE_BYTES per token, and their bytes at `bytes_per_s` are subtracted; without it, or when
     one such layer alone is larger, a tiny random model (8 layers of width 64, every kernel call on
     all threads), whose bytes take no measurable time. Probed once per (host, threads, kernel and
-    model source, shape) and cached."""
-    from hetinfer import kernels, model
+    model source, shape) and cached; the median of five runs, as the machine usually is rather than
+    at its fastest."""
+    return _cpu_layer_costs(config, attn_qtype, ffn_qtype, bytes_per_s, cache_dir)["layer_seconds"]
+
+
+def measure_cpu_position_seconds(config=None, attn_qtype: str = "q8_0", ffn_qtype: str = "q8_0",
+                                 bytes_per_s: float | None = None, cache_dir: Path | None = None) -> float:
+    """`RamTier.position_seconds`: the CPU time per layer and token that each position of the KV cache adds
+    (attention over the cached keys and values): the slope between decode steps at an empty context and
+    after a prompt of LAYER_PROBE_POSITIONS tokens. Probed and cached with `measure_cpu_layer_seconds`, on
+    the same layers."""
+    return _cpu_layer_costs(config, attn_qtype, ffn_qtype, bytes_per_s, cache_dir)["position_seconds"]
+
+
+def _cpu_layer_costs(config, attn_qtype: str, ffn_qtype: str, bytes_per_s: float | None,
+                     cache_dir: Path | None, model=None) -> dict:
+    """The per-layer probe's result: on `model` itself (a loaded `hetinfer.loader.Model`) when given and
+    its first layer fits LAYER_PROBE_BYTES, else on random layers of `config`'s shape, else on the tiny model."""
+    from hetinfer import kernels
+    from hetinfer import model as model_source
 
     key = {"device": "cpu", "host": platform.node(), "threads": kernels.max_threads(),
-           "kernels": _source_hash(kernels.cpu, kernels.simd), "model": _source_hash(model)}
+           "kernels": _source_hash(kernels.cpu, kernels.simd), "model": _source_hash(model_source),
+           "positions": LAYER_PROBE_POSITIONS}
+    if model is not None and bytes_per_s and _real_layers(model):
+        key.update(fingerprint=model.fingerprint, layers=_real_layers(model), bytes_per_s=float(f"{bytes_per_s:.3g}"))
+        return _cached_probe(f"cpu-layer-probe-{model.fingerprint[:12]}", key,
+                             lambda: _real_layer_probe(model, bytes_per_s), cache_dir)
     shape = None
     if config is not None and bytes_per_s and sum(_layer_bytes(config, attn_qtype, ffn_qtype)) <= LAYER_PROBE_BYTES:
         shape = [config.d_model, config.n_ff, config.n_heads, config.n_kv_heads, config.head_dim, attn_qtype, ffn_qtype]
         key.update(shape=shape, bytes_per_s=float(f"{bytes_per_s:.3g}"), streamed=LAYER_PROBE_BYTES)
     name = "cpu-layer-probe" + ("-" + hashlib.sha256(json.dumps(shape).encode()).hexdigest()[:8] if shape else "")
-    return _cached_probe(name, key, lambda: _layer_probe(shape, bytes_per_s), cache_dir)["layer_seconds"]
+    return _cached_probe(name, key, lambda: _layer_probe(shape, bytes_per_s), cache_dir)
+
+
+def _real_layers(model) -> int:
+    """How many of `model`'s first layers the per-layer probe runs: as many as hold LAYER_PROBE_BYTES."""
+    from hetinfer.placement.cost import weight_sizes
+
+    sizes = weight_sizes(model.config, model.weights, n_ctx=1)
+    per_layer = sizes.layer_bytes + model.config.n_ff * sizes.neuron_bytes
+    return int(np.searchsorted(np.cumsum(per_layer), LAYER_PROBE_BYTES, side="right"))
 
 
 def _layer_bytes(config, attn_qtype: str, ffn_qtype: str) -> tuple[int, int]:
@@ -169,47 +205,85 @@ def _layer_bytes(config, attn_qtype: str, ffn_qtype: str) -> tuple[int, int]:
     return int(sizes.layer_bytes[0]), config.n_ff * int(sizes.neuron_bytes[0])
 
 
-def _layer_probe(shape: list | None, bytes_per_s: float | None, steps: int = 32) -> dict:
-    from hetinfer import kernels
+def _layer_probe(shape: list | None, bytes_per_s: float | None) -> dict:
     from hetinfer.config import ModelConfig
     from hetinfer.model import Transformer
 
     rng = np.random.default_rng(0)
     d, n_ff, H, KV, hd, attn, ffn_q = shape or [64, 128, 2, 1, 32, "q8_0", "q8_0"]
     cfg = ModelConfig(arch="llama", n_layers=1, d_model=d, n_ff=n_ff, n_heads=H, n_kv_heads=KV, head_dim=hd,
-                      vocab_size=64, context_length=steps + 2, tied_embeddings=True)
+                      vocab_size=64, context_length=LAYER_PROBE_CONTEXT, tied_embeddings=True)
     dense_bytes, ffn_bytes = _layer_bytes(cfg, attn, ffn_q)
-    n_layers = 8 if shape is None else int(np.clip(LAYER_PROBE_BYTES // (dense_bytes + ffn_bytes), 2, 256))
-    cfg.n_layers = n_layers
+    cfg.n_layers = 8 if shape is None else int(np.clip(LAYER_PROBE_BYTES // (dense_bytes + ffn_bytes), 2, 256))
+    tr = Transformer(cfg, _random_weights(rng, cfg, attn, ffn_q))
+    # the tiny model: every kernel call on all threads, as on real weights; its bytes take no measurable time
+    per_layer, position = _time_layers(tr, all_threads=shape is None)
+    if shape is not None:  # what reading the layer at the probed rate leaves
+        per_layer -= (dense_bytes + ffn_bytes / 2) / bytes_per_s
+    return {"layer_seconds": max(0.0, per_layer), "position_seconds": position, "layers": cfg.n_layers}
 
-    weights = _random_weights(rng, cfg, attn, ffn_q)
-    layers = weights.layers
-    tr = Transformer(cfg, weights)
+
+def _real_layer_probe(model, bytes_per_s: float) -> dict:
+    """The per-layer probe on the model's own first layers (all of them when they fit) and its output head,
+    less their bytes and the head's at `bytes_per_s`: what the model's decode costs beyond its bytes."""
+    from dataclasses import replace as replace_config
+
+    from hetinfer.model import Transformer, Weights
+    from hetinfer.placement.cost import weight_sizes
+
+    n = _real_layers(model)
+    w = model.weights
+    cfg = replace_config(model.config, n_layers=n, context_length=LAYER_PROBE_CONTEXT)
+    tr = Transformer(cfg, Weights(w.embed, w.output_norm, w.output, w.layers[:n], w.rope_freqs))
+    per_layer, position = _time_layers(tr)
+    sizes = weight_sizes(model.config, w, n_ctx=1)
+    read = (sizes.layer_bytes[:n] + model.config.n_ff // 2 * sizes.neuron_bytes[:n]).sum() + sizes.head_bytes
+    return {"layer_seconds": max(0.0, float(per_layer - read / bytes_per_s / n)), "position_seconds": position, "layers": n}
+
+
+def _time_layers(tr, steps: int = 32, runs: int = 5, all_threads: bool = False) -> tuple[float, float]:
+    """(seconds per layer and decode step at an empty context, seconds each position of the KV cache adds per
+    layer) of `tr`, its FFN one `sparse_ffn` call per layer over every other neuron as in the sparse engines:
+    medians of `runs` runs of `steps` steps, at an empty context and after a prompt of LAYER_PROBE_POSITIONS."""
+    from hetinfer import kernels
+    from hetinfer.generate import PREFILL_CHUNK
+
+    cfg, layers = tr.cfg, tr.w.layers
     down_t = [kernels.transpose_down(L.down) for L in layers]
-    active = np.arange(0, n_ff, 2)
+    active = np.arange(0, cfg.n_ff, 2)
 
     def ffn(i: int, h: np.ndarray) -> np.ndarray:
         return kernels.sparse_ffn(layers[i].gate, layers[i].up, down_t[i], active, h, cfg.activation)
 
+    def decode(cache) -> tuple[float, float]:
+        """(seconds per step, mean position attended over) of `steps` decode steps."""
+        first = cache.pos
+        t = time.perf_counter()
+        for s in range(steps):
+            tr.forward([s % cfg.vocab_size], cache, ffn)
+        return (time.perf_counter() - t) / steps, first + (steps - 1) / 2
+
     kernels.warmup()
     saved = kernels.MIN_BYTES_PER_THREAD
-    if shape is None:
-        kernels.MIN_BYTES_PER_THREAD = 1  # all threads, as on real weights
+    if all_threads:
+        kernels.MIN_BYTES_PER_THREAD = 1
     try:
-        times = []
-        for _ in range(5):
-            cache = tr.new_cache()
+        far = LAYER_PROBE_POSITIONS
+        prompt = [i % cfg.vocab_size for i in range(far)]
+        long = tr.new_cache(LAYER_PROBE_CONTEXT)  # its runs follow one another, each after the one before
+        for s in range(0, far, PREFILL_CHUNK):
+            tr.forward(prompt[s : s + PREFILL_CHUNK], long)
+        near_runs, far_runs = [], []
+        for _ in range(runs):
+            cache = tr.new_cache(LAYER_PROBE_CONTEXT)
             tr.forward([1], cache, ffn)
-            t = time.perf_counter()
-            for s in range(steps):
-                tr.forward([s % cfg.vocab_size], cache, ffn)
-            times.append((time.perf_counter() - t) / steps)
+            near_runs.append(decode(cache))
+            far_runs.append(decode(long))
     finally:
         kernels.MIN_BYTES_PER_THREAD = saved
-    per_layer = min(times) / n_layers
-    if shape is not None:  # what reading the layer at the probed rate leaves
-        per_layer = max(0.0, per_layer - (dense_bytes + ffn_bytes * len(active) / n_ff) / bytes_per_s)
-    return {"layer_seconds": per_layer, "layers": n_layers}
+    (near, near_pos), (far_s, far_pos) = (np.median(np.array(r), axis=0) for r in (near_runs, far_runs))
+    position = max(0.0, (far_s - near) / (far_pos - near_pos) / cfg.n_layers)
+    return float(near / cfg.n_layers - near_pos * position), float(position)
 
 
 def _random_weights(rng: np.random.Generator, cfg, attn: str, ffn: str):
