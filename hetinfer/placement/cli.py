@@ -352,7 +352,9 @@ def hardware_table(hw: Hardware) -> str:
                      f"round trip {g.sync_latency_s * 1e6:.0f} us [{src.get('gpu.sync_latency_s', '?')}]"
                      f"  capacity [{src.get('gpu.capacity_bytes', '?')}]")
     lines.append(f"ram    {format_size(hw.ram.capacity_bytes):>11}  {hw.ram.bytes_per_s / 1e9:.1f} GB/s kernels "
-                 f"[{src.get('ram.bytes_per_s', '?')}]  capacity [{src.get('ram.capacity_bytes', '?')}]")
+                 f"[{src.get('ram.bytes_per_s', '?')}], {hw.ram.layer_seconds * 1e6:.1f} us a layer "
+                 f"[{src.get('ram.layer_seconds', '?')}], {hw.ram.position_seconds * 1e9:.0f} ns a layer and cached "
+                 f"position [{src.get('ram.position_seconds', '?')}]  capacity [{src.get('ram.capacity_bytes', '?')}]")
     if hw.flash is None:
         lines.append("flash  (none: --flash-dir DIR adds one)")
     else:
