@@ -226,14 +226,12 @@ def _layer_probe(shape: list | None, bytes_per_s: float | None) -> dict:
 def _real_layer_probe(model, bytes_per_s: float) -> dict:
     """The per-layer probe on the model's own first layers (all of them when they fit) and its output head,
     less their bytes and the head's at `bytes_per_s`: what the model's decode costs beyond its bytes."""
-    from dataclasses import replace as replace_config
-
     from hetinfer.model import Transformer, Weights
     from hetinfer.placement.cost import weight_sizes
 
     n = _real_layers(model)
     w = model.weights
-    cfg = replace_config(model.config, n_layers=n, context_length=LAYER_PROBE_CONTEXT)
+    cfg = replace(model.config, n_layers=n, context_length=LAYER_PROBE_CONTEXT)
     tr = Transformer(cfg, Weights(w.embed, w.output_norm, w.output, w.layers[:n], w.rope_freqs))
     per_layer, position = _time_layers(tr)
     sizes = weight_sizes(model.config, w, n_ctx=1)
