@@ -407,3 +407,20 @@ def test_layer_probe_runs_the_loaded_model_itself(model, tmp_path, monkeypatch):
     assert probe._cpu_layer_costs(model.config, "q4_1", "q4_1", 2e10, tmp_path, model) == costs and not seen
     # an absurdly slow rate would explain more than the whole measured time: nothing is left
     assert probe._cpu_layer_costs(model.config, "q4_1", "q4_1", 1.0, tmp_path, model)["layer_seconds"] == 0.0
+
+
+def test_a_cached_kernel_rate_slower_than_the_layers_now_run_is_probed_again(tmp_path, monkeypatch):
+    """The layer probe subtracts the layers' bytes at the cached kernel rate; when that leaves nothing (the
+    machine has sped up since the rate was cached), `detect` probes the rate again, and the layers with it."""
+    from hetinfer.config import ModelConfig
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    cfg = ModelConfig(arch="llama", n_layers=30, d_model=128, n_ff=256, n_heads=4, n_kv_heads=2, head_dim=32,
+                      vocab_size=100, context_length=64)
+    monkeypatch.setattr(probe, "LAYER_PROBE_BYTES", 6 * sum(probe._layer_bytes(cfg, "q8_0", "q8_0")))
+    rate = probe.measure_cpu_bytes_per_s("q8_0", 128)
+    cached = probe._cache_dir() / "cpu-probe-q8_0-128.json"
+    cached.write_text(json.dumps({**json.loads(cached.read_text()), "bytes_per_s": 1e3}))  # a stale, slow rate
+    hw = detect(qtype="q8_0", d_model=128, config=cfg)
+    assert hw.ram.bytes_per_s > 1e8 and hw.ram.layer_seconds > 0
+    assert json.loads(cached.read_text())["bytes_per_s"] == hw.ram.bytes_per_s and rate > 1e8

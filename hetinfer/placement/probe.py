@@ -69,6 +69,9 @@ def detect(gpu_mem: int | None = None, ram: int | None = None, flash_dir: str | 
     if base is None:
         rate = measure_cpu_bytes_per_s(qtype, d_model)
         layer = _cpu_layer_costs(config, attn_qtype or qtype, qtype, rate, None, model)
+        if layer["layer_seconds"] == 0:  # its layers ran faster than their bytes at the cached rate: the machine
+            rate = measure_cpu_bytes_per_s(qtype, d_model, fresh=True)  # has sped up since; probe both again
+            layer = _cpu_layer_costs(config, attn_qtype or qtype, qtype, rate, None, model)
         hw = Hardware(ram=RamTier(psutil.virtual_memory().available, rate, layer["layer_seconds"],
                                   position_seconds=layer["position_seconds"]))
         hw.sources.update({"ram.capacity_bytes": "measured", "ram.bytes_per_s": "measured",
@@ -116,9 +119,11 @@ def detect(gpu_mem: int | None = None, ram: int | None = None, flash_dir: str | 
     return hw
 
 
-def measure_cpu_bytes_per_s(qtype: str = "q4_0", d_model: int = 4096, cache_dir: Path | None = None) -> float:
+def measure_cpu_bytes_per_s(qtype: str = "q4_0", d_model: int = 4096, cache_dir: Path | None = None,
+                            fresh: bool = False) -> float:
     """Neuron bytes per second `hetinfer.kernels.sparse_ffn` streams on the CPU for weights in `qtype`
-    with rows of `d_model`; probed once per (format, width, threads, host) and cached."""
+    with rows of `d_model`; probed once per (format, width, threads, host) and cached (`fresh`: probed
+    again, and the cache replaced)."""
     from hetinfer import kernels
 
     key = {"device": "cpu", "host": platform.node(), "qtype": qtype, "d_model": d_model,
@@ -129,7 +134,7 @@ def measure_cpu_bytes_per_s(qtype: str = "q4_0", d_model: int = 4096, cache_dir:
         weights = _probe_weights(qtype, d_model, 64 << 20)
         return _sparse_ffn_rates(*weights, _randn(1, d_model), lambda: None, sum(W.row_bytes for W in weights))
 
-    return _cached_probe(f"cpu-probe-{qtype}-{d_model}", key, probe, cache_dir)["bytes_per_s"]
+    return _cached_probe(f"cpu-probe-{qtype}-{d_model}", key, probe, cache_dir, fresh)["bytes_per_s"]
 
 
 # A probe of a model's own layer shape streams about this many weight bytes per token, so that each token
@@ -717,12 +722,12 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "hetinfer"
 
 
-def _cached_probe(name: str, key: dict | None, probe, cache_dir: Path | None) -> dict:
-    """`probe()`'s result, cached in `name`.json; re-probed when the file is absent, unreadable, from
-    another probe version or measured for another `key` (host, format, threads, ...)."""
+def _cached_probe(name: str, key: dict | None, probe, cache_dir: Path | None, fresh: bool = False) -> dict:
+    """`probe()`'s result, cached in `name`.json; re-probed when `fresh`, or when the file is absent,
+    unreadable, from another probe version or measured for another `key` (host, format, threads, ...)."""
     path = (cache_dir or _cache_dir()) / f"{name}.json"
     try:
-        d = json.loads(path.read_text())
+        d = None if fresh else json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
         d = None
     if isinstance(d, dict) and d.pop("version", None) == PROBE_VERSION and d.pop("key", None) == key:
