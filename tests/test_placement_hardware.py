@@ -395,7 +395,8 @@ def test_layer_probe_runs_the_loaded_model_itself(model, tmp_path, monkeypatch):
     real = model_source.Transformer.forward
 
     def watching(self, *a, **k):
-        seen.add((self.cfg.n_layers, self.w.layers[0] is model.weights.layers[0], self.w.output is model.weights.output))
+        w = model.weights
+        seen.add((self.cfg.n_layers, self.w.layers[0] is w.layers[0], self.w.output is w.output))
         return real(self, *a, **k)
 
     monkeypatch.setattr(model_source.Transformer, "forward", watching)

@@ -241,7 +241,8 @@ def _real_layer_probe(model, bytes_per_s: float) -> dict:
     per_layer, position = _time_layers(tr)
     sizes = weight_sizes(model.config, w, n_ctx=1)
     read = (sizes.layer_bytes[:n] + model.config.n_ff // 2 * sizes.neuron_bytes[:n]).sum() + sizes.head_bytes
-    return {"layer_seconds": max(0.0, float(per_layer - read / bytes_per_s / n)), "position_seconds": position, "layers": n}
+    return {"layer_seconds": max(0.0, float(per_layer - read / bytes_per_s / n)), "position_seconds": position,
+            "layers": n}
 
 
 def _time_layers(tr, steps: int = 32, runs: int = 5, all_threads: bool = False) -> tuple[float, float]:
