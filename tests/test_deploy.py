@@ -63,7 +63,7 @@ def test_prepare_every_neuron_plans_without_predictors(tmp_path, offline, capsys
     assert err.startswith("error:") and err.count("\n") == 1 and "--window" in err and not other.exists()
 
 
-def test_auto_keeps_the_trial_predicted_fastest(tmp_path, monkeypatch):
+def test_auto_keeps_the_trial_predicted_fastest(tmp_path, monkeypatch, capsys):
     """prepare's place step: one plan per trial, the fastest renamed into place, the others removed."""
     from hetinfer.offload import deploy
     from hetinfer.placement.cost import PlacementError
@@ -79,7 +79,7 @@ def test_auto_keeps_the_trial_predicted_fastest(tmp_path, monkeypatch):
 
     class Plan:
         def __init__(self, path):
-            self.manifest = {"predicted": {"tok_s": speed[(Path(path) / "name").read_text()]}}
+            self.manifest = {"predicted": {"tok_s": speed[(Path(path) / "name").read_text()]}, "model": {"n_ctx": 512}}
 
     monkeypatch.setattr(deploy, "_step", step)
     monkeypatch.setattr("hetinfer.placement.load_plan", Plan)
@@ -87,6 +87,8 @@ def test_auto_keeps_the_trial_predicted_fastest(tmp_path, monkeypatch):
     deploy._place(["place"], plan_dir, [(name, []) for name in speed])
     assert (plan_dir / "name").read_text() == "every neuron, window 0"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["plan"]
+    assert "every neuron, window 0 predicted fastest (31.0 tok/s with attention over 256 cached positions" in (
+        capsys.readouterr().err)
 
 
 def test_prepare_then_run_greedy_matches_every_neuron_reference(tmp_path, offline, capsys):

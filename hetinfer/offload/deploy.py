@@ -175,13 +175,15 @@ def _place(argv: list[str], plan_dir: Path, trials: list[tuple[str, list[str]]])
         except PlacementError as e:
             error = e
             continue
-        tok_s = load_plan(trial).manifest["predicted"]["tok_s"]
+        manifest = load_plan(trial).manifest
+        tok_s = manifest["predicted"]["tok_s"]
         if best is None or tok_s > best[0]:
-            best = (tok_s, trial, name)
+            best = (tok_s, trial, name, manifest["model"]["n_ctx"] // 2)
     if best is None:
         raise error
     if len(trials) > 1:
-        print(f"[3/4 place] {best[2]} predicted fastest ({best[0]:.1f} tok/s)", file=sys.stderr)
+        print(f"[3/4 place] {best[2]} predicted fastest ({best[0]:.1f} tok/s with attention over {best[3]} cached "
+              "positions, half the planned --ctx)", file=sys.stderr)
     if plan_dir.exists():
         shutil.rmtree(plan_dir)
     best[1].rename(plan_dir)
