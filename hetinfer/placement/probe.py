@@ -110,11 +110,9 @@ def detect(gpu_mem: int | None = None, ram: int | None = None, flash_dir: str | 
         if base is None and config is not None:
             hw.flash.overlap = measure_flash_overlap(hw.flash, config, attn_qtype or qtype, qtype)
             hw.sources["flash.overlap"] = "measured"
-        elif base is None:
-            hw.sources["flash.overlap"] = "assumed"  # no model shape to run: reads add to compute
-        elif base.flash is not None:  # the described machine's
+        elif base is not None and base.flash is not None:  # the described machine's
             hw.flash.overlap = base.flash.overlap
-        else:
+        else:  # no model shape to run, or a described machine without flash: reads add to compute
             hw.sources["flash.overlap"] = "assumed"
     return hw
 
@@ -143,7 +141,8 @@ def measure_cpu_bytes_per_s(qtype: str = "q4_0", d_model: int = 4096, cache_dir:
 # positions); a model whose one layer is larger than this is probed on the tiny model instead.
 LAYER_PROBE_BYTES = 256 << 20
 LAYER_PROBE_POSITIONS = 512  # the per-layer probe's long context: decode steps after a prompt this long
-LAYER_PROBE_CONTEXT = LAYER_PROBE_POSITIONS + 5 * 32 + 2  # its KV caches: the prompt and five runs of 32 steps
+LAYER_PROBE_STEPS, LAYER_PROBE_RUNS = 32, 5  # its runs of decode steps at each context, timed by their median
+LAYER_PROBE_CONTEXT = LAYER_PROBE_POSITIONS + LAYER_PROBE_RUNS * LAYER_PROBE_STEPS + 2  # its KV caches
 
 
 def measure_cpu_layer_seconds(config=None, attn_qtype: str = "q8_0", ffn_qtype: str = "q8_0",
@@ -161,15 +160,6 @@ def measure_cpu_layer_seconds(config=None, attn_qtype: str = "q8_0", ffn_qtype: 
     return _cpu_layer_costs(config, attn_qtype, ffn_qtype, bytes_per_s, cache_dir)["layer_seconds"]
 
 
-def measure_cpu_position_seconds(config=None, attn_qtype: str = "q8_0", ffn_qtype: str = "q8_0",
-                                 bytes_per_s: float | None = None, cache_dir: Path | None = None) -> float:
-    """`RamTier.position_seconds`: the CPU time per layer and token that each position of the KV cache adds
-    (attention over the cached keys and values): the slope between decode steps at an empty context and
-    after a prompt of LAYER_PROBE_POSITIONS tokens. Probed and cached with `measure_cpu_layer_seconds`, on
-    the same layers."""
-    return _cpu_layer_costs(config, attn_qtype, ffn_qtype, bytes_per_s, cache_dir)["position_seconds"]
-
-
 def _cpu_layer_costs(config, attn_qtype: str, ffn_qtype: str, bytes_per_s: float | None,
                      cache_dir: Path | None, model=None) -> dict:
     """The per-layer probe's result: on `model` itself (a loaded `hetinfer.loader.Model`) when given and
@@ -180,10 +170,11 @@ def _cpu_layer_costs(config, attn_qtype: str, ffn_qtype: str, bytes_per_s: float
     key = {"device": "cpu", "host": platform.node(), "threads": kernels.max_threads(),
            "kernels": _source_hash(kernels.cpu, kernels.simd), "model": _source_hash(model_source),
            "positions": LAYER_PROBE_POSITIONS}
-    if model is not None and bytes_per_s and _real_layers(model):
-        key.update(fingerprint=model.fingerprint, layers=_real_layers(model), bytes_per_s=float(f"{bytes_per_s:.3g}"))
+    n_real = _real_layers(model) if model is not None and bytes_per_s else 0
+    if n_real:
+        key.update(fingerprint=model.fingerprint, layers=n_real, bytes_per_s=float(f"{bytes_per_s:.3g}"))
         return _cached_probe(f"cpu-layer-probe-{model.fingerprint[:12]}", key,
-                             lambda: _real_layer_probe(model, bytes_per_s), cache_dir)
+                             lambda: _real_layer_probe(model, n_real, bytes_per_s), cache_dir)
     shape = None
     if config is not None and bytes_per_s and sum(_layer_bytes(config, attn_qtype, ffn_qtype)) <= LAYER_PROBE_BYTES:
         shape = [config.d_model, config.n_ff, config.n_heads, config.n_kv_heads, config.head_dim, attn_qtype, ffn_qtype]
@@ -228,13 +219,12 @@ def _layer_probe(shape: list | None, bytes_per_s: float | None) -> dict:
     return {"layer_seconds": max(0.0, per_layer), "position_seconds": position, "layers": cfg.n_layers}
 
 
-def _real_layer_probe(model, bytes_per_s: float) -> dict:
-    """The per-layer probe on the model's own first layers (all of them when they fit) and its output head,
-    less their bytes and the head's at `bytes_per_s`: what the model's decode costs beyond its bytes."""
+def _real_layer_probe(model, n: int, bytes_per_s: float) -> dict:
+    """The per-layer probe on the model's own first `n` layers (`_real_layers`) and its output head, less
+    their bytes and the head's at `bytes_per_s`: what the model's decode costs beyond its bytes."""
     from hetinfer.model import Transformer, Weights
     from hetinfer.placement.cost import weight_sizes
 
-    n = _real_layers(model)
     w = model.weights
     cfg = replace(model.config, n_layers=n, context_length=LAYER_PROBE_CONTEXT)
     tr = Transformer(cfg, Weights(w.embed, w.output_norm, w.output, w.layers[:n], w.rope_freqs))
@@ -245,10 +235,11 @@ def _real_layer_probe(model, bytes_per_s: float) -> dict:
             "layers": n}
 
 
-def _time_layers(tr, steps: int = 32, runs: int = 5, all_threads: bool = False) -> tuple[float, float]:
+def _time_layers(tr, all_threads: bool = False) -> tuple[float, float]:
     """(seconds per layer and decode step at an empty context, seconds each position of the KV cache adds per
     layer) of `tr`, its FFN one `sparse_ffn` call per layer over every other neuron as in the sparse engines:
-    medians of `runs` runs of `steps` steps, at an empty context and after a prompt of LAYER_PROBE_POSITIONS."""
+    medians of LAYER_PROBE_RUNS runs of LAYER_PROBE_STEPS steps, at an empty context and after a prompt of
+    LAYER_PROBE_POSITIONS."""
     from hetinfer import kernels
     from hetinfer.generate import PREFILL_CHUNK
 
@@ -260,8 +251,8 @@ def _time_layers(tr, steps: int = 32, runs: int = 5, all_threads: bool = False) 
         return kernels.sparse_ffn(layers[i].gate, layers[i].up, down_t[i], active, h, cfg.activation)
 
     def decode(cache) -> tuple[float, float]:
-        """(seconds per step, mean position attended over) of `steps` decode steps."""
-        first = cache.pos
+        """(seconds per step, mean position attended over) of LAYER_PROBE_STEPS decode steps."""
+        first, steps = cache.pos, LAYER_PROBE_STEPS
         t = time.perf_counter()
         for s in range(steps):
             tr.forward([s % cfg.vocab_size], cache, ffn)
@@ -278,7 +269,7 @@ def _time_layers(tr, steps: int = 32, runs: int = 5, all_threads: bool = False) 
         for s in range(0, far, PREFILL_CHUNK):
             tr.forward(prompt[s : s + PREFILL_CHUNK], long)
         near_runs, far_runs = [], []
-        for _ in range(runs):
+        for _ in range(LAYER_PROBE_RUNS):
             cache = tr.new_cache(LAYER_PROBE_CONTEXT)
             tr.forward([1], cache, ffn)
             near_runs.append(decode(cache))
