@@ -18,7 +18,8 @@ import numpy as np
 from numba import njit, prange
 
 from hetinfer.kernels.simd import (BF16, F16, F32, Q4_0, Q4_1, Q8_0, axpy_bf16, axpy_f16, axpy_f32, axpy_q4_0,
-                                   axpy_q4_1, axpy_q8_0, dot_bf16, dot_f16, dot_f32, elem_bf16, elem_f16, elem_f32,
+                                   axpy_q4_1, axpy_q8_0, axpy_rows_bf16, axpy_rows_f16, axpy_rows_f32,
+                                   axpy_rows_q4_0, axpy_rows_q4_1, axpy_rows_q8_0, dot_bf16, dot_f16, dot_f32, elem_bf16, elem_f16, elem_f32,
                                    f32_from_bits, from_kv, prefetch_row, quantize_block, to_kv, xdot_q4_0, xdot_q4_1,
                                    xdot_q8_0)
 
@@ -124,6 +125,38 @@ def _rowaxpy(fmt, w, r, a, y, r_next):
             else:
                 e = elem_bf16(w, off + j * esz)
             y[j] += a * e
+
+
+@njit(inline="always")
+def _rowsaxpy(fmt, w, ids, coef, m, y):
+    """y += coef[k] * w[ids[k]] for k < m, in that order (the same sums as m `_rowaxpy` calls, bit for
+    bit), each block of y loaded and stored once for all m rows."""
+    cols = y.shape[-1]
+    nb, st = cols // 32, w.strides[0]
+    if fmt == Q8_0:
+        axpy_rows_q8_0(w, st, ids, coef, m, y, nb)
+    elif fmt == Q4_1:
+        axpy_rows_q4_1(w, st, ids, coef, m, y, nb)
+    elif fmt == Q4_0:
+        axpy_rows_q4_0(w, st, ids, coef, m, y, nb)
+    elif fmt == F32:
+        axpy_rows_f32(w, st, ids, coef, m, y, nb)
+    elif fmt == F16:
+        axpy_rows_f16(w, st, ids, coef, m, y, nb)
+    else:
+        axpy_rows_bf16(w, st, ids, coef, m, y, nb)
+    if cols % 32:
+        esz = 4 if fmt == F32 else 2
+        for k in range(m):
+            off = ids[k] * st
+            for j in range(nb * 32, cols):
+                if fmt == F32:
+                    e = elem_f32(w, off + j * esz)
+                elif fmt == F16:
+                    e = elem_f16(w, off + j * esz)
+                else:
+                    e = elem_bf16(w, off + j * esz)
+                y[j] += coef[k] * e
 
 
 # While a row is read, the row about this many bytes ahead is hinted into the cache (`_prefetch_step`):
@@ -333,17 +366,13 @@ def sparse_ffn(fmt, wg, wu, fmt_d, wd_t, rows, x, act, y, h, nchunks):
     return -1
 
 
-# Neurons a thread decides on at a time. The kept ones' down rows are hinted into the cache as they are
-# chosen and added into y after the next group has been decided, by when they have arrived (added at
-# once, or hinted only a row ahead, the run waited on them).
+# Neurons a thread decides on at a time. A group's gate and up rows are read first, its |h| compared with
+# the threshold after, without a branch: a branch on each neuron as its dot ends is mispredicted for about
+# every other neuron at 50% sparsity, and each miss throws away the next neuron's dots already under way
+# (BENCHMARKS.md, issue 18). The kept neurons' down rows are hinted into the cache while the next group's
+# gate and up rows are read, then added into y (added at once, or hinted only a row ahead, the run waited
+# on them).
 DECIDE = 32
-
-
-@njit(inline="always")
-def _add_group(fmt, w, ids, coef, g, m, y):
-    """y += coef[g, k] * w[ids[g, k]] for k < m, in that order."""
-    for k in range(m):
-        _rowaxpy(fmt, w, ids[g, k], coef[g, k], y, ids[g, k])
 
 
 @njit(inline="always")
@@ -353,20 +382,23 @@ def _threshold_rows(fmt, wg, wu, fmt_d, wd_t, x, xq, xs, act, threshold, y, lo, 
     pf = _ahead(wg)
     ids = np.empty((2, DECIDE), np.int64)  # two groups: the one being decided, the one being added
     coef = np.empty((2, DECIDE), np.float32)
+    h = np.empty(DECIDE, np.float32)
     kept = m_last = 0
     for start in range(lo, hi, DECIDE):
-        g = (start - lo) // DECIDE % 2
-        m = 0
-        for i in range(start, min(start + DECIDE, hi)):
+        g, n = (start - lo) // DECIDE % 2, min(DECIDE, hi - start)
+        for k in range(n):
+            if k < m_last:
+                prefetch_row(wd_t, ids[1 - g, k] * wd_t.strides[0], wd_t.shape[1])
+            i = start + k
             nxt = i + pf if i + pf < hi else i
-            h = _act(act, _rowdot(fmt, wg, i, x, xq, xs, 0, nxt)) * _rowdot(fmt, wu, i, x, xq, xs, 0, nxt)
-            if abs(h) > threshold:
-                ids[g, m], coef[g, m] = i, h
-                prefetch_row(wd_t, i * wd_t.strides[0], wd_t.shape[1])
-                m += 1
-        _add_group(fmt_d, wd_t, ids, coef, 1 - g, m_last, y)
+            h[k] = _act(act, _rowdot(fmt, wg, i, x, xq, xs, 0, nxt)) * _rowdot(fmt, wu, i, x, xq, xs, 0, nxt)
+        m = 0
+        for k in range(n):
+            ids[g, m], coef[g, m] = start + k, h[k]
+            m += abs(h[k]) > threshold
+        _rowsaxpy(fmt_d, wd_t, ids[1 - g], coef[1 - g], m_last, y)
         kept, m_last = kept + m, m
-    _add_group(fmt_d, wd_t, ids, coef, (hi - 1 - lo) // DECIDE % 2, m_last, y)
+    _rowsaxpy(fmt_d, wd_t, ids[(hi - 1 - lo) // DECIDE % 2], coef[(hi - 1 - lo) // DECIDE % 2], m_last, y)
     return kept
 
 

@@ -366,6 +366,44 @@ def _make_axpy(fmt: int):
     return axpy
 
 
+def _make_axpy_rows(fmt: int):
+    decode, nbytes = _DECODERS[fmt]
+
+    @intrinsic
+    def axpy_rows(typingctx, w, stride, ids, coef, m, y, nblocks):
+        """y[: 32 * nblocks] += sum over k < m of coef[k] * w[ids[k] * stride bytes ..], block by block: each
+        32 values of y are loaded once, the m rows added in order and stored once. Every value gets the
+        same operations in the same order as m calls of axpy, so the sums are the same to the bit; only
+        the loads and stores of y are shared."""
+        sig = types.void(w, types.intp, ids, coef, types.intp, y, types.intp)
+
+        def codegen(context, b, sig, args):
+            wp = _ptr(context, b, sig.args[0], args[0], ir.Constant(_I64, 0), True)
+            ip = _ptr(context, b, sig.args[2], args[2], ir.Constant(_I64, 0), False)
+            cp = _ptr(context, b, sig.args[3], args[3], ir.Constant(_I64, 0), False)
+            yp = _ptr(context, b, sig.args[5], args[5], ir.Constant(_I64, 0), False)
+
+            def block(i, _):
+                p = b.bitcast(b.gep(yp, [b.mul(i, ir.Constant(_I64, _N))]), _VF.as_pointer())
+                boff = b.mul(i, ir.Constant(_I64, nbytes))
+
+                def row(k, acc):
+                    r = b.load(b.gep(ip, [k]))
+                    w_ = decode(b, b.gep(wp, [b.add(b.mul(r, args[1]), boff)]))
+                    return [_fma(b, _splat(b, b.load(b.gep(cp, [k]))), w_, acc[0])]
+
+                _, (acc,) = _for(b, ir.Constant(_I64, 0), args[4], 1, [b.load(p, align=4)], row)
+                b.store(acc, p, align=4)
+                return []
+
+            _for(b, ir.Constant(_I64, 0), args[6], 1, [], block)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return axpy_rows
+
+
 @intrinsic
 def prefetch_row(typingctx, w, woff, nbytes):
     """Hint the `nbytes` bytes of w from byte `woff` into the cache (a row read soon, at an address no
@@ -410,6 +448,8 @@ def _make_elem(fmt: int):
 dot_f32, dot_f16, dot_bf16 = (_make_dot(f) for f in (F32, F16, BF16))
 xdot_q8_0, xdot_q4_0, xdot_q4_1 = (_make_xdot(f) for f in (Q8_0, Q4_0, Q4_1))
 axpy_f32, axpy_f16, axpy_bf16, axpy_q8_0, axpy_q4_0, axpy_q4_1 = (_make_axpy(f) for f in range(6))
+(axpy_rows_f32, axpy_rows_f16, axpy_rows_bf16, axpy_rows_q8_0, axpy_rows_q4_0,
+ axpy_rows_q4_1) = (_make_axpy_rows(f) for f in range(6))
 elem_f32, elem_f16, elem_bf16 = (_make_elem(f) for f in range(3))
 
 
