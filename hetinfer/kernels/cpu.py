@@ -497,8 +497,8 @@ def _exp_neg(x):
 def _attend_span(q, kc, vc, lo, hi, m, l, acc):
     """Every query head (q [H, hd], rotated) over cache positions lo..hi-1, unnormalised: per head h,
     m[h] = the largest score, l[h] = sum exp(score - m[h]), acc[h] = sum exp(score - m[h]) * v.
-    Keys, then values, are read once each, position by position (a sequential stream: the cache of
-    a long context lives in DRAM), every kv head's row serving its whole group of query heads; a
+    Keys, then values, are read once each, four positions at a time (a sequential stream: the cache of
+    a long context lives in DRAM), every kv head's rows serving its whole group of query heads; a
     span's partial results merge with others' (`attention_decode`). Entries are widened to float32
     as read (`from_kv`), so a float16 cache streams half the bytes and accumulates as a float32 one.
     Plain indexing, no array views in the loops: a view costs a reference-count update, more than a
@@ -509,13 +509,27 @@ def _attend_span(q, kc, vc, lo, hi, m, l, acc):
     scale = np.float32(1.0 / math.sqrt(hd))
     n = hi - lo
     s = np.empty((H, max(n, 1)), np.float32)
-    for p in range(lo, hi):
-        for h in range(H):
-            g = h // group
-            a = np.float32(0.0)
-            for e in range(hd):
-                a += q[h, e] * from_kv(kc[p, g, e])
-            s[h, p - lo] = a * scale
+    p = lo
+    while p + 4 <= hi:  # four positions at a time: each head's row of q is read once for four keys
+        for g in range(KV):
+            for h in range(g * group, (g + 1) * group):  # the query heads reading kv head g
+                a0 = a1 = a2 = a3 = np.float32(0.0)
+                for e in range(hd):
+                    qe = q[h, e]
+                    a0 += qe * from_kv(kc[p, g, e])
+                    a1 += qe * from_kv(kc[p + 1, g, e])
+                    a2 += qe * from_kv(kc[p + 2, g, e])
+                    a3 += qe * from_kv(kc[p + 3, g, e])
+                i = p - lo
+                s[h, i], s[h, i + 1], s[h, i + 2], s[h, i + 3] = a0 * scale, a1 * scale, a2 * scale, a3 * scale
+        p += 4
+    for p in range(p, hi):
+        for g in range(KV):
+            for h in range(g * group, (g + 1) * group):
+                a = np.float32(0.0)
+                for e in range(hd):
+                    a += q[h, e] * from_kv(kc[p, g, e])
+                s[h, p - lo] = a * scale
     for h in range(H):
         mx = np.float32(-np.inf)
         for i in range(n):
@@ -527,12 +541,22 @@ def _attend_span(q, kc, vc, lo, hi, m, l, acc):
         m[h], l[h] = mx, total
         for e in range(hd):
             acc[h, e] = 0
-    for p in range(lo, hi):
-        for h in range(H):
-            g = h // group
-            w = s[h, p - lo]
-            for e in range(hd):
-                acc[h, e] += w * from_kv(vc[p, g, e])
+    p = lo
+    while p + 4 <= hi:  # four positions at a time: each head's acc row is loaded and stored once for four
+        for g in range(KV):
+            for h in range(g * group, (g + 1) * group):
+                i = p - lo
+                w0, w1, w2, w3 = s[h, i], s[h, i + 1], s[h, i + 2], s[h, i + 3]
+                for e in range(hd):
+                    acc[h, e] += (w0 * from_kv(vc[p, g, e]) + w1 * from_kv(vc[p + 1, g, e])
+                                  + w2 * from_kv(vc[p + 2, g, e]) + w3 * from_kv(vc[p + 3, g, e]))
+        p += 4
+    for p in range(p, hi):
+        for g in range(KV):
+            for h in range(g * group, (g + 1) * group):
+                w = s[h, p - lo]
+                for e in range(hd):
+                    acc[h, e] += w * from_kv(vc[p, g, e])
 
 
 @njit(parallel=_PRANGE_ONLY, fastmath=True, error_model="numpy", cache=True, nogil=True)
