@@ -13,6 +13,7 @@ accumulating in float64 (measured: below 1e-7 of the bound's scale).
 Embedding rows are bit-exact. A wrong nibble order, scale or offset breaks these by orders of
 magnitude.
 """
+import os
 import subprocess
 import sys
 import threading
@@ -548,6 +549,40 @@ print({{name: n - before[name] for name, n in loaded().items() if n != before[na
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr
     assert p.stdout.strip().splitlines()[-1] == "{}", p.stdout
+
+
+# An AVX2 target without VNNI (numba's "haswell", its features named, as for a portable cache).
+AVX2_ONLY = {"NUMBA_CPU_NAME": "haswell",
+             "NUMBA_CPU_FEATURES": "+64bit,+avx,+avx2,+bmi,+bmi2,+cmov,+cx16,+f16c,+fma,+fxsr,+lzcnt,+mmx,+movbe,"
+                                   "+popcnt,+sse,+sse2,+sse3,+sse4.1,+sse4.2,+ssse3"}
+
+
+@pytest.mark.skipif(not kernels.simd._VNNI, reason="this CPU has no VNNI: every other test runs the AVX2 dots")
+def test_vnni_dots_equal_the_avx2_dots(tmp_path):
+    """On a CPU with VNNI the block dots use vpdpbusd; compiled for AVX2 without it (in a child process, its own
+    numba cache), they use vpmaddubsw and vpmaddwd: the same integer sums, so every block format's GEMV is
+    bit-identical."""
+    code = """
+import sys
+import numpy as np
+from hetinfer import kernels
+from hetinfer.tensors import quantize
+assert kernels.simd._AVX2 and not kernels.simd._VNNI
+rng = np.random.default_rng(0)
+x = rng.standard_normal((1, 96)).astype(np.float32)
+out = {q: kernels.linear(quantize(rng.standard_normal((40, 96)).astype(np.float32), q), x) for q in ("q8_0", "q4_0", "q4_1")}
+np.savez(sys.argv[1], **out)
+"""
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "cache"), **AVX2_ONLY)
+    p = subprocess.run([sys.executable, "-c", code, str(tmp_path / "avx2.npz")], capture_output=True, text=True,
+                       timeout=300, env=env)
+    assert p.returncode == 0, p.stderr
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1, 96)).astype(np.float32)
+    avx2 = np.load(tmp_path / "avx2.npz")
+    for q in ("q8_0", "q4_0", "q4_1"):
+        W = quantize(rng.standard_normal((40, 96)).astype(np.float32), q)
+        assert np.array_equal(kernels.linear(W, x), avx2[q]), q
 
 
 def test_convert():
