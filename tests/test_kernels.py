@@ -560,8 +560,8 @@ AVX2_ONLY = {"NUMBA_CPU_NAME": "haswell",
 @pytest.mark.skipif(not kernels.simd._VNNI, reason="this CPU has no VNNI: every other test runs the AVX2 dots")
 def test_vnni_dots_equal_the_avx2_dots(tmp_path):
     """On a CPU with VNNI the block dots use vpdpbusd; compiled for AVX2 without it (in a child process, its own
-    numba cache), they use vpmaddubsw and vpmaddwd: the same integer sums, so every block format's GEMV is
-    bit-identical."""
+    numba cache), they use vpmaddubsw and vpmaddwd: the same integer sums, so every block format's GEMV, and
+    gate_up (two rows per loop), is bit-identical."""
     code = """
 import sys
 import numpy as np
@@ -570,7 +570,10 @@ from hetinfer.tensors import quantize
 assert kernels.simd._AVX2 and not kernels.simd._VNNI
 rng = np.random.default_rng(0)
 x = rng.standard_normal((1, 96)).astype(np.float32)
-out = {q: kernels.linear(quantize(rng.standard_normal((40, 96)).astype(np.float32), q), x) for q in ("q8_0", "q4_0", "q4_1")}
+out = {}
+for q in ("q8_0", "q4_0", "q4_1"):
+    W, U = (quantize(rng.standard_normal((40, 96)).astype(np.float32), q) for _ in range(2))
+    out[q], out[q + " gate_up"] = kernels.linear(W, x), kernels.gate_up(W, U, x, "silu")
 np.savez(sys.argv[1], **out)
 """
     env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "cache"), **AVX2_ONLY)
@@ -581,8 +584,9 @@ np.savez(sys.argv[1], **out)
     x = rng.standard_normal((1, 96)).astype(np.float32)
     avx2 = np.load(tmp_path / "avx2.npz")
     for q in ("q8_0", "q4_0", "q4_1"):
-        W = quantize(rng.standard_normal((40, 96)).astype(np.float32), q)
+        W, U = (quantize(rng.standard_normal((40, 96)).astype(np.float32), q) for _ in range(2))
         assert np.array_equal(kernels.linear(W, x), avx2[q]), q
+        assert np.array_equal(kernels.gate_up(W, U, x, "silu"), avx2[q + " gate_up"]), q
 
 
 def test_convert():

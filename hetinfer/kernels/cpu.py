@@ -20,8 +20,8 @@ from numba import njit, prange
 from hetinfer.kernels.simd import (BF16, F16, F32, Q4_0, Q4_1, Q8_0, axpy_bf16, axpy_f16, axpy_f32, axpy_q4_0,
                                    axpy_q4_1, axpy_q8_0, axpy_rows_bf16, axpy_rows_f16, axpy_rows_f32,
                                    axpy_rows_q4_0, axpy_rows_q4_1, axpy_rows_q8_0, dot_bf16, dot_f16, dot_f32, elem_bf16, elem_f16, elem_f32,
-                                   f32_from_bits, from_kv, prefetch_row, quantize_block, to_kv, xdot_q4_0, xdot_q4_1,
-                                   xdot_q8_0)
+                                   f32_from_bits, from_kv, prefetch_row, quantize_block, to_kv, xdot2_q4_0, xdot2_q4_1,
+                                   xdot2_q8_0, xdot_q4_0, xdot_q4_1, xdot_q8_0)
 
 FMT = {"f32": F32, "f16": F16, "bf16": BF16, "q8_0": Q8_0, "q4_0": Q4_0, "q4_1": Q4_1}
 ACT = {"silu": 0, "relu": 1, "gelu": 2}
@@ -95,6 +95,21 @@ def _rowdot(fmt, w, r, x, xq, xs, t, r_next):
                 e = elem_bf16(w, off + j * esz)
             s += e * xf[xoff + j]
     return s
+
+
+@njit(inline="always")
+def _rowdot2(fmt, wa, wb, r, x, xq, xs, t, r_next):
+    """(wa[r] . x[t], wb[r] . x[t]), the same sums as two `_rowdot` calls: a neuron's gate and up rows, whose
+    block formats read x's blocks once for both."""
+    nb = x.shape[-1] // 32
+    oa, ob, pa, pb = r * wa.strides[0], r * wb.strides[0], r_next * wa.strides[0], r_next * wb.strides[0]
+    if fmt == Q4_1:
+        return xdot2_q4_1(wa, oa, wb, ob, xq, xs, t * nb, nb, pa, pb)
+    if fmt == Q4_0:
+        return xdot2_q4_0(wa, oa, wb, ob, xq, xs, t * nb, nb, pa, pb)
+    if fmt == Q8_0:
+        return xdot2_q8_0(wa, oa, wb, ob, xq, xs, t * nb, nb, pa, pb)
+    return _rowdot(fmt, wa, r, x, xq, xs, t, r_next), _rowdot(fmt, wb, r, x, xq, xs, t, r_next)
 
 
 @njit(inline="always")
@@ -306,8 +321,8 @@ def _gate_up_rows(fmt, wg, wu, x, xq, xs, act, h, lo, hi):
     for i in range(lo, hi):
         nxt = i + pf if i + pf < hi else i
         for t in range(x.shape[0]):
-            g = _rowdot(fmt, wg, i, x, xq, xs, t, nxt if t == 0 else i)
-            h[t, i] = _act(act, g) * _rowdot(fmt, wu, i, x, xq, xs, t, nxt if t == 0 else i)
+            g, u = _rowdot2(fmt, wg, wu, i, x, xq, xs, t, nxt if t == 0 else i)
+            h[t, i] = _act(act, g) * u
 
 
 @njit(parallel=_PRANGE_ONLY, error_model="numpy", cache=True, nogil=True)
@@ -329,7 +344,8 @@ def _ffn_rows(fmt, wg, wu, fmt_d, wd_t, rows, x, xq, xs, act, y, h, lo, hi):
     for k in range(lo, hi):
         i = rows[k]
         nxt = rows[k + pf] if k + pf < hi else i
-        hk = _act(act, _rowdot(fmt, wg, i, x, xq, xs, 0, nxt)) * _rowdot(fmt, wu, i, x, xq, xs, 0, nxt)
+        g, u = _rowdot2(fmt, wg, wu, i, x, xq, xs, 0, nxt)
+        hk = _act(act, g) * u
         h[k] = hk
         _rowaxpy(fmt_d, wd_t, i, hk, y, nxt)
 
@@ -391,7 +407,8 @@ def _threshold_rows(fmt, wg, wu, fmt_d, wd_t, x, xq, xs, act, threshold, y, lo, 
                 prefetch_row(wd_t, ids[1 - g, k] * wd_t.strides[0], wd_t.shape[1])
             i = start + k
             nxt = i + pf if i + pf < hi else i
-            h[k] = _act(act, _rowdot(fmt, wg, i, x, xq, xs, 0, nxt)) * _rowdot(fmt, wu, i, x, xq, xs, 0, nxt)
+            gate, up = _rowdot2(fmt, wg, wu, i, x, xq, xs, 0, nxt)
+            h[k] = _act(act, gate) * up
         m = 0
         for k in range(n):
             ids[g, m], coef[g, m] = start + k, h[k]

@@ -244,9 +244,60 @@ def _call(b: ir.IRBuilder, name: str, ret: ir.Type, *args: ir.Value, fastmath=()
     return b.call(cgutils.get_or_insert_function(b.module, fnty, name), args, fastmath=fastmath)
 
 
-def _make_xdot(fmt: int):
+def _xdot_codegen(fmt: int, b: ir.IRBuilder, rows: list, qp: ir.Value, sp: ir.Value, nblocks: ir.Value) -> list:
+    """`xdot`'s sums for each row in `rows`, a list of (weight pointer, prefetch pointer), in one loop over
+    the blocks: every row gets the same operations in the same order as alone, only x's loads are shared."""
     nbytes = _DECODERS[fmt][1]
+    v2 = ir.VectorType(_F32, 2)
+    R = len(rows)
 
+    def step(unroll):
+        def body(i, accs):
+            for _, pp in rows:
+                _prefetch_step(b, pp, i, nbytes, unroll)
+            out = [None] * len(accs)
+            for u in range(unroll):
+                k = b.add(i, ir.Constant(_I64, u))
+                xv = b.load(b.bitcast(b.gep(qp, [b.mul(k, ir.Constant(_I64, _N))]), _VB.as_pointer()), align=1)
+                xs2 = b.load(b.bitcast(b.gep(sp, [b.mul(k, ir.Constant(_I64, 2))]), v2.as_pointer()), align=4)
+                for r, (wp, _) in enumerate(rows):
+                    at = 2 * (u * R + r)
+                    acc, sacc = accs[at], accs[at + 1]
+                    p = b.gep(wp, [b.mul(k, ir.Constant(_I64, nbytes))])
+                    f = b.sitofp(_idot(fmt, b, _iweights(fmt, b, p), xv), _V8F)
+                    if fmt == Q8_0:
+                        scale = b.fmul(_scale(b, p, 0), b.extract_element(xs2, ir.Constant(_I32, 0)))
+                    else:  # (d_w, m_w) * (d_x, s_x); q4_0: (d_w, d_w) * (d_x, s_x), the -8 applied at the end
+                        dm = _load(b, p, 0, ir.VectorType(_HALF, 2)) if fmt == Q4_1 else _splat(b, _load(b, p, 0, _HALF), 2)
+                        dm = b.fmul(b.fpext(dm, v2), xs2)
+                        scale = b.extract_element(dm, ir.Constant(_I32, 0))
+                        sacc = b.fadd(sacc, b.extract_element(dm, ir.Constant(_I32, 1)))
+                    out[at], out[at + 1] = _fma(b, f, _splat(b, scale, 8), acc), sacc
+            return out
+        return body
+
+    init = [ir.Constant(_V8F, None), ir.Constant(_F32, 0.0)] * (_UNROLL * R)
+    i, accs = _for(b, ir.Constant(_I64, 0), nblocks, _UNROLL, init, step(_UNROLL))
+    tail = []
+    for r in range(R):
+        acc, sacc = accs[2 * r], accs[2 * r + 1]
+        for u in range(1, _UNROLL):
+            at = 2 * (u * R + r)
+            acc, sacc = b.fadd(acc, accs[at]), b.fadd(sacc, accs[at + 1])
+        tail += [acc, sacc]
+    _, tail = _for(b, i, nblocks, 1, tail, step(1))
+    fnty = ir.FunctionType(_F32, [_F32, _V8F])
+    red = cgutils.get_or_insert_function(b.module, fnty, "llvm.vector.reduce.fadd.v8f32")
+    sums = []
+    for r in range(R):
+        acc, sacc = tail[2 * r], tail[2 * r + 1]
+        if fmt == Q4_0:
+            sacc = b.fmul(sacc, ir.Constant(_F32, -8.0))
+        sums.append(b.call(red, [sacc, acc], fastmath=("reassoc",)))
+    return sums
+
+
+def _make_xdot(fmt: int):
     @intrinsic
     def xdot(typingctx, w, woff, xq, xs, xb, nblocks, pfoff):
         """sum over `nblocks` blocks of w[woff bytes ..] . x, x given as `quantize_x` blocks xb, xb + 1, ...
@@ -262,45 +313,33 @@ def _make_xdot(fmt: int):
             pp = _ptr(context, b, sig.args[0], args[0], args[6], True)
             qp = _ptr(context, b, sig.args[2], args[2], b.mul(args[4], ir.Constant(_I64, _N)), True)
             sp = _ptr(context, b, sig.args[3], args[3], b.mul(args[4], ir.Constant(_I64, 2)), False)
-            v2 = ir.VectorType(_F32, 2)
-
-            def step(unroll):
-                def body(i, accs):
-                    _prefetch_step(b, pp, i, nbytes, unroll)
-                    out = []
-                    for u in range(unroll):
-                        acc, sacc = accs[2 * u], accs[2 * u + 1]
-                        k = b.add(i, ir.Constant(_I64, u))
-                        p = b.gep(wp, [b.mul(k, ir.Constant(_I64, nbytes))])
-                        xv = b.load(b.bitcast(b.gep(qp, [b.mul(k, ir.Constant(_I64, _N))]), _VB.as_pointer()), align=1)
-                        f = b.sitofp(_idot(fmt, b, _iweights(fmt, b, p), xv), _V8F)
-                        xs2 = b.load(b.bitcast(b.gep(sp, [b.mul(k, ir.Constant(_I64, 2))]), v2.as_pointer()), align=4)
-                        if fmt == Q8_0:
-                            scale = b.fmul(_scale(b, p, 0), b.extract_element(xs2, ir.Constant(_I32, 0)))
-                        else:  # (d_w, m_w) * (d_x, s_x); q4_0: (d_w, d_w) * (d_x, s_x), the -8 applied at the end
-                            dm = _load(b, p, 0, ir.VectorType(_HALF, 2)) if fmt == Q4_1 else _splat(b, _load(b, p, 0, _HALF), 2)
-                            dm = b.fmul(b.fpext(dm, v2), xs2)
-                            scale = b.extract_element(dm, ir.Constant(_I32, 0))
-                            sacc = b.fadd(sacc, b.extract_element(dm, ir.Constant(_I32, 1)))
-                        out += [_fma(b, f, _splat(b, scale, 8), acc), sacc]
-                    return out
-                return body
-
-            init = [ir.Constant(_V8F, None), ir.Constant(_F32, 0.0)] * _UNROLL
-            i, accs = _for(b, ir.Constant(_I64, 0), args[5], _UNROLL, init, step(_UNROLL))
-            acc, sacc = accs[0], accs[1]
-            for u in range(1, _UNROLL):
-                acc, sacc = b.fadd(acc, accs[2 * u]), b.fadd(sacc, accs[2 * u + 1])
-            _, (acc, sacc) = _for(b, i, args[5], 1, [acc, sacc], step(1))
-            if fmt == Q4_0:
-                sacc = b.fmul(sacc, ir.Constant(_F32, -8.0))
-            fnty = ir.FunctionType(_F32, [_F32, _V8F])
-            red = cgutils.get_or_insert_function(b.module, fnty, "llvm.vector.reduce.fadd.v8f32")
-            return b.call(red, [sacc, acc], fastmath=("reassoc",))
+            return _xdot_codegen(fmt, b, [(wp, pp)], qp, sp, args[5])[0]
 
         return sig, codegen
 
     return xdot
+
+
+def _make_xdot2(fmt: int):
+    @intrinsic
+    def xdot2(typingctx, wa, aoff, wb, boff, xq, xs, xb, nblocks, apf, bpf):
+        """(`xdot` of wa's row at aoff bytes, `xdot` of wb's row at boff bytes) with the same x, in one loop:
+        the same sums to the bit as two xdot calls, x's blocks loaded once for both (a FFN's gate and up
+        rows of one neuron). The rows at apf and bpf bytes are hinted into the cache on the way."""
+        sig = types.UniTuple(types.float32, 2)(wa, types.intp, wb, types.intp, xq, xs, types.intp, types.intp,
+                                              types.intp, types.intp)
+
+        def codegen(context, b, sig, args):
+            ta, tb = sig.args[0], sig.args[2]
+            rows = [(_ptr(context, b, ta, args[0], args[1], True), _ptr(context, b, ta, args[0], args[8], True)),
+                    (_ptr(context, b, tb, args[2], args[3], True), _ptr(context, b, tb, args[2], args[9], True))]
+            qp = _ptr(context, b, sig.args[4], args[4], b.mul(args[6], ir.Constant(_I64, _N)), True)
+            sp = _ptr(context, b, sig.args[5], args[5], b.mul(args[6], ir.Constant(_I64, 2)), False)
+            return context.make_tuple(b, sig.return_type, _xdot_codegen(fmt, b, rows, qp, sp, args[7]))
+
+        return sig, codegen
+
+    return xdot2
 
 
 @intrinsic
@@ -461,6 +500,7 @@ def _make_elem(fmt: int):
 
 dot_f32, dot_f16, dot_bf16 = (_make_dot(f) for f in (F32, F16, BF16))
 xdot_q8_0, xdot_q4_0, xdot_q4_1 = (_make_xdot(f) for f in (Q8_0, Q4_0, Q4_1))
+xdot2_q8_0, xdot2_q4_0, xdot2_q4_1 = (_make_xdot2(f) for f in (Q8_0, Q4_0, Q4_1))
 axpy_f32, axpy_f16, axpy_bf16, axpy_q8_0, axpy_q4_0, axpy_q4_1 = (_make_axpy(f) for f in range(6))
 (axpy_rows_f32, axpy_rows_f16, axpy_rows_bf16, axpy_rows_q8_0, axpy_rows_q4_0,
  axpy_rows_q4_1) = (_make_axpy_rows(f) for f in range(6))
