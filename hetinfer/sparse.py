@@ -17,7 +17,10 @@ Stepping aside: skipping neurons only pays below some share of them, which depen
 (the neuron-major down copy is q8_0, and a float axpy per neuron costs more than the dense kernel's
 integer dot). `engine_ffn` measures it with the kernels' probe (`placement.probe.measure_ffn_costs`,
 cached per host) and a layer whose rule is expected to keep more neurons than that runs the dense
-kernel instead: the output of selecting every neuron there.
+kernel instead: the output of selecting every neuron there. The expectation can be wrong for the text at
+hand (a predictor trained on WikiText can keep far more of a layer's neurons on other text than it did
+in training), so a sparse layer's kept share is also measured as it runs, and the layer steps aside for
+good when it passes the crossover over RECHECK_TOKENS tokens.
 """
 from __future__ import annotations
 
@@ -71,6 +74,10 @@ class DensityMeter:
         self.tokens[:] = 0
 
 
+# A sparse layer's kept share is checked against its crossover once per this many tokens (`SparseFFN._kept`).
+RECHECK_TOKENS = 32
+
+
 class SparseFFN:
     """An engine FFN `(layer, h) -> out` that computes only the neurons `rule` selects.
 
@@ -78,7 +85,8 @@ class SparseFFN:
     The kernels backend decodes one token in one kernel call per layer where the rule is one of the
     engine's: `thresholds` [n_layers], the rule |act| > thresholds[layer] (`threshold_ffn`), or
     `predictors`, whose choice the rule is (`predicted_ffn`). `dense`: after `step_aside`, the layers
-    that run the dense kernel (kernels backend)."""
+    that run the dense kernel (kernels backend), joined by any that keeps more than its crossover over
+    RECHECK_TOKENS tokens."""
 
     def __init__(self, model, rule: Rule, needs_act: bool, backend: str = "kernels", weights=None, name: str = "",
                  thresholds: np.ndarray | None = None, predictors: Predictors | None = None):
@@ -92,6 +100,8 @@ class SparseFFN:
         self.meter = DensityMeter(cfg.n_layers, cfg.n_ff)
         self.thresholds = None if thresholds is None else [float(t) for t in thresholds]
         self.dense = np.zeros(cfg.n_layers, bool)
+        self.crossover: list[float] | None = None  # per layer, after step_aside: the density above which it runs dense
+        self._window = [[0, 0] for _ in range(cfg.n_layers)]  # per layer: [tokens, neurons kept] since its last check
         self._costs: dict[tuple[str, str, str], FFNCosts] = {}  # measured_costs by a layer's formats
         if backend == "torch" and weights is None:
             from hetinfer.profiler.runner import FloatWeights
@@ -113,7 +123,24 @@ class SparseFFN:
         n = len(self.dense)
         per_layer = [costs or self.measured_costs(layer) for layer in range(n)]
         extra = [0.0 if ranks is None else c.predict_seconds(r) for c, r in zip(per_layer, ranks or [0] * n)]
-        self.dense = np.array([d > c.crossover(path, e) for d, c, e in zip(density, per_layer, extra)])
+        self.crossover = [c.crossover(path, e) for c, e in zip(per_layer, extra)]
+        self.dense = np.array([d > c for d, c in zip(density, self.crossover)])
+        self._window = [[0, 0] for _ in range(n)]
+
+    def _kept(self, layer: int, n_selected: int, tokens: int = 1) -> None:
+        """Count what a sparse layer kept; every RECHECK_TOKENS tokens, step it aside if it kept more than its
+        crossover over them: a predictor (or a profile) measured on other text can keep more here than it
+        did there, and the expected density `step_aside` went by was then too low."""
+        self.meter.count(layer, n_selected, tokens)
+        if self.crossover is None:
+            return
+        w = self._window[layer]
+        w[0] += tokens
+        w[1] += n_selected
+        if w[0] >= RECHECK_TOKENS:
+            if w[1] > self.crossover[layer] * w[0] * self.n_ff:
+                self.dense[layer] = True
+            w[0] = w[1] = 0
 
     def measured_costs(self, layer: int) -> FFNCosts:
         """The kernels' one-token FFN costs on this machine for `layer`'s shape and formats (probed once per
@@ -146,16 +173,16 @@ class SparseFFN:
         if h.shape[0] > 1:  # a prompt: dense gate/up, masked down (prefill is compute-bound anyway)
             act = kernels.gate_up(L.gate, L.up, h, self.act_name)
             mask = self._mask(layer, h, act)
-            self.meter.record(layer, mask)
+            self._kept(layer, int(mask.sum()), h.shape[0])
             return kernels.linear(L.down, act * mask)
         if self.thresholds is not None:
             y, kept = kernels.threshold_ffn(L.gate, L.up, self._down_t[layer], h, self.act_name, self.thresholds[layer])
-            self.meter.count(layer, kept)
+            self._kept(layer, kept)
             return y
         if self.needs_act:
             act = kernels.gate_up(L.gate, L.up, h, self.act_name)
             mask = self._mask(layer, h, act)
-            self.meter.record(layer, mask)
+            self._kept(layer, int(mask.sum()))
             rows = np.flatnonzero(mask[0])
             y = np.zeros(h.shape[1], np.float32)
             kernels.scatter_axpy(self._down_t[layer], rows, act[0, rows], y)
@@ -163,10 +190,10 @@ class SparseFFN:
         if self.predictors is not None:
             W1, W2_t, threshold = self.predictors.kernel_weights(layer)
             y, n = kernels.predicted_ffn(W1, W2_t, threshold, L.gate, L.up, self._down_t[layer], h, self.act_name)
-            self.meter.count(layer, n)
+            self._kept(layer, n)
             return y
         mask = self._mask(layer, h, None)
-        self.meter.record(layer, mask)
+        self._kept(layer, int(mask.sum()))
         return kernels.sparse_ffn(L.gate, L.up, self._down_t[layer], np.flatnonzero(mask[0]), h, self.act_name)
 
     def _mask(self, layer: int, h: np.ndarray, act: np.ndarray | None) -> np.ndarray:

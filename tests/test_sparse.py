@@ -196,6 +196,36 @@ def test_layers_step_aside_exactly_above_the_measured_crossover():
         SparseFFN(m, rule, needs_act, "torch").step_aside(density, "sparse", costs=NEVER)
 
 
+def test_a_layer_that_keeps_more_than_expected_steps_aside_as_it_runs():
+    """A layer expected below its crossover runs sparse; once it has kept more than its crossover over
+    RECHECK_TOKENS tokens (prompt tokens count), it runs the dense kernel from then on. A layer that keeps
+    less stays sparse."""
+    from hetinfer.sparse import RECHECK_TOKENS
+
+    m = tiny_model(seed=4, n_layers=2)
+    rule, needs_act = rules(64, 96)["act"]
+    # layer 0 keeps every neuron (|h| > -1), layer 1 none (|h| > 1e30); both were expected to keep 10%
+    ffn = SparseFFN(m, rule, needs_act, "kernels", thresholds=np.array([-1.0, 1e30], np.float32))
+    ffn.step_aside(np.array([0.1, 0.1]), "threshold", costs=costs(0.8, 0.5))
+    assert ffn.dense.tolist() == [False, False]
+    h = torch.randn(RECHECK_TOKENS, 64, generator=torch.Generator().manual_seed(3)).numpy()
+    ffn(0, h[:4])  # a prompt's tokens count
+    ffn(1, h[:4])
+    for t in range(4, RECHECK_TOKENS - 1):
+        ffn(0, h[t: t + 1])
+        ffn(1, h[t: t + 1])
+    assert ffn.dense.tolist() == [False, False] and ffn.stepped_aside == 0
+    ffn(0, h[-1:])
+    ffn(1, h[-1:])
+    assert ffn.dense.tolist() == [True, False] and ffn.stepped_aside == 1
+    assert np.array_equal(ffn(0, h[:1]), m.transformer.dense_ffn(0, h[:1]))
+    # without step_aside (no crossover), nothing is checked: "every layer" runs stay sparse
+    every = SparseFFN(m, rule, needs_act, "kernels", thresholds=np.array([-1.0, 1e30], np.float32))
+    for t in range(RECHECK_TOKENS + 1):
+        every(0, h[t % RECHECK_TOKENS: t % RECHECK_TOKENS + 1])
+    assert not every.dense.any()
+
+
 def test_step_aside_uses_the_kernels_probe_by_default(monkeypatch, tmp_path):
     """Without injected costs, the crossover comes from the kernels' own probe (cached per host)."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
