@@ -300,7 +300,8 @@ def test_rows_read_in_place_from_bundled_records(qtype):
     half = float(kernels.gate_up(Wg, Wu, x, "silu").abs().median())  # a threshold that keeps half the neurons
     for ours, want in [
         (kernels.sparse_ffn(Bg, Bu, Bd, rows, x, "silu"), kernels.sparse_ffn(Wg, Wu, Wd_t, rows, x, "silu")),
-        (kernels.threshold_ffn(Bg, Bu, Bd, x, "silu", half)[0], kernels.threshold_ffn(Wg, Wu, Wd_t, x, "silu", half)[0]),
+        (kernels.threshold_ffn(Bg, Bu, Bd, x, "silu", half)[0],
+         kernels.threshold_ffn(Wg, Wu, Wd_t, x, "silu", half)[0]),
         (kernels.gather_matvec(Bg, rows, x), kernels.gather_matvec(Wg, rows, x)),
         (kernels.scatter_axpy(Bd, rows, x[0, :7], torch.ones(64)), kernels.scatter_axpy(Wd_t, rows, x[0, :7], torch.ones(64))),
         (kernels.linear(Bu, x), kernels.linear(Wu, x)),

@@ -19,9 +19,10 @@ from numba import njit, prange
 
 from hetinfer.kernels.simd import (BF16, F16, F32, Q4_0, Q4_1, Q8_0, axpy_bf16, axpy_f16, axpy_f32, axpy_q4_0,
                                    axpy_q4_1, axpy_q8_0, axpy_rows_bf16, axpy_rows_f16, axpy_rows_f32,
-                                   axpy_rows_q4_0, axpy_rows_q4_1, axpy_rows_q8_0, dot_bf16, dot_f16, dot_f32, elem_bf16, elem_f16, elem_f32,
-                                   f32_from_bits, from_kv, prefetch_row, quantize_block, to_kv, xdot2_q4_0, xdot2_q4_1,
-                                   xdot2_q8_0, xdot_q4_0, xdot_q4_1, xdot_q8_0)
+                                   axpy_rows_q4_0, axpy_rows_q4_1, axpy_rows_q8_0, dot_bf16, dot_f16, dot_f32,
+                                   elem_bf16, elem_f16, elem_f32, f32_from_bits, from_kv, prefetch_row,
+                                   quantize_block, to_kv, xdot2_q4_0, xdot2_q4_1, xdot2_q8_0, xdot_q4_0,
+                                   xdot_q4_1, xdot_q8_0)
 
 FMT = {"f32": F32, "f16": F16, "bf16": BF16, "q8_0": Q8_0, "q4_0": Q4_0, "q4_1": Q4_1}
 ACT = {"silu": 0, "relu": 1, "gelu": 2}
@@ -65,6 +66,16 @@ def _prep(fmt, x):
 
 
 @njit(inline="always")
+def _elem(fmt, w, off, j):
+    """Weight j of the float-format row at byte `off` of w (a row's tail past its last block of 32)."""
+    if fmt == F32:
+        return elem_f32(w, off + 4 * j)
+    if fmt == F16:
+        return elem_f16(w, off + 2 * j)
+    return elem_bf16(w, off + 2 * j)
+
+
+@njit(inline="always")
 def _rowdot(fmt, w, r, x, xq, xs, t, r_next):
     """w[r] . x[t] for a row of any format (xq, xs from `_prep`), hinting row `r_next` into the cache."""
     cols = x.shape[-1]
@@ -84,16 +95,9 @@ def _rowdot(fmt, w, r, x, xq, xs, t, r_next):
     else:
         s = dot_bf16(w, off, x, xoff, nb, pf)
     if cols % 32:
-        esz = 4 if fmt == F32 else 2
         xf = x.reshape(-1)
         for j in range(nb * 32, cols):
-            if fmt == F32:
-                e = elem_f32(w, off + j * esz)
-            elif fmt == F16:
-                e = elem_f16(w, off + j * esz)
-            else:
-                e = elem_bf16(w, off + j * esz)
-            s += e * xf[xoff + j]
+            s += _elem(fmt, w, off, j) * xf[xoff + j]
     return s
 
 
@@ -131,15 +135,8 @@ def _rowaxpy(fmt, w, r, a, y, r_next):
     else:
         axpy_bf16(w, off, a, y, nb, pf)
     if cols % 32:
-        esz = 4 if fmt == F32 else 2
         for j in range(nb * 32, cols):
-            if fmt == F32:
-                e = elem_f32(w, off + j * esz)
-            elif fmt == F16:
-                e = elem_f16(w, off + j * esz)
-            else:
-                e = elem_bf16(w, off + j * esz)
-            y[j] += a * e
+            y[j] += a * _elem(fmt, w, off, j)
 
 
 @njit(inline="always")
@@ -161,17 +158,9 @@ def _rowsaxpy(fmt, w, ids, coef, m, y):
     else:
         axpy_rows_bf16(w, st, ids, coef, m, y, nb)
     if cols % 32:
-        esz = 4 if fmt == F32 else 2
         for k in range(m):
-            off = ids[k] * st
             for j in range(nb * 32, cols):
-                if fmt == F32:
-                    e = elem_f32(w, off + j * esz)
-                elif fmt == F16:
-                    e = elem_f16(w, off + j * esz)
-                else:
-                    e = elem_bf16(w, off + j * esz)
-                y[j] += coef[k] * e
+                y[j] += coef[k] * _elem(fmt, w, ids[k] * st, j)
 
 
 # While a row is read, the row about this many bytes ahead is hinted into the cache (`_prefetch_step`):

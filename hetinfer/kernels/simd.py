@@ -268,7 +268,10 @@ def _xdot_codegen(fmt: int, b: ir.IRBuilder, rows: list, qp: ir.Value, sp: ir.Va
                     if fmt == Q8_0:
                         scale = b.fmul(_scale(b, p, 0), b.extract_element(xs2, ir.Constant(_I32, 0)))
                     else:  # (d_w, m_w) * (d_x, s_x); q4_0: (d_w, d_w) * (d_x, s_x), the -8 applied at the end
-                        dm = _load(b, p, 0, ir.VectorType(_HALF, 2)) if fmt == Q4_1 else _splat(b, _load(b, p, 0, _HALF), 2)
+                        if fmt == Q4_1:
+                            dm = _load(b, p, 0, ir.VectorType(_HALF, 2))
+                        else:
+                            dm = _splat(b, _load(b, p, 0, _HALF), 2)
                         dm = b.fmul(b.fpext(dm, v2), xs2)
                         scale = b.extract_element(dm, ir.Constant(_I32, 0))
                         sacc = b.fadd(sacc, b.extract_element(dm, ir.Constant(_I32, 1)))
