@@ -404,7 +404,8 @@ def _threshold_rows(fmt, wg, wu, fmt_d, wd_t, x, xq, xs, act, threshold, y, lo, 
             m += abs(h[k]) > threshold
         _rowsaxpy(fmt_d, wd_t, ids[1 - g], coef[1 - g], m_last, y)
         kept, m_last = kept + m, m
-    _rowsaxpy(fmt_d, wd_t, ids[(hi - 1 - lo) // DECIDE % 2], coef[(hi - 1 - lo) // DECIDE % 2], m_last, y)
+    last = (hi - 1 - lo) // DECIDE % 2  # the last group's slot
+    _rowsaxpy(fmt_d, wd_t, ids[last], coef[last], m_last, y)
     return kept
 
 
