@@ -101,7 +101,7 @@ class SparseFFN:
         self.thresholds = None if thresholds is None else [float(t) for t in thresholds]
         self.dense = np.zeros(cfg.n_layers, bool)
         self.crossover: list[float] | None = None  # per layer, after step_aside: the density above which it runs dense
-        self._window = [[0, 0] for _ in range(cfg.n_layers)]  # per layer: [tokens, neurons kept] since its last check
+        self._window: list[list[int]] = []  # per layer, after step_aside: [tokens, neurons kept] since its last check
         self._costs: dict[tuple[str, str, str], FFNCosts] = {}  # measured_costs by a layer's formats
         if backend == "torch" and weights is None:
             from hetinfer.profiler.runner import FloatWeights

@@ -98,26 +98,18 @@ _VB = ir.VectorType(_I8, _N)
 _VW = ir.VectorType(_I16, 16)
 
 
-def _targets_avx2() -> bool:
-    """Whether numba compiles for a CPU with AVX2: the host, unless NUMBA_CPU_NAME names another target
-    (e.g. "generic" for a portable cache; its features are then only those in NUMBA_CPU_FEATURES). The
-    on-disk cache is keyed by the same CPU name and features, so a cached kernel always matches."""
+def _target_features() -> set[str]:
+    """The features numba compiles for: the host's, unless NUMBA_CPU_NAME names another target (e.g.
+    "generic" for a portable cache; its features are then only those in NUMBA_CPU_FEATURES). The on-disk
+    cache is keyed by the same CPU name and features, so a cached kernel always matches."""
     feats = (numba.config.CPU_FEATURES or "") if numba.config.CPU_NAME else llvm.get_host_cpu_features().flatten()
-    return "+avx2" in feats.split(",")
+    return set(feats.split(","))
 
 
-_AVX2 = _targets_avx2()
-
-
-def _targets_vnni() -> bool:
-    """Whether the target (as in `_targets_avx2`) has 256-bit VNNI (AVX-VNNI, or AVX512-VNNI with AVX512-VL):
-    vpdpbusd does vpmaddubsw and vpmaddwd's work in one instruction."""
-    feats = set(((numba.config.CPU_FEATURES or "") if numba.config.CPU_NAME
-                 else llvm.get_host_cpu_features().flatten()).split(","))
-    return _AVX2 and ("+avxvnni" in feats or {"+avx512vnni", "+avx512vl"} <= feats)
-
-
-_VNNI = _targets_vnni()
+_FEATURES = _target_features()
+_AVX2 = "+avx2" in _FEATURES
+# 256-bit VNNI (AVX-VNNI, or AVX512-VNNI with AVX512-VL): vpdpbusd does vpmaddubsw and vpmaddwd's work in one
+_VNNI = _AVX2 and ("+avxvnni" in _FEATURES or {"+avx512vnni", "+avx512vl"} <= _FEATURES)
 
 
 def _iweights(fmt: int, b: ir.IRBuilder, p: ir.Value) -> ir.Value:
