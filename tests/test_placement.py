@@ -2,8 +2,10 @@
 properties over random profiles and budgets (hypothesis)."""
 import dataclasses
 import itertools
+import time
 
 import numpy as np
+import psutil
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -392,6 +394,23 @@ def test_no_room_for_the_neurons_is_an_error():
     p = tiny_problem(np.full((2, 16), 0.5), gpu_neurons=2, ram_neurons=3)
     with pytest.raises(PlacementError, match="do not fit.*--flash-dir"):
         ilp.solve(p, time_limit=10)
+
+
+def test_a_solver_that_overruns_its_time_limit_is_killed_and_its_warm_start_used(tmp_path, monkeypatch):
+    # CBC's presolve can run for many minutes on an infeasible group model without checking its
+    # clock; this stand-in for it never returns at all
+    hang = tmp_path / "cbc"
+    hang.write_text("#!/usr/bin/env python3\nimport time\ntime.sleep(600)\n")
+    hang.chmod(0o755)
+    monkeypatch.setattr(ilp.pulp.PULP_CBC_CMD, "pulp_cbc_path", str(hang))
+    monkeypatch.setattr(ilp, "KILL_GRACE", 0.5)
+    p = tiny_problem(np.full((4, 64), 0.3), gpu_neurons=128, ram_neurons=256, sync=2e-4)
+    start = time.perf_counter()
+    sol = ilp.solve(p, group_size=2, time_limit=1.0)
+    assert time.perf_counter() - start < 5
+    assert sol.status == "killed" and sol.ilp_seconds is not None  # the greedy start stands in for CBC's answer
+    assert not violations(p, sol.tiers) and sol.seconds <= sol.greedy_seconds
+    assert not [c for c in psutil.Process().children(recursive=True) if str(hang) in " ".join(c.cmdline())]
 
 
 # ------------------------------------------------------------------------------------ properties

@@ -11,7 +11,8 @@ uses the GPU only with at least `Problem.min_gpu` neurons (the indicator is its 
 GPU binary). The objective is `cost.evaluate`'s expected time per token (`Usage.seconds`, flash
 misses at their fixed price), exactly: group costs are sums of neuron costs, and the time a token's reads
 overlap its compute (`cost.overlapped`) is linear in a variable bounded below by each. CBC starts
-from the better of the greedy and a quick ILP over 8x coarser groups; its result is topped up
+from the better of the greedy and a quick ILP over 8x coarser groups (and that start stands in for its
+result when CBC finds none, or still runs `KILL_GRACE` s past its time limit and is killed); its result is topped up
 neuron by neuron into capacity that group granularity left free; whichever of that and the
 neuron-level greedy is faster is returned, so the result is never worse than greedy.
 """
@@ -21,12 +22,14 @@ import math
 import os
 import re
 import tempfile
+import threading
 import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pulp
 
 from hetinfer.placement.cost import FLASH, GPU, RAM, TIERS, PlacementError, Problem, evaluate, violations
@@ -38,9 +41,10 @@ class Solution:
     tiers: np.ndarray  # uint8 [n_layers, n_ff]: tier code of every neuron
     seconds: float  # expected time per token of `tiers`
     greedy_seconds: float | None  # the neuron-level greedy placement's (None: greedy found none)
-    ilp_seconds: float | None  # the ILP's after fill-up (None: CBC found no solution)
+    ilp_seconds: float | None  # the ILP's (or, if CBC found none, its warm start's) after fill-up
     chosen: str  # "ilp" or "greedy"
-    status: str  # CBC: optimal, within gap (--mip-gap), time limit (stopped with a solution), infeasible, not solved
+    status: str  # CBC: optimal, within gap (--mip-gap), time limit (stopped with a solution), infeasible, not solved,
+    # killed (still running KILL_GRACE s past the time limit)
     mip_gap: float | None  # CBC's relative gap between its solution and its bound at exit
     solve_seconds: float  # building the model and CBC
     group_size: int
@@ -56,6 +60,9 @@ class _Units:
     window: np.ndarray  # float64 [n_layers, K]
     count: np.ndarray  # int64 [n_layers, K]
     read: np.ndarray  # float64 [n_layers, K]: the flash reads' part of seconds[FLASH]
+
+
+KILL_GRACE = 10.0  # seconds CBC may run past its time limit before it is killed
 
 
 def group_size_for(n_layers: int, n_ff: int, n_tiers: int, max_binaries: int) -> int:
@@ -168,6 +175,8 @@ def solve(p: Problem, max_binaries: int = 20000, group_size: int | None = None, 
     solve_seconds = time.perf_counter() - start
 
     candidates = {}
+    if ilp_groups is None:
+        ilp_groups = warm  # CBC's answer is at least as good as its start, when it gives one
     if ilp_groups is not None:
         ranked = np.repeat(ilp_groups, groups.count[0], axis=1)
         _fill(p, neurons, ranked)
@@ -306,17 +315,51 @@ def _solve_ilp(p: Problem, u: _Units, start: np.ndarray | None, deadline: float,
             solver = pulp.PULP_CBC_CMD(msg=False, timeLimit=max(1.0, deadline - time.perf_counter()), gapRel=mip_gap,
                                        warmStart=start is not None, threads=threads or os.cpu_count(),
                                        logPath=str(log))
-        prob.solve(solver)
+        solver.tmpDir = tmp  # its model and solution files go with the directory, even when it is killed
+        killed = not _solve_within(prob, solver, deadline + KILL_GRACE, tmp)
         text = log.read_text() if log.exists() else ""
-    status = {pulp.LpSolutionOptimal: "within gap" if "within gap tolerance" in text else "optimal",
-              pulp.LpSolutionIntegerFeasible: "time limit",
-              pulp.LpSolutionInfeasible: "infeasible"}.get(prob.sol_status, "not solved")
-    if status in ("infeasible", "not solved"):
+    status = "killed" if killed else {
+        pulp.LpSolutionOptimal: "within gap" if "within gap tolerance" in text else "optimal",
+        pulp.LpSolutionIntegerFeasible: "time limit",
+        pulp.LpSolutionInfeasible: "infeasible"}.get(prob.sol_status, "not solved")
+    if status in ("infeasible", "not solved", "killed"):
         return None, status, None
     value = np.zeros((n_layers, k_groups, 3))
     for (layer, k, t), var in x.items():
         value[layer, k, t] = var.varValue or 0.0
     return value.argmax(axis=2).astype(np.uint8), status, _gap(text)
+
+
+def _solve_within(prob: pulp.LpProblem, solver: pulp.PULP_CBC_CMD, deadline: float, tmp: str) -> bool:
+    """`prob.solve(solver)`, killing CBC if it still runs at `deadline` (perf_counter); False if it was killed.
+
+    CBC checks its time limit only between phases: on some infeasible group models its presolve runs
+    for many minutes without looking at the clock. Its process is the child whose command line
+    names `tmp`, where its model file is."""
+    failed: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            prob.solve(solver)
+        except BaseException as e:  # noqa: BLE001 (re-raised below unless CBC was killed)
+            failed.append(e)
+
+    worker = threading.Thread(target=run, name="cbc", daemon=True)
+    worker.start()
+    worker.join(max(0.0, deadline - time.perf_counter()))
+    killed = False
+    while worker.is_alive():
+        for child in psutil.Process().children():
+            try:
+                if any(tmp in arg for arg in child.cmdline()):
+                    child.kill()
+                    killed = True
+            except psutil.Error:  # exited meanwhile
+                pass
+        worker.join(0.1)
+    if failed and not killed:
+        raise failed[0]
+    return not killed
 
 
 def _gap(log: str) -> float | None:
