@@ -114,18 +114,23 @@ class Transformer:
         self.update_devices()
 
     def update_devices(self) -> None:
-        """Note where each layer runs (`LayerWeights.device`); call again after moving weights between
-        devices. `moves` maps the layers (and, as n_layers, the output head) before which `forward`
-        moves x to another device: empty when everything is on one device."""
+        """Note where each layer runs (`LayerWeights.device`) and bind each layer's decode kernels to its
+        weights; call again after moving or replacing weights. `moves` maps the layers (and, as n_layers,
+        the output head) before which `forward` moves x to another device: empty when everything is on
+        one device."""
         where = [device_of(self.w.embed), *(L.device for L in self.w.layers), device_of(self.w.output)]
         self.moves = {i: d for i, (prev, d) in enumerate(zip(where, where[1:])) if d != prev}
+        cfg = self.cfg
+        self.attention_steps = [kernels.attention_step(L.attn_norm, L.wq, L.wk, L.wv, L.wo,
+                                                       None if L.bq is None else (L.bq, L.bk, L.bv), L.ffn_norm,
+                                                       cfg.norm_eps, self.interleaved) for L in self.w.layers]
+        self.ffn_steps = [kernels.dense_ffn_step(L.gate, L.up, L.down, cfg.activation) for L in self.w.layers]
 
     def new_cache(self, n_ctx: int | None = None, dtype: str = DEFAULT_KV) -> KVCache:
         return KVCache(self.cfg, n_ctx or self.cfg.context_length, dtype)
 
     def dense_ffn(self, layer: int, h: np.ndarray) -> np.ndarray:
-        L = self.w.layers[layer]
-        return kernels.dense_ffn(L.gate, L.up, L.down, h, self.cfg.activation)
+        return self.ffn_steps[layer](h)
 
     def forward(self, tokens: list[int], cache: KVCache, ffn: FFN | None = None, all_logits: bool = False) -> np.ndarray:
         """Run `tokens` after what `cache` holds; logits of the last token ([vocab]) or all ([T, vocab])."""
@@ -147,9 +152,7 @@ class Transformer:
             if i in moves:
                 x = kernels.to_device(x, moves[i])
             if T == 1:  # decode: the attention half of the layer in one kernel call, x updated in place
-                biases = None if L.bq is None else (L.bq, L.bk, L.bv)
-                h = kernels.attention_block(x, L.attn_norm, L.wq, L.wk, L.wv, L.wo, biases, cache.k_layers[i],
-                                            cache.v_layers[i], pos, cos, sin, self.interleaved, cfg.norm_eps, L.ffn_norm)
+                h = self.attention_steps[i](x, cache.k_layers[i], cache.v_layers[i], pos, cos, sin)
             else:
                 x = x + self._attention(i, L, rms_norm(x, L.attn_norm, cfg.norm_eps), cache, pos, cos, sin)
                 h = rms_norm(x, L.ffn_norm, cfg.norm_eps)

@@ -111,6 +111,9 @@ class SparseFFN:
         # The neuron-major down projections, made at load (a requantization: ~5 ms per SmolLM2 layer), not
         # during the first decoded token.
         self._down_t = [kernels.transpose_down(L.down) for L in model.weights.layers] if backend == "kernels" else []
+        self._threshold_steps = ([kernels.threshold_ffn_step(L.gate, L.up, d, self.act_name, t) for L, d, t in
+                                  zip(model.weights.layers, self._down_t, self.thresholds)]
+                                 if backend == "kernels" and self.thresholds is not None else [])
 
     def step_aside(self, density: np.ndarray, path: str, ranks: list[int] | None = None,
                    costs: FFNCosts | None = None) -> None:
@@ -166,17 +169,17 @@ class SparseFFN:
             self.meter.record(layer, mask)
             y = self.weights.ffn_out(layer, act * mask)
             return y if isinstance(h, torch.Tensor) else y.numpy()
-        L = self.model.weights.layers[layer]
         if self.dense[layer]:
             self.meter.count(layer, self.n_ff * h.shape[0], h.shape[0])
-            return kernels.dense_ffn(L.gate, L.up, L.down, h, self.act_name)
+            return self.model.transformer.dense_ffn(layer, h)
+        L = self.model.weights.layers[layer]
         if h.shape[0] > 1:  # a prompt: dense gate/up, masked down (prefill is compute-bound anyway)
             act = kernels.gate_up(L.gate, L.up, h, self.act_name)
             mask = self._mask(layer, h, act)
             self._kept(layer, int(mask.sum()), h.shape[0])
             return kernels.linear(L.down, act * mask)
         if self.thresholds is not None:
-            y, kept = kernels.threshold_ffn(L.gate, L.up, self._down_t[layer], h, self.act_name, self.thresholds[layer])
+            y, kept = self._threshold_steps[layer](h)
             self._kept(layer, kept)
             return y
         if self.needs_act:

@@ -953,6 +953,50 @@ def test_attention_block_f16_cache(pos):
     torch.testing.assert_close(got_cache.float(), want_cache.float(), rtol=2**-10, atol=0)
 
 
+@pytest.mark.parametrize("qtype", ["q4_1", "f16"])
+@pytest.mark.parametrize("kv", [np.float32, np.float16])
+def test_bound_steps_equal_the_calls_they_bind(qtype, kv):
+    """attention_step, dense_ffn_step and threshold_ffn_step check a layer's weights once, then call the kernel
+    directly: bit for bit what attention_block, dense_ffn and threshold_ffn give, cache writes included, for
+    numpy inputs (the direct path) and torch ones (the unbound call); a bad position or cache is still an error."""
+    d, KV, H, hd, n_ctx, pos, n_ff = 128, 2, 4, 32, 320, 37, 96
+    L = {"q": rand_q(H * hd, d, qtype, 1), "k": rand_q(KV * hd, d, qtype, 2), "v": rand_q(KV * hd, d, qtype, 3),
+         "o": rand_q(d, H * hd, qtype, 4), "attn_norm": rand_x(d, seed=5).numpy(), "ffn_norm": rand_x(d, seed=6).numpy()}
+    biases = (rand_x(H * hd, seed=7).numpy(), rand_x(KV * hd, seed=8).numpy(), rand_x(KV * hd, seed=9).numpy())
+    rng = np.random.default_rng(0)
+    cache = rng.standard_normal((2, n_ctx, KV, hd)).astype(kv)
+    ang = (pos + 0.5) * rng.uniform(0, 1, hd // 2)
+    cos, sin = np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
+    x = rand_x(1, d, seed=10).numpy()
+    step = kernels.attention_step(L["attn_norm"], L["q"], L["k"], L["v"], L["o"], biases, L["ffn_norm"], 1e-5, True)
+    for wrap in (np.array, torch.from_numpy):
+        got_x, got_cache, want_x, want_cache = wrap(x.copy()), wrap(cache.copy()), wrap(x.copy()), wrap(cache.copy())
+        got = step(got_x, got_cache[0], got_cache[1], pos, cos, sin)
+        want = kernels.attention_block(want_x, L["attn_norm"], L["q"], L["k"], L["v"], L["o"], biases, want_cache[0],
+                                       want_cache[1], pos, cos, sin, True, 1e-5, L["ffn_norm"])
+        assert type(got) is type(want) and all(np.array_equal(np.asarray(g), np.asarray(w)) for g, w in
+                                               ((got, want), (got_x, want_x), (got_cache, want_cache)))
+    with pytest.raises(ValueError, match="outside the cache"):
+        step(x.copy(), cache[0], cache[1], n_ctx, cos, sin)
+    with pytest.raises(ValueError, match="do not fit"):
+        step(x.copy(), *np.ascontiguousarray(cache[:, :, :1]), pos, cos, sin)
+
+    Wg, Wu, Wd = rand_q(n_ff, d, qtype, 11), rand_q(n_ff, d, qtype, 12), rand_q(d, n_ff, qtype, 13)
+    ffn = kernels.dense_ffn_step(Wg, Wu, Wd, "silu")
+    for h in (x, rand_x(3, d).numpy(), torch.from_numpy(x)):  # one token, a prompt, a torch tensor
+        assert np.array_equal(np.asarray(ffn(h)), np.asarray(kernels.dense_ffn(Wg, Wu, Wd, h, "silu")))
+    Wd_t = kernels.transpose_down(Wd)
+    t = float(np.median(np.abs(kernels.gate_up(Wg, Wu, x, "silu"))))
+    thr = kernels.threshold_ffn_step(Wg, Wu, Wd_t, "silu", t)
+    for h in (x, x[0]):
+        (y, kept), (want_y, want_kept) = thr(h), kernels.threshold_ffn(Wg, Wu, Wd_t, h, "silu", t)
+        assert kept == want_kept == n_ff // 2 and y.shape == h.shape and np.array_equal(y, want_y)
+    with pytest.raises(ValueError, match="unknown activation"):
+        kernels.dense_ffn_step(Wg, Wu, Wd, "swish")
+    with pytest.raises(ValueError, match="do not form an FFN"):
+        kernels.dense_ffn_step(Wg, Wu, rand_q(d, 64, qtype), "silu")
+
+
 @pytest.mark.slow
 def test_attention_block_on_real_layer(model):
     """SmolLM2's layer 5 after a real prompt: the one-call block equals its calls one by one."""

@@ -17,6 +17,8 @@ Sparse:  gather_matvec (selected output rows), scatter_axpy (y += a @ Wd_t[rows]
          threshold_ffn (one token's FFN over the neurons whose |act(g) * u| passes a threshold, chosen inside),
          predict_rows (the neurons a low-rank predictor picks for one token),
          predicted_ffn (sparse_ffn over predict_rows' choice, in one call)
+Bound:   attention_step, dense_ffn_step, threshold_ffn_step: those calls for one layer's weights, checked
+         once, for the decode loop (per call, the checks cost as much as a few percent of a small model's token)
 Setup:   transpose_down (neuron-major down, once at load), convert, to_cuda, set_threads, warmup
 """
 from __future__ import annotations
@@ -514,6 +516,29 @@ def threshold_ffn(Wg: QTensor, Wu: QTensor, Wd_t: QTensor, x: np.ndarray, act: s
     return _like(x, y.reshape(x.shape)), kept
 
 
+def threshold_ffn_step(Wg: QTensor, Wu: QTensor, Wd_t: QTensor, act: str, threshold: float):
+    """`threshold_ffn` bound to one layer's weights and threshold, checked once (see `attention_step`):
+    step(x) -> (y, kept). A float32 [1, d] array x takes the fused kernel directly, anything else
+    `threshold_ffn`."""
+
+    def general(x):
+        return threshold_ffn(Wg, Wu, Wd_t, x, act, threshold)
+
+    if _is_cuda(Wg):
+        return general
+    (fg, ug, ng, _), (_, uu, nu, _), (fd, ud, nd, _) = _ffn_parts(Wg, Wu, Wd_t, act)
+    code, t, parts = cpu.ACT[act], np.float32(threshold), (ng + nu + nd // 2) // MIN_BYTES_PER_THREAD
+    shape = (1, Wg.shape[1])
+
+    def step(x):
+        if type(x) is not np.ndarray or x.dtype is not _F32 or x.shape != shape or not x.flags.c_contiguous:
+            return general(x)
+        y = np.empty(shape, np.float32)
+        return y, cpu.threshold_ffn(fg, ug, uu, fd, ud, x, code, t, y[0], _fixed_split(parts))
+
+    return step
+
+
 def predict_rows(W1: QTensor, W2_t: QTensor, h: np.ndarray, threshold: float) -> np.ndarray:
     """The FFN neurons a low-rank predictor picks for one token, in one call: the ids i (int64,
     ascending) with (W2 @ relu(W1 @ h))[i] > threshold, for W1 [r, d], h [d] or [1, d] and W2 [n_ff, r]
@@ -674,56 +699,149 @@ def attention_block(x: np.ndarray, attn_norm: np.ndarray, Wq: QTensor, Wk: QTens
     x updated in place; returns rms_norm(x, ffn_norm), the FFN's input. The same arithmetic as those
     calls made one by one (which is what runs for GPU weights or q/k/v of different formats), equal
     to float32 rounding: the fastmath sums of the norms and the attention may be vectorized in
-    another order once compiled together."""
+    another order once compiled together. `attention_step` binds a layer's weights once."""
     xn = _host(x)
-    cpu_ok = not _is_cuda(Wq) and not _is_cuda(Wo) and xn is not None and xn.dtype is _F32 and xn.flags.c_contiguous
-    if cpu_ok:
-        fq, uq, nq, _ = _info(Wq)
-        fk, uk, nk, _ = _info(Wk)
-        fv, uv, nv, _ = _info(Wv)
-        cpu_ok = fq == fk == fv and uq.flags.c_contiguous == uk.flags.c_contiguous == uv.flags.c_contiguous
-    if not cpu_ok:
+    fixed = None
+    if xn is not None and xn.dtype is _F32 and xn.flags.c_contiguous:
+        fixed = _attention_fixed(attn_norm, Wq, Wk, Wv, Wo, biases, ffn_norm)
+    if fixed is None:
         h = rms_norm(x, attn_norm, eps)
         q, k, v = linears((Wq, Wk, Wv), h)
         if biases is not None:
             q, k, v = q + biases[0], k + biases[1], v + biases[2]
         x += linear(Wo, attention_decode(q, k, v, k_cache, v_cache, pos, cos, sin, interleaved))
         return rms_norm(x, ffn_norm, eps)
-    if xn.shape != (1, Wq.shape[1]) or Wo.shape[0] != Wq.shape[1]:
-        raise ValueError(f"x {tuple(x.shape)} must be [1, {Wq.shape[1]}] and the output projection {Wo.shape} must map back to it")
+    if xn.shape != (1, Wq.shape[1]):
+        raise ValueError(f"x {tuple(x.shape)} must be [1, {Wq.shape[1]}]")
     kc, vc = _kv_cache(k_cache, v_cache, pos)
-    KV, hd = kc.shape[1:]
-    if Wk.shape[0] != KV * hd or Wv.shape[0] != KV * hd or Wq.shape[0] % (KV * hd) or Wo.shape[1] != Wq.shape[0]:
-        raise ValueError(f"q {Wq.shape}, k {Wk.shape}, v {Wv.shape}, o {Wo.shape} do not fit the cache's {KV} kv heads of {hd}")
+    _check_kv(kc, Wk)
+    h = np.empty_like(xn)
+    _fused_attention(fixed, xn, kc, vc, pos, _np(cos).reshape(-1), _np(sin).reshape(-1), interleaved, eps, h,
+                     get_threads())
+    return _like(x, h)
+
+
+def attention_step(attn_norm: np.ndarray, Wq: QTensor, Wk: QTensor, Wv: QTensor, Wo: QTensor, biases: tuple | None,
+                   ffn_norm: np.ndarray, eps: float, interleaved: bool):
+    """`attention_block` bound to one layer's weights, checked and converted once, as gpt-fast binds a model
+    after loading: step(x, k_cache, v_cache, pos, cos, sin) -> h, x updated in place. A decode step runs it on
+    every layer, where `attention_block`'s checks cost ~4 us a call (BENCHMARKS.md). Per call only what
+    changes is checked: x (a float32 [1, d] array, else `attention_block` runs), the cache (as there) and
+    pos. cos and sin must be float32 [head_dim / 2] arrays (`Transformer`'s rope)."""
+
+    def general(x, k_cache, v_cache, pos, cos, sin):
+        return attention_block(x, attn_norm, Wq, Wk, Wv, Wo, biases, k_cache, v_cache, pos, cos, sin, interleaved, eps,
+                               ffn_norm)
+
+    fixed = _attention_fixed(attn_norm, Wq, Wk, Wv, Wo, biases, ffn_norm)
+    if fixed is None:
+        return general
+    shape = (1, Wq.shape[1])
+
+    def step(x, k_cache, v_cache, pos, cos, sin):
+        if type(x) is not np.ndarray or x.dtype is not _F32 or x.shape != shape or not x.flags.c_contiguous:
+            return general(x, k_cache, v_cache, pos, cos, sin)
+        kc, vc = _kv_cache(k_cache, v_cache, pos)
+        _check_kv(kc, Wk)
+        h = np.empty_like(x)
+        _fused_attention(fixed, x, kc, vc, pos, cos, sin, interleaved, eps, h, get_threads())
+        return h
+
+    return step
+
+
+def _attention_fixed(attn_norm, Wq: QTensor, Wk: QTensor, Wv: QTensor, Wo: QTensor, biases: tuple | None,
+                     ffn_norm) -> tuple | None:
+    """The fused CPU kernel's arguments that are the layer's, checked: None where it does not apply (GPU
+    weights; q, k and v in different formats or layouts)."""
+    if _is_cuda(Wq) or _is_cuda(Wo):
+        return None
+    fq, uq, nq, _ = _info(Wq)
+    fk, uk, nk, _ = _info(Wk)
+    fv, uv, nv, _ = _info(Wv)
+    if not (fq == fk == fv and uq.flags.c_contiguous == uk.flags.c_contiguous == uv.flags.c_contiguous):
+        return None
+    if Wo.shape[0] != Wq.shape[1] or Wv.shape != Wk.shape or Wq.shape[0] % Wk.shape[0] or Wo.shape[1] != Wq.shape[0]:
+        raise ValueError(f"q {Wq.shape}, k {Wk.shape}, v {Wv.shape} and o {Wo.shape} do not make an attention block")
     bq, bk, bv = (_NO_BIAS,) * 3 if biases is None else (_np(b) for b in biases)
     fo, uo, no, _ = _info(Wo)
-    h = np.empty_like(xn)
-    cpu.attention_block(xn, _np(attn_norm), _np(ffn_norm), eps, fq, uq, uk, uv, fo, uo, bq, bk, bv, kc, vc, pos,
-                        _np(cos).reshape(-1), _np(sin).reshape(-1), interleaved, h, _chunks(nq + nk + nv),
-                        _attention_chunks(pos, Wq.shape[0]), _chunks(no))
-    return _like(x, h)
+    return (_np(attn_norm), _np(ffn_norm), fq, uq, uk, uv, fo, uo, bq, bk, bv,
+            (nq + nk + nv) // MIN_BYTES_PER_THREAD, no // MIN_BYTES_PER_THREAD, Wq.shape[0])
+
+
+def _check_kv(kc: np.ndarray, Wk: QTensor) -> None:
+    if kc.shape[1] * kc.shape[2] != Wk.shape[0]:
+        raise ValueError(f"the cache's {kc.shape[1]} kv heads of {kc.shape[2]} do not fit k's {Wk.shape[0]} rows")
+
+
+def _fused_attention(fixed: tuple, x, kc, vc, pos: int, cos, sin, interleaved: bool, eps: float, h,
+                     threads: int) -> None:
+    an, fn, fq, uq, uk, uv, fo, uo, bq, bk, bv, qkv_parts, o_parts, q_size = fixed
+    cpu.attention_block(x, an, fn, eps, fq, uq, uk, uv, fo, uo, bq, bk, bv, kc, vc, pos, cos, sin, interleaved, h,
+                        1 if qkv_parts < 2 else min(threads, qkv_parts), _attention_chunks(pos, q_size),
+                        1 if o_parts < 2 else min(threads, o_parts))
 
 
 _NO_BIAS = np.empty(0, np.float32)
 
 
 def dense_ffn(Wg: QTensor, Wu: QTensor, Wd: QTensor, h: np.ndarray, act: str) -> np.ndarray:
-    """Wd @ (act(Wg @ h) * (Wu @ h)): the whole dense FFN in one kernel call (`gate_up`, then `linear`)."""
+    """Wd @ (act(Wg @ h) * (Wu @ h)): the whole dense FFN in one kernel call (`gate_up`, then `linear`).
+    `dense_ffn_step` binds a layer's weights once."""
+    fixed = _dense_ffn_fixed(Wg, Wu, Wd, act)
+    if fixed is None and (_is_cuda(Wg) or _is_cuda(Wd)):
+        return linear(Wd, gate_up(Wg, Wu, h, act))
+    xn = _x2d(Wg, h)
+    if fixed is None or xn.shape[0] > GEMV_MAX_T:
+        return _like(h, linear(Wd, gate_up(Wg, Wu, xn, act)))
+    y = np.empty((xn.shape[0], Wd.shape[0]), np.float32)
+    _fused_dense_ffn(fixed, xn, y, get_threads())
+    return _like(h, y)
+
+
+def dense_ffn_step(Wg: QTensor, Wu: QTensor, Wd: QTensor, act: str):
+    """`dense_ffn` bound to one layer's weights, checked once (see `attention_step`): step(h) -> y. Only h
+    is checked per call: a float32 [1, d] array takes the fused kernel directly, anything else `dense_ffn`."""
+
+    def general(h):
+        return dense_ffn(Wg, Wu, Wd, h, act)
+
+    fixed = _dense_ffn_fixed(Wg, Wu, Wd, act)
+    if fixed is None:
+        return general
+    shape, out = (1, Wg.shape[1]), (1, Wd.shape[0])
+
+    def step(h):
+        if type(h) is not np.ndarray or h.dtype is not _F32 or h.shape != shape or not h.flags.c_contiguous:
+            return general(h)
+        y = np.empty(out, np.float32)
+        _fused_dense_ffn(fixed, h, y, get_threads())
+        return y
+
+    return step
+
+
+def _dense_ffn_fixed(Wg: QTensor, Wu: QTensor, Wd: QTensor, act: str) -> tuple | None:
+    """The fused CPU kernel's arguments that are the layer's, checked: None where it does not apply (GPU
+    weights, gate and up in different formats)."""
     if act not in cpu.ACT:
         raise ValueError(f"unknown activation {act!r}; known: {', '.join(ACTIVATIONS)}")
     if Wd.shape[1] != Wg.shape[0] or Wu.shape != Wg.shape:
         raise ValueError(f"gate {Wg.shape}, up {Wu.shape} and down {Wd.shape} do not form an FFN ([n_ff, d], [n_ff, d], [d, n_ff])")
     if _is_cuda(Wg) or _is_cuda(Wd):
-        return linear(Wd, gate_up(Wg, Wu, h, act))
-    xn = _x2d(Wg, h)
+        return None
     fg, ug, ng, _ = _info(Wg)
     fu, uu, nu, _ = _info(Wu)
-    if xn.shape[0] > GEMV_MAX_T or fg != fu:
-        return _like(h, linear(Wd, gate_up(Wg, Wu, xn, act)))
     fd, ud, nd, _ = _info(Wd)
-    y = np.empty((xn.shape[0], ud.shape[0]), np.float32)
-    cpu.dense_ffn(fg, ug, uu, fd, ud, xn, cpu.ACT[act], y, _chunks(ng + nu), _chunks(nd))
-    return _like(h, y)
+    if fg != fu:
+        return None
+    return fg, ug, uu, fd, ud, cpu.ACT[act], (ng + nu) // MIN_BYTES_PER_THREAD, nd // MIN_BYTES_PER_THREAD
+
+
+def _fused_dense_ffn(fixed: tuple, x: np.ndarray, y: np.ndarray, threads: int) -> None:
+    fg, ug, uu, fd, ud, code, gate_up_parts, down_parts = fixed
+    cpu.dense_ffn(fg, ug, uu, fd, ud, x, code, y, 1 if gate_up_parts < 2 else min(threads, gate_up_parts),
+                  1 if down_parts < 2 else min(threads, down_parts))
 
 
 # ---------------------------------------------------------------------------------------------
