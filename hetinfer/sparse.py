@@ -182,16 +182,16 @@ class SparseFFN:
         if self.dense[layer]:
             self.meter.count(layer, self.n_ff * h.shape[0], h.shape[0])
             return self.model.transformer.dense_ffn(layer, h)
+        if self.thresholds is not None and h.shape[0] == 1:
+            y, kept = self._threshold_steps[layer](h)
+            self._kept(layer, kept)
+            return y
         L = self.model.weights.layers[layer]
         if h.shape[0] > 1:  # a prompt: dense gate/up, masked down (prefill is compute-bound anyway)
             act = kernels.gate_up(L.gate, L.up, h, self.act_name)
             mask = self._mask(layer, h, act)
             self._kept(layer, int(mask.sum()), h.shape[0])
             return kernels.linear(L.down, act * mask)
-        if self.thresholds is not None:
-            y, kept = self._threshold_steps[layer](h)
-            self._kept(layer, kept)
-            return y
         if self.needs_act:
             act = kernels.gate_up(L.gate, L.up, h, self.act_name)
             mask = self._mask(layer, h, act)
