@@ -83,6 +83,9 @@ def test_plan_roundtrip_gives_the_engine_every_neurons_tier(tmp_path, overlap):
 
     text = report({**m, "inputs": {"frequencies": "every neuron"}}, "plan")
     assert ("flash reads hidden behind compute" in text) == (overlap > 0)
+    assert f"ILP {m['solver']['status']}, gap" in text
+    killed = report({**m, "inputs": {"frequencies": "every neuron"}, "solver": {**m["solver"], "status": "killed"}}, "p")
+    assert "ILP killed, still running past its time limit (its warm start stands in)" in killed
 
 
 def test_reading_a_plan_does_not_import_the_solver(tmp_path):

@@ -279,6 +279,10 @@ def summary(manifest: dict, path: str) -> dict:
     }
 
 
+# The solver statuses that need more than their name (`ilp.Solution.status`)
+STATUS_TEXT = {"killed": "killed, still running past its time limit (its warm start stands in)"}
+
+
 def report(manifest: dict, path: str) -> str:
     """Tier table, time breakdown, solver line and per-layer table of a plan manifest."""
     c, t, s = manifest["model"]["config"], manifest["tiers"], manifest["solver"]
@@ -325,7 +329,7 @@ def report(manifest: dict, path: str) -> str:
     gap = "n/a" if s["mip_gap"] is None else f"{s['mip_gap']:.2%}"
     greedy = "none fits" if s["greedy_objective"] is None else f"{1e3 * s['greedy_objective']:.3f} ms/token"
     lines.append(f"solver: chose {s['chosen']} ({1e3 * s['objective']:.3f} ms/token with the ILP's flash read prices); "
-                 f"ILP {s['status']}, gap {gap}, {s['solve_seconds']:.1f} s, "
+                 f"ILP {STATUS_TEXT.get(s['status'], s['status'])}, gap {gap}, {s['solve_seconds']:.1f} s, "
                  f"{s['groups_per_layer']} groups/layer of {s['group_size']} neurons ({s['binaries']} binaries); "
                  f"greedy {greedy}")
     names = list(t)
