@@ -293,8 +293,12 @@ def _check(bad: int, r: np.ndarray, n: int) -> None:
 def _chunks(nbytes: int) -> int:
     """Chunks (one per thread) for a kernel reading `nbytes` of weights whose rows are split among the
     threads; a row's result never depends on the split. Tiny work runs on the calling thread."""
-    n = nbytes // MIN_BYTES_PER_THREAD
-    return 1 if n < 2 else min(get_threads(), n)
+    return _split(nbytes // MIN_BYTES_PER_THREAD, get_threads())
+
+
+def _split(parts: int, threads: int) -> int:
+    """Chunks for work of `parts` shares of MIN_BYTES_PER_THREAD on up to `threads` threads."""
+    return 1 if parts < 2 else min(threads, parts)
 
 
 def _parts(nbytes: int) -> int:
@@ -505,14 +509,12 @@ def threshold_ffn(Wg: QTensor, Wu: QTensor, Wd_t: QTensor, x: np.ndarray, act: s
         raise ValueError(f"unknown activation {act!r}; known: {', '.join(ACTIVATIONS)}")
     if _is_cuda(Wg):
         return _cuda().threshold_ffn(Wg, Wu, Wd_t, x, act, threshold)
-    (fg, ug, ng, _), (_, uu, nu, _), (fd, ud, nd, _) = _ffn_parts(Wg, Wu, Wd_t, act)
-    d = Wg.shape[1]
+    fixed = _threshold_fixed(Wg, Wu, Wd_t, act)
     xn = _x2d(Wg, x)
     if xn.shape[0] != 1:
         raise ValueError(f"threshold_ffn takes one token, got {xn.shape[0]}")
-    y = np.empty(d, np.float32)
-    kept = cpu.threshold_ffn(fg, ug, uu, fd, ud, xn, cpu.ACT[act], np.float32(threshold), y,
-                             _parts(ng + nu + nd // 2))  # about half the down rows read
+    y = np.empty(Wg.shape[1], np.float32)
+    kept = _fused_threshold(fixed, xn, np.float32(threshold), y)
     return _like(x, y.reshape(x.shape)), kept
 
 
@@ -526,17 +528,26 @@ def threshold_ffn_step(Wg: QTensor, Wu: QTensor, Wd_t: QTensor, act: str, thresh
 
     if _is_cuda(Wg):
         return general
-    (fg, ug, ng, _), (_, uu, nu, _), (fd, ud, nd, _) = _ffn_parts(Wg, Wu, Wd_t, act)
-    code, t, parts = cpu.ACT[act], np.float32(threshold), (ng + nu + nd // 2) // MIN_BYTES_PER_THREAD
-    shape = (1, Wg.shape[1])
+    fixed, t, shape = _threshold_fixed(Wg, Wu, Wd_t, act), np.float32(threshold), (1, Wg.shape[1])
 
     def step(x):
         if type(x) is not np.ndarray or x.dtype is not _F32 or x.shape != shape or not x.flags.c_contiguous:
             return general(x)
         y = np.empty(shape, np.float32)
-        return y, cpu.threshold_ffn(fg, ug, uu, fd, ud, x, code, t, y[0], _fixed_split(parts))
+        return y, _fused_threshold(fixed, x, t, y[0])
 
     return step
+
+
+def _threshold_fixed(Wg: QTensor, Wu: QTensor, Wd_t: QTensor, act: str) -> tuple:
+    """The fused CPU kernel's arguments that are the layer's, checked."""
+    (fg, ug, ng, _), (_, uu, nu, _), (fd, ud, nd, _) = _ffn_parts(Wg, Wu, Wd_t, act)
+    return fg, ug, uu, fd, ud, cpu.ACT[act], (ng + nu + nd // 2) // MIN_BYTES_PER_THREAD  # ~half the down rows read
+
+
+def _fused_threshold(fixed: tuple, x: np.ndarray, threshold: np.float32, y: np.ndarray) -> int:
+    fg, ug, uu, fd, ud, code, parts = fixed
+    return cpu.threshold_ffn(fg, ug, uu, fd, ud, x, code, threshold, y, _fixed_split(parts))
 
 
 def predict_rows(W1: QTensor, W2_t: QTensor, h: np.ndarray, threshold: float) -> np.ndarray:
@@ -778,8 +789,7 @@ def _fused_attention(fixed: tuple, x, kc, vc, pos: int, cos, sin, interleaved: b
                      threads: int) -> None:
     an, fn, fq, uq, uk, uv, fo, uo, bq, bk, bv, qkv_parts, o_parts, q_size = fixed
     cpu.attention_block(x, an, fn, eps, fq, uq, uk, uv, fo, uo, bq, bk, bv, kc, vc, pos, cos, sin, interleaved, h,
-                        1 if qkv_parts < 2 else min(threads, qkv_parts), _attention_chunks(pos, q_size),
-                        1 if o_parts < 2 else min(threads, o_parts))
+                        _split(qkv_parts, threads), _attention_chunks(pos, q_size), _split(o_parts, threads))
 
 
 _NO_BIAS = np.empty(0, np.float32)
@@ -840,8 +850,7 @@ def _dense_ffn_fixed(Wg: QTensor, Wu: QTensor, Wd: QTensor, act: str) -> tuple |
 
 def _fused_dense_ffn(fixed: tuple, x: np.ndarray, y: np.ndarray, threads: int) -> None:
     fg, ug, uu, fd, ud, code, gate_up_parts, down_parts = fixed
-    cpu.dense_ffn(fg, ug, uu, fd, ud, x, code, y, 1 if gate_up_parts < 2 else min(threads, gate_up_parts),
-                  1 if down_parts < 2 else min(threads, down_parts))
+    cpu.dense_ffn(fg, ug, uu, fd, ud, x, code, y, _split(gate_up_parts, threads), _split(down_parts, threads))
 
 
 # ---------------------------------------------------------------------------------------------
