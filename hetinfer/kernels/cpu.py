@@ -7,8 +7,10 @@ also for sparse row sets), or run directly when nchunks == 1; sums that several 
 (down projections) use one partial vector per chunk, added up at the end. Kernels take the row
 format as an integer code (`FMT`), weights as their raw uint8 bytes [rows, row_bytes] (each row
 contiguous; rows `strides[0]` apart, so a view into records that bundle several matrices' rows is
-read in place), and float32 arrays for activations. The Python-facing wrappers live in
-`hetinfer/kernels/__init__.py`.
+read in place), and float32 arrays for activations. The dense kernels (matvec, gate_up, the
+threshold FFN's gate and up) also take Q4 rows packed in groups of 8 (`pack_rows`, codes
+Q4_0X8 and Q4_1X8, weights [groups, 8 * row_bytes]), split into chunks by group. The
+Python-facing wrappers live in `hetinfer/kernels/__init__.py`.
 """
 from __future__ import annotations
 
@@ -17,12 +19,12 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from hetinfer.kernels.simd import (BF16, F16, F32, Q4_0, Q4_1, Q8_0, axpy_bf16, axpy_f16, axpy_f32, axpy_q4_0,
-                                   axpy_q4_1, axpy_q8_0, axpy_rows_bf16, axpy_rows_f16, axpy_rows_f32,
-                                   axpy_rows_q4_0, axpy_rows_q4_1, axpy_rows_q8_0, dot_bf16, dot_f16, dot_f32,
-                                   elem_bf16, elem_f16, elem_f32, f32_from_bits, from_kv, prefetch_row,
-                                   quantize_block, to_kv, xdot2_q4_0, xdot2_q4_1, xdot2_q8_0, xdot_q4_0,
-                                   xdot_q4_1, xdot_q8_0)
+from hetinfer.kernels.simd import (BF16, F16, F32, GROUP_ROWS, Q4_0, Q4_0X8, Q4_1, Q4_1X8, Q8_0, axpy_bf16,
+                                   axpy_f16, axpy_f32, axpy_q4_0, axpy_q4_1, axpy_q8_0, axpy_rows_bf16,
+                                   axpy_rows_f16, axpy_rows_f32, axpy_rows_q4_0, axpy_rows_q4_1, axpy_rows_q8_0,
+                                   dot_bf16, dot_f16, dot_f32, elem_bf16, elem_f16, elem_f32, expand_block,
+                                   f32_from_bits, from_kv, prefetch_row, quantize_block, to_kv, xdot2_q4_0,
+                                   xdot2_q4_1, xdot2_q8_0, xdot8_q4_0, xdot8_q4_1, xdot_q4_0, xdot_q4_1, xdot_q8_0)
 
 FMT = {"f32": F32, "f16": F16, "bf16": BF16, "q8_0": Q8_0, "q4_0": Q4_0, "q4_1": Q4_1}
 ACT = {"silu": 0, "relu": 1, "gelu": 2}
@@ -51,7 +53,40 @@ def quantize_x(x, xq, xs):
 @njit(inline="always")
 def _q8x(fmt):
     """Whether rows of `fmt` dot with `quantize_x`'s 8-bit x."""
-    return fmt == Q8_0 or fmt == Q4_0 or fmt == Q4_1
+    return fmt == Q8_0 or fmt == Q4_0 or fmt == Q4_1 or _packed(fmt)
+
+
+@njit(inline="always")
+def _packed(fmt):
+    """Whether `fmt` is a packed format: weights [groups, bytes] of 8 interleaved rows (`pack_rows`)."""
+    return fmt == Q4_0X8 or fmt == Q4_1X8
+
+
+@njit(inline="always")
+def _n_rows(fmt, w):
+    """The matrix rows held by weights w of format fmt."""
+    return w.shape[0] * GROUP_ROWS if _packed(fmt) else w.shape[0]
+
+
+@njit(inline="always")
+def _expand(fmt, xq):
+    """x's blocks in the lanes the packed dots read (`expand_block`); empty for the other formats."""
+    xe = np.empty((xq.shape[0], xq.shape[1] if _packed(fmt) else 0, 4 * 64), np.int8)
+    if _packed(fmt):
+        for t in range(xq.shape[0]):
+            for k in range(xq.shape[1]):
+                expand_block(xq, xe, t * xq.shape[1] + k)
+    return xe
+
+
+@njit(inline="always")
+def _xdot8(fmt, w, g, xe, xs, t, out, ooff):
+    """out.flat[ooff .. ooff + 8] = the dots of group g's 8 rows with token t of x."""
+    nb = xe.shape[1]
+    if fmt == Q4_1X8:
+        xdot8_q4_1(w, g * w.strides[0], xe, xs, t * nb, nb, out, ooff)
+    else:
+        xdot8_q4_0(w, g * w.strides[0], xe, xs, t * nb, nb, out, ooff)
 
 
 @njit(inline="always")
@@ -229,9 +264,31 @@ def _matvec_rows(fmt, ws, x, xq, xs, outs, lo, hi):
         base += n
 
 
+@njit(inline="always")
+def _matvec_groups(fmt, ws, xe, xs, outs, lo, hi):
+    """`_matvec_rows` for packed weights, lo and hi counting groups of 8 rows."""
+    base = 0
+    for m in range(len(ws)):
+        w, out = ws[m], outs[m]
+        end = min(hi - base, w.shape[0])
+        for g in range(max(lo - base, 0), end):
+            for t in range(out.shape[0]):
+                _xdot8(fmt, w, g, xe, xs, t, out, t * out.shape[1] + GROUP_ROWS * g)
+        base += w.shape[0]
+
+
+@njit(inline="always")
+def _matvec_any(fmt, ws, x, xq, xs, xe, outs, lo, hi):
+    if _packed(fmt):
+        _matvec_groups(fmt, ws, xe, xs, outs, lo, hi)
+    else:
+        _matvec_rows(fmt, ws, x, xq, xs, outs, lo, hi)
+
+
 @njit(parallel=_PRANGE_ONLY, error_model="numpy", cache=True, nogil=True)
 def matvec(fmt, ws, x, outs, nchunks):
-    """outs[m][t] = ws[m] @ x[t] for every matrix m in the tuple `ws` (same format and cols).
+    """outs[m][t] = ws[m] @ x[t] for every matrix m in the tuple `ws` (same format and cols; packed
+    weights split into chunks by group).
 
     x: [T, cols]; outs[m]: [T, rows_m]. One call for q/k/v shares the thread wake-up.
     """
@@ -239,12 +296,13 @@ def matvec(fmt, ws, x, outs, nchunks):
     for m in range(len(ws)):
         total += ws[m].shape[0]
     xq, xs = _prep(fmt, x)
+    xe = _expand(fmt, xq)
     if nchunks == 1:
-        _matvec_rows(fmt, ws, x, xq, xs, outs, 0, total)
+        _matvec_any(fmt, ws, x, xq, xs, xe, outs, 0, total)
         return
     for c in prange(nchunks):
         lo, hi = _chunk(c, nchunks, total)
-        _matvec_rows(fmt, ws, x, xq, xs, outs, lo, hi)
+        _matvec_any(fmt, ws, x, xq, xs, xe, outs, lo, hi)
 
 
 @njit(inline="always")
@@ -314,17 +372,39 @@ def _gate_up_rows(fmt, wg, wu, x, xq, xs, act, h, lo, hi):
             h[t, i] = _act(act, g) * u
 
 
+@njit(inline="always")
+def _gate_up_groups(fmt, wg, wu, xe, xs, act, h, lo, hi):
+    """`_gate_up_rows` for packed weights, lo and hi counting groups of 8 neurons."""
+    u = np.empty(GROUP_ROWS, np.float32)
+    for g in range(lo, hi):
+        for t in range(h.shape[0]):
+            at = t * h.shape[1] + GROUP_ROWS * g
+            _xdot8(fmt, wg, g, xe, xs, t, h, at)
+            _xdot8(fmt, wu, g, xe, xs, t, u, 0)
+            for r in range(GROUP_ROWS):
+                h[t, GROUP_ROWS * g + r] = _act(act, h[t, GROUP_ROWS * g + r]) * u[r]
+
+
+@njit(inline="always")
+def _gate_up_any(fmt, wg, wu, x, xq, xs, xe, act, h, lo, hi):
+    if _packed(fmt):
+        _gate_up_groups(fmt, wg, wu, xe, xs, act, h, lo, hi)
+    else:
+        _gate_up_rows(fmt, wg, wu, x, xq, xs, act, h, lo, hi)
+
+
 @njit(parallel=_PRANGE_ONLY, error_model="numpy", cache=True, nogil=True)
 def gate_up(fmt, wg, wu, x, act, h, nchunks):
     """h[t, i] = act(wg[i] @ x[t]) * (wu[i] @ x[t]): the dense FFN's first half in one pass."""
-    n = wg.shape[0]
+    n = wg.shape[0]  # rows, or groups of 8 packed rows
     xq, xs = _prep(fmt, x)
+    xe = _expand(fmt, xq)
     if nchunks == 1:
-        _gate_up_rows(fmt, wg, wu, x, xq, xs, act, h, 0, n)
+        _gate_up_any(fmt, wg, wu, x, xq, xs, xe, act, h, 0, n)
         return
     for c in prange(nchunks):
         lo, hi = _chunk(c, nchunks, n)
-        _gate_up_rows(fmt, wg, wu, x, xq, xs, act, h, lo, hi)
+        _gate_up_any(fmt, wg, wu, x, xq, xs, xe, act, h, lo, hi)
 
 
 @njit(inline="always")
@@ -377,14 +457,15 @@ def sparse_ffn(fmt, wg, wu, fmt_d, wd_t, rows, x, act, y, h, nchunks):
 # (BENCHMARKS.md, issue 18). The kept neurons' down rows are hinted into the cache while the next group's
 # gate and up rows are read, then added into y (added at once, or hinted only a row ahead, the run waited
 # on them).
-DECIDE = 32
+DECIDE = 32  # a multiple of GROUP_ROWS
 
 
 @njit(inline="always")
-def _threshold_rows(fmt, wg, wu, fmt_d, wd_t, x, xq, xs, act, threshold, y, lo, hi):
+def _threshold_rows(fmt, wg, wu, fmt_d, wd_t, x, xq, xs, xe, act, threshold, y, lo, hi):
     """Neurons lo..hi-1: gate and up rows of each, then the down rows of those with |h| > threshold
     added into y in ascending order; returns how many were kept."""
     pf = _ahead(wg)
+    u = np.empty(GROUP_ROWS, np.float32)
     ids = np.empty((2, DECIDE), np.int64)  # two groups: the one being decided, the one being added
     coef = np.empty((2, DECIDE), np.float32)
     h = np.empty(DECIDE, np.float32)
@@ -395,9 +476,16 @@ def _threshold_rows(fmt, wg, wu, fmt_d, wd_t, x, xq, xs, act, threshold, y, lo, 
             if k < m_last:
                 prefetch_row(wd_t, ids[1 - g, k] * wd_t.strides[0], wd_t.shape[1])
             i = start + k
-            nxt = i + pf if i + pf < hi else i
-            gate, up = _rowdot2(fmt, wg, wu, i, x, xq, xs, 0, nxt)
-            h[k] = _act(act, gate) * up
+            if _packed(fmt):  # a group's 8 neurons at its first (lo, hi and DECIDE are multiples of 8)
+                if k % GROUP_ROWS == 0:
+                    _xdot8(fmt, wg, i // GROUP_ROWS, xe, xs, 0, h, k)
+                    _xdot8(fmt, wu, i // GROUP_ROWS, xe, xs, 0, u, 0)
+                    for r in range(GROUP_ROWS):
+                        h[k + r] = _act(act, h[k + r]) * u[r]
+            else:
+                nxt = i + pf if i + pf < hi else i
+                gate, up = _rowdot2(fmt, wg, wu, i, x, xq, xs, 0, nxt)
+                h[k] = _act(act, gate) * up
         m = 0
         for k in range(n):
             ids[g, m], coef[g, m] = start + k, h[k]
@@ -417,18 +505,21 @@ def threshold_ffn(fmt, wg, wu, fmt_d, wd_t, x, act, threshold, y, nchunks):
     Each thread reads the gate and up rows of its range of neurons once and adds the down rows of the
     kept ones into its own partial y (see sparse_ffn), so only the kept neurons' down rows are read.
     """
-    n = min(wg.shape[0], wu.shape[0], wd_t.shape[0])
+    n = min(_n_rows(fmt, wg), _n_rows(fmt, wu), wd_t.shape[0])
+    unit = GROUP_ROWS if _packed(fmt) else 1  # chunks split packed rows at group boundaries
     for j in range(y.shape[0]):
         y[j] = 0
     xq, xs = _prep(fmt, x)
+    xe = _expand(fmt, xq)
     if nchunks == 1:
-        return _threshold_rows(fmt, wg, wu, fmt_d, wd_t, x, xq, xs, act, threshold, y, 0, n)
+        return _threshold_rows(fmt, wg, wu, fmt_d, wd_t, x, xq, xs, xe, act, threshold, y, 0, n)
     part = np.empty((nchunks, y.shape[0]), np.float32)
     kept = np.empty(nchunks, np.int64)
     for c in prange(nchunks):
-        lo, hi = _chunk(c, nchunks, n)
+        lo, hi = _chunk(c, nchunks, n // unit)
         acc = np.zeros(y.shape[0], np.float32)  # thread-local, see sparse_ffn
-        kept[c] = _threshold_rows(fmt, wg, wu, fmt_d, wd_t, x, xq, xs, act, threshold, acc, lo, hi)
+        kept[c] = _threshold_rows(fmt, wg, wu, fmt_d, wd_t, x, xq, xs, xe, act, threshold, acc, lo * unit,
+                                  hi * unit)
         part[c] = acc
     total = 0
     for c in range(nchunks):
@@ -461,6 +552,29 @@ def dequantize_rows(fmt, w, rows, out, nchunks):
         lo, hi = _chunk(c, nchunks, n)
         _dequant_rows(fmt, w, rows, out, lo, hi)
     return -1
+
+
+@njit(error_model="numpy", cache=True, nogil=True)
+def pack_rows(fmt, w, out):
+    """Rows w [8 G, row_bytes] of q4_0 or q4_1 (fmt) into out [G, 8 row_bytes] (zeroed), their groups of 8
+    rows interleaved block by block as the packed dots read them (layout in simd.py): the same bytes,
+    moved; `reference.unpack_rows` undoes it."""
+    bb = 20 if fmt == Q4_1 else 18  # bytes of a row's block; its nibbles start at qoff
+    qoff = 4 if fmt == Q4_1 else 2
+    head = 32 if fmt == Q4_1 else 16  # a group block's scales (d[8], then q4_1's m[8]) before its nibbles
+    for g in range(out.shape[0]):
+        for k in range(w.shape[1] // bb):
+            o, src = k * GROUP_ROWS * bb, k * bb
+            for r in range(GROUP_ROWS):
+                row = w[GROUP_ROWS * g + r]
+                out[g, o + 2 * r], out[g, o + 2 * r + 1] = row[src], row[src + 1]
+                if fmt == Q4_1:
+                    out[g, o + 16 + 2 * r], out[g, o + 17 + 2 * r] = row[src + 2], row[src + 3]
+                for j in range(32):
+                    q = (np.int64(row[src + qoff + j % 16]) >> (4 * (j // 16))) & 15  # weight j's nibble
+                    t, lane = j // 8, r + GROUP_ROWS * (j % 8 // 4)
+                    at = o + head + 64 * (t % 2) + 4 * lane + j % 4  # P0: vectors 0, 2; P1: 1, 3
+                    out[g, at] |= np.uint8(q << (4 * (t // 2)))
 
 
 @njit(fastmath=True, error_model="numpy", cache=True, nogil=True)
@@ -631,9 +745,9 @@ def attention_block(x, attn_norm, ffn_norm, eps, fmt, wq, wk, wv, fmt_o, wo, bq,
     this token's rotated key and its value at `pos` (see `attention_decode`)."""
     hn = np.empty_like(x)
     rms_norm(x, attn_norm, eps, hn)
-    q = np.empty((1, wq.shape[0]), np.float32)
-    k = np.empty((1, wk.shape[0]), np.float32)
-    v = np.empty((1, wv.shape[0]), np.float32)
+    q = np.empty((1, _n_rows(fmt, wq)), np.float32)
+    k = np.empty((1, _n_rows(fmt, wk)), np.float32)
+    v = np.empty((1, _n_rows(fmt, wv)), np.float32)
     matvec(fmt, (wq, wk, wv), hn, (q, k, v), nchunks_qkv)
     for j in range(bq.shape[0]):
         q[0, j] += bq[j]
@@ -643,7 +757,7 @@ def attention_block(x, attn_norm, ffn_norm, eps, fmt, wq, wk, wv, fmt_o, wo, bq,
         v[0, j] += bv[j]
     att = np.empty((q.shape[1] // kc.shape[2], kc.shape[2]), np.float32)
     attention_decode(q[0], k[0], v[0], kc, vc, pos, cos, sin, interleaved, att, nchunks_att)
-    o = np.empty((1, wo.shape[0]), np.float32)
+    o = np.empty((1, _n_rows(fmt_o, wo)), np.float32)
     matvec(fmt_o, (wo,), att.reshape(1, -1), (o,), nchunks_o)
     for j in range(x.shape[1]):
         x[0, j] += o[0, j]
@@ -653,7 +767,7 @@ def attention_block(x, attn_norm, ffn_norm, eps, fmt, wq, wk, wv, fmt_o, wo, bq,
 @njit(error_model="numpy", cache=True, nogil=True)
 def dense_ffn(fmt, wg, wu, fmt_d, wd, x, act, y, nchunks_gate_up, nchunks_down):
     """y = wd @ (act(wg @ x) * (wu @ x)) for x [T, d] (T <= a few tokens): `gate_up`, then `matvec`."""
-    a = np.empty((x.shape[0], wg.shape[0]), np.float32)
+    a = np.empty((x.shape[0], _n_rows(fmt, wg)), np.float32)
     gate_up(fmt, wg, wu, x, act, a, nchunks_gate_up)
     matvec(fmt_d, (wd,), a, (y,), nchunks_down)
 

@@ -24,6 +24,25 @@ def act(name: str, g: np.ndarray) -> np.ndarray:
     raise ValueError(f"unknown activation {name!r}")
 
 
+def unpack_rows(qtype: str, packed: np.ndarray) -> np.ndarray:
+    """The rows [8 G, row_bytes] of q4_0 or q4_1 that `cpu.pack_rows` packed into groups [G, 8 row_bytes]."""
+    bb, head = (20, 32) if qtype == "q4_1" else (18, 16)
+    G, nb = packed.shape[0], packed.shape[1] // (8 * bb)
+    blocks = packed.reshape(G, nb, 8 * bb)
+    rows = np.zeros((G, 8, nb, bb), np.uint8)
+    rows[..., 0:2] = blocks[..., 0:16].reshape(G, nb, 8, 2).transpose(0, 2, 1, 3)
+    if qtype == "q4_1":
+        rows[..., 2:4] = blocks[..., 16:32].reshape(G, nb, 8, 2).transpose(0, 2, 1, 3)
+    p = blocks[..., head:].reshape(G, nb, 2, 64)
+    vec = np.stack([p[:, :, 0] & 15, p[:, :, 1] & 15, p[:, :, 0] >> 4, p[:, :, 1] >> 4], axis=2)  # [G, nb, 4, 64]
+    q = np.empty((G, 8, nb, 32), np.uint8)
+    for j in range(32):  # weight j of row r: vector j // 8, lane r + 8 * (j % 8 // 4), byte j % 4
+        t, half = j // 8, j % 8 // 4
+        q[..., j] = vec[:, :, t, [4 * (r + 8 * half) + j % 4 for r in range(8)]].transpose(0, 2, 1)
+    rows[..., bb - 16:] = q[..., :16] | (q[..., 16:] << 4)
+    return rows.reshape(G * 8, nb * bb)
+
+
 def _w(W: QTensor, rows=None) -> np.ndarray:
     return W.dequantize(rows).astype(np.float64)
 

@@ -493,6 +493,134 @@ def _make_elem(fmt: int):
     return elem
 
 
+# ---------------------------------------------------------------------------------------------
+# Row groups: 8 rows of a nibble format interleaved block by block (`pack_rows`, in cpu.py)
+# ---------------------------------------------------------------------------------------------
+# One dot per row spends most of its instructions on each block's float scaling, not on its 32
+# weights (the Q4 GEMVs ran compute-bound at ~20 GB/s). Interleaving 8 rows, as llama.cpp's
+# repacked formats do, lets one 512-bit vpdpbusd (or its AVX2 sequence) multiply 4 weights of each
+# of 8 rows twice over, and one <8 x float> FMA scale a block of all 8 rows. A group's block b, at b * GROUP_BLOCK[fmt]:
+#   d[8] (f16, row r's scale), for q4_1 m[8] (f16), then 128 bytes P0 | P1 of nibbles:
+#   weight j of row r sits in vector t = j // 8 (0..3), lane l = r + 8 * (j % 8 // 4), byte j % 4,
+#   and P0 holds vectors 0 (low nibbles) and 2 (high), P1 vectors 1 and 3.
+# x is expanded to the same lanes once per call (`expand_block`): byte 4 * l + e of vector t is
+# x[8 * t + 4 * (l // 8) + e].
+GROUP_ROWS = 8
+# Packed formats, their codes, and bytes per block of a group (8 blocks of the row format)
+Q4_0X8, Q4_1X8 = 6, 7
+PACKED = {Q4_0: Q4_0X8, Q4_1: Q4_1X8}
+GROUP_BLOCK = {Q4_0X8: 8 * 18, Q4_1X8: 8 * 20}
+# Where the 64-byte dot below has an instruction sequence (AVX2 and up), the kernels pack Q4 rows
+PACKS = _AVX2
+_VNNI512 = {"+avx512vnni", "+avx512bw", "+avx512f"} <= _FEATURES
+_V16I, _V64B = ir.VectorType(_I32, 16), ir.VectorType(_I8, 64)
+
+
+def _dot64(b: ir.IRBuilder, acc: ir.Value, w: ir.Value, x: ir.Value) -> ir.Value:
+    """acc <16 x i32> + the sums of 4 adjacent products of u8 w and s8 x <64 x i8> per lane (vpdpbusd's):
+    one 512-bit vpdpbusd with AVX512-VNNI, two 256-bit ones with VNNI on 256 bits, else per half vpmaddubsw
+    (w <= 15 here: its pair sums never saturate) and vpmaddwd with ones; the same exact sums everywhere."""
+    if _VNNI512:
+        return _call(b, "llvm.x86.avx512.vpdpbusd.512", _V16I, acc, b.bitcast(w, _V16I), b.bitcast(x, _V16I))
+
+    def half(v, h, n):
+        return b.shuffle_vector(v, v, ir.Constant(ir.VectorType(_I32, n), list(range(h * n, h * n + n))))
+
+    parts = []
+    for h in range(2):
+        wh, xh, ah = half(w, h, 32), half(x, h, 32), half(acc, h, 8)
+        if _VNNI:
+            parts.append(_call(b, "llvm.x86.avx512.vpdpbusd.256", _V8I, ah, b.bitcast(wh, _V8I), b.bitcast(xh, _V8I)))
+        elif _AVX2:
+            p16 = _call(b, "llvm.x86.avx2.pmadd.ub.sw", _VW, wh, xh)
+            parts.append(b.add(ah, _call(b, "llvm.x86.avx2.pmadd.wd", _V8I, p16, ir.Constant(_VW, [1] * 16))))
+        else:  # no packing here (PACKS); valid code all the same
+            prod = b.mul(b.zext(wh, ir.VectorType(_I32, 32)), b.sext(xh, ir.VectorType(_I32, 32)))
+            for e in range(4):
+                ah = b.add(ah, b.shuffle_vector(prod, prod, ir.Constant(_V8I, [4 * k + e for k in range(8)])))
+            parts.append(ah)
+    return b.shuffle_vector(parts[0], parts[1], ir.Constant(_V16I, list(range(16))))
+
+
+def _xdot8_codegen(fmt: int, b: ir.IRBuilder, wp: ir.Value, ep: ir.Value, sp: ir.Value, op: ir.Value,
+                   nblocks: ir.Value) -> None:
+    """The 8 rows' dots of the group at wp with the expanded x at ep (scales at sp), stored at op."""
+    gb = GROUP_BLOCK[fmt]
+    qoff = 32 if fmt == Q4_1X8 else 16
+    v8h = ir.VectorType(_HALF, 8)
+    f15, f4 = ir.Constant(_V64B, [15] * 64), ir.Constant(_V64B, [4] * 64)
+    zero = ir.Constant(_V8F, None)
+
+    def block(k, acc, macc):
+        p = b.gep(wp, [b.mul(k, ir.Constant(_I64, gb))])
+        d = b.fpext(_load(b, p, 0, v8h), _V8F)
+        p0, p1 = _load(b, p, qoff, _V64B), _load(b, p, qoff + 64, _V64B)
+        e = b.gep(ep, [b.mul(k, ir.Constant(_I64, 4 * 64))])
+        isum = ir.Constant(_V16I, [0] * 16)
+        for t, w in enumerate((b.and_(p0, f15), b.and_(p1, f15), b.lshr(p0, f4), b.lshr(p1, f4))):
+            isum = _dot64(b, isum, w, _load(b, e, 64 * t, _V64B))
+        lo = b.shuffle_vector(isum, isum, ir.Constant(_V8I, list(range(8))))
+        hi = b.shuffle_vector(isum, isum, ir.Constant(_V8I, list(range(8, 16))))
+        s2 = b.gep(sp, [b.mul(k, ir.Constant(_I64, 2))])
+        dx, sx = b.load(s2), b.load(b.gep(s2, [ir.Constant(_I64, 1)]))
+        acc = _fma(b, b.sitofp(b.add(lo, hi), _V8F), b.fmul(d, _splat(b, dx, 8)), acc)
+        # q4_1: + m * s_x; q4_0 (w = d * (q - 8)): - 8 d * s_x, the d * s_x summed here, times -8 at the end
+        m = b.fpext(_load(b, p, 16, v8h), _V8F) if fmt == Q4_1X8 else d
+        return acc, _fma(b, m, _splat(b, sx, 8), macc)
+
+    def two(i, accs):  # two blocks a step: independent FMA chains
+        a0, m0 = block(i, accs[0], accs[1])
+        a1, m1 = block(b.add(i, ir.Constant(_I64, 1)), accs[2], accs[3])
+        return [a0, m0, a1, m1]
+
+    i, (a0, m0, a1, m1) = _for(b, ir.Constant(_I64, 0), nblocks, 2, [zero] * 4, two)
+    _, (acc, macc) = _for(b, i, nblocks, 1, [b.fadd(a0, a1), b.fadd(m0, m1)],
+                          lambda k, accs: list(block(k, accs[0], accs[1])))
+    if fmt == Q4_0X8:
+        macc = b.fmul(macc, ir.Constant(_V8F, [-8.0] * 8))
+    b.store(b.fadd(acc, macc), b.bitcast(op, _V8F.as_pointer()), align=4)
+
+
+def _make_xdot8(fmt: int):
+    @intrinsic
+    def xdot8(typingctx, w, goff, xe, xs, xb, nblocks, out, ooff):
+        """out[ooff .. ooff + 8] = the dots of the 8 rows of the group at w[goff bytes ..] with x, x given
+        as blocks xb, xb + 1, ... of `expand_block`'s xe and `quantize_x`'s xs: per block an exact int32
+        dot (4 vpdpbusd), then d_w * d_x and m_w * s_x as in `xdot`, for the 8 rows at once."""
+        sig = types.void(w, types.intp, xe, xs, types.intp, types.intp, out, types.intp)
+
+        def codegen(context, b, sig, args):
+            wp = _ptr(context, b, sig.args[0], args[0], args[1], True)
+            ep = _ptr(context, b, sig.args[2], args[2], b.mul(args[4], ir.Constant(_I64, 4 * 64)), True)
+            sp = _ptr(context, b, sig.args[3], args[3], b.mul(args[4], ir.Constant(_I64, 2)), False)
+            op = _ptr(context, b, sig.args[6], args[6], args[7], False)
+            _xdot8_codegen(fmt, b, wp, ep, sp, op, args[5])
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return xdot8
+
+
+@intrinsic
+def expand_block(typingctx, xq, xe, blk):
+    """Block `blk` of quantize_x's xq (32 int8) into the 4 x 64 bytes of xe the packed dots read (the
+    layout above): 4 byte shuffles."""
+    sig = types.void(xq, xe, types.intp)
+
+    def codegen(context, b, sig, args):
+        qp = _ptr(context, b, sig.args[0], args[0], b.mul(args[2], ir.Constant(_I64, _N)), True)
+        ep = _ptr(context, b, sig.args[1], args[1], b.mul(args[2], ir.Constant(_I64, 4 * 64)), True)
+        q = _load(b, qp, 0, _VB)
+        for t in range(4):
+            lanes = [8 * t + 4 * (lane // 8) + e for lane in range(16) for e in range(4)]
+            v = b.shuffle_vector(q, q, ir.Constant(ir.VectorType(_I32, 64), lanes))
+            b.store(v, b.bitcast(b.gep(ep, [ir.Constant(_I64, 64 * t)]), _V64B.as_pointer()), align=1)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
 dot_f32, dot_f16, dot_bf16 = (_make_dot(f) for f in (F32, F16, BF16))
 xdot_q8_0, xdot_q4_0, xdot_q4_1 = (_make_xdot(f) for f in (Q8_0, Q4_0, Q4_1))
 xdot2_q8_0, xdot2_q4_0, xdot2_q4_1 = (_make_xdot2(f) for f in (Q8_0, Q4_0, Q4_1))
@@ -500,6 +628,7 @@ axpy_f32, axpy_f16, axpy_bf16, axpy_q8_0, axpy_q4_0, axpy_q4_1 = (_make_axpy(f) 
 (axpy_rows_f32, axpy_rows_f16, axpy_rows_bf16, axpy_rows_q8_0, axpy_rows_q4_0,
  axpy_rows_q4_1) = (_make_axpy_rows(f) for f in range(6))
 elem_f32, elem_f16, elem_bf16 = (_make_elem(f) for f in range(3))
+xdot8_q4_0, xdot8_q4_1 = (_make_xdot8(f) for f in (Q4_0X8, Q4_1X8))
 
 
 # ---------------------------------------------------------------------------------------------
