@@ -71,6 +71,64 @@ def test_linear(qtype, T):
         assert_close(kernels.linear(W, x), ref.linear(W, x.numpy()), bound_linear(W, x.numpy()))
 
 
+PACKABLE = ("q4_0", "q4_1")  # formats whose rows the dense kernels pack in groups of 8
+
+
+def packed(W):
+    """Whether the dense kernels read W's rows packed (`kernels._dense_info`)."""
+    return kernels._dense_info(W)[0] in kernels.simd.PACKED.values()
+
+
+@pytest.mark.parametrize("qtype", PACKABLE)
+def test_pack_rows_round_trips(qtype):
+    """cpu.pack_rows moves every byte of 8 rows into its group's interleaved place: the reference's unpacking
+    gives the rows back, for 1, 2 and 3 blocks (the packed dot's loop of 2 blocks and its tail)."""
+    for rows, cols in ((8, 32), (16, 64), (48, 96)):
+        W = rand_q(rows, cols, qtype, seed=rows)
+        out = np.zeros((rows // 8, 8 * W.row_bytes), np.uint8)
+        cpu.pack_rows(cpu.FMT[qtype], W.data, out)
+        assert np.array_equal(ref.unpack_rows(qtype, out), W.data)
+        assert not np.array_equal(out.reshape(W.data.shape), W.data)  # moved, not copied
+
+
+@pytest.mark.skipif(not kernels.simd.PACKS, reason="this CPU has no AVX2: rows are never packed")
+@pytest.mark.parametrize("qtype", PACKABLE)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_packed_rows_against_reference(qtype, threads, monkeypatch):
+    """Read-only Q4 weights whose rows are a multiple of 8 (a mapped model file's) are packed at their first
+    dense call: linear for 1, 3 and 9 tokens, q/k/v in one call, gate_up and dense_ffn within the reference's
+    bound; the sparse kernels still read the stored rows. Writable weights (a cache's records are rewritten)
+    and other row counts are not packed, and a packed copy is dropped once W.data is replaced."""
+    monkeypatch.setattr(kernels, "MIN_BYTES_PER_THREAD", 1)
+    kernels.set_threads(threads)
+    try:
+        W = rand_q(64, 96, qtype, 3, read_only=True)
+        for T in (1, 3, 9):
+            x = rand_x(T, 96, seed=T)
+            assert_close(kernels.linear(W, x), ref.linear(W, x.numpy()), bound_linear(W, x.numpy()))
+        assert packed(W)
+        x = rand_x(1, 96)
+        Ws = [rand_q(n, 96, qtype, n, read_only=True) for n in (96, 32, 32)]
+        for out, V in zip(kernels.linears(Ws, x), Ws):
+            assert_close(out, ref.linear(V, x.numpy()), bound_linear(V, x.numpy()))
+        U, D = rand_q(64, 96, qtype, 4, read_only=True), rand_q(96, 64, qtype, 5, read_only=True)
+        g, u = ref.linear(W, x.numpy()), ref.linear(U, x.numpy())
+        want = ref.act("silu", g) * u
+        bound = 1.2 * (bound_linear(W, x.numpy()) * np.abs(u) + np.abs(ref.act("silu", g)) * bound_linear(U, x.numpy()))
+        h = kernels.gate_up(W, U, x, "silu")
+        assert_close(h, want, bound + np.abs(want))
+        assert torch.equal(kernels.dense_ffn(W, U, D, x, "silu"), kernels.linear(D, h))
+        assert all(packed(V) for V in (*Ws, U, D))
+        rows = np.array([63, 3, 8])
+        assert_close(kernels.gather_matvec(W, rows, x), ref.gather_matvec(W, rows, x.numpy()), bound_linear(W, x.numpy(), rows))
+    finally:
+        kernels.set_threads()
+    assert not packed(rand_q(64, 96, qtype))  # writable
+    assert not packed(rand_q(70, 96, qtype, read_only=True))  # 70 rows: not whole groups
+    W.data = W.data.copy()  # a writable array now: the packed copy of the old one no longer stands for it
+    assert not packed(W)
+
+
 def test_quantize_x_bit_exact_and_within_half_a_step():
     """The kernels' 8-bit x equals the reference's bit for bit, including blocks of zeros, tiny, huge,
     inf and nan values, and is within half a step d / 2 of x (d = amax / 127; |q| <= 127)."""
@@ -225,18 +283,21 @@ def keeping(h: np.ndarray, share: float) -> float:
     return float(a[-1] + 1) if k == 0 else -1.0 if k == len(a) else float(a[-k - 1] + a[-k]) / 2
 
 
-@pytest.mark.parametrize("qtype", FORMATS)
+@pytest.mark.parametrize("qtype,read_only", [(q, False) for q in FORMATS] + [(q, True) for q in PACKABLE],
+                         ids=list(FORMATS) + [f"{q}-packed" for q in PACKABLE])
 @pytest.mark.parametrize("act", ACTS)
 @pytest.mark.parametrize("share", [0.0, 0.5, 1.0], ids=["none", "half", "all"])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_threshold_ffn(qtype, act, share, threads, monkeypatch):
+def test_threshold_ffn(qtype, act, share, threads, read_only, monkeypatch):
     """The fused threshold FFN against the reference: the same neurons kept, y within the bound of
     test_sparse_ffn over them; on one thread bit-identical to the calls it replaces (gate_up, the mask,
     scatter_axpy over the kept rows), on several within float32 summation of the per-thread partial sums.
-    224 neurons: several groups of cpu.DECIDE, and on two threads a partial one each."""
+    224 neurons: several groups of cpu.DECIDE, and on two threads a partial one each. Read-only Q4 gate and
+    up rows (a mapped model file) are packed in groups of 8, in the fused kernel as in gate_up."""
     monkeypatch.setattr(kernels, "MIN_BYTES_PER_THREAD", 1)  # split even these small matrices among the threads
     for cols in cols_for(qtype):
-        Wg, Wu, Wd = rand_q(224, cols, qtype, 5), rand_q(224, cols, qtype, 6), rand_q(cols, 224, qtype, 7)
+        Wg, Wu, Wd = rand_q(224, cols, qtype, 5, read_only), rand_q(224, cols, qtype, 6, read_only), rand_q(cols, 224, qtype, 7)
+        assert packed(Wg) == packed(Wu) == (read_only and kernels.simd.PACKS)
         Wd_t = kernels.transpose_down(Wd)
         x = rand_x(1, cols)
         threshold = keeping(ref.gate_up(Wg, Wu, x.numpy(), act)[0], share)
@@ -562,7 +623,7 @@ AVX2_ONLY = {"NUMBA_CPU_NAME": "haswell",
 def test_vnni_dots_equal_the_avx2_dots(tmp_path):
     """On a CPU with VNNI the block dots use vpdpbusd; compiled for AVX2 without it (in a child process, its own
     numba cache), they use vpmaddubsw and vpmaddwd: the same integer sums, so every block format's GEMV, and
-    gate_up (two rows per loop), is bit-identical."""
+    gate_up (two rows per loop), is bit-identical; also with Q4 rows packed in groups of 8 (40 rows: 5 groups)."""
     code = """
 import sys
 import numpy as np
@@ -575,6 +636,9 @@ out = {}
 for q in ("q8_0", "q4_0", "q4_1"):
     W, U = (quantize(rng.standard_normal((40, 96)).astype(np.float32), q) for _ in range(2))
     out[q], out[q + " gate_up"] = kernels.linear(W, x), kernels.gate_up(W, U, x, "silu")
+    for M in (W, U):
+        M.data.flags.writeable = False  # packed where the format allows
+    out[q + " packed"], out[q + " packed gate_up"] = kernels.linear(W, x), kernels.gate_up(W, U, x, "silu")
 np.savez(sys.argv[1], **out)
 """
     env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "cache"), **AVX2_ONLY)
@@ -588,6 +652,10 @@ np.savez(sys.argv[1], **out)
         W, U = (quantize(rng.standard_normal((40, 96)).astype(np.float32), q) for _ in range(2))
         assert np.array_equal(kernels.linear(W, x), avx2[q]), q
         assert np.array_equal(kernels.gate_up(W, U, x, "silu"), avx2[q + " gate_up"]), q
+        for M in (W, U):
+            M.data.flags.writeable = False
+        assert np.array_equal(kernels.linear(W, x), avx2[q + " packed"]), q
+        assert np.array_equal(kernels.gate_up(W, U, x, "silu"), avx2[q + " packed gate_up"]), q
 
 
 def test_convert():
@@ -953,15 +1021,18 @@ def test_attention_block_f16_cache(pos):
     torch.testing.assert_close(got_cache.float(), want_cache.float(), rtol=2**-10, atol=0)
 
 
-@pytest.mark.parametrize("qtype", ["q4_1", "f16"])
+@pytest.mark.parametrize("qtype,read_only", [("q4_1", False), ("q4_1", True), ("f16", False)],
+                         ids=["q4_1", "q4_1-packed", "f16"])
 @pytest.mark.parametrize("kv", [np.float32, np.float16])
-def test_bound_steps_equal_the_calls_they_bind(qtype, kv):
+def test_bound_steps_equal_the_calls_they_bind(qtype, read_only, kv):
     """attention_step, dense_ffn_step and threshold_ffn_step check a layer's weights once, then call the kernel
     directly: bit for bit what attention_block, dense_ffn and threshold_ffn give, cache writes included, for
-    numpy inputs (the direct path) and torch ones (the unbound call); a bad position or cache is still an error."""
+    numpy inputs (the direct path) and torch ones (the unbound call); a bad position or cache is still an error.
+    Read-only Q4 weights (a mapped model file) run packed in both."""
     d, KV, H, hd, n_ctx, pos, n_ff = 128, 2, 4, 32, 320, 37, 96
-    L = {"q": rand_q(H * hd, d, qtype, 1), "k": rand_q(KV * hd, d, qtype, 2), "v": rand_q(KV * hd, d, qtype, 3),
-         "o": rand_q(d, H * hd, qtype, 4), "attn_norm": rand_x(d, seed=5).numpy(), "ffn_norm": rand_x(d, seed=6).numpy()}
+    q = lambda rows, cols, seed: rand_q(rows, cols, qtype, seed, read_only)
+    L = {"q": q(H * hd, d, 1), "k": q(KV * hd, d, 2), "v": q(KV * hd, d, 3),
+         "o": q(d, H * hd, 4), "attn_norm": rand_x(d, seed=5).numpy(), "ffn_norm": rand_x(d, seed=6).numpy()}
     biases = (rand_x(H * hd, seed=7).numpy(), rand_x(KV * hd, seed=8).numpy(), rand_x(KV * hd, seed=9).numpy())
     rng = np.random.default_rng(0)
     cache = rng.standard_normal((2, n_ctx, KV, hd)).astype(kv)
@@ -981,8 +1052,9 @@ def test_bound_steps_equal_the_calls_they_bind(qtype, kv):
     with pytest.raises(ValueError, match="do not fit"):
         step(x.copy(), *np.ascontiguousarray(cache[:, :, :1]), pos, cos, sin)
 
-    Wg, Wu, Wd = rand_q(n_ff, d, qtype, 11), rand_q(n_ff, d, qtype, 12), rand_q(d, n_ff, qtype, 13)
+    Wg, Wu, Wd = q(n_ff, d, 11), q(n_ff, d, 12), q(d, n_ff, 13)
     ffn = kernels.dense_ffn_step(Wg, Wu, Wd, "silu")
+    assert all(packed(W) == read_only for W in (L["q"], L["k"], L["v"], L["o"], Wg, Wu, Wd))
     for h in (x, rand_x(3, d).numpy(), torch.from_numpy(x)):  # one token, a prompt, a torch tensor
         assert np.array_equal(np.asarray(ffn(h)), np.asarray(kernels.dense_ffn(Wg, Wu, Wd, h, "silu")))
     Wd_t = kernels.transpose_down(Wd)

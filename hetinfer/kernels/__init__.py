@@ -9,6 +9,12 @@ made by `to_cuda`). Activations are float32 numpy arrays and results are new num
 weights take and give torch tensors on their device (`cuda.py` and torch load on first use).
 `reference.py` holds the plain numpy versions.
 
+The dense calls (every row read) read a Q4 matrix's rows packed in groups of 8, interleaved block by
+block (`cpu.pack_rows`, layout in `simd.py`): one copy per weight whose bytes cannot change (a mapped
+model file), made at its first dense call (`_dense_info`); a group's dot spends one float scaling
+per block on 8 rows instead of 8 (BENCHMARKS.md, "Q4 rows packed in groups of 8"). The sparse calls
+read subsets of the stored rows.
+
 Dense:   linear, linears (several matrices, one x), gate_up (act(gate x) * up x), dense_ffn, embedding
 Decoder: rms_norm, attention_decode (RoPE + KV-cache write + attention for one new token),
          attention_block (a decode step's whole attention half of a layer, in one call)
@@ -221,6 +227,26 @@ def _info(W: QTensor) -> tuple:
     return info
 
 
+def _dense_info(W: QTensor) -> tuple:
+    """`_info` for the kernels that read every row (dense products): W's rows packed in groups of 8
+    (`cpu.pack_rows`, ~2x faster dots) where that applies: q4_0 or q4_1, rows a multiple of 8, a CPU
+    with AVX512-VNNI (`simd.PACKS`), and bytes that cannot change (a read-only array: a memory-mapped
+    model file, not a view into a cache that is rewritten). The packed copy is made at the first dense
+    call and kept on W beside the stored rows, which the sparse kernels (row subsets) read."""
+    info = W.__dict__.get("_dense_info")
+    if info is not None and info[3] is W.data:
+        return info
+    info = _info(W)
+    if info[0] in simd.PACKED and simd.PACKS and not W.data.flags.writeable and not W.shape[0] % simd.GROUP_ROWS:
+        u8 = info[1]
+        packed = np.zeros((u8.shape[0] // simd.GROUP_ROWS, u8.shape[1] * simd.GROUP_ROWS), np.uint8)
+        cpu.pack_rows(info[0], u8, packed)
+        packed.flags.writeable = False  # one array type with the stored rows' read-only views
+        info = (simd.PACKED[info[0]], packed, packed.nbytes, W.data)
+    W.__dict__["_dense_info"] = info
+    return info
+
+
 _F32 = np.dtype(np.float32)
 
 
@@ -330,8 +356,8 @@ def linear(W: QTensor, x: np.ndarray) -> np.ndarray:
     xn = _x2d(W, x)
     if xn.shape[0] > GEMV_MAX_T:
         return _like(x, _gemm(W, _q8(xn) if W.qtype in BLOCK_FORMATS else xn))
-    fmt, u8, nbytes, _ = _info(W)
-    out = np.empty((xn.shape[0], u8.shape[0]), np.float32)
+    fmt, u8, nbytes, _ = _dense_info(W)
+    out = np.empty((xn.shape[0], W.shape[0]), np.float32)
     cpu.matvec(fmt, (u8,), xn, (out,), _chunks(nbytes))
     return _like(x, out)
 
@@ -346,14 +372,14 @@ def linears(Ws: tuple[QTensor, ...] | list[QTensor], x: np.ndarray) -> list[np.n
     if T > GEMV_MAX_T:
         xq = _q8(xn) if any(W.qtype in BLOCK_FORMATS for W in Ws) else None  # quantized once for them all
         return [_like(x, _gemm(W, xq if W.qtype in BLOCK_FORMATS else xn)) for W in Ws]
-    fmt, u8, _, _ = _info(W0)
+    fmt, u8, _, _ = _dense_info(W0)
     ws, outs, nbytes = [], [], 0
     for W in Ws:  # a plain loop: per call, generator expressions cost more than these small GEMVs
-        f, w, n, _ = _info(W)  # cached on W: the first one again costs a dict lookup
+        f, w, n, _ = _dense_info(W)  # cached on W: the first one again costs a dict lookup
         if f != fmt or w.shape[1] != u8.shape[1] or w.flags.c_contiguous != u8.flags.c_contiguous:
             return [linear(W, x) for W in Ws]
         ws.append(w)
-        outs.append(np.empty((T, w.shape[0]), np.float32))
+        outs.append(np.empty((T, W.shape[0]), np.float32))
         nbytes += n
     cpu.matvec(fmt, tuple(ws), xn, tuple(outs), _chunks(nbytes))
     return [_like(x, o) for o in outs]
@@ -395,12 +421,12 @@ def gate_up(Wg: QTensor, Wu: QTensor, x: np.ndarray, act: str) -> np.ndarray:
     if _is_cuda(Wg):
         return _cuda().gate_up(Wg, Wu, x, act)
     xn = _x2d(Wg, x)
-    fg, ug, ng, _ = _info(Wg)
-    fu, uu, nu, _ = _info(Wu)
+    fg, ug, ng, _ = _dense_info(Wg)
+    fu, uu, nu, _ = _dense_info(Wu)
     if xn.shape[0] > GEMV_MAX_T or fg != fu:
         g, u = linears((Wg, Wu), xn)
         return _like(x, _act(act, g) * u)
-    h = np.empty((xn.shape[0], ug.shape[0]), np.float32)
+    h = np.empty((xn.shape[0], Wg.shape[0]), np.float32)
     cpu.gate_up(fg, ug, uu, xn, cpu.ACT[act], h, _chunks(ng + nu))
     return _like(x, h)
 
@@ -542,6 +568,9 @@ def threshold_ffn_step(Wg: QTensor, Wu: QTensor, Wd_t: QTensor, act: str, thresh
 def _threshold_fixed(Wg: QTensor, Wu: QTensor, Wd_t: QTensor, act: str) -> tuple:
     """The fused CPU kernel's arguments that are the layer's, checked."""
     (fg, ug, ng, _), (_, uu, nu, _), (fd, ud, nd, _) = _ffn_parts(Wg, Wu, Wd_t, act)
+    (pg, pug, png, _), (pu, puu, pnu, _) = _dense_info(Wg), _dense_info(Wu)  # every gate and up row is read
+    if pg == pu:
+        fg, ug, uu, ng, nu = pg, pug, puu, png, pnu
     return fg, ug, uu, fd, ud, cpu.ACT[act], (ng + nu + nd // 2) // MIN_BYTES_PER_THREAD  # ~half the down rows read
 
 
@@ -767,15 +796,15 @@ def _attention_fixed(attn_norm, Wq: QTensor, Wk: QTensor, Wv: QTensor, Wo: QTens
     weights; q, k and v in different formats or layouts)."""
     if _is_cuda(Wq) or _is_cuda(Wo):
         return None
-    fq, uq, nq, _ = _info(Wq)
-    fk, uk, nk, _ = _info(Wk)
-    fv, uv, nv, _ = _info(Wv)
+    fq, uq, nq, _ = _dense_info(Wq)
+    fk, uk, nk, _ = _dense_info(Wk)
+    fv, uv, nv, _ = _dense_info(Wv)
     if not (fq == fk == fv and uq.flags.c_contiguous == uk.flags.c_contiguous == uv.flags.c_contiguous):
         return None
     if Wo.shape[0] != Wq.shape[1] or Wv.shape != Wk.shape or Wq.shape[0] % Wk.shape[0] or Wo.shape[1] != Wq.shape[0]:
         raise ValueError(f"q {Wq.shape}, k {Wk.shape}, v {Wv.shape} and o {Wo.shape} do not make an attention block")
     bq, bk, bv = (_NO_BIAS,) * 3 if biases is None else (_np(b) for b in biases)
-    fo, uo, no, _ = _info(Wo)
+    fo, uo, no, _ = _dense_info(Wo)
     return (_np(attn_norm), _np(ffn_norm), fq, uq, uk, uv, fo, uo, bq, bk, bv,
             (nq + nk + nv) // MIN_BYTES_PER_THREAD, no // MIN_BYTES_PER_THREAD, Wq.shape[0])
 
@@ -840,9 +869,9 @@ def _dense_ffn_fixed(Wg: QTensor, Wu: QTensor, Wd: QTensor, act: str) -> tuple |
         raise ValueError(f"gate {Wg.shape}, up {Wu.shape} and down {Wd.shape} do not form an FFN ([n_ff, d], [n_ff, d], [d, n_ff])")
     if _is_cuda(Wg) or _is_cuda(Wd):
         return None
-    fg, ug, ng, _ = _info(Wg)
-    fu, uu, nu, _ = _info(Wu)
-    fd, ud, nd, _ = _info(Wd)
+    fg, ug, ng, _ = _dense_info(Wg)
+    fu, uu, nu, _ = _dense_info(Wu)
+    fd, ud, nd, _ = _dense_info(Wd)
     if fg != fu:
         return None
     return fg, ug, uu, fd, ud, cpu.ACT[act], (ng + nu) // MIN_BYTES_PER_THREAD, nd // MIN_BYTES_PER_THREAD
@@ -974,6 +1003,10 @@ def _compile_all(dense_only: bool = False) -> None:
         Wf = quantize(rand(32, 64), qtype)
         dense_ffn(Wf, Wf, quantize(rand(64, 32), qtype), x, "silu")
         embedding(W, [1])
+    for qtype in ("q4_0", "q4_1"):  # read-only, as a model file's mapped weights: packed (`_dense_info`)
+        W = quantize(rand(8, 64), qtype)
+        W.data.flags.writeable = False
+        linear(W, x)
     if dense_only:
         return
     rows = np.array([3, 1], np.int64)

@@ -300,9 +300,12 @@ def _random_weights(rng: np.random.Generator, cfg, attn: str, ffn: str):
 
 
 def _tiled_matrix(rng: np.random.Generator, rows: int, cols: int, qtype: str) -> QTensor:
-    """A random [rows, cols] matrix in `qtype`: 64 random rows tiled (real bytes, quick to make)."""
+    """A random [rows, cols] matrix in `qtype`: 64 random rows tiled (real bytes, quick to make), read-only
+    as a model file's mapped weights are, so that the dense kernels read it as they read those (packed)."""
     small = quantize(rng.standard_normal((min(rows, 64), cols), dtype=np.float32) * 0.1, qtype)
-    return QTensor(qtype, (rows, cols), np.tile(small.data, (-(-rows // 64), 1))[:rows])
+    data = np.tile(small.data, (-(-rows // 64), 1))[:rows]
+    data.flags.writeable = False
+    return QTensor(qtype, (rows, cols), data)
 
 
 def measure_offload_layer_seconds(n_ff: int = 1536, cache_dir: Path | None = None) -> float:
