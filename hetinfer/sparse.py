@@ -32,12 +32,15 @@ import numpy as np
 from hetinfer import kernels
 from hetinfer.argtypes import float_in
 from hetinfer.errors import HetinferError
+from hetinfer.placement.cost import neuron_down_format
 from hetinfer.placement.probe import FFNCosts, measure_ffn_costs
 from hetinfer.profiler.artifact import load_profile
 from hetinfer.profiler.predictors import Predictors, load_predictors
 
 if TYPE_CHECKING:
     import torch
+
+    from hetinfer.tensors import QTensor
 
 # (layer, h, act) -> bool mask [T, n_ff]. Rules are torch references (the evaluation's batched path); the kernels
 # backend applies the threshold and predictor rules to its numpy arrays itself (`_mask`), so only the torch
@@ -118,12 +121,15 @@ class SparseFFN:
 
             weights = FloatWeights(model)
         self.weights = weights
-        # The neuron-major down projections, made at load (a requantization: ~5 ms per SmolLM2 layer), not
-        # during the first decoded token.
-        self._down_t = [kernels.transpose_down(L.down) for L in model.weights.layers] if backend == "kernels" else []
-        self._threshold_steps = ([kernels.threshold_ffn_step(L.gate, L.up, d, self.act_name, t) for L, d, t in
-                                  zip(model.weights.layers, self._down_t, self.thresholds)]
-                                 if backend == "kernels" and self.thresholds is not None else [])
+        # Per layer (kernels backend) the neuron-major down projection, made at load (a requantization: ~5 ms
+        # per SmolLM2 layer), not during the first decoded token, and the threshold rule's bound kernel.
+        self._down_t: list[QTensor | None] = []
+        self._threshold_steps: list = []
+        if backend == "kernels":
+            for layer in range(cfg.n_layers):
+                self._down_t.append(None)
+                self._threshold_steps.append(None)
+                self._hold_sparse_parts(layer, True)
 
     def step_aside(self, density: np.ndarray, path: str, ranks: list[int] | None = None,
                    costs: FFNCosts | None = None) -> None:
@@ -139,6 +145,21 @@ class SparseFFN:
         self.crossover = [c.crossover(path, e) for c, e in zip(per_layer, extra)]
         self.dense = np.array([d > c for d, c in zip(density, self.crossover)])
         self._window = [[0, 0] for _ in range(n)]
+        for layer, dense in enumerate(self.dense):
+            self._hold_sparse_parts(layer, not dense)
+
+    def _hold_sparse_parts(self, layer: int, hold: bool) -> None:
+        """Make a sparse layer's neuron-major down copy and bound threshold kernel if it lacks them, or let a
+        dense layer's go: a layer the rechecks turn dense stays dense (`_kept`), and the copy holds about a
+        third of its FFN's bytes again."""
+        if not hold:
+            self._down_t[layer] = self._threshold_steps[layer] = None
+        elif self._down_t[layer] is None:
+            L = self.model.weights.layers[layer]
+            self._down_t[layer] = kernels.transpose_down(L.down)
+            if self.thresholds is not None:
+                self._threshold_steps[layer] = kernels.threshold_ffn_step(L.gate, L.up, self._down_t[layer],
+                                                                          self.act_name, self.thresholds[layer])
 
     def _kept(self, layer: int, n_selected: int, tokens: int = 1) -> None:
         """Count what a sparse layer kept; every RECHECK_TOKENS tokens, step it aside if it kept more than its
@@ -153,13 +174,14 @@ class SparseFFN:
         if w[0] >= RECHECK_TOKENS:
             if w[1] > self.crossover[layer] * w[0] * self.n_ff:
                 self.dense[layer] = True
+                self._hold_sparse_parts(layer, False)
             w[0] = w[1] = 0
 
     def measured_costs(self, layer: int) -> FFNCosts:
         """The kernels' one-token FFN costs on this machine for `layer`'s shape and formats (probed once per
         host; read from the probe's cache once per distinct formats, not once per layer)."""
         L = self.model.weights.layers[layer]
-        key = (L.gate.qtype, L.down.qtype, self._down_t[layer].qtype)
+        key = (L.gate.qtype, L.down.qtype, neuron_down_format(L.down.qtype))
         if key not in self._costs:
             self._costs[key] = measure_ffn_costs(self.n_ff, self.model.config.d_model, *key, self.act_name)
         return self._costs[key]

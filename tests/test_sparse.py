@@ -192,6 +192,12 @@ def test_layers_step_aside_exactly_above_the_measured_crossover():
     h = torch.randn(1, 64)
     assert torch.equal(ffn(3, h), m.transformer.dense_ffn(3, h)) and ffn.meter.per_layer()[3] == 1.0
     assert ffn(0, h).shape == (1, 64) and ffn.meter.per_layer()[0] < 1.0
+    # only the sparse layers hold a neuron-major down copy; one that goes back to sparse gets its copy again
+    assert [d is None for d in ffn._down_t] == ffn.dense.tolist()
+    ffn.step_aside(density, "threshold", costs=costs(0.8, 0.5))
+    assert [d is None for d in ffn._down_t] == ffn.dense.tolist() == [False, False, False, True, True, True]
+    assert torch.equal(ffn(1, h), kernels.threshold_ffn(m.weights.layers[1].gate, m.weights.layers[1].up,
+                                                        ffn._down_t[1], h, "silu", 0.02)[0])
     with pytest.raises(ValueError, match="kernels backend"):
         SparseFFN(m, rule, needs_act, "torch").step_aside(density, "sparse", costs=NEVER)
 
@@ -217,7 +223,7 @@ def test_a_layer_that_keeps_more_than_expected_steps_aside_as_it_runs():
     assert ffn.dense.tolist() == [False, False] and ffn.stepped_aside == 0
     ffn(0, h[-1:])
     ffn(1, h[-1:])
-    assert ffn.dense.tolist() == [True, False] and ffn.stepped_aside == 1
+    assert ffn.dense.tolist() == [True, False] and ffn.stepped_aside == 1 and ffn._down_t[0] is None
     assert np.array_equal(ffn(0, h[:1]), m.transformer.dense_ffn(0, h[:1]))
     # without step_aside (no crossover), nothing is checked: "every layer" runs stay sparse
     every = SparseFFN(m, rule, needs_act, "kernels", thresholds=np.array([-1.0, 1e30], np.float32))
