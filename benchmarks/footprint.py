@@ -63,7 +63,7 @@ def specs(tokens: int, cache_dir: Path, threads: int) -> tuple[dict, list[str], 
     base = {"model": path, "ctx": ob.CTX, "prompt": prompt, "config_dict": model.config.to_dict(),
             "tokens": tokens, "forced": None}
     del model  # its file stays mapped while it lives, and mapped pages escape the children's limits
-    dep, window = ob.smollm2_deployments(cache, path, predictors, {key: budget})[key]
+    dep, window = ob.smollm2_deployments(cache, path, predictors, {key: budget}, replan=False)[key]
     out = {"hetinfer dense": {**base, "engine": "hetinfer", "config": "dense"},
            "hetinfer offloaded": {**base, "engine": "hetinfer", "config": "offload", "deploy": str(dep),
                                   "resident": "plan", "capacity": None, "select": "plan", "direct": None},
