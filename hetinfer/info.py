@@ -107,8 +107,8 @@ def _library(path: str) -> str:
 def runtime_memory(path: str | None, n_ctx: int | None = None, kv: str | None = None, tokens: int = 16) -> dict:
     """Resident memory of this process after a greedy decode of `tokens` tokens (every weight and kernel
     touched) of a model, or of a deployment from `hetinfer prepare` (its own engine, predictors and RAM
-    tier), split into the model's data (the model file's mapped pages, and a deployment's FFN records,
-    window cache and scratch), the KV cache and the runtime's overhead (libraries by package, heap
+    tier), split into the model's data (the model file's mapped pages, the kernels' packed copies of its Q4
+    weights, and a deployment's FFN records, window cache and scratch), the KV cache and the runtime's overhead (libraries by package, heap
     and anonymous memory less the model data held there); plus what a box needs for a full context.
     `n_ctx` and `kv` default to a deployment's own, and to 512 tokens and DEFAULT_KV for a model.
     Run it in a fresh process: whatever the process loaded before counts as overhead. Resident memory
@@ -149,7 +149,11 @@ def runtime_memory(path: str | None, n_ctx: int | None = None, kv: str | None = 
             libraries[_library(p)] += b
         else:
             anonymous += b
-    held = min(anonymous, kv_written + engine_bytes)  # model data in anonymous memory: KV cache, engine buffers
+    # the kernels' packed copies of weights (`kernels.packed_nbytes`): the model's data, in anonymous memory
+    w = model.weights
+    packed = sum(kernels.packed_nbytes(W) for L in w.layers for W in vars(L).values()) + \
+        sum(kernels.packed_nbytes(W) for W in {id(w.embed): w.embed, id(w.output): w.output}.values())
+    held = min(anonymous, kv_written + engine_bytes + packed)  # model data in anonymous memory
     heap = anonymous - held
     overhead = sum(libraries.values()) + heap
     small = [k for k, v in libraries.items() if v < 1 << 20]  # one line for the packages under 1 MiB
@@ -165,13 +169,14 @@ def runtime_memory(path: str | None, n_ctx: int | None = None, kv: str | None = 
         "kv": cache.dtype,
         "resident_bytes": sum(rss.values()),
         "model_file_bytes": model_bytes,
+        "model_packed_bytes": packed,
         "engine_buffers_bytes": engine_bytes,
         "kv_cache_written_bytes": kv_written,
         "overhead_bytes": overhead,
         "overhead_components": {"heap_and_anonymous": heap,
                                 **{f"files_{k}": v for k, v in sorted(libraries.items(), key=lambda kv_: -kv_[1])}},
         "kv_cache_full_bytes": full_kv,
-        "box_needs_bytes": model_bytes + engine_bytes + full_kv + overhead,
+        "box_needs_bytes": model_bytes + packed + engine_bytes + full_kv + overhead,
     }
 
 
@@ -192,7 +197,8 @@ def describe_memory(path: str | None, as_json: bool = False, n_ctx: int | None =
     what = f"deployment {r['deployment']}" if r["deployment"] else r["model"]
     lines = [f"resident memory after a greedy decode of {r['tokens']} tokens ({what}, context {r['context']}, "
              f"KV {r['kv']}):",
-             f"  model files (mapped)    {mib(r['model_file_bytes'])}"]
+             f"  model files (mapped)    {mib(r['model_file_bytes'])}",
+             f"  weights packed          {mib(r['model_packed_bytes'])}  (Q4 rows regrouped for the kernels)"]
     if r["deployment"]:
         lines.append(f"  FFN records and caches  {mib(r['engine_buffers_bytes'])}  (RAM tier, window cache, scratch)")
     lines += [f"  KV cache (written)      {mib(r['kv_cache_written_bytes'])}",

@@ -129,6 +129,38 @@ def test_packed_rows_against_reference(qtype, threads, monkeypatch):
     assert not packed(W)
 
 
+def mapped_rss_kib(path) -> int:
+    """Resident KiB of this process's mappings of `path` (/proc/self/smaps)."""
+    total, ours = 0, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            if "-" in line.split(" ", 1)[0] and line[0] in "0123456789abcdef":
+                ours = line.rstrip().endswith(str(path))
+            elif ours and line.startswith("Rss:"):
+                total += int(line.split()[1])
+    return total
+
+
+@pytest.mark.skipif(not kernels.simd.PACKS or not os.path.exists("/proc/self/smaps"),
+                    reason="needs AVX2 (packing) and Linux's /proc/self/smaps")
+def test_packing_a_mapped_weight_unmaps_its_stored_pages(tmp_path):
+    """A weight mapped from a file (as GGUF weights are) leaves the process's resident memory once packed: its
+    whole pages are dropped from the mapping, and the sparse kernels, which read the stored rows, still read
+    them right (the pages map again)."""
+    W = rand_q(512, 1024, "q4_1")  # 320 KiB of rows
+    path = tmp_path / "w.bin"
+    path.write_bytes(b"\0" * 100 + W.data.tobytes())  # not page-aligned: the partial first and last pages stay
+    mm = np.memmap(path, np.uint8, mode="r")
+    M = QTensor("q4_1", W.shape, mm[100: 100 + W.nbytes].reshape(W.data.shape))
+    assert int(M.data.astype(np.int64).sum()) == int(W.data.astype(np.int64).sum())  # every page read: resident
+    before = mapped_rss_kib(path)
+    x = rand_x(1, 1024)
+    assert_close(kernels.linear(M, x), ref.linear(W, x.numpy()), bound_linear(W, x.numpy()))
+    assert packed(M) and before >= 320 and mapped_rss_kib(path) <= 8
+    rows = np.array([5, 300, 511])
+    assert_close(kernels.gather_matvec(M, rows, x), ref.gather_matvec(W, rows, x.numpy()), bound_linear(W, x.numpy(), rows))
+
+
 def test_quantize_x_bit_exact_and_within_half_a_step():
     """The kernels' 8-bit x equals the reference's bit for bit, including blocks of zeros, tiny, huge,
     inf and nan values, and is within half a step d / 2 of x (d = amax / 127; |q| <= 127)."""
@@ -1040,6 +1072,7 @@ def test_bound_steps_equal_the_calls_they_bind(qtype, read_only, kv):
     cos, sin = np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
     x = rand_x(1, d, seed=10).numpy()
     step = kernels.attention_step(L["attn_norm"], L["q"], L["k"], L["v"], L["o"], biases, L["ffn_norm"], 1e-5, True)
+    assert not any("_dense_info" in L[k].__dict__ for k in "qkvo")  # binding packs nothing: packing reads the weights
     for wrap in (np.array, torch.from_numpy):
         got_x, got_cache, want_x, want_cache = wrap(x.copy()), wrap(cache.copy()), wrap(x.copy()), wrap(cache.copy())
         got = step(got_x, got_cache[0], got_cache[1], pos, cos, sin)
@@ -1054,9 +1087,11 @@ def test_bound_steps_equal_the_calls_they_bind(qtype, read_only, kv):
 
     Wg, Wu, Wd = q(n_ff, d, 11), q(n_ff, d, 12), q(d, n_ff, 13)
     ffn = kernels.dense_ffn_step(Wg, Wu, Wd, "silu")
-    assert all(packed(W) == read_only for W in (L["q"], L["k"], L["v"], L["o"], Wg, Wu, Wd))
+    assert not any("_dense_info" in W.__dict__ for W in (Wg, Wu, Wd))  # an offloaded model's FFN is never read
+    assert all(packed(W) == read_only for W in (L["q"], L["k"], L["v"], L["o"]))
     for h in (x, rand_x(3, d).numpy(), torch.from_numpy(x)):  # one token, a prompt, a torch tensor
         assert np.array_equal(np.asarray(ffn(h)), np.asarray(kernels.dense_ffn(Wg, Wu, Wd, h, "silu")))
+    assert all(packed(W) == read_only for W in (Wg, Wu, Wd))
     Wd_t = kernels.transpose_down(Wd)
     t = float(np.median(np.abs(kernels.gate_up(Wg, Wu, x, "silu"))))
     thr = kernels.threshold_ffn_step(Wg, Wu, Wd_t, "silu", t)

@@ -25,12 +25,14 @@ Sparse:  gather_matvec (selected output rows), scatter_axpy (y += a @ Wd_t[rows]
          predicted_ffn (sparse_ffn over predict_rows' choice, in one call)
 Bound:   attention_step, dense_ffn_step, threshold_ffn_step: those calls for one layer's weights, checked
          once, for the decode loop (per call, the checks cost as much as a few percent of a small model's token)
-Setup:   transpose_down (neuron-major down, once at load), convert, to_cuda, set_threads, warmup
+Setup:   transpose_down (neuron-major down, once at load), convert, to_cuda, set_threads, warmup,
+         packed_nbytes (the memory a weight's packed copy holds)
 """
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import mmap
 import os
 import subprocess
 import sys
@@ -243,8 +245,42 @@ def _dense_info(W: QTensor) -> tuple:
         cpu.pack_rows(info[0], u8, packed)
         packed.flags.writeable = False  # one array type with the stored rows' read-only views
         info = (simd.PACKED[info[0]], packed, packed.nbytes, W.data)
+        _unmap(W.data)
     W.__dict__["_dense_info"] = info
     return info
+
+
+def _unmap(a: np.ndarray) -> None:
+    """Drop the whole pages of `a`, if it is a contiguous view into a memory-mapped file, from this process's
+    mapping (madvise DONTNEED): once packed, the stored rows are read only by a long prompt's tiles or a
+    sparse kernel, and until then they need not count as the process's memory. The pages stay in the OS
+    page cache, unmapped, so a memory limit reclaims them before anything in use; a read maps them again."""
+    m = a
+    while m is not None and not isinstance(m, mmap.mmap):
+        m = getattr(m, "base", None)
+    if m is None or not hasattr(m, "madvise") or not a.flags.c_contiguous:
+        return
+    start = a.ctypes.data - np.frombuffer(m, np.uint8).ctypes.data
+    first = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE  # pages that hold nothing but a's bytes
+    end = (start + a.nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
+    if end > first:
+        m.madvise(mmap.MADV_DONTNEED, first, end - first)
+
+
+def packed_nbytes(W) -> int:
+    """Bytes of W's packed copy (`_dense_info`), 0 if it has none."""
+    info = getattr(W, "__dict__", {}).get("_dense_info")
+    return info[2] if info is not None and info[3] is W.data and info[0] in simd.PACKED.values() else 0
+
+
+def _call_infos(Ws, pack: bool) -> list[tuple]:
+    """The infos of matrices that one kernel call reads (same format, e.g. gate and up): `_dense_info` of
+    each when `pack` and all of them pack alike, else `_info` (the stored rows)."""
+    if pack:
+        infos = [_dense_info(W) for W in Ws]
+        if len({i[0] for i in infos}) == 1:
+            return infos
+    return [_info(W) for W in Ws]
 
 
 _F32 = np.dtype(np.float32)
@@ -421,8 +457,7 @@ def gate_up(Wg: QTensor, Wu: QTensor, x: np.ndarray, act: str) -> np.ndarray:
     if _is_cuda(Wg):
         return _cuda().gate_up(Wg, Wu, x, act)
     xn = _x2d(Wg, x)
-    fg, ug, ng, _ = _dense_info(Wg)
-    fu, uu, nu, _ = _dense_info(Wu)
+    (fg, ug, ng, _), (fu, uu, nu, _) = _call_infos((Wg, Wu), True)
     if xn.shape[0] > GEMV_MAX_T or fg != fu:
         g, u = linears((Wg, Wu), xn)
         return _like(x, _act(act, g) * u)
@@ -554,23 +589,26 @@ def threshold_ffn_step(Wg: QTensor, Wu: QTensor, Wd_t: QTensor, act: str, thresh
 
     if _is_cuda(Wg):
         return general
-    fixed, t, shape = _threshold_fixed(Wg, Wu, Wd_t, act), np.float32(threshold), (1, Wg.shape[1])
+    _threshold_fixed(Wg, Wu, Wd_t, act, pack=False)  # checked now; the weights are packed at the first call
+    fixed, t, shape = None, np.float32(threshold), (1, Wg.shape[1])
 
     def step(x):
+        nonlocal fixed
         if type(x) is not np.ndarray or x.dtype is not _F32 or x.shape != shape or not x.flags.c_contiguous:
             return general(x)
+        if fixed is None:
+            fixed = _threshold_fixed(Wg, Wu, Wd_t, act)
         y = np.empty(shape, np.float32)
         return y, _fused_threshold(fixed, x, t, y[0])
 
     return step
 
 
-def _threshold_fixed(Wg: QTensor, Wu: QTensor, Wd_t: QTensor, act: str) -> tuple:
-    """The fused CPU kernel's arguments that are the layer's, checked."""
-    (fg, ug, ng, _), (_, uu, nu, _), (fd, ud, nd, _) = _ffn_parts(Wg, Wu, Wd_t, act)
-    (pg, pug, png, _), (pu, puu, pnu, _) = _dense_info(Wg), _dense_info(Wu)  # every gate and up row is read
-    if pg == pu:
-        fg, ug, uu, ng, nu = pg, pug, puu, png, pnu
+def _threshold_fixed(Wg: QTensor, Wu: QTensor, Wd_t: QTensor, act: str, pack: bool = True) -> tuple:
+    """The fused CPU kernel's arguments that are the layer's, checked (`pack`: gate and up packed where they
+    can be; they are read in full)."""
+    _, _, (fd, ud, nd, _) = _ffn_parts(Wg, Wu, Wd_t, act)
+    (fg, ug, ng, _), (_, uu, nu, _) = _call_infos((Wg, Wu), pack)
     return fg, ug, uu, fd, ud, cpu.ACT[act], (ng + nu + nd // 2) // MIN_BYTES_PER_THREAD  # ~half the down rows read
 
 
@@ -773,14 +811,16 @@ def attention_step(attn_norm: np.ndarray, Wq: QTensor, Wk: QTensor, Wv: QTensor,
         return attention_block(x, attn_norm, Wq, Wk, Wv, Wo, biases, k_cache, v_cache, pos, cos, sin, interleaved, eps,
                                ffn_norm)
 
-    fixed = _attention_fixed(attn_norm, Wq, Wk, Wv, Wo, biases, ffn_norm)
-    if fixed is None:
+    if _attention_fixed(attn_norm, Wq, Wk, Wv, Wo, biases, ffn_norm, pack=False) is None:
         return general
-    shape = (1, Wq.shape[1])
+    fixed, shape = None, (1, Wq.shape[1])  # the weights are packed at the first call: binding reads none
 
     def step(x, k_cache, v_cache, pos, cos, sin):
+        nonlocal fixed
         if type(x) is not np.ndarray or x.dtype is not _F32 or x.shape != shape or not x.flags.c_contiguous:
             return general(x, k_cache, v_cache, pos, cos, sin)
+        if fixed is None:
+            fixed = _attention_fixed(attn_norm, Wq, Wk, Wv, Wo, biases, ffn_norm)
         kc, vc = _kv_cache(k_cache, v_cache, pos)
         _check_kv(kc, Wk)
         h = np.empty_like(x)
@@ -791,20 +831,18 @@ def attention_step(attn_norm: np.ndarray, Wq: QTensor, Wk: QTensor, Wv: QTensor,
 
 
 def _attention_fixed(attn_norm, Wq: QTensor, Wk: QTensor, Wv: QTensor, Wo: QTensor, biases: tuple | None,
-                     ffn_norm) -> tuple | None:
-    """The fused CPU kernel's arguments that are the layer's, checked: None where it does not apply (GPU
-    weights; q, k and v in different formats or layouts)."""
+                     ffn_norm, pack: bool = True) -> tuple | None:
+    """The fused CPU kernel's arguments that are the layer's, checked (`pack`: weights packed where they can
+    be): None where it does not apply (GPU weights; q, k and v in different formats or layouts)."""
     if _is_cuda(Wq) or _is_cuda(Wo):
         return None
-    fq, uq, nq, _ = _dense_info(Wq)
-    fk, uk, nk, _ = _dense_info(Wk)
-    fv, uv, nv, _ = _dense_info(Wv)
+    (fq, uq, nq, _), (fk, uk, nk, _), (fv, uv, nv, _) = _call_infos((Wq, Wk, Wv), pack)
     if not (fq == fk == fv and uq.flags.c_contiguous == uk.flags.c_contiguous == uv.flags.c_contiguous):
         return None
     if Wo.shape[0] != Wq.shape[1] or Wv.shape != Wk.shape or Wq.shape[0] % Wk.shape[0] or Wo.shape[1] != Wq.shape[0]:
         raise ValueError(f"q {Wq.shape}, k {Wk.shape}, v {Wv.shape} and o {Wo.shape} do not make an attention block")
     bq, bk, bv = (_NO_BIAS,) * 3 if biases is None else (_np(b) for b in biases)
-    fo, uo, no, _ = _dense_info(Wo)
+    ((fo, uo, no, _),) = _call_infos((Wo,), pack)
     return (_np(attn_norm), _np(ffn_norm), fq, uq, uk, uv, fo, uo, bq, bk, bv,
             (nq + nk + nv) // MIN_BYTES_PER_THREAD, no // MIN_BYTES_PER_THREAD, Wq.shape[0])
 
@@ -845,14 +883,16 @@ def dense_ffn_step(Wg: QTensor, Wu: QTensor, Wd: QTensor, act: str):
     def general(h):
         return dense_ffn(Wg, Wu, Wd, h, act)
 
-    fixed = _dense_ffn_fixed(Wg, Wu, Wd, act)
-    if fixed is None:
+    if _dense_ffn_fixed(Wg, Wu, Wd, act, pack=False) is None:
         return general
-    shape, out = (1, Wg.shape[1]), (1, Wd.shape[0])
+    fixed, shape, out = None, (1, Wg.shape[1]), (1, Wd.shape[0])  # packed at the first call, as attention_step
 
     def step(h):
+        nonlocal fixed
         if type(h) is not np.ndarray or h.dtype is not _F32 or h.shape != shape or not h.flags.c_contiguous:
             return general(h)
+        if fixed is None:
+            fixed = _dense_ffn_fixed(Wg, Wu, Wd, act)
         y = np.empty(out, np.float32)
         _fused_dense_ffn(fixed, h, y, get_threads())
         return y
@@ -860,18 +900,17 @@ def dense_ffn_step(Wg: QTensor, Wu: QTensor, Wd: QTensor, act: str):
     return step
 
 
-def _dense_ffn_fixed(Wg: QTensor, Wu: QTensor, Wd: QTensor, act: str) -> tuple | None:
-    """The fused CPU kernel's arguments that are the layer's, checked: None where it does not apply (GPU
-    weights, gate and up in different formats)."""
+def _dense_ffn_fixed(Wg: QTensor, Wu: QTensor, Wd: QTensor, act: str, pack: bool = True) -> tuple | None:
+    """The fused CPU kernel's arguments that are the layer's, checked (`pack`: weights packed where they can
+    be): None where it does not apply (GPU weights, gate and up in different formats)."""
     if act not in cpu.ACT:
         raise ValueError(f"unknown activation {act!r}; known: {', '.join(ACTIVATIONS)}")
     if Wd.shape[1] != Wg.shape[0] or Wu.shape != Wg.shape:
         raise ValueError(f"gate {Wg.shape}, up {Wu.shape} and down {Wd.shape} do not form an FFN ([n_ff, d], [n_ff, d], [d, n_ff])")
     if _is_cuda(Wg) or _is_cuda(Wd):
         return None
-    fg, ug, ng, _ = _dense_info(Wg)
-    fu, uu, nu, _ = _dense_info(Wu)
-    fd, ud, nd, _ = _dense_info(Wd)
+    (fg, ug, ng, _), (fu, uu, nu, _) = _call_infos((Wg, Wu), pack)
+    ((fd, ud, nd, _),) = _call_infos((Wd,), pack)
     if fg != fu:
         return None
     return fg, ug, uu, fd, ud, cpu.ACT[act], (ng + nu) // MIN_BYTES_PER_THREAD, nd // MIN_BYTES_PER_THREAD
