@@ -96,22 +96,30 @@ def test_pack_rows_round_trips(qtype):
 @pytest.mark.parametrize("threads", [1, 2])
 def test_packed_rows_against_reference(qtype, threads, monkeypatch):
     """Read-only Q4 weights whose rows are a multiple of 8 (a mapped model file's) are packed at their first
-    dense call: linear for 1, 3 and 9 tokens, q/k/v in one call, gate_up and dense_ffn within the reference's
-    bound; the sparse kernels still read the stored rows. Writable weights (a cache's records are rewritten)
-    and other row counts are not packed, and a packed copy is dropped once W.data is replaced."""
+    dense call: linear for 1 to 40 tokens (prompts past GEMV_MAX_T too, over several tiles of cpu.TOKEN_TILE),
+    q/k/v in one call, gate_up and dense_ffn within the reference's bound; the sparse kernels still read the
+    stored rows. Writable weights (a cache's records are rewritten) and other row counts are not packed, and
+    a packed copy is dropped once W.data is replaced."""
     monkeypatch.setattr(kernels, "MIN_BYTES_PER_THREAD", 1)
     kernels.set_threads(threads)
     try:
         W = rand_q(64, 96, qtype, 3, read_only=True)
-        for T in (1, 3, 9):
+        for T in (1, 3, 9, kernels.GEMV_MAX_T + 1, 40):
             x = rand_x(T, 96, seed=T)
             assert_close(kernels.linear(W, x), ref.linear(W, x.numpy()), bound_linear(W, x.numpy()))
         assert packed(W)
+        prompt = rand_x(40, 96, seed=7)
+        U, D = rand_q(64, 96, qtype, 4, read_only=True), rand_q(96, 64, qtype, 5, read_only=True)
+        g, u = ref.linear(W, prompt.numpy()), ref.linear(U, prompt.numpy())
+        want = ref.act("silu", g) * u
+        bound = 1.2 * (bound_linear(W, prompt.numpy()) * np.abs(u) + np.abs(ref.act("silu", g)) * bound_linear(U, prompt.numpy()))
+        h = kernels.gate_up(W, U, prompt, "silu")
+        assert_close(h, want, bound + np.abs(want))
+        assert torch.equal(kernels.dense_ffn(W, U, D, prompt, "silu"), kernels.linear(D, h))
         x = rand_x(1, 96)
         Ws = [rand_q(n, 96, qtype, n, read_only=True) for n in (96, 32, 32)]
         for out, V in zip(kernels.linears(Ws, x), Ws):
             assert_close(out, ref.linear(V, x.numpy()), bound_linear(V, x.numpy()))
-        U, D = rand_q(64, 96, qtype, 4, read_only=True), rand_q(96, 64, qtype, 5, read_only=True)
         g, u = ref.linear(W, x.numpy()), ref.linear(U, x.numpy())
         want = ref.act("silu", g) * u
         bound = 1.2 * (bound_linear(W, x.numpy()) * np.abs(u) + np.abs(ref.act("silu", g)) * bound_linear(U, x.numpy()))

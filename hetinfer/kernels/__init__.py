@@ -58,7 +58,9 @@ ACTIVATIONS = tuple(cpu.ACT)
 MIN_BYTES_PER_THREAD = 16 << 10
 # Up to GEMV_MAX_T tokens the stored rows are read once and dotted with each token's x; past it,
 # tiles of TILE_BYTES float32 bytes are dequantized for numpy's GEMM (BLAS). Measured on SmolLM2 (2 threads),
-# the crossover lies at 16-32 tokens: a 5-token prompt took 44 ms through the GEMM, 23 ms here.
+# the crossover lies at 16-32 tokens: a 5-token prompt took 44 ms through the GEMM, 23 ms here. Packed
+# weights (`_dense_info`) take the dots at any length: faster than the tiles at up to 512 tokens at least,
+# and their stored rows are never read again.
 GEMV_MAX_T = 16
 TILE_BYTES = 8 << 20
 
@@ -267,10 +269,13 @@ def _unmap(a: np.ndarray) -> None:
         m.madvise(mmap.MADV_DONTNEED, first, end - first)
 
 
+_PACKED = frozenset(simd.PACKED.values())  # the packed format codes
+
+
 def packed_nbytes(W) -> int:
     """Bytes of W's packed copy (`_dense_info`), 0 if it has none."""
     info = getattr(W, "__dict__", {}).get("_dense_info")
-    return info[2] if info is not None and info[3] is W.data and info[0] in simd.PACKED.values() else 0
+    return info[2] if info is not None and info[3] is W.data and info[0] in _PACKED else 0
 
 
 def _call_infos(Ws, pack: bool) -> list[tuple]:
@@ -385,14 +390,14 @@ def _is_cuda(W) -> bool:
 
 
 def linear(W: QTensor, x: np.ndarray) -> np.ndarray:
-    """x [T, in] -> x @ W^T [T, out]. Decode and short prompts (T <= GEMV_MAX_T) read the stored
-    format directly; longer prompts dequantize row tiles and use numpy's GEMM."""
+    """x [T, in] -> x @ W^T [T, out]. Decode and short prompts (T <= GEMV_MAX_T), and packed weights,
+    read the stored format directly; longer prompts dequantize row tiles and use numpy's GEMM."""
     if _is_cuda(W):
         return _cuda().linear(W, x)
     xn = _x2d(W, x)
-    if xn.shape[0] > GEMV_MAX_T:
-        return _like(x, _gemm(W, _q8(xn) if W.qtype in BLOCK_FORMATS else xn))
     fmt, u8, nbytes, _ = _dense_info(W)
+    if xn.shape[0] > GEMV_MAX_T and fmt not in _PACKED:
+        return _like(x, _gemm(W, _q8(xn) if W.qtype in BLOCK_FORMATS else xn))
     out = np.empty((xn.shape[0], W.shape[0]), np.float32)
     cpu.matvec(fmt, (u8,), xn, (out,), _chunks(nbytes))
     return _like(x, out)
@@ -405,7 +410,7 @@ def linears(Ws: tuple[QTensor, ...] | list[QTensor], x: np.ndarray) -> list[np.n
         return [_cuda().linear(W, x) for W in Ws]
     xn = _x2d(W0, x)
     T = xn.shape[0]
-    if T > GEMV_MAX_T:
+    if T > GEMV_MAX_T and not all(_dense_info(W)[0] in _PACKED for W in Ws):
         xq = _q8(xn) if any(W.qtype in BLOCK_FORMATS for W in Ws) else None  # quantized once for them all
         return [_like(x, _gemm(W, xq if W.qtype in BLOCK_FORMATS else xn)) for W in Ws]
     fmt, u8, _, _ = _dense_info(W0)
@@ -458,7 +463,7 @@ def gate_up(Wg: QTensor, Wu: QTensor, x: np.ndarray, act: str) -> np.ndarray:
         return _cuda().gate_up(Wg, Wu, x, act)
     xn = _x2d(Wg, x)
     (fg, ug, ng, _), (fu, uu, nu, _) = _call_infos((Wg, Wu), True)
-    if xn.shape[0] > GEMV_MAX_T or fg != fu:
+    if (xn.shape[0] > GEMV_MAX_T and fg not in _PACKED) or fg != fu:
         g, u = linears((Wg, Wu), xn)
         return _like(x, _act(act, g) * u)
     h = np.empty((xn.shape[0], Wg.shape[0]), np.float32)
@@ -869,7 +874,7 @@ def dense_ffn(Wg: QTensor, Wu: QTensor, Wd: QTensor, h: np.ndarray, act: str) ->
     if fixed is None and (_is_cuda(Wg) or _is_cuda(Wd)):
         return linear(Wd, gate_up(Wg, Wu, h, act))
     xn = _x2d(Wg, h)
-    if fixed is None or xn.shape[0] > GEMV_MAX_T:
+    if fixed is None or (xn.shape[0] > GEMV_MAX_T and not (fixed[0] in _PACKED and fixed[3] in _PACKED)):
         return _like(h, linear(Wd, gate_up(Wg, Wu, xn, act)))
     y = np.empty((xn.shape[0], Wd.shape[0]), np.float32)
     _fused_dense_ffn(fixed, xn, y, get_threads())

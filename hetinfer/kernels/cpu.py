@@ -264,17 +264,24 @@ def _matvec_rows(fmt, ws, x, xq, xs, outs, lo, hi):
         base += n
 
 
+# A prompt's tokens are taken this many at a time over each chunk of packed groups: their expanded x stays in
+# L2 while the groups' weights stream (all tokens per group spilled L2 past ~200 tokens of a 1536-wide x).
+TOKEN_TILE = 16
+
+
 @njit(inline="always")
 def _matvec_groups(fmt, ws, xe, xs, outs, lo, hi):
     """`_matvec_rows` for packed weights, lo and hi counting groups of 8 rows."""
-    base = 0
-    for m in range(len(ws)):
-        w, out = ws[m], outs[m]
-        end = min(hi - base, w.shape[0])
-        for g in range(max(lo - base, 0), end):
-            for t in range(out.shape[0]):
-                _xdot8(fmt, w, g, xe, xs, t, out, t * out.shape[1] + GROUP_ROWS * g)
-        base += w.shape[0]
+    T = xe.shape[0]
+    for t0 in range(0, T, TOKEN_TILE):
+        base = 0
+        for m in range(len(ws)):
+            w, out = ws[m], outs[m]
+            end = min(hi - base, w.shape[0])
+            for g in range(max(lo - base, 0), end):
+                for t in range(t0, min(t0 + TOKEN_TILE, T)):
+                    _xdot8(fmt, w, g, xe, xs, t, out, t * out.shape[1] + GROUP_ROWS * g)
+            base += w.shape[0]
 
 
 @njit(inline="always")
@@ -376,13 +383,20 @@ def _gate_up_rows(fmt, wg, wu, x, xq, xs, act, h, lo, hi):
 def _gate_up_groups(fmt, wg, wu, xe, xs, act, h, lo, hi):
     """`_gate_up_rows` for packed weights, lo and hi counting groups of 8 neurons."""
     u = np.empty(GROUP_ROWS, np.float32)
-    for g in range(lo, hi):
-        for t in range(h.shape[0]):
-            at = t * h.shape[1] + GROUP_ROWS * g
-            _xdot8(fmt, wg, g, xe, xs, t, h, at)
-            _xdot8(fmt, wu, g, xe, xs, t, u, 0)
-            for r in range(GROUP_ROWS):
-                h[t, GROUP_ROWS * g + r] = _act(act, h[t, GROUP_ROWS * g + r]) * u[r]
+    T = h.shape[0]
+    for t0 in range(0, T, TOKEN_TILE):
+        for g in range(lo, hi):
+            for t in range(t0, min(t0 + TOKEN_TILE, T)):
+                _gate_up_group(fmt, wg, wu, xe, xs, act, h, u, g, t)
+
+
+@njit(inline="always")
+def _gate_up_group(fmt, wg, wu, xe, xs, act, h, u, g, t):
+    """h[t] of group g's 8 neurons (u: room for their up products)."""
+    _xdot8(fmt, wg, g, xe, xs, t, h, t * h.shape[1] + GROUP_ROWS * g)
+    _xdot8(fmt, wu, g, xe, xs, t, u, 0)
+    for r in range(GROUP_ROWS):
+        h[t, GROUP_ROWS * g + r] = _act(act, h[t, GROUP_ROWS * g + r]) * u[r]
 
 
 @njit(inline="always")
