@@ -5,7 +5,7 @@
 # $OUT (default out/gpu_check): summary.txt (machine, each step's exit status and time), NAME.txt
 # per step, hybrid*.json (the benchmark's records).
 #
-#   bash benchmarks/gpu_check.sh --fetch-wheels   # here, once: PuLP and gguf as wheels into .whl/
+#   bash benchmarks/gpu_check.sh --fetch-wheels   # here, once: PuLP, gguf and threadpoolctl wheels into .whl/
 #   bash benchmarks/gpu_check.sh                  # there (device tool: carry [".whl"]), or anywhere
 #   bash benchmarks/gpu_check.sh --device cpu     # the same steps on the CPU stand-in, tiny shapes
 #
@@ -19,7 +19,7 @@ case "${1:-}" in
   --fetch-wheels)
     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
       --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-      -d .whl "pulp>=2.8,<4" "gguf>=0.10"
+      -d .whl "pulp>=2.8,<4" "gguf>=0.10" "threadpoolctl>=3.1"
     exit ;;
   --device) DEVICE=${2:?--device needs cuda or cpu} ;;
   "") ;;

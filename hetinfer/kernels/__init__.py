@@ -725,13 +725,29 @@ def attention_prompt(q: np.ndarray, k: np.ndarray, v: np.ndarray, k_cache: np.nd
     keys = np.ascontiguousarray(kc[:S].transpose(1, 0, 2), np.float32)  # [KV, S, hd]; a float16 cache widened
     vals = np.ascontiguousarray(vc[:S].transpose(1, 0, 2), np.float32)
     qg = qr.reshape(T, KV, G, hd).transpose(1, 2, 0, 3).reshape(KV, G * T, hd)  # query head h reads kv head h // G
-    scores = (qg @ keys.transpose(0, 2, 1)).reshape(KV, G, T, S)
-    scores += np.where(np.arange(S) > pos + np.arange(T)[:, None], np.float32(-np.inf), np.float32(0))  # causal
-    scores -= scores.max(-1, keepdims=True)
-    np.exp(scores, out=scores)
-    scores /= scores.sum(-1, keepdims=True)
-    out = scores.reshape(KV, G * T, S) @ vals  # [KV, G*T, hd]
+    with _one_blas_thread():
+        scores = (qg @ keys.transpose(0, 2, 1)).reshape(KV, G, T, S)
+        scores += np.where(np.arange(S) > pos + np.arange(T)[:, None], np.float32(-np.inf), np.float32(0))  # causal
+        scores -= scores.max(-1, keepdims=True)
+        np.exp(scores, out=scores)
+        scores /= scores.sum(-1, keepdims=True)
+        out = scores.reshape(KV, G * T, S) @ vals  # [KV, G*T, hd]
     return _like(q, out.reshape(KV, G, T, hd).transpose(2, 0, 1, 3).reshape(T, H * hd))
+
+
+_blas = None
+
+
+def _one_blas_thread():
+    """A context in which numpy's BLAS computes on the calling thread. A prompt's attention products come
+    between the kernels' parallel regions, and BLAS's threads and numba's each spin a while after their
+    work: alternating on 2 cores, they made SmolLM2's 64-token prefill 5x slower (BENCHMARKS.md)."""
+    global _blas
+    if _blas is None:
+        from threadpoolctl import ThreadpoolController
+
+        _blas = ThreadpoolController()
+    return _blas.limit(limits=1, user_api="blas")
 
 
 def _rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, interleaved: bool) -> np.ndarray:
