@@ -25,7 +25,7 @@ Sparse:  gather_matvec (selected output rows), scatter_axpy (y += a @ Wd_t[rows]
          predicted_ffn (sparse_ffn over predict_rows' choice, in one call)
 Bound:   attention_step, dense_ffn_step, threshold_ffn_step: those calls for one layer's weights, checked
          once, for the decode loop (per call, the checks cost as much as a few percent of a small model's token)
-Setup:   transpose_down (neuron-major down, once at load), convert, to_cuda, set_threads, warmup,
+Setup:   transpose_down (neuron-major down, once at load), convert, to_cuda, set_threads, one_blas_thread, warmup,
          packed_nbytes (the memory a weight's packed copy holds)
 """
 from __future__ import annotations
@@ -725,7 +725,7 @@ def attention_prompt(q: np.ndarray, k: np.ndarray, v: np.ndarray, k_cache: np.nd
     keys = np.ascontiguousarray(kc[:S].transpose(1, 0, 2), np.float32)  # [KV, S, hd]; a float16 cache widened
     vals = np.ascontiguousarray(vc[:S].transpose(1, 0, 2), np.float32)
     qg = qr.reshape(T, KV, G, hd).transpose(1, 2, 0, 3).reshape(KV, G * T, hd)  # query head h reads kv head h // G
-    with _one_blas_thread():
+    with one_blas_thread():
         scores = (qg @ keys.transpose(0, 2, 1)).reshape(KV, G, T, S)
         scores += np.where(np.arange(S) > pos + np.arange(T)[:, None], np.float32(-np.inf), np.float32(0))  # causal
         scores -= scores.max(-1, keepdims=True)
@@ -738,10 +738,11 @@ def attention_prompt(q: np.ndarray, k: np.ndarray, v: np.ndarray, k_cache: np.nd
 _blas = None
 
 
-def _one_blas_thread():
-    """A context in which numpy's BLAS computes on the calling thread. A prompt's attention products come
-    between the kernels' parallel regions, and BLAS's threads and numba's each spin a while after their
-    work: alternating on 2 cores, they made SmolLM2's 64-token prefill 5x slower (BENCHMARKS.md)."""
+def one_blas_thread():
+    """A context in which numpy's BLAS computes on the calling thread, for products that come between the
+    kernels' parallel regions (a prompt's attention; an offloaded FFN's prompt terms beside packed attention):
+    BLAS's threads and numba's each spin a while after their work, and alternating on 2 cores they made
+    SmolLM2's 64-token prefill 5x slower (BENCHMARKS.md)."""
     global _blas
     if _blas is None:
         from threadpoolctl import ThreadpoolController

@@ -353,7 +353,9 @@ class TieredFFN:
 
 
 def _prompt_terms(views: tuple, h: np.ndarray, act: str, y: np.ndarray) -> None:
-    """y [T, d] += the FFN terms of every neuron in `views` (gate, up, down_t over the same records)."""
+    """y [T, d] += the FFN terms of every neuron in `views` (gate, up, down_t over the same records), their
+    products on one BLAS thread: they alternate with the attention's parallel kernels (`kernels.one_blas_thread`)."""
     g, u, d_t = views
-    a = kernels.gate_up(g, u, h, act)  # [T, n]
-    y += a @ d_t.dequantize()  # [T, n] @ [n, d]
+    with kernels.one_blas_thread():
+        a = kernels.gate_up(g, u, h, act)  # [T, n]
+        y += a @ d_t.dequantize()  # [T, n] @ [n, d]
