@@ -70,10 +70,12 @@ def shape_config(name: str) -> ModelConfig:
 
 def random_blocks(rng: np.random.Generator, rows: int, cols: int) -> QTensor:
     """A [rows, cols] QTYPE weight made as bytes (quantizing billions of random floats would take minutes):
-    uniform random quants, every block's scale 1 / (8 sqrt(cols)) so products stay near unit size."""
+    uniform random quants, every block's scale 1 / (8 sqrt(cols)) so products stay near unit size. Read-only,
+    as a model file's mapped weights are, so that the CPU's dense layers run packed, their best way."""
     block, nbytes = BLOCK_FORMATS[QTYPE]
     data = rng.integers(0, 256, (rows, cols // block, nbytes), dtype=np.uint8)
     data[..., :2] = np.array([1 / (8 * np.sqrt(cols))], np.float16).view(np.uint8)
+    data.flags.writeable = False
     return QTensor(QTYPE, (rows, cols), data.reshape(rows, -1))
 
 
