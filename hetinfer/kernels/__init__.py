@@ -233,10 +233,11 @@ def _info(W: QTensor) -> tuple:
 
 def _dense_info(W: QTensor) -> tuple:
     """`_info` for the kernels that read every row (dense products): W's rows packed in groups of 8
-    (`cpu.pack_rows`, ~2x faster dots) where that applies: q4_0 or q4_1, rows a multiple of 8, a CPU
-    with AVX512-VNNI (`simd.PACKS`), and bytes that cannot change (a read-only array: a memory-mapped
+    (`cpu.pack_rows`, faster dots: BENCHMARKS.md) where that applies: q4_0 or q4_1, rows a multiple of 8,
+    a CPU with AVX2 (`simd.PACKS`), and bytes that cannot change (a read-only array: a memory-mapped
     model file, not a view into a cache that is rewritten). The packed copy is made at the first dense
-    call and kept on W beside the stored rows, which the sparse kernels (row subsets) read."""
+    call and kept on W; the stored rows' pages are let go (`_unmap`) and mapped again only if a sparse
+    kernel (row subsets) reads them."""
     info = W.__dict__.get("_dense_info")
     if info is not None and info[3] is W.data:
         return info
