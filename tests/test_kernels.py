@@ -54,6 +54,15 @@ def bound_linear(W, x, rows=None):
     return np.abs(np.asarray(x, np.float64)) @ np.abs(W.dequantize(rows).astype(np.float64)).T
 
 
+def gate_up_reference(Wg, Wu, x, act):
+    """The reference act(Wg x) * (Wu x) for x [T, cols], and its bound for assert_close: the error of
+    act(g) * u from g and u each within their bound (|act'| <= 1.13 for these activations)."""
+    g, u = ref.linear(Wg, x), ref.linear(Wu, x)
+    want = ref.act(act, g) * u
+    bound = 1.2 * (bound_linear(Wg, x) * np.abs(u) + np.abs(ref.act(act, g)) * bound_linear(Wu, x))
+    return want, bound + np.abs(want)
+
+
 def cols_for(qtype):
     return (96, 100) if qtype in ("f32", "f16", "bf16") else (96,)  # float formats: a row tail % 32
 
@@ -108,24 +117,15 @@ def test_packed_rows_against_reference(qtype, threads, monkeypatch):
             x = rand_x(T, 96, seed=T)
             assert_close(kernels.linear(W, x), ref.linear(W, x.numpy()), bound_linear(W, x.numpy()))
         assert packed(W)
-        prompt = rand_x(40, 96, seed=7)
         U, D = rand_q(64, 96, qtype, 4, read_only=True), rand_q(96, 64, qtype, 5, read_only=True)
-        g, u = ref.linear(W, prompt.numpy()), ref.linear(U, prompt.numpy())
-        want = ref.act("silu", g) * u
-        bound = 1.2 * (bound_linear(W, prompt.numpy()) * np.abs(u) + np.abs(ref.act("silu", g)) * bound_linear(U, prompt.numpy()))
-        h = kernels.gate_up(W, U, prompt, "silu")
-        assert_close(h, want, bound + np.abs(want))
-        assert torch.equal(kernels.dense_ffn(W, U, D, prompt, "silu"), kernels.linear(D, h))
+        for h_in in (rand_x(40, 96, seed=7), rand_x(1, 96)):  # a prompt, a decode step
+            h = kernels.gate_up(W, U, h_in, "silu")
+            assert_close(h, *gate_up_reference(W, U, h_in.numpy(), "silu"))
+            assert torch.equal(kernels.dense_ffn(W, U, D, h_in, "silu"), kernels.linear(D, h))
         x = rand_x(1, 96)
         Ws = [rand_q(n, 96, qtype, n, read_only=True) for n in (96, 32, 32)]
         for out, V in zip(kernels.linears(Ws, x), Ws):
             assert_close(out, ref.linear(V, x.numpy()), bound_linear(V, x.numpy()))
-        g, u = ref.linear(W, x.numpy()), ref.linear(U, x.numpy())
-        want = ref.act("silu", g) * u
-        bound = 1.2 * (bound_linear(W, x.numpy()) * np.abs(u) + np.abs(ref.act("silu", g)) * bound_linear(U, x.numpy()))
-        h = kernels.gate_up(W, U, x, "silu")
-        assert_close(h, want, bound + np.abs(want))
-        assert torch.equal(kernels.dense_ffn(W, U, D, x, "silu"), kernels.linear(D, h))
         assert all(packed(V) for V in (*Ws, U, D))
         rows = np.array([63, 3, 8])
         assert_close(kernels.gather_matvec(W, rows, x), ref.gather_matvec(W, rows, x.numpy()), bound_linear(W, x.numpy(), rows))
@@ -232,11 +232,7 @@ def test_linears_fused_matches_separate(qtype):
 @pytest.mark.parametrize("act", ACTS)
 def test_gate_up(qtype, act):
     Wg, Wu, x = rand_q(64, 96, qtype, 2), rand_q(64, 96, qtype, 3), rand_x(2, 96)
-    g, u = ref.linear(Wg, x.numpy()), ref.linear(Wu, x.numpy())
-    want = ref.act(act, g) * u
-    # error of act(g) * u from g and u each within their bound (|act'| <= 1.13 for these activations)
-    bound = 1.2 * (bound_linear(Wg, x.numpy()) * np.abs(u) + np.abs(ref.act(act, g)) * bound_linear(Wu, x.numpy()))
-    assert_close(kernels.gate_up(Wg, Wu, x, act), want, bound + np.abs(want))
+    assert_close(kernels.gate_up(Wg, Wu, x, act), *gate_up_reference(Wg, Wu, x.numpy(), act))
 
 
 @pytest.mark.parametrize("qtype", FORMATS)
