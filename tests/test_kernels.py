@@ -605,6 +605,18 @@ def test_warmup_reports_seconds():
     assert isinstance(s, float) and s >= 0
 
 
+def test_drop_compiled_removes_only_the_cpu_kernels(tmp_path):
+    """numba keys a kernel's cache on cpu.py's text alone, so when the stamp says a kernel source changed
+    (simd.py included) the compiling child drops cpu.py's compiled kernels and nothing else."""
+    names = ["cpu.matvec-296.py311.nbi", "cpu.matvec-296.py311.1.nbc", "other.f-3.py311.nbi",
+             "hetinfer-kernels-0123456789abcdef.ready"]
+    for n in names:
+        (tmp_path / n).write_bytes(b"x")
+    kernels.drop_compiled(tmp_path)
+    assert sorted(f.name for f in tmp_path.iterdir()) == sorted(names[2:])
+    kernels.drop_compiled(tmp_path / "missing")  # no cache directory yet: nothing to drop
+
+
 def test_dense_warmup_loads_only_the_dense_kernels():
     """`warmup(dense_only=True)` in a fresh process (the cache is compiled): the dense kernels are loaded, the
     sparse ones are not, and one called afterwards loads from numba's cache, never compiling in-process."""

@@ -1006,6 +1006,8 @@ def warmup(dense_only: bool = False) -> float:
                                env=dict(os.environ, **{_CHILD: "1"}))
         if child.returncode != 0:  # compile here instead; the error, if it is ours, shows below
             warnings.warn(f"compiling the kernels in a child process failed (exit {child.returncode})")
+    if stamp is not None and is_child:
+        drop_compiled(stamp.parent)
     _compile_all(dense_only)
     if stamp is not None and is_child:
         try:
@@ -1026,11 +1028,22 @@ def compiled() -> bool:
     return stamp is not None and stamp.exists()
 
 
+def drop_compiled(cache_dir: Path) -> None:
+    """Remove numba's cached CPU kernels from `cache_dir`, so the next call of each compiles it. numba keys
+    a kernel's cache entry on its own module's text (cpu.py) alone, not on the simd.py steps it inlines:
+    without this, a new simd.py would run with the kernels compiled from the old one."""
+    for f in list(cache_dir.glob("cpu.*.nbi")) + list(cache_dir.glob("cpu.*.nbc")):
+        try:
+            f.unlink()
+        except OSError:  # a read-only cache, or another process removed it first
+            pass
+
+
 def _cache_stamp() -> Path | None:
     """A file beside numba's cache of the CPU kernels that the compiling child writes once every kernel
-    is in it, named for numba's version and the kernel sources' modification times and sizes (what
-    numba's own cache index is keyed on, so whatever makes numba recompile also makes a new stamp), and
-    this module's (which signatures `_compile_all` calls, so a new one is compiled by the child too)."""
+    is in it, named for numba's version and the modification times and sizes of the kernel sources (cpu.py
+    and the simd.py steps it inlines: whatever changes them makes a new stamp, and the child then compiles
+    every kernel afresh, see `drop_compiled`) and of this module's (which signatures `_compile_all` calls)."""
     try:
         stats = [os.stat(f) for f in (cpu.__file__, simd.__file__, __file__)]  # the kernels, and what warmup calls
     except OSError:
