@@ -91,6 +91,23 @@ def _dec_q4_1(b, p):  # f16 d, f16 m, nibbles: w = d * q + m
 _DECODERS = [(_dec_f32, 128), (_dec_f16, 64), (_dec_bf16, 64), (_dec_q8_0, 34), (_dec_q4_0, 18), (_dec_q4_1, 20)]
 
 
+def _scaled_ints(fmt: int, b: ir.IRBuilder, p: ir.Value):
+    """A block of a format whose weights are d * ints: (the ints as floats, d)."""
+    if fmt == Q8_0:
+        return b.sitofp(_load(b, p, 2, ir.VectorType(_I8, _N)), _VF), _scale(b, p, 0)
+    q = b.sub(_nibbles(b, p, 2), ir.Constant(ir.VectorType(_I8, _N), [8] * _N))
+    return b.sitofp(q, _VF), _scale(b, p, 0)
+
+
+def _axpy_block(fmt: int, b: ir.IRBuilder, p: ir.Value, a: ir.Value, acc: ir.Value) -> ir.Value:
+    """acc + a * (the block at p): for d * ints formats the scalar a * d scales the ints, one vector
+    multiply fewer per block than decoding first (the row axpys are bound by vector ops, not bytes)."""
+    if fmt in (Q8_0, Q4_0):
+        q, d = _scaled_ints(fmt, b, p)
+        return _fma(b, _splat(b, b.fmul(a, d)), q, acc)
+    return _fma(b, _splat(b, a), _DECODERS[fmt][0](b, p), acc)
+
+
 # Block formats dot their integer weights with x quantized once per call to 8 bits per block of 32
 # (`quantize_x`, llama.cpp's q8_0/q8_1 activations): int8 q[32] plus the floats (d, s = d * sum(q)).
 _V8F, _V8I = ir.VectorType(_F32, 8), ir.VectorType(_I32, 8)
@@ -385,7 +402,7 @@ def quantize_block(typingctx, x, xoff, xq, xs, blk):
 
 
 def _make_axpy(fmt: int):
-    decode, nbytes = _DECODERS[fmt]
+    nbytes = _DECODERS[fmt][1]
 
     @intrinsic
     def axpy(typingctx, w, woff, a, y, nblocks, pfoff):
@@ -397,13 +414,13 @@ def _make_axpy(fmt: int):
             wp = _ptr(context, b, sig.args[0], args[0], args[1], True)
             yp = _ptr(context, b, sig.args[3], args[3], ir.Constant(_I64, 0), False)
             pp = _ptr(context, b, sig.args[0], args[0], args[5], True)
-            av = _splat(b, args[2])
 
             def body(i, _):
                 _prefetch_step(b, pp, i, nbytes, 1)
-                w_ = decode(b, b.gep(wp, [b.mul(i, ir.Constant(_I64, nbytes))]))
                 p = b.bitcast(b.gep(yp, [b.mul(i, ir.Constant(_I64, _N))]), _VF.as_pointer())
-                b.store(_fma(b, av, w_, b.load(p, align=4)), p, align=4)
+                acc = _axpy_block(fmt, b, b.gep(wp, [b.mul(i, ir.Constant(_I64, nbytes))]), args[2],
+                                  b.load(p, align=4))
+                b.store(acc, p, align=4)
                 return []
 
             _for(b, ir.Constant(_I64, 0), args[4], 1, [], body)
@@ -414,15 +431,20 @@ def _make_axpy(fmt: int):
     return axpy
 
 
+# Blocks of y that axpy_rows carries through its loop over rows at once: independent FMA chains, so a
+# row's blocks do not wait on each other's latency (one chain per block ran the loop latency-bound).
+AXPY_TILE = 6
+
+
 def _make_axpy_rows(fmt: int):
-    decode, nbytes = _DECODERS[fmt]
+    nbytes = _DECODERS[fmt][1]
 
     @intrinsic
     def axpy_rows(typingctx, w, stride, ids, coef, m, y, nblocks):
-        """y[: 32 * nblocks] += sum over k < m of coef[k] * w[ids[k] * stride bytes ..], block by block: each
-        32 values of y are loaded once, the m rows added in order and stored once. Every value gets the
-        same operations in the same order as m calls of axpy, so the sums are the same to the bit; only
-        the loads and stores of y are shared."""
+        """y[: 32 * nblocks] += sum over k < m of coef[k] * w[ids[k] * stride bytes ..], AXPY_TILE blocks
+        at a time: each 32 values of y are loaded once, the m rows added in order and stored once. Every
+        value gets the same operations in the same order as m calls of axpy, so the sums are the same to
+        the bit; only the loads and stores of y are shared."""
         sig = types.void(w, types.intp, ids, coef, types.intp, y, types.intp)
 
         def codegen(context, b, sig, args):
@@ -431,20 +453,26 @@ def _make_axpy_rows(fmt: int):
             cp = _ptr(context, b, sig.args[3], args[3], ir.Constant(_I64, 0), False)
             yp = _ptr(context, b, sig.args[5], args[5], ir.Constant(_I64, 0), False)
 
-            def block(i, _):
-                p = b.bitcast(b.gep(yp, [b.mul(i, ir.Constant(_I64, _N))]), _VF.as_pointer())
-                boff = b.mul(i, ir.Constant(_I64, nbytes))
+            def tile(n):
+                def blocks(i, _):
+                    ps = [b.bitcast(b.gep(yp, [b.mul(b.add(i, ir.Constant(_I64, t)), ir.Constant(_I64, _N))]),
+                                    _VF.as_pointer()) for t in range(n)]
+                    boff = b.mul(i, ir.Constant(_I64, nbytes))
 
-                def row(k, acc):
-                    r = b.load(b.gep(ip, [k]))
-                    w_ = decode(b, b.gep(wp, [b.add(b.mul(r, args[1]), boff)]))
-                    return [_fma(b, _splat(b, b.load(b.gep(cp, [k]))), w_, acc[0])]
+                    def row(k, accs):
+                        base = b.gep(wp, [b.add(b.mul(b.load(b.gep(ip, [k])), args[1]), boff)])
+                        c = b.load(b.gep(cp, [k]))
+                        return [_axpy_block(fmt, b, b.gep(base, [ir.Constant(_I64, t * nbytes)]), c, acc)
+                                for t, acc in enumerate(accs)]
 
-                _, (acc,) = _for(b, ir.Constant(_I64, 0), args[4], 1, [b.load(p, align=4)], row)
-                b.store(acc, p, align=4)
-                return []
+                    _, accs = _for(b, ir.Constant(_I64, 0), args[4], 1, [b.load(p, align=4) for p in ps], row)
+                    for p, acc in zip(ps, accs):
+                        b.store(acc, p, align=4)
+                    return []
+                return blocks
 
-            _for(b, ir.Constant(_I64, 0), args[6], 1, [], block)
+            i, _ = _for(b, ir.Constant(_I64, 0), args[6], AXPY_TILE, [], tile(AXPY_TILE))
+            _for(b, i, args[6], 1, [], tile(1))
             return context.get_dummy_value()
 
         return sig, codegen
