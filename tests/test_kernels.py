@@ -860,6 +860,28 @@ def test_attention_decode_split_over_positions(pos, nchunks):
     np.testing.assert_allclose(out.reshape(-1), want, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("hd,H,KV", [(128, 8, 2), (80, 4, 4), (40, 6, 1)])
+@pytest.mark.parametrize("kv", ["f32", "f16"])
+@pytest.mark.parametrize("pos,nchunks", [(0, 1), (18, 1), (300, 2)])
+def test_attention_decode_head_sizes(hd, H, KV, kv, pos, nchunks):
+    """Every path of a span against the reference: scores 16 positions at a time (head size a multiple of 16)
+    or 4 at a time, values 64 dimensions at a time in blocks of positions (a multiple of 64) or 4 positions
+    at a time; query groups of 4 and 6 heads and plain multi-head; positions that leave remainders."""
+    rng = np.random.default_rng(hd + pos)
+    dt = np.float32 if kv == "f32" else np.float16
+    kc = (rng.standard_normal((320, KV, hd), dtype=np.float32) * 2).astype(dt)
+    vc = rng.standard_normal((320, KV, hd), dtype=np.float32).astype(dt)
+    q, k, v = (rng.standard_normal(n, dtype=np.float32) for n in (H * hd, KV * hd, KV * hd))
+    ang = (pos + 0.5) * rng.uniform(0, 1, hd // 2)
+    cos, sin = np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
+    out = np.empty((H, hd), np.float32)
+    bits = (lambda a: a) if kv == "f32" else (lambda a: a.view(np.uint16))
+    cpu.attention_decode(q, k, v, bits(kc), bits(vc), pos, cos, sin, False, out, nchunks)
+    qr = ref.rope(q.reshape(H, hd), cos, sin, False)
+    want = ref.attention(qr, kc[: pos + 1], vc[: pos + 1])  # over the entries the kernel wrote at pos
+    np.testing.assert_allclose(out.reshape(-1), want.reshape(-1), rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("interleaved,pos,nchunks", [(False, 0, 1), (True, 37, 1), (False, 699, 1), (True, 699, 3)])
 def test_attention_decode_f16_cache(interleaved, pos, nchunks):
     """A float16 cache: v written exactly as numpy rounds it, the rotated k within one float16 step

@@ -23,7 +23,7 @@ from hetinfer.kernels.simd import (BF16, F16, F32, GROUP_ROWS, Q4_0, Q4_0X8, Q4_
                                    axpy_f16, axpy_f32, axpy_q4_0, axpy_q4_1, axpy_q8_0, axpy_rows_bf16,
                                    axpy_rows_f16, axpy_rows_f32, axpy_rows_q4_0, axpy_rows_q4_1, axpy_rows_q8_0,
                                    dot_bf16, dot_f16, dot_f32, elem_bf16, elem_f16, elem_f32, expand_block,
-                                   f32_from_bits, from_kv, prefetch_row, quantize_block, to_kv, xdot2_q4_0,
+                                   axpy64, dot16, f32_from_bits, from_kv, prefetch_row, quantize_block, to_kv, xdot2_q4_0,
                                    xdot2_q4_1, xdot2_q8_0, xdot8_q4_0, xdot8_q4_1, xdot_q4_0, xdot_q4_1, xdot_q8_0)
 
 FMT = {"f32": F32, "f16": F16, "bf16": BF16, "q8_0": Q8_0, "q4_0": Q4_0, "q4_1": Q4_1}
@@ -628,12 +628,36 @@ def _exp_neg(x):
     return p * f32_from_bits((np.int32(k) + np.int32(127)) << np.int32(23))
 
 
+VALUE_BLOCK = 32  # positions whose value rows a kv head's query heads add in turn
+
+
+@njit(inline="always")
+def _row_max(s, h, n, lanes):
+    """max of s[h, :n] as 16 running maxima (`lanes`, 16 scratch floats): LLVM leaves a float max reduced
+    into one scalar unvectorized, one dependent max per element (4-5x slower over 2000 scores)."""
+    for j in range(16):
+        lanes[j] = -np.inf
+    i = 0
+    while i + 16 <= n:
+        for j in range(16):
+            lanes[j] = max(lanes[j], s[h, i + j])
+        i += 16
+    mx = np.float32(-np.inf)
+    for j in range(16):
+        mx = max(mx, lanes[j])
+    for i in range(i, n):
+        mx = max(mx, s[h, i])
+    return mx
+
+
 @njit(inline="always")
 def _attend_span(q, kc, vc, lo, hi, m, l, acc):
     """Every query head (q [H, hd], rotated) over cache positions lo..hi-1, unnormalised: per head h,
     m[h] = the largest score, l[h] = sum exp(score - m[h]), acc[h] = sum exp(score - m[h]) * v.
-    Keys, then values, are read once each, four positions at a time (a sequential stream: the cache of
-    a long context lives in DRAM), every kv head's rows serving its whole group of query heads; a
+    Keys, then values, are read once each in order (a sequential stream: the cache of a long context
+    lives in L3 or DRAM), every kv head's rows serving its whole group of query heads: the scores 16
+    positions at a time (`dot16`), the values in blocks of positions (`axpy64`), 4 at a time for head
+    sizes those do not take; a
     span's partial results merge with others' (`attention_decode`). Entries are widened to float32
     as read (`from_kv`), so a float16 cache streams half the bytes and accumulates as a float32 one.
     Plain indexing, no array views in the loops: a view costs a reference-count update, more than a
@@ -642,33 +666,42 @@ def _attend_span(q, kc, vc, lo, hi, m, l, acc):
     KV = kc.shape[1]
     group = H // KV
     scale = np.float32(1.0 / math.sqrt(hd))
+    qs = np.empty((H, hd), np.float32)  # q / sqrt(hd): the scores come out scaled
+    for h in range(H):
+        for e in range(hd):
+            qs[h, e] = q[h, e] * scale
     n = hi - lo
     s = np.empty((H, max(n, 1)), np.float32)
     p = lo
+    if hd % 16 == 0:  # sixteen positions at a time, reduced together (`dot16`)
+        while p + 16 <= hi:
+            for g in range(KV):
+                for h in range(g * group, (g + 1) * group):  # the query heads reading kv head g
+                    dot16(kc, (p * KV + g) * hd, KV * hd, qs, h * hd, hd, s, h * s.shape[1] + p - lo)
+            p += 16
     while p + 4 <= hi:  # four positions at a time: each head's row of q is read once for four keys
         for g in range(KV):
-            for h in range(g * group, (g + 1) * group):  # the query heads reading kv head g
+            for h in range(g * group, (g + 1) * group):
                 a0 = a1 = a2 = a3 = np.float32(0.0)
                 for e in range(hd):
-                    qe = q[h, e]
+                    qe = qs[h, e]
                     a0 += qe * from_kv(kc[p, g, e])
                     a1 += qe * from_kv(kc[p + 1, g, e])
                     a2 += qe * from_kv(kc[p + 2, g, e])
                     a3 += qe * from_kv(kc[p + 3, g, e])
                 i = p - lo
-                s[h, i], s[h, i + 1], s[h, i + 2], s[h, i + 3] = a0 * scale, a1 * scale, a2 * scale, a3 * scale
+                s[h, i], s[h, i + 1], s[h, i + 2], s[h, i + 3] = a0, a1, a2, a3
         p += 4
     for p in range(p, hi):
         for g in range(KV):
             for h in range(g * group, (g + 1) * group):
                 a = np.float32(0.0)
                 for e in range(hd):
-                    a += q[h, e] * from_kv(kc[p, g, e])
-                s[h, p - lo] = a * scale
+                    a += qs[h, e] * from_kv(kc[p, g, e])
+                s[h, p - lo] = a
+    lanes = np.empty(16, np.float32)
     for h in range(H):
-        mx = np.float32(-np.inf)
-        for i in range(n):
-            mx = max(mx, s[h, i])
+        mx = _row_max(s, h, n, lanes)
         total = np.float32(0.0)
         for i in range(n):
             s[h, i] = _exp_neg(s[h, i] - mx)
@@ -676,6 +709,14 @@ def _attend_span(q, kc, vc, lo, hi, m, l, acc):
         m[h], l[h] = mx, total
         for e in range(hd):
             acc[h, e] = 0
+    if hd % 64 == 0:  # blocks of positions whose values stay in L1 for the group's heads (`axpy64`)
+        for p in range(lo, hi, VALUE_BLOCK):
+            k = min(VALUE_BLOCK, hi - p)
+            for g in range(KV):
+                for h in range(g * group, (g + 1) * group):
+                    for c in range(0, hd, 64):
+                        axpy64(vc, (p * KV + g) * hd + c, KV * hd, s, h * s.shape[1] + p - lo, k, acc, h * hd + c)
+        return
     p = lo
     while p + 4 <= hi:  # four positions at a time: each head's acc row is loaded and stored once for four
         for g in range(KV):

@@ -684,3 +684,105 @@ def to_kv(typingctx, x, cache):
     if cache.dtype == types.float32:
         return types.float32(x, cache), lambda context, b, sig, args: args[0]
     return types.uint16(x, cache), lambda context, b, sig, args: b.bitcast(b.fptrunc(args[0], _HALF), _I16)
+
+
+_V16 = ir.VectorType(_F32, 16)
+
+
+def _pair_sums(b: ir.IRBuilder, x: ir.Value, y: ir.Value, segs: int) -> ir.Value:
+    """x and y each hold `segs` sums spread over 16 // segs lanes apiece; the result holds x's sums, then
+    y's, over half as many lanes each (half the lanes added to the other half)."""
+    w = 16 // segs
+    lo, hi = [], []
+    for s in range(2 * segs):
+        src = (s // segs) * 16 + (s % segs) * w
+        lo += [src + t for t in range(w // 2)]
+        hi += [src + w // 2 + t for t in range(w // 2)]
+    pick = lambda idx: b.shuffle_vector(x, y, ir.Constant(ir.VectorType(_I32, 16), idx))  # noqa: E731
+    return b.fadd(pick(lo), pick(hi), flags=("fast",))
+
+
+@intrinsic
+def dot16(typingctx, k, koff, kstride, q, qoff, n, out, ooff):
+    """out[ooff + r] = sum over e < n of q[qoff + e] * k[koff + r * kstride + e] for the 16 rows r < 16 of
+    a KV cache (float32, or float16 held as uint16 bits), n a multiple of 16: attention's scores for 16
+    positions. Each row's dot runs in its own vector of 16 lanes and the 16 vectors are summed into one
+    in 15 shuffle-adds (a tree): a dot reduced to a scalar by itself costs ~8 vector operations, as many
+    as its 64 products take."""
+    if k.dtype not in (types.float32, types.uint16) or q.dtype != types.float32 or out.dtype != types.float32:
+        return None
+    sig = types.void(k, types.intp, types.intp, q, types.intp, types.intp, out, types.intp)
+    half = k.dtype == types.uint16
+
+    def codegen(context, b, sig, args):
+        kp = _ptr(context, b, sig.args[0], args[0], args[1], False)
+        qp = _ptr(context, b, sig.args[3], args[3], args[4], False)
+        op = _ptr(context, b, sig.args[6], args[6], args[7], False)
+
+        def row(r, e):
+            p = b.gep(kp, [b.add(b.mul(ir.Constant(_I64, r), args[2]), e)])
+            if half:
+                return b.fpext(b.load(b.bitcast(p, ir.VectorType(_HALF, 16).as_pointer()), align=2), _V16)
+            return b.load(b.bitcast(p, _V16.as_pointer()), align=4)
+
+        def body(e, accs):
+            qv = b.load(b.bitcast(b.gep(qp, [e]), _V16.as_pointer()), align=4)
+            return [_fma(b, qv, row(r, e), acc) for r, acc in enumerate(accs)]
+
+        zero = ir.Constant(_V16, [0.0] * 16)
+        _, vs = _for(b, ir.Constant(_I64, 0), args[5], 16, [zero] * 16, body)
+        segs = 1
+        while len(vs) > 1:
+            vs = [_pair_sums(b, vs[i], vs[i + 1], segs) for i in range(0, len(vs), 2)]
+            segs *= 2
+        b.store(vs[0], b.bitcast(op, _V16.as_pointer()), align=4)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def axpy64(typingctx, v, voff, vstride, w, woff, n, acc, aoff):
+    """acc[aoff : aoff + 64] += sum over r < n of w[woff + r] * v[voff + r * vstride : .. + 64], v rows of a
+    KV cache (float32, or float16 held as uint16 bits): attention's weighted values over n positions for 64
+    of a head's dimensions. The 64 sums stay in registers for all n rows, in two sets (even and odd rows)
+    so 8 FMA chains run at once; acc is read and written once."""
+    if v.dtype not in (types.float32, types.uint16) or w.dtype != types.float32 or acc.dtype != types.float32:
+        return None
+    sig = types.void(v, types.intp, types.intp, w, types.intp, types.intp, acc, types.intp)
+    half = v.dtype == types.uint16
+
+    def codegen(context, b, sig, args):
+        vp = _ptr(context, b, sig.args[0], args[0], args[1], False)
+        wp = _ptr(context, b, sig.args[3], args[3], args[4], False)
+        ap = b.bitcast(_ptr(context, b, sig.args[6], args[6], args[7], False), _V16.as_pointer())
+
+        def quad(r):  # row r's 64 values as 4 vectors
+            p = b.gep(vp, [b.mul(r, args[2])])
+            if half:
+                p = b.bitcast(p, ir.VectorType(_HALF, 16).as_pointer())
+                return [b.fpext(b.load(b.gep(p, [ir.Constant(_I64, j)]), align=2), _V16) for j in range(4)]
+            p = b.bitcast(p, _V16.as_pointer())
+            return [b.load(b.gep(p, [ir.Constant(_I64, j)]), align=4) for j in range(4)]
+
+        def add(r, accs):
+            c = _splat(b, b.load(b.gep(wp, [r])), 16)
+            return [_fma(b, c, x, a) for x, a in zip(quad(r), accs)]
+
+        def two(r, accs):
+            return add(r, accs[:4]) + add(b.add(r, ir.Constant(_I64, 1)), accs[4:])
+
+        zero = ir.Constant(_V16, [0.0] * 16)
+        r, accs = _for(b, ir.Constant(_I64, 0), args[5], 2, [zero] * 8, two)
+        odd = b.icmp_signed("<", r, args[5])  # n odd: its last row
+        last = b.select(odd, r, ir.Constant(_I64, 0))
+        wl = b.select(odd, b.load(b.gep(wp, [last])), ir.Constant(_F32, 0.0))
+        tail = [_fma(b, _splat(b, wl, 16), x, a) for x, a in zip(quad(last), accs[:4])]
+        for j in range(4):
+            p = b.gep(ap, [ir.Constant(_I64, j)])
+            b.store(b.fadd(b.load(p, align=4), b.fadd(tail[j], accs[4 + j], flags=("fast",)), flags=("fast",)),
+                    p, align=4)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
