@@ -19,11 +19,11 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from hetinfer.kernels.simd import (BF16, F16, F32, GROUP_ROWS, Q4_0, Q4_0X8, Q4_1, Q4_1X8, Q8_0, axpy_bf16,
+from hetinfer.kernels.simd import (BF16, F16, F32, GROUP_ROWS, Q4_0, Q4_0X8, Q4_1, Q4_1X8, Q8_0, axpy64, axpy_bf16,
                                    axpy_f16, axpy_f32, axpy_q4_0, axpy_q4_1, axpy_q8_0, axpy_rows_bf16,
                                    axpy_rows_f16, axpy_rows_f32, axpy_rows_q4_0, axpy_rows_q4_1, axpy_rows_q8_0,
-                                   dot_bf16, dot_f16, dot_f32, elem_bf16, elem_f16, elem_f32, expand_block,
-                                   axpy64, dot16, f32_from_bits, from_kv, prefetch_row, quantize_block, to_kv, xdot2_q4_0,
+                                   dot16, dot_bf16, dot_f16, dot_f32, elem_bf16, elem_f16, elem_f32, expand_block,
+                                   f32_from_bits, from_kv, prefetch_row, quantize_block, to_kv, xdot2_q4_0,
                                    xdot2_q4_1, xdot2_q8_0, xdot8_q4_0, xdot8_q4_1, xdot_q4_0, xdot_q4_1, xdot_q8_0)
 
 FMT = {"f32": F32, "f16": F16, "bf16": BF16, "q8_0": Q8_0, "q4_0": Q4_0, "q4_1": Q4_1}

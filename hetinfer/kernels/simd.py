@@ -698,8 +698,29 @@ def _pair_sums(b: ir.IRBuilder, x: ir.Value, y: ir.Value, segs: int) -> ir.Value
         src = (s // segs) * 16 + (s % segs) * w
         lo += [src + t for t in range(w // 2)]
         hi += [src + w // 2 + t for t in range(w // 2)]
-    pick = lambda idx: b.shuffle_vector(x, y, ir.Constant(ir.VectorType(_I32, 16), idx))  # noqa: E731
-    return b.fadd(pick(lo), pick(hi), flags=("fast",))
+    lo, hi = (b.shuffle_vector(x, y, ir.Constant(ir.VectorType(_I32, 16), idx)) for idx in (lo, hi))
+    return b.fadd(lo, hi, flags=("fast",))
+
+
+def _kv_signature(kv, x, out):
+    """The signature of an intrinsic over KV-cache rows (kv, off, row stride, x, off, n, out, off), None
+    unless kv holds float32 or float16 bits (uint16) and x and out float32."""
+    if kv.dtype not in (types.float32, types.uint16) or x.dtype != types.float32 or out.dtype != types.float32:
+        return None
+    return types.void(kv, types.intp, types.intp, x, types.intp, types.intp, out, types.intp)
+
+
+def _kv_pointers(context, b, sig, args) -> list:
+    """Element pointers to kv, x and out at their offsets (see `_kv_signature`)."""
+    return [_ptr(context, b, sig.args[i], args[i], args[i + 1], False) for i in (0, 3, 6)]
+
+
+def _kv16(b: ir.IRBuilder, p: ir.Value, j: int, half: bool) -> ir.Value:
+    """16 KV-cache entries from the element pointer p + 16 j, widened to float32."""
+    if half:
+        v = b.load(b.gep(b.bitcast(p, ir.VectorType(_HALF, 16).as_pointer()), [ir.Constant(_I64, j)]), align=2)
+        return b.fpext(v, _V16)
+    return b.load(b.gep(b.bitcast(p, _V16.as_pointer()), [ir.Constant(_I64, j)]), align=4)
 
 
 @intrinsic
@@ -709,25 +730,18 @@ def dot16(typingctx, k, koff, kstride, q, qoff, n, out, ooff):
     positions. Each row's dot runs in its own vector of 16 lanes and the 16 vectors are summed into one
     in 15 shuffle-adds (a tree): a dot reduced to a scalar by itself costs ~8 vector operations, as many
     as its 64 products take."""
-    if k.dtype not in (types.float32, types.uint16) or q.dtype != types.float32 or out.dtype != types.float32:
+    sig = _kv_signature(k, q, out)
+    if sig is None:
         return None
-    sig = types.void(k, types.intp, types.intp, q, types.intp, types.intp, out, types.intp)
     half = k.dtype == types.uint16
 
     def codegen(context, b, sig, args):
-        kp = _ptr(context, b, sig.args[0], args[0], args[1], False)
-        qp = _ptr(context, b, sig.args[3], args[3], args[4], False)
-        op = _ptr(context, b, sig.args[6], args[6], args[7], False)
-
-        def row(r, e):
-            p = b.gep(kp, [b.add(b.mul(ir.Constant(_I64, r), args[2]), e)])
-            if half:
-                return b.fpext(b.load(b.bitcast(p, ir.VectorType(_HALF, 16).as_pointer()), align=2), _V16)
-            return b.load(b.bitcast(p, _V16.as_pointer()), align=4)
+        kp, qp, op = _kv_pointers(context, b, sig, args)
 
         def body(e, accs):
             qv = b.load(b.bitcast(b.gep(qp, [e]), _V16.as_pointer()), align=4)
-            return [_fma(b, qv, row(r, e), acc) for r, acc in enumerate(accs)]
+            rows = [b.gep(kp, [b.add(b.mul(ir.Constant(_I64, r), args[2]), e)]) for r in range(16)]
+            return [_fma(b, qv, _kv16(b, p, 0, half), acc) for p, acc in zip(rows, accs)]
 
         zero = ir.Constant(_V16, [0.0] * 16)
         _, vs = _for(b, ir.Constant(_I64, 0), args[5], 16, [zero] * 16, body)
@@ -747,23 +761,17 @@ def axpy64(typingctx, v, voff, vstride, w, woff, n, acc, aoff):
     KV cache (float32, or float16 held as uint16 bits): attention's weighted values over n positions for 64
     of a head's dimensions. The 64 sums stay in registers for all n rows, in two sets (even and odd rows)
     so 8 FMA chains run at once; acc is read and written once."""
-    if v.dtype not in (types.float32, types.uint16) or w.dtype != types.float32 or acc.dtype != types.float32:
+    sig = _kv_signature(v, w, acc)
+    if sig is None:
         return None
-    sig = types.void(v, types.intp, types.intp, w, types.intp, types.intp, acc, types.intp)
     half = v.dtype == types.uint16
 
     def codegen(context, b, sig, args):
-        vp = _ptr(context, b, sig.args[0], args[0], args[1], False)
-        wp = _ptr(context, b, sig.args[3], args[3], args[4], False)
-        ap = b.bitcast(_ptr(context, b, sig.args[6], args[6], args[7], False), _V16.as_pointer())
+        vp, wp, ap = _kv_pointers(context, b, sig, args)
+        ap = b.bitcast(ap, _V16.as_pointer())
 
         def quad(r):  # row r's 64 values as 4 vectors
-            p = b.gep(vp, [b.mul(r, args[2])])
-            if half:
-                p = b.bitcast(p, ir.VectorType(_HALF, 16).as_pointer())
-                return [b.fpext(b.load(b.gep(p, [ir.Constant(_I64, j)]), align=2), _V16) for j in range(4)]
-            p = b.bitcast(p, _V16.as_pointer())
-            return [b.load(b.gep(p, [ir.Constant(_I64, j)]), align=4) for j in range(4)]
+            return [_kv16(b, b.gep(vp, [b.mul(r, args[2])]), j, half) for j in range(4)]
 
         def add(r, accs):
             c = _splat(b, b.load(b.gep(wp, [r])), 16)
