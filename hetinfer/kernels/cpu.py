@@ -19,12 +19,13 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from hetinfer.kernels.simd import (BF16, F16, F32, GROUP_ROWS, Q4_0, Q4_0X8, Q4_1, Q4_1X8, Q8_0, axpy64, axpy_bf16,
-                                   axpy_f16, axpy_f32, axpy_q4_0, axpy_q4_1, axpy_q8_0, axpy_rows_bf16,
-                                   axpy_rows_f16, axpy_rows_f32, axpy_rows_q4_0, axpy_rows_q4_1, axpy_rows_q8_0,
-                                   dot16, dot_bf16, dot_f16, dot_f32, elem_bf16, elem_f16, elem_f32, expand_block,
-                                   f32_from_bits, from_kv, prefetch_row, quantize_block, to_kv, xdot2_q4_0,
-                                   xdot2_q4_1, xdot2_q8_0, xdot8_q4_0, xdot8_q4_1, xdot_q4_0, xdot_q4_1, xdot_q8_0)
+from hetinfer.kernels.simd import (BF16, F16, F32, GROUP_ROWS, PACKED_AHEAD, Q4_0, Q4_0X8, Q4_1, Q4_1X8, Q8_0,
+                                   axpy64, axpy_bf16, axpy_f16, axpy_f32, axpy_q4_0, axpy_q4_1, axpy_q8_0,
+                                   axpy_rows_bf16, axpy_rows_f16, axpy_rows_f32, axpy_rows_q4_0, axpy_rows_q4_1,
+                                   axpy_rows_q8_0, dot16, dot_bf16, dot_f16, dot_f32, elem_bf16, elem_f16, elem_f32,
+                                   expand_block, f32_from_bits, from_kv, prefetch_row, quantize_block, to_kv,
+                                   xdot2_q4_0, xdot2_q4_1, xdot2_q8_0, xdot8_q4_0, xdot8_q4_1, xdot_q4_0, xdot_q4_1,
+                                   xdot_q8_0)
 
 FMT = {"f32": F32, "f16": F16, "bf16": BF16, "q8_0": Q8_0, "q4_0": Q4_0, "q4_1": Q4_1}
 ACT = {"silu": 0, "relu": 1, "gelu": 2}
@@ -80,13 +81,14 @@ def _expand(fmt, xq):
 
 
 @njit(inline="always")
-def _xdot8(fmt, w, g, xe, xs, t, out, ooff):
-    """out.flat[ooff .. ooff + 8] = the dots of group g's 8 rows with token t of x."""
-    nb = xe.shape[1]
+def _xdot8(fmt, w, g, xe, xs, t, out, ooff, first):
+    """out.flat[ooff .. ooff + 8] = the dots of group g's 8 rows with token t of x; the `first` token to
+    read the group hints the bytes ahead into the cache (PACKED_AHEAD), the others find them there."""
+    nb, ahead = xe.shape[1], PACKED_AHEAD if first else 0
     if fmt == Q4_1X8:
-        xdot8_q4_1(w, g * w.strides[0], xe, xs, t * nb, nb, out, ooff)
+        xdot8_q4_1(w, g * w.strides[0], xe, xs, t * nb, nb, out, ooff, ahead)
     else:
-        xdot8_q4_0(w, g * w.strides[0], xe, xs, t * nb, nb, out, ooff)
+        xdot8_q4_0(w, g * w.strides[0], xe, xs, t * nb, nb, out, ooff, ahead)
 
 
 @njit(inline="always")
@@ -280,7 +282,7 @@ def _matvec_groups(fmt, ws, xe, xs, outs, lo, hi):
             end = min(hi - base, w.shape[0])
             for g in range(max(lo - base, 0), end):
                 for t in range(t0, min(t0 + TOKEN_TILE, T)):
-                    _xdot8(fmt, w, g, xe, xs, t, out, t * out.shape[1] + GROUP_ROWS * g)
+                    _xdot8(fmt, w, g, xe, xs, t, out, t * out.shape[1] + GROUP_ROWS * g, t == t0)
             base += w.shape[0]
 
 
@@ -387,14 +389,14 @@ def _gate_up_groups(fmt, wg, wu, xe, xs, act, h, lo, hi):
     for t0 in range(0, T, TOKEN_TILE):
         for g in range(lo, hi):
             for t in range(t0, min(t0 + TOKEN_TILE, T)):
-                _gate_up_group(fmt, wg, wu, xe, xs, act, h, u, g, t)
+                _gate_up_group(fmt, wg, wu, xe, xs, act, h, u, g, t, t == t0)
 
 
 @njit(inline="always")
-def _gate_up_group(fmt, wg, wu, xe, xs, act, h, u, g, t):
-    """h[t] of group g's 8 neurons (u: room for their up products)."""
-    _xdot8(fmt, wg, g, xe, xs, t, h, t * h.shape[1] + GROUP_ROWS * g)
-    _xdot8(fmt, wu, g, xe, xs, t, u, 0)
+def _gate_up_group(fmt, wg, wu, xe, xs, act, h, u, g, t, first):
+    """h[t] of group g's 8 neurons (u: room for their up products; first: see `_xdot8`)."""
+    _xdot8(fmt, wg, g, xe, xs, t, h, t * h.shape[1] + GROUP_ROWS * g, first)
+    _xdot8(fmt, wu, g, xe, xs, t, u, 0, first)
     for r in range(GROUP_ROWS):
         h[t, GROUP_ROWS * g + r] = _act(act, h[t, GROUP_ROWS * g + r]) * u[r]
 
@@ -492,8 +494,8 @@ def _threshold_rows(fmt, wg, wu, fmt_d, wd_t, x, xq, xs, xe, act, threshold, y, 
             i = start + k
             if _packed(fmt):  # a group's 8 neurons at its first (lo, hi and DECIDE are multiples of 8)
                 if k % GROUP_ROWS == 0:
-                    _xdot8(fmt, wg, i // GROUP_ROWS, xe, xs, 0, h, k)
-                    _xdot8(fmt, wu, i // GROUP_ROWS, xe, xs, 0, u, 0)
+                    _xdot8(fmt, wg, i // GROUP_ROWS, xe, xs, 0, h, k, True)
+                    _xdot8(fmt, wu, i // GROUP_ROWS, xe, xs, 0, u, 0, True)
                     for r in range(GROUP_ROWS):
                         h[k + r] = _act(act, h[k + r]) * u[r]
             else:
