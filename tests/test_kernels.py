@@ -924,12 +924,23 @@ def test_attention_decode_refuses_other_caches():
             kernels.attention_decode(q, k, v, kc, vc, 1, cos, sin, False)
 
 
+@pytest.fixture
+def two_threads():
+    """The kernels on exactly 2 threads for one test, then back to the default."""
+    kernels.set_threads(2)
+    yield
+    kernels.set_threads()
+
+
 @pytest.mark.parametrize("kv", [np.float32, np.float16])
-@pytest.mark.parametrize("interleaved,pos,T", [(False, 0, 1), (False, 0, 7), (True, 5, 7), (False, 30, 10)])
-def test_attention_prompt(kv, interleaved, pos, T):
+@pytest.mark.parametrize("interleaved,pos,T", [(False, 0, 1), (False, 0, 7), (True, 5, 7), (False, 30, 10),
+                                                (True, 3, 35), (False, 0, 37)])
+def test_attention_prompt(kv, interleaved, pos, T, monkeypatch, two_threads):
     """A prompt's chunk of T tokens after `pos` cached ones: k and v written to the cache at pos..pos+T-1
     (v exactly as numpy rounds it, k within one step of the float64 rotation), nothing else touched, and
-    each token's attention equal to the float64 reference's over the positions up to its own."""
+    each token's attention equal to the float64 reference's over the positions up to its own. Queries
+    come in blocks of 16 here (the fewest), shared by 2 threads: past 16 tokens, several blocks."""
+    monkeypatch.setattr(kernels, "PROMPT_SCORES", 1)
     n_ctx, KV, H, hd = 40, 3, 9, 64
     rng = np.random.default_rng(pos + T)
     kc = rng.standard_normal((n_ctx, KV, hd), dtype=np.float32).astype(kv)
