@@ -750,23 +750,25 @@ def attention_prompt(q: np.ndarray, k: np.ndarray, v: np.ndarray, k_cache: np.nd
 
 # Scores (floats) a block of a prompt's queries holds at once in `attention_prompt` (4 MB; 2^18-2^21 tried).
 PROMPT_SCORES = 1 << 20
-_pool = None
+_pool, _pool_threads = None, 0
 
 
 def _run_split(fn, items, n: int) -> None:
     """fn(item) for every item, on n threads: this one and n - 1 of a pool kept for it, each taking every
     n-th item (a prompt's later blocks of queries see more positions, so a thread's share stays even).
     numpy releases the GIL in its products and ufuncs, so the threads compute at once."""
-    global _pool
+    global _pool, _pool_threads
     items = list(items)
     if n < 2:
         for it in items:
             fn(it)
         return
-    if _pool is None or _pool._max_workers < n - 1:
+    if _pool_threads < n - 1:  # none yet, or too few for a larger thread count
         from concurrent.futures import ThreadPoolExecutor
 
-        _pool = ThreadPoolExecutor(max_workers=n - 1, thread_name_prefix="hetinfer-attention")
+        if _pool is not None:
+            _pool.shutdown(wait=False)
+        _pool, _pool_threads = ThreadPoolExecutor(max_workers=n - 1, thread_name_prefix="hetinfer-attention"), n - 1
 
     def share(j: int) -> None:
         for it in items[j::n]:
