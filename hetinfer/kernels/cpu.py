@@ -654,24 +654,18 @@ def _row_max(s, h, n, lanes):
 
 @njit(inline="always")
 def _attend_span(q, kc, vc, lo, hi, m, l, acc):
-    """Every query head (q [H, hd], rotated) over cache positions lo..hi-1, unnormalised: per head h,
-    m[h] = the largest score, l[h] = sum exp(score - m[h]), acc[h] = sum exp(score - m[h]) * v.
-    Keys, then values, are read once each in order (a sequential stream: the cache of a long context
-    lives in L3 or DRAM), every kv head's rows serving its whole group of query heads: the scores 16
-    positions at a time (`dot16`), the values in blocks of positions (`axpy64`), 4 at a time for head
-    sizes those do not take; a
-    span's partial results merge with others' (`attention_decode`). Entries are widened to float32
-    as read (`from_kv`), so a float16 cache streams half the bytes and accumulates as a float32 one.
-    Plain indexing, no array views in the loops: a view costs a reference-count update, more than a
-    64-wide dot."""
+    """Every query head (q [H, hd], rotated and divided by sqrt(hd)) over cache positions lo..hi-1,
+    unnormalised: per head h, m[h] = the largest score, l[h] = sum exp(score - m[h]), acc[h] = sum
+    exp(score - m[h]) * v. Keys, then values, are read once each in order (a sequential stream: the cache
+    of a long context lives in L3 or DRAM), every kv head's rows serving its whole group of query heads:
+    the scores 16 positions at a time (`dot16`), the values in blocks of positions (`axpy64`), 4 at a time
+    for head sizes those do not take; a span's partial results merge with others' (`attention_decode`).
+    Entries are widened to float32 as read (`from_kv`), so a float16 cache streams half the bytes and
+    accumulates as a float32 one. Plain indexing, no array views in the loops: a view costs a
+    reference-count update, more than a 64-wide dot."""
     H, hd = q.shape
     KV = kc.shape[1]
     group = H // KV
-    scale = np.float32(1.0 / math.sqrt(hd))
-    qs = np.empty((H, hd), np.float32)  # q / sqrt(hd): the scores come out scaled
-    for h in range(H):
-        for e in range(hd):
-            qs[h, e] = q[h, e] * scale
     n = hi - lo
     s = np.empty((H, max(n, 1)), np.float32)
     p = lo
@@ -679,14 +673,14 @@ def _attend_span(q, kc, vc, lo, hi, m, l, acc):
         while p + 16 <= hi:
             for g in range(KV):
                 for h in range(g * group, (g + 1) * group):  # the query heads reading kv head g
-                    dot16(kc, (p * KV + g) * hd, KV * hd, qs, h * hd, hd, s, h * s.shape[1] + p - lo)
+                    dot16(kc, (p * KV + g) * hd, KV * hd, q, h * hd, hd, s, h * s.shape[1] + p - lo)
             p += 16
     while p + 4 <= hi:  # four positions at a time: each head's row of q is read once for four keys
         for g in range(KV):
             for h in range(g * group, (g + 1) * group):
                 a0 = a1 = a2 = a3 = np.float32(0.0)
                 for e in range(hd):
-                    qe = qs[h, e]
+                    qe = q[h, e]
                     a0 += qe * from_kv(kc[p, g, e])
                     a1 += qe * from_kv(kc[p + 1, g, e])
                     a2 += qe * from_kv(kc[p + 2, g, e])
@@ -699,7 +693,7 @@ def _attend_span(q, kc, vc, lo, hi, m, l, acc):
             for h in range(g * group, (g + 1) * group):
                 a = np.float32(0.0)
                 for e in range(hd):
-                    a += qs[h, e] * from_kv(kc[p, g, e])
+                    a += q[h, e] * from_kv(kc[p, g, e])
                 s[h, p - lo] = a
     lanes = np.empty(16, np.float32)
     for h in range(H):
@@ -754,11 +748,12 @@ def attention_decode(q, k, v, kc, vc, pos, cos, sin, interleaved, out, nchunks):
             kc[pos, g, i0], kc[pos, g, i1] = to_kv(a, kc), to_kv(b, kc)
         for j in range(hd):
             vc[pos, g, j] = to_kv(v[g * hd + j], vc)
-    qr = np.empty((H, hd), np.float32)
+    qr = np.empty((H, hd), np.float32)  # rotated, divided by sqrt(hd) once for every span
+    scale = np.float32(1.0 / math.sqrt(hd))
     for h in range(H):
         for j in range(hd // 2):
             i0, i1, a, b = _rope(q, h * hd, j, cos, sin, interleaved)
-            qr[h, i0], qr[h, i1] = a, b
+            qr[h, i0], qr[h, i1] = a * scale, b * scale
     S = pos + 1
     m, l = np.empty((nchunks, H), np.float32), np.empty((nchunks, H), np.float32)
     acc = np.empty((nchunks, H, hd), np.float32)

@@ -716,17 +716,20 @@ def _pair_sums(b: ir.IRBuilder, x: ir.Value, y: ir.Value, segs: int) -> ir.Value
     return b.fadd(lo, hi, flags=("fast",))
 
 
-def _kv_signature(kv, x, out):
-    """The signature of an intrinsic over KV-cache rows (kv, off, row stride, x, off, n, out, off), None
-    unless kv holds float32 or float16 bits (uint16) and x and out float32."""
+def _kv_intrinsic(kv, x, out, emit):
+    """(signature, codegen) of an intrinsic over KV-cache rows (kv, off, row stride, x, off, n, out, off),
+    None unless kv holds float32 or float16 bits (uint16) and x and out float32. emit(b, args, kv pointer,
+    x pointer, out pointer, half) writes its body, the pointers to elements at their offsets."""
     if kv.dtype not in (types.float32, types.uint16) or x.dtype != types.float32 or out.dtype != types.float32:
         return None
-    return types.void(kv, types.intp, types.intp, x, types.intp, types.intp, out, types.intp)
+    sig = types.void(kv, types.intp, types.intp, x, types.intp, types.intp, out, types.intp)
 
+    def codegen(context, b, sig, args):
+        emit(b, args, *(_ptr(context, b, sig.args[i], args[i], args[i + 1], False) for i in (0, 3, 6)),
+             kv.dtype == types.uint16)
+        return context.get_dummy_value()
 
-def _kv_pointers(context, b, sig, args) -> list:
-    """Element pointers to kv, x and out at their offsets (see `_kv_signature`)."""
-    return [_ptr(context, b, sig.args[i], args[i], args[i + 1], False) for i in (0, 3, 6)]
+    return sig, codegen
 
 
 def _kv16(b: ir.IRBuilder, p: ir.Value, j: int, half: bool) -> ir.Value:
@@ -744,14 +747,7 @@ def dot16(typingctx, k, koff, kstride, q, qoff, n, out, ooff):
     positions. Each row's dot runs in its own vector of 16 lanes and the 16 vectors are summed into one
     in 15 shuffle-adds (a tree): a dot reduced to a scalar by itself costs ~8 vector operations, as many
     as its 64 products take."""
-    sig = _kv_signature(k, q, out)
-    if sig is None:
-        return None
-    half = k.dtype == types.uint16
-
-    def codegen(context, b, sig, args):
-        kp, qp, op = _kv_pointers(context, b, sig, args)
-
+    def emit(b, args, kp, qp, op, half):
         def body(e, accs):
             qv = b.load(b.bitcast(b.gep(qp, [e]), _V16.as_pointer()), align=4)
             rows = [b.gep(kp, [b.add(b.mul(ir.Constant(_I64, r), args[2]), e)]) for r in range(16)]
@@ -764,9 +760,8 @@ def dot16(typingctx, k, koff, kstride, q, qoff, n, out, ooff):
             vs = [_pair_sums(b, vs[i], vs[i + 1], segs) for i in range(0, len(vs), 2)]
             segs *= 2
         b.store(vs[0], b.bitcast(op, _V16.as_pointer()), align=4)
-        return context.get_dummy_value()
 
-    return sig, codegen
+    return _kv_intrinsic(k, q, out, emit)
 
 
 @intrinsic
@@ -775,13 +770,7 @@ def axpy64(typingctx, v, voff, vstride, w, woff, n, acc, aoff):
     KV cache (float32, or float16 held as uint16 bits): attention's weighted values over n positions for 64
     of a head's dimensions. The 64 sums stay in registers for all n rows, in two sets (even and odd rows)
     so 8 FMA chains run at once; acc is read and written once."""
-    sig = _kv_signature(v, w, acc)
-    if sig is None:
-        return None
-    half = v.dtype == types.uint16
-
-    def codegen(context, b, sig, args):
-        vp, wp, ap = _kv_pointers(context, b, sig, args)
+    def emit(b, args, vp, wp, ap, half):
         ap = b.bitcast(ap, _V16.as_pointer())
 
         def quad(r):  # row r's 64 values as 4 vectors
@@ -804,7 +793,6 @@ def axpy64(typingctx, v, voff, vstride, w, woff, n, acc, aoff):
             p = b.gep(ap, [ir.Constant(_I64, j)])
             b.store(b.fadd(b.load(p, align=4), b.fadd(tail[j], accs[4 + j], flags=("fast",)), flags=("fast",)),
                     p, align=4)
-        return context.get_dummy_value()
 
-    return sig, codegen
+    return _kv_intrinsic(v, w, acc, emit)
 
