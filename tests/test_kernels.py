@@ -416,6 +416,28 @@ def test_sparse_ffn_all_rows_equals_dense_ffn():
     torch.testing.assert_close(sparse, dense, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("qtype", FORMATS)
+@pytest.mark.parametrize("T", [1, kernels.GEMV_MAX_T + 4])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_prompt_ffn(qtype, T, threads, monkeypatch):
+    """A prompt's FFN over every neuron of a neuron-major part (an offloaded layer's records), against the
+    reference: 70 neurons in uneven shares on 1 or 2 threads (shares of at least 8 here), each share's
+    rows dequantized 16 at a time (several tiles a share)."""
+    monkeypatch.setattr(kernels, "PROMPT_FFN_ROWS", 8)
+    monkeypatch.setattr(kernels, "TILE_BYTES", 16 * 96 * 4)
+    Wg, Wu, Wd_t, x = rand_q(70, 96, qtype, 2), rand_q(70, 96, qtype, 3), rand_q(70, 96, qtype, 4), rand_x(T, 96)
+    _, bound_a = gate_up_reference(Wg, Wu, x.numpy(), "silu")
+    D = np.abs(Wd_t.dequantize().astype(np.float64))
+    kernels.set_threads(threads)
+    try:
+        y = kernels.prompt_ffn(Wg, Wu, Wd_t, x.numpy(), "silu")
+    finally:
+        kernels.set_threads()
+    assert_close(y, ref.prompt_ffn(Wg, Wu, Wd_t, x.numpy(), "silu"), bound_a @ D)
+    with pytest.raises(ValueError, match="do not make one FFN"):
+        kernels.prompt_ffn(Wg, Wu, rand_q(69, 96, qtype, 4), x.numpy(), "silu")
+
+
 @pytest.mark.parametrize("op", ["gather", "scatter", "ffn", "embedding"])
 @pytest.mark.parametrize("bad", [[0, 96], [-1], [3, 1000]])
 def test_out_of_range_rows_rejected(op, bad):

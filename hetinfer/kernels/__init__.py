@@ -22,7 +22,8 @@ Sparse:  gather_matvec (selected output rows), scatter_axpy (y += a @ Wd_t[rows]
          sparse_ffn (one token's FFN over the active neurons, neuron-major down projection),
          threshold_ffn (one token's FFN over the neurons whose |act(g) * u| passes a threshold, chosen inside),
          predict_rows (the neurons a low-rank predictor picks for one token),
-         predicted_ffn (sparse_ffn over predict_rows' choice, in one call)
+         predicted_ffn (sparse_ffn over predict_rows' choice, in one call),
+         prompt_ffn (a prompt's FFN over every neuron of a neuron-major part: an offloaded layer's records)
 Bound:   attention_step, dense_ffn_step, threshold_ffn_step: those calls for one layer's weights, checked
          once, for the decode loop (per call, the checks cost as much as a few percent of a small model's token)
 Setup:   transpose_down (neuron-major down, once at load), convert, to_cuda, set_threads, one_blas_thread, warmup,
@@ -436,24 +437,29 @@ def _q8(xn: np.ndarray) -> np.ndarray:
 
 
 def _gemm(W: QTensor, x: np.ndarray) -> np.ndarray:
-    """Prefill: dequantize `TILE_BYTES` of rows at a time, multiply with numpy (BLAS). Block formats take x
-    quantized to 8 bits as in decode (`_q8`, done by the caller, once for the matrices sharing x), so a
-    token's result does not depend on the path."""
+    """Prefill: x @ W^T, W dequantized `TILE_BYTES` of rows at a time and multiplied with numpy (BLAS). Block
+    formats take x quantized to 8 bits as in decode (`_q8`, done by the caller, once for the matrices sharing
+    x), so a token's result does not depend on the path."""
     if W.qtype == "f32":
         return x @ W.data.T
+    out = np.empty((x.shape[0], W.shape[0]), np.float32)
+    for lo, t in _tiles(W):
+        out[:, lo : lo + len(t)] = x @ t.T
+    return out
+
+
+def _tiles(W: QTensor):
+    """(first row, float32 [rows, cols]) for W's rows dequantized `TILE_BYTES` at a time into one buffer, on the
+    calling thread: BLAS's threads spin a while after each product, and numba's after a parallel region; the
+    two pools alternating on the same cores made prefill 4x slower."""
     rows, cols = W.shape
-    out = np.empty((x.shape[0], rows), np.float32)
     step = max(1, TILE_BYTES // (4 * cols))
     tile = np.empty((min(step, rows), cols), np.float32)
     fmt, w = cpu.FMT[W.qtype], _u8(W)
     for lo in range(0, rows, step):
         ids = np.arange(lo, min(lo + step, rows), dtype=np.int64)
-        t = tile[: len(ids)]
-        # on the calling thread: BLAS's threads spin a while after each product, and numba's, after a
-        # parallel region; the two pools alternating on the same cores made prefill 4x slower
-        cpu.dequantize_rows(fmt, w, ids, t, 1)
-        out[:, lo : lo + len(ids)] = x @ t.T
-    return out
+        cpu.dequantize_rows(fmt, w, ids, tile[: len(ids)], 1)
+        yield lo, tile[: len(ids)]
 
 
 def gate_up(Wg: QTensor, Wu: QTensor, x: np.ndarray, act: str) -> np.ndarray:
@@ -565,6 +571,44 @@ def sparse_ffn(Wg: QTensor, Wu: QTensor, Wd_t: QTensor, rows, x: np.ndarray, act
     _check(cpu.sparse_ffn(fg, ug, uu, fd, ud, r, xn, cpu.ACT[act], y if y.ndim == 1 else y.reshape(-1), h,
                           _parts(r.shape[0] * (ug.shape[1] * 2 + ud.shape[1]))), r, n_ff)
     return (_like(x, y), _like(x, h)) if return_act else _like(x, y)
+
+
+def prompt_ffn(Wg: QTensor, Wu: QTensor, Wd_t: QTensor, x: np.ndarray, act: str) -> np.ndarray:
+    """A prompt's FFN terms over every neuron of a neuron-major part (an offloaded layer's records):
+    act(x Wg^T) * (x Wu^T) @ Wd_t, x [T, d] -> [T, d] float32. The neurons are split among the kernels'
+    threads; each dequantizes its share of rows a tile at a time and multiplies with BLAS on its own
+    thread, between the kernels' parallel regions (`one_blas_thread`), and the shares' sums are added in
+    order, so the result depends on the thread setting, not on the machine's load."""
+    if act not in cpu.ACT:
+        raise ValueError(f"unknown activation {act!r}; known: {', '.join(ACTIVATIONS)}")
+    xn = _x2d(Wg, x)
+    n, d = Wg.shape[0], Wd_t.shape[1]
+    if Wu.shape[0] != n or Wd_t.shape[0] != n or Wd_t.shape[1] != xn.shape[1]:
+        raise ValueError(f"gate {Wg.shape}, up {Wu.shape} and down {Wd_t.shape} (neuron-major) do not make one FFN")
+    xq = _q8(xn) if BLOCK_FORMATS.keys() & {Wg.qtype, Wu.qtype} else None  # once for every share, as in `linears`
+    parts = _fixed_split(-(-n // PROMPT_FFN_ROWS))
+    bounds = [(j * n // parts, (j + 1) * n // parts) for j in range(parts)]
+    sums = np.zeros((parts, xn.shape[0], d), np.float32)
+
+    def share(j: int) -> None:
+        lo, hi = bounds[j]
+        g, u = (_gemm(_span(W, lo, hi), xq if W.qtype in BLOCK_FORMATS else xn) for W in (Wg, Wu))
+        a = _act(act, g) * u  # [T, hi-lo]
+        for t0, t in _tiles(_span(Wd_t, lo, hi)):
+            sums[j] += a[:, t0 : t0 + len(t)] @ t
+
+    with one_blas_thread():
+        _run_split(share, range(parts), parts)
+    return sums.sum(0) if parts > 1 else sums[0]
+
+
+def _span(W: QTensor, lo: int, hi: int) -> QTensor:
+    """Rows lo..hi-1 of W, a view."""
+    return QTensor(W.qtype, (hi - lo, W.shape[1]), W.data[lo:hi])
+
+
+# Fewest neurons per thread in `prompt_ffn`: below it a share's BLAS products are too small to split.
+PROMPT_FFN_ROWS = 64
 
 
 def threshold_ffn(Wg: QTensor, Wu: QTensor, Wd_t: QTensor, x: np.ndarray, act: str,
@@ -768,7 +812,7 @@ def _run_split(fn, items, n: int) -> None:
 
         if _pool is not None:
             _pool.shutdown(wait=False)
-        _pool, _pool_threads = ThreadPoolExecutor(max_workers=n - 1, thread_name_prefix="hetinfer-attention"), n - 1
+        _pool, _pool_threads = ThreadPoolExecutor(max_workers=n - 1, thread_name_prefix="hetinfer-prompt"), n - 1
 
     def share(j: int) -> None:
         for it in items[j::n]:

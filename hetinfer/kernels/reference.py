@@ -109,6 +109,11 @@ def sparse_ffn(Wg: QTensor, Wu: QTensor, Wd_t: QTensor, rows: np.ndarray, x: np.
     return h @ _w(Wd_t, rows), h
 
 
+def prompt_ffn(Wg: QTensor, Wu: QTensor, Wd_t: QTensor, x: np.ndarray, act_name: str, q8: bool = True) -> np.ndarray:
+    """A prompt's FFN over every neuron, the down projection neuron-major: x [T, d] -> [T, d]."""
+    return gate_up(Wg, Wu, x, act_name, q8) @ _w(Wd_t)
+
+
 def threshold_ffn(Wg: QTensor, Wu: QTensor, Wd_t: QTensor, x: np.ndarray, act_name: str, threshold: float,
                   q8: bool = True):
     """FFN output of one token [d] over the neurons whose |act(g) * u| exceeds `threshold`, and their ids."""

@@ -304,14 +304,14 @@ class TieredFFN:
         rb, st, r = s.buf.shape[1], self.stats, self.reader.stats
         job = self.gpu.submit(layer, h) if s.first else None  # every GPU-tier neuron, beside the rest
         y = np.zeros(h.shape, np.float32)
-        for lo in range(0, s.n_resident, n):  # in passes: each dequantizes its down columns to float32
-            _prompt_terms(self.store.views(s.buf[lo : min(lo + n, s.n_resident)]), h, self.act, y)
+        for lo in range(0, s.n_resident, n):  # in passes of the flash part's size
+            y += kernels.prompt_ffn(*self.store.views(s.buf[lo : min(lo + n, s.n_resident)]), h, self.act)
         if self.stream is not None and s.n_flash:  # the span the stream reads for decode holds them all
             span = self.stream.get(layer)
             self.stream.tuner.untimed()  # a prompt's pass is not a decode token's
             self.store.verify(layer, s.first + s.n_resident + np.arange(s.n_flash), span)
             for lo in range(0, s.n_flash, n):
-                _prompt_terms(self.store.views(span[lo : lo + n]), h, self.act, y)
+                y += kernels.prompt_ffn(*self.store.views(span[lo : lo + n]), h, self.act)
             self.stream.release(layer)
             return y if job is None else self.gpu.join(job, y)
         for lo in range(0, s.n_flash, n):
@@ -322,7 +322,7 @@ class TieredFFN:
             st.prompt_flash_bytes += r.bytes - b0
             st.prompt_flash_reads += r.requests - q0
             self.store.verify(layer, s.first + s.n_resident + part, buf)
-            _prompt_terms(self.store.views(buf), h, self.act, y)
+            y += kernels.prompt_ffn(*self.store.views(buf), h, self.act)
         return y if job is None else self.gpu.join(job, y)
 
     def close(self) -> None:
@@ -351,11 +351,3 @@ class TieredFFN:
             out["span_pieces"] = self.stream.tuner.pieces
         return out if self.gpu is None else {**out, **self.gpu.stats.per_token(self.stats.tokens)}
 
-
-def _prompt_terms(views: tuple, h: np.ndarray, act: str, y: np.ndarray) -> None:
-    """y [T, d] += the FFN terms of every neuron in `views` (gate, up, down_t over the same records), their
-    products on one BLAS thread: they alternate with the attention's parallel kernels (`kernels.one_blas_thread`)."""
-    g, u, d_t = views
-    with kernels.one_blas_thread():
-        a = kernels.gate_up(g, u, h, act)  # [T, n]
-        y += a @ d_t.dequantize()  # [T, n] @ [n, d]
