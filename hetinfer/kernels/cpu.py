@@ -423,16 +423,25 @@ def gate_up(fmt, wg, wu, x, act, h, nchunks):
         _gate_up_any(fmt, wg, wu, x, xq, xs, xe, act, h, lo, hi)
 
 
+# Neurons a thread takes at a time in the sparse FFNs: their gate and up rows first, then their down rows
+# added into y in one `_rowsaxpy` (each block of y loaded and stored once a group, not once a neuron).
+DECIDE = 32  # a multiple of GROUP_ROWS
+
+
 @njit(inline="always")
 def _ffn_rows(fmt, wg, wu, fmt_d, wd_t, rows, x, xq, xs, act, y, h, lo, hi):
+    """Neurons rows[lo..hi-1]: h[k] = act(gate . x) * (up . x), and y += h[k] * wd_t[rows[k]] in order, a
+    group of DECIDE at a time, each group's down rows hinted into the cache while its gate and up rows are read."""
     pf = _ahead(wg)
-    for k in range(lo, hi):
-        i = rows[k]
-        nxt = rows[k + pf] if k + pf < hi else i
-        g, u = _rowdot2(fmt, wg, wu, i, x, xq, xs, 0, nxt)
-        hk = _act(act, g) * u
-        h[k] = hk
-        _rowaxpy(fmt_d, wd_t, i, hk, y, nxt)
+    for start in range(lo, hi, DECIDE):
+        end = min(start + DECIDE, hi)
+        for k in range(start, end):
+            i = rows[k]
+            nxt = rows[k + pf] if k + pf < hi else i
+            g, u = _rowdot2(fmt, wg, wu, i, x, xq, xs, 0, nxt)
+            h[k] = _act(act, g) * u
+            prefetch_row(wd_t, i * wd_t.strides[0], wd_t.shape[1])
+        _rowsaxpy(fmt_d, wd_t, rows[start:end], h[start:end], end - start, y)
 
 
 @njit(parallel=_PRANGE_ONLY, error_model="numpy", cache=True, nogil=True)
@@ -467,13 +476,12 @@ def sparse_ffn(fmt, wg, wu, fmt_d, wd_t, rows, x, act, y, h, nchunks):
     return -1
 
 
-# Neurons a thread decides on at a time. A group's gate and up rows are read first, its |h| compared with
-# the threshold after, without a branch: a branch on each neuron as its dot ends is mispredicted for about
-# every other neuron at 50% sparsity, and each miss throws away the next neuron's dots already under way
-# (BENCHMARKS.md, issue 18). The kept neurons' down rows are hinted into the cache while the next group's
-# gate and up rows are read, then added into y (added at once, or hinted only a row ahead, the run waited
-# on them).
-DECIDE = 32  # a multiple of GROUP_ROWS
+# The threshold FFN decides on DECIDE neurons at a time. A group's gate and up rows are read first, its
+# |h| compared with the threshold after, without a branch: a branch on each neuron as its dot ends is
+# mispredicted for about every other neuron at 50% sparsity, and each miss throws away the next neuron's
+# dots already under way (BENCHMARKS.md, issue 18). The kept neurons' down rows are hinted into the cache
+# while the next group's gate and up rows are read, then added into y (added at once, or hinted only a row
+# ahead, the run waited on them).
 
 
 @njit(inline="always")
