@@ -594,10 +594,11 @@ def measure_ffn_costs(n_ff: int, d_model: int, qtype: str, down_qtype: str, down
     return FFNCosts(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 
-def _ffn_probe(n_ff: int, d: int, qtype: str, down_qtype: str, down_t_qtype: str, act: str, rounds: int = 5) -> dict:
+def _ffn_probe(n_ff: int, d: int, qtype: str, down_qtype: str, down_t_qtype: str, act: str, rounds: int = 15) -> dict:
     """Best seconds of each probed call over `rounds` interleaved rounds, each call once on every layer per
     round: a stretch of interference from other processes slows every kind of call alike, and the
-    quiet rounds count."""
+    quiet rounds count. 15 rounds take ~1 s on SmolLM2's shape; with 5, one run timed the dense call 20%
+    slow, and SmolLM2's threshold layers, 7% slower than dense, stopped stepping aside (BENCHMARKS.md)."""
     from hetinfer import kernels
 
     rng = np.random.default_rng(0)
