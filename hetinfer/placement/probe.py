@@ -545,6 +545,9 @@ def measure_gpu(qtype: str = "q4_0", d_model: int = 4096, cache_dir: Path | None
 FFN_PROBE_BYTES = 64 << 20
 FFN_PROBE_DENSITIES = (0.25, 0.5, 0.75, 1.0)  # shares of neurons the sparse FFN probes compute
 FFN_PROBE_RANKS = (16, 64)  # predictor ranks the probe times
+# Rounds of the FFN probe: ~1 s on SmolLM2's shape. With 5, one run timed the dense call 20% slow, and SmolLM2's
+# threshold layers, 7% slower than dense, stopped stepping aside (BENCHMARKS.md). Part of the cache key.
+FFN_PROBE_ROUNDS = 15
 
 
 @dataclass(frozen=True)
@@ -588,17 +591,17 @@ def measure_ffn_costs(n_ff: int, d_model: int, qtype: str, down_qtype: str, down
 
     shape = [n_ff, d_model, qtype, down_qtype, down_t_qtype, act]
     key = {"device": "cpu", "host": platform.node(), "threads": kernels.max_threads(),
-           "kernels": _source_hash(kernels.cpu, kernels.simd), "shape": shape}
+           "kernels": _source_hash(kernels.cpu, kernels.simd), "shape": shape, "rounds": FFN_PROBE_ROUNDS}
     name = "cpu-ffn-probe-" + hashlib.sha256(json.dumps(shape).encode()).hexdigest()[:8]
     d = _cached_probe(name, key, lambda: _ffn_probe(*shape), cache_dir)
     return FFNCosts(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 
-def _ffn_probe(n_ff: int, d: int, qtype: str, down_qtype: str, down_t_qtype: str, act: str, rounds: int = 15) -> dict:
+def _ffn_probe(n_ff: int, d: int, qtype: str, down_qtype: str, down_t_qtype: str, act: str,
+               rounds: int = FFN_PROBE_ROUNDS) -> dict:
     """Best seconds of each probed call over `rounds` interleaved rounds, each call once on every layer per
     round: a stretch of interference from other processes slows every kind of call alike, and the
-    quiet rounds count. 15 rounds take ~1 s on SmolLM2's shape; with 5, one run timed the dense call 20%
-    slow, and SmolLM2's threshold layers, 7% slower than dense, stopped stepping aside (BENCHMARKS.md)."""
+    quiet rounds count."""
     from hetinfer import kernels
 
     rng = np.random.default_rng(0)
