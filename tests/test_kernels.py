@@ -497,6 +497,18 @@ def assert_requant_error(src, Wt):
     assert np.all(err <= 0.57 * d + 1e-12)
 
 
+def test_openmp_spin_bounded_unless_set():
+    """Importing the kernels bounds how long OpenMP's threads spin after a parallel region (GOMP_SPINCOUNT,
+    read once when the kernels load libgomp), and keeps a value the user set."""
+    code = "import os; from hetinfer import kernels; print(os.environ['GOMP_SPINCOUNT'])"
+    env = {k: v for k, v in os.environ.items() if k != "GOMP_SPINCOUNT"}
+    run = lambda: subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,  # noqa: E731
+                                 check=True).stdout.strip()
+    assert run() == "10000"
+    env["GOMP_SPINCOUNT"] = "7"
+    assert run() == "7"
+
+
 def test_thread_counts_agree():
     W, x = rand_q(1024, 256, "q4_1"), rand_x(1, 256)
     rows = np.random.default_rng(0).permutation(1024)[:300]

@@ -51,6 +51,11 @@ from hetinfer.tensors import BLOCK_FORMATS, FLOAT_FORMATS, GPUTensor, QTensor, q
 if "NUMBA_THREADING_LAYER" not in os.environ:
     # OpenMP wakes its threads in ~1.5 us; the default workqueue layer needs ~140 us per parallel call.
     numba.config.THREADING_LAYER = "omp"
+# After a parallel region GNU OpenMP's threads spin 300,000 rounds before they sleep (GOMP_SPINCOUNT, read when
+# the threading layer loads): through a prompt they held the cores against this process's other threads, the
+# BLAS shares of `prompt_ffn` and `attention_prompt` and the flash stream's readers; an offloaded prefill ran
+# 1.45x faster at 10,000, and decode, whose regions come microseconds apart, the same (BENCHMARKS.md).
+os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
 from hetinfer.kernels import cpu, simd  # noqa: E402  (after the threading layer is chosen)
 
