@@ -64,6 +64,7 @@ def main() -> None:
     kernels.warmup()
     profile = load_profile(args.profile) if args.profile else quick_profile(model)
     tr, cfg, layers = model.transformer, model.config, model.weights.layers
+    act = cfg.activation
     thresholds = profile.thresholds(args.sparsity)
     h: list[list[np.ndarray]] = [[] for _ in layers]  # per layer, its input at each decode step
 
@@ -79,22 +80,21 @@ def main() -> None:
     down_t = [kernels.transpose_down(L.down) for L in layers]
     n, n_ff = len(layers), cfg.n_ff
     every, half = np.arange(n_ff), np.sort(np.random.default_rng(0).choice(n_ff, n_ff // 2, replace=False))
-    dense = [kernels.dense_ffn_step(L.gate, L.up, L.down, cfg.activation) for L in layers]
-    steps = {name: [kernels.threshold_ffn_step(L.gate, L.up, d, cfg.activation, t)
+    dense = [kernels.dense_ffn_step(L.gate, L.up, L.down, act) for L in layers]
+    steps = {name: [kernels.threshold_ffn_step(L.gate, L.up, d, act, t)
                     for L, d, t in zip(layers, down_t, ts)]
              for name, ts in (("none", [1e30] * n), ("level", thresholds), ("all", [-1.0] * n))}
-    kept = sum(steps["level"][i](x)[1] for i in range(n) for x in h[i]) / (n * STEPS * n_ff)
-    act = cfg.activation
+    kept = sum(steps["level"][i](xi)[1] for i in range(n) for xi in h[i]) / (n * STEPS * n_ff)
+    x = lambda i, s: h[i][s % STEPS]  # noqa: E731  (layer i's input in sweep s)
     calls = {
-        "dense (dense_ffn_step)": lambda i, s: dense[i](h[i][s % STEPS]),
-        "threshold kernel keeping none (gate and up only)": lambda i, s: steps["none"][i](h[i][s % STEPS]),
-        f"threshold kernel at the {args.sparsity:g} level ({kept:.1%} kept)":
-            lambda i, s: steps["level"][i](h[i][s % STEPS]),
-        "threshold kernel keeping every neuron": lambda i, s: steps["all"][i](h[i][s % STEPS]),
-        "sparse_ffn, every neuron":
-            lambda i, s: kernels.sparse_ffn(layers[i].gate, layers[i].up, down_t[i], every, h[i][s % STEPS], act),
-        "sparse_ffn, half the neurons":
-            lambda i, s: kernels.sparse_ffn(layers[i].gate, layers[i].up, down_t[i], half, h[i][s % STEPS], act),
+        "dense (dense_ffn_step)": lambda i, s: dense[i](x(i, s)),
+        "threshold kernel keeping none (gate and up only)": lambda i, s: steps["none"][i](x(i, s)),
+        f"threshold kernel at the {args.sparsity:g} level ({kept:.1%} kept)": lambda i, s: steps["level"][i](x(i, s)),
+        "threshold kernel keeping every neuron": lambda i, s: steps["all"][i](x(i, s)),
+        "sparse_ffn, every neuron": lambda i, s: kernels.sparse_ffn(layers[i].gate, layers[i].up, down_t[i], every,
+                                                                   x(i, s), act),
+        "sparse_ffn, half the neurons": lambda i, s: kernels.sparse_ffn(layers[i].gate, layers[i].up, down_t[i], half,
+                                                                       x(i, s), act),
     }
     us = sweep_us(calls, n, args.sweeps, args.rounds)
 
@@ -102,8 +102,8 @@ def main() -> None:
         c = tr.new_cache(len(prompt) + 40)
         tr.forward(prompt, c)
         t = time.perf_counter()
-        for tok in prompt[:32]:
-            tr.forward([tok], c)
+        for t_id in prompt[:32]:
+            tr.forward([t_id], c)
         return (time.perf_counter() - t) / 32 * 1e3
 
     token = float(np.median([token_ms() for _ in range(5)]))

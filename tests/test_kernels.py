@@ -416,9 +416,18 @@ def test_sparse_ffn_all_rows_equals_dense_ffn():
     torch.testing.assert_close(sparse, dense, rtol=1e-5, atol=1e-5)
 
 
+@pytest.fixture
+def threads(request):
+    """The kernels on exactly `request.param` threads for one test (parametrize indirectly), then back to the
+    default."""
+    kernels.set_threads(request.param)
+    yield request.param
+    kernels.set_threads()
+
+
 @pytest.mark.parametrize("qtype", FORMATS)
 @pytest.mark.parametrize("T", [1, kernels.GEMV_MAX_T + 4])
-@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("threads", [1, 2], indirect=True)
 def test_prompt_ffn(qtype, T, threads, monkeypatch):
     """A prompt's FFN over every neuron of a neuron-major part (an offloaded layer's records), against the
     reference: 70 neurons in uneven shares on 1 or 2 threads (shares of at least 8 here), each share's
@@ -428,11 +437,7 @@ def test_prompt_ffn(qtype, T, threads, monkeypatch):
     Wg, Wu, Wd_t, x = rand_q(70, 96, qtype, 2), rand_q(70, 96, qtype, 3), rand_q(70, 96, qtype, 4), rand_x(T, 96)
     _, bound_a = gate_up_reference(Wg, Wu, x.numpy(), "silu")
     D = np.abs(Wd_t.dequantize().astype(np.float64))
-    kernels.set_threads(threads)
-    try:
-        y = kernels.prompt_ffn(Wg, Wu, Wd_t, x.numpy(), "silu")
-    finally:
-        kernels.set_threads()
+    y = kernels.prompt_ffn(Wg, Wu, Wd_t, x.numpy(), "silu")
     assert_close(y, ref.prompt_ffn(Wg, Wu, Wd_t, x.numpy(), "silu"), bound_a @ D)
     with pytest.raises(ValueError, match="do not make one FFN"):
         kernels.prompt_ffn(Wg, Wu, rand_q(69, 96, qtype, 4), x.numpy(), "silu")
@@ -958,18 +963,11 @@ def test_attention_decode_refuses_other_caches():
             kernels.attention_decode(q, k, v, kc, vc, 1, cos, sin, False)
 
 
-@pytest.fixture
-def two_threads():
-    """The kernels on exactly 2 threads for one test, then back to the default."""
-    kernels.set_threads(2)
-    yield
-    kernels.set_threads()
-
-
 @pytest.mark.parametrize("kv", [np.float32, np.float16])
 @pytest.mark.parametrize("interleaved,pos,T", [(False, 0, 1), (False, 0, 7), (True, 5, 7), (False, 30, 10),
                                                 (True, 3, 35), (False, 0, 37)])
-def test_attention_prompt(kv, interleaved, pos, T, monkeypatch, two_threads):
+@pytest.mark.parametrize("threads", [2], indirect=True)
+def test_attention_prompt(kv, interleaved, pos, T, monkeypatch, threads):
     """A prompt's chunk of T tokens after `pos` cached ones: k and v written to the cache at pos..pos+T-1
     (v exactly as numpy rounds it, k within one step of the float64 rotation), nothing else touched, and
     each token's attention equal to the float64 reference's over the positions up to its own. Queries

@@ -588,7 +588,6 @@ def _xdot8_codegen(fmt: int, b: ir.IRBuilder, wp: ir.Value, ep: ir.Value, sp: ir
     f15, f4 = ir.Constant(_V64B, [15] * 64), ir.Constant(_V64B, [4] * 64)
     zero = ir.Constant(_V8F, None)
 
-
     def block(k, acc, macc):
         p = b.gep(wp, [b.mul(k, ir.Constant(_I64, gb))])
         with b.if_then(b.icmp_signed("!=", ahead, ir.Constant(_I64, 0))):
