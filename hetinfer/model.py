@@ -126,6 +126,14 @@ class Transformer:
                                                        cfg.norm_eps, self.interleaved) for L in self.w.layers]
         self.ffn_steps = [kernels.dense_ffn_step(L.gate, L.up, L.down, cfg.activation) for L in self.w.layers]
 
+    def pack(self, ffn: bool = True) -> int:
+        """Make now the packed copies the dense kernels would make during the first prompt (`kernels.pack`):
+        every layer's attention, the output head and, with `ffn`, the dense FFN (not for an FFN that reads
+        rows or records of its own, sparse or offloaded: its packed copy would sit unused, or beside the rows
+        it reads); returns the bytes packed."""
+        names = ("wq", "wk", "wv", "wo") + (("gate", "up", "down") if ffn else ())
+        return kernels.pack([getattr(L, n) for L in self.w.layers for n in names] + [self.w.output])
+
     def new_cache(self, n_ctx: int | None = None, dtype: str = DEFAULT_KV) -> KVCache:
         return KVCache(self.cfg, n_ctx or self.cfg.context_length, dtype)
 

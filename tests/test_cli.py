@@ -29,6 +29,8 @@ def test_generate_streams_greedy_text_and_writes_stats(model, model_path, tmp_pa
     assert set(s) == {"prompt_tokens", "prompt_tok_s", "gen_tokens", "gen_tok_s", "peak_rss_bytes"}
     assert s["prompt_tokens"] == 5 and 0 < s["gen_tokens"] <= 8 and s["peak_rss_bytes"] > 0
     assert "tok/s" in p.stderr
+    # the Q4 weights were packed before the prompt, not during it (Transformer.pack; 66 of SmolLM2's 98 MB)
+    assert ("[weights packed in" in p.stderr and " MiB)]" in p.stderr) == kernels.simd.PACKS
 
 
 def test_generate_chat_answers_one_user_turn(model, model_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -115,6 +116,8 @@ def test_prepare_then_run_greedy_matches_every_neuron_reference(tmp_path, offlin
     how = f"streamed ahead, {s['span_pieces']} requests each" if s["flash_reads"] == "spans" else "window cache hit rate"
     assert how in captured.err and f"reads ({s['flash_io']})" in captured.err  # --verbose says how flash is read
     assert s["flash_io"] in ("o_direct, uring", "o_direct, threads", "fadvise, threads")  # io_uring where allowed
+    packed = re.search(r"\[weights packed in [0-9.]+ s \(([0-9]+) MiB\)\]", captured.err)  # before the prompt:
+    assert (packed is not None and int(packed[1]) < 20) == kernels.simd.PACKS  # attention's 16 MiB, not the FFN's
     # every neuron (the exact mode) runs too, and a second prepare reuses everything
     assert main(["run", str(out), "-p", "The capital of France is", "-n", "4", "--temperature", "0",
                  "--sparsity", "0"]) == 0

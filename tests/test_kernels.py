@@ -88,6 +88,22 @@ def packed(W):
     return kernels._dense_info(W)[0] in kernels.simd.PACKED.values()
 
 
+def test_pack_makes_now_the_copies_the_first_dense_call_would():
+    """kernels.pack packs read-only Q4 weights up front and returns their packed bytes; a writable or q8_0 weight
+    is left as it is; the dense products then give to the bit what weights packed at their first call give."""
+    fmts = ("q4_0", "q4_1", "q8_0")
+    early = [rand_q(64, 96, f, seed=i, read_only=True) for i, f in enumerate(fmts)] + [rand_q(64, 96, "q4_1", seed=3)]
+    lazy = [rand_q(64, 96, f, seed=i, read_only=True) for i, f in enumerate(fmts)] + [rand_q(64, 96, "q4_1", seed=3)]
+    assert kernels.pack(early) == early[0].data.nbytes + early[1].data.nbytes
+    assert [kernels.packed_nbytes(W) > 0 for W in early] == [kernels.simd.PACKS] * 2 + [False, False]
+    assert not any("_dense_info" in W.__dict__ for W in lazy)
+    x = rand_x(3, 96).numpy()
+    for a, b in zip(early, lazy):
+        assert np.array_equal(kernels.linear(a, x), kernels.linear(b, x))
+        assert np.array_equal(kernels.linear(a, x[:1]), kernels.linear(b, x[:1]))
+    assert kernels.pack(early) == early[0].data.nbytes + early[1].data.nbytes  # packed once: the same copies
+
+
 @pytest.mark.parametrize("qtype", PACKABLE)
 def test_pack_rows_round_trips(qtype):
     """cpu.pack_rows moves every byte of 8 rows into its group's interleaved place: the reference's unpacking

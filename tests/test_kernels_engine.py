@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+from hetinfer import kernels
 from hetinfer.loader import load_model
 
 pytestmark = pytest.mark.slow
@@ -63,6 +64,27 @@ def test_engine_logits_per_weight_flag(model_path, prompt_and_reference, weights
     prefill, decode = prefill_and_decode(m, ids, 180)
     for ours, want in ((prefill, ref), (decode, ref[180:])):
         agreement(ours, want, *BOUNDS[weights])
+
+
+def test_packing_before_the_first_prompt_changes_no_logit(model_path, model):
+    """Transformer.pack(ffn=False) packs every layer's attention (and a Q4 head), not the FFN that a deployment or a
+    sparse mode reads as rows of its own; pack() packs the FFN too. Logits are those of weights packed lazily."""
+    m = load_model(model_path)
+    L = m.transformer.w.layers
+    attention = [W for layer in L for W in (layer.wq, layer.wk, layer.wv, layer.wo)]
+    ffn = [W for layer in L for W in (layer.gate, layer.up, layer.down)]
+    assert m.transformer.pack(ffn=False) == sum(map(kernels.packed_nbytes, attention + [m.weights.output]))
+    assert all(kernels.packed_nbytes(W) > 0 for W in attention) == kernels.simd.PACKS
+    assert not any("_dense_info" in W.__dict__ for W in ffn)
+    assert m.transformer.pack() == sum(map(kernels.packed_nbytes, attention + ffn + [m.weights.output]))
+    assert all(kernels.packed_nbytes(W) > 0 for W in ffn) == kernels.simd.PACKS
+    ids = model.tokenizer.encode("The capital of France is")
+
+    def prompt_and_step(tr):
+        cache = tr.new_cache(16)
+        return tr.forward(ids, cache), tr.forward([ids[-1]], cache)
+
+    assert all(np.array_equal(a, b) for a, b in zip(prompt_and_step(m.transformer), prompt_and_step(model.transformer)))
 
 
 def test_native_block_formats_against_f32_engine(model, model_f32, wikitext_eval):

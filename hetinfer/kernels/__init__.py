@@ -11,7 +11,8 @@ weights take and give torch tensors on their device (`cuda.py` and torch load on
 
 The dense calls (every row read) read a Q4 matrix's rows packed in groups of 8, interleaved block by
 block (`cpu.pack_rows`, layout in `simd.py`): one copy per weight whose bytes cannot change (a mapped
-model file), made at its first dense call (`_dense_info`); a group's dot spends one float scaling
+model file), made by `pack` when the model is set up for a session, else at its first dense call
+(`_dense_info`); a group's dot spends one float scaling
 per block on 8 rows instead of 8 (BENCHMARKS.md, "Q4 rows packed in groups of 8"). The sparse calls
 read subsets of the stored rows.
 
@@ -27,7 +28,8 @@ Sparse:  gather_matvec (selected output rows), scatter_axpy (y += a @ Wd_t[rows]
 Bound:   attention_step, dense_ffn_step, threshold_ffn_step: those calls for one layer's weights, checked
          once, for the decode loop (per call, the checks cost as much as a few percent of a small model's token)
 Setup:   transpose_down (neuron-major down, once at load), convert, to_cuda, set_threads, one_blas_thread, warmup,
-         packed_nbytes (the memory a weight's packed copy holds)
+         pack (the packed copies of weights read in full, before the first prompt), packed_nbytes (the memory a
+         weight's packed copy holds)
 """
 from __future__ import annotations
 
@@ -277,6 +279,18 @@ def _unmap(a: np.ndarray) -> None:
 
 
 _PACKED = frozenset(simd.PACKED.values())  # the packed format codes
+
+
+def pack(Ws) -> int:
+    """Make now the packed copy (`_dense_info`) of each weight in `Ws` that the dense kernels would pack at
+    their first call, so that call (a session's first prompt) does not pay for it; returns the bytes packed.
+    Weights that do not pack (other formats, writable arrays, GPU tensors) are left as they are."""
+    total = 0
+    for W in Ws:
+        if not _is_cuda(W):
+            _dense_info(W)
+            total += packed_nbytes(W)
+    return total
 
 
 def packed_nbytes(W) -> int:
