@@ -284,13 +284,11 @@ _PACKED = frozenset(simd.PACKED.values())  # the packed format codes
 def pack(Ws) -> int:
     """Make now the packed copy (`_dense_info`) of each weight in `Ws` that the dense kernels would pack at
     their first call, so that call (a session's first prompt) does not pay for it; returns the bytes packed.
-    Weights that do not pack (other formats, writable arrays, GPU tensors) are left as they are."""
-    total = 0
-    for W in Ws:
-        if not _is_cuda(W):
-            _dense_info(W)
-            total += packed_nbytes(W)
-    return total
+    Weights that do not pack (other formats, writable arrays, GPU tensors) are left as they are. The weights
+    are shared among the kernels' threads (`cpu.pack_rows` releases the GIL)."""
+    todo = list({id(W): W for W in Ws if not _is_cuda(W)}.values())
+    _run_split(_dense_info, todo, _fixed_split(len(todo)))
+    return sum(map(packed_nbytes, todo))
 
 
 def packed_nbytes(W) -> int:
