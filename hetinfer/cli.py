@@ -199,6 +199,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_chat(args: argparse.Namespace) -> int:
     session = open_session(args)
+    session.model.tokenizer.prepare_chat()  # before the first "> ", not after the first line typed
     params = sampling_params(args)
     messages: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
     if hasattr(sys.stdin, "reconfigure"):  # undecodable input reaches the tokenizer's check, not a traceback here

@@ -106,3 +106,22 @@ def test_chat_templates_that_trim_or_rewrite_message_text(model):
     upper = dataclasses.replace(tok, chat_template=TRIMMING.replace("| trim", "| upper"))
     with pytest.raises(HetinferError, match="changes the messages' text"):
         upper.encode_chat(msgs)
+
+
+def test_chat_template_compiles_once_and_its_errors_say_which(model):
+    """render_chat compiles the template once per tokenizer (compiling cost more than rendering); a template that does
+    not compile, one that refuses the conversation, and a model without one each give a one-line error."""
+    tok = dataclasses.replace(model.tokenizer)
+    msgs = [{"role": "user", "content": "Hi"}]
+    tok.prepare_chat()
+    compiled = tok._template
+    assert compiled is not None and tok._plain is not None
+    assert tok.render_chat(msgs) == model.tokenizer.render_chat(msgs) and tok._template is compiled
+    for template, says in (("{% for m in messages %}", "does not compile"),
+                           ("{{ raise_exception('no system role here') }}", "rejected the conversation: no system role"),
+                           (None, "no chat template")):
+        bad = dataclasses.replace(model.tokenizer, chat_template=template)
+        with pytest.raises(HetinferError, match=says) as e:
+            bad.render_chat(msgs)
+        assert "\n" not in str(e.value)
+    dataclasses.replace(model.tokenizer, chat_template=None).prepare_chat()  # nothing to prepare: no error

@@ -61,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
     from hetinfer.tiers import RAM, TIERS
 
     session = open_session(args)
+    session.model.tokenizer.prepare_chat()  # the first chat request's template and plain-text tokenizer, made now
     summary = placement_summary(session)
     ram = summary["tiers"][TIERS[RAM]]["bytes"]
     if args.memory_budget is not None and ram > args.memory_budget:
