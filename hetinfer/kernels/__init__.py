@@ -11,10 +11,9 @@ weights take and give torch tensors on their device (`cuda.py` and torch load on
 
 The dense calls (every row read) read a Q4 matrix's rows packed in groups of 8, interleaved block by
 block (`cpu.pack_rows`, layout in `simd.py`): one copy per weight whose bytes cannot change (a mapped
-model file), made by `pack` when the model is set up for a session, else at its first dense call
-(`_dense_info`); a group's dot spends one float scaling
-per block on 8 rows instead of 8 (BENCHMARKS.md, "Q4 rows packed in groups of 8"). The sparse calls
-read subsets of the stored rows.
+model file), made by `pack` when a session sets the model up, else at its first dense call
+(`_dense_info`); a group's dot spends one float scaling per block on 8 rows instead of 8 (BENCHMARKS.md,
+"Q4 rows packed in groups of 8"). The sparse calls read subsets of the stored rows.
 
 Dense:   linear, linears (several matrices, one x), gate_up (act(gate x) * up x), dense_ffn, embedding
 Decoder: rms_norm, attention_decode (RoPE + KV-cache write + attention for one new token),
