@@ -48,6 +48,18 @@ def machine() -> str:
     return f"{model}, {cpus} CPUs available, load average {load:.2f} at start"
 
 
+def llama_cpp_build() -> str:
+    """The vector extensions llama-cpp-python was compiled with ("AVX2 FMA F16C ..." for scripts/install.sh's
+    portable build on an AMX machine, AVX512 ... for a native one), so a ratio against it says which peer it was."""
+    try:
+        import llama_cpp
+    except ImportError:
+        return "not installed"
+    info = llama_cpp.llama_print_system_info().decode(errors="replace")
+    feats = [k.strip() for k, _, v in (f.partition("=") for f in info.split("|")) if v.strip() == "1"]
+    return f"llama-cpp-python {llama_cpp.__version__}, {' '.join(f.split(':')[-1].strip() for f in feats)}"
+
+
 def table(header: list[str], rows: list[list]) -> str:
     cells = [[str(c) for c in header]] + [[f"{c:.2f}" if isinstance(c, float) else str(c) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]

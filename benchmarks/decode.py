@@ -40,7 +40,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks._util import machine, table  # noqa: E402
+from benchmarks._util import llama_cpp_build, machine, table  # noqa: E402
 from hetinfer import heap, kernels  # noqa: E402
 from hetinfer.errors import HetinferError  # noqa: E402
 from hetinfer.loader import default_model_path, load_model  # noqa: E402
@@ -208,7 +208,8 @@ def main() -> None:
             "ffn_density": None if ffn is None else ffn.meter.overall(),
             "layers_dense": None if ffn is None else ffn.stepped_aside, "layers": None if ffn is None else len(ffn.dense),
             "reps": args.reps, "tokens": args.tokens, "prompt_tokens": n_prompt, "threads": args.threads,
-            "weights": args.weights, "kv": args.kv, "model": os.path.basename(path), "machine": host})
+            "weights": args.weights, "kv": args.kv, "model": os.path.basename(path), "machine": host,
+            "llama_cpp": llama_cpp_build()})
     if args.json:
         print(json.dumps(records, indent=1))
         return
@@ -216,6 +217,7 @@ def main() -> None:
     print(f"model: {os.path.basename(path)}; weights {args.weights}; KV cache {args.kv}; {args.threads} threads; "
           f"greedy, {n_prompt}-token prompt, {args.tokens} tokens; median of {args.reps} interleaved runs; "
           f"kernel compile/load {compile_s:.2f} s (excluded)")
+    print(f"llama.cpp: {llama_cpp_build()}")
     ratio = lambda r, k: f"{r[k]:.2f}x ({r[k + '_range'][0]:.2f}-{r[k + '_range'][1]:.2f})"  # noqa: E731
     pct = lambda v: "-" if v is None else f"{v:.0%}"  # noqa: E731
     rows = [[r["mode"], f"{r['prefill_tok_s']:.0f}", f"{r['tok_s']:.1f}", ratio(r, "vs_llamacpp"), ratio(r, "vs_dense"),

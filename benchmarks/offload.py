@@ -93,7 +93,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks._cgroup import cgroup_status, drop_page_cache, run_limited  # noqa: E402
-from benchmarks._util import machine, table  # noqa: E402
+from benchmarks._util import llama_cpp_build, machine, table  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "wikitext-2" / "valid.txt"
 CTX = 512  # context every engine is sized for: prompt + generated tokens fit, the KV cache stays small
@@ -1000,6 +1000,7 @@ def main() -> None:
         print(json.dumps(records, indent=1))
         return
     print(f"machine: {machine()}")
+    print(f"llama.cpp: {llama_cpp_build()}")
     limits = (f"cgroup v1 memory limits (overhead + budget), page cache dropped before each run ({runner.drop_method})"
               if runner.cgroup_problem is None else f"NO MEMORY LIMITS ({runner.cgroup_problem})")
     print(f"{limits}; {settings.threads} threads; greedy on held-out WikiText-2; {elapsed / 60:.1f} min in all")
