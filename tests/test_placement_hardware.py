@@ -401,7 +401,10 @@ def test_layer_probe_runs_the_loaded_model_itself(model, tmp_path, monkeypatch):
 
     monkeypatch.setattr(model_source.Transformer, "forward", watching)
     costs = probe._cpu_layer_costs(model.config, "q4_1", "q4_1", 2e10, tmp_path, model)
-    assert seen == {(3, True, True)} and costs["layers"] == 3 and costs["position_seconds"] > 0
+    # the slope per position is priced in the test above; over 3 of SmolLM2's small layers the machine's noise
+    # can hide it (the probe then says 0), so only its sign is asserted here
+    assert seen == {(3, True, True)} and costs["layers"] == 3 and costs["layer_seconds"] > 0
+    assert costs["position_seconds"] >= 0
     (entry,) = [json.loads(f.read_text()) for f in tmp_path.glob("cpu-layer-probe-*.json")]
     assert entry["key"]["fingerprint"] == model.fingerprint and entry["key"]["layers"] == 3
     seen.clear()
