@@ -99,7 +99,7 @@ def open_session(args: argparse.Namespace):
     ffn = engine_ffn(model, args.sparsity, args.profile, args.predictors)
     prepare_kernels(getattr(args, "verbose", False), dense_only=ffn is None)
     session = Session(model, n_ctx=args.ctx, ffn=ffn, kv=args.kv or DEFAULT_KV)
-    pack_weights(model.transformer, ffn is None, getattr(args, "verbose", False))
+    pack_weights(model.transformer, True, getattr(args, "verbose", False))  # sparse modes' prompts read the FFN in full
     heap.freeze()  # the model lives until the command exits
     return session
 

@@ -128,9 +128,9 @@ class Transformer:
 
     def pack(self, ffn: bool = True) -> int:
         """Make now the packed copies the dense kernels would make during the first prompt (`kernels.pack`):
-        every layer's attention, the output head and, with `ffn`, the dense FFN (not for an FFN that reads
-        rows or records of its own, sparse or offloaded: its packed copy would sit unused, or beside the rows
-        it reads); returns the bytes packed."""
+        every layer's attention, the output head and, with `ffn`, the FFN (which the dense engine, and the
+        sparse modes' prompts, read in full; not for an offloaded FFN, whose neurons are records of a store);
+        returns the bytes packed."""
         names = ("wq", "wk", "wv", "wo") + (("gate", "up", "down") if ffn else ())
         return kernels.pack([getattr(L, n) for L in self.w.layers for n in names] + [self.w.output])
 

@@ -1,6 +1,7 @@
 """The CLI on the real model: streamed greedy output equals the library's, stats and info are complete."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -144,6 +145,8 @@ def test_generate_flags_for_weights_and_threshold_sparsity(model, model_path, tm
     dense = s["ffn_dense_layers"]  # layers where this machine's probe found the threshold kernel slower than dense
     assert 0 <= dense <= 30 and f"{dense} of 30 layers stepped aside to the dense FFN" in p.stderr
     assert abs(s["ffn_density"] - (dense + 0.5 * (30 - dense)) / 30) < 0.2
+    packed = re.search(r"\[weights packed in [0-9.]+ s \(([0-9]+) MiB\)\]", p.stderr)  # the FFN too: prompts read it
+    assert (packed is not None and int(packed[1]) > 60) == kernels.simd.PACKS, p.stderr  # in full (63 MiB in all)
 
     p, _ = run("--sparsity", "0.5")
     assert p.returncode == 2 and p.stderr.count("\n") == 1 and "pass --profile PROFILE" in p.stderr
