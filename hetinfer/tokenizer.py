@@ -141,7 +141,8 @@ class Tokenizer:
 
     def prepare_chat(self) -> None:
         """Compile the chat template and make the plain-text backend now (`encode_chat` needs both), so the
-        first chat request does not wait for them (~0.2 s for SmolLM2's tokenizer); nothing without a template."""
+        first chat request does not wait for them (the plain-text backend is a copy of the whole tokenizer);
+        nothing without a template."""
         if self.chat_template:
             self._chat_template()
             self._plain_backend()

@@ -54,8 +54,8 @@ if "NUMBA_THREADING_LAYER" not in os.environ:
     numba.config.THREADING_LAYER = "omp"
 # After a parallel region GNU OpenMP's threads spin 300,000 rounds before they sleep (GOMP_SPINCOUNT, read when
 # the threading layer loads): through a prompt they held the cores against this process's other threads, the
-# BLAS shares of `prompt_ffn` and `attention_prompt` and the flash stream's readers; an offloaded prefill ran
-# 1.45x faster at 10,000, and decode, whose regions come microseconds apart, the same (BENCHMARKS.md).
+# BLAS shares of `prompt_ffn` and `attention_prompt` and the flash stream's readers. 10,000 rounds cover the
+# microseconds between a decode's regions (BENCHMARKS.md measures both).
 os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
 from hetinfer.kernels import cpu, simd  # noqa: E402  (after the threading layer is chosen)
@@ -816,7 +816,7 @@ _pool, _pool_threads = None, 0
 def _run_split(fn, items, n: int) -> None:
     """fn(item) for every item, on n threads: this one and n - 1 of a pool kept for it, each taking every
     n-th item (a prompt's later blocks of queries see more positions, so a thread's share stays even).
-    numpy releases the GIL in its products and ufuncs, so the threads compute at once."""
+    numpy releases the GIL in its products and ufuncs, as the nogil kernels do, so the threads compute at once."""
     global _pool, _pool_threads
     items = list(items)
     if n < 2:
@@ -828,7 +828,7 @@ def _run_split(fn, items, n: int) -> None:
 
         if _pool is not None:
             _pool.shutdown(wait=False)
-        _pool, _pool_threads = ThreadPoolExecutor(max_workers=n - 1, thread_name_prefix="hetinfer-prompt"), n - 1
+        _pool, _pool_threads = ThreadPoolExecutor(max_workers=n - 1, thread_name_prefix="hetinfer-split"), n - 1
 
     def share(j: int) -> None:
         for it in items[j::n]:

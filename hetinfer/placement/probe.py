@@ -545,8 +545,8 @@ def measure_gpu(qtype: str = "q4_0", d_model: int = 4096, cache_dir: Path | None
 FFN_PROBE_BYTES = 64 << 20
 FFN_PROBE_DENSITIES = (0.25, 0.5, 0.75, 1.0)  # shares of neurons the sparse FFN probes compute
 FFN_PROBE_RANKS = (16, 64)  # predictor ranks the probe times
-# Rounds of the FFN probe: ~1 s on SmolLM2's shape. With 5, one run timed the dense call 20% slow, and SmolLM2's
-# threshold layers, 7% slower than dense, stopped stepping aside (BENCHMARKS.md). Part of the cache key.
+# Rounds of the FFN probe, best of: with too few, one slow reading of the dense call moved the crossover enough
+# that layers slower than dense stopped stepping aside (BENCHMARKS.md). Part of the cache key.
 FFN_PROBE_ROUNDS = 15
 
 
