@@ -120,12 +120,12 @@ def _open_deployment(args: argparse.Namespace, path: str):
 
 def prepare_kernels(verbose: bool, dense_only: bool = False) -> None:
     """Compile the CPU kernels, or load them from numba's on-disk cache, before the first prompt, so its
-    timing is the model's; the first run on a machine compiles for one to three minutes, and says so.
+    timing is the model's; the first run on a machine compiles for a minute or two, and says so.
     `dense_only`: a dense session loads only the kernels it calls (see `kernels.warmup`)."""
     from hetinfer import kernels
 
     if not kernels.compiled():
-        print("compiling the CPU kernels (first run on this machine only; 1-3 minutes on a 2-core VM)...",
+        print("compiling the CPU kernels (first run on this machine only; 1-2 minutes on 2 cores)...",
               file=sys.stderr, flush=True)
     seconds = kernels.warmup(dense_only)
     if verbose:

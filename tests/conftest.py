@@ -23,8 +23,8 @@ def data_path(*parts: str) -> str:
 
 @pytest.fixture(scope="session", autouse=True)
 def kernels_from_cache() -> None:
-    """Every test runs the kernels as a user's process does: loaded from numba's cache (compiled by a
-    child process when the cache is cold, see `kernels.warmup`), never compiled fresh in this one."""
+    """Every test runs the kernels as a user's process does: loaded from numba's cache (compiled by
+    child processes when the cache is cold, see `kernels.warmup`), never compiled fresh in this one."""
     from hetinfer import kernels
 
     kernels.warmup()

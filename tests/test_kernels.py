@@ -672,6 +672,27 @@ def test_drop_compiled_removes_only_the_cpu_kernels(tmp_path):
     kernels.drop_compiled(tmp_path / "missing")  # no cache directory yet: nothing to drop
 
 
+def test_compiling_children_run_only_the_steps_no_other_has_claimed(tmp_path):
+    """The processes compiling a cold cache share `_compile_steps` out by claiming each with a file: a child
+    finding every step but one claimed runs that one alone (here loading it from the compiled cache) and
+    claims it."""
+    names = [name for name, _ in kernels._compile_steps(False)]
+    assert len(set(names)) == len(names) and {"attention_f32", "dense", "gather_matvec"} <= set(names)
+    for name in names:
+        if name != "gather_matvec":
+            (tmp_path / name).touch()
+    code = f"""
+from hetinfer import kernels
+from hetinfer.kernels import cpu
+kernels._compile_claimed({str(tmp_path)!r})
+print(sorted(name for name, k in vars(cpu).items() if getattr(k, "signatures", None)))
+"""
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.split() == ["['gather_matvec']"], p.stdout
+    assert sorted(f.name for f in tmp_path.iterdir()) == sorted(names)
+
+
 def test_dense_warmup_loads_only_the_dense_kernels():
     """`warmup(dense_only=True)` in a fresh process (the cache is compiled): the dense kernels are loaded, the
     sparse ones are not, and one called afterwards loads from numba's cache, never compiling in-process."""

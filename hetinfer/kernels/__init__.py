@@ -38,6 +38,7 @@ import mmap
 import os
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import warnings
@@ -1099,28 +1100,73 @@ def warmup(dense_only: bool = False) -> float:
     first called (each loaded kernel holds numba memory: about a third of theirs is the sparse ones').
 
     Decode timings should start after this: first-call compilation is not decode speed. When the
-    cache lacks this version of the kernels, a child process compiles them into it and this process
-    then loads them: numba's freshly compiled fastmath attention rounds differently (by ~1e-7) from
-    the same code loaded from its cache, enough to change a greedy continuation, so only cached code
-    runs here and the first run on a machine gives the same text as every later one."""
+    cache lacks this version of the kernels, child processes compile them into it (`_compile_in_children`)
+    and this process then loads them: numba's freshly compiled fastmath attention rounds differently (by
+    ~1e-7) from the same code loaded from its cache, enough to change a greedy continuation, so only cached
+    code runs here and the first run on a machine gives the same text as every later one."""
     t0 = time.perf_counter()
-    stamp, is_child = _cache_stamp(), bool(os.environ.get(_CHILD))
-    if stamp is not None and not is_child and not stamp.exists():
-        child = subprocess.run([sys.executable, "-c", "from hetinfer import kernels; kernels.warmup()"],
-                               env=dict(os.environ, **{_CHILD: "1"}))
-        if child.returncode != 0:  # compile here instead; the error, if it is ours, shows below
-            warnings.warn(f"compiling the kernels in a child process failed (exit {child.returncode})")
-    if stamp is not None and is_child:
-        drop_compiled(stamp.parent)
+    stamp = _cache_stamp()
+    if stamp is not None and not os.environ.get(_CHILD) and not stamp.exists():
+        _compile_in_children(stamp)
     _compile_all(dense_only)
-    if stamp is not None and is_child:
-        try:
-            for old in stamp.parent.glob("hetinfer-kernels-*.ready"):
-                old.unlink()
-            stamp.write_text(f"numba {numba.__version__}\n")
-        except OSError:  # a read-only cache directory: numba then does not cache either
-            pass
     return time.perf_counter() - t0
+
+
+def compile_jobs() -> int:
+    """How many processes compile the kernels at once: one a core this process may run on, at most 4
+    (numba compiles on one thread; each compiling process holds a few hundred MB)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(4, cores))
+
+
+def _compile_in_children(stamp: Path) -> None:
+    """Compile every kernel into numba's cache in `compile_jobs()` child processes that share out
+    `_compile_steps` (each claims the next step no other has), then write `stamp`. numba names a
+    function's cached code from its own index file, read and rewritten on every save: two processes
+    saving signatures of one function at once (a kernel both call, as matvec) could each write an index
+    without the other's entry, so the children save under one lock (`_compile_claimed`). If a child
+    fails, the stamp is not written and this process compiles what is missing itself."""
+    drop_compiled(stamp.parent)
+    with tempfile.TemporaryDirectory(prefix="hetinfer-compile-") as claims:
+        code = f"from hetinfer import kernels; kernels._compile_claimed({claims!r})"
+        env = dict(os.environ, **{_CHILD: "1"})
+        children = [subprocess.Popen([sys.executable, "-c", code], env=env) for _ in range(compile_jobs())]
+        codes = [child.wait() for child in children]
+    if any(codes):  # compile here instead; the error, if it is ours, shows below
+        warnings.warn(f"compiling the kernels in child processes failed (exit {next(c for c in codes if c)})")
+        return
+    try:
+        for old in stamp.parent.glob("hetinfer-kernels-*.ready"):
+            old.unlink()
+        stamp.write_text(f"numba {numba.__version__}\n")
+    except OSError:  # a read-only cache directory: numba then does not cache either
+        pass
+
+
+def _compile_claimed(claims: str) -> None:
+    """A compiling child: run each of `_compile_steps` that no other child has claimed (a file it creates
+    in `claims`), numba's cache saves holding the lock file there."""
+    import fcntl
+
+    from numba.core import caching
+
+    save = caching.IndexDataCacheFile.save
+
+    def locked_save(self, key, data):
+        with open(os.path.join(claims, "lock"), "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)  # released when f closes
+            return save(self, key, data)
+
+    caching.IndexDataCacheFile.save = locked_save
+    for name, step in _compile_steps(False):
+        try:
+            os.close(os.open(os.path.join(claims, name), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            continue
+        step()
 
 
 _CHILD = "HETINFER_KERNELS_COMPILING"
@@ -1161,53 +1207,93 @@ def _compile_all(dense_only: bool = False) -> None:
     """Call the CPU kernels once on tiny inputs (numba compiles, or loads from its cache, each signature at
     its first call): those of a dense decode and prompt, then, unless `dense_only`, the sparse ones and the
     unfused attention."""
+    for _, step in _compile_steps(dense_only):
+        step()
+
+
+def _compile_steps(dense_only: bool) -> list:
+    """(name, call) for the calls that compile every kernel signature a session can call: the dense ones,
+    then, unless `dense_only`, the sparse ones and the unfused attention. The costliest to compile come
+    first, so that processes sharing the steps out (`_compile_claimed`) finish at about the same time."""
     rng = np.random.default_rng(0)
     rand = lambda *shape: rng.standard_normal(shape).astype(np.float32)  # noqa: E731
     x = rand(1, 64)
     one, zero = np.ones(16, np.float32), np.zeros(16, np.float32)
-    caches = ((False, np.float32), (True, np.float32), (False, np.float16))  # (interleaved RoPE, KV dtype)
     formats = tuple(FLOAT_FORMATS) + tuple(BLOCK_FORMATS)
-    Wq, Wkv = quantize(rand(64, 64), "q8_0"), quantize(rand(32, 64), "q8_0")
-    for interleaved, kv in caches:
-        attention_block(x.copy(), x[0], Wq, Wkv, Wkv, Wq, None, np.zeros((4, 1, 32), kv), np.zeros((4, 1, 32), kv), 1,
-                        one, zero, interleaved, 1e-5, x[0])
-    rms_norm(x, x[0], 1e-5)
     prompt = rand(GEMV_MAX_T + 1, 64)  # longer prompts go through tiles and numpy's BLAS (`_gemm`)
-    for qtype in formats:
-        W = quantize(rand(8, 64), qtype)
-        linears((W, W, W), x)
-        linears((W, W, W), prompt)
-        linear(W, x)
-        gate_up(W, W, x, "silu")
-        Wf = quantize(rand(32, 64), qtype)
-        dense_ffn(Wf, Wf, quantize(rand(64, 32), qtype), x, "silu")
-        embedding(W, [1])
-    for qtype in ("q4_0", "q4_1"):  # read-only, as a model file's mapped weights: packed (`_dense_info`)
-        W = quantize(rand(8, 64), qtype)
-        W.data.flags.writeable = False
-        linear(W, x)
-    if dense_only:
-        return
     rows = np.array([3, 1], np.int64)
-    for qtype in formats:
-        W = quantize(rand(8, 64), qtype)
-        gather_matvec(W, rows, x)
-        scatter_axpy(W, rows, np.ones(2, np.float32), np.zeros(64, np.float32))
-        sparse_ffn(W, W, W, rows, x, "silu")
-        threshold_ffn(W, W, W, x, "silu", 0.5)
-    W1, W2_t = quantize(rand(8, 64), "f32"), quantize(rand(8, 40), "f32")
-    predict_rows(W1, W2_t, x, 0.0)
-    Wf = quantize(rand(40, 64), "q4_1")
-    predicted_ffn(W1, W2_t, 0.0, Wf, Wf, Wf, x, "silu")
-    # the offloading engine's matrices are views into neuron records (gate | up | down_t per row), so their
-    # rows are a record apart: numba's 'A' layout, another type than the 'C' of a matrix of its own
-    W = quantize(rand(8, 64), "q4_1")
-    rb = W.data.shape[1]
-    records = np.tile(W.data, (1, 3))
-    gate, up, down_t = (QTensor(W.qtype, W.shape, records[:, k * rb : (k + 1) * rb]) for k in range(3))
-    sparse_ffn(gate, up, down_t, rows, x, "silu")  # decode
-    gate_up(gate, up, rand(2, 64), "silu")  # a short prompt's pass
-    gate_up(gate, up, prompt, "silu")  # a longer one's, in tiles
-    for interleaved, kv in caches:
-        attention_decode(np.ones((1, 128), np.float32), np.ones((1, 64), np.float32), np.ones((1, 64), np.float32),
-                         np.zeros((4, 2, 32), kv), np.zeros((4, 2, 32), kv), 1, one, zero, interleaved)
+
+    def attention(kv):
+        def step():
+            Wq, Wkv = quantize(rand(64, 64), "q8_0"), quantize(rand(32, 64), "q8_0")
+            for interleaved in (False, True):
+                attention_block(x.copy(), x[0], Wq, Wkv, Wkv, Wq, None, np.zeros((4, 1, 32), kv),
+                                np.zeros((4, 1, 32), kv), 1, one, zero, interleaved, 1e-5, x[0])
+        return step
+
+    def dense():
+        rms_norm(x, x[0], 1e-5)
+        for qtype in formats:
+            W = quantize(rand(8, 64), qtype)
+            linears((W, W, W), x)
+            linears((W, W, W), prompt)
+            linear(W, x)
+            gate_up(W, W, x, "silu")
+            Wf = quantize(rand(32, 64), qtype)
+            dense_ffn(Wf, Wf, quantize(rand(64, 32), qtype), x, "silu")
+            embedding(W, [1])
+        for qtype in ("q4_0", "q4_1"):  # read-only, as a model file's mapped weights: packed (`_dense_info`)
+            W = quantize(rand(8, 64), qtype)
+            W.data.flags.writeable = False
+            linear(W, x)
+
+    def each_format(call):
+        def step():
+            for qtype in formats:
+                call(quantize(rand(8, 64), qtype))
+        return step
+
+    def records():
+        # the offloading engine's matrices are views into neuron records (gate | up | down_t per row), so their
+        # rows are a record apart: numba's 'A' layout, another type than the 'C' of a matrix of its own
+        W = quantize(rand(8, 64), "q4_1")
+        rb = W.data.shape[1]
+        data = np.tile(W.data, (1, 3))
+        return [QTensor(W.qtype, W.shape, data[:, k * rb : (k + 1) * rb]) for k in range(3)]
+
+    def records_decode():
+        gate, up, down_t = records()
+        sparse_ffn(gate, up, down_t, rows, x, "silu")
+
+    def records_prompt():
+        gate, up, _ = records()
+        gate_up(gate, up, rand(2, 64), "silu")  # a short prompt's pass
+        gate_up(gate, up, prompt, "silu")  # a longer one's, in tiles
+
+    def predicted():
+        W1, W2_t = quantize(rand(8, 64), "f32"), quantize(rand(8, 40), "f32")
+        predict_rows(W1, W2_t, x, 0.0)
+        Wf = quantize(rand(40, 64), "q4_1")
+        predicted_ffn(W1, W2_t, 0.0, Wf, Wf, Wf, x, "silu")
+
+    def unfused_attention():
+        for interleaved, kv in ((False, np.float32), (True, np.float32), (False, np.float16)):
+            attention_decode(np.ones((1, 128), np.float32), np.ones((1, 64), np.float32),
+                             np.ones((1, 64), np.float32), np.zeros((4, 2, 32), kv), np.zeros((4, 2, 32), kv), 1,
+                             one, zero, interleaved)
+
+    steps = [  # (name, whether a dense session calls it, the calls)
+        ("attention_f32", True, attention(np.float32)),
+        ("threshold_ffn", False, each_format(lambda W: threshold_ffn(W, W, W, x, "silu", 0.5))),
+        ("records_decode", False, records_decode),
+        ("records_prompt", False, records_prompt),
+        ("attention_f16", True, attention(np.float16)),
+        ("dense", True, dense),
+        ("sparse_ffn", False, each_format(lambda W: sparse_ffn(W, W, W, rows, x, "silu"))),
+        ("scatter_axpy", False, each_format(lambda W: scatter_axpy(W, rows, np.ones(2, np.float32),
+                                                                   np.zeros(64, np.float32)))),
+        ("predicted_ffn", False, predicted),
+        ("gather_matvec", False, each_format(lambda W: gather_matvec(W, rows, x))),
+        ("unfused_attention", False, unfused_attention),
+    ]
+    return [(name, step) for name, dense_session, step in steps if dense_session or not dense_only]
