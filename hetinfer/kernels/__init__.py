@@ -1113,13 +1113,13 @@ def warmup(dense_only: bool = False) -> float:
 
 
 def compile_jobs() -> int:
-    """How many processes compile the kernels at once: one a core this process may run on, at most 4
-    (numba compiles on one thread; each compiling process holds a few hundred MB)."""
+    """How many processes compile the kernels at once: one a core this process may run on, at most 4, and
+    one a GiB of available memory (numba compiles on one thread, in up to ~0.6 GB a process)."""
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         cores = os.cpu_count() or 1
-    return max(1, min(4, cores))
+    return max(1, min(4, cores, psutil.virtual_memory().available >> 30))
 
 
 def _compile_in_children(stamp: Path) -> None:
