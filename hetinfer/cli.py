@@ -124,10 +124,20 @@ def prepare_kernels(verbose: bool, dense_only: bool = False) -> None:
     `dense_only`: a dense session loads only the kernels it calls (see `kernels.warmup`)."""
     from hetinfer import kernels
 
-    if not kernels.compiled():
+    if kernels.compiled():
+        seconds = kernels.warmup(dense_only)
+    else:
+        from tqdm import tqdm
+
         print("compiling the CPU kernels (first run on this machine only; 1-2 minutes on 2 cores)...",
               file=sys.stderr, flush=True)
-    seconds = kernels.warmup(dense_only)
+        with tqdm(desc="compile", unit=" step", file=sys.stderr) as bar:
+
+            def progress(done: int, total: int) -> None:
+                bar.total = total
+                bar.update(done - bar.n)
+
+            seconds = kernels.warmup(dense_only, progress)
     if verbose:
         print(f"[kernels ready in {seconds:.1f} s]", file=sys.stderr)
 

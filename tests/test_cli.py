@@ -58,6 +58,8 @@ def test_first_run_gives_the_same_text_as_later_runs(model_path, tmp_path):
     first = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stderr
     assert "compiling the CPU kernels" in first.stderr and list(tmp_path.rglob("hetinfer-kernels-*.ready"))
+    steps = len(kernels._compile_steps(False))
+    assert f" {steps}/{steps} " in first.stderr  # the progress bar's last state
     later = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert later.returncode == 0 and "compiling" not in later.stderr, later.stderr
     assert first.stdout == later.stdout and len(first.stdout) > 500

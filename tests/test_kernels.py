@@ -674,8 +674,8 @@ def test_drop_compiled_removes_only_the_cpu_kernels(tmp_path):
 
 def test_compiling_children_run_only_the_steps_no_other_has_claimed(tmp_path):
     """The processes compiling a cold cache share `_compile_steps` out by claiming each with a file: a child
-    finding every step but one claimed runs that one alone (here loading it from the compiled cache) and
-    claims it."""
+    finding every step but one claimed runs that one alone (here loading it from the compiled cache), claims
+    it, and says when it is done."""
     names = [name for name, _ in kernels._compile_steps(False)]
     assert len(set(names)) == len(names) and {"attention_f32", "dense", "gather_matvec"} <= set(names)
     for name in names:
@@ -690,7 +690,7 @@ print(sorted(name for name, k in vars(cpu).items() if getattr(k, "signatures", N
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr
     assert p.stdout.split() == ["['gather_matvec']"], p.stdout
-    assert sorted(f.name for f in tmp_path.iterdir()) == sorted(names)
+    assert sorted(f.name for f in tmp_path.iterdir()) == sorted(names + ["gather_matvec.done"])
 
 
 def test_dense_warmup_loads_only_the_dense_kernels():

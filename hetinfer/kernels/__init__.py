@@ -42,6 +42,7 @@ import tempfile
 import threading
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numba
@@ -1094,10 +1095,12 @@ def convert(W: QTensor, weights: str) -> QTensor:
     return quantize(W.dequantize(), weights)
 
 
-def warmup(dense_only: bool = False) -> float:
+def warmup(dense_only: bool = False, progress: Callable[[int, int], None] | None = None) -> float:
     """Compile (or load from the on-disk cache) every CPU kernel; returns the seconds it took.
     `dense_only`: load only those a dense decode and prompt call; any other loads from the cache when
     first called (each loaded kernel holds numba memory: about a third of theirs is the sparse ones').
+    `progress(done, total)` is called every half second while the kernels compile (steps of
+    `_compile_steps`), not when they load.
 
     Decode timings should start after this: first-call compilation is not decode speed. When the
     cache lacks this version of the kernels, child processes compile them into it (`_compile_in_children`)
@@ -1107,7 +1110,7 @@ def warmup(dense_only: bool = False) -> float:
     t0 = time.perf_counter()
     stamp = _cache_stamp()
     if stamp is not None and not os.environ.get(_CHILD) and not stamp.exists():
-        _compile_in_children(stamp)
+        _compile_in_children(stamp, progress)
     _compile_all(dense_only)
     return time.perf_counter() - t0
 
@@ -1122,7 +1125,7 @@ def compile_jobs() -> int:
     return max(1, min(4, cores, psutil.virtual_memory().available >> 30))
 
 
-def _compile_in_children(stamp: Path) -> None:
+def _compile_in_children(stamp: Path, progress: Callable[[int, int], None] | None = None) -> None:
     """Compile every kernel into numba's cache in `compile_jobs()` child processes that share out
     `_compile_steps` (each claims the next step no other has), then write `stamp`. numba names a
     function's cached code from its own index file, read and rewritten on every save: two processes
@@ -1134,7 +1137,14 @@ def _compile_in_children(stamp: Path) -> None:
         code = f"from hetinfer import kernels; kernels._compile_claimed({claims!r})"
         env = dict(os.environ, **{_CHILD: "1"})
         children = [subprocess.Popen([sys.executable, "-c", code], env=env) for _ in range(compile_jobs())]
-        codes = [child.wait() for child in children]
+        total, running = len(_compile_steps(False)), True
+        while running:
+            running = any(child.poll() is None for child in children)
+            if progress is not None:
+                progress(sum(f.endswith(".done") for f in os.listdir(claims)), total)
+            if running:
+                time.sleep(0.5)
+        codes = [child.returncode for child in children]
     if any(codes):  # compile here instead; the error, if it is ours, shows below
         warnings.warn(f"compiling the kernels in child processes failed (exit {next(c for c in codes if c)})")
         return
@@ -1148,7 +1158,7 @@ def _compile_in_children(stamp: Path) -> None:
 
 def _compile_claimed(claims: str) -> None:
     """A compiling child: run each of `_compile_steps` that no other child has claimed (a file it creates
-    in `claims`), numba's cache saves holding the lock file there."""
+    in `claims`, and NAME.done once it has run), numba's cache saves holding the lock file there."""
     import fcntl
 
     from numba.core import caching
@@ -1167,6 +1177,7 @@ def _compile_claimed(claims: str) -> None:
         except FileExistsError:
             continue
         step()
+        Path(claims, name + ".done").touch()
 
 
 _CHILD = "HETINFER_KERNELS_COMPILING"
