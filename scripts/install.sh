@@ -58,4 +58,4 @@ else
 fi
 echo "hetinfer installed: $("$PY" -c 'import hetinfer; print(hetinfer.__version__)')" >&2
 # Compile the CPU kernels now into numba's on-disk cache (once per machine), not on the first prompt.
-"$PY" -c "from hetinfer import kernels; print(f'kernels compiled in {kernels.warmup():.0f} s')" >&2
+"$PY" -c "from hetinfer.cli import prepare_kernels; prepare_kernels(verbose=True)"  # a progress bar, then the seconds
