@@ -1115,7 +1115,7 @@ def warmup(dense_only: bool = False, progress: Callable[[int, int], None] | None
     return time.perf_counter() - t0
 
 
-def compile_jobs() -> int:
+def _compile_jobs() -> int:
     """How many processes compile the kernels at once: one a core this process may run on, at most 4, and
     one a GiB of available memory (numba compiles on one thread, in up to ~0.6 GB a process)."""
     try:
@@ -1126,7 +1126,7 @@ def compile_jobs() -> int:
 
 
 def _compile_in_children(stamp: Path, progress: Callable[[int, int], None] | None = None) -> None:
-    """Compile every kernel into numba's cache in `compile_jobs()` child processes that share out
+    """Compile every kernel into numba's cache in `_compile_jobs()` child processes that share out
     `_compile_steps` (each claims the next step no other has), then write `stamp`. numba names a
     function's cached code from its own index file, read and rewritten on every save: two processes
     saving signatures of one function at once (a kernel both call, as matvec) could each write an index
@@ -1136,7 +1136,7 @@ def _compile_in_children(stamp: Path, progress: Callable[[int, int], None] | Non
     with tempfile.TemporaryDirectory(prefix="hetinfer-compile-") as claims:
         code = f"from hetinfer import kernels; kernels._compile_claimed({claims!r})"
         env = dict(os.environ, **{_CHILD: "1"})
-        children = [subprocess.Popen([sys.executable, "-c", code], env=env) for _ in range(compile_jobs())]
+        children = [subprocess.Popen([sys.executable, "-c", code], env=env) for _ in range(_compile_jobs())]
         total, running = len(_compile_steps(False)), True
         while running:
             running = any(child.poll() is None for child in children)
