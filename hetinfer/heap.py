@@ -1,4 +1,4 @@
-"""Give freed heap memory back to the operating system.
+"""Give freed heap memory back to the operating system, and say how much more this process may take.
 
 glibc's malloc keeps freed blocks for reuse, and after a large array is freed it raises its threshold for
 serving big requests from the heap, so a few hundred MB of temporary arrays (a probe's random layers) stay
@@ -9,6 +9,9 @@ import ctypes
 import ctypes.util
 import functools
 import gc
+from pathlib import Path
+
+import psutil
 
 
 @functools.cache
@@ -33,3 +36,48 @@ def freeze() -> None:
     as the process."""
     gc.collect()
     gc.freeze()
+
+
+def available_bytes() -> int:
+    """Bytes this process can still take: the machine's available memory, or less where a memory cgroup
+    caps it (v1 or v2, its own or an ancestor's: a systemd unit's MemoryMax, a container's limit), which
+    the machine's figure does not see."""
+    free = psutil.virtual_memory().available
+    for limit, usage in _cgroup_memory():
+        free = min(free, max(0, limit - usage))
+    return free
+
+
+# The cgroups this process is in; cgroup v1's memory controller and cgroup v2's unified hierarchy: (mount,
+# limit file, usage file)
+_PROC_CGROUP = Path("/proc/self/cgroup")
+_CGROUPS = {"memory": (Path("/sys/fs/cgroup/memory"), "memory.limit_in_bytes", "memory.usage_in_bytes"),
+            "": (Path("/sys/fs/cgroup"), "memory.max", "memory.current")}
+
+
+def _cgroup_memory() -> list[tuple[int, int]]:
+    """(limit, usage) in bytes of each memory cgroup this process is in and of their ancestors that sets a
+    limit ("max" in v2 sets none; v1's unlimited is a huge number)."""
+    try:
+        lines = _PROC_CGROUP.read_text().splitlines()
+    except OSError:  # not Linux
+        return []
+    found = []
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        key = "memory" if "memory" in controllers.split(",") else controllers
+        if key not in _CGROUPS:
+            continue
+        root, limit_file, usage_file = _CGROUPS[key]
+        d = root / path.lstrip("/")
+        while d.is_relative_to(root):
+            try:
+                limit = (d / limit_file).read_text().strip()
+                if limit != "max":
+                    found.append((int(limit), int((d / usage_file).read_text())))
+            except (OSError, ValueError):  # no such file at this level (a v2 root, an unmounted controller)
+                pass
+            if d == root:
+                break
+            d = d.parent
+    return found

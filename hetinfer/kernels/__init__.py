@@ -49,6 +49,7 @@ import numba
 import numpy as np
 import psutil
 
+from hetinfer import heap
 from hetinfer.tensors import BLOCK_FORMATS, FLOAT_FORMATS, GPUTensor, QTensor, quantize
 
 if "NUMBA_THREADING_LAYER" not in os.environ:
@@ -1117,12 +1118,16 @@ def warmup(dense_only: bool = False, progress: Callable[[int, int], None] | None
 
 def _compile_jobs() -> int:
     """How many processes compile the kernels at once: one a core this process may run on, at most 4, and
-    one a GiB of available memory (numba compiles on one thread, in up to ~0.6 GB a process)."""
+    one per COMPILE_BYTES it may still take (a memory cgroup's limit counts: an edge box's unit compiles in one)."""
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         cores = os.cpu_count() or 1
-    return max(1, min(4, cores, psutil.virtual_memory().available >> 30))
+    return max(1, min(4, cores, heap.available_bytes() // COMPILE_BYTES))
+
+
+# Memory a process compiling the kernels may take (numba compiles on one thread; ~0.56 GB at its peak).
+COMPILE_BYTES = 768 << 20
 
 
 def _compile_in_children(stamp: Path, progress: Callable[[int, int], None] | None = None) -> None:
