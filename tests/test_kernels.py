@@ -693,6 +693,14 @@ print(sorted(name for name, k in vars(cpu).items() if getattr(k, "signatures", N
     assert sorted(f.name for f in tmp_path.iterdir()) == sorted(names + ["gather_matvec.done"])
 
 
+def test_one_process_compiles_with_a_numba_whose_cache_saves_cannot_be_locked(monkeypatch):
+    from numba.core import caching
+
+    assert kernels._index_saves() is caching.IndexDataCacheFile  # the numba this project pins
+    monkeypatch.delattr(caching, "IndexDataCacheFile")
+    assert kernels._index_saves() is None and kernels._compile_jobs() == 1
+
+
 def test_dense_warmup_loads_only_the_dense_kernels():
     """`warmup(dense_only=True)` in a fresh process (the cache is compiled): the dense kernels are loaded, the
     sparse ones are not, and one called afterwards loads from numba's cache, never compiling in-process."""

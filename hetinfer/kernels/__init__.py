@@ -1119,11 +1119,21 @@ def warmup(dense_only: bool = False, progress: Callable[[int, int], None] | None
 def _compile_jobs() -> int:
     """How many processes compile the kernels at once: one a core this process may run on, at most 4, and
     one per COMPILE_BYTES it may still take (a memory cgroup's limit counts: an edge box's unit compiles in one)."""
+    if _index_saves() is None:  # a numba whose cache saves `_compile_claimed` cannot lock: one process
+        return 1
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         cores = os.cpu_count() or 1
     return max(1, min(4, cores, heap.available_bytes() // COMPILE_BYTES))
+
+
+def _index_saves():
+    """numba's class whose `save` writes a function's cache index and code (numba 0.59-0.68), or None."""
+    from numba.core import caching
+
+    cls = getattr(caching, "IndexDataCacheFile", None)
+    return cls if callable(getattr(cls, "save", None)) else None
 
 
 # Memory a process compiling the kernels may take (numba compiles on one thread; ~0.56 GB at its peak).
@@ -1166,16 +1176,16 @@ def _compile_claimed(claims: str) -> None:
     in `claims`, and NAME.done once it has run), numba's cache saves holding the lock file there."""
     import fcntl
 
-    from numba.core import caching
+    cls = _index_saves()
+    if cls is not None:
+        save = cls.save
 
-    save = caching.IndexDataCacheFile.save
+        def locked_save(self, key, data):
+            with open(os.path.join(claims, "lock"), "a") as f:
+                fcntl.flock(f, fcntl.LOCK_EX)  # released when f closes
+                return save(self, key, data)
 
-    def locked_save(self, key, data):
-        with open(os.path.join(claims, "lock"), "a") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)  # released when f closes
-            return save(self, key, data)
-
-    caching.IndexDataCacheFile.save = locked_save
+        cls.save = locked_save
     for name, step in _compile_steps(False):
         try:
             os.close(os.open(os.path.join(claims, name), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
