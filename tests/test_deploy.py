@@ -159,9 +159,28 @@ def test_deployment_moved_and_model_gone(tmp_path, offline, model_path, capsys):
     assert err.count("\n") == 1 and "model file" in err and "gone" in err
 
 
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory, offline) -> Path:
+    """One `prepare` (dep/ and its store in flash/) that the bad-input cases each copy and then spoil."""
+    d = tmp_path_factory.mktemp("prepared")
+    (d / "flash").mkdir()
+    assert main(_prepare(d / "dep", d / "flash", offline)) == 0
+    return d
+
+
+def _copy_deployment(prepared: Path, to: Path) -> None:
+    """prepared's dep/ and flash/ under `to`, the manifest's store path (absolute: outside dep/) moved along."""
+    shutil.copytree(prepared / "dep", to / "dep")
+    shutil.rmtree(to / "flash")
+    shutil.copytree(prepared / "flash", to / "flash")
+    m = json.loads((to / "dep" / "deployment.json").read_text())
+    m["store"] = str(to / "flash" / Path(m["store"]).name)
+    (to / "dep" / "deployment.json").write_text(json.dumps(m))
+
+
 @pytest.mark.parametrize("case", ["no_flash_dir", "flash_dir_is_file", "ram_too_small", "not_a_deployment",
                                   "other_version", "bit_flip", "truncated_store", "other_model"])
-def test_bad_input_one_line_exit_2(tmp_path, offline, model_path, case, capsys):
+def test_bad_input_one_line_exit_2(tmp_path, offline, prepared, case, capsys):
     out, flash = tmp_path / "dep", tmp_path / "flash"
     flash.mkdir()
     args = _prepare(out, flash, offline)
@@ -180,10 +199,11 @@ def test_bad_input_one_line_exit_2(tmp_path, offline, model_path, case, capsys):
         if case == "ram_too_small":
             assert "raise --ram" in err
         return
-    assert main(args) == 0
+    _copy_deployment(prepared, tmp_path)
     m = json.loads((out / "deployment.json").read_text())
     store = Path(m["store"])
     run = ["run", str(out), "-p", "Hello there", "-n", "3", "--temperature", "0"]
+    assert main(run) == 0  # the copy runs, before each case spoils what it reads
     if case == "not_a_deployment":
         run[1] = str(tmp_path)
     elif case == "other_version":
