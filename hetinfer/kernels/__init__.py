@@ -1152,13 +1152,19 @@ def _compile_in_children(stamp: Path, progress: Callable[[int, int], None] | Non
         code = f"from hetinfer import kernels; kernels._compile_claimed({claims!r})"
         env = dict(os.environ, **{_CHILD: "1"})
         children = [subprocess.Popen([sys.executable, "-c", code], env=env) for _ in range(_compile_jobs())]
-        total, running = len(_compile_steps(False)), True
-        while running:
-            running = any(child.poll() is None for child in children)
-            if progress is not None:
-                progress(sum(f.endswith(".done") for f in os.listdir(claims)), total)
-            if running:
-                time.sleep(0.5)
+        try:
+            total, running = len(_compile_steps(False)), True
+            while running:
+                running = any(child.poll() is None for child in children)
+                if progress is not None:
+                    progress(sum(f.endswith(".done") for f in os.listdir(claims)), total)
+                if running:
+                    time.sleep(0.5)
+        finally:  # interrupted (Ctrl-C): no child goes on compiling without us
+            for child in children:
+                if child.poll() is None:
+                    child.kill()
+                    child.wait()
         codes = [child.returncode for child in children]
     if any(codes):  # compile here instead; the error, if it is ours, shows below
         warnings.warn(f"compiling the kernels in child processes failed (exit {next(c for c in codes if c)})")
@@ -1239,8 +1245,8 @@ def _compile_all(dense_only: bool = False) -> None:
 
 def _compile_steps(dense_only: bool) -> list:
     """(name, call) for the calls that compile every kernel signature a session can call: the dense ones,
-    then, unless `dense_only`, the sparse ones and the unfused attention. The costliest to compile come
-    first, so that processes sharing the steps out (`_compile_claimed`) finish at about the same time."""
+    then, unless `dense_only`, the sparse ones and the unfused attention. About the costliest to compile
+    come first, so that processes sharing the steps out (`_compile_claimed`) finish at about the same time."""
     rng = np.random.default_rng(0)
     rand = lambda *shape: rng.standard_normal(shape).astype(np.float32)  # noqa: E731
     x = rand(1, 64)
