@@ -1,7 +1,10 @@
-"""Shared fixtures: the real default model, the shared data folder, a transformers reference."""
+"""Shared fixtures: the real default model, the shared data folder, a transformers reference, memory cgroups."""
 from __future__ import annotations
 
+import contextlib
 import os
+import time
+from pathlib import Path
 
 import pytest
 
@@ -12,6 +15,27 @@ DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
 # load it (its libraries cost a decode ~200 MiB, issue #20).
 TORCH_FREE_CLI = ("import sys\nfrom hetinfer.cli import main\nrc = main(sys.argv[1:])\n"
                   "sys.exit(rc if rc else 3 if 'torch' in sys.modules else 0)")
+
+
+@contextlib.contextmanager
+def memory_cgroup(name: str, limit: str):
+    """A cgroup v1 memory cgroup /sys/fs/cgroup/memory/NAME-PID limited to `limit` (bytes, or systemd's 768M
+    form), removed afterwards; the test skips where it cannot be made (needs root). A process joins it by
+    writing its pid to cgroup.procs."""
+    group = Path("/sys/fs/cgroup/memory") / f"{name}-{os.getpid()}"
+    if not os.access(group.parent, os.W_OK):
+        pytest.skip("cgroup v1 memory controller not writable here (needs root)")
+    group.mkdir()
+    try:
+        (group / "memory.limit_in_bytes").write_text(limit)
+        yield group
+    finally:
+        for _ in range(50):  # its last process may still be exiting
+            try:
+                group.rmdir()
+                break
+            except OSError:
+                time.sleep(0.1)
 
 
 def data_path(*parts: str) -> str:

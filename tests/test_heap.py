@@ -1,14 +1,12 @@
 """heap.trim gives freed heap memory back to the OS (what keeps `prepare`'s probes from holding their
 arrays' pages through the later place trials inside a memory limit)."""
-import os
 import subprocess
 import sys
-import time
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
+from conftest import memory_cgroup
 from hetinfer import heap
 
 FREED = """
@@ -85,22 +83,10 @@ def test_available_bytes_counts_the_tightest_memory_cgroup(tmp_path, monkeypatch
 def test_one_process_compiles_the_kernels_inside_a_small_memory_cgroup():
     """The kernels compile in one process per 768 MiB the process may still take: inside a 600 MiB cgroup v1
     (an edge box's unit) that is one, whatever the cores."""
-    group = Path("/sys/fs/cgroup/memory") / f"hetinfer-heap-test-{os.getpid()}"
-    if not os.access(group.parent, os.W_OK):
-        pytest.skip("cgroup v1 memory controller not writable here (needs root)")
-    group.mkdir()
-    try:
-        (group / "memory.limit_in_bytes").write_text(str(600 << 20))
+    with memory_cgroup("hetinfer-heap-test", str(600 << 20)) as group:
         code = "from hetinfer import heap, kernels; print(heap.available_bytes() >> 20, kernels._compile_jobs())"
         p = subprocess.run(["bash", "-c", f"echo $$ > {group}/cgroup.procs && exec {sys.executable} -c '{code}'"],
                            capture_output=True, text=True, timeout=120)
-        assert p.returncode == 0, p.stderr
-        free_mib, jobs = map(int, p.stdout.split())
-        assert 300 < free_mib < 600 and jobs == 1
-    finally:
-        for _ in range(50):
-            try:
-                group.rmdir()
-                break
-            except OSError:
-                time.sleep(0.1)
+    assert p.returncode == 0, p.stderr
+    free_mib, jobs = map(int, p.stdout.split())
+    assert 300 < free_mib < 600 and jobs == 1
