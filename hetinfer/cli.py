@@ -124,7 +124,7 @@ def prepare_kernels(verbose: bool, dense_only: bool = False) -> None:
     `dense_only`: a dense session loads only the kernels it calls (see `kernels.warmup`)."""
     from hetinfer import kernels
 
-    if kernels.compiled():
+    if kernels.compiled(dense_only):
         seconds = kernels.warmup(dense_only)
     else:
         from tqdm import tqdm

@@ -51,28 +51,33 @@ def test_first_run_gives_the_same_text_as_later_runs(model_path, tmp_path):
     """With an empty kernel cache the kernels compile in child processes and this one loads them, so the
     first run's greedy text equals a later run's. (Compiled fresh in-process, the fastmath attention
     rounded differently: this prompt's text parted after ~120 tokens, once attention ran on 2 threads.)
-    The children, compiling at once, left numba's cache whole: a fresh process loads every kernel from it."""
+    A dense run compiles only a dense session's kernels; the first process to want them all compiles the
+    rest. The children, compiling at once, left numba's cache whole: that process loads every kernel from it."""
     env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path))
     cmd = [sys.executable, "-m", "hetinfer.cli", "generate", "-m", model_path, "--chat", "-p",
            "Explain why caches make computers fast.", "-n", "200", "--temperature", "0", "-t", "2"]
     first = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stderr
-    assert "compiling the CPU kernels" in first.stderr and list(tmp_path.rglob("hetinfer-kernels-*.ready"))
-    steps = len(kernels._compile_steps(False))
+    assert "compiling the CPU kernels" in first.stderr and list(tmp_path.rglob("hetinfer-kernels-*.dense.ready"))
+    steps = len(kernels._compile_steps(True))
     assert f" {steps}/{steps} " in first.stderr  # the progress bar's last state
+    assert not list(tmp_path.rglob("cpu.sparse_ffn-*.nbc"))
     later = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert later.returncode == 0 and "compiling" not in later.stderr, later.stderr
     assert first.stdout == later.stdout and len(first.stdout) > 500
     code = """
 from hetinfer import kernels
 from hetinfer.kernels import cpu
+print(kernels.compiled(), kernels.compiled(dense_only=True))
 kernels.warmup()
 stats = [k.stats for k in vars(cpu).values() if hasattr(k, "stats")]
-print(sum(sum(s.cache_hits.values()) for s in stats), sum(sum(s.cache_misses.values()) for s in stats))
+print(kernels.compiled(), sum(sum(s.cache_hits.values()) for s in stats), sum(sum(s.cache_misses.values()) for s in stats))
 """
-    loaded = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    hits, misses = map(int, loaded.stdout.split())
-    assert hits == len(list(tmp_path.rglob("cpu.*.nbc"))) > 10 and misses == 0, loaded.stderr
+    loaded = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert loaded.returncode == 0, loaded.stderr
+    (every, dense), (after, hits, misses) = (line.split() for line in loaded.stdout.splitlines())
+    assert (every, dense, after) == ("False", "True", "True") and list(tmp_path.rglob("cpu.sparse_ffn-*.nbc"))
+    assert int(hits) == len(list(tmp_path.rglob("cpu.*.nbc"))) > 10 and int(misses) == 0, loaded.stderr
 
 
 def test_info_json(model_path):

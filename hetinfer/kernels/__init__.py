@@ -1101,7 +1101,8 @@ def warmup(dense_only: bool = False, progress: Callable[[int, int], None] | None
     `dense_only`: load only those a dense decode and prompt call; any other loads from the cache when
     first called (each loaded kernel holds numba memory: about a third of theirs is the sparse ones').
     `progress(done, total)` is called every half second while the kernels compile (steps of
-    `_compile_steps`), not when they load.
+    `_compile_steps`), not when they load. A dense session's first run compiles only its kernels (about
+    half the work); the first to call the others compiles them.
 
     Decode timings should start after this: first-call compilation is not decode speed. When the
     cache lacks this version of the kernels, child processes compile them into it (`_compile_in_children`)
@@ -1109,9 +1110,9 @@ def warmup(dense_only: bool = False, progress: Callable[[int, int], None] | None
     ~1e-7) from the same code loaded from its cache, enough to change a greedy continuation, so only cached
     code runs here and the first run on a machine gives the same text as every later one."""
     t0 = time.perf_counter()
-    stamp = _cache_stamp()
-    if stamp is not None and not os.environ.get(_CHILD) and not stamp.exists():
-        _compile_in_children(stamp, progress)
+    stamp = _cache_stamp(dense_only)
+    if stamp is not None and not os.environ.get(_CHILD) and not compiled(dense_only):
+        _compile_in_children(stamp, dense_only, progress)
     _compile_all(dense_only)
     return time.perf_counter() - t0
 
@@ -1140,20 +1141,24 @@ def _index_saves():
 COMPILE_BYTES = 768 << 20
 
 
-def _compile_in_children(stamp: Path, progress: Callable[[int, int], None] | None = None) -> None:
-    """Compile every kernel into numba's cache in `_compile_jobs()` child processes that share out
-    `_compile_steps` (each claims the next step no other has), then write `stamp`. numba names a
-    function's cached code from its own index file, read and rewritten on every save: two processes
-    saving signatures of one function at once (a kernel both call, as matvec) could each write an index
-    without the other's entry, so the children save under one lock (`_compile_claimed`). If a child
-    fails, the stamp is not written and this process compiles what is missing itself."""
-    drop_compiled(stamp.parent)
+def _compile_in_children(stamp: Path, dense_only: bool, progress: Callable[[int, int], None] | None = None
+                         ) -> None:
+    """Compile every kernel (`dense_only`: those of a dense session) into numba's cache in `_compile_jobs()`
+    child processes that share out `_compile_steps` (each claims the next step no other has), then write
+    `stamp`; a cache of older kernels is dropped first (`drop_compiled`). numba names a function's cached
+    code from its own index file, read and rewritten on every save: two processes saving signatures of one
+    function at once (a kernel both call, as matvec) could each write an index without the other's entry,
+    so the children save under one lock (`_compile_claimed`). If a child fails, the stamp is not written and
+    this process compiles what is missing itself."""
+    ours = {_cache_stamp(False), _cache_stamp(True)}  # this version's stamps
+    if not any(s.exists() for s in ours):
+        drop_compiled(stamp.parent)
     with tempfile.TemporaryDirectory(prefix="hetinfer-compile-") as claims:
-        code = f"from hetinfer import kernels; kernels._compile_claimed({claims!r})"
+        code = f"from hetinfer import kernels; kernels._compile_claimed({claims!r}, {dense_only})"
         env = dict(os.environ, **{_CHILD: "1"})
         children = [subprocess.Popen([sys.executable, "-c", code], env=env) for _ in range(_compile_jobs())]
         try:
-            total, running = len(_compile_steps(False)), True
+            total, running = len(_compile_steps(dense_only)), True
             while running:
                 running = any(child.poll() is None for child in children)
                 if progress is not None:
@@ -1170,16 +1175,16 @@ def _compile_in_children(stamp: Path, progress: Callable[[int, int], None] | Non
         warnings.warn(f"compiling the kernels in child processes failed (exit {next(c for c in codes if c)})")
         return
     try:
-        for old in stamp.parent.glob("hetinfer-kernels-*.ready"):
+        for old in set(stamp.parent.glob("hetinfer-kernels-*.ready")) - ours:
             old.unlink()
         stamp.write_text(f"numba {numba.__version__}\n")
     except OSError:  # a read-only cache directory: numba then does not cache either
         pass
 
 
-def _compile_claimed(claims: str) -> None:
-    """A compiling child: run each of `_compile_steps` that no other child has claimed (a file it creates
-    in `claims`, and NAME.done once it has run), numba's cache saves holding the lock file there."""
+def _compile_claimed(claims: str, dense_only: bool = False) -> None:
+    """A compiling child: run each of `_compile_steps(dense_only)` that no other child has claimed (a file it
+    creates in `claims`, and NAME.done once it has run), numba's cache saves holding the lock file there."""
     import fcntl
 
     cls = _index_saves()
@@ -1192,7 +1197,7 @@ def _compile_claimed(claims: str) -> None:
                 return save(self, key, data)
 
         cls.save = locked_save
-    for name, step in _compile_steps(False):
+    for name, step in _compile_steps(dense_only):
         try:
             os.close(os.open(os.path.join(claims, name), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
         except FileExistsError:
@@ -1204,10 +1209,10 @@ def _compile_claimed(claims: str) -> None:
 _CHILD = "HETINFER_KERNELS_COMPILING"
 
 
-def compiled() -> bool:
-    """Whether numba's on-disk cache holds this version of every CPU kernel (warmup then only loads them)."""
-    stamp = _cache_stamp()
-    return stamp is not None and stamp.exists()
+def compiled(dense_only: bool = False) -> bool:
+    """Whether numba's on-disk cache holds this version of every CPU kernel (`dense_only`: of every kernel a
+    dense session calls); warmup then only loads them."""
+    return any(s is not None and s.exists() for s in (_cache_stamp(False), _cache_stamp(dense_only)))
 
 
 def drop_compiled(cache_dir: Path) -> None:
@@ -1221,18 +1226,19 @@ def drop_compiled(cache_dir: Path) -> None:
             pass
 
 
-def _cache_stamp() -> Path | None:
-    """A file beside numba's cache of the CPU kernels that the compiling child writes once every kernel
-    is in it, named for numba's version and the modification times and sizes of the kernel sources (cpu.py
-    and the simd.py steps it inlines: whatever changes them makes a new stamp, and the child then compiles
-    every kernel afresh, see `drop_compiled`) and of this module's (which signatures `_compile_all` calls)."""
+def _cache_stamp(dense_only: bool = False) -> Path | None:
+    """A file beside numba's cache of the CPU kernels that `warmup` writes once every kernel (`dense_only`:
+    every kernel of a dense session) is in it, named for numba's version and the modification times and
+    sizes of the kernel sources (cpu.py and the simd.py steps it inlines: whatever changes them makes a new
+    stamp, and the children then compile every kernel afresh, see `drop_compiled`) and of this module's
+    (which signatures `_compile_all` calls)."""
     try:
         stats = [os.stat(f) for f in (cpu.__file__, simd.__file__, __file__)]  # the kernels, and what warmup calls
     except OSError:
         return None
     key = hashlib.sha256(repr([numba.__version__] + [(st.st_mtime_ns, st.st_size) for st in stats]).encode())
     key = key.hexdigest()[:16]
-    return Path(cpu.matvec.stats.cache_path) / f"hetinfer-kernels-{key}.ready"
+    return Path(cpu.matvec.stats.cache_path) / f"hetinfer-kernels-{key}{'.dense' if dense_only else ''}.ready"
 
 
 def _compile_all(dense_only: bool = False) -> None:
@@ -1319,8 +1325,8 @@ def _compile_steps(dense_only: bool) -> list:
         ("threshold_ffn", False, each_format(lambda W: threshold_ffn(W, W, W, x, "silu", 0.5))),
         ("records_decode", False, records_decode),
         ("records_prompt", False, records_prompt),
-        ("attention_f16", True, attention(np.float16)),
         ("dense", True, dense),
+        ("attention_f16", True, attention(np.float16)),  # after attention_f32 has compiled what both call
         ("sparse_ffn", False, each_format(lambda W: sparse_ffn(W, W, W, rows, x, "silu"))),
         ("scatter_axpy", False, each_format(lambda W: scatter_axpy(W, rows, np.ones(2, np.float32),
                                                                    np.zeros(64, np.float32)))),
