@@ -129,7 +129,7 @@ def prepare_kernels(verbose: bool, dense_only: bool = False) -> None:
     else:
         from tqdm import tqdm
 
-        print("compiling the CPU kernels (first run on this machine only; 1-2 minutes on 2 cores)...",
+        print("compiling the CPU kernels (once on this machine; up to 2 minutes on 2 cores)...",
               file=sys.stderr, flush=True)
         with tqdm(desc="compile", unit=" step", file=sys.stderr) as bar:
 
