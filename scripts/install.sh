@@ -45,12 +45,11 @@ if [[ $TEST == 1 ]]; then
   # AMX (its AMX code path), so there build portable AVX2 code with AMX and AVX-512 off.
   if ! "$PY" -c "import llama_cpp" 2>/dev/null; then
     echo "building llama-cpp-python from source (5-8 minutes measured on 2-core VMs)..." >&2
+    flags="-DGGML_NATIVE=ON"
     if grep -qw amx_tile /proc/cpuinfo 2>/dev/null; then
-      CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF" \
-        pip_install --no-cache-dir "llama-cpp-python>=0.3"
-    else
-      CMAKE_ARGS="-DGGML_NATIVE=ON" pip_install --no-cache-dir "llama-cpp-python>=0.3"
+      flags="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF"
     fi
+    CMAKE_ARGS="$flags" pip_install --no-cache-dir "llama-cpp-python>=0.3"
   fi
   pip_install --no-warn-conflicts -e ".[test]"
 else

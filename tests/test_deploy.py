@@ -171,8 +171,7 @@ def prepared(tmp_path_factory, offline) -> Path:
 def _copy_deployment(prepared: Path, to: Path) -> None:
     """prepared's dep/ and flash/ under `to`, the manifest's store path (absolute: outside dep/) moved along."""
     shutil.copytree(prepared / "dep", to / "dep")
-    shutil.rmtree(to / "flash")
-    shutil.copytree(prepared / "flash", to / "flash")
+    shutil.copytree(prepared / "flash", to / "flash", dirs_exist_ok=True)
     m = json.loads((to / "dep" / "deployment.json").read_text())
     m["store"] = str(to / "flash" / Path(m["store"]).name)
     (to / "dep" / "deployment.json").write_text(json.dumps(m))

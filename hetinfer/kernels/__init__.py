@@ -1122,11 +1122,7 @@ def _compile_jobs() -> int:
     one per COMPILE_BYTES it may still take (a memory cgroup's limit counts: an edge box's unit compiles in one)."""
     if _index_saves() is None:  # a numba whose cache saves `_compile_claimed` cannot lock: one process
         return 1
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
-    return max(1, min(4, cores, heap.available_bytes() // COMPILE_BYTES))
+    return max(1, min(4, len(_cores()), heap.available_bytes() // COMPILE_BYTES))
 
 
 def _index_saves():
