@@ -84,7 +84,8 @@ def test_one_process_compiles_the_kernels_inside_a_small_memory_cgroup():
     """The kernels compile in one process per 768 MiB the process may still take: inside a 600 MiB cgroup v1
     (an edge box's unit) that is one, whatever the cores."""
     with memory_cgroup("hetinfer-heap-test", str(600 << 20)) as group:
-        code = "from hetinfer import heap, kernels; print(heap.available_bytes() >> 20, kernels._compile_jobs())"
+        code = ("from hetinfer import heap; from hetinfer.kernels import numba_cache; "
+                "print(heap.available_bytes() >> 20, numba_cache._compile_jobs())")
         p = subprocess.run(["bash", "-c", f"echo $$ > {group}/cgroup.procs && exec {sys.executable} -c '{code}'"],
                            capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr

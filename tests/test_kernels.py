@@ -23,7 +23,8 @@ import pytest
 import torch
 
 from hetinfer import kernels
-from hetinfer.kernels import cpu
+from hetinfer.kernels import cpu, numba_cache
+from hetinfer.kernels import threads as kernel_threads
 from hetinfer.kernels import reference as ref
 from hetinfer.tensors import FORMATS, QTensor, quantize
 
@@ -556,11 +557,11 @@ def fake_load(monkeypatch, others: float) -> None:
         t = float(next(clock))
         return t, (others + 0.5) * t, 0.5 * t
 
-    monkeypatch.setattr(kernels, "_cpu_sample", sample)
-    monkeypatch.setattr(kernels, "_sample", None)
-    monkeypatch.setattr(kernels, "_checked", -1e9)
+    monkeypatch.setattr(kernel_threads, "_cpu_sample", sample)
+    monkeypatch.setattr(kernel_threads, "_sample", None)
+    monkeypatch.setattr(kernel_threads, "_checked", -1e9)
     kernels.get_threads()  # the first reading after the patch is the baseline: choose on the second
-    monkeypatch.setattr(kernels, "_checked", -1e9)
+    monkeypatch.setattr(kernel_threads, "_checked", -1e9)
 
 
 @pytest.mark.parametrize("others,cores,most,want", [
@@ -577,7 +578,7 @@ def test_busy_seconds_reads_the_cores_of_this_process():
             "cpu1 800 0 250 2500 20 0 8 0 0 0\n"  # 1058
             "cpu11 7 0 0 0 0 0 0 0 0 0\n"
             "intr 123 4 5\nctxt 999\n")
-    tick = kernels._TICK
+    tick = kernel_threads._TICK
     assert kernels.busy_seconds(stat, {0}) == pytest.approx(161 / tick)
     assert kernels.busy_seconds(stat, {0, 1}) == pytest.approx(1219 / tick)
     assert kernels.busy_seconds(stat, {1, 11}) == pytest.approx(1065 / tick)
@@ -618,10 +619,10 @@ def test_every_thread_runs_probes_on_the_set_count_while_others_are_busy(monkeyp
         fake_load(monkeypatch, n + 3.0)
         assert kernels.get_threads() == 1 and kernels.max_threads() == n
         with kernels.every_thread() as threads:
-            monkeypatch.setattr(kernels, "_checked", -1e9)
+            monkeypatch.setattr(kernel_threads, "_checked", -1e9)
             assert threads == n and kernels.get_threads() == n and kernels.numba.get_num_threads() == n
         assert kernels.get_threads() == 1
-        monkeypatch.setattr(kernels, "_checked", -1e9)
+        monkeypatch.setattr(kernel_threads, "_checked", -1e9)
         assert kernels.get_threads() == 1  # still auto: re-chosen from the load
     finally:
         kernels.set_threads()
@@ -676,15 +677,14 @@ def test_compiling_children_run_only_the_steps_no_other_has_claimed(tmp_path):
     """The processes compiling a cold cache share `_compile_steps` out by claiming each with a file: a child
     finding every step but one claimed runs that one alone (here loading it from the compiled cache), claims
     it, and says when it is done."""
-    names = [name for name, _ in kernels._compile_steps(False)]
+    names = [name for name, _ in numba_cache._compile_steps(False)]
     assert len(set(names)) == len(names) and {"attention_f32", "dense", "gather_matvec"} <= set(names)
     for name in names:
         if name != "gather_matvec":
             (tmp_path / name).touch()
     code = f"""
-from hetinfer import kernels
-from hetinfer.kernels import cpu
-kernels._compile_claimed({str(tmp_path)!r})
+from hetinfer.kernels import cpu, numba_cache
+numba_cache._compile_claimed({str(tmp_path)!r})
 print(sorted(name for name, k in vars(cpu).items() if getattr(k, "signatures", None)))
 """
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
@@ -696,9 +696,9 @@ print(sorted(name for name, k in vars(cpu).items() if getattr(k, "signatures", N
 def test_one_process_compiles_with_a_numba_whose_cache_saves_cannot_be_locked(monkeypatch):
     from numba.core import caching
 
-    assert kernels._index_saves() is caching.IndexDataCacheFile  # the numba this project pins
+    assert numba_cache._index_saves() is caching.IndexDataCacheFile  # the numba this project pins
     monkeypatch.delattr(caching, "IndexDataCacheFile")
-    assert kernels._index_saves() is None and kernels._compile_jobs() == 1
+    assert numba_cache._index_saves() is None and numba_cache._compile_jobs() == 1
 
 
 def test_dense_warmup_loads_only_the_dense_kernels():

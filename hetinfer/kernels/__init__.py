@@ -26,30 +26,21 @@ Sparse:  gather_matvec (selected output rows), scatter_axpy (y += a @ Wd_t[rows]
          prompt_ffn (a prompt's FFN over every neuron of a neuron-major part: an offloaded layer's records)
 Bound:   attention_step, dense_ffn_step, threshold_ffn_step: those calls for one layer's weights, checked
          once, for the decode loop (per call, the checks cost as much as a few percent of a small model's token)
-Setup:   transpose_down (neuron-major down, once at load), convert, to_cuda, set_threads, one_blas_thread, warmup,
+Setup:   transpose_down (neuron-major down, once at load), convert, to_cuda, one_blas_thread,
          pack (the packed copies of weights read in full, before the first prompt), packed_nbytes (the memory a
          weight's packed copy holds)
+Threads: set_threads, get_threads, max_threads, every_thread (`threads.py`: how many threads kernels run on)
+Cache:   warmup, compiled, drop_compiled (`numba_cache.py`: the kernels compiled once into numba's disk cache)
 """
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import mmap
 import os
-import subprocess
 import sys
-import tempfile
-import threading
-import time
-import warnings
-from collections.abc import Callable
-from pathlib import Path
 
 import numba
 import numpy as np
-import psutil
 
-from hetinfer import heap
 from hetinfer.tensors import BLOCK_FORMATS, FLOAT_FORMATS, GPUTensor, QTensor, quantize
 
 if "NUMBA_THREADING_LAYER" not in os.environ:
@@ -62,6 +53,9 @@ if "NUMBA_THREADING_LAYER" not in os.environ:
 os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
 from hetinfer.kernels import cpu, simd  # noqa: E402  (after the threading layer is chosen)
+from hetinfer.kernels.numba_cache import compiled, drop_compiled, warmup  # noqa: E402, F401
+from hetinfer.kernels.threads import (  # noqa: E402, F401
+    busy_seconds, every_thread, get_threads, max_threads, set_threads, threads_for)
 
 ACTIVATIONS = tuple(cpu.ACT)
 # Below this many weight bytes per thread a kernel runs on fewer threads: waking a thread costs ~1.5 us.
@@ -74,138 +68,6 @@ MIN_BYTES_PER_THREAD = 16 << 10
 GEMV_MAX_T = 16
 TILE_BYTES = 8 << 20
 
-_threads = 1  # the most threads a kernel uses
-_auto = True  # set_threads() without a count: as many of those as other processes leave cores free
-_active = 1  # the threads kernels run on now (auto: re-chosen every CHECK_SECONDS)
-_checked = -1.0  # time.monotonic() of the last choice
-_sample: tuple[float, float | None, float] | None = None  # (wall, busy CPU seconds of our cores, our CPU seconds)
-# torch's count in auto mode, where torch is loaded (training, evaluation, the GPU tier): its default, the physical cores
-_torch_threads = psutil.cpu_count(logical=False) or 1
-_counts = (1, 1)  # the (numba, torch) thread counts for _active
-_applied = threading.local()  # the _counts last set in the calling thread
-# Seconds between readings of what other processes take: a core that gets busy costs a fraction of a
-# second of slow decode steps, and /proc/stat is read only a few times a second.
-CHECK_SECONDS = 0.25
-
-
-def set_threads(n: int | None = None) -> int:
-    """Threads the CPU kernels and torch's ops (the prompt's matrix products and attention) use;
-    returns the count. `n`: exactly that many (`-t`, benchmarks). None: up to every core this
-    process may run on (torch: up to its own default), the kernels on as many as other processes leave
-    free, re-chosen while generating (see `threads_for`): a parallel region waits for its slowest thread,
-    and a thread sharing its core with a busy process is often descheduled, so beside a busy core
-    fewer threads compute faster (BENCHMARKS.md, contention). torch's count stays: its results may
-    depend on it."""
-    global _threads, _auto, _checked, _sample
-    _auto = n is None
-    n = len(_cores()) if n is None else int(n)
-    if n < 1:
-        raise ValueError(f"thread count must be >= 1, got {n}")
-    _threads = min(n, numba.config.NUMBA_NUM_THREADS)
-    _checked, _sample = time.monotonic(), _cpu_sample()
-    _run_on(_threads)
-    get_threads()
-    return _threads
-
-
-def get_threads() -> int:
-    """Threads the next kernel call may use, also set as numba's and torch's count for the calling thread."""
-    if _auto and _threads > 1 and time.monotonic() - _checked >= CHECK_SECONDS:
-        _run_on(_choose_threads())
-    if getattr(_applied, "counts", None) is not _counts:  # both are per thread: set in each thread that computes
-        numba.set_num_threads(_counts[0])
-        _applied.counts, _applied.torch = _counts, False
-    if not _applied.torch and "torch" in sys.modules:  # torch loaded by then: its count too
-        sys.modules["torch"].set_num_threads(_counts[1])  # auto mode keeps it fixed: a product's sums may be split by it
-        _applied.torch = True
-    return _active
-
-
-def max_threads() -> int:
-    """The most threads a kernel uses (set_threads' count), whatever other processes leave free right now."""
-    return _threads
-
-
-@contextlib.contextmanager
-def every_thread():
-    """Run on max_threads(), not re-chosen meanwhile: a probe measures the machine, not the moment (after a
-    solver's child process, auto mode would run the probe, and key its result, on fewer threads)."""
-    global _auto
-    auto, active = _auto, _active
-    _auto = False
-    _run_on(_threads)
-    try:
-        yield _threads
-    finally:
-        _auto = auto
-        _run_on(active)
-
-
-def _run_on(n: int) -> None:
-    """Run on `n` threads from now on (each thread applies the new counts at its next get_threads)."""
-    global _active, _counts
-    # torch keeps one count while auto mode moves numba's: its matrix products may split a sum among its
-    # threads, so a prompt's logits would depend on the load (numba's sums are split by _threads instead)
-    counts = (n, min(_torch_threads, _threads) if _auto else n)
-    if counts != _counts:  # the same object while unchanged: threads compare it by identity (get_threads)
-        _counts = counts
-    _active = n
-
-
-def threads_for(others: float, cores: int, most: int) -> int:
-    """Threads to run on when other processes keep `others` cores busy of the `cores` this process may
-    use: one per core left free, a core counting as free while others take less than half of it
-    (beyond that, a thread there takes longer than the others would to do its share); 1 to `most`."""
-    return max(1, min(most, int(cores - others + 0.5)))
-
-
-def _choose_threads() -> int:
-    """Threads for the CPU time other processes took on our cores since the last choice: the cores'
-    busy time (/proc/stat) less our own; without /proc/stat, the 1-minute load average less our
-    running threads (slow to react: it averages over a minute)."""
-    global _checked, _sample
-    now = _cpu_sample()
-    last, _sample, _checked = _sample, now, now[0]
-    cores = len(_cores())
-    if now[1] is None or last is None or last[1] is None:
-        others = os.getloadavg()[0] - _active if hasattr(os, "getloadavg") else 0.0
-    elif now[0] - last[0] < 1e-3:
-        return _active
-    else:
-        others = ((now[1] - last[1]) - (now[2] - last[2])) / (now[0] - last[0])
-    return threads_for(max(0.0, others), cores, _threads)
-
-
-def _cpu_sample() -> tuple[float, float | None, float]:
-    """(now, busy CPU seconds of the cores this process may use or None without /proc/stat, this process's CPU seconds)."""
-    try:
-        with open("/proc/stat") as fh:
-            busy = busy_seconds(fh.read(), _cores())
-    except OSError:
-        busy = None
-    return time.monotonic(), busy, time.process_time()
-
-
-_TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-
-
-def busy_seconds(proc_stat: str, cores: set[int]) -> float:
-    """CPU seconds the given cores spent busy since boot, from /proc/stat's per-core lines
-    (user, nice, system, irq, softirq and steal time; idle and iowait are not busy)."""
-    ticks = 0
-    for line in proc_stat.splitlines():
-        name, *fields = line.split() or [""]
-        if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cores:
-            user, nice, system, _idle, _iowait, irq, softirq, steal = (int(f) for f in (fields + ["0"] * 8)[:8])
-            ticks += user + nice + system + irq + softirq + steal
-    return ticks / _TICK
-
-
-def _cores() -> set[int]:
-    return os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
-
-
-set_threads()
 
 # ---------------------------------------------------------------------------------------------
 # argument handling
@@ -398,7 +260,7 @@ def _fixed_split(n: int) -> int:
     """Up to `n` parts, as many as set_threads allows however many threads are free now; those run
     them (get_threads sets numba's count), so sums, and the text, never depend on the machine's load."""
     get_threads()
-    return 1 if n < 2 else min(_threads, n)
+    return 1 if n < 2 else min(max_threads(), n)
 
 
 def _is_cuda(W) -> bool:
@@ -727,7 +589,7 @@ def predicted_ffn(W1: QTensor, W2_t: QTensor, threshold: float, Wg: QTensor, Wu:
         raise ValueError(f"predicted_ffn takes one token, got {xn.shape[0]}")
     y = np.empty(d, np.float32)
     n = cpu.predicted_ffn(f1, u1, f2, u2, np.float32(threshold), fg, ug, uu, fd, ud, xn, cpu.ACT[act], y,
-                          _chunks(n1), _parts(n2 // 2), _threads, ug.shape[1] * 2 + ud.shape[1],
+                          _chunks(n1), _parts(n2 // 2), max_threads(), ug.shape[1] * 2 + ud.shape[1],
                           MIN_BYTES_PER_THREAD)
     return _like(x, y.reshape(x.shape)), n
 
@@ -1094,240 +956,3 @@ def convert(W: QTensor, weights: str) -> QTensor:
     if weights not in ("f16", "f32"):
         raise ValueError(f"weights must be native, f16 or f32, got {weights!r}")
     return quantize(W.dequantize(), weights)
-
-
-def warmup(dense_only: bool = False, progress: Callable[[int, int], None] | None = None) -> float:
-    """Compile (or load from the on-disk cache) every CPU kernel; returns the seconds it took.
-    `dense_only`: load only those a dense decode and prompt call; any other loads from the cache when
-    first called (each loaded kernel holds numba memory: about a third of theirs is the sparse ones').
-    `progress(done, total)` is called every half second while the kernels compile (steps of
-    `_compile_steps`), not when they load. A dense session's first run compiles only its kernels (about
-    half the work); the first to call the others compiles them.
-
-    Decode timings should start after this: first-call compilation is not decode speed. When the
-    cache lacks this version of the kernels, child processes compile them into it (`_compile_in_children`)
-    and this process then loads them: numba's freshly compiled fastmath attention rounds differently (by
-    ~1e-7) from the same code loaded from its cache, enough to change a greedy continuation, so only cached
-    code runs here and the first run on a machine gives the same text as every later one."""
-    t0 = time.perf_counter()
-    stamp = _cache_stamp(dense_only)
-    if stamp is not None and not os.environ.get(_CHILD) and not compiled(dense_only):
-        _compile_in_children(stamp, dense_only, progress)
-    _compile_all(dense_only)
-    return time.perf_counter() - t0
-
-
-def _compile_jobs() -> int:
-    """How many processes compile the kernels at once: one a core this process may run on, at most 4, and
-    one per COMPILE_BYTES it may still take (a memory cgroup's limit counts: an edge box's unit compiles in one)."""
-    if _index_saves() is None:  # a numba whose cache saves `_compile_claimed` cannot lock: one process
-        return 1
-    return max(1, min(4, len(_cores()), heap.available_bytes() // COMPILE_BYTES))
-
-
-def _index_saves():
-    """numba's class whose `save` writes a function's cache index and code (numba 0.59-0.68), or None."""
-    from numba.core import caching
-
-    cls = getattr(caching, "IndexDataCacheFile", None)
-    return cls if callable(getattr(cls, "save", None)) else None
-
-
-# Memory a process compiling the kernels may take (numba compiles on one thread; ~0.56 GB at its peak).
-COMPILE_BYTES = 768 << 20
-
-
-def _compile_in_children(stamp: Path, dense_only: bool, progress: Callable[[int, int], None] | None = None
-                         ) -> None:
-    """Compile every kernel (`dense_only`: those of a dense session) into numba's cache in `_compile_jobs()`
-    child processes that share out `_compile_steps` (each claims the next step no other has), then write
-    `stamp`; a cache of older kernels is dropped first (`drop_compiled`). numba names a function's cached
-    code from its own index file, read and rewritten on every save: two processes saving signatures of one
-    function at once (a kernel both call, as matvec) could each write an index without the other's entry,
-    so the children save under one lock (`_compile_claimed`). If a child fails, the stamp is not written and
-    this process compiles what is missing itself."""
-    ours = {_cache_stamp(False), _cache_stamp(True)}  # this version's stamps
-    if not any(s.exists() for s in ours):
-        drop_compiled(stamp.parent)
-    with tempfile.TemporaryDirectory(prefix="hetinfer-compile-") as claims:
-        code = f"from hetinfer import kernels; kernels._compile_claimed({claims!r}, {dense_only})"
-        env = dict(os.environ, **{_CHILD: "1"})
-        children = [subprocess.Popen([sys.executable, "-c", code], env=env) for _ in range(_compile_jobs())]
-        try:
-            total, running = len(_compile_steps(dense_only)), True
-            while running:
-                running = any(child.poll() is None for child in children)
-                if progress is not None:
-                    progress(sum(f.endswith(".done") for f in os.listdir(claims)), total)
-                if running:
-                    time.sleep(0.5)
-        finally:  # interrupted (Ctrl-C): no child goes on compiling without us
-            for child in children:
-                if child.poll() is None:
-                    child.kill()
-                    child.wait()
-        codes = [child.returncode for child in children]
-    if any(codes):  # compile here instead; the error, if it is ours, shows below
-        warnings.warn(f"compiling the kernels in child processes failed (exit {next(c for c in codes if c)})")
-        return
-    try:
-        for old in set(stamp.parent.glob("hetinfer-kernels-*.ready")) - ours:
-            old.unlink()
-        stamp.write_text(f"numba {numba.__version__}\n")
-    except OSError:  # a read-only cache directory: numba then does not cache either
-        pass
-
-
-def _compile_claimed(claims: str, dense_only: bool = False) -> None:
-    """A compiling child: run each of `_compile_steps(dense_only)` that no other child has claimed (a file it
-    creates in `claims`, and NAME.done once it has run), numba's cache saves holding the lock file there."""
-    import fcntl
-
-    cls = _index_saves()
-    if cls is not None:
-        save = cls.save
-
-        def locked_save(self, key, data):
-            with open(os.path.join(claims, "lock"), "a") as f:
-                fcntl.flock(f, fcntl.LOCK_EX)  # released when f closes
-                return save(self, key, data)
-
-        cls.save = locked_save
-    for name, step in _compile_steps(dense_only):
-        try:
-            os.close(os.open(os.path.join(claims, name), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-        except FileExistsError:
-            continue
-        step()
-        Path(claims, name + ".done").touch()
-
-
-_CHILD = "HETINFER_KERNELS_COMPILING"
-
-
-def compiled(dense_only: bool = False) -> bool:
-    """Whether numba's on-disk cache holds this version of every CPU kernel (`dense_only`: of every kernel a
-    dense session calls); warmup then only loads them."""
-    return any(s is not None and s.exists() for s in (_cache_stamp(False), _cache_stamp(dense_only)))
-
-
-def drop_compiled(cache_dir: Path) -> None:
-    """Remove numba's cached CPU kernels from `cache_dir`, so the next call of each compiles it. numba keys
-    a kernel's cache entry on its own module's text (cpu.py) alone, not on the simd.py steps it inlines:
-    without this, a new simd.py would run with the kernels compiled from the old one."""
-    for f in list(cache_dir.glob("cpu.*.nbi")) + list(cache_dir.glob("cpu.*.nbc")):
-        try:
-            f.unlink()
-        except OSError:  # a read-only cache, or another process removed it first
-            pass
-
-
-def _cache_stamp(dense_only: bool = False) -> Path | None:
-    """A file beside numba's cache of the CPU kernels that `warmup` writes once every kernel (`dense_only`:
-    every kernel of a dense session) is in it, named for numba's version and the modification times and
-    sizes of the kernel sources (cpu.py and the simd.py steps it inlines: whatever changes them makes a new
-    stamp, and the children then compile every kernel afresh, see `drop_compiled`) and of this module's
-    (which signatures `_compile_all` calls)."""
-    try:
-        stats = [os.stat(f) for f in (cpu.__file__, simd.__file__, __file__)]  # the kernels, and what warmup calls
-    except OSError:
-        return None
-    key = hashlib.sha256(repr([numba.__version__] + [(st.st_mtime_ns, st.st_size) for st in stats]).encode())
-    key = key.hexdigest()[:16]
-    return Path(cpu.matvec.stats.cache_path) / f"hetinfer-kernels-{key}{'.dense' if dense_only else ''}.ready"
-
-
-def _compile_all(dense_only: bool = False) -> None:
-    """Call the CPU kernels once on tiny inputs (numba compiles, or loads from its cache, each signature at
-    its first call): those of a dense decode and prompt, then, unless `dense_only`, the sparse ones and the
-    unfused attention."""
-    for _, step in _compile_steps(dense_only):
-        step()
-
-
-def _compile_steps(dense_only: bool) -> list:
-    """(name, call) for the calls that compile every kernel signature a session can call: the dense ones,
-    then, unless `dense_only`, the sparse ones and the unfused attention. About the costliest to compile
-    come first, so that processes sharing the steps out (`_compile_claimed`) finish at about the same time."""
-    rng = np.random.default_rng(0)
-    rand = lambda *shape: rng.standard_normal(shape).astype(np.float32)  # noqa: E731
-    x = rand(1, 64)
-    one, zero = np.ones(16, np.float32), np.zeros(16, np.float32)
-    formats = tuple(FLOAT_FORMATS) + tuple(BLOCK_FORMATS)
-    prompt = rand(GEMV_MAX_T + 1, 64)  # longer prompts go through tiles and numpy's BLAS (`_gemm`)
-    rows = np.array([3, 1], np.int64)
-
-    def attention(kv):
-        def step():
-            Wq, Wkv = quantize(rand(64, 64), "q8_0"), quantize(rand(32, 64), "q8_0")
-            for interleaved in (False, True):
-                attention_block(x.copy(), x[0], Wq, Wkv, Wkv, Wq, None, np.zeros((4, 1, 32), kv),
-                                np.zeros((4, 1, 32), kv), 1, one, zero, interleaved, 1e-5, x[0])
-        return step
-
-    def dense():
-        rms_norm(x, x[0], 1e-5)
-        for qtype in formats:
-            W = quantize(rand(8, 64), qtype)
-            linears((W, W, W), x)
-            linears((W, W, W), prompt)
-            linear(W, x)
-            gate_up(W, W, x, "silu")
-            Wf = quantize(rand(32, 64), qtype)
-            dense_ffn(Wf, Wf, quantize(rand(64, 32), qtype), x, "silu")
-            embedding(W, [1])
-        for qtype in ("q4_0", "q4_1"):  # read-only, as a model file's mapped weights: packed (`_dense_info`)
-            W = quantize(rand(8, 64), qtype)
-            W.data.flags.writeable = False
-            linear(W, x)
-
-    def each_format(call):
-        def step():
-            for qtype in formats:
-                call(quantize(rand(8, 64), qtype))
-        return step
-
-    def records():
-        # the offloading engine's matrices are views into neuron records (gate | up | down_t per row), so their
-        # rows are a record apart: numba's 'A' layout, another type than the 'C' of a matrix of its own
-        W = quantize(rand(8, 64), "q4_1")
-        rb = W.data.shape[1]
-        data = np.tile(W.data, (1, 3))
-        return [QTensor(W.qtype, W.shape, data[:, k * rb : (k + 1) * rb]) for k in range(3)]
-
-    def records_decode():
-        gate, up, down_t = records()
-        sparse_ffn(gate, up, down_t, rows, x, "silu")
-
-    def records_prompt():
-        gate, up, _ = records()
-        gate_up(gate, up, rand(2, 64), "silu")  # a short prompt's pass
-        gate_up(gate, up, prompt, "silu")  # a longer one's, in tiles
-
-    def predicted():
-        W1, W2_t = quantize(rand(8, 64), "f32"), quantize(rand(8, 40), "f32")
-        predict_rows(W1, W2_t, x, 0.0)
-        Wf = quantize(rand(40, 64), "q4_1")
-        predicted_ffn(W1, W2_t, 0.0, Wf, Wf, Wf, x, "silu")
-
-    def unfused_attention():
-        for interleaved, kv in ((False, np.float32), (True, np.float32), (False, np.float16)):
-            attention_decode(np.ones((1, 128), np.float32), np.ones((1, 64), np.float32),
-                             np.ones((1, 64), np.float32), np.zeros((4, 2, 32), kv), np.zeros((4, 2, 32), kv), 1,
-                             one, zero, interleaved)
-
-    steps = [  # (name, whether a dense session calls it, the calls)
-        ("attention_f32", True, attention(np.float32)),
-        ("threshold_ffn", False, each_format(lambda W: threshold_ffn(W, W, W, x, "silu", 0.5))),
-        ("records_decode", False, records_decode),
-        ("records_prompt", False, records_prompt),
-        ("dense", True, dense),
-        ("attention_f16", True, attention(np.float16)),  # after attention_f32 has compiled what both call
-        ("sparse_ffn", False, each_format(lambda W: sparse_ffn(W, W, W, rows, x, "silu"))),
-        ("scatter_axpy", False, each_format(lambda W: scatter_axpy(W, rows, np.ones(2, np.float32),
-                                                                   np.zeros(64, np.float32)))),
-        ("predicted_ffn", False, predicted),
-        ("gather_matvec", False, each_format(lambda W: gather_matvec(W, rows, x))),
-        ("unfused_attention", False, unfused_attention),
-    ]
-    return [(name, step) for name, dense_session, step in steps if dense_session or not dense_only]
