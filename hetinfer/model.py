@@ -10,6 +10,7 @@ only the part activation sparsity applies to; attention and the KV cache stay de
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -65,9 +66,11 @@ class KVCache:
     """Preallocated keys/values [n_layers, n_ctx, n_kv_heads, head_dim]; pages are touched as used.
 
     dtype "f32" or "f16" (`config.KV_DTYPES`): a float16 cache holds half the bytes, and decode
-    attention streams half; keys and values are rounded to it as written and attended in float32."""
+    attention streams half; keys and values are rounded to it as written and attended in float32.
+    `devices` [n_layers]: where each layer runs (`LayerWeights.device`); a layer on a torch device keeps
+    its keys and values in a torch tensor there (its slice of k and v is never touched: no pages)."""
 
-    def __init__(self, cfg: ModelConfig, n_ctx: int, dtype: str = DEFAULT_KV):
+    def __init__(self, cfg: ModelConfig, n_ctx: int, dtype: str = DEFAULT_KV, devices: list | None = None):
         if dtype not in KV_DTYPES:
             raise ValueError(f"KV cache dtype must be one of {', '.join(KV_DTYPES)}, got {dtype!r}")
         shape = (cfg.n_layers, n_ctx, cfg.n_kv_heads, cfg.head_dim)
@@ -75,6 +78,11 @@ class KVCache:
         self.v = np.empty(shape, NUMPY_KV[dtype])
         self.dtype = dtype
         self.k_layers, self.v_layers = list(self.k), list(self.v)  # per-layer views, made once
+        for i, dev in enumerate(devices or ()):
+            if dev != kernels.HOST:
+                torch = sys.modules["torch"]  # loaded with the layer's weights
+                kv = getattr(torch, NUMPY_KV[dtype].__name__)
+                self.k_layers[i], self.v_layers[i] = (torch.empty(shape[1:], dtype=kv, device=dev) for _ in range(2))
         self.n_ctx = n_ctx
         self.tokens: list[int] = []  # what the cache holds, for prefix reuse across chat turns
 
@@ -125,6 +133,8 @@ class Transformer:
                                                        None if L.bq is None else (L.bq, L.bk, L.bv), L.ffn_norm,
                                                        cfg.norm_eps, self.interleaved) for L in self.w.layers]
         self.ffn_steps = [kernels.dense_ffn_step(L.gate, L.up, L.down, cfg.activation) for L in self.w.layers]
+        self.prompt_attention = [kernels.attention_prompt if L.device == kernels.HOST else kernels.device_attention
+                                 for L in self.w.layers]
 
     def pack(self, ffn: bool = True) -> int:
         """Make now the packed copies the dense kernels would make during the first prompt (`kernels.pack`):
@@ -135,7 +145,8 @@ class Transformer:
         return kernels.pack([getattr(L, n) for L in self.w.layers for n in names] + [self.w.output])
 
     def new_cache(self, n_ctx: int | None = None, dtype: str = DEFAULT_KV) -> KVCache:
-        return KVCache(self.cfg, n_ctx or self.cfg.context_length, dtype)
+        """A KV cache whose layers live where the layers run."""
+        return KVCache(self.cfg, n_ctx or self.cfg.context_length, dtype, [L.device for L in self.w.layers])
 
     def dense_ffn(self, layer: int, h: np.ndarray) -> np.ndarray:
         return self.ffn_steps[layer](h)
@@ -155,10 +166,13 @@ class Transformer:
         cos, sin = self._rope(pos, T)  # [T, hd/2]
         if T == 1:
             cos, sin = cos[0], sin[0]  # [hd/2]: what the decode kernel takes, indexed once, not per layer
-        moves = self.moves
+        moves, rope = self.moves, {kernels.HOST: (cos, sin)}  # rope: cos and sin on each device, copied once
         for i, L in enumerate(self.w.layers):
             if i in moves:
                 x = kernels.to_device(x, moves[i])
+                if moves[i] not in rope:
+                    rope[moves[i]] = tuple(kernels.to_device(a, moves[i]) for a in (cos, sin))
+                cos, sin = rope[moves[i]]
             if T == 1:  # decode: the attention half of the layer in one kernel call, x updated in place
                 h = self.attention_steps[i](x, cache.k_layers[i], cache.v_layers[i], pos, cos, sin)
             else:
@@ -171,7 +185,8 @@ class Transformer:
         if len(self.w.layers) in moves:
             x = kernels.to_device(x, moves[len(self.w.layers)])
         x = x if all_logits else x[-1:]
-        logits = kernels.linear(self.w.output, rms_norm(x, self.w.output_norm, cfg.norm_eps))
+        logits = kernels.to_device(kernels.linear(self.w.output, rms_norm(x, self.w.output_norm, cfg.norm_eps)),
+                                   kernels.HOST)  # sampling runs on the host
         if not self.checked:
             self._check_finite(logits, "the output head", ("output_norm", "output"), self.w)
             self.checked = True
@@ -196,13 +211,43 @@ class Transformer:
         q, k, v = kernels.linears((L.wq, L.wk, L.wv), h)  # [T, H*hd], [T, KV*hd], [T, KV*hd]
         if L.bq is not None:
             q, k, v = q + L.bq, k + L.bk, v + L.bv
-        out = kernels.attention_prompt(q, k, v, cache.k_layers[i], cache.v_layers[i], pos, cos, sin, self.interleaved)
+        out = self.prompt_attention[i](q, k, v, cache.k_layers[i], cache.v_layers[i], pos, cos, sin, self.interleaved)
         return kernels.linear(L.wo, out)
 
     def _rope(self, pos: int, T: int) -> tuple[np.ndarray, np.ndarray]:
         """cos and sin [T, hd/2] of positions pos..pos+T-1 (float32)."""
         freqs = np.outer(np.arange(pos, pos + T, dtype=np.float32), self.inv_freq)
         return np.cos(freqs), np.sin(freqs)
+
+
+def place_layers(tr: Transformer, device, layers, ffn: bool = False, head: bool = False) -> int:
+    """Move the attention of `layers` (weights in their stored format, `kernels.to_cuda`; norms and biases),
+    with `ffn` their dense FFN too, and with `head` the output norm and head, to a torch `device`, then
+    rebind the model (`update_devices`), as gpt-fast's apply_tp transforms a loaded model: those layers
+    then run there, their KV cache too (`new_cache`), and x moves once at each boundary. Returns the
+    bytes of weights moved. Without `ffn` a layer's FFN hook gets h on the device (an offloaded FFN splits
+    it by tier)."""
+    import torch
+
+    def vector(a):
+        return None if a is None else torch.as_tensor(a, device=device)
+
+    names = ("wq", "wk", "wv", "wo") + (("gate", "up", "down") if ffn else ())
+    moved = 0
+    for i in layers:
+        L = tr.w.layers[i]
+        for name in names:
+            W = getattr(L, name)
+            if not isinstance(W, kernels.GPUTensor):
+                setattr(L, name, kernels.to_cuda(W, device))
+                moved += W.nbytes
+        for name in ("attn_norm", "ffn_norm", "bq", "bk", "bv"):
+            setattr(L, name, vector(getattr(L, name)))
+    if head and not isinstance(tr.w.output, kernels.GPUTensor):
+        moved += tr.w.output.nbytes
+        tr.w.output, tr.w.output_norm = kernels.to_cuda(tr.w.output, device), vector(tr.w.output_norm)
+    tr.update_devices()
+    return moved
 
 
 def rms_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:

@@ -320,3 +320,45 @@ def test_gpu_benchmark_runs_on_the_torch_path():
     if not torch.cuda.is_available():
         run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600)
         assert run.returncode != 0 and "no CUDA device" in run.stderr
+
+
+@pytest.mark.parametrize("kv", ["f32", "f16"])
+@pytest.mark.parametrize("interleaved", [False, True])
+@pytest.mark.parametrize("pos,T", [(0, 1), (9, 1), (0, 5), (6, 4)])
+def test_attention(kv, interleaved, pos, T, device):
+    """A layer's attention on its device (`device_attention`: one token, or a prompt's T) against the reference
+    token by token: 6 query heads on 2 kv heads, keys and values written into the cache rounded to its dtype
+    (rotated keys within float32 rounding, a float16 cache's within one rounding of it)."""
+    n_ctx, KV, H, hd = 16, 2, 6, 8
+    rng = np.random.default_rng(pos + T)
+    dt = np.float16 if kv == "f16" else np.float32
+    kc0 = rng.standard_normal((n_ctx, KV, hd)).astype(dt)
+    vc0 = rng.standard_normal((n_ctx, KV, hd)).astype(dt)
+    q, k, v = (rng.standard_normal((T, n * hd)).astype(np.float32) for n in (H, KV, KV))
+    ang = np.outer(np.arange(pos, pos + T), 1.0 / 10000 ** (np.arange(0, hd, 2) / hd))
+    cos, sin = np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
+    kc, vc = (torch.from_numpy(c.copy()).to(device) for c in (kc0, vc0))
+    out = kernels.device_attention(*(torch.from_numpy(a).to(device) for a in (q, k, v)), kc, vc, pos,
+                                   cos[0] if T == 1 else cos, sin[0] if T == 1 else sin, interleaved)
+    assert out.shape == (T, H * hd) and out.device.type == device
+    want_k, want_v = kc0, vc0
+    for t in range(T):  # the reference, one token at a time
+        want, want_k, want_v = ref.attention_decode(q[t], k[t], v[t], want_k, want_v, pos + t, cos[t], sin[t],
+                                                    interleaved)
+        np.testing.assert_allclose(out[t].cpu().numpy(), want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(kc.cpu().numpy()[: pos + T], want_k[: pos + T], rtol=1e-3 if kv == "f16" else 1e-6)
+    np.testing.assert_array_equal(vc.cpu().numpy()[: pos + T], want_v[: pos + T])
+    np.testing.assert_array_equal(kc.cpu().numpy()[pos + T :], kc0[pos + T :])  # nothing past them written
+    with pytest.raises(ValueError, match="outside the cache"):
+        kernels.device_attention(*(torch.from_numpy(a).to(device) for a in (q, k, v)), kc, vc, n_ctx - T + 1,
+                                 cos, sin, interleaved)
+    with pytest.raises(ValueError, match="do not fit"):
+        kernels.device_attention(torch.from_numpy(q).to(device), torch.from_numpy(q).to(device),
+                                 torch.from_numpy(v).to(device), kc, vc, pos, cos, sin, interleaved)
+
+
+def test_rms_norm_on_a_device(device):
+    x, w = rand_x(3, 64), rand_x(64, seed=2)
+    out = kernels.rms_norm(x.to(device), w.to(device), 1e-5)
+    assert out.device.type == device
+    np.testing.assert_allclose(out.cpu().numpy(), kernels.rms_norm(x.numpy(), w.numpy(), 1e-5), rtol=1e-5, atol=1e-6)

@@ -17,7 +17,8 @@ model file), made by `pack` when a session sets the model up, else at its first 
 
 Dense:   linear, linears (several matrices, one x), gate_up (act(gate x) * up x), dense_ffn, embedding
 Decoder: rms_norm, attention_decode (RoPE + KV-cache write + attention for one new token),
-         attention_block (a decode step's whole attention half of a layer, in one call)
+         attention_block (a decode step's whole attention half of a layer, in one call),
+         device_attention (a layer's attention in torch on its device, where its weights are GPUTensors)
 Sparse:  gather_matvec (selected output rows), scatter_axpy (y += a @ Wd_t[rows]),
          sparse_ffn (one token's FFN over the active neurons, neuron-major down projection),
          threshold_ffn (one token's FFN over the neurons whose |act(g) * u| passes a threshold, chosen inside),
@@ -600,7 +601,10 @@ def predicted_ffn(W1: QTensor, W2_t: QTensor, threshold: float, Wg: QTensor, Wu:
 
 
 def rms_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
-    """x / sqrt(mean(x^2, -1) + eps) * w for x [T, d] (one call instead of five array ops)."""
+    """x / sqrt(mean(x^2, -1) + eps) * w for x [T, d] (one call instead of five array ops); with w a torch
+    tensor (a layer moved to a device: `model.to_device`), in torch on its device."""
+    if _is_torch(w):
+        return _cuda().rms_norm(x, w, eps)
     xn = _np(x)
     out = np.empty_like(xn)
     if xn.ndim == 2:
@@ -671,6 +675,12 @@ def attention_prompt(q: np.ndarray, k: np.ndarray, v: np.ndarray, k_cache: np.nd
     with one_blas_thread():  # the threads below share the blocks, each product on its own thread
         _run_split(attend, blocks, _fixed_split(len(blocks)))
     return _like(q, out.transpose(1, 0, 2, 3).reshape(T, H * hd))
+
+
+def device_attention(q, k, v, k_cache, v_cache, pos: int, cos, sin, interleaved: bool):
+    """`attention_decode` (one token) or `attention_prompt` (T tokens) in torch on the cache's device: the
+    attention of a layer whose weights are `GPUTensor`s (`model.to_device`), its cache a torch tensor there."""
+    return _cuda().attention(q, k, v, k_cache, v_cache, pos, cos, sin, interleaved)
 
 
 # Scores (floats) a block of a prompt's queries holds at once in `attention_prompt` (4 MB; 2^18-2^21 tried).
@@ -767,7 +777,8 @@ def attention_block(x: np.ndarray, attn_norm: np.ndarray, Wq: QTensor, Wk: QTens
     """The attention half of a decoder layer for one token, in one kernel call: x [1, d] += Wo @
     attention_decode(q, k, v) with q/k/v = Wq/Wk/Wv @ rms_norm(x, attn_norm) (+ biases (bq, bk, bv)),
     x updated in place; returns rms_norm(x, ffn_norm), the FFN's input. The same arithmetic as those
-    calls made one by one (which is what runs for GPU weights or q/k/v of different formats), equal
+    calls made one by one (which is what runs for q/k/v of different formats, and for GPU weights, whose
+    attention is `device_attention` on their cache's device), equal
     to float32 rounding: the fastmath sums of the norms and the attention may be vectorized in
     another order once compiled together. `attention_step` binds a layer's weights once."""
     xn = _host(x)
@@ -779,7 +790,8 @@ def attention_block(x: np.ndarray, attn_norm: np.ndarray, Wq: QTensor, Wk: QTens
         q, k, v = linears((Wq, Wk, Wv), h)
         if biases is not None:
             q, k, v = q + biases[0], k + biases[1], v + biases[2]
-        x += linear(Wo, attention_decode(q, k, v, k_cache, v_cache, pos, cos, sin, interleaved))
+        attend = device_attention if _is_cuda(Wq) else attention_decode
+        x += linear(Wo, attend(q, k, v, k_cache, v_cache, pos, cos, sin, interleaved))
         return rms_norm(x, ffn_norm, eps)
     if xn.shape != (1, Wq.shape[1]):
         raise ValueError(f"x {tuple(x.shape)} must be [1, {Wq.shape[1]}]")

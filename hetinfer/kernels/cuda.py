@@ -164,3 +164,42 @@ def predict_rows(W1: GPUTensor, W2_t: GPUTensor, h: torch.Tensor, threshold: flo
     logits = scatter_axpy(W2_t, torch.arange(W2_t.shape[0], device=z.device), z,
                           torch.zeros(W2_t.shape[1], device=z.device))
     return (logits > threshold).nonzero()[:, 0].cpu().numpy()
+
+
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """x / sqrt(mean(x^2, -1) + eps) * w, in float32 on x's device."""
+    return x * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps) * w
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    """x [..., hd] rotated in pairs (2j, 2j+1) if interleaved (GGUF llama layout), else (j, j + hd/2) (HF)."""
+    half = x.shape[-1] // 2
+    a, b = (x[..., 0::2], x[..., 1::2]) if interleaved else (x[..., :half], x[..., half:])
+    ra, rb = a * cos - b * sin, a * sin + b * cos
+    return torch.stack((ra, rb), -1).reshape(x.shape) if interleaved else torch.cat((ra, rb), -1)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+              pos: int, cos, sin, interleaved: bool) -> torch.Tensor:
+    """Attention of T new tokens at positions pos..pos+T-1 on the cache's device, as the CPU's
+    `attention_decode` (T = 1) and `attention_prompt` compute it: RoPE on q and k (cos/sin [hd/2] or
+    [T, hd/2]), k and v written to the layer's cache [n_ctx, n_kv_heads, hd] (float32 or float16, rounded
+    to nearest as written) at those positions, causal softmax attention over 0..pos+T-1 in float32 with
+    grouped kv heads. q [T, H*hd], k/v [T, KV*hd] -> [T, H*hd]."""
+    T, (n_ctx, KV, hd) = q.shape[0], k_cache.shape
+    S, H = pos + T, q.shape[1] // hd
+    if k.shape != (T, KV * hd) or v.shape != (T, KV * hd) or q.shape[1] % (KV * hd):
+        raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} do not fit the cache's {KV} "
+                         f"kv heads of {hd}")
+    if pos < 0 or S > n_ctx:
+        raise ValueError(f"positions {pos}..{S - 1} are outside the cache (0..{n_ctx - 1})")
+    dev = k_cache.device
+    cos, sin = (torch.as_tensor(c, device=dev).reshape(T, 1, hd // 2) for c in (cos, sin))
+    k_cache[pos:S] = _rope(k.reshape(T, KV, hd), cos, sin, interleaved).to(k_cache.dtype)
+    v_cache[pos:S] = v.reshape(T, KV, hd).to(v_cache.dtype)
+    qr = _rope(q.reshape(T, H, hd), cos, sin, interleaved).transpose(0, 1)  # [H, T, hd]
+    keys = k_cache[:S].float().transpose(0, 1).repeat_interleave(H // KV, 0)  # [H, S, hd]: head h reads kv h // G
+    vals = v_cache[:S].float().transpose(0, 1).repeat_interleave(H // KV, 0)
+    mask = torch.arange(S, device=dev) <= pos + torch.arange(T, device=dev)[:, None]  # [T, S]: what each query sees
+    out = F.scaled_dot_product_attention(qr, keys, vals, attn_mask=mask)  # [H, T, hd]
+    return out.transpose(0, 1).reshape(T, H * hd)
