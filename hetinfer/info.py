@@ -7,18 +7,27 @@ import os
 import re
 from collections import defaultdict
 
+import numpy as np
+
 from hetinfer.loader import load_model
+from hetinfer.tensors import QTensor
 
 
 def component_bytes(model) -> dict[str, int]:
-    """Stored bytes of each part of the model: the unit placement and offloading work with."""
+    """Stored bytes of each part of the model in RAM (the unit placement and offloading work with); parts
+    moved to a GPU (`model.place_layers`) count nothing here."""
     w = model.weights
-    attn = sum(L.wq.nbytes + L.wk.nbytes + L.wv.nbytes + L.wo.nbytes for L in w.layers)
-    ffn = sum(L.gate.nbytes + L.up.nbytes + L.down.nbytes for L in w.layers)
-    norms = sum(L.attn_norm.nbytes + L.ffn_norm.nbytes for L in w.layers) + w.output_norm.nbytes  # float32
+    attn = sum(_ram(L.wq) + _ram(L.wk) + _ram(L.wv) + _ram(L.wo) for L in w.layers)
+    ffn = sum(_ram(L.gate) + _ram(L.up) + _ram(L.down) for L in w.layers)
+    norms = sum(_ram(L.attn_norm) + _ram(L.ffn_norm) for L in w.layers) + _ram(w.output_norm)  # float32
     out = {"embedding": w.embed.nbytes, "attention": attn, "ffn": ffn, "norms": norms}
-    out["output_head"] = 0 if w.output is w.embed else w.output.nbytes
+    out["output_head"] = 0 if w.output is w.embed else _ram(w.output)
     return out
+
+
+def _ram(a) -> int:
+    """Bytes of a weight or norm in RAM: 0 for one on a torch device (a GPUTensor, a norm tensor)."""
+    return a.nbytes if isinstance(a, (np.ndarray, QTensor)) else 0
 
 
 def describe(path: str | None, as_json: bool = False, n_ctx: int = 4096) -> str:

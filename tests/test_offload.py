@@ -26,9 +26,9 @@ def _engine(model, store, resident, capacity, window: int, select=None, direct=N
                       threads=4, direct=direct, stream_pool_bytes=stream_pool_bytes)
 
 
-def _logits(model, ffn, prompt: list[int], steps: int) -> np.ndarray:
+def _logits(model, ffn, prompt: list[int], steps: int, kv: str = "f32") -> np.ndarray:
     tr = model.transformer
-    cache = tr.new_cache(64)
+    cache = tr.new_cache(64, kv)
     out = [tr.forward(prompt, cache, ffn)]
     for _ in range(steps):
         out.append(tr.forward([int(out[-1].argmax())], cache, ffn))

@@ -65,18 +65,49 @@ def test_every_neuron_gives_the_dense_logits_for_any_gpu_split(model_f32, tmp_pa
         assert r["ffn_density"] == 1.0 and r["gpu_neurons_per_token"] == g.sum()
         assert r["transfers_per_token"] == 2 * with_gpu
         assert r["gpu_split_layers_per_token"] == int(((g > 0) & (g < n_ff)).sum())
-        assert r["transfer_bytes_per_token"] == sum(
-            -(-4 * cfg.d_model // 8) * 8 + 8 * int(n) + 4 * cfg.d_model for n in g if n)
+        assert r["transfer_bytes_per_token"] == sum(  # h in, y out; every GPU neuron active: no positions sent
+            -(-4 * cfg.d_model // 8) * 8 + 4 * cfg.d_model for n in g if n)
         assert r["gpu_s_per_token"] > 0 and r["gpu_wall_s_per_token"] > 0 and 0 <= r["gpu_overlap"] <= 1
         ffn.gpu.close()
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("device", DEVICES)
+def test_layers_placed_on_a_device_give_the_host_logits(model_path, model_f32, device):
+    """`place_layers` on SmolLM2 (f32): whole layers 10-19 and the output head (the layer split llama.cpp's
+    -ngl makes), or only every third layer's attention (a plan's GPU attention beside a CPU FFN), run on the
+    device with their KV cache there; prompt and decode logits within 1e-4 of the host engine's, and with a
+    float16 cache within 1e-2 of the host's float16 cache (a key rounded the other way moves ~1e-3)."""
+    from hetinfer.loader import load_model
+    from hetinfer.model import place_layers
+
+    prompt = model_f32.tokenizer.encode("Hot neurons on the GPU, the rest on the CPU:")
+    want = _logits(model_f32, None, prompt, 4)
+    for layers, ffn, head in ((range(10, 20), True, True), (range(0, 30, 3), False, False)):
+        m = load_model(model_path, weights="f32")
+        moved = place_layers(m.transformer, torch.device(device), layers, ffn=ffn, head=head)
+        L = m.weights.layers[layers[0]]
+        assert isinstance(L.wq, kernels.GPUTensor) and isinstance(L.gate, kernels.GPUTensor) == ffn
+        assert moved == sum(getattr(model_f32.weights.layers[i], n).nbytes for i in layers
+                            for n in ("wq", "wk", "wv", "wo") + (("gate", "up", "down") if ffn else ())
+                            ) + (model_f32.weights.output.nbytes if head else 0)
+        cache = m.transformer.new_cache(64)
+        assert isinstance(cache.k_layers[layers[0]], torch.Tensor) and type(cache.k_layers[1]) is np.ndarray
+        got = _logits(m, None, prompt, 4)
+        assert type(got) is np.ndarray and np.abs(got - want).max() <= 1e-4, (layers, np.abs(got - want).max())
+        f16 = [_logits(x, None, prompt, 4, kv="f16") for x in (model_f32, m)]
+        assert np.abs(f16[1] - f16[0]).max() <= 1e-2
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("qtype", ["f32", "q4_1"])
-def test_predicted_sets_split_by_tier(tmp_path, device, qtype):
+@pytest.mark.parametrize("h_on_device", [False, True])
+def test_predicted_sets_split_by_tier(tmp_path, device, qtype, h_on_device):
     """Random model, a fixed predicted set per layer: the GPU computes exactly the set's GPU-tier neurons, the
     CPU the rest (RAM and flash), and their sum equals sparse_ffn over the model's own matrices for the set;
-    the look-ahead reads only flash-tier records, so the second token finds every flash neuron cached."""
+    the look-ahead reads only flash-tier records, so the second token finds every flash neuron cached.
+    With h on the device (the layer's attention ran there) the sum comes back there: per layer h goes out
+    once for the CPU side, and the GPU part's positions and the CPU side's y come in."""
     m = random_model(qtype, n_layers=3, n_ff=96)
     cfg = m.config
     rng = np.random.default_rng(1)
@@ -92,7 +123,10 @@ def test_predicted_sets_split_by_tier(tmp_path, device, qtype):
         for layer, Lw in enumerate(m.weights.layers):
             h = rng.standard_normal((1, cfg.d_model)).astype(np.float32)
             want = kernels.sparse_ffn(Lw.gate, Lw.up, kernels.transpose_down(Lw.down), ids[layer], h, "silu")
-            got = ffn(layer, h)
+            got = ffn(layer, torch.from_numpy(h).to(device) if h_on_device else h)
+            if h_on_device:
+                assert got.device.type == device
+                got = got.cpu().numpy()
             if qtype == "f32":
                 np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
             else:  # the GPU side multiplies in float16, the CPU quantizes x to 8 bits (~0.5% each way)
@@ -100,6 +134,7 @@ def test_predicted_sets_split_by_tier(tmp_path, device, qtype):
         r = ffn.report()
         on_gpu = sum(int((store.layers[i].position[ids[i]] < n_gpu[i]).sum()) for i in range(cfg.n_layers))
         assert r["gpu_neurons_per_token"] == on_gpu
+        assert r["transfers_per_token"] == (3 if h_on_device else 2) * cfg.n_layers  # every layer has both sides
         assert r["cache_hit_rate"] == (0.0 if token == 0 else 1.0)
     summary = ffn.placement_summary()["tiers"]
     assert summary["gpu"]["bytes"] == ffn.gpu.nbytes == n_gpu.sum() * (store.record_bytes - _pad(store))
@@ -130,7 +165,8 @@ def test_gpu_tier_is_held_in_the_stored_format(tmp_path, device):
 def test_prepare_with_gpu_mem_runs_on_the_stand_in_only_when_asked(tmp_path, offline, model_path, capsys):
     """`prepare --gpu-mem` on a machine without CUDA plans for a what-if GPU; `run` refuses the deployment
     (one line naming --gpu-mem 0 and --device cpu), `--device cuda` is refused too, and `--device cpu` runs
-    the GPU tier on the stand-in: with every neuron (f32 store) its greedy text is the dense engine's."""
+    the GPU tier on the stand-in, with the attention and KV cache of the layers the plan puts on the GPU:
+    with every neuron (f32 store) its greedy text is the dense engine's."""
     from hetinfer.cli import main
     from hetinfer.offload.deploy import tier_counts
     from hetinfer.placement import load_plan
@@ -152,9 +188,16 @@ def test_prepare_with_gpu_mem_runs_on_the_stand_in_only_when_asked(tmp_path, off
     stats = tmp_path / "stats.json"
     assert main(run + ["--device", "cpu", "--verbose", "--stats-json", str(stats)]) == 0
     got = capsys.readouterr()
-    assert "[GPU tier" in got.err and "on the GPU; this engine runs them in RAM" in got.err
+    assert "[GPU tier" in got.err
     s = json.loads(stats.read_text())
-    assert s["gpu_neurons_per_token"] == n_gpu.sum() and s["transfers_per_token"] == 2 * (n_gpu > 0).sum()
+    plan = load_plan(out / m["plan"])
+    attn = np.array([plan.attention_on_gpu(i) for i in range(len(n_gpu))])
+    assert attn.any()  # the what-if GPU takes attention too: it runs on the stand-in, its KV cache there
+    # copies per layer and token: attention on the host and GPU neurons: h in, y out; attention on the GPU: h out
+    # for the CPU side, its y in unless the GPU holds every neuron (every neuron active: no positions sent)
+    n_ff = len(plan.tiers[0])
+    want = np.where(attn, 1 + (n_gpu < n_ff), 2 * (n_gpu > 0)).sum()
+    assert s["gpu_neurons_per_token"] == n_gpu.sum() and s["transfers_per_token"] == want
     assert main(["generate", "-m", model_path, "--weights", "f32", *prompt]) == 0
     assert got.out == capsys.readouterr().out and got.out.strip()
 

@@ -404,7 +404,8 @@ def open_session(dep: Deployment, n_ctx: int | None = None, every_neuron: bool =
 
     counts = tier_counts(dep.plan)
     gpu = None
-    if device is not None or counts[:, 0].any():  # the GPU tier loads torch: a plan without one never does
+    on_gpu = counts[:, 0].any() or dep.plan.head_on_gpu or any(map(dep.plan.attention_on_gpu, range(len(counts))))
+    if device is not None or on_gpu:  # the GPU tier loads torch: a plan without one never does
         from hetinfer.offload.gpu import open_executor
 
         gpu = open_executor(dep, counts[:, 0], device)
@@ -428,5 +429,7 @@ def open_session(dep: Deployment, n_ctx: int | None = None, every_neuron: bool =
 
     parts = component_bytes(dep.model)
     del parts["ffn"]
-    ffn.dense_bytes = {**parts, "kv_cache": dep.model.config.kv_cache_bytes(session.n_ctx, session.cache.dtype)}
+    cfg = dep.model.config
+    on_host = sum(type(k) is np.ndarray for k in session.cache.k_layers)  # layers whose KV cache is in RAM
+    ffn.dense_bytes = {**parts, "kv_cache": cfg.kv_cache_bytes(session.n_ctx, session.cache.dtype) * on_host // cfg.n_layers}
     return session

@@ -163,7 +163,7 @@ class TieredFFN:
         flash = {"ffn_flash": sum(s.n_flash * r for s, r in zip(self.layers, rb))}
         active = max(st.selected, 1)
         on_gpu = 0 if self.gpu is None else self.gpu.stats.neurons
-        gpu = {} if self.gpu is None else {"ffn_gpu": self.gpu.nbytes}
+        gpu = {} if self.gpu is None else {"ffn_gpu": self.gpu.nbytes, "dense_gpu": self.gpu.dense_nbytes}
         tiers = {"gpu": {"bytes": sum(gpu.values()), "activation_share": on_gpu / active, "components": gpu},
                  "ram": {"bytes": sum(ram.values()), "activation_share": (st.selected - st.misses - on_gpu) / active,
                          "components": ram},
@@ -174,8 +174,26 @@ class TieredFFN:
     # -- the hook --------------------------------------------------------------------------------
 
     def __call__(self, layer: int, h: np.ndarray) -> np.ndarray:
-        if h.shape[0] > 1:
-            return self._prompt(layer, h)
+        """The layer's FFN output for h [T, d], on h's device. Where the layer's attention ran on a device
+        (the plan's GPU layers, `model.place_layers`), the CPU side computes from one host copy of h, the GPU
+        side reads h where it is, and the sum is taken there (`GPUExecutor.join`)."""
+        if type(h) is np.ndarray:
+            return self._prompt(layer, h, h) if h.shape[0] > 1 else self._decode(layer, h, h)
+        decode = h.shape[0] == 1
+        t0 = time.perf_counter()
+        host = kernels.to_device(h, kernels.HOST)  # the CPU side's copy (synchronous: timed here)
+        if decode:
+            self.gpu.count_copy(False, host.nbytes, time.perf_counter() - t0)
+        y = self._prompt(layer, host, h) if not decode else self._decode(layer, host, h)
+        if type(y) is np.ndarray:  # no GPU part in this layer: the CPU side's y goes back to the device
+            t0 = time.perf_counter()
+            y = kernels.to_device(y, h.device)
+            if decode:
+                self.gpu.count_copy(True, y.nbytes, time.perf_counter() - t0)
+        return y
+
+    def _decode(self, layer: int, h: np.ndarray, h_gpu) -> np.ndarray:
+        """One token: h [1, d] on the host; h_gpu the same h for the GPU side (h, or where it was computed)."""
         if layer == 0:
             self.token += 1
             self.stats.tokens += 1
@@ -191,7 +209,7 @@ class TieredFFN:
         job = None
         if s.first:  # the GPU tier's part starts first and runs beside the rest
             g = np.searchsorted(pos, s.first)
-            job = self.gpu.submit(layer, h, pos[:g], cpu_work=g < len(pos)) if g else None
+            job = self.gpu.submit(layer, h_gpu, pos[:g], cpu_work=g < len(pos)) if g else None
             pos = pos[g:] - s.first
         split = np.searchsorted(pos, s.n_resident)
         flash = pos[split:] - s.n_resident  # flash-local ids, sorted
@@ -296,13 +314,13 @@ class TieredFFN:
             y += kernels.sparse_ffn(*self.store.views(buf), rows, h, self.act).reshape(-1)
         return y[None]
 
-    def _prompt(self, layer: int, h: np.ndarray) -> np.ndarray:
+    def _prompt(self, layer: int, h: np.ndarray, h_gpu) -> np.ndarray:
         """Every neuron for T tokens: resident records in place, flash records streamed once, in passes of the
         same size whichever tier holds them (a layer all in RAM and the same layer all on flash sum in the same
-        order, so their logits agree exactly)."""
+        order, so their logits agree exactly). h [T, d] on the host, h_gpu as in `_decode`."""
         s, n = self.layers[layer], self.pass_rows
         rb, st, r = s.buf.shape[1], self.stats, self.reader.stats
-        job = self.gpu.submit(layer, h) if s.first else None  # every GPU-tier neuron, beside the rest
+        job = self.gpu.submit(layer, h_gpu) if s.first else None  # every GPU-tier neuron, beside the rest
         y = np.zeros(h.shape, np.float32)
         for lo in range(0, s.n_resident, n):  # in passes of the flash part's size
             y += kernels.prompt_ffn(*self.store.views(s.buf[lo : min(lo + n, s.n_resident)]), h, self.act)

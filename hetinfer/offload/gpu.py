@@ -11,11 +11,14 @@ How both sides run at once in Python: the GPU side runs on this executor's one w
 CPU side on the calling thread. The CPU kernels are numba functions compiled with `nogil=True` and
 torch releases the GIL inside its operators, so neither side waits for the interpreter while the
 other computes. On CUDA the worker issues its copies and kernels on its own stream from pinned host
-buffers (asynchronous copies), so nothing queues behind the default stream. Each layer moves data
-once each way: the input h and the GPU part's positions packed into one host-to-device copy, the
-partial output y in one device-to-host copy; the sum is taken on the host and returned on h's device,
-where the residual add that follows runs (the host, while deployments keep attention, the KV cache
-and the output head in RAM; an h on another device costs one more copy each way).
+buffers (asynchronous copies), so nothing queues behind the default stream. Where the layer's
+attention runs on the host, each layer moves data once each way: the input h and the GPU part's
+positions packed into one host-to-device copy, the partial output y in one device-to-host copy, the
+sum taken on the host. Where the plan puts the layer's attention on the GPU (`open_executor` moves it
+there with its KV cache, `model.place_layers`), h is already on the device: the CPU side gets one copy
+of it, the GPU part's positions go in (none when it computes all of them), and the CPU side's y goes
+in to be summed on the device, where the next layer runs. The predictors stay in RAM: moving them to
+the device would let the GPU part choose its own neurons and save that copy of positions.
 
 Without a GPU the same executor runs on a second torch CPU "device" (`device="cpu"`, the
 stand-in): the same thread, the same torch code (`kernels/cuda.py`), the same packing and
@@ -40,6 +43,7 @@ import torch
 from hetinfer import kernels
 from hetinfer.errors import HetinferError
 from hetinfer.kernels import cuda
+from hetinfer.model import place_layers
 from hetinfer.placement.hardware import format_size
 
 GPU_ONLY_FIX = "re-plan without a GPU (`hetinfer prepare ... --gpu-mem 0`)"
@@ -102,6 +106,7 @@ class GPUJob:
     decode: bool
     out: object  # where the sum goes: h's device (kernels.HOST for a numpy h), where the residual add that follows runs
     cpu_work: bool = True  # the CPU side has neurons of this layer too
+    every: bool = False  # every GPU-tier neuron of the layer (no positions sent)
     start: float = 0.0  # set by the worker: when it picked the job up
     gpu_s: float = 0.0  # and its busy time
 
@@ -124,6 +129,7 @@ class GPUExecutor:
         self._in = self._dev_in = self._out = None  # staging buffers, grown on demand (`_staging`)
         self._rows_at = -(-4 * self.d // 8) * 8  # byte offset of the positions after h in the packed input
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hetinfer-gpu")
+        self.dense_nbytes = 0  # device bytes of the attention, KV cache and head moved beside it (`open_executor`)
 
     @property
     def nbytes(self) -> int:
@@ -138,32 +144,47 @@ class GPUExecutor:
 
     # -- the two calls TieredFFN makes -----------------------------------------------------------
 
-    def submit(self, layer: int, h: np.ndarray, positions: np.ndarray | None = None,
-               cpu_work: bool = True) -> GPUJob:
-        """Start layer `layer`'s GPU part for h [T, d] on the host: the given positions (sorted int64,
-        below n_gpu[layer]) for one token, or every GPU-tier neuron (positions None, any T). h and the
-        positions are packed into one staging buffer, copied to the device in one transfer."""
+    def submit(self, layer: int, h, positions: np.ndarray | None = None, cpu_work: bool = True) -> GPUJob:
+        """Start layer `layer`'s GPU part for h [T, d]: the given positions (sorted int64, below n_gpu[layer])
+        for one token, or every GPU-tier neuron (positions None, any T). h on the host is packed with the
+        positions into one staging buffer, copied to the device in one transfer; h already on this device
+        (the layer's attention ran there) is read in place, and only the positions are copied."""
         t0 = time.perf_counter()
-        out = kernels.HOST if type(h) is np.ndarray else h.device
-        h = np.ascontiguousarray(kernels.to_device(h, kernels.HOST), np.float32)  # a copy only where a layer's attention ran elsewhere
+        on_device = type(h) is not np.ndarray and h.device == self.device
+        out = self.device if on_device else kernels.HOST if type(h) is np.ndarray else h.device
+        if not on_device:  # a copy only where the layer's attention ran on another device
+            h = np.ascontiguousarray(kernels.to_device(h, kernels.HOST), np.float32)
         decode = positions is not None
         n = len(positions) if decode else 0
-        nin = self._rows_at + 8 * n if decode else h.nbytes
-        self._staging(nin, h.nbytes)
+        every = n == self.n_gpu[layer]  # (sorted, distinct) positions naming every GPU-tier neuron: none sent
+        nbytes = 4 * h.shape[0] * h.shape[1]
+        lo = self._rows_at if on_device else 0  # the staged bytes: [lo, nin)
+        nin = self._rows_at + 8 * n * (not every) if decode else lo if on_device else nbytes
+        self._staging(nin, nbytes)
         packed = self._in[:nin].numpy()
-        packed[: h.nbytes] = h.reshape(-1).view(np.uint8)
-        if decode:
+        if not on_device:
+            packed[:nbytes] = h.reshape(-1).view(np.uint8)
+        if decode and not every:
             packed[self._rows_at : nin] = np.asarray(positions, np.int64).view(np.uint8)
-        job = GPUJob(layer, None, t0, decode, out, bool(cpu_work))
-        job.future = self.pool.submit(self._run, job, nin, tuple(h.shape), n)
+        job = GPUJob(layer, None, t0, decode, out, bool(cpu_work), every)
+        job.future = self.pool.submit(self._run, job, lo, nin, tuple(h.shape), n, h if on_device else None)
         return job
 
     def join(self, job: GPUJob, y_cpu: np.ndarray) -> np.ndarray:
-        """y_cpu + the GPU part's output, summed on the host once both are done and returned on h's device;
-        records the layer's times."""
+        """y_cpu + the GPU part's output once both are done, returned on h's device: summed on this device
+        where h was there (y_cpu copied in: the layer's one host-to-device copy of a result), else on the
+        host; records the layer's times."""
         t1 = time.perf_counter()
         y_gpu = job.future.result()
-        y = kernels.to_device(kernels.to_device(y_cpu, kernels.HOST) + y_gpu.numpy().reshape(y_cpu.shape), job.out)
+        if job.out == self.device:
+            y = y_gpu.reshape(y_cpu.shape)
+            if job.cpu_work:
+                c0 = time.perf_counter()
+                y = y + kernels.to_device(y_cpu, self.device)
+                if job.decode:  # a synchronous copy: timed here
+                    self.count_copy(True, y_cpu.nbytes, time.perf_counter() - c0)
+        else:
+            y = kernels.to_device(kernels.to_device(y_cpu, kernels.HOST) + y_gpu.numpy().reshape(y_cpu.shape), job.out)
         t2 = time.perf_counter()
         st = self.stats
         if job.decode:
@@ -179,45 +200,65 @@ class GPUExecutor:
 
     # -- the worker ------------------------------------------------------------------------------
 
-    def _run(self, job: GPUJob, nin: int, shape: tuple[int, int], n: int) -> torch.Tensor:
-        """On the worker thread: copy the packed input in, compute, copy y out, wait for the device."""
+    def _run(self, job: GPUJob, lo: int, nin: int, shape: tuple[int, int], n: int, x) -> torch.Tensor:
+        """On the worker thread: copy the staged input in, compute, copy y out (unless it stays here), wait for
+        the device."""
         job.start = time.perf_counter()
         if self.is_cuda:
             with torch.cuda.device(self.device), torch.cuda.stream(self.stream):
-                y = self._compute(job, nin, shape, n)
+                if x is not None:  # h came from the default stream's attention: wait for it
+                    self.stream.wait_stream(torch.cuda.current_stream(self.device))
+                y = self._compute(job, lo, nin, shape, n, x)
                 self.stream.synchronize()
             e = self.events
             if job.decode:
-                self.stats.transfer_s += (e[0].elapsed_time(e[1]) + e[2].elapsed_time(e[3])) / 1e3
+                self.stats.transfer_s += (e[0].elapsed_time(e[1]) + (e[2].elapsed_time(e[3]) if x is None else 0)) / 1e3
         else:
-            y = self._compute(job, nin, shape, n)
+            y = self._compute(job, lo, nin, shape, n, x)
         job.gpu_s = time.perf_counter() - job.start
         return y
 
-    def _compute(self, job: GPUJob, nin: int, shape: tuple[int, int], n: int) -> torch.Tensor:
+    def _compute(self, job: GPUJob, lo: int, nin: int, shape: tuple[int, int], n: int, x) -> torch.Tensor:
+        """The GPU part; x: h on this device, or None to take it from the staged bytes (then y goes back to
+        the host)."""
         st, e = self.stats, self.events
         T, d = shape
         c0 = self._mark(0)
         dev = self._dev_in[:nin]
-        dev.copy_(self._in[:nin], non_blocking=True)  # the one host-to-device copy
+        dev[lo:].copy_(self._in[lo:nin], non_blocking=True)  # the one host-to-device copy
         c1 = self._mark(1)
-        x = dev[: T * d * 4].view(torch.float32).view(T, d)
+        if x is None:
+            x = dev[: T * d * 4].view(torch.float32).view(T, d)
         Wg, Wu, Wd_t = self.weights[job.layer]
-        if job.decode:
+        if job.decode and not job.every:
             rows = dev[self._rows_at : nin].view(torch.int64)
             y = kernels.sparse_ffn(Wg, Wu, Wd_t, rows, x, self.act)
-            st.neurons += n
         else:
             y = _all_rows(Wg, Wu, Wd_t, x, self.act)
+        if job.decode:
+            st.neurons += n
+        if job.out == self.device:  # the sum is taken here (`join`)
+            if job.decode and nin > lo:
+                self.count_copy(True, nin - lo, None if e else c1 - c0)
+            return y
         c2 = self._mark(2)
         out = self._out[: T * d]
         out.copy_(y.reshape(-1), non_blocking=True)  # the one device-to-host copy
         c3 = self._mark(3)
         if job.decode:  # per-token figures; a prompt's transfers are its own
-            st.h2d, st.h2d_bytes, st.d2h, st.d2h_bytes = st.h2d + 1, st.h2d_bytes + nin, st.d2h + 1, st.d2h_bytes + 4 * d
-            if e is None:  # the stand-in: the copies' host time
-                st.transfer_s += (c1 - c0) + (c3 - c2)
+            self.count_copy(True, nin, None if e else c1 - c0)
+            self.count_copy(False, 4 * d, None if e else c3 - c2)
         return out
+
+    def count_copy(self, to_device: bool, nbytes: int, seconds: float | None) -> None:
+        """Count one of a decode step's copies between host and device, and its time (None: CUDA events time
+        it, `_run`)."""
+        st = self.stats
+        if to_device:
+            st.h2d, st.h2d_bytes = st.h2d + 1, st.h2d_bytes + nbytes
+        else:
+            st.d2h, st.d2h_bytes = st.d2h + 1, st.d2h_bytes + nbytes
+        st.transfer_s += seconds or 0.0
 
     def _mark(self, i: int) -> float:
         if self.events is not None:
@@ -264,11 +305,11 @@ def device_free_bytes(device: torch.device) -> int:
     return int(psutil.virtual_memory().available)
 
 
-def check_fits(nbytes: int, device: torch.device) -> None:
-    """GPUMemoryError before loading when the GPU tier cannot fit in what the device has free."""
+def check_fits(nbytes: int, device: torch.device, what: str = "the GPU tier's neurons") -> None:
+    """GPUMemoryError before loading when `what` (nbytes) cannot fit in what the device has free."""
     free = device_free_bytes(device)
     if nbytes > free:
-        raise GPUMemoryError(f"the GPU tier's neurons need {format_size(nbytes)} but {_name(device)} has "
+        raise GPUMemoryError(f"{what} need {format_size(nbytes)} but {_name(device)} has "
                              f"{format_size(free)} free; lower --gpu-mem by at least {format_size(nbytes - free)} "
                              f"(`hetinfer prepare ... --gpu-mem SIZE`) or free the GPU's memory")
 
@@ -308,22 +349,24 @@ def _name(device: torch.device) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def resolve_device(requested: str | None, gpu_neurons: int, where: str) -> torch.device | None:
-    """The device a deployment's GPU tier runs on, None when it has no GPU-tier neurons.
+def resolve_device(requested: str | None, gpu_neurons: int, where: str, gpu_parts: int = 0) -> torch.device | None:
+    """The device a deployment's GPU tier runs on, None when the plan puts nothing there (no GPU-tier neurons,
+    and `gpu_parts`, the layers' attention and the head it puts there, 0).
 
     requested: --device (None: CUDA when present; "cpu": the CPU stand-in; "cuda[:N]": CUDA or an
-    error). A plan with GPU-tier neurons and no CUDA device is refused unless the stand-in is asked for."""
+    error). A plan with a GPU tier and no CUDA device is refused unless the stand-in is asked for."""
     if requested is not None and requested != "cpu" and not requested.startswith("cuda"):
         raise HetinferError(f"--device {requested}: use cuda, cuda:N or cpu (the CPU stand-in)")
     if requested is not None and requested.startswith("cuda") and not torch.cuda.is_available():
         raise HetinferError(f"--device {requested}: no CUDA device is visible (torch {torch.__version__}, built for "
                             f"CUDA {torch.version.cuda or 'none'}); install a CUDA build of torch on a machine with "
                             "an NVIDIA GPU, or use --device cpu")
-    if not gpu_neurons:
+    if not gpu_neurons and not gpu_parts:
         return None
     if requested is None:
         if not torch.cuda.is_available():
-            raise HetinferError(f"{where} was planned with {gpu_neurons:,} GPU-tier neurons but this machine has no "
+            raise HetinferError(f"{where} was planned with {gpu_neurons:,} GPU-tier neurons"
+                                f"{' and attention on the GPU' if gpu_parts else ''} but this machine has no "
                                 f"CUDA device; {GPU_ONLY_FIX}, or pass --device cpu to run them on the CPU stand-in")
         return torch.device("cuda")
     return torch.device(requested)
@@ -331,20 +374,29 @@ def resolve_device(requested: str | None, gpu_neurons: int, where: str) -> torch
 
 def open_executor(dep, n_gpu: np.ndarray, device: str | None) -> GPUExecutor | None:
     """The GPU side of deployment `dep` (n_gpu: GPU-tier neurons per layer) on the device --device names,
-    after the checks `resolve_device` and `check_same_gpu` make; None when the plan has no GPU tier."""
-    dev = resolve_device(device, int(np.sum(n_gpu)), str(dep.path))
+    after the checks `resolve_device` and `check_same_gpu` make; None when the plan puts nothing on a GPU.
+    The layers whose attention the plan puts on the GPU move there with their norms and KV cache, and so
+    does the output head where the plan says (`model.place_layers`); their predictors stay in RAM."""
+    plan = dep.plan
+    attn = [i for i in range(len(n_gpu)) if plan.attention_on_gpu(i)]
+    dev = resolve_device(device, int(np.sum(n_gpu)), str(dep.path), len(attn) + plan.head_on_gpu)
     if dev is None:
         return None
-    m = dep.plan.manifest
-    check_same_gpu(dep.manifest.get("gpu"), m["hardware"].get("sources", {}).get("gpu.bytes_per_s") == "assumed",
-                   dev, str(dep.path))
-    attn = [i for i, row in enumerate(m["layers"]) if row["attention"] == "gpu"]
-    if attn or dep.plan.head_on_gpu:
-        extra = sum(m["model"]["layer_dense_bytes"][i] + m["model"]["kv_bytes_per_layer"] for i in attn)
-        print(f"note: the plan puts {len(attn)} layers' attention{' and the output head' if dep.plan.head_on_gpu else ''}"
-              f" on the GPU; this engine runs them in RAM ({format_size(extra)} of attention and KV cache, more "
-              "than the plan's RAM budget counted), only the FFN's GPU tier runs on the GPU", file=sys.stderr)
-    return GPUExecutor(dep.store, n_gpu, dev, dep.model.config.activation)
+    assumed = plan.manifest["hardware"].get("sources", {}).get("gpu.bytes_per_s") == "assumed"
+    check_same_gpu(dep.manifest.get("gpu"), assumed, dev, str(dep.path))
+    executor = GPUExecutor(dep.store, n_gpu, dev, dep.model.config.activation)
+    tr = dep.model.transformer
+    dense = sum(getattr(tr.w.layers[i], n).nbytes for i in attn for n in ("wq", "wk", "wv", "wo"))
+    dense += len(attn) * plan.manifest["model"]["kv_bytes_per_layer"] + (tr.w.output.nbytes if plan.head_on_gpu else 0)
+    check_fits(executor.nbytes + dense, dev, "the GPU tier (neurons, attention, KV cache and head)")
+    try:
+        place_layers(tr, dev, attn, head=plan.head_on_gpu)
+        executor.dense_nbytes = dense
+    except torch.cuda.OutOfMemoryError:
+        raise GPUMemoryError(f"out of memory on {_name(dev)} moving {len(attn)} layers' attention and KV cache "
+                             f"({format_size(dense)}) there; lower --gpu-mem by at least {format_size(dense)} "
+                             "(`hetinfer prepare ... --gpu-mem SIZE`)") from None
+    return executor
 
 
 def gpu_identity() -> dict | None:
