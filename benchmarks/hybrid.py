@@ -9,15 +9,16 @@ computed, not text) decodes `--tokens` tokens after a warm-up, its FFN active se
 synthetic ReLU-like trace (`hetinfer/offload/trace.py`: `--density` of neurons per token, 20% of
 neurons serving 80% of activations, reuse across tokens), drawn before timing. The store is built
 once, each layer's neurons hot to cold, so every configuration's GPU part is a prefix of positions:
-- hybrid: the hottest neurons of the whole model on the GPU up to the budget (`--gpu-share` of the
-  FFN's bytes as the engine holds them), the rest in RAM; hetinfer's TieredFFN + GPUExecutor;
-- layer split: whole layers' FFN on the GPU, dense, in their stored bytes up to the same budget, the
-  other layers dense on the CPU (what llama.cpp's -ngl does with the FFN; its CUDA build is not
-  available here, so hetinfer's own dense kernels run both sides);
-- cpu only: the same sparse engine with every neuron in RAM;
-- gpu only: every neuron on the GPU (uncapped; the upper bound).
-Attention, norms, the KV cache and the output head run on the CPU in every configuration (this
-engine does not yet put them on the GPU), so they cost every configuration the same.
+The GPU budget holds the dense parts (output head, every layer's attention and KV cache, scratch) plus
+`--gpu-share` of the FFN's bytes as the engine holds them (or `--gpu-mem` bytes):
+- hybrid: the dense parts on the GPU as the cost model places them (head, then layers' attention while
+  they fit: `place_dense`), then the hottest neurons of the whole model in the rest, the other neurons
+  in RAM; hetinfer's TieredFFN + GPUExecutor, attention on the GPU (`model.place_layers`);
+- layer split: the head, then whole layers (attention, KV cache and dense FFN in their stored bytes)
+  on the GPU while they fit the same budget, the other layers dense on the CPU (what llama.cpp's -ngl
+  does; its CUDA build is not available here, so hetinfer's own dense engine runs both sides);
+- cpu only: the same sparse engine with everything in RAM;
+- gpu only: everything on the GPU (uncapped; the upper bound).
 Predictions are the placement cost model's (`placement.cost.evaluate`) for the same split, with the
 hardware `hetinfer place` measures here (a what-if GPU with assumed speeds when there is no CUDA:
 `--device cpu` runs the GPU side on the CPU stand-in, to check this script; its numbers say nothing
@@ -26,6 +27,7 @@ about a GPU).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -43,7 +45,7 @@ from benchmarks._util import machine, table  # noqa: E402
 from hetinfer import kernels  # noqa: E402
 from hetinfer.config import ModelConfig  # noqa: E402
 from hetinfer.loader import Model  # noqa: E402
-from hetinfer.model import LayerWeights, Transformer, Weights, vec  # noqa: E402
+from hetinfer.model import LayerWeights, Transformer, Weights, place_layers, vec  # noqa: E402
 from hetinfer.offload.deploy import tiered_ffn  # noqa: E402
 from hetinfer.offload.gpu import GPUExecutor  # noqa: E402
 from hetinfer.offload.store import build_store  # noqa: E402
@@ -98,26 +100,22 @@ def hottest(freq: np.ndarray, n: int) -> np.ndarray:
     return np.bincount(flat // freq.shape[1], minlength=freq.shape[0]).astype(np.int64)
 
 
-class LayerSplitFFN:
-    """Dense FFN: layers in `on_gpu` from their stored bytes on `device` (h there and y back), the rest on
-    the CPU; `gpu_s`/`cpu_s` time each side (the GPU's synchronised, its copies included)."""
+class TimedDenseFFN:
+    """The model's own dense FFN (`Transformer.dense_ffn`: a layer on the GPU there, the others on the CPU),
+    timing each side (the GPU's synchronised)."""
 
-    def __init__(self, model: Model, on_gpu: set[int], device: torch.device):
-        self.model, self.device, self.act = model, device, model.config.activation
-        self.gpu = {i: tuple(kernels.to_cuda(W, device) for W in (L.gate, L.up, L.down))
-                    for i, L in enumerate(model.weights.layers) if i in on_gpu}
+    def __init__(self, tr: Transformer, device: torch.device):
+        self.tr, self.sync = tr, (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
         self.gpu_s = self.cpu_s = 0.0
 
-    def __call__(self, layer: int, h: np.ndarray) -> np.ndarray:
+    def __call__(self, layer: int, h):
         t0 = time.perf_counter()
-        if layer in self.gpu:
-            y = kernels.to_device(kernels.dense_ffn(*self.gpu[layer], kernels.to_device(h, self.device), self.act),
-                                  kernels.HOST)
-            self.gpu_s += time.perf_counter() - t0
-        else:
-            L = self.model.weights.layers[layer]
-            y = kernels.dense_ffn(L.gate, L.up, L.down, h, self.act)
+        y = self.tr.dense_ffn(layer, h)
+        if type(h) is np.ndarray:
             self.cpu_s += time.perf_counter() - t0
+        else:
+            self.sync()
+            self.gpu_s += time.perf_counter() - t0
         return y
 
 
@@ -140,6 +138,24 @@ def predict(problem, tiers: np.ndarray) -> float:
     return 1.0 / evaluate(problem, tiers).seconds
 
 
+@contextlib.contextmanager
+def on_gpu(model: Model, device: torch.device, dense, ffn_layers: int = 0):
+    """Place the head and the layers' attention that the dense placement puts on the GPU there, with the dense
+    FFN of the first `ffn_layers` layers (`place_layers`); yields how many layers' attention moved, and puts the
+    model back afterwards."""
+    w = model.weights
+    saved = ([dataclasses.replace(L) for L in w.layers], w.output, w.output_norm)
+    attn = np.flatnonzero(dense.attn_on_gpu)
+    try:
+        if ffn_layers:
+            place_layers(model.transformer, device, range(ffn_layers), ffn=True)
+        place_layers(model.transformer, device, attn, head=dense.head_on_gpu)
+        yield len(attn)
+    finally:
+        w.layers[:], w.output, w.output_norm = saved
+        model.transformer.update_devices()
+
+
 def run_shape(args: argparse.Namespace, device: torch.device, workdir: str) -> dict:
     cfg = shape_config(args.shape)
     L, n_ff, d = cfg.n_layers, cfg.n_ff, cfg.d_model
@@ -156,51 +172,66 @@ def run_shape(args: argparse.Namespace, device: torch.device, workdir: str) -> d
 
     neuron = sum(row_bytes(d, q) for q in store.qtypes)  # as the engine holds it
     Lw = model.weights.layers[0]
-    dense_layer = Lw.gate.nbytes + Lw.up.nbytes + Lw.down.nbytes  # a layer's FFN as stored (layer split)
-    budget = args.gpu_mem or int(args.gpu_share * L * n_ff * neuron)
-    n_gpu = hottest(freq, budget // neuron)
-    k = min(L, budget // dense_layer)
-
+    ffn_layer = Lw.gate.nbytes + Lw.up.nbytes + Lw.down.nbytes  # a layer's FFN as stored (layer split)
     sizes = weight_sizes(cfg, model.weights, n)
+    reserved = sizes.scratch_bytes + sizes.gpu_decode_bytes
+    attn_layer = int(sizes.layer_bytes[0]) + sizes.kv_bytes  # a layer's attention and its KV cache
+    dense_bytes = reserved + sizes.head_bytes + L * attn_layer  # every dense part on the GPU
+    budget = args.gpu_mem or int(dense_bytes + args.gpu_share * L * n_ff * neuron)
     t0 = time.perf_counter()
     # capacities only decide which tiers the cost model prices (gpu_only is uncapped): room for every neuron
-    hw = probe.detect(gpu_mem=L * n_ff * neuron + sizes.scratch_bytes + sizes.gpu_decode_bytes,
-                      ram=psutil.virtual_memory().available, qtype=QTYPE, d_model=d, config=cfg, attn_qtype=QTYPE)
+    hw = probe.detect(gpu_mem=L * n_ff * neuron + dense_bytes, ram=psutil.virtual_memory().available, qtype=QTYPE,
+                      d_model=d, config=cfg, attn_qtype=QTYPE)
     _log(args, f"hardware probed in {time.perf_counter() - t0:.0f} s ({', '.join(sorted(set(hw.sources.values())))})")
+
+    def dense_with(gpu_bytes: int | None):  # the cost model's dense placement with that much GPU memory
+        gpu = None if gpu_bytes is None else dataclasses.replace(hw.gpu, capacity_bytes=int(gpu_bytes))
+        return place_dense(sizes, Hardware(ram=hw.ram, gpu=gpu))
+
+    # hybrid: the dense parts first (head, then layers' attention while they fit), then the hottest neurons
+    dense = {"hybrid": dense_with(budget), "cpu_only": dense_with(None), "gpu_only": dense_with(dense_bytes)}
+    n_gpu = hottest(freq, max(0, budget - dense["hybrid"].gpu_bytes) // neuron)
+    # layer split: the head, then whole layers (attention, KV cache and dense FFN) while they fit, as -ngl
+    head = sizes.head_bytes if reserved + sizes.head_bytes <= budget else 0
+    k = int(min(L, max(0, budget - reserved - head) // (attn_layer + ffn_layer)))
+    dense["layer_split"] = dense_with(reserved + head + k * attn_layer)
     sparse = build_problem(freq, cfg, sizes, hw, 0)
-    dense = build_problem(np.ones((L, n_ff)), cfg, dataclasses.replace(sizes, neuron_bytes=np.full(L, dense_layer // n_ff)),
-                          hw, 0)
-    for p in (sparse, dense):  # this engine keeps the dense parts on the CPU
-        p.dense = place_dense(sizes, Hardware(ram=hw.ram))
+    full = build_problem(np.ones((L, n_ff)), cfg, dataclasses.replace(sizes, neuron_bytes=np.full(L, ffn_layer // n_ff)),
+                         hw, 0)
     split_at = lambda counts: np.where(np.arange(n_ff) < counts[:, None], GPU, RAM).astype(np.uint8)  # noqa: E731
-    predicted = {"hybrid": predict(sparse, split_at(n_gpu)),
-                 "layer_split": predict(dense, split_at(np.where(np.arange(L) < k, n_ff, 0))),
-                 "cpu_only": predict(sparse, split_at(np.zeros(L, np.int64))),
-                 "gpu_only": predict(sparse, split_at(np.full(L, n_ff)))}
+    neurons = {"hybrid": n_gpu, "cpu_only": np.zeros(L, np.int64), "gpu_only": np.full(L, n_ff),
+               "layer_split": np.where(np.arange(L) < k, n_ff, 0)}
+    predicted = {}
+    for name in CONFIGS:
+        problem = full if name == "layer_split" else sparse
+        problem.dense = dense[name]
+        predicted[name] = predict(problem, split_at(neurons[name]))
 
     results = {}
     for name in CONFIGS:
         t1 = time.perf_counter()
-        if name == "layer_split":
-            ffn = LayerSplitFFN(model, set(range(k)), device)
-            s = decode(model, ffn, args.warm, args.tokens, lambda: setattr(ffn, "gpu_s", 0.0) or setattr(ffn, "cpu_s", 0.0))
-            results[name] = {"tok_s": 1 / s, "ffn_gpu_ms": 1e3 * ffn.gpu_s / args.tokens,
-                             "ffn_cpu_ms": 1e3 * ffn.cpu_s / args.tokens, "transfer_ms": None, "overlap": None}
-        else:
-            g = {"hybrid": n_gpu, "cpu_only": np.zeros(L, np.int64), "gpu_only": np.full(L, n_ff)}[name]
-            ex = GPUExecutor(store, g, device, cfg.activation) if g.any() else None
-            ffn = tiered_ffn(store, None, lambda layer, h: sets[max(ffn.token, 0)][layer], n_ff - g,
-                             np.zeros(L, np.int64), 0, cfg.activation, threads=2, lookahead=False, gpu=ex)
-            s = decode(model, ffn, args.warm, args.tokens, ffn.reset_stats)
-            r = ffn.report()
-            gpu_side = r.get("gpu_s_per_token", 0.0)
-            results[name] = {"tok_s": 1 / s, "ffn_gpu_ms": 1e3 * gpu_side,
-                             "ffn_cpu_ms": 1e3 * r.get("gpu_cpu_side_s_per_token", r["compute_s_per_token"]),
-                             "transfer_ms": 1e3 * r.get("transfer_s_per_token", 0.0),
-                             "overlap": r.get("gpu_overlap"), "ffn_density": r["ffn_density"]}
-            if ex is not None:
-                ex.close()
-        results[name]["predicted_tok_s"] = predicted[name]
+        with on_gpu(model, device, dense[name], k if name == "layer_split" else 0) as attn_layers:
+            if name == "layer_split":
+                ffn = TimedDenseFFN(model.transformer, device)
+                s = decode(model, ffn, args.warm, args.tokens,
+                           lambda: setattr(ffn, "gpu_s", 0.0) or setattr(ffn, "cpu_s", 0.0))
+                results[name] = {"tok_s": 1 / s, "ffn_gpu_ms": 1e3 * ffn.gpu_s / args.tokens,
+                                 "ffn_cpu_ms": 1e3 * ffn.cpu_s / args.tokens, "transfer_ms": None, "overlap": None}
+            else:
+                g = neurons[name]
+                ex = GPUExecutor(store, g, device, cfg.activation) if g.any() or attn_layers else None
+                ffn = tiered_ffn(store, None, lambda layer, h: sets[max(ffn.token, 0)][layer], n_ff - g,
+                                 np.zeros(L, np.int64), 0, cfg.activation, threads=2, lookahead=False, gpu=ex)
+                s = decode(model, ffn, args.warm, args.tokens, ffn.reset_stats)
+                r = ffn.report()
+                results[name] = {"tok_s": 1 / s, "ffn_gpu_ms": 1e3 * r.get("gpu_s_per_token", 0.0),
+                                 "ffn_cpu_ms": 1e3 * r.get("gpu_cpu_side_s_per_token", r["compute_s_per_token"]),
+                                 "transfer_ms": 1e3 * r.get("transfer_s_per_token", 0.0),
+                                 "overlap": r.get("gpu_overlap"), "ffn_density": r["ffn_density"]}
+                if ex is not None:
+                    ex.close()
+        results[name].update(predicted_tok_s=predicted[name], gpu_attention_layers=attn_layers,
+                             head_on_gpu=bool(dense[name].head_on_gpu))
         ffn = None
         _log(args, f"{name}: {results[name]['tok_s']:.2f} tok/s ({time.perf_counter() - t1:.0f} s)")
 
