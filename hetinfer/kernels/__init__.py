@@ -602,7 +602,7 @@ def predicted_ffn(W1: QTensor, W2_t: QTensor, threshold: float, Wg: QTensor, Wu:
 
 def rms_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
     """x / sqrt(mean(x^2, -1) + eps) * w for x [T, d] (one call instead of five array ops); with w a torch
-    tensor (a layer moved to a device: `model.to_device`), in torch on its device."""
+    tensor (a layer moved to a device: `model.place_layers`), in torch on its device."""
     if _is_torch(w):
         return _cuda().rms_norm(x, w, eps)
     xn = _np(x)
@@ -679,7 +679,7 @@ def attention_prompt(q: np.ndarray, k: np.ndarray, v: np.ndarray, k_cache: np.nd
 
 def device_attention(q, k, v, k_cache, v_cache, pos: int, cos, sin, interleaved: bool):
     """`attention_decode` (one token) or `attention_prompt` (T tokens) in torch on the cache's device: the
-    attention of a layer whose weights are `GPUTensor`s (`model.to_device`), its cache a torch tensor there."""
+    attention of a layer whose weights are `GPUTensor`s (`model.place_layers`), its cache a torch tensor there."""
     return _cuda().attention(q, k, v, k_cache, v_cache, pos, cos, sin, interleaved)
 
 

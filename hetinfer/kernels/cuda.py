@@ -197,9 +197,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.
     cos, sin = (torch.as_tensor(c, device=dev).reshape(T, 1, hd // 2) for c in (cos, sin))
     k_cache[pos:S] = _rope(k.reshape(T, KV, hd), cos, sin, interleaved).to(k_cache.dtype)
     v_cache[pos:S] = v.reshape(T, KV, hd).to(v_cache.dtype)
-    qr = _rope(q.reshape(T, H, hd), cos, sin, interleaved).transpose(0, 1)  # [H, T, hd]
-    keys = k_cache[:S].float().transpose(0, 1).repeat_interleave(H // KV, 0)  # [H, S, hd]: head h reads kv h // G
-    vals = v_cache[:S].float().transpose(0, 1).repeat_interleave(H // KV, 0)
+    G = H // KV  # query head h = kv * G + g reads kv head h // G: each kv head's G heads attend as G * T rows
+    qg = _rope(q.reshape(T, H, hd), cos, sin, interleaved).reshape(T, KV, G, hd).permute(1, 2, 0, 3).reshape(KV, G * T, hd)
+    keys, vals = (c[:S].float().transpose(0, 1) for c in (k_cache, v_cache))  # [KV, S, hd]: views of a float32 cache
     mask = torch.arange(S, device=dev) <= pos + torch.arange(T, device=dev)[:, None]  # [T, S]: what each query sees
-    out = F.scaled_dot_product_attention(qr, keys, vals, attn_mask=mask)  # [H, T, hd]
-    return out.transpose(0, 1).reshape(T, H * hd)
+    out = F.scaled_dot_product_attention(qg, keys, vals, attn_mask=mask.repeat(G, 1))  # [KV, G * T, hd]
+    return out.reshape(KV, G, T, hd).permute(2, 0, 1, 3).reshape(T, H * hd)
