@@ -15,10 +15,11 @@ import torch
 from hetinfer import kernels
 from hetinfer.errors import HetinferError
 from hetinfer.offload import gpu as gpu_mod
-from hetinfer.offload.deploy import tiered_ffn
+from hetinfer.offload.deploy import Deployment, tiered_ffn
 from hetinfer.offload.ffn import TieredFFN
-from hetinfer.offload.gpu import GPUExecutor, GPUMemoryError, resolve_device
+from hetinfer.offload.gpu import GPUExecutor, GPUMemoryError, open_executor, resolve_device
 from hetinfer.offload.store import build_store
+from hetinfer.placement.plan import Plan
 from test_deploy import _prepare
 from test_offload import _logits
 from test_store import random_model
@@ -245,6 +246,77 @@ def test_out_of_memory_at_load_says_how_much_to_lower_gpu_mem(tmp_path, monkeypa
     with pytest.raises(GPUMemoryError, match=r"loading the GPU tier \(layer 1's neurons, 72.00 KiB still to load\); "
                                              r"lower --gpu-mem by at least 72.00 KiB"):
         GPUExecutor(store, np.array([64, 32, 64]), "cpu", "silu")
+
+
+def _gpu_deployment(tmp_path, attn: set[int], head: bool) -> Deployment:
+    """A random f32 model (3 layers) whose store holds every neuron in tier order, and a plan (the fields
+    `open_executor` reads) putting the attention of `attn` and, with `head`, the output head on the GPU."""
+    m = random_model("f32", n_layers=3, n_ff=64)
+    store = build_store(m, tmp_path / "s.store", np.zeros((3, 64), np.uint8), progress=False)
+    manifest = {"layers": [{"attention": "gpu" if i in attn else "ram"} for i in range(3)],
+                "dense": {"head": "gpu" if head else "ram"}, "hardware": {"sources": {}},
+                "model": {"kv_bytes_per_layer": 4096}}
+    return Deployment(tmp_path, {"gpu": None}, m, Plan(manifest, np.zeros((3, 64), np.uint8)), store, None)
+
+
+def _moved_bytes(dep, attn: set[int], head: bool) -> int:
+    w = dep.model.weights
+    return (sum(getattr(w.layers[i], n).nbytes for i in attn for n in ("wq", "wk", "wv", "wo")) + 4096 * len(attn)
+            + (w.output.nbytes if head else 0))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_open_executor_runs_the_plans_gpu_attention_and_head_there(tmp_path, device):
+    """The layers whose attention the plan puts on the GPU, and the head, move to the device with their KV cache
+    (a layer without GPU neurons among them); with every neuron active the logits are the dense engine's
+    (1e-4), and each decode step counts its copies: h out and the CPU side's y in per GPU-attention layer with
+    CPU neurons, h in and y out per host-attention layer with GPU neurons."""
+    attn = {0, 1}
+    dep = _gpu_deployment(tmp_path, attn, head=True)
+    want = _logits(random_model("f32", n_layers=3, n_ff=64), None, [1, 5, 9], 3)
+    n_gpu, moved = np.array([64, 0, 32]), _moved_bytes(dep, attn, True)
+    ex = open_executor(dep, n_gpu, device)
+    w = dep.model.weights
+    assert [isinstance(L.wq, kernels.GPUTensor) for L in w.layers] == [True, True, False]
+    assert isinstance(w.output, kernels.GPUTensor) and ex.dense_nbytes == moved
+    cache = dep.model.transformer.new_cache(8)
+    assert isinstance(cache.k_layers[1], torch.Tensor) and cache.k_layers[1].device.type == device
+    ffn = tiered_ffn(dep.store, None, lambda layer, h: None, 64 - n_gpu, np.zeros(3, np.int64), 0, "silu", gpu=ex)
+    got = _logits(dep.model, ffn, [1, 5, 9], 3)
+    assert np.abs(got - want).max() <= 1e-4
+    # layer 0: every neuron on the GPU (h out for the predictor's side, nothing back); layer 1: h out, y in;
+    # layer 2 (attention in RAM): h in, y out
+    assert ffn.report()["transfers_per_token"] == 1 + 2 + 2
+    summary = ffn.placement_summary()["tiers"]["gpu"]["components"]
+    assert summary == {"ffn_gpu": ex.nbytes, "dense_gpu": ex.dense_nbytes}
+    ex.close()
+
+
+def test_gpu_attention_that_does_not_fit_is_refused_before_moving(tmp_path, monkeypatch):
+    dep = _gpu_deployment(tmp_path, {0, 2}, head=False)
+    n_gpu = np.array([64, 0, 0])
+    need = 64 * 3 * 64 * 4 + _moved_bytes(dep, {0, 2}, False)
+    monkeypatch.setattr(gpu_mod, "device_free_bytes", lambda device: need - 2048)
+    with pytest.raises(GPUMemoryError, match=r"the GPU tier \(neurons, attention, KV cache and head\) need .* but the CPU "
+                                             r"stand-in has .* free; lower --gpu-mem by at least 2.00 KiB"):
+        open_executor(dep, n_gpu, "cpu")
+    assert not any(isinstance(L.wq, kernels.GPUTensor) for L in dep.model.weights.layers)
+
+
+def test_out_of_memory_moving_attention_says_how_much_to_lower_gpu_mem(tmp_path, monkeypatch):
+    dep = _gpu_deployment(tmp_path, {0, 2}, head=False)
+    copies = []
+
+    def to_cuda(W, device):
+        copies.append(W)
+        if len(copies) > 3 + 4:  # layer 0's neurons and its attention fit
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        return kernels.cuda.to_cuda(W, device)
+
+    monkeypatch.setattr(kernels, "to_cuda", to_cuda)
+    with pytest.raises(GPUMemoryError, match=r"out of memory on the CPU stand-in moving 2 layers' attention and KV "
+                                             r"cache \(.*\) there; lower --gpu-mem by at least"):
+        open_executor(dep, np.array([64, 0, 0]), "cpu")
 
 
 def test_gpu_mem_above_free_vram_is_refused_when_planning(monkeypatch):
