@@ -20,6 +20,7 @@ from hetinfer.offload.ffn import TieredFFN
 from hetinfer.offload.gpu import GPUExecutor, GPUMemoryError, open_executor, resolve_device
 from hetinfer.offload.store import build_store
 from hetinfer.placement.plan import Plan
+from hetinfer.profiler.predictors import Predictors
 from test_deploy import _prepare
 from test_offload import _logits
 from test_store import random_model
@@ -289,6 +290,37 @@ def test_open_executor_runs_the_plans_gpu_attention_and_head_there(tmp_path, dev
     assert ffn.report()["transfers_per_token"] == 1 + 2 + 2
     summary = ffn.placement_summary()["tiers"]["gpu"]["components"]
     assert summary == {"ffn_gpu": ex.nbytes, "dense_gpu": ex.dense_nbytes}
+    ex.close()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_gpu_layer_predicts_its_set_there_and_copies_once_each_way(tmp_path, device):
+    """With h on the device (the layer's attention ran there), the layer's predictor runs there too
+    (`Predictors.device_rows`): the GPU part's positions never leave the device, h and the CPU side's
+    positions come out in one copy and the CPU side's y goes in: one copy each way per layer. The sum equals
+    sparse_ffn over the model's own matrices for the set the host's predictor picks."""
+    m = random_model("f32", n_layers=3, n_ff=96)
+    rng = np.random.default_rng(4)
+    store = build_store(m, tmp_path / "s.store", np.zeros((3, 96), np.uint8),
+                        [rng.permutation(96) for _ in range(3)], progress=False)
+    pred = Predictors({}, [rng.standard_normal((8, 64)).astype(np.float32) for _ in range(3)],
+                      [rng.standard_normal((96, 8)).astype(np.float32) for _ in range(3)], np.full(3, 0.5, np.float32))
+    n_gpu = np.array([40, 40, 40])
+    ex = GPUExecutor(store, n_gpu, device, "silu")
+    ffn = tiered_ffn(store, None, pred.rows, 96 - n_gpu, np.zeros(3, np.int64), 0, "silu", gpu=ex,
+                     device_select=pred.device_rows)
+    on_gpu = 0
+    for layer, Lw in enumerate(m.weights.layers):
+        h = rng.standard_normal((1, 64)).astype(np.float32)
+        ids = pred.rows(layer, h)
+        assert 0 < len(ids) < 96 and np.array_equal(pred.device_rows(layer, torch.from_numpy(h).to(device)).cpu(), ids)
+        want = kernels.sparse_ffn(Lw.gate, Lw.up, kernels.transpose_down(Lw.down), ids, h, "silu")
+        got = ffn(layer, torch.from_numpy(h).to(device))
+        assert got.device.type == device
+        np.testing.assert_allclose(got.cpu().numpy(), want, rtol=1e-5, atol=1e-5)
+        on_gpu += int((store.layers[layer].position[ids] < 40).sum())
+    r = ffn.report()
+    assert r["gpu_neurons_per_token"] == on_gpu and r["transfers_per_token"] == 2 * 3
     ex.close()
 
 

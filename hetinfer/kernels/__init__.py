@@ -549,15 +549,17 @@ def _fused_threshold(fixed: tuple, x: np.ndarray, threshold: np.float32, y: np.n
     return cpu.threshold_ffn(fg, ug, uu, fd, ud, x, code, threshold, y, _fixed_split(parts))
 
 
-def predict_rows(W1: QTensor, W2_t: QTensor, h: np.ndarray, threshold: float) -> np.ndarray:
+def predict_rows(W1: QTensor, W2_t: QTensor, h: np.ndarray, threshold: float, on_device: bool = False) -> np.ndarray:
     """The FFN neurons a low-rank predictor picks for one token, in one call: the ids i (int64,
     ascending) with (W2 @ relu(W1 @ h))[i] > threshold, for W1 [r, d], h [d] or [1, d] and W2 [n_ff, r]
     given transposed, W2_t [r, n_ff] (only the rows of the hidden units the ReLU keeps are read).
-    The result is what gather_matvec / scatter_axpy / sparse_ffn take as rows."""
+    The result is what gather_matvec / scatter_axpy / sparse_ffn take as rows: a numpy array, or with GPU
+    weights and `on_device`, a tensor left on their device (where the GPU part of a layer reads it)."""
     if W2_t.shape[0] != W1.shape[0]:
         raise ValueError(f"predictor matrices {W1.shape} and transposed {W2_t.shape} do not chain ([r, d], [r, n_ff])")
     if _is_cuda(W1):
-        return _cuda().predict_rows(W1, W2_t, h, threshold)
+        ids = _cuda().predict_rows(W1, W2_t, h, threshold)
+        return ids if on_device else ids.cpu().numpy()
     xn = _x2d(W1, h)
     if xn.shape[0] != 1:
         raise ValueError(f"predict_rows takes one token, got {xn.shape[0]}")

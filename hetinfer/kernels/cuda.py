@@ -158,12 +158,13 @@ def threshold_ffn(Wg: GPUTensor, Wu: GPUTensor, Wd_t: GPUTensor, x: torch.Tensor
     return y.reshape(x.shape), r.numel()
 
 
-def predict_rows(W1: GPUTensor, W2_t: GPUTensor, h: torch.Tensor, threshold: float) -> np.ndarray:
-    """The neurons the predictor picks for one token; see `hetinfer.kernels.predict_rows`."""
+def predict_rows(W1: GPUTensor, W2_t: GPUTensor, h: torch.Tensor, threshold: float) -> torch.Tensor:
+    """The neurons the predictor picks for one token, int64 ascending on the device; see
+    `hetinfer.kernels.predict_rows`."""
     z = torch.relu(linear(W1, h)).reshape(-1)
     logits = scatter_axpy(W2_t, torch.arange(W2_t.shape[0], device=z.device), z,
                           torch.zeros(W2_t.shape[1], device=z.device))
-    return (logits > threshold).nonzero()[:, 0].cpu().numpy()
+    return (logits > threshold).nonzero()[:, 0]
 
 
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:

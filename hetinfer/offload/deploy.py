@@ -365,7 +365,7 @@ def plan_streams(plan, window: int, n_flash: np.ndarray, record_bytes: list[int]
 
 def tiered_ffn(store, curve, select, resident: np.ndarray, capacity: np.ndarray, window: int, activation: str,
                threads: int | None = None, direct: bool | None = None, lookahead: bool = True, gpu=None,
-               stream_pool_bytes: int = 0):
+               stream_pool_bytes: int = 0, device_select=None):
     """The engine's TieredFFN over `store` (and `gpu`, the GPU tier's executor, if any), reading its records file through a FlashReader (`curve`: the
     plan's FlashTier, or None), with the flash I/O buffers the plan counted: the reader's staging
     (STAGING_KEPT buffers) and the FFN's scratch add up to `placement.cost.FLASH_IO_BYTES`, and reads
@@ -380,7 +380,7 @@ def tiered_ffn(store, curve, select, resident: np.ndarray, capacity: np.ndarray,
                          staging_bytes=staging)
     return TieredFFN(store, reader, select, resident, capacity, window, activation,
                      scratch_bytes=FLASH_IO_BYTES - STAGING_KEPT * staging, lookahead=lookahead, gpu=gpu,
-                     stream_pool_bytes=stream_pool_bytes)
+                     stream_pool_bytes=stream_pool_bytes, device_select=device_select)
 
 
 def open_session(dep: Deployment, n_ctx: int | None = None, every_neuron: bool = False, direct: bool | None = None,
@@ -410,8 +410,13 @@ def open_session(dep: Deployment, n_ctx: int | None = None, every_neuron: bool =
 
         gpu = open_executor(dep, counts[:, 0], device)
     hw = Hardware.from_dict(dep.plan.manifest["hardware"], f"{dep.path}: plan hardware")
-    if select is None:  # a deployment without predictors computes every neuron
-        select = (lambda layer, h: None) if every_neuron or dep.predictors is None else dep.predictors.rows
+    device_select = None
+    if select is None and (every_neuron or dep.predictors is None):  # a deployment without predictors computes every neuron
+        select = lambda layer, h: None  # noqa: E731
+    elif select is None:
+        select = dep.predictors.rows
+        if gpu is not None:  # a layer whose attention runs on the GPU runs its predictor there
+            device_select = dep.predictors.device_rows
     if resident is None:
         resident = counts[:, 1]
     if capacity is None:
@@ -423,7 +428,7 @@ def open_session(dep: Deployment, n_ctx: int | None = None, every_neuron: bool =
         stream = plan_streams(dep.plan, window, dep.model.config.n_ff - counts[:, 0] - np.asarray(resident), record_bytes)
     ffn = tiered_ffn(dep.store, hw.flash, select, resident, capacity, window, dep.model.config.activation,
                      threads=threads, direct=direct, lookahead=lookahead, gpu=gpu,
-                     stream_pool_bytes=FLASH_POOL_BYTES if stream else 0)
+                     stream_pool_bytes=FLASH_POOL_BYTES if stream else 0, device_select=device_select)
     session = Session(dep.model, n_ctx=n_ctx or dep.manifest["ctx"], ffn=ffn, kv=kv or dep.plan.kv_dtype)
     from hetinfer.info import component_bytes
 

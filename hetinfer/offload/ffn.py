@@ -20,6 +20,7 @@ Prompts (T > 1) compute every neuron, reading each layer's flash records once pe
 """
 from __future__ import annotations
 
+import sys
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -102,16 +103,20 @@ class TieredFFN:
     the buffer of records read for one call beyond the cache (overflow, prompts), processed in passes (a
     prompt's passes are that many records wherever they live).
     `stream_pool_bytes` (window 0 only): stream every layer's flash span through two pools of that
-    many bytes instead of reading predicted sets into the window cache's slots."""
+    many bytes instead of reading predicted sets into the window cache's slots.
+    `device_select(layer, h)`: `select` for an h on the GPU (a layer whose attention runs there: the
+    predictors' `device_rows`), ids left there, so the GPU part's positions never leave the device."""
 
     def __init__(self, store: Store, reader: FlashReader, select: Selector, resident: np.ndarray,
                  capacity: np.ndarray, window: int, activation: str, scratch_bytes: int, lookahead: bool = True,
-                 gpu: GPUExecutor | None = None, stream_pool_bytes: int = 0):
+                 gpu: GPUExecutor | None = None, stream_pool_bytes: int = 0, device_select=None):
         if stream_pool_bytes and window:
             raise ValueError("streaming whole spans replaces the window cache: it needs window 0")
         if stream_pool_bytes:
             capacity = np.zeros_like(np.asarray(capacity))
         self.store, self.reader, self.select, self.act, self.gpu = store, reader, select, activation, gpu
+        self.device_select = device_select
+        self._device_positions: dict[int, object] = {}  # layer -> its `position` on the GPU (`_choose_on_device`)
         self.window, self.lookahead = window, lookahead
         self.n_ff = len(store.layers[0].order)
         self.dense_bytes: dict[str, int] = {}  # set by whoever builds the session (deploy.open_session)
@@ -181,10 +186,13 @@ class TieredFFN:
             return self._prompt(layer, h, h) if h.shape[0] > 1 else self._decode(layer, h, h)
         decode = h.shape[0] == 1
         t0 = time.perf_counter()
-        host = kernels.to_device(h, kernels.HOST)  # the CPU side's copy (synchronous: timed here)
-        if decode:
-            self.gpu.count_copy(False, host.nbytes, time.perf_counter() - t0)
-        y = self._prompt(layer, host, h) if not decode else self._decode(layer, host, h)
+        if decode and self.device_select is not None and self.layers[layer].first:
+            host, chosen = self._choose_on_device(layer, h)
+        else:
+            chosen, host = None, kernels.to_device(h, kernels.HOST)  # the CPU side's copy (synchronous: timed here)
+            if decode:
+                self.gpu.count_copy(False, host.nbytes, time.perf_counter() - t0)
+        y = self._prompt(layer, host, h) if not decode else self._decode(layer, host, h, chosen, t0)
         if type(y) is np.ndarray:  # no GPU part in this layer: the CPU side's y goes back to the device
             t0 = time.perf_counter()
             y = kernels.to_device(y, h.device)
@@ -192,25 +200,49 @@ class TieredFFN:
                 self.gpu.count_copy(True, y.nbytes, time.perf_counter() - t0)
         return y
 
-    def _decode(self, layer: int, h: np.ndarray, h_gpu) -> np.ndarray:
-        """One token: h [1, d] on the host; h_gpu the same h for the GPU side (h, or where it was computed)."""
+    def _choose_on_device(self, layer: int, h) -> tuple[np.ndarray, tuple]:
+        """For h [1, d] on the GPU: the layer's set chosen there (`device_select`), split at the GPU tier; h and
+        the CPU side's positions come to the host in one copy, the GPU part's stay. Returns (h on the host,
+        (GPU positions on the device, CPU-side positions on the host, relative to the GPU tier's end))."""
+        torch = sys.modules["torch"]  # h is a tensor
+        s = self.layers[layer]
+        if layer not in self._device_positions:
+            self._device_positions[layer] = torch.from_numpy(s.position).to(h.device)
+        pos = self._device_positions[layer][self.device_select(layer, h)].sort().values
+        g = pos < s.first
+        t0 = time.perf_counter()
+        out = torch.cat((h.reshape(-1).view(torch.uint8), (pos[~g] - s.first).view(torch.uint8))).cpu().numpy()
+        self.gpu.count_copy(False, out.nbytes, time.perf_counter() - t0)
+        nh = 4 * h.shape[1]
+        return out[:nh].view(np.float32).reshape(1, -1), (pos[g], out[nh:].view(np.int64))
+
+    def _decode(self, layer: int, h: np.ndarray, h_gpu, chosen: tuple | None = None, t0: float | None = None
+                ) -> np.ndarray:
+        """One token: h [1, d] on the host; h_gpu the same h for the GPU side (h, or where it was computed);
+        `chosen` the set `_choose_on_device` chose there, since `t0`."""
         if layer == 0:
             self.token += 1
             self.stats.tokens += 1
         s = self.layers[layer]
-        t0 = time.perf_counter()
-        ids = self.select(layer, h)
+        t0 = time.perf_counter() if t0 is None else t0
+        ids = self.select(layer, h) if chosen is None else None
         t1 = time.perf_counter()
         if self.lookahead and self.stream is None and layer + 1 < len(self.layers):
             self._prefetch(layer + 1, h)
         t2 = time.perf_counter()
-        pos = np.arange(self.n_ff, dtype=np.int64) if ids is None else np.sort(s.position[ids])
-        n_selected = len(pos)
         job = None
-        if s.first:  # the GPU tier's part starts first and runs beside the rest
-            g = np.searchsorted(pos, s.first)
-            job = self.gpu.submit(layer, h_gpu, pos[:g], cpu_work=g < len(pos)) if g else None
-            pos = pos[g:] - s.first
+        if chosen is not None:  # the GPU part's positions are on the device already
+            gpu_pos, pos = chosen
+            n_selected = gpu_pos.numel() + len(pos)
+            if gpu_pos.numel():
+                job = self.gpu.submit(layer, h_gpu, gpu_pos, cpu_work=len(pos) > 0)
+        else:
+            pos = np.arange(self.n_ff, dtype=np.int64) if ids is None else np.sort(s.position[ids])
+            n_selected = len(pos)
+            if s.first:  # the GPU tier's part starts first and runs beside the rest
+                g = np.searchsorted(pos, s.first)
+                job = self.gpu.submit(layer, h_gpu, pos[:g], cpu_work=g < len(pos)) if g else None
+                pos = pos[g:] - s.first
         split = np.searchsorted(pos, s.n_resident)
         flash = pos[split:] - s.n_resident  # flash-local ids, sorted
         if s.n_flash == 0:  # every neuron this side computes is resident: no cache to consult

@@ -15,10 +15,9 @@ buffers (asynchronous copies), so nothing queues behind the default stream. Wher
 attention runs on the host, each layer moves data once each way: the input h and the GPU part's
 positions packed into one host-to-device copy, the partial output y in one device-to-host copy, the
 sum taken on the host. Where the plan puts the layer's attention on the GPU (`open_executor` moves it
-there with its KV cache, `model.place_layers`), h is already on the device: the CPU side gets one copy
-of it, the GPU part's positions go in (none when it computes all of them), and the CPU side's y goes
-in to be summed on the device, where the next layer runs. The predictors stay in RAM: moving them to
-the device would let the GPU part choose its own neurons and save that copy of positions.
+there with its KV cache, `model.place_layers`), h is already on the device and so is the layer's
+predictor: the set is chosen there, h and the CPU side's positions come out in one copy, the GPU part's
+positions stay, and the CPU side's y goes in to be summed on the device, where the next layer runs.
 
 Without a GPU the same executor runs on a second torch CPU "device" (`device="cpu"`, the
 stand-in): the same thread, the same torch code (`kernels/cuda.py`), the same packing and
@@ -144,30 +143,34 @@ class GPUExecutor:
 
     # -- the two calls TieredFFN makes -----------------------------------------------------------
 
-    def submit(self, layer: int, h, positions: np.ndarray | None = None, cpu_work: bool = True) -> GPUJob:
+    def submit(self, layer: int, h, positions: np.ndarray | torch.Tensor | None = None, cpu_work: bool = True) -> GPUJob:
         """Start layer `layer`'s GPU part for h [T, d]: the given positions (sorted int64, below n_gpu[layer])
         for one token, or every GPU-tier neuron (positions None, any T). h on the host is packed with the
         positions into one staging buffer, copied to the device in one transfer; h already on this device
-        (the layer's attention ran there) is read in place, and only the positions are copied."""
+        (the layer's attention ran there) is read in place, and only the positions are copied, unless they
+        are on the device too (chosen there by the layer's predictor) or name every GPU-tier neuron."""
         t0 = time.perf_counter()
         on_device = type(h) is not np.ndarray and h.device == self.device
         out = self.device if on_device else kernels.HOST if type(h) is np.ndarray else h.device
         if not on_device:  # a copy only where the layer's attention ran on another device
             h = np.ascontiguousarray(kernels.to_device(h, kernels.HOST), np.float32)
         decode = positions is not None
-        n = len(positions) if decode else 0
+        rows = positions if isinstance(positions, torch.Tensor) else None  # already on the device
+        n = (len(positions) if rows is None else rows.numel()) if decode else 0
         every = n == self.n_gpu[layer]  # (sorted, distinct) positions naming every GPU-tier neuron: none sent
+        send = decode and not every and rows is None
         nbytes = 4 * h.shape[0] * h.shape[1]
         lo = self._rows_at if on_device else 0  # the staged bytes: [lo, nin)
-        nin = self._rows_at + 8 * n * (not every) if decode else lo if on_device else nbytes
+        nin = self._rows_at + 8 * n * send if decode else lo if on_device else nbytes
         self._staging(nin, nbytes)
         packed = self._in[:nin].numpy()
         if not on_device:
             packed[:nbytes] = h.reshape(-1).view(np.uint8)
-        if decode and not every:
+        if send:
             packed[self._rows_at : nin] = np.asarray(positions, np.int64).view(np.uint8)
         job = GPUJob(layer, None, t0, decode, out, bool(cpu_work), every)
-        job.future = self.pool.submit(self._run, job, lo, nin, tuple(h.shape), n, h if on_device else None)
+        job.future = self.pool.submit(self._run, job, lo, nin, tuple(h.shape), n, h if on_device else None,
+                                      None if every else rows)
         return job
 
     def join(self, job: GPUJob, y_cpu: np.ndarray) -> np.ndarray:
@@ -200,27 +203,27 @@ class GPUExecutor:
 
     # -- the worker ------------------------------------------------------------------------------
 
-    def _run(self, job: GPUJob, lo: int, nin: int, shape: tuple[int, int], n: int, x) -> torch.Tensor:
+    def _run(self, job: GPUJob, lo: int, nin: int, shape: tuple[int, int], n: int, x, rows) -> torch.Tensor:
         """On the worker thread: copy the staged input in, compute, copy y out (unless it stays here), wait for
         the device."""
         job.start = time.perf_counter()
         if self.is_cuda:
             with torch.cuda.device(self.device), torch.cuda.stream(self.stream):
-                if x is not None:  # h came from the default stream's attention: wait for it
-                    self.stream.wait_stream(torch.cuda.current_stream(self.device))
-                y = self._compute(job, lo, nin, shape, n, x)
+                if x is not None:  # h (and positions chosen there) came from the default stream: wait for them
+                    self.stream.wait_stream(torch.cuda.default_stream(self.device))
+                y = self._compute(job, lo, nin, shape, n, x, rows)
                 self.stream.synchronize()
             e = self.events
             if job.decode:
                 self.stats.transfer_s += (e[0].elapsed_time(e[1]) + (e[2].elapsed_time(e[3]) if x is None else 0)) / 1e3
         else:
-            y = self._compute(job, lo, nin, shape, n, x)
+            y = self._compute(job, lo, nin, shape, n, x, rows)
         job.gpu_s = time.perf_counter() - job.start
         return y
 
-    def _compute(self, job: GPUJob, lo: int, nin: int, shape: tuple[int, int], n: int, x) -> torch.Tensor:
+    def _compute(self, job: GPUJob, lo: int, nin: int, shape: tuple[int, int], n: int, x, rows) -> torch.Tensor:
         """The GPU part; x: h on this device, or None to take it from the staged bytes (then y goes back to
-        the host)."""
+        the host); rows: a decode step's positions on this device, or None to take them from the staged bytes."""
         st, e = self.stats, self.events
         T, d = shape
         c0 = self._mark(0)
@@ -231,7 +234,7 @@ class GPUExecutor:
             x = dev[: T * d * 4].view(torch.float32).view(T, d)
         Wg, Wu, Wd_t = self.weights[job.layer]
         if job.decode and not job.every:
-            rows = dev[self._rows_at : nin].view(torch.int64)
+            rows = dev[self._rows_at : nin].view(torch.int64) if rows is None else rows
             y = kernels.sparse_ffn(Wg, Wu, Wd_t, rows, x, self.act)
         else:
             y = _all_rows(Wg, Wu, Wd_t, x, self.act)
@@ -376,7 +379,8 @@ def open_executor(dep, n_gpu: np.ndarray, device: str | None) -> GPUExecutor | N
     """The GPU side of deployment `dep` (n_gpu: GPU-tier neurons per layer) on the device --device names,
     after the checks `resolve_device` and `check_same_gpu` make; None when the plan puts nothing on a GPU.
     The layers whose attention the plan puts on the GPU move there with their norms and KV cache, and so
-    does the output head where the plan says (`model.place_layers`); their predictors stay in RAM."""
+    does the output head where the plan says (`model.place_layers`), and their predictors run there
+    (`Predictors.device_rows`, through `TieredFFN`)."""
     plan = dep.plan
     attn = [i for i in range(len(n_gpu)) if plan.attention_on_gpu(i)]
     dev = resolve_device(device, int(np.sum(n_gpu)), str(dep.path), len(attn) + plan.head_on_gpu)
@@ -388,6 +392,8 @@ def open_executor(dep, n_gpu: np.ndarray, device: str | None) -> GPUExecutor | N
     tr = dep.model.transformer
     dense = sum(getattr(tr.w.layers[i], n).nbytes for i in attn for n in ("wq", "wk", "wv", "wo"))
     dense += len(attn) * plan.manifest["model"]["kv_bytes_per_layer"] + (tr.w.output.nbytes if plan.head_on_gpu else 0)
+    if dep.predictors is not None:  # copied at their first call (`Predictors.device_rows`)
+        dense += sum(dep.predictors.layer_bytes(i) for i in attn)
     check_fits(executor.nbytes + dense, dev, "the GPU tier (neurons, attention, KV cache and head)")
     try:
         place_layers(tr, dev, attn, head=plan.head_on_gpu)

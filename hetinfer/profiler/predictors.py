@@ -74,6 +74,7 @@ class Predictors:
     threshold: np.ndarray  # float32 [n_layers]
     path: str | None = None
     _kernel_weights: list | None = field(default=None, repr=False, compare=False)  # see kernel_weights, made at first use
+    _device_weights: dict = field(default_factory=dict, repr=False, compare=False)  # see device_rows
 
     def logits(self, layer: int, h: torch.Tensor | np.ndarray) -> torch.Tensor:
         """float32 [T, n_ff] for h [T, d], in torch (the batched reference)."""
@@ -93,6 +94,20 @@ class Predictors:
         on the other side)."""
         w1, w2_t, threshold = self.kernel_weights(layer)
         return kernels.predict_rows(w1, w2_t, h, threshold)
+
+    def device_rows(self, layer: int, h: torch.Tensor) -> torch.Tensor:
+        """`rows` for h [1, d] on a GPU (a layer whose attention runs there), computed there: ascending int64
+        ids on h's device, from the layer's predictor copied to that device at its first call."""
+        key = (layer, h.device)
+        if key not in self._device_weights:
+            w1, w2_t, threshold = self.kernel_weights(layer)
+            self._device_weights[key] = (kernels.to_cuda(w1, h.device), kernels.to_cuda(w2_t, h.device), threshold)
+        w1, w2_t, threshold = self._device_weights[key]
+        return kernels.predict_rows(w1, w2_t, h, threshold, on_device=True)
+
+    def layer_bytes(self, layer: int) -> int:
+        """Bytes of the layer's predictor (float32 W1 and W2)."""
+        return int(self.w1[layer].nbytes + self.w2[layer].nbytes)
 
     def kernel_weights(self, layer: int) -> tuple[QTensor, QTensor, float]:
         """(W1 [r, d], W2 transposed [r, n_ff], threshold) of `layer` as `kernels.predict_rows` takes them."""
