@@ -358,7 +358,10 @@ def test_attention(kv, interleaved, pos, T, device):
 
 
 def test_rms_norm_on_a_device(device):
+    """The GPU's RMS norm (`kernels.rms_norm` of an x there) against the CPU kernel's."""
     x, w = rand_x(3, 64), rand_x(64, seed=2)
-    out = kernels.rms_norm(x.to(device), w.to(device), 1e-5)
+    out = cuda.rms_norm(x.to(device), w.to(device), 1e-5)
     assert out.device.type == device
+    if device != "cpu":
+        torch.testing.assert_close(kernels.rms_norm(x.to(device), w.to(device), 1e-5), out)
     np.testing.assert_allclose(out.cpu().numpy(), kernels.rms_norm(x.numpy(), w.numpy(), 1e-5), rtol=1e-5, atol=1e-6)

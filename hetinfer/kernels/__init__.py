@@ -603,9 +603,9 @@ def predicted_ffn(W1: QTensor, W2_t: QTensor, threshold: float, Wg: QTensor, Wu:
 
 
 def rms_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
-    """x / sqrt(mean(x^2, -1) + eps) * w for x [T, d] (one call instead of five array ops); with w a torch
-    tensor (a layer moved to a device: `model.place_layers`), in torch on its device."""
-    if _is_torch(w):
+    """x / sqrt(mean(x^2, -1) + eps) * w for x [T, d] (one call instead of five array ops); for an x on a GPU
+    (a layer moved there: `model.place_layers`), in torch there."""
+    if _is_torch(x) and x.device.type != "cpu":
         return _cuda().rms_norm(x, w, eps)
     xn = _np(x)
     out = np.empty_like(xn)
