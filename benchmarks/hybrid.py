@@ -251,14 +251,15 @@ def report(rec: dict) -> str:
     rows = []
     for name, r in rec["configs"].items():
         fmt = lambda v, f="{:.2f}": "-" if v is None else f.format(v)  # noqa: E731
-        rows.append([name, fmt(r["tok_s"]), fmt(r["predicted_tok_s"]), fmt(r["ffn_gpu_ms"]), fmt(r["ffn_cpu_ms"]),
+        rows.append([name, fmt(r["tok_s"]), fmt(r["predicted_tok_s"]), f"{r['gpu_attention_layers']}"
+                     f"{' + head' if r['head_on_gpu'] else ''}", fmt(r["ffn_gpu_ms"]), fmt(r["ffn_cpu_ms"]),
                      fmt(r["transfer_ms"], "{:.3f}"), fmt(r["overlap"], "{:.0%}")])
     head = (f"{rec['model']} {rec['qtype']} on {rec['device']}; GPU budget {format_size(rec['gpu_budget_bytes'])} "
             f"({rec['gpu_neurons']:,} hot neurons, or {rec['gpu_layers_split']} whole layers); density "
             f"{rec['density']:.0%}; {rec['threads']} CPU threads; {rec['tokens']} tokens\n{rec['machine']}")
     ratio = rec["tok_s"] / rec["layer_split_tok_s"]
-    return (head + "\n" + table(["config", "tok/s", "predicted", "FFN GPU ms/tok", "FFN CPU ms/tok", "transfer ms/tok",
-                                 "overlap"], rows) + f"\nhybrid / layer split: {ratio:.2f}x")
+    return (head + "\n" + table(["config", "tok/s", "predicted", "attention on GPU", "FFN GPU ms/tok", "FFN CPU ms/tok",
+                                 "transfer ms/tok", "overlap"], rows) + f"\nhybrid / layer split: {ratio:.2f}x")
 
 
 def _log(args: argparse.Namespace, msg: str) -> None:
