@@ -184,7 +184,8 @@ def report(session, args: argparse.Namespace) -> None:
         if session.stats.finish_reason == "length":
             print(f"[answer cut at -n {args.max_tokens} tokens; raise -n for a longer one]", file=sys.stderr)
         if "gpu_s_per_token" in stats:
-            print(f"[GPU tier {stats['gpu_neurons_per_token']:.0f} neurons/token | per token: GPU side "
+            print(f"[GPU tier {stats['gpu_neurons_per_token']:.0f} neurons/token, attention of "
+                  f"{stats['gpu_attention_layers']} layers | per token: GPU side "
                   f"{stats['gpu_s_per_token'] * 1e3:.2f} ms, CPU side {stats['gpu_cpu_side_s_per_token'] * 1e3:.2f} ms, "
                   f"wall {stats['gpu_wall_s_per_token'] * 1e3:.2f} ms ({stats['gpu_overlap']:.0%} of the shorter side "
                   f"hidden), {stats['transfers_per_token']:.0f} transfers ({stats['transfer_s_per_token'] * 1e3:.2f} ms)]",

@@ -190,11 +190,11 @@ def test_prepare_with_gpu_mem_runs_on_the_stand_in_only_when_asked(tmp_path, off
     stats = tmp_path / "stats.json"
     assert main(run + ["--device", "cpu", "--verbose", "--stats-json", str(stats)]) == 0
     got = capsys.readouterr()
-    assert "[GPU tier" in got.err
     s = json.loads(stats.read_text())
     plan = load_plan(out / m["plan"])
     attn = np.array([plan.attention_on_gpu(i) for i in range(len(n_gpu))])
     assert attn.any()  # the what-if GPU takes attention too: it runs on the stand-in, its KV cache there
+    assert f"attention of {attn.sum()} layers |" in got.err and s["gpu_attention_layers"] == attn.sum()
     # copies per layer and token: attention on the host and GPU neurons: h in, y out; attention on the GPU: h out
     # for the CPU side, its y in unless the GPU holds every neuron (every neuron active: no positions sent)
     n_ff = len(plan.tiers[0])
@@ -289,7 +289,7 @@ def test_open_executor_runs_the_plans_gpu_attention_and_head_there(tmp_path, dev
     # layer 2 (attention in RAM): h in, y out
     assert ffn.report()["transfers_per_token"] == 1 + 2 + 2
     summary = ffn.placement_summary()["tiers"]["gpu"]["components"]
-    assert summary == {"ffn_gpu": ex.nbytes, "dense_gpu": ex.dense_nbytes}
+    assert summary == {"ffn_gpu": ex.nbytes, "dense_gpu": ex.dense_nbytes} and ffn.report()["gpu_attention_layers"] == 2
     ex.close()
 
 

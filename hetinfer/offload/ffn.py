@@ -399,5 +399,7 @@ class TieredFFN:
                "flash_io": f"{self.reader.method}, {self.reader.io}"}
         if self.stream is not None:
             out["span_pieces"] = self.stream.tuner.pieces
-        return out if self.gpu is None else {**out, **self.gpu.stats.per_token(self.stats.tokens)}
+        if self.gpu is None:
+            return out
+        return {**out, **self.gpu.stats.per_token(self.stats.tokens), "gpu_attention_layers": self.gpu.attention_layers}
 

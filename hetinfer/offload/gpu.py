@@ -129,6 +129,7 @@ class GPUExecutor:
         self._rows_at = -(-4 * self.d // 8) * 8  # byte offset of the positions after h in the packed input
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hetinfer-gpu")
         self.dense_nbytes = 0  # device bytes of the attention, KV cache and head moved beside it (`open_executor`)
+        self.attention_layers = 0  # and how many layers' attention that is
 
     @property
     def nbytes(self) -> int:
@@ -397,7 +398,7 @@ def open_executor(dep, n_gpu: np.ndarray, device: str | None) -> GPUExecutor | N
     check_fits(executor.nbytes + dense, dev, "the GPU tier (neurons, attention, KV cache and head)")
     try:
         place_layers(tr, dev, attn, head=plan.head_on_gpu)
-        executor.dense_nbytes = dense
+        executor.dense_nbytes, executor.attention_layers = dense, len(attn)
     except torch.cuda.OutOfMemoryError:
         raise GPUMemoryError(f"out of memory on {_name(dev)} moving {len(attn)} layers' attention and KV cache "
                              f"({format_size(dense)}) there; lower --gpu-mem by at least {format_size(dense)} "
