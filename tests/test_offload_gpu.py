@@ -168,7 +168,8 @@ def test_prepare_with_gpu_mem_runs_on_the_stand_in_only_when_asked(tmp_path, off
     """`prepare --gpu-mem` on a machine without CUDA plans for a what-if GPU; `run` refuses the deployment
     (one line naming --gpu-mem 0 and --device cpu), `--device cuda` is refused too, and `--device cpu` runs
     the GPU tier on the stand-in, with the attention and KV cache of the layers the plan puts on the GPU:
-    with every neuron (f32 store) its greedy text is the dense engine's."""
+    with every neuron (f32 store) its greedy text is the dense engine's; with the predictors (run on the
+    stand-in for those layers) a layer exchanges at most one copy each way."""
     from hetinfer.cli import main
     from hetinfer.offload.deploy import tier_counts
     from hetinfer.placement import load_plan
@@ -202,6 +203,12 @@ def test_prepare_with_gpu_mem_runs_on_the_stand_in_only_when_asked(tmp_path, off
     assert s["gpu_neurons_per_token"] == n_gpu.sum() and s["transfers_per_token"] == want
     assert main(["generate", "-m", model_path, "--weights", "f32", *prompt]) == 0
     assert got.out == capsys.readouterr().out and got.out.strip()
+    # with its predictors, a GPU-attention layer predicts there: at most one copy each way per layer
+    assert main(["run", str(out), *prompt, "--device", "cpu", "--stats-json", str(stats)]) == 0
+    assert capsys.readouterr().out.strip()
+    s = json.loads(stats.read_text())
+    assert 0 < s["transfers_per_token"] <= 2 * int(((n_gpu > 0) | attn).sum())
+    assert 0 < s["gpu_neurons_per_token"] < n_gpu.sum()
 
 
 def test_no_cuda_refuses_a_gpu_plan_unless_the_stand_in_is_asked_for():
