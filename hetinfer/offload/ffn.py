@@ -181,7 +181,8 @@ class TieredFFN:
     def __call__(self, layer: int, h: np.ndarray) -> np.ndarray:
         """The layer's FFN output for h [T, d], on h's device. Where the layer's attention ran on a device
         (the plan's GPU layers, `model.place_layers`), the CPU side computes from one host copy of h, the GPU
-        side reads h where it is, and the sum is taken there (`GPUExecutor.join`)."""
+        side reads h where it is (and with `device_select` the set is chosen there: `_choose_on_device`), and
+        the sum is taken there (`GPUExecutor.join`)."""
         if type(h) is np.ndarray:
             return self._prompt(layer, h, h) if h.shape[0] > 1 else self._decode(layer, h, h)
         decode = h.shape[0] == 1
