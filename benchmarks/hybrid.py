@@ -220,8 +220,11 @@ def run_shape(args: argparse.Namespace, device: torch.device, workdir: str) -> d
             else:
                 g = neurons[name]
                 ex = GPUExecutor(store, g, device, cfg.activation) if g.any() or attn_layers else None
+                # a layer whose attention is on the GPU picks its set there, as its predictor would
+                on_device = [[torch.from_numpy(a).to(device) for a in row] for row in sets] if attn_layers else None
                 ffn = tiered_ffn(store, None, lambda layer, h: sets[max(ffn.token, 0)][layer], n_ff - g,
-                                 np.zeros(L, np.int64), 0, cfg.activation, threads=2, lookahead=False, gpu=ex)
+                                 np.zeros(L, np.int64), 0, cfg.activation, threads=2, lookahead=False, gpu=ex,
+                                 device_select=(lambda layer, h: on_device[ffn.token][layer]) if attn_layers else None)
                 s = decode(model, ffn, args.warm, args.tokens, ffn.reset_stats)
                 r = ffn.report()
                 results[name] = {"tok_s": 1 / s, "ffn_gpu_ms": 1e3 * r.get("gpu_s_per_token", 0.0),

@@ -183,9 +183,12 @@ class TieredFFN:
         (the plan's GPU layers, `model.place_layers`), the CPU side computes from one host copy of h, the GPU
         side reads h where it is (and with `device_select` the set is chosen there: `_choose_on_device`), and
         the sum is taken there (`GPUExecutor.join`)."""
-        if type(h) is np.ndarray:
-            return self._prompt(layer, h, h) if h.shape[0] > 1 else self._decode(layer, h, h)
         decode = h.shape[0] == 1
+        if decode and layer == 0:
+            self.token += 1
+            self.stats.tokens += 1
+        if type(h) is np.ndarray:
+            return self._decode(layer, h, h) if decode else self._prompt(layer, h, h)
         t0 = time.perf_counter()
         if decode and self.device_select is not None and self.layers[layer].first:
             host, chosen = self._choose_on_device(layer, h)
@@ -221,9 +224,6 @@ class TieredFFN:
                 ) -> np.ndarray:
         """One token: h [1, d] on the host; h_gpu the same h for the GPU side (h, or where it was computed);
         `chosen` the set `_choose_on_device` chose there, since `t0`."""
-        if layer == 0:
-            self.token += 1
-            self.stats.tokens += 1
         s = self.layers[layer]
         t0 = time.perf_counter() if t0 is None else t0
         ids = self.select(layer, h) if chosen is None else None
