@@ -8,6 +8,9 @@ runs, each timed call synchronized:
   1. dense GEMV per format and shape: GB/s of stored weight bytes, % of the device copy bandwidth;
   2. sparse ops at 100/50/20% of rows (interleaved rounds, fresh random rows each): time vs the
      ideal density x time over all rows.
+  3. one decode token's attention (`kernels.device_attention`: RoPE, cache write, softmax over the
+     cache) at several positions: time against the cache's bytes at the copy bandwidth, the only term
+     the placement cost model prices for attention on a GPU (the rest is the per-layer fixed cost).
 `--device cpu` runs the same torch code on the CPU, to check this script where there is no GPU;
 its numbers say nothing about a GPU.
 """
@@ -88,6 +91,26 @@ def sparse(shapes, device: torch.device, reps: int) -> list[list]:
     return out
 
 
+def attention(heads: int, kv_heads: int, hd: int, positions, device: torch.device, bw: float, reps: int
+              ) -> list[list]:
+    """One token's attention at each position, float32 and float16 caches: us, and the cache's bytes read at
+    the copy bandwidth (bw counts read + write, so a read alone takes bytes / (bw / 2))."""
+    out = []
+    n_ctx = max(positions) + 1
+    ang = torch.rand(hd // 2).numpy()
+    cos, sin = np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
+    q, k, v = (torch.randn(1, n * hd, device=device) for n in (heads, kv_heads, kv_heads))
+    for dtype in (torch.float32, torch.float16):
+        kc, vc = (torch.randn(n_ctx, kv_heads, hd, device=device).to(dtype) for _ in range(2))
+        for pos in positions:
+            t = float(np.median(timings(lambda: kernels.device_attention(q, k, v, kc, vc, pos, cos, sin, False),
+                                        device, reps)))
+            nbytes = 2 * (pos + 1) * kv_heads * hd * kc.element_size()
+            out.append([f"{heads}/{kv_heads}x{hd}", str(dtype).replace("torch.", ""), str(pos), f"{t * 1e6:.1f}",
+                        f"{nbytes / (bw / 2 * 1e9) * 1e6:.1f}"])
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda", help="torch device (default cuda; cpu only checks this script)")
@@ -110,6 +133,11 @@ def main() -> None:
     sshapes = [(1536, 576)] + ([] if quick else [(11008, 4096), (28672, 8192)])
     out.table("Sparse ops vs density (gate/up q4_1, down neuron-major q8_0); ratio = time / (density x time at 100%)",
               ["n_ff x d", "op", "rows", "us", "ratio"], sparse(sshapes, device, 3 if quick else 30))
+    out.note()
+    heads = (9, 3, 64) if quick else (32, 32, 128)  # SmolLM2's, or Llama-2-7B's
+    out.table("Decode attention (one token, one layer) vs the cache's bytes at the copy bandwidth",
+              ["heads/kv x hd", "cache", "position", "us", "bytes-bound us"],
+              attention(*heads, (63, 511) if quick else (63, 511, 2047), device, bw, 5 if quick else 50))
     out.close()
 
 if __name__ == "__main__":
