@@ -219,7 +219,9 @@ def run_shape(args: argparse.Namespace, device: torch.device, workdir: str) -> d
                                  "ffn_cpu_ms": 1e3 * ffn.cpu_s / args.tokens, "transfer_ms": None, "overlap": None}
             else:
                 g = neurons[name]
-                ex = GPUExecutor(store, g, device, cfg.activation) if g.any() or attn_layers else None
+                ex = None
+                if g.any() or attn_layers:
+                    ex = GPUExecutor(store, g, device, cfg.activation, attention_layers=attn_layers)
                 # a layer whose attention is on the GPU picks its set there, as its predictor would
                 on_device = [[torch.from_numpy(a).to(device) for a in row] for row in sets] if attn_layers else None
                 ffn = tiered_ffn(store, None, lambda layer, h: sets[max(ffn.token, 0)][layer], n_ff - g,

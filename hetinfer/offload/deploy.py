@@ -404,7 +404,7 @@ def open_session(dep: Deployment, n_ctx: int | None = None, every_neuron: bool =
 
     counts = tier_counts(dep.plan)
     gpu = None
-    on_gpu = counts[:, 0].any() or dep.plan.head_on_gpu or any(map(dep.plan.attention_on_gpu, range(len(counts))))
+    on_gpu = counts[:, 0].any() or dep.plan.head_on_gpu or dep.plan.gpu_attention_layers
     if device is not None or on_gpu:  # the GPU tier loads torch: a plan without one never does
         from hetinfer.offload.gpu import open_executor
 

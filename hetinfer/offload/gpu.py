@@ -114,22 +114,25 @@ class GPUExecutor:
     """Layer l's store positions [0, n_gpu[l]) on `device` ("cuda", "cuda:N", or "cpu" for the
     stand-in), computed on a worker thread by `submit`/`join`."""
 
-    def __init__(self, store, n_gpu: np.ndarray, device: str | torch.device, activation: str):
+    def __init__(self, store, n_gpu: np.ndarray, device: str | torch.device, activation: str, dense_nbytes: int = 0,
+                 attention_layers: int = 0):
+        """`dense_nbytes`: device bytes of the attention, KV cache, predictors and head that will run beside the
+        neurons (`attention_layers` layers' worth, moved by `open_executor`), checked with them before loading."""
         self.device = torch.device(device)
         self.is_cuda = self.device.type == "cuda"
         self.act, self.d = activation, store.d_model
         self.n_gpu = np.asarray(n_gpu, np.int64)
         self.neuron_bytes = sum(_part_bytes(store))
+        self.dense_nbytes, self.attention_layers = dense_nbytes, attention_layers
         self.stats = GPUStats.empty(len(self.n_gpu))
-        check_fits(self.nbytes, self.device)
+        check_fits(self.nbytes + dense_nbytes, self.device,
+                   "the GPU tier (neurons, attention, KV cache and head)" if dense_nbytes else "the GPU tier's neurons")
         self.weights = _load(store, self.n_gpu, self.device, self.neuron_bytes)
         self.stream = torch.cuda.Stream(self.device) if self.is_cuda else None
         self.events = [torch.cuda.Event(enable_timing=True) for _ in range(4)] if self.is_cuda else None
         self._in = self._dev_in = self._out = None  # staging buffers, grown on demand (`_staging`)
         self._rows_at = -(-4 * self.d // 8) * 8  # byte offset of the positions after h in the packed input
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hetinfer-gpu")
-        self.dense_nbytes = 0  # device bytes of the attention, KV cache and head moved beside it (`open_executor`)
-        self.attention_layers = 0  # and how many layers' attention that is
 
     @property
     def nbytes(self) -> int:
@@ -161,8 +164,11 @@ class GPUExecutor:
         every = n == self.n_gpu[layer]  # (sorted, distinct) positions naming every GPU-tier neuron: none sent
         send = decode and not every and rows is None
         nbytes = 4 * h.shape[0] * h.shape[1]
-        lo = self._rows_at if on_device else 0  # the staged bytes: [lo, nin)
-        nin = self._rows_at + 8 * n * send if decode else lo if on_device else nbytes
+        lo = self._rows_at if on_device else 0  # the staged bytes: [lo, nin), h first unless on the device
+        if decode:  # h padded to _rows_at, then the positions sent
+            nin = self._rows_at + (8 * n if send else 0)
+        else:
+            nin = lo if on_device else nbytes
         self._staging(nin, nbytes)
         packed = self._in[:nin].numpy()
         if not on_device:
@@ -383,23 +389,22 @@ def open_executor(dep, n_gpu: np.ndarray, device: str | None) -> GPUExecutor | N
     does the output head where the plan says (`model.place_layers`), and their predictors run there
     (`Predictors.device_rows`, through `TieredFFN`)."""
     plan = dep.plan
-    attn = [i for i in range(len(n_gpu)) if plan.attention_on_gpu(i)]
+    attn = plan.gpu_attention_layers
     dev = resolve_device(device, int(np.sum(n_gpu)), str(dep.path), len(attn) + plan.head_on_gpu)
     if dev is None:
         return None
     assumed = plan.manifest["hardware"].get("sources", {}).get("gpu.bytes_per_s") == "assumed"
     check_same_gpu(dep.manifest.get("gpu"), assumed, dev, str(dep.path))
-    executor = GPUExecutor(dep.store, n_gpu, dev, dep.model.config.activation)
     tr = dep.model.transformer
     dense = sum(getattr(tr.w.layers[i], n).nbytes for i in attn for n in ("wq", "wk", "wv", "wo"))
     dense += len(attn) * plan.manifest["model"]["kv_bytes_per_layer"] + (tr.w.output.nbytes if plan.head_on_gpu else 0)
     if dep.predictors is not None:  # copied at their first call (`Predictors.device_rows`)
         dense += sum(dep.predictors.layer_bytes(i) for i in attn)
-    check_fits(executor.nbytes + dense, dev, "the GPU tier (neurons, attention, KV cache and head)")
+    executor = GPUExecutor(dep.store, n_gpu, dev, dep.model.config.activation, dense, len(attn))
     try:
         place_layers(tr, dev, attn, head=plan.head_on_gpu)
-        executor.dense_nbytes, executor.attention_layers = dense, len(attn)
     except torch.cuda.OutOfMemoryError:
+        executor.close()
         raise GPUMemoryError(f"out of memory on {_name(dev)} moving {len(attn)} layers' attention and KV cache "
                              f"({format_size(dense)}) there; lower --gpu-mem by at least {format_size(dense)} "
                              "(`hetinfer prepare ... --gpu-mem SIZE`)") from None

@@ -93,6 +93,11 @@ class Plan:
         return self.manifest["layers"][layer]["attention"] == "gpu"
 
     @property
+    def gpu_attention_layers(self) -> list[int]:
+        """The layers whose dense parts `attention_on_gpu`, ascending."""
+        return [i for i, row in enumerate(self.manifest["layers"]) if row["attention"] == "gpu"]
+
+    @property
     def head_on_gpu(self) -> bool:
         return self.manifest["dense"]["head"] == "gpu"
 
